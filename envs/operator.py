@@ -1,0 +1,122 @@
+"""The scripted operator: demonstrations, takeovers and outcome labels.
+
+`act` is a pure function of the (privileged) simulator state, with no memory of its own, so the
+operator can take over from any mid-episode state, recover, complete and hand control back. It reads
+the true item mass and the measured vacuum to pick a safe acceleration: the thing a pretrained policy
+gets wrong on heavy, porous items. Written against `xp` like `cell.py`, so the MJX env, the C twin and
+(as the teleop device in simulation) the robot client all drive the same operator.
+"""
+
+import numpy as np
+
+from envs import cell as C
+from envs.tasks import CellConfig
+
+LID_LEAD = 0.05  # [m] how far ahead of the lid the cup leads it
+ALIGN_TOL = 0.004  # [m] lateral error at which the cup starts its descent
+EMPTY_SPEED, EMPTY_ACCEL = 0.7, 4.0  # [m/s], [m/s^2] with nothing held
+LID_SPEED, LID_ACCEL = 0.3, 2.0  # [m/s], [m/s^2] while dragging the lid off
+HOLD_MARGIN = 0.6  # use at most this fraction of the holding capacity
+
+
+def _where3(xp, cond, a, b):
+    return xp.where(cond, a, b)
+
+
+def waypoint(xp, kin: C.Kin, cell: C.Cell, params: C.Params, layout: C.Layout, config: CellConfig):
+    """Where the cup tip should go next [3] and whether the valve should be open."""
+    tip = C.cup_tip(xp, kin, config)
+    planned = cell.setpoint - xp.asarray([0.0, 0.0, config.cup_radius], dtype=xp.float32)
+    top = C.item_top(xp, kin, params)
+    wall = max(layout.tote_wall, layout.bin_wall)
+    travel = wall + 0.04  # empty cup travels above every wall
+    carry = wall + 2 * C.item_vertical_half(xp, kin, params) + 0.03  # ... and so does a held item's bottom
+    grip = cell.grip
+
+    # Held item: rise, cross over the target, lower, let go just above the bin floor.
+    goal = params.bins[params.target]
+    over_target = xp.sqrt(xp.sum((kin.item_pos[:2] - goal[:2]) ** 2)) < 0.008
+    bottom = kin.item_pos[2] - C.item_vertical_half(xp, kin, params)
+    offset = tip[:2] - kin.item_pos[:2]  # keep the grasp offset when centring the item over the bin
+    place = xp.concatenate([goal[:2] + offset, (tip[2] - bottom + 0.008)[None]])
+    cross = xp.concatenate([goal[:2] + offset, carry[None]])
+    rise = xp.concatenate([planned[:2], carry[None]])
+    high = planned[2] > carry - 0.01
+    held_wp = _where3(xp, over_target, place, _where3(xp, high, cross, rise))
+    held_valve = ~(over_target & (bottom < 0.012))
+
+    # Free cup: travel above the walls, centre over the grasp point, descend, open the valve on contact.
+    lid_needed = ~cell.lid_open
+    if layout.has_lid:
+        handle, _ = C.lid_handle(xp, layout, kin.lid_slide * 0, kin.lid_rate * 0)
+        grasp_point = xp.where(lid_needed, handle, top)
+    else:
+        grasp_point = top
+    lateral = xp.sqrt(xp.sum((planned[:2] - grasp_point[:2]) ** 2))
+    low = planned[2] < travel - 0.02
+    in_target = C._inside(xp, kin.item_pos[:2], params.bins)[params.target]
+    above = xp.concatenate([grasp_point[:2], xp.maximum(travel, grasp_point[2] + 0.05)[None]])
+    lift_out = xp.concatenate([planned[:2], xp.asarray([travel], dtype=xp.float32)])
+    free_wp = _where3(
+        xp, lateral > ALIGN_TOL, _where3(xp, low & (lateral > 0.02), lift_out, above), grasp_point
+    )
+    free_valve = (lateral <= ALIGN_TOL) & (tip[2] - grasp_point[2] < 0.012)
+    # Placed (or resting in the target after a release): back off upwards and keep the valve shut.
+    done_wp = lift_out
+    free_wp = _where3(xp, in_target & ~lid_needed, done_wp, free_wp)
+    free_valve = free_valve & ~(in_target & ~lid_needed)
+
+    # Held lid: drag it off the box, let go once the opening is clear.
+    if layout.has_lid:
+        lid_wp, _ = C.lid_handle(xp, layout, kin.lid_slide + LID_LEAD, kin.lid_rate * 0)
+        lid_valve = kin.lid_slide < layout.lid_travel + 0.004
+    else:
+        lid_wp, lid_valve = free_wp, free_valve
+
+    wp = _where3(xp, grip == C.GRIP_ITEM, held_wp, _where3(xp, grip == C.GRIP_LID, lid_wp, free_wp))
+    valve = xp.where(grip == C.GRIP_ITEM, held_valve, xp.where(grip == C.GRIP_LID, lid_valve, free_valve))
+    return wp, valve
+
+
+def safe_motion(xp, cell: C.Cell, params: C.Params, config: CellConfig):
+    """Speed [m/s] and acceleration [m/s^2] limits that keep the held load within the holding capacity."""
+    hold = HOLD_MARGIN * cell.pressure * C.PRESSURE_SCALE * (np.pi * config.cup_radius**2)
+    vertical = hold / params.item_mass - C.GRAVITY
+    lateral = params.item_friction * hold / params.item_mass
+    accel = xp.clip(xp.minimum(vertical, 0.5 * lateral), 0.3, EMPTY_ACCEL)
+    speed = xp.clip(0.15 + 0.12 * accel, 0.15, EMPTY_SPEED)
+    held, lid = cell.grip == C.GRIP_ITEM, cell.grip == C.GRIP_LID
+    speed = xp.where(held, speed, xp.where(lid, LID_SPEED, EMPTY_SPEED))
+    return speed, xp.where(held, accel, xp.where(lid, LID_ACCEL, EMPTY_ACCEL))
+
+
+def act(xp, kin: C.Kin, cell: C.Cell, params: C.Params, layout: C.Layout, config: CellConfig):
+    """The operator's action [4] in the env's action space: motion in units of `v_max`, then the valve."""
+    wp, valve = waypoint(xp, kin, cell, params, layout, config)
+    planned = cell.setpoint - xp.asarray([0.0, 0.0, config.cup_radius], dtype=xp.float32)
+    speed_limit, accel = safe_motion(xp, cell, params, config)
+    dt = 1.0 / config.control_hz
+    err = wp - planned
+    dist = xp.sqrt(xp.sum(err**2)) + 1e-9
+    # Fast enough to arrive, slow enough to stop in the remaining distance, never past it in one step.
+    speed = xp.minimum(xp.minimum(speed_limit, xp.sqrt(2 * accel * dist) * 0.9), dist / dt)
+    desired = err / dist * speed
+    change = desired - kin.cup_vel
+    change_norm = xp.sqrt(xp.sum(change**2)) + 1e-9
+    velocity = kin.cup_vel + change * xp.minimum(1.0, accel * dt / change_norm)
+    # Settle exactly on the waypoint once within one step of it.
+    velocity = xp.where(dist < speed_limit * dt, err / dt, velocity)
+    motion = xp.clip(velocity / config.v_max, -1.0, 1.0)
+    return xp.concatenate([motion, xp.where(valve, 1.0, -1.0)[None]]).astype(xp.float32)
+
+
+def label(info: dict) -> dict:
+    """The operator's verdict on a finished episode, from its last step's info (any array type)."""
+    mode = int(np.asarray(info["failure_mode"]))
+    return {
+        "success": bool(np.asarray(info["success"])),
+        "failure_mode": C.FAILURE_MODES[mode],
+        "retries": int(np.asarray(info["retries"])),
+        "cycle_time": float(np.asarray(info["cycle_time"])),
+        "operator_reward": float(bool(np.asarray(info["success"]))),
+    }

@@ -1,0 +1,69 @@
+"""The `jaxvla` command: `jaxvla <subcommand> [args...]` runs that subcommand module's `main(args)`.
+
+Only the standard library is imported here, so the command works on a robot that has the base install
+(numpy + msgpack). A subcommand's module, and whatever it needs, is imported only when it runs.
+"""
+
+import difflib
+import importlib
+import sys
+
+# subcommand -> (module that defines `main(argv: list[str]) -> int`, one-line help)
+SUBCOMMANDS = {
+    "sim": ("tools.sim", "Run the MJX workcell simulator and print what happened."),
+    "bench": ("tools.bench", "Time the simulator and learner; prints throughput ratios."),
+}
+
+# The packages this project ships. A missing module outside them means an extra is not installed; a
+# missing module inside them is a bug and is raised as is.
+FIRST_PARTY = frozenset({"jaxvla", "learner", "envs", "configs", "tools"})
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    commands = [f"  {name:<{width}}  {help_line}" for name, (_, help_line) in SUBCOMMANDS.items()]
+    footer = "Run `jaxvla <command> --help` for the command's options."
+    return "\n".join(["usage: jaxvla <command> [args...]", "", "commands:", *commands, "", footer])
+
+
+def unknown_command_message(command: str) -> str:
+    close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"choose from: {', '.join(SUBCOMMANDS)}."
+    return f"jaxvla: unknown command {command!r}; {hint}"
+
+
+def missing_extra_message(command: str, missing_module: str) -> str:
+    return (
+        f"jaxvla {command} needs {missing_module!r}, which comes with the learner stack.\n"
+        "Install it with: pip install 'jaxvla[learner]'  (from a checkout: pip install -e '.[learner]')"
+    )
+
+
+def is_first_party(module_name: str) -> bool:
+    return module_name.partition(".")[0] in FIRST_PARTY
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        # A missing command is a usage error (exit 2), but the list is what the user needs to see.
+        print(usage(), file=sys.stderr)
+        return 2
+    command, command_args = argv[0], argv[1:]
+    if command in HELP_FLAGS:
+        print(usage())
+        return 0
+    if command not in SUBCOMMANDS:
+        print(unknown_command_message(command), file=sys.stderr)
+        return 2
+    module_name, _ = SUBCOMMANDS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or is_first_party(err.name):
+            raise
+        print(missing_extra_message(command, err.name), file=sys.stderr)
+        return 2
+    return module.main(command_args)

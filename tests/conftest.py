@@ -1,0 +1,22 @@
+"""Test settings: four fake CPU devices, and a persistent compilation cache shared across runs.
+
+The environment variables must be set before jax is imported anywhere, so they come first.
+"""
+
+import os
+import pathlib
+
+FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count=4"
+
+# Appended rather than overwritten so flags the caller set still apply.
+if FAKE_DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAKE_DEVICES_FLAG}".strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402  (must follow the environment set-up above)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax"))
+# Cache anything that took a second to compile: MJX steps take many, tiny test jits are not worth a file.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1)

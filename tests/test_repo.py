@@ -1,0 +1,134 @@
+"""Repository-level contracts: the documented commands, the test devices, the CLI and the config registry."""
+
+import dataclasses
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import configs
+from jaxvla import cli
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def setup_commands(readme: str) -> list[str]:
+    """The fenced bash blocks of README's "Set-up" section, one string each."""
+    section = readme.split("\n## Set-up\n", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)]
+
+
+def test_readme_has_two_one_line_setup_commands_and_ci_runs_the_test_one():
+    commands = setup_commands((REPO_ROOT / "README.md").read_text())
+    assert len(commands) == 2
+    assert all("\n" not in command for command in commands)
+    main_job, tests = commands
+    assert main_job.endswith(".venv/bin/jaxvla sim")
+    assert tests.endswith(".venv/bin/python -m pytest -q")
+    ci_lines = (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci_lines
+
+
+def test_conftest_gives_four_cpu_devices():
+    assert jax.device_count() == 4
+    assert {device.platform for device in jax.devices()} == {"cpu"}
+
+
+def test_cli_imports_only_the_standard_library():
+    # A fresh interpreter: this one already has jax loaded by conftest.
+    code = (
+        "import json, sys\n"
+        "before = set(sys.modules)\n"
+        "import jaxvla.cli\n"
+        "loaded = {name.partition('.')[0] for name in set(sys.modules) - before}\n"
+        "print(json.dumps(sorted(loaded - set(sys.stdlib_module_names) - {'jaxvla'})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(result.stdout) == []
+
+
+def test_cli_help_lists_every_subcommand(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in cli.SUBCOMMANDS)
+
+
+def test_cli_without_a_command_prints_the_list_and_fails(capsys):
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in cli.SUBCOMMANDS)
+
+
+def test_cli_unknown_command_suggests_the_closest(capsys):
+    assert cli.main(["bnech"]) == 2
+    assert "did you mean 'bench'?" in capsys.readouterr().err
+
+
+def test_cli_passes_remaining_args_and_returns_the_exit_code(tmp_path, monkeypatch):
+    (tmp_path / "fake_subcommand.py").write_text(
+        "def main(argv):\n    return 7 if argv == ['a', '-b'] else 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "sim", ("fake_subcommand", "fake"))
+    assert cli.main(["sim", "a", "-b"]) == 7
+
+
+def test_cli_missing_third_party_module_asks_for_the_learner_extra(monkeypatch, capsys):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "sim", ("no_such_third_party_package", "fake"))
+    assert cli.main(["sim"]) == 2
+    assert "jaxvla[learner]" in capsys.readouterr().err
+
+
+def test_cli_missing_first_party_module_is_raised(monkeypatch):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "sim", ("jaxvla.no_such_module", "fake"))
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["sim"])
+
+
+def test_registry_lookup():
+    assert {"default", "debug"} <= set(configs.list_configs())
+    assert configs.get_config("default").env.num_envs == 256
+    assert configs.get_config("debug").env.num_envs == 4
+    assert all(configs.get_config(name).name == name for name in configs.list_configs())
+
+
+def test_unknown_config_suggests_the_closest():
+    with pytest.raises(KeyError, match="did you mean 'debug'"):
+        configs.get_config("debgu")
+
+
+def test_duplicate_config_names_are_rejected():
+    config = configs.get_config("debug")
+    with pytest.raises(ValueError, match="debug"):
+        configs.index_by_name([config, config])
+
+
+def test_configs_are_frozen():
+    config = configs.get_config("debug")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.env.num_envs = 8  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.name = "other"  # type: ignore[misc]
+
+
+def test_bad_split_is_rejected():
+    with pytest.raises(ValueError, match="split"):
+        configs.EnvConfig(split="test")  # type: ignore[arg-type]
+
+
+def test_cli_overrides_a_nested_field():
+    config = configs.cli(["debug", "--env.num-envs", "8"])
+    assert config == dataclasses.replace(
+        configs.get_config("debug"), env=dataclasses.replace(configs.get_config("debug").env, num_envs=8)
+    )
+
+
+def test_cli_rejects_an_unknown_split():
+    with pytest.raises(SystemExit):
+        configs.cli(["debug", "--env.split", "test"])
