@@ -10,7 +10,8 @@ within a few mm of the surface) and alignment (distance from the face centre, wo
 The grip is established once p reaches `attach_fraction` of its sealed level. While gripped, the cup
 holds the item with a stiff mass-scaled spring-damper whose force is capped by the holding capacity:
 normal load <= p*A and shear <= mu*p*A (an ellipse). Past the cap the item lags; once it lags more than
-`max_stretch` the seal breaks: a slip if the item was off the table, a missed grasp if it never rose.
+`max_stretch` the seal breaks: a slip (an established grip lost to load). A missed grasp is an attempt
+that never sealed: the valve closed again with no grip.
 """
 
 import dataclasses
@@ -417,7 +418,6 @@ def substep(xp, cell: Cell, kin: Kin, params: Params, layout: Layout, config: Ce
 
     stretch = xp.sqrt(xp.sum(err**2))
     broken = held & (stretch > config.max_stretch)
-    off_table = xp.where(is_lid, kin.lid_slide > 0.01, kin.item_pos[2] - params.item_start[2] > 0.01)
     released = held & ~on
     detached = broken | released
     force = xp.where(held & ~detached, force, 0.0)
@@ -453,8 +453,8 @@ def substep(xp, cell: Cell, kin: Kin, params: Params, layout: Layout, config: Ce
     flags = Flags(
         grasp=attach,
         release=released,
-        slip=broken & off_table,
-        missed=broken & ~off_table,
+        slip=broken,
+        missed=xp.asarray(False),
         collision=collided,
         retry=xp.asarray(False),
     )

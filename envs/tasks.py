@@ -176,7 +176,7 @@ def _unbox() -> TaskSpec:
         prompts=_same_prompt_for_all("open the box lid then place the part in the bin", len(bins)),
         stages=("open_lid", "reach", "transport", "placed"),
         default_config=CellConfig(episode_seconds=20.0),
-        tote=(0.0, 0.0, 0.1, 0.08),
+        tote=(0.0, 0.0, 0.11, 0.095),
         tote_wall=0.12,
     )
 

@@ -20,3 +20,25 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax"))
 # Cache anything that took a second to compile: MJX steps take many, tiny test jits are not worth a file.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1)
+
+
+class CompiledEnv:
+    """An env with its reset, step and operator step jitted once per test session (compiles are slow)."""
+
+    def __init__(self, task: str, split: str):
+        from envs.workcell import Workcell
+
+        self.env = Workcell(task, split)
+        self.reset = jax.jit(self.env.reset)
+        self.reset_from_params = jax.jit(self.env.reset_from_params)
+        self.step = jax.jit(self.env.step)
+        self.operator_action = jax.jit(self.env.operator_action)
+
+
+_COMPILED: dict[tuple[str, str], CompiledEnv] = {}
+
+
+def compiled_env(task: str, split: str = "train") -> CompiledEnv:
+    if (task, split) not in _COMPILED:
+        _COMPILED[task, split] = CompiledEnv(task, split)
+    return _COMPILED[task, split]

@@ -1,0 +1,156 @@
+"""Wrappers over the MJX workcell: batching, auto-reset, domain randomisation and operator takeover.
+
+Each keeps the env interface (`reset(key) -> State`, `step(state, action) -> State`), so they stack:
+`VmapWrapper(AutoReset(Takeover(DomainRandomization(Workcell(...)))), 256)`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from envs.cell import State
+
+
+class Wrapper:
+    """Forwards everything it does not override to the wrapped env."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+class VmapWrapper(Wrapper):
+    """A batch of `batch_size` independent envs; states and actions carry a leading [B] axis."""
+
+    def __init__(self, env, batch_size: int):
+        super().__init__(env)
+        self.batch_size = batch_size
+
+    def reset(self, key: jax.Array) -> State:
+        return jax.vmap(self.env.reset)(jax.random.split(key, self.batch_size))
+
+    def step(self, state: State, action: jax.Array) -> State:
+        return jax.vmap(self.env.step)(state, action)
+
+
+class AutoReset(Wrapper):
+    """Starts a new episode inside `step` when one ends.
+
+    The returned state keeps the finished transition's reward, done, truncated and info (so learners see
+    how the episode ended) and carries the new episode's data, observation and parameters; the last
+    observation of the finished episode is in `info["final_obs"]`, for bootstrapping on truncation.
+    """
+
+    def reset(self, key: jax.Array) -> State:
+        state = self.env.reset(key)
+        return dataclasses.replace(state, info={**state.info, "final_obs": state.obs})
+
+    def step(self, state: State, action: jax.Array) -> State:
+        new = self.env.step(state, action)
+        key_next, key_reset = jax.random.split(new.key)
+        fresh = self.env.reset(key_reset)
+        ended = new.done | new.truncated
+        pick = lambda a, b: jnp.where(ended, a, b)  # noqa: E731
+        return State(
+            data=jax.tree.map(pick, fresh.data, new.data),
+            obs=jax.tree.map(pick, fresh.obs, new.obs),
+            reward=new.reward,
+            done=new.done,
+            truncated=new.truncated,
+            info={**new.info, "final_obs": new.obs},
+            params=jax.tree.map(pick, fresh.params, new.params),
+            cell=jax.tree.map(pick, fresh.cell, new.cell),
+            key=key_next,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Randomization:
+    """Multiplicative ranges for physical constants a real cell does not know exactly."""
+
+    p_max: tuple[float, float] = (0.85, 1.1)
+    pump_tau: tuple[float, float] = (0.7, 1.4)
+    obs_noise: tuple[float, float] = (0.5, 2.0)
+    item_mass: tuple[float, float] = (0.9, 1.1)
+    item_friction: tuple[float, float] = (0.8, 1.2)
+
+
+class DomainRandomization(Wrapper):
+    """Perturbs each episode's vacuum system, sensing and item physics on top of the task's split."""
+
+    def __init__(self, env, ranges: Randomization = Randomization()):
+        super().__init__(env)
+        self.ranges = ranges
+
+    def reset(self, key: jax.Array) -> State:
+        key_params, key_scale, key_state = jax.random.split(key, 3)
+        params = self.env.sample_params(key_params)
+        names = [f.name for f in dataclasses.fields(self.ranges)]
+        u = jax.random.uniform(key_scale, (len(names),))
+        scaled = {}
+        for i, name in enumerate(names):
+            lo, hi = getattr(self.ranges, name)
+            scaled[name] = getattr(params, name) * (lo + (hi - lo) * u[i])
+        return self.env.reset_from_params(key_state, params._replace(**scaled))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trigger:
+    """When the operator takes over: the first sign of failure, as the seeds' operators do."""
+
+    slip: float = 0.85
+    """Load-to-hold ratio at which a slip is judged imminent."""
+    force: float = 45.0
+    """Wrist force [N] judged a near collision."""
+    on_failure_event: bool = True
+    """Take over after any missed grasp or slip event."""
+    stall_steps: int = 30
+    """Take over when the task stage has not advanced for this many control steps (a stuck robot)."""
+    hand_back: bool = True
+    """Return control once the task has advanced a stage past the one where the operator took over."""
+
+
+class Takeover(Wrapper):
+    """Human-in-the-loop corrections in simulation: the scripted operator replaces the policy's action.
+
+    `step(state, policy_action)` executes the operator's action while an intervention is active. The info
+    records `policy_action`, the executed `action` and `is_intervention` for every step, which is what
+    the replay's patch source and the RLDS episode need.
+    """
+
+    def __init__(self, env, trigger: Trigger = Trigger()):
+        super().__init__(env)
+        self.trigger = trigger
+
+    def reset(self, key: jax.Array) -> State:
+        return self._start(self.env.reset(key))
+
+    def reset_from_params(self, key: jax.Array, params) -> State:
+        return self._start(self.env.reset_from_params(key, params))
+
+    def _start(self, state: State) -> State:
+        action = jnp.zeros(self.env.action_size, jnp.float32)
+        extra = {"intervening": jnp.bool_(False), "takeover_stage": jnp.int32(0), "is_intervention": jnp.bool_(False),
+                 "stalled_for": jnp.int32(0), "policy_action": action, "action": action}  # fmt: skip
+        return dataclasses.replace(state, info={**state.info, **extra})
+
+    def step(self, state: State, policy_action: jax.Array) -> State:
+        info, t = state.info, self.trigger
+        events = info["events"]  # grasp, release, slip, drop, retry, collision, missed_grasp
+        failing = (events[2] | events[6]) & t.on_failure_event
+        stalled = info["stalled_for"] >= t.stall_steps
+        alarm = (info["slip"] > t.slip) | (info["contact_force"] > t.force) | failing | stalled
+        start = alarm & ~info["intervening"]
+        active = info["intervening"] | alarm
+        takeover_stage = jnp.where(start, info["stage"], info["takeover_stage"])
+        action = jnp.where(active, self.env.operator_action(state), policy_action)
+        new = self.env.step(state, action)
+        handed_back = t.hand_back & active & (new.info["stage"] > takeover_stage) & ~new.done
+        progressed = new.info["stage"] != info["stage"]
+        stalled_for = jnp.where(progressed | start, 0, info["stalled_for"] + 1).astype(jnp.int32)
+        extra = {"intervening": active & ~handed_back, "takeover_stage": takeover_stage, "is_intervention": active,
+                 "stalled_for": stalled_for, "policy_action": policy_action, "action": action}  # fmt: skip
+        return dataclasses.replace(new, info={**new.info, **extra})

@@ -1,0 +1,36 @@
+"""The scripted operator's success, per task and split, over 200 episodes each (slow, still in the suite)."""
+
+import jax
+import numpy as np
+import pytest
+
+from envs import cell as C
+from envs import rollout
+from envs.tasks import TASKS
+from envs.workcell import Workcell
+
+EPISODES = 200
+TARGET = {"train": 0.95, "novel": 0.90}
+
+
+def operator_outcomes(env: Workcell, key: jax.Array, episodes: int) -> dict:
+    """Final info of `episodes` operator episodes, run as one vmapped scan."""
+
+    @jax.jit
+    def run(key):
+        states = jax.vmap(env.reset)(jax.random.split(key, episodes))
+        policy = lambda s, k: jax.vmap(env.operator_action)(s)  # noqa: E731
+        return rollout.rollout(jax.vmap(env.step), policy, states, key, env.config.max_steps)[0].info
+
+    return jax.device_get(run(key))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", sorted(TARGET))
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_operator_solves_the_task(task, split):
+    info = operator_outcomes(Workcell(task, split), jax.random.PRNGKey(2026), EPISODES)
+    success = info["success"].mean()
+    modes = dict(zip(C.FAILURE_MODES, np.bincount(info["failure_mode"], minlength=len(C.FAILURE_MODES)).tolist()))
+    print(f"{task}/{split}: operator success {success:.3f} over {EPISODES}; failure modes {modes}")
+    assert success >= TARGET[split], modes

@@ -1,0 +1,60 @@
+"""Wrappers: batching, auto-reset, domain randomisation and the operator's takeover and hand-back."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import compiled_env
+
+from envs import rollout
+from envs import wrappers
+from envs.cell import GRIP_ITEM
+
+
+def test_auto_reset_starts_a_new_episode_and_keeps_the_outcome():
+    base = compiled_env("pick_place").env
+    env = wrappers.AutoReset(base)
+    step = jax.jit(lambda s: env.step(s, base.operator_action(s)))
+    state = jax.jit(env.reset)(jax.random.PRNGKey(0))
+    first_item = np.asarray(state.params.item_start)
+    for _ in range(base.config.max_steps):
+        state = step(state)
+        if bool(state.done):
+            break
+    assert bool(state.done) and bool(state.info["success"])
+    assert int(state.cell.step) == 0  # the carried state is the fresh episode's
+    assert not np.allclose(np.asarray(state.params.item_start), first_item)
+    np.testing.assert_allclose(state.info["final_obs"]["proprio"][6], -0.0, atol=1.0)  # valve of the last obs
+
+
+def test_domain_randomisation_scales_within_its_ranges():
+    base = compiled_env("sort").env
+    env = wrappers.VmapWrapper(wrappers.DomainRandomization(base), 64)
+    params = jax.jit(env.reset)(jax.random.PRNGKey(0)).params
+    ratio = np.asarray(params.pump_tau) / base.config.pump_tau
+    lo, hi = wrappers.Randomization().pump_tau
+    assert ratio.min() >= lo - 1e-6 and ratio.max() <= hi + 1e-6 and ratio.std() > 0.05
+
+
+def test_takeover_recovers_from_a_bad_policy_and_hands_back():
+    base = compiled_env("pick_place").env
+    env = wrappers.Takeover(base)
+    # A policy that yanks a heavy porous item upwards on its first grasp (it slips), and behaves once the
+    # operator has shown it a retry: the operator must take over, recover, hand back, and still succeed.
+    def policy(state):
+        yank = (state.cell.grip == GRIP_ITEM) & (state.cell.retries == 0)
+        return jnp.where(yank, jnp.array([0.0, 0.0, 1.0, 1.0]), base.operator_action(state))
+
+    @jax.jit
+    def episode(key):
+        def body(state, _):
+            new = rollout.freeze_when_done(state, env.step(state, policy(state)))
+            return new, (new.info["is_intervention"], new.info["intervening"], new.done)
+
+        params = base.sample_params(key)._replace(item_mass=jnp.float32(2.0), porosity=jnp.float32(0.5))
+        return jax.lax.scan(body, env.reset_from_params(key, params), None, base.config.max_steps)
+
+    final, (is_intervention, intervening, done) = jax.vmap(episode)(jax.random.split(jax.random.PRNGKey(3), 8))
+    assert np.asarray(final.info["success"]).mean() >= 0.75
+    assert np.asarray(is_intervention).any(axis=1).all()  # every episode needed the operator
+    handed_back = np.asarray(is_intervention[:, :-1] & ~intervening[:, :-1] & ~done[:, :-1]).any()
+    assert handed_back
