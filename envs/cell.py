@@ -241,7 +241,9 @@ def episode_model_values(xp, params: Params, ranges: SplitRanges, base_mass, bas
     if ranges.shape == "box":
         size = params.item_half
     else:
-        size = xp.stack([params.item_radius, params.item_half[0] - params.item_radius, 0 * params.item_radius])
+        size = xp.stack(
+            [params.item_radius, params.item_half[0] - params.item_radius, 0 * params.item_radius]
+        )
     # Scales the compiled inertia (its principal frame is kept) by mass and squared mean size.
     scale = params.item_mass / base_mass * (xp.mean(params.item_half) / np.mean(base_half)) ** 2
     friction = xp.stack([params.item_friction, _f32(xp, 0.005), _f32(xp, 0.0001)])
@@ -278,7 +280,9 @@ def item_vertical_half(xp, kin: Kin, params: Params):
 
 
 def item_top(xp, kin: Kin, params: Params):
-    return kin.item_pos + xp.stack([0 * kin.item_pos[0], 0 * kin.item_pos[0], item_vertical_half(xp, kin, params)])
+    return kin.item_pos + xp.stack(
+        [0 * kin.item_pos[0], 0 * kin.item_pos[0], item_vertical_half(xp, kin, params)]
+    )
 
 
 def lid_handle(xp, layout: Layout, slide, rate):
@@ -347,7 +351,8 @@ def hits_wall(xp, centre, half, params: Params, layout: Layout):
     return xp.any(overlap & present)
 
 
-def _inside(xp, xy, boxes):
+def inside_regions(xp, xy, boxes):
+    """[R] whether the point `xy` lies inside each (cx, cy, hx, hy) region; absent ones (hx = 0) never."""
     return (xp.abs(xy[None, :] - boxes[:, :2]) < boxes[:, 2:]).all(axis=-1) & (boxes[:, 2] > 0)
 
 
@@ -382,8 +387,7 @@ def apply_action(xp, cell: Cell, action, config: CellConfig):
 
 def substep(xp, cell: Cell, kin: Kin, params: Params, layout: Layout, config: CellConfig):
     """One physics substep of the vacuum system and cup-item coupling: (cell, forces to apply, flags)."""
-    dt, dt_f = config.timestep, _f32(xp, config.timestep)
-    tip = cup_tip(xp, kin, config)
+    dt = _f32(xp, config.timestep)
     top = item_top(xp, kin, params)
     handle, handle_vel = lid_handle(xp, layout, kin.lid_slide, kin.lid_rate)
     seal_item = item_seal(xp, kin, params, config)
@@ -398,7 +402,7 @@ def substep(xp, cell: Cell, kin: Kin, params: Params, layout: Layout, config: Ce
     sealed_level = params.p_max * seal * (1 - xp.where(on_lid, 0.0, params.porosity))
     level = xp.where(on, sealed_level, 0.0)
     tau = xp.where(on, params.pump_tau, config.vent_tau)
-    pressure = level + (cell.pressure - level) * xp.exp(-dt_f / tau)
+    pressure = level + (cell.pressure - level) * xp.exp(-dt / tau)
     attach = on & free & (seal > 0.05) & (level > 1.0) & (pressure >= config.attach_fraction * level)
     grip = xp.where(attach, candidate, cell.grip)
 
@@ -424,7 +428,9 @@ def substep(xp, cell: Cell, kin: Kin, params: Params, layout: Layout, config: Ce
     item_force = xp.where(is_lid, 0.0, force)
     lid_force = xp.where(is_lid, force, 0.0)
     # Rotational damping while held: a cup pressed on a face resists the item spinning about it.
-    spin = xp.where(held & ~detached & ~is_lid, -0.05 * params.item_mass, 0.0) * (kin.item_rot @ kin.item_angvel)
+    spin = xp.where(held & ~detached & ~is_lid, -0.05 * params.item_mass, 0.0) * (
+        kin.item_rot @ kin.item_angvel
+    )
     wrist = xp.sqrt(xp.sum((kin.constraint_force - force) ** 2))
     cup_half = _f32(xp, [config.cup_radius] * 3)
     carried = held & ~is_lid
@@ -458,20 +464,24 @@ def substep(xp, cell: Cell, kin: Kin, params: Params, layout: Layout, config: Ce
         collision=collided,
         retry=xp.asarray(False),
     )
-    del dt
     return cell, forces, flags
+
+
+def no_flags(xp) -> Flags:
+    false = xp.asarray(False)
+    return Flags(false, false, false, false, false, false)
 
 
 def merge_flags(xp, a: Flags, b: Flags) -> Flags:
     return Flags(*(xp.logical_or(x, y) for x, y in zip(a, b, strict=True)))
 
 
-def finish_step(xp, prev: Cell, cell: Cell, kin: Kin, params: Params, flags: Flags, layout: Layout,
+def finish_step(xp, cell: Cell, kin: Kin, params: Params, flags: Flags, layout: Layout,
                 config: CellConfig):  # fmt: skip
     """Outcome of a control step: (cell, reward, done, truncated, info)."""
     boxes, _ = regions(xp, params, layout)
     xy = kin.item_pos[:2]
-    inside = _inside(xp, xy, boxes)
+    inside = inside_regions(xp, xy, boxes)
     in_tote, in_bin = inside[0], inside[1:]
     target = xp.arange(MAX_BINS) == params.target
     speed = xp.sqrt(xp.sum(kin.item_vel**2))
@@ -490,8 +500,9 @@ def finish_step(xp, prev: Cell, cell: Cell, kin: Kin, params: Params, flags: Fla
     truncated = (step >= layout.max_steps) & ~done
 
     mode = cell.failure_mode
-    for event, code in ((flags.missed, MISSED_GRASP), (flags.slip, SLIP), (drop, DROP), (wrong_bin, WRONG_BIN),
-                        (collision, COLLISION)):  # fmt: skip
+    causes = ((flags.missed, MISSED_GRASP), (flags.slip, SLIP), (drop, DROP), (wrong_bin, WRONG_BIN),
+              (collision, COLLISION))  # fmt: skip
+    for event, code in causes:  # later, more serious causes override earlier ones
         mode = xp.where(event, code, mode)
     mode = xp.where(success, NONE, mode)
     mode = xp.where(truncated & (mode == NONE), TIMEOUT, mode)
@@ -520,7 +531,6 @@ def finish_step(xp, prev: Cell, cell: Cell, kin: Kin, params: Params, flags: Fla
         "cycle_time": _f32(xp, step / config.control_hz),
         "had_failure": cell.had_failure,
     }
-    del prev
     return cell, _f32(xp, success), done, truncated, info
 
 
@@ -531,7 +541,8 @@ def observe(xp, kin: Kin, cell: Cell, params: Params, noise, layout: Layout, con
     return {
         "proprio": _f32(xp, xp.concatenate([kin.cup, kin.cup_vel, cell.suction[None]])),
         "telemetry": _f32(
-            xp, xp.stack([cell.pressure / config.p_max_kpa, cell.wrist_force / 50.0, xp.minimum(cell.slip, 3.0)])
+            xp,
+            xp.stack([cell.pressure / config.p_max_kpa, cell.wrist_force / 50.0, xp.minimum(cell.slip, 3.0)]),
         ),
         "item": _f32(
             xp,

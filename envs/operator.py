@@ -19,10 +19,6 @@ LID_SPEED, LID_ACCEL = 0.3, 2.0  # [m/s], [m/s^2] while dragging the lid off
 HOLD_MARGIN = 0.6  # use at most this fraction of the holding capacity
 
 
-def _where3(xp, cond, a, b):
-    return xp.where(cond, a, b)
-
-
 def waypoint(xp, kin: C.Kin, cell: C.Cell, params: C.Params, layout: C.Layout, config: CellConfig):
     """Where the cup tip should go next [3] and whether the valve should be open."""
     tip = C.cup_tip(xp, kin, config)
@@ -42,7 +38,7 @@ def waypoint(xp, kin: C.Kin, cell: C.Cell, params: C.Params, layout: C.Layout, c
     cross = xp.concatenate([goal[:2] + offset, carry[None]])
     rise = xp.concatenate([planned[:2], carry[None]])
     high = planned[2] > carry - 0.01
-    held_wp = _where3(xp, over_target, place, _where3(xp, high, cross, rise))
+    held_wp = xp.where(over_target, place, xp.where(high, cross, rise))
     held_valve = ~(over_target & (bottom < 0.012))
 
     # Free cup: travel above the walls, centre over the grasp point, descend, open the valve on contact.
@@ -54,16 +50,14 @@ def waypoint(xp, kin: C.Kin, cell: C.Cell, params: C.Params, layout: C.Layout, c
         grasp_point = top
     lateral = xp.sqrt(xp.sum((planned[:2] - grasp_point[:2]) ** 2))
     low = planned[2] < travel - 0.02
-    in_target = C._inside(xp, kin.item_pos[:2], params.bins)[params.target]
+    in_target = C.inside_regions(xp, kin.item_pos[:2], params.bins)[params.target]
     above = xp.concatenate([grasp_point[:2], xp.maximum(travel, grasp_point[2] + 0.05)[None]])
     lift_out = xp.concatenate([planned[:2], xp.asarray([travel], dtype=xp.float32)])
-    free_wp = _where3(
-        xp, lateral > ALIGN_TOL, _where3(xp, low & (lateral > 0.02), lift_out, above), grasp_point
-    )
+    free_wp = xp.where(lateral > ALIGN_TOL, xp.where(low & (lateral > 0.02), lift_out, above), grasp_point)
     free_valve = (lateral <= ALIGN_TOL) & (tip[2] - grasp_point[2] < 0.012)
     # Placed (or resting in the target after a release): back off upwards and keep the valve shut.
     done_wp = lift_out
-    free_wp = _where3(xp, in_target & ~lid_needed, done_wp, free_wp)
+    free_wp = xp.where(in_target & ~lid_needed, done_wp, free_wp)
     free_valve = free_valve & ~(in_target & ~lid_needed)
 
     # Held lid: drag it off the box, let go once the opening is clear.
@@ -73,7 +67,7 @@ def waypoint(xp, kin: C.Kin, cell: C.Cell, params: C.Params, layout: C.Layout, c
     else:
         lid_wp, lid_valve = free_wp, free_valve
 
-    wp = _where3(xp, grip == C.GRIP_ITEM, held_wp, _where3(xp, grip == C.GRIP_LID, lid_wp, free_wp))
+    wp = xp.where(grip == C.GRIP_ITEM, held_wp, xp.where(grip == C.GRIP_LID, lid_wp, free_wp))
     valve = xp.where(grip == C.GRIP_ITEM, held_valve, xp.where(grip == C.GRIP_LID, lid_valve, free_valve))
     return wp, valve
 

@@ -183,7 +183,9 @@ def compile_model(spec: TaskSpec, ranges: SplitRanges, config: CellConfig) -> tu
     return model, ids
 
 
-def item_base(model: mujoco.MjModel, ids: SceneIds, ranges: SplitRanges) -> tuple[float, np.ndarray, np.ndarray]:
+def item_base(
+    model: mujoco.MjModel, ids: SceneIds, ranges: SplitRanges
+) -> tuple[float, np.ndarray, np.ndarray]:
     """The item as compiled (largest size of the split): mass, inertia [3], half extents [3].
 
     Per-episode items rescale these (`cell.episode_model_values`).
@@ -195,4 +197,3 @@ def item_base(model: mujoco.MjModel, ids: SceneIds, ranges: SplitRanges) -> tupl
         half = np.array([half_len + radius, radius, radius])
     mass = float(model.body_mass[ids.item_body])
     return mass, np.array(model.body_inertia[ids.item_body], np.float32), half
-

@@ -50,11 +50,11 @@ class Twin:
         mujoco.mj_forward(self.model, self.data)
         cell = C.initial_cell(np, self.layout)
         kin = C.read_kin(np, self.data, self.ids)
-        info = C.finish_step(np, cell, cell, kin, params, _no_flags(), self.layout, self.config)[4]
+        info = C.finish_step(np, cell, kin, params, C.no_flags(np), self.layout, self.config)[4]
         info.update(stage=np.int32(0), cycle_time=np.float32(0), success=np.bool_(False))
         obs = self._observe(kin, cell, params)
-        self.state = C.State(self.data, obs, np.float32(0), np.bool_(False), np.bool_(False), info, params, cell,
-                             self._rng)  # fmt: skip
+        false = np.bool_(False)
+        self.state = C.State(self.data, obs, np.float32(0), false, false, info, params, cell, self._rng)
         return self.state
 
     def step(self, action) -> C.State:
@@ -75,7 +75,7 @@ class Twin:
             flags = C.merge_flags(np, flags, new)
         kin = C.read_kin(np, self.data, self.ids)
         cell, reward, done, truncated, info = C.finish_step(
-            np, state.cell, cell, kin, state.params, flags, self.layout, self.config
+            np, cell, kin, state.params, flags, self.layout, self.config
         )
         obs = self._observe(kin, cell, state.params)
         self.state = C.State(self.data, obs, reward, done, truncated, info, state.params, cell, self._rng)
@@ -89,8 +89,3 @@ class Twin:
     def _observe(self, kin: C.Kin, cell: C.Cell, params: C.Params) -> dict:
         noise = self._rng.standard_normal(C.N_OBS_NOISE)
         return C.observe(np, kin, cell, params, noise, self.layout, self.config)
-
-
-def _no_flags() -> C.Flags:
-    false = np.bool_(False)
-    return C.Flags(false, false, false, false, false, false)

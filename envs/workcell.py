@@ -16,12 +16,14 @@ from envs import cell as C
 from envs import operator
 from envs import scene as _scene
 from envs.cell import State
+from envs.tasks import COLOUR_RGBA
 from envs.tasks import CellConfig
 from envs.tasks import get_task
 
-
 # A pytree: batch it with `vmap`, carry it through `lax.scan`.
-jax.tree_util.register_dataclass(State, data_fields=[f.name for f in dataclasses.fields(State)], meta_fields=[])
+jax.tree_util.register_dataclass(
+    State, data_fields=[f.name for f in dataclasses.fields(State)], meta_fields=[]
+)
 
 
 class Workcell:
@@ -40,7 +42,9 @@ class Workcell:
         key = self.mj_model.key("home")
         # time starts weakly typed in mjx.make_data; a strong float32 keeps jit from compiling twice.
         self._data0 = data.replace(
-            qpos=jnp.asarray(key.qpos, jnp.float32), ctrl=jnp.asarray(key.ctrl, jnp.float32), time=jnp.float32(0)
+            qpos=jnp.asarray(key.qpos, jnp.float32),
+            ctrl=jnp.asarray(key.ctrl, jnp.float32),
+            time=jnp.float32(0),
         )
         self._item_base = _scene.item_base(self.mj_model, self.ids, self.ranges)
         self._camera = None
@@ -70,12 +74,12 @@ class Workcell:
         """Starts an episode with given parameters (domain randomisation and replays use this)."""
         ids = self.ids
         qpos = self._data0.qpos.at[ids.item_qpos : ids.item_qpos + 3].set(params.item_start)
-        data = mjx.forward(self._episode_model(params), self._data0.replace(qpos=qpos))
+        data = mjx.forward(self.episode_model(params), self._data0.replace(qpos=qpos))
         cell = C.initial_cell(jnp, self.layout)
         kin = C.read_kin(jnp, data, ids)
         key, key_noise = jax.random.split(key)
         obs = self._observe(data, kin, cell, params, key_noise)
-        info = C.finish_step(jnp, cell, cell, kin, params, _no_flags(), self.layout, self.config)[4]
+        info = C.finish_step(jnp, cell, kin, params, C.no_flags(jnp), self.layout, self.config)[4]
         info = {**info, "stage": jnp.int32(0), "cycle_time": jnp.float32(0), "success": jnp.bool_(False)}
         false = jnp.bool_(False)
         return State(data, obs, jnp.float32(0), false, false, info, params, cell, key)
@@ -83,7 +87,7 @@ class Workcell:
     # ----------------------------------------------------------------------------------------- step
     def step(self, state: State, action: jax.Array) -> State:
         """Advances one control step (`config.substeps` physics steps). action [4] in [-1, 1]."""
-        model = self._episode_model(state.params)
+        model = self.episode_model(state.params)
         cell, start, flags = C.apply_action(jnp, state.cell, jnp.asarray(action, jnp.float32), self.config)
         n = self.config.substeps
         xfrc0 = jnp.zeros_like(state.data.xfrc_applied)
@@ -104,7 +108,7 @@ class Workcell:
         )
         kin = C.read_kin(jnp, data, self.ids)
         cell, reward, done, truncated, info = C.finish_step(
-            jnp, state.cell, cell, kin, state.params, flags, self.layout, self.config
+            jnp, cell, kin, state.params, flags, self.layout, self.config
         )
         key, key_noise = jax.random.split(state.key)
         obs = self._observe(data, kin, cell, state.params, key_noise)
@@ -116,7 +120,8 @@ class Workcell:
         return operator.act(jnp, kin, state.cell, state.params, self.layout, self.config)
 
     # -------------------------------------------------------------------------------------- helpers
-    def _episode_model(self, params: C.Params) -> mjx.Model:
+    def episode_model(self, params: C.Params) -> mjx.Model:
+        """The model this episode steps: the compiled cell with its item's mass, size and friction."""
         mass, inertia, size, friction = C.episode_model_values(jnp, params, self.ranges, *self._item_base)
         m, b, g = self.model, self.ids.item_body, self.ids.item_geom
         fields = {
@@ -126,8 +131,6 @@ class Workcell:
             "geom_friction": m.geom_friction.at[g].set(friction),
         }
         if self._camera is not None:  # only the camera sees colours and bin positions
-            from envs.tasks import COLOUR_RGBA
-
             fields["geom_rgba"] = m.geom_rgba.at[g].set(jnp.asarray(COLOUR_RGBA)[params.colour])
             bins = jnp.asarray(self.ids.bin_bodies)
             xy = params.bins[: len(self.ids.bin_bodies), :2]
@@ -138,10 +141,5 @@ class Workcell:
         noise = jax.random.normal(key, (C.N_OBS_NOISE,))
         obs = C.observe(jnp, kin, cell, params, noise, self.layout, self.config)
         if self._camera is not None:
-            obs["image"] = self._camera.render(self._episode_model(params), data)
+            obs["image"] = self._camera.render(self.episode_model(params), data)
         return obs
-
-
-def _no_flags() -> C.Flags:
-    false = jnp.bool_(False)
-    return C.Flags(false, false, false, false, false, false)

@@ -133,8 +133,9 @@ class Takeover(Wrapper):
 
     def _start(self, state: State) -> State:
         action = jnp.zeros(self.env.action_size, jnp.float32)
-        extra = {"intervening": jnp.bool_(False), "takeover_stage": jnp.int32(0), "is_intervention": jnp.bool_(False),
-                 "stalled_for": jnp.int32(0), "policy_action": action, "action": action}  # fmt: skip
+        false, zero = jnp.bool_(False), jnp.int32(0)
+        extra = {"intervening": false, "takeover_stage": zero, "is_intervention": false, "stalled_for": zero,
+                 "policy_action": action, "action": action}  # fmt: skip
         return dataclasses.replace(state, info={**state.info, **extra})
 
     def step(self, state: State, policy_action: jax.Array) -> State:
@@ -151,6 +152,7 @@ class Takeover(Wrapper):
         handed_back = t.hand_back & active & (new.info["stage"] > takeover_stage) & ~new.done
         progressed = new.info["stage"] != info["stage"]
         stalled_for = jnp.where(progressed | start, 0, info["stalled_for"] + 1).astype(jnp.int32)
-        extra = {"intervening": active & ~handed_back, "takeover_stage": takeover_stage, "is_intervention": active,
-                 "stalled_for": stalled_for, "policy_action": policy_action, "action": action}  # fmt: skip
+        extra = {"intervening": active & ~handed_back, "takeover_stage": takeover_stage,
+                 "is_intervention": active, "stalled_for": stalled_for, "policy_action": policy_action,
+                 "action": action}  # fmt: skip
         return dataclasses.replace(new, info={**new.info, **extra})

@@ -1,5 +1,7 @@
 """Every failure mode, produced by a situation built on purpose (the operator drives up to the moment)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +66,10 @@ def test_release_over_the_wrong_compartment_is_wrong_bin():
     env = compiled_env("sort")
     state = env.reset(jax.random.PRNGKey(2))
     wrong = (int(state.params.target) + 1) % 3
-    misled = lambda s: env.operator_action(s.__class__(**{**s.__dict__, "params": s.params._replace(target=jnp.int32(wrong))}))  # noqa: E501,E731
+
+    def misled(s):  # the operator, told the wrong compartment
+        return env.operator_action(dataclasses.replace(s, params=s.params._replace(target=jnp.int32(wrong))))
+
     state = _run(env, state, misled, 120)
     assert bool(state.done) and not bool(state.info["success"])
     assert int(state.info["failure_mode"]) == C.WRONG_BIN
@@ -73,7 +78,12 @@ def test_release_over_the_wrong_compartment_is_wrong_bin():
 def test_release_above_the_floor_between_tote_and_bin_is_a_drop():
     env = compiled_env("pick_place")
     state = env.reset(jax.random.PRNGKey(1))
-    state = _run(env, state, lambda s: None if _held(s) and float(s.obs["item"][0]) > 0.2 else env.operator_action(s), 80)
+    state = _run(
+        env,
+        state,
+        lambda s: None if _held(s) and float(s.obs["item"][0]) > 0.2 else env.operator_action(s),
+        80,
+    )
     state = _run(env, state, lambda s: HOLD_STILL, 3)
     state = _run(env, state, lambda s: jnp.array([0.0, 0.0, 0.0, -1.0]), 30)
     assert bool(state.done)

@@ -31,6 +31,7 @@ def operator_outcomes(env: Workcell, key: jax.Array, episodes: int) -> dict:
 def test_operator_solves_the_task(task, split):
     info = operator_outcomes(Workcell(task, split), jax.random.PRNGKey(2026), EPISODES)
     success = info["success"].mean()
-    modes = dict(zip(C.FAILURE_MODES, np.bincount(info["failure_mode"], minlength=len(C.FAILURE_MODES)).tolist()))
+    counts = np.bincount(info["failure_mode"], minlength=len(C.FAILURE_MODES)).tolist()
+    modes = dict(zip(C.FAILURE_MODES, counts, strict=True))
     print(f"{task}/{split}: operator success {success:.3f} over {EPISODES}; failure modes {modes}")
     assert success >= TARGET[split], modes

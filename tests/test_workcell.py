@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from conftest import compiled_env
 
+import envs
+from envs import camera
 from envs import cell as C
 from envs import rollout
 from envs.tasks import TASKS
@@ -49,9 +51,10 @@ def test_vmap_matches_a_python_loop():
     env = compiled_env("sort")
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     policy = lambda s, k: jax.vmap(env.env.operator_action)(s)  # noqa: E731
-    batched = jax.jit(lambda keys: rollout.rollout(jax.vmap(env.env.step), policy, jax.vmap(env.env.reset)(keys),
-                                                   keys[0], 8, freeze=False)[0])  # fmt: skip
-    out = batched(keys)
+    start = jax.vmap(env.env.reset)(keys)
+    out = jax.jit(lambda s: rollout.rollout(jax.vmap(env.env.step), policy, s, keys[0], 8, freeze=False)[0])(
+        start
+    )
     for i, key in enumerate(keys):
         state = env.reset(key)
         for _ in range(8):
@@ -77,3 +80,13 @@ def test_second_call_does_not_recompile():
     for _ in range(3):
         state = env.step(state, jnp.zeros(4))
     assert env.step._cache_size() == before == 1
+
+
+def test_camera_renders_a_batch_of_rgbd_images():
+    env = envs.make("pick_place", camera=True, camera_res=16)
+    states = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.PRNGKey(0), 2))
+    image = np.asarray(states.obs["image"])
+    assert image.shape == (2, 16, 16, 4) and np.isfinite(image).all()
+    depth = image[..., 3]
+    assert 0.3 < depth.min() < depth.max() <= camera.MAX_DEPTH  # the table, tote and bin are in view
+    assert not np.allclose(image[0, ..., :3], image[1, ..., :3])  # the two items differ in colour or place

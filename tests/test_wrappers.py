@@ -38,6 +38,7 @@ def test_domain_randomisation_scales_within_its_ranges():
 def test_takeover_recovers_from_a_bad_policy_and_hands_back():
     base = compiled_env("pick_place").env
     env = wrappers.Takeover(base)
+
     # A policy that yanks a heavy porous item upwards on its first grasp (it slips), and behaves once the
     # operator has shown it a retry: the operator must take over, recover, hand back, and still succeed.
     def policy(state):
@@ -53,7 +54,9 @@ def test_takeover_recovers_from_a_bad_policy_and_hands_back():
         params = base.sample_params(key)._replace(item_mass=jnp.float32(2.0), porosity=jnp.float32(0.5))
         return jax.lax.scan(body, env.reset_from_params(key, params), None, base.config.max_steps)
 
-    final, (is_intervention, intervening, done) = jax.vmap(episode)(jax.random.split(jax.random.PRNGKey(3), 8))
+    final, (is_intervention, intervening, done) = jax.vmap(episode)(
+        jax.random.split(jax.random.PRNGKey(3), 8)
+    )
     assert np.asarray(final.info["success"]).mean() >= 0.75
     assert np.asarray(is_intervention).any(axis=1).all()  # every episode needed the operator
     handed_back = np.asarray(is_intervention[:, :-1] & ~intervening[:, :-1] & ~done[:, :-1]).any()
