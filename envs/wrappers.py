@@ -13,13 +13,26 @@ from envs.cell import State
 
 
 class Wrapper:
-    """Forwards everything it does not override to the wrapped env."""
+    """Forwards everything it does not override to the wrapped env.
+
+    Both ways of starting an episode go through `_start`, so a wrapper that adds to the first state
+    (info keys, say) overrides that one hook and no reset path can skip it.
+    """
 
     def __init__(self, env):
         self.env = env
 
     def __getattr__(self, name):
         return getattr(self.env, name)
+
+    def reset(self, key: jax.Array) -> State:
+        return self._start(self.env.reset(key))
+
+    def reset_from_params(self, key: jax.Array, params) -> State:
+        return self._start(self.env.reset_from_params(key, params))
+
+    def _start(self, state: State) -> State:
+        return state
 
 
 class VmapWrapper(Wrapper):
@@ -31,6 +44,10 @@ class VmapWrapper(Wrapper):
 
     def reset(self, key: jax.Array) -> State:
         return jax.vmap(self.env.reset)(jax.random.split(key, self.batch_size))
+
+    def reset_from_params(self, keys: jax.Array, params) -> State:
+        """keys [B], params with leading [B] axes."""
+        return jax.vmap(self.env.reset_from_params)(keys, params)
 
     def step(self, state: State, action: jax.Array) -> State:
         return jax.vmap(self.env.step)(state, action)
@@ -44,8 +61,7 @@ class AutoReset(Wrapper):
     observation of the finished episode is in `info["final_obs"]`, for bootstrapping on truncation.
     """
 
-    def reset(self, key: jax.Array) -> State:
-        state = self.env.reset(key)
+    def _start(self, state: State) -> State:
         return dataclasses.replace(state, info={**state.info, "final_obs": state.obs})
 
     def step(self, state: State, action: jax.Array) -> State:
@@ -124,12 +140,6 @@ class Takeover(Wrapper):
     def __init__(self, env, trigger: Trigger = Trigger()):
         super().__init__(env)
         self.trigger = trigger
-
-    def reset(self, key: jax.Array) -> State:
-        return self._start(self.env.reset(key))
-
-    def reset_from_params(self, key: jax.Array, params) -> State:
-        return self._start(self.env.reset_from_params(key, params))
 
     def _start(self, state: State) -> State:
         action = jnp.zeros(self.env.action_size, jnp.float32)

@@ -8,6 +8,7 @@ watchdog because a jitted MJX step on this CPU has stopped returning before (sha
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -198,15 +199,9 @@ def machine() -> dict:
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "mujoco": mujoco.__version__,
-        "mujoco_mjx": _version("mujoco-mjx"),
+        "mujoco_mjx": importlib.metadata.version("mujoco-mjx"),
         "numpy": np.__version__,
     }
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    return version(dist)
 
 
 def mjx_table(rows: list[dict]) -> str:
