@@ -15,6 +15,8 @@ from typing import Literal
 
 import tyro
 
+from jaxvla.models import ModelConfig
+
 Split = Literal["train", "novel"]
 SPLITS: tuple[str, ...] = typing.get_args(Split)
 
@@ -43,6 +45,55 @@ class EnvConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Behaviour cloning of the scripted operator: the foundation prior every later method improves."""
+
+    tasks: tuple[str, ...] = ("pick_place", "sort", "unbox")
+    """Tasks whose `train`-split demonstrations make up the dataset (one goal-conditioned policy)."""
+    demos_per_task: int = 300
+    """Demonstration episodes per task; generated into `data_dir` when missing."""
+    data_dir: str = "data"
+    """Folder of RLDS datasets, one per task and split."""
+    demo_noise: float = 0.02
+    """Actuation noise std while recording demonstrations (DART): the data then shows recoveries.
+    0.1 stops the operator from ever grasping (it centres within 4 mm); see tools/data.py NOISE."""
+    demo_bursts: float = 0.03
+    """Probability per step of a random push during demonstrations (recovery data; tools/data.py)."""
+    steps: int = 20_000
+    """Gradient steps."""
+    batch_size: int = 256
+    """Examples per step, split across devices."""
+    learning_rate: float = 3e-4
+    """Peak AdamW learning rate (linear warm-up, cosine decay)."""
+    warmup_steps: int = 500
+    """Linear warm-up length."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    nll_weight: float = 0.01
+    """Weight of the likelihood term that calibrates the policy's std."""
+    log_every: int = 250
+    """Steps per jitted block; metrics are fetched and logged once per block."""
+    eval_every: int = 5_000
+    """Steps between MJX evaluations on both splits (0: only at the end)."""
+    eval_episodes: int = 32
+    """Episodes per task and split in the periodic evaluations."""
+    checkpoint_every: int = 2_500
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept on disk (the newest)."""
+    seed: int = 0
+    """Seed of parameter init, batch sampling and evaluation."""
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "checkpoint_every"):
+            every = getattr(self, name)
+            if every < 1 or (name != "log_every" and every % self.log_every):
+                raise ValueError(f"PretrainConfig.{name}={every} must be a positive multiple of log_every")
+        if self.eval_every % self.log_every:
+            raise ValueError(f"PretrainConfig.eval_every={self.eval_every} must be a multiple of log_every")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One experiment: a named starting point plus one section per part of the system."""
 
@@ -52,6 +103,10 @@ class Config:
     """One line shown in `--help` next to the name."""
     env: EnvConfig
     """The simulated workcell."""
+    model: ModelConfig = ModelConfig()
+    """Policy, critic and value networks."""
+    pretrain: PretrainConfig = PretrainConfig()
+    """Behaviour-cloning pretraining of the prior."""
     out_dir: str = "runs"
     """Folder for checkpoints, logs and plots."""
     compile_cache: str = ".cache/jax"
@@ -68,6 +123,58 @@ _CONFIGS = (
         name="debug",
         description="Tiny shapes, for tests and a first look; runs in seconds on a laptop CPU.",
         env=EnvConfig(num_envs=4),
+        model=ModelConfig(width=32, prompt_dim=8, ensemble=2, value_bins=11),
+        pretrain=PretrainConfig(
+            demos_per_task=4,
+            steps=40,
+            batch_size=16,
+            warmup_steps=5,
+            log_every=10,
+            eval_every=20,
+            eval_episodes=4,
+            checkpoint_every=20,
+        ),  # fmt: skip
+    ),
+    Config(
+        name="vla",
+        description="VLA-scale policy (~100M parameters): RGB-D patch tokens and a transformer; for GPUs.",
+        env=EnvConfig(num_envs=256, camera=True),
+        model=ModelConfig(
+            encoder="transformer",
+            width=768,
+            layers=14,
+            attention_heads=12,
+            image=True,
+            image_res=64,
+            patch=8,
+            dtype="bfloat16",
+        ),  # fmt: skip
+        pretrain=PretrainConfig(batch_size=256, learning_rate=1e-4, nll_weight=0.01),
+    ),
+    Config(
+        name="vla_tiny",
+        description="The VLA-scale code path at tiny width, for CPU tests.",
+        env=EnvConfig(num_envs=4, camera=True),
+        model=ModelConfig(
+            encoder="transformer",
+            width=32,
+            layers=2,
+            attention_heads=4,
+            image=True,
+            image_res=16,
+            patch=8,
+        ),  # fmt: skip
+        pretrain=PretrainConfig(
+            tasks=("pick_place",),
+            demos_per_task=4,
+            steps=20,
+            batch_size=8,
+            warmup_steps=2,
+            log_every=10,
+            eval_every=0,
+            eval_episodes=2,
+            checkpoint_every=10,
+        ),  # fmt: skip
     ),
 )
 
@@ -101,6 +208,26 @@ def get_config(name: str) -> Config:
     close = difflib.get_close_matches(name, _CONFIGS_BY_NAME, n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"choose from: {', '.join(_CONFIGS_BY_NAME)}."
     raise KeyError(f"No config named {name!r}; {hint}")
+
+
+def from_dict(fields: dict) -> Config:
+    """Rebuilds a Config from `dataclasses.asdict` output (as stored in checkpoints); lists become tuples."""
+
+    def build(cls, values: dict):
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in values:
+                continue  # a field added after the checkpoint was written keeps its default
+            value = values[field.name]
+            if dataclasses.is_dataclass(hints[field.name]):
+                value = build(hints[field.name], value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[field.name] = value
+        return cls(**kwargs)
+
+    return build(Config, fields)
 
 
 def cli(argv: Sequence[str], prog: str | None = None) -> Config:

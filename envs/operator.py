@@ -14,6 +14,8 @@ from envs.tasks import CellConfig
 
 LID_LEAD = 0.05  # [m] how far ahead of the lid the cup leads it
 ALIGN_TOL = 0.004  # [m] lateral error at which the cup starts its descent
+HOLD_TOL = 0.008  # [m] lateral error up to which an open valve stays open
+NEAR = 0.02  # [m] lateral error within which the cup centres without climbing first
 EMPTY_SPEED, EMPTY_ACCEL = 0.7, 4.0  # [m/s], [m/s^2] with nothing held
 LID_SPEED, LID_ACCEL = 0.3, 2.0  # [m/s], [m/s^2] while dragging the lid off
 HOLD_MARGIN = 0.6  # use at most this fraction of the holding capacity
@@ -51,10 +53,18 @@ def waypoint(xp, kin: C.Kin, cell: C.Cell, params: C.Params, layout: C.Layout, c
     lateral = xp.sqrt(xp.sum((planned[:2] - grasp_point[:2]) ** 2))
     low = planned[2] < travel - 0.02
     in_target = C.inside_regions(xp, kin.item_pos[:2], params.bins)[params.target]
+    near = lateral <= NEAR
     above = xp.concatenate([grasp_point[:2], xp.maximum(travel, grasp_point[2] + 0.05)[None]])
+    # Close but not centred: centre at the current height. Climbing back to `above` here made the cup
+    # bob up and down around the alignment tolerance, a chatter that cloned policies average into a stall.
+    hover = xp.concatenate([grasp_point[:2], xp.maximum(planned[2], grasp_point[2] + 0.012)[None]])
     lift_out = xp.concatenate([planned[:2], xp.asarray([travel], dtype=xp.float32)])
-    free_wp = xp.where(lateral > ALIGN_TOL, xp.where(low & (lateral > 0.02), lift_out, above), grasp_point)
-    free_valve = (lateral <= ALIGN_TOL) & (tip[2] - grasp_point[2] < 0.012)
+    off_centre = xp.where(near, hover, xp.where(low, lift_out, above))
+    free_wp = xp.where(lateral > ALIGN_TOL, off_centre, grasp_point)
+    # Hysteresis: an open valve stays open while the cup is still near the grasp point, so a millimetre
+    # of drift across the tolerance does not close it mid-attempt (a missed grasp and a retry).
+    tolerance = xp.where(cell.suction > 0.5, HOLD_TOL, ALIGN_TOL)
+    free_valve = (lateral <= tolerance) & (tip[2] - grasp_point[2] < 0.012)
     # Placed (or resting in the target after a release): back off upwards and keep the valve shut.
     done_wp = lift_out
     free_wp = xp.where(in_target & ~lid_needed, done_wp, free_wp)

@@ -12,6 +12,11 @@ import sys
 SUBCOMMANDS = {
     "sim": ("tools.sim", "Run the MJX workcell simulator and print what happened."),
     "bench": ("tools.bench", "Time the simulator and learner; prints throughput ratios."),
+    "twin": ("tools.twin", "Run an exported policy with the numpy client in the C-MuJoCo twin."),
+    "data": ("tools.data", "Write demonstration datasets (RLDS) from the scripted operator."),
+    "pretrain": ("tools.pretrain", "Train the foundation prior by behaviour cloning on demonstrations."),
+    "export": ("tools.export", "Write a trained policy as one checksummed file for the numpy robot client."),
+    "eval": ("tools.eval", "Evaluate a policy in MJX: success, failure modes, retries, cycle time."),
 }
 
 # The packages this project ships. A missing module outside them means an extra is not installed; a

@@ -1,5 +1,8 @@
 """`jaxvla bench`: simulator throughput, our MJX workcell vs raw `vmap(mjx.step)`, plus the C twin.
 
+With `--latency`, also the robot-side policy latency: the numpy actor vs the jitted JAX forward pass
+(`--no-sim` runs that section alone).
+
 Protocol (shared/research/performance.md, row B3): compile time is timed apart from steady state
 (explicit `lower().compile()`), every timer stops after `block_until_ready`, ours and raw repetitions are
 interleaved, and the reported figure is the median over repetitions. Every measurement runs under a
@@ -9,24 +12,38 @@ watchdog because a jitted MJX step on this CPU has stopped returning before (sha
 import argparse
 import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import mujoco
-import numpy as np
-from mujoco import mjx
+# The numpy actor is timed as robots should run it, with one BLAS thread (see jaxvla.actor); this must be
+# set before numpy loads. The other sections do not use numpy's BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from envs.tasks import TASKS
-from envs.twin import Twin
-from envs.workcell import Workcell
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from mujoco import mjx  # noqa: E402
+
+import configs  # noqa: E402
+from envs.tasks import TASKS  # noqa: E402
+from envs.twin import Twin  # noqa: E402
+from envs.workcell import Workcell  # noqa: E402
+from jaxvla import actor  # noqa: E402
+from jaxvla import export  # noqa: E402
+from jaxvla import models  # noqa: E402
+from jaxvla import normalization  # noqa: E402
+from learner import bc  # noqa: E402
+from learner import sharding  # noqa: E402
 
 CACHE_DIR = ".cache/jax"
 
@@ -181,6 +198,130 @@ def bench_twin(task: str, steps: int, reps: int, limit: float) -> dict:
     }
 
 
+# Models timed by the policy latency section: the default (the targets apply to it) and the VLA-scale one.
+LATENCY_MODELS = {
+    "state (default)": models.ModelConfig(),
+    "transformer + image": models.ModelConfig(encoder="transformer", image=True),
+}
+LATENCY_WARMUP = 200
+
+
+def bench_latency(config: models.ModelConfig, calls: int, limit: float) -> dict:
+    """Batch-1 policy latency: the numpy actor's `infer` vs the jitted JAX forward pass, interleaved.
+
+    Both do the same work on one observation held in numpy (as a robot has it): normalise, run the
+    network, tanh. JAX gets params already on the device, its compile timed apart, every call ended by
+    `block_until_ready`; the actor runs the exported file, loaded once. p50/p99 over `calls` calls each,
+    after LATENCY_WARMUP untimed calls.
+    """
+    graphdef, params = nnx.split(config.create_policy(0), nnx.Param)
+    obs = jax.device_get(config.fake_observation(jax.random.key(0), 256))
+    stats = normalization.compute(obs)
+    one = {k: v[:1] for k, v in obs.items()}
+    with tempfile.TemporaryDirectory() as directory:
+        path = export.write(directory, config, params, stats, version=0, parent_version=None, config_hash="")
+        policy = actor.load(path)
+    single = {k: v[0] for k, v in one.items()}
+
+    def forward(p, o):
+        return jnp.tanh(models.apply(graphdef, p, normalization.normalize(o, stats))[0])
+
+    with watchdog("policy latency: jax compile", limit):
+        t0 = time.perf_counter()
+        compiled = jax.jit(forward).lower(params, one).compile()
+        compile_s = time.perf_counter() - t0
+    jax_call = lambda: jax.block_until_ready(compiled(params, one))  # noqa: E731
+    numpy_call = lambda: policy.infer(single)  # noqa: E731
+    with watchdog("policy latency: calls", limit):
+        for _ in range(LATENCY_WARMUP):
+            jax_call(), numpy_call()
+        times = {"numpy": [], "jax": []}
+        for _ in range(calls):
+            for name, call in (("numpy", numpy_call), ("jax", jax_call)):
+                t0 = time.perf_counter_ns()
+                call()
+                times[name].append(time.perf_counter_ns() - t0)
+    row = {"calls": calls, "jax_compile_s": compile_s, "onnxruntime": onnxruntime_status()}
+    for name, ns in times.items():
+        us = np.asarray(ns) / 1e3
+        row[f"{name}_p50_us"], row[f"{name}_p99_us"] = (
+            float(np.percentile(us, 50)),
+            float(np.percentile(us, 99)),
+        )
+    row["p99_ratio"] = row["numpy_p99_us"] / row["jax_p99_us"]
+    return row
+
+
+def bench_pretrain(name: str, steps: int, reps: int, limit: float, cache: CacheEvents) -> dict:
+    """Behaviour-cloning updates per second for the named config's model and batch, on all local devices.
+
+    One jitted block of `steps` updates (as `jaxvla pretrain` runs them) on a random dataset of 4096
+    examples; compile timed apart; the median of `reps` blocks. FLOPs per step come from XLA's cost
+    analysis of the compiled block, so model FLOPs utilisation can be worked out against a device's peak.
+    """
+    config = configs.get_config(name)
+    mc, pc = config.model, config.pretrain
+    mesh = sharding.make_mesh()
+    batch = pc.batch_size - pc.batch_size % mesh.size
+    key_obs, key_chunk = jax.random.split(jax.random.key(0))
+    data = {
+        "obs": mc.fake_observation(key_obs, 4096),
+        "chunk": mc.fake_chunk(key_chunk, 4096),
+        "mask": jnp.ones((4096, mc.chunk), bool),
+    }
+    stats = normalization.compute(jax.device_get(data["obs"]))
+    graphdef, params = nnx.split(mc.create_policy(0), nnx.Param)
+    optimizer = bc.make_optimizer(pc.learning_rate, 1000, 10, pc.weight_decay)
+    train = bc.make_train_steps(graphdef, stats, optimizer, num_steps=steps, batch_size=batch,
+                                nll_weight=pc.nll_weight, mesh=mesh)  # fmt: skip
+    state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
+    data = jax.device_put(data, sharding.replicated(mesh))
+    key = jax.random.key(1)
+    with watchdog(f"pretrain {name}: compile", limit):
+        hits = cache.hits
+        t0 = time.perf_counter()
+        compiled = train.lower(state, data, key).compile()
+        compile_s, cached = time.perf_counter() - t0, cache.hits > hits
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops_per_step = float(cost.get("flops", 0.0)) / steps if cost else 0.0
+    times = []
+    with watchdog(f"pretrain {name}: steps", limit):
+        state, _ = compiled(state, data, key)  # warm-up (and the state is donated: keep the new one)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, data, key)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+    seconds = float(np.median(times))
+    return {
+        "config": name, "params": models.count_params(nnx.merge(graphdef, params)), "batch": batch,
+        "devices": mesh.size, "steps_per_call": steps, "steps_per_s": steps / seconds,
+        "examples_per_s": steps * batch / seconds, "compile_s": compile_s, "compile_cached": cached,
+        "flops_per_step": flops_per_step, "achieved_tflops": flops_per_step * steps / seconds / 1e12,
+    }  # fmt: skip
+
+
+def pretrain_table(rows: list[dict]) -> str:
+    columns = ("params", 11), ("batch", 6), ("dev", 4), ("steps/s", 9), ("examples/s", 11), ("compile s", 14)
+    header = f"{'config':<10} " + " ".join(f"{name:>{width}}" for name, width in columns) + f" {'TFLOP/s':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        compile_s = f"{r['compile_s']:.1f}" + (" (cache)" if r["compile_cached"] else "")
+        cells = (f"{r['params']:,}", r["batch"], r["devices"], f"{r['steps_per_s']:.1f}",
+                 f"{r['examples_per_s']:.0f}", compile_s)  # fmt: skip
+        values = " ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
+        lines.append(f"{r['config']:<10} {values} {r['achieved_tflops']:>8.3f}")
+    return "\n".join(lines)
+
+
+def onnxruntime_status() -> str:
+    """The third peer. There is no ONNX export of these models in the dependencies, so it is never timed."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "not installed"
+    return "installed; not timed (no ONNX export of the model)"
+
+
 # ----------------------------------------------------------------------------------------- reports
 def machine() -> dict:
     """What the numbers were measured on."""
@@ -233,6 +374,17 @@ def twin_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def latency_table(rows: dict[str, dict]) -> str:
+    head = "| model | numpy p50 us | numpy p99 us | jax p50 us | jax p99 us | p99 numpy/jax | onnxruntime |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['numpy_p50_us']:,.0f} | {r['numpy_p99_us']:,.0f} | {r['jax_p50_us']:,.0f} "
+            f"| {r['jax_p99_us']:,.0f} | {r['p99_ratio']:.2f} | {r['onnxruntime']} |"
+        )
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------------- main
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jaxvla bench", description=__doc__.splitlines()[0])
@@ -244,6 +396,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the results here as JSON")
     p.add_argument("--limit", type=float, default=600.0, help="watchdog seconds per measurement")
     p.add_argument("--no-cache", action="store_true", help="disable the persistent compilation cache")
+    p.add_argument("--latency", action="store_true", help="add the policy latency section (numpy vs JAX)")
+    p.add_argument("--latency-calls", type=int, default=2000, help="timed calls per policy and peer")
+    p.add_argument("--no-sim", action="store_true", help="skip the MJX and C twin sections")
+    p.add_argument(
+        "--pretrain",
+        nargs="*",
+        metavar="CONFIG",
+        help="add the pretraining section for these configs (default: default vla_tiny)",
+    )
+    p.add_argument("--pretrain-steps", type=int, default=50, help="updates per timed block")
     return p.parse_args(argv)
 
 
@@ -258,25 +420,52 @@ def main(argv: list[str]) -> int:
         f"jax {info['jax']} ({info['jax_backend']}), mujoco {info['mujoco']}, mjx {info['mujoco_mjx']}"
     )
     start = time.perf_counter()
-    rows = []
-    for task in args.tasks:
-        for batch in args.batches:
-            rows.append(bench_mjx(task, batch, args.steps, args.reps, args.limit, cache))
-            elapsed = time.perf_counter() - start
-            print(f"  {task} B={batch}: ratio {rows[-1]['ratio']:.3f} ({elapsed:.0f} s)", flush=True)
-    twins = [bench_twin(task, args.twin_steps, args.reps, args.limit) for task in args.tasks]
+    rows, twins, latency, trains = [], [], {}, []
+    if not args.no_sim:
+        for task in args.tasks:
+            for batch in args.batches:
+                rows.append(bench_mjx(task, batch, args.steps, args.reps, args.limit, cache))
+                elapsed = time.perf_counter() - start
+                print(f"  {task} B={batch}: ratio {rows[-1]['ratio']:.3f} ({elapsed:.0f} s)", flush=True)
+        twins = [bench_twin(task, args.twin_steps, args.reps, args.limit) for task in args.tasks]
+    if args.latency:
+        for name, config in LATENCY_MODELS.items():
+            latency[name] = bench_latency(config, args.latency_calls, args.limit)
+            print(f"  policy latency {name}: p99 ratio {latency[name]['p99_ratio']:.2f}", flush=True)
+    for name in args.pretrain or (["default", "vla_tiny"] if args.pretrain is not None else []):
+        trains.append(bench_pretrain(name, args.pretrain_steps, args.reps, args.limit, cache))
+        print(f"  pretrain {name}: {trains[-1]['steps_per_s']:.1f} steps/s", flush=True)
     wall = time.perf_counter() - start
-    print(f"\nMJX, {args.steps} control steps per call, median of {args.reps} interleaved reps; "
-          "ratio = ours/raw physics steps/s; compile = lower+compile; "
-        "one untimed warm-up call each\n")  # fmt: skip
-    print(mjx_table(rows))
-    print(f"\nC twin, operator driving, {args.twin_steps} control steps, median of {args.reps}\n")
-    print(twin_table(twins))
-    print(f"\nverified batch sizes (all calls returned): {sorted(set(args.batches))}; wall {wall:.0f} s")
+    if trains:
+        print(f"\nBehaviour-cloning updates, {args.pretrain_steps} per jitted block, median of {args.reps}; "
+              "compile = lower+compile of the block\n")  # fmt: skip
+        print(pretrain_table(trains))
+    if not args.no_sim:
+        print(f"\nMJX, {args.steps} control steps per call, median of {args.reps} interleaved reps; "
+              "ratio = ours/raw physics steps/s; compile = lower+compile; "
+            "one untimed warm-up call each\n")  # fmt: skip
+        print(mjx_table(rows))
+        print(f"\nC twin, operator driving, {args.twin_steps} control steps, median of {args.reps}\n")
+        print(twin_table(twins))
+        print(f"\nverified batch sizes (all calls returned): {sorted(set(args.batches))}; wall {wall:.0f} s")
+    if args.latency:
+        print(f"\nPolicy latency, one observation (batch 1), {args.latency_calls} interleaved calls each "
+              f"after {LATENCY_WARMUP} untimed; JAX: jitted, compile excluded, block_until_ready; numpy: "
+              f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n")  # fmt: skip
+        print(latency_table(latency))
+        default = latency["state (default)"]
+        ratio, p99_ms = default["p99_ratio"], default["numpy_p99_us"] / 1e3
+        print(f"\ndefault model targets: numpy p99 <= 0.25x JAX p99: {ratio:.2f}x "
+              f"({'met' if ratio <= 0.25 else 'missed'}); <= 2 ms: {p99_ms:.3f} ms "
+              f"({'met' if p99_ms <= 2 else 'missed'})")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall,
                   "mjx": rows, "twin": twins}  # fmt: skip
+        if args.latency:
+            result["latency"] = latency
+        if trains:
+            result["pretrain"] = trains
         args.json.write_text(json.dumps(result, indent=2))
     return 0
 

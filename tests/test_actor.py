@@ -1,0 +1,480 @@
+"""The numpy robot client: parity with the jitted JAX forward pass, file verification, the chunk broker,
+and a run in a bare virtualenv that has numpy and msgpack only.
+
+Parity is measured as |numpy - jax| / max(|jax|, 1): relative error for outputs larger than 1, absolute
+error below (actions live in [-1, 1]). A floor much below 1 measures nothing but float32 rounding: both
+passes sit ~2e-6 from a float64 reference at the default width (measured), so near-zero outputs cannot
+agree to 1e-5 relative in any float32 implementation.
+"""
+
+import base64
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+from flax import nnx
+
+import jaxvla
+from jaxvla import actor
+from jaxvla import export
+from jaxvla import models
+from jaxvla.actor import fileformat
+from jaxvla.actor import forward
+from jaxvla.actor import policy as actor_policy
+from jaxvla.models import ModelConfig
+from jaxvla.models import distributions
+from jaxvla.models import encoders
+from jaxvla.models import layers
+from jaxvla.normalization import normalize
+from tools import twin as twin_tool
+
+CONFIGS = {
+    "state": ModelConfig(),
+    "state_image_indicator": ModelConfig(image=True, advantage_conditioned=True),
+    "transformer_image": ModelConfig(
+        encoder="transformer", width=32, layers=2, attention_heads=4, image=True, image_res=16, patch=8
+    ),
+    "transformer": ModelConfig(encoder="transformer", width=32, layers=2, attention_heads=4),
+}
+# Measured maxima over mean, log_std and actions, batch of 8: state 2.3e-6, state_image_indicator 3.6e-6,
+# transformer_image 1.7e-6, transformer 2.0e-6 (with a 1e-3 floor instead of 1: up to 3.0e-4).
+PARITY_TOL = 1e-5
+BATCH = 8
+
+
+def unit_relative_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1.0)))
+
+
+def norm_relative_error(a, b) -> float:
+    """||a - b|| / ||b|| over the whole output: the usual relative error of a computed vector."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def random_stats(config: ModelConfig, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    spec = config.observation_spec(1)
+    return {
+        k: {
+            "mean": rng.normal(size=s.shape[-1]).astype(np.float32),
+            "std": rng.uniform(0.5, 2.0, size=s.shape[-1]).astype(np.float32),
+        }
+        for k, s in spec.items()
+        if k != "prompt"
+    }
+
+
+class Exported:
+    """A random-init policy of one config, exported, with its JAX forward pass and a random batch."""
+
+    def __init__(self, name: str, directory: pathlib.Path):
+        self.config = config = CONFIGS[name]
+        seed = list(CONFIGS).index(name)
+        self.graphdef, self.params = nnx.split(config.create_policy(seed), nnx.Param)
+        self.stats = random_stats(config, seed)
+        self.obs = jax.device_get(config.fake_observation(jax.random.key(seed), BATCH))
+        self.path = export.write(
+            directory,
+            config,
+            self.params,
+            self.stats,
+            version=seed + 1,
+            parent_version=None,
+            config_hash=name,
+        )
+        stats = self.stats
+        self.jax_forward = jax.jit(lambda p, o, i: models.apply(self.graphdef, p, normalize(o, stats), i))
+
+    def reference(self, indicator=None) -> tuple[np.ndarray, np.ndarray]:
+        return jax.device_get(self.jax_forward(self.params, self.obs, indicator))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    directory, cache = tmp_path_factory.mktemp("policies"), {}
+
+    def get(name: str) -> Exported:
+        if name not in cache:
+            cache[name] = Exported(name, directory)
+        return cache[name]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_numpy_forward_matches_jax(exported, name):
+    e = exported(name)
+    policy = actor.load(e.path)
+    indicator = None
+    if e.config.advantage_conditioned:
+        indicator = np.arange(BATCH) % 3  # none, positive, negative
+    mean, log_std = e.reference(None if indicator is None else jnp.asarray(indicator))
+    out = policy.infer(e.obs, indicator=indicator)
+    errors = {
+        "mean": unit_relative_error(out["mean"], mean),
+        "log_std": unit_relative_error(out["log_std"], log_std),
+        "actions": unit_relative_error(out["actions"], distributions.mode(mean)),
+    }
+    assert max(errors.values()) <= PARITY_TOL, errors
+    norm_errors = {k: norm_relative_error(out[k], v) for k, v in (("mean", mean), ("log_std", log_std))}
+    assert max(norm_errors.values()) <= PARITY_TOL, norm_errors
+    assert out["actions"].shape == (BATCH, e.config.chunk, e.config.action_size)
+
+
+@pytest.mark.parametrize("name", ["state", "transformer_image"])
+def test_single_observation_matches_the_batch_and_jax(exported, name):
+    e = exported(name)
+    policy = actor.load(e.path)
+    batched, (mean, log_std) = policy.infer(e.obs), e.reference()
+    for i in range(3):
+        single = policy.infer({k: v[i] for k, v in e.obs.items()})
+        assert single["actions"].shape == (e.config.chunk, e.config.action_size)
+        # One example runs matrix-vector products (a separate code path), a batch matrix-matrix ones.
+        assert unit_relative_error(single["mean"], mean[i]) <= PARITY_TOL
+        assert unit_relative_error(single["log_std"], log_std[i]) <= PARITY_TOL
+        for key in ("mean", "log_std", "actions"):
+            assert unit_relative_error(single[key], batched[key][i]) <= PARITY_TOL
+
+
+def test_absent_indicator_means_none(exported):
+    e = exported("state_image_indicator")
+    policy = actor.load(e.path)
+    absent = policy.infer(e.obs)
+    none = policy.infer(e.obs, indicator=actor.INDICATOR_NONE)
+    positive = policy.infer(e.obs, indicator=actor.INDICATOR_POSITIVE)
+    np.testing.assert_array_equal(absent["mean"], none["mean"])
+    assert not np.allclose(absent["mean"], positive["mean"])
+
+
+def test_copied_constants_agree_with_the_models():
+    assert forward.STATE_KEYS == encoders.STATE_KEYS
+    assert forward.LAYER_NORM_EPS == layers.LAYER_NORM_EPS
+    assert (actor.INDICATOR_NONE, actor.INDICATOR_POSITIVE, actor.INDICATOR_NEGATIVE) == (
+        models.INDICATOR_NONE,
+        models.INDICATOR_POSITIVE,
+        models.INDICATOR_NEGATIVE,
+    )
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def test_sampling_is_reproducible_and_its_log_prob_is_the_learners(exported):
+    e = exported("state")
+    policy = actor.load(e.path)
+    a = policy.infer(e.obs, rng=np.random.default_rng(3))
+    b = policy.infer(e.obs, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(a["actions"], b["actions"])
+    assert np.all(np.abs(a["actions"]) <= 1.0) and not np.allclose(a["actions"], np.tanh(a["mean"]))
+    u = np.random.default_rng(4).normal(size=a["mean"].shape).astype(np.float32)
+    expected = jnp.sum(
+        distributions._gaussian_log_prob(u, a["mean"], a["log_std"]) - distributions._squash_log_det(u),
+        axis=(-2, -1),
+    )
+    np.testing.assert_allclose(actor_policy._log_prob(u, a["mean"], a["log_std"]), expected, rtol=1e-5)
+
+
+def test_text_prompt_is_tokenized(exported):
+    e = exported("state")
+    policy = actor.load(e.path)
+    obs = {k: v[0] for k, v in e.obs.items()}
+    text = "put the blue part in compartment 3"
+    np.testing.assert_array_equal(
+        policy.infer({**obs, "prompt": text})["actions"],
+        policy.infer({**obs, "prompt": jaxvla.tokenizer.encode(text)})["actions"],
+    )
+
+
+def test_bad_inputs_are_named(exported):
+    e = exported("state")
+    policy = actor.load(e.path)
+    obs = {k: v[0] for k, v in e.obs.items()}
+    with pytest.raises(KeyError, match="telemetry"):
+        policy.infer({k: v for k, v in obs.items() if k != "telemetry"})
+    with pytest.raises(ValueError, match="'item' has shape"):
+        policy.infer({**obs, "item": np.zeros(5)})
+    with pytest.raises(ValueError, match="advantage indicator"):
+        policy.infer(obs, indicator=actor.INDICATOR_POSITIVE)
+    with pytest.raises(ValueError, match="token ids"):
+        policy.infer({**obs, "prompt": np.full(12, -1, np.int32)})
+
+
+def test_broker_hands_out_chunk_rows_and_replans(exported):
+    e = exported("state")
+    policy = actor.load(e.path)
+    calls = []
+
+    class Counting:
+        chunk = policy.chunk
+
+        def infer(self, obs, **kwargs):
+            calls.append(1)
+            return policy.infer(obs, **kwargs)
+
+        def reset(self):
+            calls.clear()
+
+    broker = actor.ActionChunkBroker(Counting(), replan=2)
+    observations = [{k: v[i] for k, v in e.obs.items()} for i in range(5)]
+    steps = [broker.infer(o)["actions"] for o in observations]
+    assert len(calls) == 3  # steps 0, 2, 4
+    np.testing.assert_array_equal(steps[1], policy.infer(observations[0])["actions"][1])
+    np.testing.assert_array_equal(steps[2], policy.infer(observations[2])["actions"][0])
+    broker.reset()
+    broker.infer(observations[0])
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="replan"):
+        actor.ActionChunkBroker(policy, replan=policy.chunk + 1)
+
+
+# ------------------------------------------------------------------------------------------- files
+def tiny_file(tmp_path) -> pathlib.Path:
+    config = ModelConfig(width=8, prompt_dim=4, depth=1, chunk=2)
+    params = nnx.state(config.create_policy(0), nnx.Param)
+    return export.write(tmp_path, config, params, random_stats(config, 0), version=1, parent_version=0,
+                        config_hash="tiny")  # fmt: skip
+
+
+def test_every_single_byte_corruption_is_refused(tmp_path):
+    data = tiny_file(tmp_path).read_bytes()
+    actor.loads(data)
+    for i in range(len(data)):
+        corrupt = bytearray(data)
+        corrupt[i] ^= 0x01
+        with pytest.raises(actor.PolicyFileError):
+            actor.loads(bytes(corrupt))
+
+
+def test_array_corruption_names_the_checksum(tmp_path):
+    path = tiny_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    kernel = fileformat.read(path)[1]["head/kernel"].tobytes()
+    data[bytes(data).index(kernel) + 5] ^= 0xFF
+    path.write_bytes(data)
+    with pytest.raises(actor.PolicyFileError, match="array checksum mismatch"):
+        actor.load(path)
+
+
+def test_truncated_files_are_refused(tmp_path):
+    data = tiny_file(tmp_path).read_bytes()
+    for length in (0, 1, 100, len(data) // 2, len(data) - 1):
+        with pytest.raises(actor.PolicyFileError, match="truncated or corrupt"):
+            actor.loads(data[:length])
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    manifest, arrays = fileformat.read(tiny_file(tmp_path))
+    newer = fileformat.pack({**manifest, "format_version": fileformat.FORMAT_VERSION + 1}, arrays)
+    with pytest.raises(actor.PolicyFileError, match="format version 2"):
+        actor.loads(newer)
+    foreign = fileformat.pack({**manifest, "format": "something-else"}, arrays)
+    with pytest.raises(actor.PolicyFileError, match="not a jaxvla policy file"):
+        actor.loads(foreign)
+
+
+def test_arrays_that_do_not_fit_the_spec_are_refused(tmp_path):
+    manifest, arrays = fileformat.read(tiny_file(tmp_path))
+    with pytest.raises(actor.PolicyFileError, match="lacks"):
+        actor.loads(fileformat.pack(manifest, {k: v for k, v in arrays.items() if k != "head/bias"}))
+    with pytest.raises(actor.PolicyFileError, match="does not use"):
+        actor.loads(fileformat.pack(manifest, {**arrays, "extra/kernel": np.zeros(3, np.float32)}))
+    wider = {**manifest, "model": {**manifest["model"], "width": 16}}
+    with pytest.raises(actor.PolicyFileError, match="the spec needs"):
+        actor.loads(fileformat.pack(wider, arrays))
+
+
+def test_sha256_is_over_names_dtypes_shapes_and_bytes():
+    data = np.arange(6, dtype=np.float32).reshape(2, 3)
+    packed = {"b": fileformat.pack_array(data), "a": fileformat.pack_array(np.array([7], np.int32))}
+    digest = hashlib.sha256()
+    digest.update(b"a\0<i4\x001\0" + np.array([7], "<i4").tobytes())
+    digest.update(b"b\0<f4\x002,3\0" + data.astype("<f4").tobytes())
+    assert fileformat.arrays_sha256(packed) == digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- imports
+ALLOWED = {"jaxvla", "numpy", "msgpack"}
+
+
+def without_cython_runtime(modules: list[str]) -> set[str]:
+    """Cython-compiled extensions (numpy's, msgpack's) register their runtime as top-level modules."""
+    return {m for m in modules if m != "cython_runtime" and not m.startswith("_cython_")}
+
+
+def test_actor_imports_only_numpy_msgpack_and_the_standard_library():
+    code = (
+        "import json, sys\n"
+        "before = set(sys.modules)\n"
+        "import jaxvla.actor\n"
+        "loaded = {name.partition('.')[0] for name in set(sys.modules) - before}\n"
+        "print(json.dumps(sorted(loaded - set(sys.stdlib_module_names))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert without_cython_runtime(json.loads(out.stdout)) <= ALLOWED
+
+
+BARE_SCRIPT = """
+import sys
+before = set(sys.modules)
+import importlib.util, json
+import numpy as np
+import jaxvla.actor
+policy = jaxvla.actor.load(sys.argv[1])
+with np.load(sys.argv[2]) as f:
+    obs = dict(f)
+actions = policy.infer(obs)["actions"]
+loaded = {m.partition(".")[0] for m in set(sys.modules) - before}
+print(json.dumps({
+    "modules": sorted(loaded - set(sys.stdlib_module_names)),
+    "importable": [m for m in ("jax", "jaxlib", "flax", "mujoco") if importlib.util.find_spec(m)],
+    "jaxvla_file": jaxvla.__file__,
+    "actions": actions.tolist(),
+}))
+"""
+
+
+def _wheel(out: pathlib.Path, stem: str, files: dict[str, bytes], tag: str) -> pathlib.Path:
+    """Writes a wheel: `files` (archive name -> bytes, dist-info included) plus a fresh RECORD."""
+    record = f"{stem.split('-')[0]}-{stem.split('-')[1]}.dist-info/RECORD"
+    path = out / f"{stem}-{tag}.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        rows = []
+        for name, data in files.items():
+            z.writestr(name, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            rows.append(f"{name},sha256={digest},{len(data)}")
+        z.writestr(record, "\n".join([*rows, f"{record},,"]) + "\n")
+    return path
+
+
+def _repack_installed(name: str, out: pathlib.Path) -> pathlib.Path:
+    """A wheel of an installed distribution, from its RECORD (no index or download needed)."""
+    dist = importlib.metadata.distribution(name)
+    files = {}
+    for f in dist.files:
+        if (
+            ".." in f.parts
+            or "__pycache__" in f.parts
+            or f.name in ("RECORD", "INSTALLER", "direct_url.json")
+        ):
+            continue
+        files[f.as_posix()] = pathlib.Path(dist.locate_file(f)).read_bytes()
+    tag = next(
+        line.split(": ")[1] for line in dist.read_text("WHEEL").splitlines() if line.startswith("Tag:")
+    )
+    return _wheel(out, f"{dist.name}-{dist.version}", files, tag)
+
+
+def _project_wheel(out: pathlib.Path) -> pathlib.Path:
+    """A pure wheel of the `jaxvla` package, its Requires-Dist taken from pyproject's `dependencies`.
+
+    Built here rather than by setuptools: the venv's setuptools (65) needs the `wheel` package for
+    bdist_wheel, which is not installed, and build isolation would need an index.
+    """
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    version, info = jaxvla.__version__, f"jaxvla-{jaxvla.__version__}.dist-info"
+    files = {
+        p.relative_to(REPO_ROOT).as_posix(): p.read_bytes()
+        for p in sorted((REPO_ROOT / "jaxvla").rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    requires = "".join(f"Requires-Dist: {r}\n" for r in project["dependencies"])
+    files[f"{info}/METADATA"] = (
+        f"Metadata-Version: 2.1\nName: jaxvla\nVersion: {version}\n{requires}".encode()
+    )
+    files[f"{info}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    return _wheel(out, f"jaxvla-{version}", files, "py3-none-any")
+
+
+@pytest.mark.slow
+def test_actor_runs_in_a_bare_virtualenv(exported, tmp_path):
+    """`pip install jaxvla` (no extras) from local wheels into a fresh venv, then load and infer.
+
+    Offline: numpy and msgpack are repacked from this venv's installed files and the project wheel is
+    built from the source tree, so pip resolves the declared dependencies against those wheels alone.
+    """
+    e = exported("state_image_indicator")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("numpy", "msgpack"):
+        _repack_installed(name, wheels)
+    _project_wheel(wheels)
+    venv = tmp_path / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", venv], check=True, capture_output=True)
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), "jaxvla"]
+    env = {"HOME": str(tmp_path), "PIP_CONFIG_FILE": os.devnull}  # no user config, no index, no cache
+    subprocess.run(pip, check=True, capture_output=True, env=env)
+    obs_file = tmp_path / "obs.npz"
+    np.savez(obs_file, **{k: v[0] for k, v in e.obs.items()})
+    out = subprocess.run(
+        [python, "-c", BARE_SCRIPT, str(e.path), str(obs_file)],
+        cwd=tmp_path, capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert result["jaxvla_file"].startswith(str(venv))  # the installed copy, not the checkout
+    assert result["importable"] == []
+    assert without_cython_runtime(result["modules"]) <= ALLOWED
+    expected = actor.load(e.path).infer({k: v[0] for k, v in e.obs.items()})["actions"]
+    np.testing.assert_allclose(np.array(result["actions"], np.float32), expected, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ twin command
+def test_twin_command_runs_a_policy_without_jax(exported, tmp_path):
+    e = exported("state")
+    report = tmp_path / "twin.json"
+    argv = ["twin", "--policy", str(e.path), "--task", "pick_place", "--episodes", "2", "--replan", "2",
+            "--json", str(report)]  # fmt: skip
+    code = (
+        "import json, sys\n"
+        "from jaxvla import cli\n"
+        f"rc = cli.main({argv!r})\n"
+        "print(json.dumps({'rc': rc, 'loaded': sorted(m for m in ('jax', 'flax') if m in sys.modules)}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"rc": 0, "loaded": []}
+    assert "| success rate" in out.stdout
+    result = json.loads(report.read_text())
+    assert result["policy_version"] == 1 and result["policy_sha256"] == actor.read_manifest(e.path)["sha256"]
+    summary = result["summary"]
+    assert summary["episodes"] == 2 and len(result["episodes"]) == 2
+    assert 0.0 <= summary["success_rate"] <= 1.0
+    assert summary["successes"] + sum(summary["failure_modes"].values()) == 2
+    assert [ep["seed"] for ep in result["episodes"]] == [0, 1]
+
+
+def test_twin_summary_arithmetic():
+    def episode(success, mode, retries, cycle, recovered=False):
+        return {"success": success, "failure_mode": mode, "recovered": recovered, "retries": retries,
+                "cycle_time_s": cycle, "steps": int(cycle * 10), "policy_s": cycle / 100}  # fmt: skip
+
+    episodes = [
+        episode(True, "none", 0, 5.0),
+        episode(True, "none", 1, 7.0, True),
+        episode(False, "drop", 2, 3.0),
+    ]
+    s = twin_tool.summarize(episodes)
+    assert s["success_rate"] == pytest.approx(2 / 3) and s["recovered"] == 1
+    assert s["failure_modes"] == {"drop": 1}
+    assert s["retries_per_episode"] == pytest.approx(1.0)  # (0 + 1 + 2) / 3
+    assert s["cycle_time_s"] == pytest.approx(6.0)  # successes only: (5 + 7) / 2
+    assert s["successes_per_sim_hour"] == pytest.approx(480.0)  # 2 successes in 15 simulated s
+    assert s["policy_ms_per_step"] == pytest.approx(1.0)  # 0.15 s over 150 steps

@@ -1,0 +1,57 @@
+"""`jaxvla eval --policy P --task T --split S --episodes N`: a policy's figures in MJX, as a table and JSON.
+
+P is a pretraining run folder (its latest checkpoint). `--task all` and `--split both` evaluate every
+task or both splits; each (task, split) compiles once and runs all its episodes as one vmapped batch.
+"""
+
+import argparse
+import json
+import pathlib
+
+import jax
+
+import envs
+from learner import evaluate
+from learner import pretrain
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="jaxvla eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", required=True, type=pathlib.Path, help="run folder with checkpoints/")
+    parser.add_argument("--task", default="all", help=f"one of {', '.join(envs.TASKS)}, or 'all'")
+    parser.add_argument("--split", default="both", choices=(*envs.SPLITS, "both"))
+    parser.add_argument("--episodes", type=int, default=200, help="episodes per task and split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=pathlib.Path, help="also write the report here")
+    parser.add_argument("--compile-cache", default=".cache/jax", help="persistent compilation cache folder")
+    args = parser.parse_args(argv)
+    if args.task != "all" and args.task not in envs.TASKS:
+        parser.error(f"unknown task {args.task!r}; choose from {', '.join(envs.TASKS)} or 'all'")
+    if args.episodes < 1:
+        parser.error("--episodes must be at least 1")
+    if not (args.policy / "checkpoints").is_dir():
+        parser.error(f"{args.policy} has no checkpoints/ folder; pass a `jaxvla pretrain` run folder")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    prior = pretrain.load(args.policy)
+    actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
+    camera_res = prior.config.model.image_res if prior.config.model.image else None
+    tasks = envs.TASKS if args.task == "all" else (args.task,)
+    splits = envs.SPLITS if args.split == "both" else (args.split,)
+    report = {}
+    for i, (task, split) in enumerate((t, s) for t in tasks for s in splits):
+        evaluator = evaluate.Evaluator(task, split, args.episodes, actor, camera_res=camera_res)
+        report[task, split] = evaluate.summarize(evaluator(prior.params, jax.random.key(args.seed + i)))
+        print(f"{task}/{split}: {report[task, split]['success_rate']:.1%}", flush=True)
+    print(f"\n{args.policy} (step {prior.step})")
+    print(evaluate.format_table(report))
+    if args.json:
+        rows = [{"task": t, "split": s, **r} for (t, s), r in report.items()]
+        args.json.write_text(
+            json.dumps({"policy": str(args.policy), "step": prior.step, "evaluation": rows}, indent=2)
+        )
+    return 0

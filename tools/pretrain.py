@@ -1,0 +1,55 @@
+"""`jaxvla pretrain [config] [--section.field value ...]`: the foundation prior, by behaviour cloning.
+
+Reads `train`-split demonstrations of every task in `pretrain.tasks` from `pretrain.data_dir` (generating
+any that are missing with the scripted operator), trains one goal-conditioned policy, evaluates it in MJX
+on both splits, and leaves in `out_dir/<config name>/`: checkpoints, metrics.jsonl, training.png and
+report.json. Rerunning the same command resumes from the latest checkpoint.
+"""
+
+import json
+import pathlib
+
+import jax
+
+import configs
+from jaxvla import episodes as rlds
+from learner import evaluate
+from learner import pretrain
+
+PROG = "jaxvla pretrain"
+
+
+def demonstrations(config: configs.Config) -> list[dict]:
+    """Every task's `train` demonstrations, read from disk, generated first where too few exist."""
+    from tools import data
+
+    pc = config.pretrain
+    out = []
+    for task in pc.tasks:
+        directory = pathlib.Path(pc.data_dir) / f"{task}_train"
+        episodes = rlds.read_episodes(directory) if directory.exists() else []
+        if len(episodes) < pc.demos_per_task:
+            print(f"{directory}: {len(episodes)} episodes, need {pc.demos_per_task}; generating them")
+            episodes = data.generate(
+                task, "train", pc.demos_per_task, num_envs=min(pc.demos_per_task, 128), seed=pc.seed,
+                noise=pc.demo_noise, bursts=pc.demo_bursts, progress=True,
+            )  # fmt: skip
+            rlds.write_episodes(directory, episodes, overwrite=True)
+        out.extend(episodes[: pc.demos_per_task])
+    return out
+
+
+def main(argv: list[str]) -> int:
+    config = configs.cli(argv, prog=PROG)
+    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    run_dir = pathlib.Path(config.out_dir) / config.name
+    prior = pretrain.train(config, demonstrations(config), run_dir)
+    print(f"trained {prior.step} steps; plot: {pretrain.plot(run_dir)}")
+    evals = pretrain.evaluators(
+        config, evaluate.chunk_actor(prior.graphdef, prior.stats), config.pretrain.eval_episodes
+    )
+    report = pretrain.run_evals(evals, prior.params, jax.random.key(config.pretrain.seed + 1))
+    print(evaluate.format_table(report))
+    rows = [{"task": t, "split": s, **r} for (t, s), r in report.items()]
+    (run_dir / "report.json").write_text(json.dumps({"step": prior.step, "evaluation": rows}, indent=2))
+    return 0
