@@ -50,7 +50,7 @@ class PretrainConfig:
 
     tasks: tuple[str, ...] = ("pick_place", "sort", "unbox")
     """Tasks whose `train`-split demonstrations make up the dataset (one goal-conditioned policy)."""
-    demos_per_task: int = 300
+    demos_per_task: int = 400
     """Demonstration episodes per task; generated into `data_dir` when missing."""
     data_dir: str = "data"
     """Folder of RLDS datasets, one per task and split."""
@@ -59,7 +59,7 @@ class PretrainConfig:
     0.1 stops the operator from ever grasping (it centres within 4 mm); see tools/data.py NOISE."""
     demo_bursts: float = 0.03
     """Probability per step of a random push during demonstrations (recovery data; tools/data.py)."""
-    steps: int = 20_000
+    steps: int = 40_000
     """Gradient steps."""
     batch_size: int = 256
     """Examples per step, split across devices."""

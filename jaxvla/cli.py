@@ -72,3 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(missing_extra_message(command, err.name), file=sys.stderr)
         return 2
     return module.main(command_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
