@@ -89,6 +89,8 @@ class PretrainConfig:
             every = getattr(self, name)
             if every < 1 or (name != "log_every" and every % self.log_every):
                 raise ValueError(f"PretrainConfig.{name}={every} must be a positive multiple of log_every")
+        if self.steps % self.log_every:
+            raise ValueError(f"PretrainConfig.steps={self.steps} must be a multiple of log_every")
         if self.eval_every % self.log_every:
             raise ValueError(f"PretrainConfig.eval_every={self.eval_every} must be a multiple of log_every")
 

@@ -105,21 +105,15 @@ def train(
 
     start = int(state.step)
     bar = tqdm(total=pc.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
-    while (step := int(state.step)) < pc.steps:
+    while int(state.step) < pc.steps:
         tic = time.perf_counter()
         state, metrics = train_block(state, data, key_train)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the block's one host sync
         step = int(state.step)
         seconds = time.perf_counter() - tic
-        log.write(
-            {
-                "kind": "train",
-                "step": step,
-                "seconds": seconds,
-                "steps_per_s": pc.log_every / seconds,
-                **metrics,
-            }
-        )
+        # The first block's time includes compiling it.
+        speed = pc.log_every / seconds
+        log.write({"kind": "train", "step": step, "seconds": seconds, "steps_per_s": speed, **metrics})
         bar.update(pc.log_every)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", mse=f"{metrics['mse']:.4f}")
         if pc.eval_every and step % pc.eval_every == 0:
