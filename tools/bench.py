@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import importlib.util
+import math
 import json
 import os
 import platform
@@ -256,8 +257,8 @@ def bench_pretrain(name: str, steps: int, reps: int, limit: float, cache: CacheE
     """Behaviour-cloning updates per second for the named config's model and batch, on all local devices.
 
     One jitted block of `steps` updates (as `jaxvla pretrain` runs them) on a random dataset of 4096
-    examples; compile timed apart; the median of `reps` blocks. FLOPs per step come from XLA's cost
-    analysis of the compiled block, so model FLOPs utilisation can be worked out against a device's peak.
+    examples; compile timed apart; the median of `reps` blocks. FLOPs per step are the block's matmul FLOPs
+    counted from its jaxpr, so model FLOPs utilisation can be worked out against a device's peak.
     """
     config = configs.get_config(name)
     mc, pc = config.model, config.pretrain
@@ -280,12 +281,10 @@ def bench_pretrain(name: str, steps: int, reps: int, limit: float, cache: CacheE
     with watchdog(f"pretrain {name}: compile", limit):
         hits = cache.hits
         t0 = time.perf_counter()
-        compiled = train.lower(state, data, key).compile()
+        traced = train.trace(state, data, key)
+        compiled = traced.lower().compile()
         compile_s, cached = time.perf_counter() - t0, cache.hits > hits
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    # XLA's cost analysis counts a while loop's body once, so the scanned block reports one step's FLOPs.
-    flops_per_step = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops_per_step = matmul_flops(traced.jaxpr) / steps
     times = []
     with watchdog(f"pretrain {name}: steps", limit):
         state, _ = compiled(state, data, key)  # warm-up (and the state is donated: keep the new one)
@@ -300,19 +299,58 @@ def bench_pretrain(name: str, steps: int, reps: int, limit: float, cache: CacheE
         "devices": mesh.size, "steps_per_call": steps, "steps_per_s": steps / seconds,
         "examples_per_s": steps * batch / seconds, "compile_s": compile_s, "compile_cached": cached,
         "flops_per_step": flops_per_step, "achieved_tflops": flops_per_step * steps / seconds / 1e12,
+        "mfu": mfu(flops_per_step * steps / seconds, mc.dtype),
     }  # fmt: skip
+
+
+def matmul_flops(closed_jaxpr) -> float:
+    """Matmul and convolution FLOPs of a jaxpr, loop bodies multiplied by their trip count.
+
+    Counted from the program rather than from XLA's cost analysis, which is backend-dependent: on GPU the
+    matmuls become cuBLAS custom calls that the compiled module's analysis does not count.
+    """
+    total = 0.0
+    for eqn in closed_jaxpr.jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+        elif eqn.primitive.name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # kernel: out features, in features / groups, spatial...
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs[1:])
+        trips = eqn.params.get("length", 1)  # scan; while loops have no static trip count and count once
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += trips * matmul_flops(sub if hasattr(sub, "jaxpr") else jax.extend.core.ClosedJaxpr(sub, ()))
+    return total
+
+
+# Dense bf16 tensor-core peak TFLOP/s by device kind (vendor datasheets, SXM, no sparsity). MFU is reported
+# for bf16 models on these devices only: a float32 matmul's peak depends on whether XLA picks TF32.
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0},
+    "H200": {"bfloat16": 989.0},
+}
+
+
+def mfu(flops_per_s: float, dtype: str) -> float | None:
+    """Model FLOPs utilisation: achieved over the device's dense peak for the model's dtype."""
+    kind = jax.devices()[0].device_kind
+    peak = next((p for name, p in PEAK_TFLOPS.items() if name in kind), {}).get(dtype)
+    return flops_per_s / (peak * 1e12 * jax.device_count()) if peak else None
 
 
 def pretrain_table(rows: list[dict]) -> str:
     columns = ("params", 11), ("batch", 6), ("dev", 4), ("steps/s", 9), ("examples/s", 11), ("compile s", 14)
-    header = f"{'config':<10} " + " ".join(f"{name:>{width}}" for name, width in columns) + f" {'TFLOP/s':>8}"
+    header = f"{'config':<10} " + " ".join(f"{name:>{width}}" for name, width in columns)
+    header += f" {'TFLOP/s':>8} {'MFU':>6}"
     lines = [header, "-" * len(header)]
     for r in rows:
         compile_s = f"{r['compile_s']:.1f}" + (" (cache)" if r["compile_cached"] else "")
         cells = (f"{r['params']:,}", r["batch"], r["devices"], f"{r['steps_per_s']:.1f}",
                  f"{r['examples_per_s']:.0f}", compile_s)  # fmt: skip
         values = " ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
-        lines.append(f"{r['config']:<10} {values} {r['achieved_tflops']:>8.3f}")
+        mfu_cell = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"{r['config']:<10} {values} {r['achieved_tflops']:>8.3f} {mfu_cell:>6}")
     return "\n".join(lines)
 
 
@@ -340,6 +378,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
         "mujoco": mujoco.__version__,
         "mujoco_mjx": importlib.metadata.version("mujoco-mjx"),
         "numpy": np.__version__,
