@@ -96,6 +96,88 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SACConfig:
+    """The off-policy actor-critic over action chunks (RLPD / HIL-SERL recipe) that patching runs."""
+
+    batch_size: int = 256
+    """Transitions per update, drawn from the sources by `mix` and split across devices."""
+    mix: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    """Share of each batch from the offline, online and patch sources (normalised; an empty source's
+    share is masked out of the losses)."""
+    utd: int = 4
+    """Critic updates per actor update, fused in one `lax.scan` (RLPD's update-to-data ratio)."""
+    gamma: float = 0.97
+    """Discount per control step; an H-step chunk backs up with gamma^H."""
+    tau: float = 0.005
+    """Target critic EMA rate."""
+    target_subset: int = 0
+    """Critic ensemble members in the target's min: 0 (or >= ensemble size) takes the min over all of
+    them, 2 with an ensemble of 10 is REDQ's random-subset min."""
+    init_alpha: float = 0.01
+    """Initial entropy temperature."""
+    target_entropy_per_dim: float = -0.5
+    """Entropy target per action dimension of the chunk (HIL-SERL: -|A|/2)."""
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    bc_weight: float = 1.0
+    """Weight of the behaviour-cloning term on operator data in the actor loss."""
+    bc_sources: tuple[str, ...] = ("patch",)
+    """Sources whose chunks the BC term imitates."""
+    nll_weight: float = 0.01
+    """Likelihood weight inside the BC term (as in pretraining)."""
+    critic_warmup: int = 1000
+    """Critic updates before the actor starts moving: a random critic would drag the prior anywhere."""
+
+    def __post_init__(self) -> None:
+        if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
+            raise ValueError(f"SACConfig.mix needs 3 non-negative shares with a positive sum, got {self.mix}")
+        unknown = set(self.bc_sources) - {"offline", "online", "patch"}
+        if unknown:
+            raise ValueError(f"SACConfig.bc_sources: unknown sources {sorted(unknown)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchConfig:
+    """Interactive policy patching (Cortex 1.5): the prior on `novel`, operator takeovers, SAC updates."""
+
+    prior: str = "runs/default"
+    """Run folder of the pretrained prior (`jaxvla pretrain`)."""
+    task: str = "pick_place"
+    """Task to patch."""
+    split: Split = "novel"
+    """Item distribution the prior fails on."""
+    rounds: int = 16
+    """Rounds of rollout -> learner updates -> evaluation."""
+    envs_per_round: int = 32
+    """Episodes rolled out (with operator takeover) per round."""
+    updates_per_round: int = 200
+    """Fused train steps per round (each: `sac.utd` critic updates and one actor update)."""
+    eval_episodes: int = 64
+    """Evaluation episodes per round (no operator)."""
+    offline_episodes: int = 200
+    """The task's `train` demonstrations loaded into the offline source."""
+    capacity: tuple[int, int, int] = (65_536, 262_144, 65_536)
+    """Transitions held by the offline, online and patch buffers."""
+    explore: bool = True
+    """Sample chunks from the policy during rollouts (False: its deterministic mode)."""
+    slip: float = 0.85
+    """Operator trigger: load-to-hold ratio at which a slip is judged imminent."""
+    force: float = 45.0
+    """Operator trigger: wrist force [N] judged a near collision."""
+    stall_steps: int = 30
+    """Operator trigger: control steps without task progress."""
+    disagreement: float = 0.0
+    """Operator trigger: max-norm gap between the policy's and the operator's action (0: off)."""
+    sft_demos: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    """Comparison arm: full operator demonstrations on the split, one BC retraining per count."""
+    sft_steps: int = 3000
+    """BC steps of each SFT retraining (from the prior)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One patching run and one SFT sweep per seed."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One experiment: a named starting point plus one section per part of the system."""
 
@@ -109,6 +191,10 @@ class Config:
     """Policy, critic and value networks."""
     pretrain: PretrainConfig = PretrainConfig()
     """Behaviour-cloning pretraining of the prior."""
+    sac: SACConfig = SACConfig()
+    """The actor-critic that fine-tunes the prior."""
+    patch: PatchConfig = PatchConfig()
+    """Interactive policy patching."""
     out_dir: str = "runs"
     """Folder for checkpoints, logs and plots."""
     compile_cache: str = ".cache/jax"

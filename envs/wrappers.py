@@ -125,6 +125,9 @@ class Trigger:
     """Take over after any missed grasp or slip event."""
     stall_steps: int = 30
     """Take over when the task stage has not advanced for this many control steps (a stuck robot)."""
+    disagreement: float = 0.0
+    """Take over when the policy's action differs from the operator's by more than this in any dimension
+    (0: off): an operator who sees the arm head the wrong way or the valve about to open."""
     hand_back: bool = True
     """Return control once the task has advanced a stage past the one where the operator took over."""
 
@@ -153,11 +156,13 @@ class Takeover(Wrapper):
         events = info["events"]  # grasp, release, slip, drop, retry, collision, missed_grasp
         failing = (events[2] | events[6]) & t.on_failure_event
         stalled = info["stalled_for"] >= t.stall_steps
-        alarm = (info["slip"] > t.slip) | (info["contact_force"] > t.force) | failing | stalled
+        operator = self.env.operator_action(state)
+        disagrees = (t.disagreement > 0) & (jnp.max(jnp.abs(policy_action - operator)) > t.disagreement)
+        alarm = (info["slip"] > t.slip) | (info["contact_force"] > t.force) | failing | stalled | disagrees
         start = alarm & ~info["intervening"]
         active = info["intervening"] | alarm
         takeover_stage = jnp.where(start, info["stage"], info["takeover_stage"])
-        action = jnp.where(active, self.env.operator_action(state), policy_action)
+        action = jnp.where(active, operator, policy_action)
         new = self.env.step(state, action)
         handed_back = t.hand_back & active & (new.info["stage"] > takeover_stage) & ~new.done
         progressed = new.info["stage"] != info["stage"]

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "pretrain": ("tools.pretrain", "Train the foundation prior by behaviour cloning on demonstrations."),
     "export": ("tools.export", "Write a trained policy as one checksummed file for the numpy robot client."),
     "eval": ("tools.eval", "Evaluate a policy in MJX: success, failure modes, retries, cycle time."),
+    "patch": ("tools.patch", "Patch the prior on the novel split with operator takeovers and SAC; vs SFT."),
 }
 
 # The packages this project ships. A missing module outside them means an extra is not installed; a

@@ -22,15 +22,16 @@ from jaxvla.models import distributions
 Actor = Callable[[object, dict, jax.Array], jax.Array]
 
 
-def chunk_actor(graphdef, stats: dict, *, indicator: int | None = None) -> Actor:
-    """Executes the first action of the deterministic chunk each step (receding horizon)."""
+def chunk_actor(graphdef, stats: dict, *, indicator: int | None = None, explore: bool = False) -> Actor:
+    """Executes the first action of a chunk each step (receding horizon): the policy's deterministic
+    chunk, or with `explore` a chunk sampled from it (SAC's exploration during patching rollouts)."""
 
     def act(params, obs, key):
-        del key  # deterministic
         obs = normalization.normalize(obs, stats)
         flag = None if indicator is None else jnp.full(obs["prompt"].shape[:1], indicator, jnp.int32)
-        mean, _ = models.apply(graphdef, params, obs, flag)
-        return distributions.mode(mean)[:, 0]
+        mean, log_std = models.apply(graphdef, params, obs, flag)
+        chunk = distributions.sample(key, mean, log_std)[0] if explore else distributions.mode(mean)
+        return chunk[:, 0]
 
     return act
 

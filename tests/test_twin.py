@@ -17,8 +17,16 @@ from envs.twin import Twin
 # release), pressure <= 3.7 kPa at the instant the seal forms (the engines can form it a substep apart,
 # shifting the pump transient) and 1.3 kPa on average over the unbox episode (the two engines seal at
 # contact points millimetres apart, so the sealed level differs by ~2 % for the whole hold; 0 on the other
-# tasks), grasp timing off by at most a step.
-CUP_TOL, ITEM_TOL, PRESSURE_PEAK_TOL, PRESSURE_MEAN_TOL, STAGE_MISMATCH = 1e-3, 2e-2, 5.0, 2.0, 0.1
+# tasks). Each stage is entered within a step in both engines, except "placed": a released item lands on
+# MJX's softer contacts and rocks in the bin for a few steps before it counts as at rest (measured: 4
+# steps on pick_place and sort, 1 on unbox), where C MuJoCo settles it at once.
+CUP_TOL, ITEM_TOL, PRESSURE_PEAK_TOL, PRESSURE_MEAN_TOL = 1e-3, 2e-2, 5.0, 2.0
+STAGE_LAG, SETTLE_LAG = 1, 6
+
+
+def first_entries(stages):
+    """Control step at which each stage is first entered."""
+    return {stage: stages.index(stage) for stage in sorted(set(stages))}
 
 
 def test_twin_never_imports_jax():
@@ -34,7 +42,7 @@ def test_twin_replays_an_mjx_episode_within_tolerance(task):
     env, twin = compiled_env(task), Twin(task)
     state = env.reset(jax.random.PRNGKey(7))
     mirror = twin.reset(params=jax.device_get(state.params))
-    cup, item, pressure, stage_mismatch = [], [], [], []
+    cup, item, pressure, stages, mirror_stages = [], [], [], [], []
     for _ in range(env.env.config.max_steps):
         action = env.operator_action(state)
         state, mirror = env.step(state, action), twin.step(np.asarray(action))
@@ -46,12 +54,17 @@ def test_twin_replays_an_mjx_episode_within_tolerance(task):
             np.abs(np.asarray(state.data.xpos[ids.item_body]) - mirror.data.xpos[ids.item_body]).max()
         )
         pressure.append(abs(float(state.info["pressure"]) - float(mirror.info["pressure"])))
-        stage_mismatch.append(int(state.info["stage"]) != int(mirror.info["stage"]))
+        stages.append(int(state.info["stage"]))
+        mirror_stages.append(int(mirror.info["stage"]))
         if bool(state.done | state.truncated):
             break
     assert max(cup) < CUP_TOL and max(item) < ITEM_TOL
     assert max(pressure) < PRESSURE_PEAK_TOL and np.mean(pressure) < PRESSURE_MEAN_TOL
-    assert np.mean(stage_mismatch) <= STAGE_MISMATCH
+    entered, mirror_entered = first_entries(stages), first_entries(mirror_stages)
+    assert entered.keys() == mirror_entered.keys()
+    placed = max(entered)
+    for stage, step in entered.items():
+        assert abs(step - mirror_entered[stage]) <= (SETTLE_LAG if stage == placed else STAGE_LAG), stage
     assert bool(state.info["success"]) and bool(mirror.info["success"])
 
 

@@ -11,13 +11,16 @@ watchdog because a jitted MJX step on this CPU has stopped returning before (sha
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
-import math
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +46,12 @@ from jaxvla import actor  # noqa: E402
 from jaxvla import export  # noqa: E402
 from jaxvla import models  # noqa: E402
 from jaxvla import normalization  # noqa: E402
+from jaxvla import tokenizer  # noqa: E402
+from jaxvla.models import config as model_config  # noqa: E402
+from jaxvla.models import encoders  # noqa: E402
 from learner import bc  # noqa: E402
+from learner import replay  # noqa: E402
+from learner import sac  # noqa: E402
 from learner import sharding  # noqa: E402
 
 CACHE_DIR = ".cache/jax"
@@ -320,7 +328,9 @@ def matmul_flops(closed_jaxpr) -> float:
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs[1:])
         trips = eqn.params.get("length", 1)  # scan; while loops have no static trip count and count once
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += trips * matmul_flops(sub if hasattr(sub, "jaxpr") else jax.extend.core.ClosedJaxpr(sub, ()))
+            total += trips * matmul_flops(
+                sub if hasattr(sub, "jaxpr") else jax.extend.core.ClosedJaxpr(sub, ())
+            )
     return total
 
 
@@ -351,6 +361,500 @@ def pretrain_table(rows: list[dict]) -> str:
         values = " ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
         mfu_cell = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(f"{r['config']:<10} {values} {r['achieved_tflops']:>8.3f} {mfu_cell:>6}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ learner and replay
+PEER_MISSING = "not installed (pip install -r tools/bench-requirements.txt)"
+BLOCK_ROWS, BLOCK_STEPS = 64, 120  # one rollout block per add: 64 envs x 120 control steps
+EPISODE_STEPS = 100  # random blocks end about one episode per this many steps
+SAMPLE_CALLS = 50  # back-to-back sample calls per timed repetition
+# The per-step payload flashbax stores: what a rollout block carries (`valid` and `is_first` only steer our
+# insert; our buffer adds segment, sampleable and source, which flashbax has no use for).
+FBX_FIELDS = ("obs", "action", "reward", "terminal", "intervention", "version", "reward_source")
+
+
+def random_block(key: jax.Array, model: models.ModelConfig) -> dict:
+    """A rollout block [BLOCK_ROWS, BLOCK_STEPS, ...] as `replay.insert` takes it: random observations and
+    actions, every step valid, about one episode end per EPISODE_STEPS steps."""
+    rows, steps = BLOCK_ROWS, BLOCK_STEPS
+    key_obs, key_action, key_reward, key_end = jax.random.split(key, 4)
+    obs = model.fake_observation(key_obs, rows * steps)
+    terminal = jax.random.uniform(key_end, (rows, steps)) < 1.0 / EPISODE_STEPS
+    return {
+        "obs": {k: v.reshape(rows, steps, *v.shape[1:]) for k, v in obs.items()},
+        "action": jax.random.uniform(key_action, (rows, steps, model.action_size), minval=-1.0, maxval=1.0),
+        "reward": jax.random.normal(key_reward, (rows, steps)),
+        "terminal": terminal,
+        "valid": jnp.ones((rows, steps), bool),
+        "is_first": jnp.concatenate([jnp.ones((rows, 1), bool), terminal[:, :-1]], axis=1),
+        "intervention": jnp.zeros((rows, steps), bool),
+        "version": jnp.zeros((rows, steps), jnp.int32),
+        "reward_source": jnp.full((rows, steps), replay.OPERATOR_REWARD, jnp.int8),
+    }
+
+
+def observation_spec(model: models.ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """One step's observation shapes, as the replay stores them."""
+    return {k: jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for k, s in model.observation_spec(1).items()}
+
+
+def fbx_sequence_length(n_step: int, chunk: int) -> int:
+    """Steps a flashbax sample needs: the chunk's actions and the observation n_step steps later."""
+    return max(n_step + 1, chunk)
+
+
+def fbx_buffer(capacity: int, sample_batch: int, sequence_length: int):
+    """flashbax's trajectory buffer over the same `capacity` steps, one row per env of the rollout block.
+
+    The closest flashbax equivalent of our replay: its flat buffer samples 2-step sequences (one-step
+    transitions) and its item buffer keeps no time order, while an n-step target with an action chunk needs
+    n_step + 1 consecutive steps. So: the trajectory buffer, sequences of n_step + 1 steps, period 1 (every
+    step may start one, as every sampleable slot may in ours); `fbx_transitions` then turns a sequence into
+    the n-step transition that our `replay.sample` returns directly.
+    """
+    import flashbax
+
+    return flashbax.make_trajectory_buffer(
+        add_batch_size=BLOCK_ROWS, sample_batch_size=sample_batch, sample_sequence_length=sequence_length,
+        period=1, min_length_time_axis=sequence_length, max_length_time_axis=capacity // BLOCK_ROWS,
+    )  # fmt: skip
+
+
+def fbx_transitions(sequences: dict, source: jax.Array, *, n_step: int, chunk: int, gamma: float) -> dict:
+    """flashbax sequences {field: [B, L, ...]} of consecutive steps -> the batch `sac.update` reads.
+
+    The semantics of `replay.gather`: the reward sum and the chunk stop at the first terminal step and the
+    target does not bootstrap past it. flashbax's rows hold one env each, so consecutive steps of a row are
+    consecutive steps of the env and only terminal steps separate episodes. source [B] int8.
+    """
+    terminal = sequences["terminal"]
+    alive = (jnp.cumsum(terminal, axis=1) - terminal) == 0  # [B, L]: no terminal step before this one
+    powers = jnp.asarray(gamma, jnp.float32) ** jnp.arange(n_step, dtype=jnp.float32)
+    reward = jnp.sum(jnp.where(alive[:, :n_step], sequences["reward"][:, :n_step], 0.0) * powers, axis=1)
+    done = jnp.any(terminal[:, :n_step], axis=1)
+    chunk_mask = alive[:, :chunk]
+    weight = jnp.ones(reward.shape, jnp.float32)
+    return {
+        "obs": {k: v[:, 0] for k, v in sequences["obs"].items()},
+        "chunk": jnp.where(chunk_mask[..., None], sequences["action"][:, :chunk], 0.0),
+        "chunk_mask": chunk_mask,
+        "reward": reward,
+        "discount": jnp.where(done, 0.0, jnp.float32(gamma**n_step)),
+        "next_obs": {k: v[:, n_step] for k, v in sequences["obs"].items()},
+        "weight": weight,
+        "source": source,
+    }
+
+
+def fbx_train_steps(state: sac.SACState, fbx_states: list, key: jax.Array, *, num_steps: int, mixer,
+                    counts: dict[str, int], config, chunk: int, action_size: int, nets: sac.Networks,
+                    optimizers: dict) -> tuple[sac.SACState, dict]:  # fmt: skip
+    """`sac.train_steps` with the batches drawn from flashbax buffers (one per source, mixed by flashbax's
+    mixer) instead of ours: the same keys, normalisation and `sac.update`, so only the sampling differs."""
+    source = jnp.concatenate([jnp.full((count,), replay.SOURCES.index(name), jnp.int8)
+                              for name, count in counts.items()])  # fmt: skip
+
+    def draw(key):
+        sequences = mixer.sample(fbx_states, key).experience
+        batch = fbx_transitions(sequences, source, n_step=chunk, chunk=chunk, gamma=config.gamma)
+        return sac.normalize_batch(batch, nets.stats)
+
+    def body(state, _):
+        key_batches, key_update = jax.random.split(jax.random.fold_in(key, state.step))
+        batches = jax.lax.map(draw, jax.random.split(key_batches, config.utd + 1))
+        return sac.update(state, batches, key_update, config=config, chunk=chunk, action_size=action_size,
+                          nets=nets, optimizers=optimizers)  # fmt: skip
+
+    state, metrics = jax.lax.scan(body, state, length=num_steps)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+
+def unfused_programs(config, model: models.ModelConfig, nets: sac.Networks, optimizers: dict) -> tuple:
+    """The same train step without fusion, as three jitted functions a Python loop calls: draw one
+    normalised mixed batch, one critic update, one actor and temperature update."""
+    ratios = dict(zip(replay.SOURCES, config.mix, strict=True))
+
+    def draw(buffers, key):
+        batch = replay.sample_mixed(buffers, ratios, key, config.batch_size, n_step=model.chunk,
+                                    chunk=model.chunk, gamma=config.gamma)  # fmt: skip
+        return sac.normalize_batch(batch, nets.stats)
+
+    critic = functools.partial(sac.critic_update, nets=nets, optimizer=optimizers["critic"],
+                               target_subset=config.target_subset, tau=config.tau)  # fmt: skip
+
+    def actor(state, batch, key):
+        return sac.actor_update(
+            state, batch, key, nets=nets, actor_optimizer=optimizers["actor"],
+            alpha_optimizer=optimizers["alpha"],
+            target_entropy=config.target_entropy_per_dim * model.chunk * model.action_size,
+            bc_weight=config.bc_weight, bc_sources=tuple(replay.SOURCES.index(s) for s in config.bc_sources),
+            nll_weight=config.nll_weight, enabled=state.step > config.critic_warmup,
+        )  # fmt: skip
+
+    return draw, critic, actor
+
+
+def unfused_block(state: sac.SACState, buffers: dict, keys: list, *, steps: int, utd: int, draw, critic,
+                  actor) -> tuple[sac.SACState, dict]:  # fmt: skip
+    """`steps` train steps from Python: per step utd + 1 batches, utd critic calls, one actor call."""
+    keys = iter(keys)
+    for _ in range(steps):
+        for _ in range(utd):
+            state, _ = critic(state, draw(buffers, next(keys)), next(keys))
+        state, metrics = actor(state, draw(buffers, next(keys)), next(keys))
+    return state, metrics
+
+
+def torch_spec(model: models.ModelConfig, config, counts: dict[str, int], capacities: dict[str, int],
+               steps: int, reps: int) -> dict:  # fmt: skip
+    """Sizes and hyperparameters for tools/bench_torch.py, from the configs the JAX side runs."""
+    if model.encoder != "state" or model.image or model.advantage_conditioned:
+        raise ValueError("the PyTorch reference mirrors the state encoder without image or indicator only")
+    if len(config.bc_sources) != 1:
+        raise ValueError("the PyTorch reference imitates one BC source")
+    return {
+        "state_sizes": {k: model_config.STATE_SHAPES[k][0] for k in encoders.STATE_KEYS},
+        "prompt_length": tokenizer.PROMPT_LENGTH, "vocabulary": len(tokenizer.VOCABULARY),
+        "pad": tokenizer.PAD, "width": model.width, "depth": model.depth, "prompt_dim": model.prompt_dim,
+        "chunk": model.chunk, "action_size": model.action_size, "ensemble": model.ensemble,
+        "log_std_range": list(model.log_std_range), "counts": list(counts.values()),
+        "capacities": list(capacities.values()), "utd": config.utd, "gamma": config.gamma,
+        "tau": config.tau, "init_alpha": config.init_alpha, "actor_lr": config.actor_lr,
+        "critic_lr": config.critic_lr, "alpha_lr": config.alpha_lr,
+        "target_entropy": config.target_entropy_per_dim * model.chunk * model.action_size,
+        "bc_weight": config.bc_weight, "bc_source": replay.SOURCES.index(config.bc_sources[0]),
+        "nll_weight": config.nll_weight, "steps": steps, "reps": reps, "seed": 0,
+    }  # fmt: skip
+
+
+def torch_threads() -> list[int]:
+    """Thread counts the PyTorch reference runs with: the machine's cores, and one.
+
+    One as well because eager PyTorch's OpenMP pool collapses when another process holds a core (on this
+    shared 2-core machine, 2 threads ran 6x slower than 1 under load): the reference is the faster of the two.
+    """
+    return sorted({os.cpu_count() or 1, 1}, reverse=True)
+
+
+def run_torch(spec: dict, limit: float) -> dict:
+    """tools/bench_torch.py in its own process per thread count (so torch's pool never competes with XLA's).
+
+    Returns the fastest run's figures, every run under "runs", or a status saying torch is missing.
+    """
+    if importlib.util.find_spec("torch") is None:
+        return {"status": PEER_MISSING}
+    runs = []
+    for threads in torch_threads():
+        command = [
+            sys.executable,
+            "-m",
+            "tools.bench_torch",
+            "--spec",
+            json.dumps({**spec, "threads": threads}),
+        ]
+        try:
+            done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                                  text=True, timeout=limit)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            print(f"\nbench: watchdog: 'learner: pytorch {threads} threads' ran past {limit:.0f} s; exiting",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            os._exit(124)
+        if done.returncode:
+            raise RuntimeError(f"tools.bench_torch failed:\n{done.stderr}")
+        runs.append(json.loads(done.stdout.splitlines()[-1]))
+    best = max(runs, key=lambda run: run["train_steps_per_s"])
+    return {"status": "measured", **best, "runs": runs}
+
+
+def rates(call_s: list[float], steps: int, utd: int) -> dict:
+    seconds = statistics.median(call_s)
+    return {
+        "train_steps_per_s": steps / seconds,
+        "critic_updates_per_s": steps * utd / seconds,
+        "call_s": call_s,
+    }
+
+
+def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> dict:
+    """SAC train steps per second on one device: fused (ours, and flashbax's replay), unfused, PyTorch.
+
+    The default config's model and SAC settings; replay buffers of the patching capacities, filled with
+    random rollout blocks. Fused: `steps` train steps in one jitted call, batches sampled on-device
+    inside it; unfused: the same from a Python loop of jitted calls. Compiles timed apart, one untimed
+    call first, repetitions interleaved, medians reported.
+    """
+    config = configs.get_config("default")
+    mc = config.model
+    # No critic warm-up, so the actor and temperature update applies from the first step in every
+    # implementation (JAX computes it during warm-up too and only discards it).
+    sc = dataclasses.replace(config.sac, critic_warmup=0)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    counts = replay.mix_counts(dict(zip(replay.SOURCES, sc.mix, strict=True)), sc.batch_size, 1)
+    capacities = dict(zip(replay.SOURCES, config.patch.capacity, strict=True))
+    stats = normalization.compute(jax.device_get(mc.fake_observation(jax.random.key(0), 4096)))
+    actor_graph, actor = nnx.split(mc.create_policy(0), nnx.Param)
+    critic_graph, critic = nnx.split(mc.create_critic(1), nnx.Param)
+    nets = sac.Networks(actor=actor_graph, critic=critic_graph, stats=stats)
+    optimizers = sac.make_optimizers(sc)
+
+    def fresh_state() -> sac.SACState:  # each variant donates its own copy
+        return sac.init_state(jax.tree.map(jnp.copy, actor), jax.tree.map(jnp.copy, critic), sc.init_alpha,
+                              actor_opt=optimizers["actor"], critic_opt=optimizers["critic"],
+                              alpha_opt=optimizers["alpha"])  # fmt: skip
+
+    with_fbx = importlib.util.find_spec("flashbax") is not None
+    length = fbx_sequence_length(mc.chunk, mc.chunk)
+    make_block = jax.jit(functools.partial(random_block, model=mc))
+    insert = jax.jit(
+        replay.insert, static_argnames=("source", "n_step", "interventions_only"), donate_argnums=0
+    )
+    buffers, fbx_buffers, fbx_states = {}, [], []
+    with watchdog("learner: fill replay", limit):
+        for source, (name, capacity) in enumerate(capacities.items()):
+            buffers[name] = replay.create(observation_spec(mc), mc.action_size, capacity, mesh)
+            if with_fbx:
+                fbx_buffers.append(fbx_buffer(capacity, counts[name], length))
+                first = jax.tree.map(lambda x: x[0, 0], random_block(jax.random.key(0), mc))
+                fbx_states.append(fbx_buffers[-1].init({k: first[k] for k in FBX_FIELDS}))
+                fbx_add = jax.jit(fbx_buffers[-1].add, donate_argnums=0)
+            for i in range(-(-capacity // (BLOCK_ROWS * BLOCK_STEPS))):
+                block = make_block(jax.random.fold_in(jax.random.key(source), i))
+                buffers[name] = insert(buffers[name], block, source=source, n_step=mc.chunk)
+                if with_fbx:
+                    fbx_states[-1] = fbx_add(fbx_states[-1], {k: block[k] for k in FBX_FIELDS})
+        jax.block_until_ready((buffers, fbx_states))
+
+    key = jax.random.key(1)
+    # Keys of the unfused loop are split before the clock starts: the fused call derives its own inside.
+    per_call = steps * (sc.utd + 1) * 2
+    unfused_keys = [list(jax.random.split(jax.random.fold_in(key, rep), per_call)) for rep in range(reps + 1)]
+    fused_fn = sac.make_train_steps(sc, mc, nets, optimizers, num_steps=steps, mesh=mesh)
+    draw, critic_fn, actor_fn = unfused_programs(sc, mc, nets, optimizers)
+    states = {"fused": fresh_state(), "unfused": fresh_state()}
+    compiled, compile_s, cached = {}, {}, {}
+    with watchdog("learner: compile fused", limit):
+        hits, t0 = cache.hits, time.perf_counter()
+        traced = fused_fn.trace(states["fused"], buffers, key)
+        compiled["fused"] = traced.lower().compile()
+        compile_s["fused"], cached["fused"] = time.perf_counter() - t0, cache.hits > hits
+    flops = matmul_flops(traced.jaxpr) / steps
+    with watchdog("learner: compile unfused", limit):
+        hits, t0 = cache.hits, time.perf_counter()
+        draw_c = jax.jit(draw).lower(buffers, key).compile()
+        batch = draw_c(buffers, key)
+        critic_c = jax.jit(critic_fn, donate_argnums=0).lower(states["unfused"], batch, key).compile()
+        actor_c = jax.jit(actor_fn, donate_argnums=0).lower(states["unfused"], batch, key).compile()
+        compile_s["unfused"], cached["unfused"] = time.perf_counter() - t0, cache.hits > hits
+    unfused = functools.partial(unfused_block, steps=steps, utd=sc.utd, draw=draw_c, critic=critic_c,
+                                actor=actor_c)  # fmt: skip
+    calls = {
+        "fused": lambda state, rep: compiled["fused"](state, buffers, key),
+        "unfused": lambda state, rep: unfused(state, buffers, unfused_keys[rep]),
+    }
+    if with_fbx:
+        import flashbax
+
+        mixer = flashbax.make_mixer(fbx_buffers, sc.batch_size, list(counts.values()))
+        fbx_fn = jax.jit(functools.partial(
+            fbx_train_steps, num_steps=steps, mixer=mixer, counts=counts, config=sc, chunk=mc.chunk,
+            action_size=mc.action_size, nets=nets, optimizers=optimizers,
+        ), donate_argnums=0)  # fmt: skip
+        states["flashbax"] = fresh_state()
+        with watchdog("learner: compile flashbax fused", limit):
+            hits, t0 = cache.hits, time.perf_counter()
+            compiled["flashbax"] = fbx_fn.lower(states["flashbax"], fbx_states, key).compile()
+            compile_s["flashbax"], cached["flashbax"] = time.perf_counter() - t0, cache.hits > hits
+        calls["flashbax"] = lambda state, rep: compiled["flashbax"](state, fbx_states, key)
+
+    times = {name: [] for name in calls}
+    for rep in range(reps + 1):  # repetition 0 is the untimed warm-up
+        for name, call in calls.items():
+            with watchdog(f"learner: {name} rep {rep}", limit):
+                t0 = time.perf_counter()
+                states[name], metrics = jax.block_until_ready(call(states[name], rep))
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+    result = {
+        "config": "default", "device": jax.devices()[0].device_kind, "batch": sc.batch_size, "utd": sc.utd,
+        "steps_per_call": steps, "capacities": capacities,
+        "params": models.count_params(nnx.merge(actor_graph, actor)) + models.count_params(
+            nnx.merge(critic_graph, critic)),
+        "flops_per_train_step": flops,
+    }  # fmt: skip
+    for name in ("fused", "flashbax", "unfused"):
+        if name in times:
+            result[f"jax_{name}"] = {**rates(times[name], steps, sc.utd), "compile_s": compile_s[name],
+                                     "compile_cached": cached[name]}  # fmt: skip
+        else:
+            result[f"jax_{name}"] = {"status": PEER_MISSING}
+    result["jax_fused"]["gflops"] = flops * result["jax_fused"]["train_steps_per_s"] / 1e9
+    result["torch"] = run_torch(torch_spec(mc, sc, counts, capacities, steps, reps), limit)
+    return result
+
+
+def bench_replay(capacity: int, reps: int, limit: float, cache: CacheEvents) -> dict:
+    """Replay add and sample items per second, ours vs flashbax, standalone jitted calls on one device.
+
+    Add: `capacity` / block-size + 1 blocks of [BLOCK_ROWS, BLOCK_STEPS] random steps (the ring fills and
+    wraps), interleaved call by call, each call ended by `block_until_ready`, buffers donated; the median
+    call. Sample: SAMPLE_CALLS back-to-back calls of batch `sac.batch_size` (n-step = chunk = H) on the
+    full buffer, then one `block_until_ready`; the median of `reps` such runs.
+    """
+    config = configs.get_config("default")
+    mc, sc = config.model, config.sac
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    with_fbx = importlib.util.find_spec("flashbax") is not None
+    length = fbx_sequence_length(mc.chunk, mc.chunk)
+    block_items = BLOCK_ROWS * BLOCK_STEPS
+    blocks = [jax.jit(random_block, static_argnums=1)(jax.random.key(i), mc) for i in range(4)]
+    fbx_blocks = [{k: b[k] for k in FBX_FIELDS} for b in blocks]
+    source = replay.SOURCES.index("online")
+    insert = functools.partial(replay.insert, source=source, n_step=mc.chunk)
+    sample = functools.partial(replay.sample, batch_size=sc.batch_size, n_step=mc.chunk, chunk=mc.chunk,
+                               gamma=sc.gamma)  # fmt: skip
+    key = jax.random.key(2)
+    programs, compile_s, cached, buffers = {}, {}, {}, {}
+
+    def compile_into(name: str, fn, *args, donate: bool):
+        with watchdog(f"replay: compile {name}", limit):
+            hits, t0 = cache.hits, time.perf_counter()
+            programs[name] = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*args).compile()
+            compile_s[name], cached[name] = time.perf_counter() - t0, cache.hits > hits
+
+    buffers["ours"] = replay.create(observation_spec(mc), mc.action_size, capacity, mesh)
+    compile_into("ours add", insert, buffers["ours"], blocks[0], donate=True)
+    if with_fbx:
+        fbx = fbx_buffer(capacity, sc.batch_size, length)
+        buffers["flashbax"] = fbx.init(jax.tree.map(lambda x: x[0, 0], fbx_blocks[0]))
+        compile_into("flashbax add", fbx.add, buffers["flashbax"], fbx_blocks[0], donate=True)
+    adds = {name: [] for name in buffers}
+    for i in range(capacity // block_items + 1):
+        for name in buffers:
+            block = (fbx_blocks if name == "flashbax" else blocks)[i % len(blocks)]
+            with watchdog(f"replay: {name} add {i}", limit):
+                t0 = time.perf_counter()
+                buffers[name] = jax.block_until_ready(programs[f"{name} add"](buffers[name], block))
+                adds[name].append(time.perf_counter() - t0)
+
+    compile_into("ours sample", sample, buffers["ours"], key, donate=False)
+    samplers = {"ours": ("ours sample", buffers["ours"])}
+    if with_fbx:
+        compile_into("flashbax sample", fbx.sample, buffers["flashbax"], key, donate=False)
+        as_batch = functools.partial(fbx_transitions, n_step=mc.chunk, chunk=mc.chunk, gamma=sc.gamma)
+        source_ids = jnp.full((sc.batch_size,), source, jnp.int8)
+
+        def sample_nstep(state, key):
+            return as_batch(fbx.sample(state, key).experience, source_ids)
+
+        compile_into("flashbax sample + n-step", sample_nstep, buffers["flashbax"], key, donate=False)
+        samplers["flashbax"] = ("flashbax sample", buffers["flashbax"])
+        samplers["flashbax_nstep"] = ("flashbax sample + n-step", buffers["flashbax"])
+    keys = list(jax.random.split(key, SAMPLE_CALLS))
+    samples = {name: [] for name in samplers}
+    for rep in range(reps + 1):  # repetition 0 is the untimed warm-up
+        for name, (program, buffer) in samplers.items():
+            with watchdog(f"replay: {name} sample rep {rep}", limit):
+                t0 = time.perf_counter()
+                jax.block_until_ready([programs[program](buffer, k) for k in keys])
+                if rep:
+                    samples[name].append(time.perf_counter() - t0)
+
+    result = {"capacity": capacity, "block": [BLOCK_ROWS, BLOCK_STEPS], "batch": sc.batch_size,
+              "n_step": mc.chunk, "chunk": mc.chunk, "sample_calls": SAMPLE_CALLS,
+              "bytes": replay.memory_bytes(buffers["ours"])}  # fmt: skip
+    for name in ("ours", "flashbax", "flashbax_nstep"):
+        if name not in samplers:
+            result[name] = {"status": PEER_MISSING}
+            continue
+        program = samplers[name][0]
+        row = {"sample_items_per_s": SAMPLE_CALLS * sc.batch_size / statistics.median(samples[name]),
+               "sample_compile_s": compile_s[program], "sample_compile_cached": cached[program]}  # fmt: skip
+        if name in adds:
+            row["add_items_per_s"] = block_items / statistics.median(adds[name])
+            row["add_compile_s"], row["add_compile_cached"] = compile_s[f"{name} add"], cached[f"{name} add"]
+        result[name] = row
+    return result
+
+
+def learner_ratios(learner: dict, replay_row: dict) -> dict:
+    """The issue's ratios; None where a peer is missing."""
+
+    def ratio(a: dict, b: dict, field: str) -> float | None:
+        return a[field] / b[field] if field in a and field in b else None
+
+    steps, add, sample = "train_steps_per_s", "add_items_per_s", "sample_items_per_s"
+    fused, ours = learner["jax_fused"], replay_row["ours"]
+    return {
+        "fused_over_torch": ratio(fused, learner["torch"], steps),
+        "fused_over_unfused": ratio(fused, learner["jax_unfused"], steps),
+        "fused_over_flashbax_fused": ratio(fused, learner["jax_flashbax"], steps),
+        "add_over_flashbax": ratio(ours, replay_row["flashbax"], add),
+        "sample_over_flashbax": ratio(ours, replay_row["flashbax"], sample),
+        "sample_over_flashbax_nstep": ratio(ours, replay_row["flashbax_nstep"], sample),
+    }
+
+
+def learner_table(r: dict) -> str:
+    head = (
+        "| implementation | batches from | train steps/s | critic updates/s | ms / train step | compile s |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|"]
+    rows = [
+        ("JAX fused", "ours, sampled inside the jit", r["jax_fused"]),
+        ("JAX fused", "flashbax, sampled inside the jit", r["jax_flashbax"]),
+        ("JAX unfused", "ours, jitted calls from Python", r["jax_unfused"]),
+    ]
+    for run in r["torch"].get("runs", [r["torch"]]):
+        name = f"PyTorch {run['torch']} eager, {run['threads']} threads" if "torch" in run else "PyTorch"
+        rows.append((name, "torch.randint over tensors", run))
+    for name, source, row in rows:
+        if "train_steps_per_s" not in row:
+            lines.append(f"| {name} | {source} | {row['status']} | | | |")
+            continue
+        compile_s = "-" if "compile_s" not in row else (
+            f"{row['compile_s']:.1f}" + (" (cache)" if row["compile_cached"] else ""))  # fmt: skip
+        lines.append(
+            f"| {name} | {source} | {row['train_steps_per_s']:,.1f} | {row['critic_updates_per_s']:,.0f} "
+            f"| {1e3 / row['train_steps_per_s']:.2f} | {compile_s} |"
+        )
+    return "\n".join(lines)
+
+
+def replay_table(r: dict) -> str:
+    lines = [
+        "| replay | add items/s | sample items/s | add compile s | sample compile s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {"ours": "ours (n-step transitions)", "flashbax": "flashbax trajectory (raw sequences)",
+             "flashbax_nstep": "flashbax trajectory + n-step batch"}  # fmt: skip
+    for key, name in names.items():
+        row = r[key]
+        if "sample_items_per_s" not in row:
+            lines.append(f"| {name} | {row['status']} | | | |")
+            continue
+        add = f"{row['add_items_per_s']:,.0f}" if "add_items_per_s" in row else "-"
+        add_c = f"{row['add_compile_s']:.2f}" if "add_compile_s" in row else "-"
+        lines.append(
+            f"| {name} | {add} | {row['sample_items_per_s']:,.0f} | {add_c} | {row['sample_compile_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def ratio_lines(ratios: dict) -> str:
+    targets = {"fused_over_torch": ("fused JAX / PyTorch, train steps/s", 1.5),
+               "fused_over_unfused": ("fused JAX / unfused JAX, train steps/s", None),
+               "fused_over_flashbax_fused": ("ours fused / flashbax fused, train steps/s", 1.0),
+               "add_over_flashbax": ("replay add, ours / flashbax", None),
+               "sample_over_flashbax": ("replay sample, ours / flashbax raw sequences", None),
+               "sample_over_flashbax_nstep": ("replay sample, ours / flashbax + n-step", None)}  # fmt: skip
+    lines = []
+    for key, (label, target) in targets.items():
+        value = ratios[key]
+        text = f"{value:.2f}x" if value is not None else PEER_MISSING
+        if target is not None and value is not None:
+            text += f" (target >= {target}: {'met' if value >= target else 'missed'})"
+        lines.append(f"{label}: {text}")
     return "\n".join(lines)
 
 
@@ -446,6 +950,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="add the pretraining section for these configs (default: default vla_tiny)",
     )
     p.add_argument("--pretrain-steps", type=int, default=50, help="updates per timed block")
+    p.add_argument(
+        "--learner",
+        action="store_true",
+        help="add the SAC learner and replay section (vs PyTorch and flashbax where installed)",
+    )
+    p.add_argument("--learner-steps", type=int, default=20, help="SAC train steps per timed call")
+    p.add_argument(
+        "--replay-capacity", type=int, default=1 << 20, help="slots of the replay add/sample buffers"
+    )
     return p.parse_args(argv)
 
 
@@ -475,6 +988,12 @@ def main(argv: list[str]) -> int:
     for name in args.pretrain or (["default", "vla_tiny"] if args.pretrain is not None else []):
         trains.append(bench_pretrain(name, args.pretrain_steps, args.reps, args.limit, cache))
         print(f"  pretrain {name}: {trains[-1]['steps_per_s']:.1f} steps/s", flush=True)
+    learner = {}
+    if args.learner:
+        learner = bench_learner(args.learner_steps, args.reps, args.limit, cache)
+        print(f"  learner: fused {learner['jax_fused']['train_steps_per_s']:.1f} train steps/s", flush=True)
+        learner["replay"] = bench_replay(args.replay_capacity, args.reps, args.limit, cache)
+        learner["ratios"] = learner_ratios(learner, learner["replay"])
     wall = time.perf_counter() - start
     if trains:
         print(f"\nBehaviour-cloning updates, {args.pretrain_steps} per jitted block, median of {args.reps}; "
@@ -498,6 +1017,21 @@ def main(argv: list[str]) -> int:
         print(f"\ndefault model targets: numpy p99 <= 0.25x JAX p99: {ratio:.2f}x "
               f"({'met' if ratio <= 0.25 else 'missed'}); <= 2 ms: {p99_ms:.3f} ms "
               f"({'met' if p99_ms <= 2 else 'missed'})")  # fmt: skip
+    if learner:
+        print(f"\nSAC learner, default model ({learner['params']:,} params), batch {learner['batch']}, utd "
+              f"{learner['utd']}; one train step = {learner['utd']} critic updates + 1 actor update; "
+              f"{args.learner_steps} train steps per timed call, median of {args.reps} interleaved reps "
+              f"after one untimed; replay capacities {learner['capacities']}; device {learner['device']}; "
+              f"fused matmul {learner['jax_fused']['gflops']:.1f} GFLOP/s\n")  # fmt: skip
+        print(learner_table(learner))
+        r = learner["replay"]
+        print(f"\nReplay, capacity {r['capacity']:,} ({r['bytes'] / 2**20:.0f} MiB ours); add: "
+              f"[{BLOCK_ROWS}, {BLOCK_STEPS}] blocks, median call; sample: batch {r['batch']}, n-step "
+              f"{r['n_step']}, chunk {r['chunk']}, {r['sample_calls']} calls per rep, median of "
+              f"{args.reps}\n")  # fmt: skip
+        print(replay_table(r))
+        print()
+        print(ratio_lines(learner["ratios"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall,
@@ -506,6 +1040,8 @@ def main(argv: list[str]) -> int:
             result["latency"] = latency
         if trains:
             result["pretrain"] = trains
+        if learner:
+            result["learner"] = learner
         args.json.write_text(json.dumps(result, indent=2))
     return 0
 

@@ -162,6 +162,20 @@ def generate(task: str, split: str, episodes: int, *, num_envs: int = 64, seed: 
     return out[:episodes]
 
 
+def load_or_generate(data_dir: str | Path, task: str, split: str, episodes: int, *, seed: int = 0,
+                     noise: float = NOISE, bursts: float = BURSTS) -> list[dict]:  # fmt: skip
+    """The first `episodes` demonstrations of `<data_dir>/<task>_<split>`, generated (and written) first
+    when the dataset holds fewer."""
+    directory = Path(data_dir) / f"{task}_{split}"
+    found = rlds.read_episodes(directory) if directory.exists() else []
+    if len(found) < episodes:
+        print(f"{directory}: {len(found)} episodes, need {episodes}; generating them")
+        found = generate(task, split, episodes, num_envs=min(episodes, 128), seed=seed, noise=noise,
+                         bursts=bursts, progress=True)  # fmt: skip
+        rlds.write_episodes(directory, found, overwrite=True)
+    return found[:episodes]
+
+
 # ------------------------------------------------------------------------------------------- command
 def summarize(episodes: list[dict]) -> dict:
     """Counts over generated episodes: steps, success rate, mean length, final failure modes."""

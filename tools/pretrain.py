@@ -12,7 +12,6 @@ import pathlib
 import jax
 
 import configs
-from jaxvla import episodes as rlds
 from learner import evaluate
 from learner import pretrain
 
@@ -26,16 +25,8 @@ def demonstrations(config: configs.Config) -> list[dict]:
     pc = config.pretrain
     out = []
     for task in pc.tasks:
-        directory = pathlib.Path(pc.data_dir) / f"{task}_train"
-        episodes = rlds.read_episodes(directory) if directory.exists() else []
-        if len(episodes) < pc.demos_per_task:
-            print(f"{directory}: {len(episodes)} episodes, need {pc.demos_per_task}; generating them")
-            episodes = data.generate(
-                task, "train", pc.demos_per_task, num_envs=min(pc.demos_per_task, 128), seed=pc.seed,
-                noise=pc.demo_noise, bursts=pc.demo_bursts, progress=True,
-            )  # fmt: skip
-            rlds.write_episodes(directory, episodes, overwrite=True)
-        out.extend(episodes[: pc.demos_per_task])
+        out.extend(data.load_or_generate(pc.data_dir, task, "train", pc.demos_per_task, seed=pc.seed,
+                                         noise=pc.demo_noise, bursts=pc.demo_bursts))  # fmt: skip
     return out
 
 

@@ -1,0 +1,270 @@
+"""Soft actor-critic over action chunks: the RLPD / HIL-SERL recipe that policy patching runs.
+
+The critic scores a whole chunk, Q(s_t, a_{t:t+H}), against an H-step return: the executed actions of a
+replay window are a valid chunk whoever produced them (policy or operator), so no off-policy correction is
+needed within the chunk. The actor is the pretrained tanh-Gaussian chunk policy; it maximises
+E[Q(s, c)] + alpha H(pi(.|s)), plus a behaviour-cloning term on the operator's patch data.
+
+`make_train_steps` fuses the update-to-data ratio into one jitted call: each train step draws its batches
+on-device from the sharded replay (`draw_batches`), then `update` runs `utd` critic updates in a
+`lax.scan` and one actor and temperature update. Every loss is a small pure function so tests can check
+it against hand-computed values.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from flax import struct
+
+from jaxvla import models
+from jaxvla import normalization
+from jaxvla.models import distributions
+from learner import bc
+from learner import replay
+from learner import sharding
+
+
+@struct.dataclass
+class SACState:
+    actor: nnx.State
+    critic: nnx.State
+    target_critic: nnx.State
+    log_alpha: jax.Array  # [] log of the entropy temperature
+    actor_opt: optax.OptState
+    critic_opt: optax.OptState
+    alpha_opt: optax.OptState
+    step: jax.Array  # [] int32 critic updates so far
+
+
+@struct.dataclass
+class Networks:
+    """The static half of the learner: graph definitions and the normalisation every input goes through."""
+
+    actor: nnx.GraphDef = struct.field(pytree_node=False)
+    critic: nnx.GraphDef = struct.field(pytree_node=False)
+    stats: dict = struct.field(pytree_node=False)
+
+
+def make_optimizer(learning_rate: float, clip_norm: float = 10.0) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(learning_rate))
+
+
+def init_state(actor: nnx.State, critic: nnx.State, init_alpha: float, *, actor_opt, critic_opt,
+               alpha_opt) -> SACState:  # fmt: skip
+    log_alpha = jnp.log(jnp.float32(init_alpha))
+    return SACState(
+        actor=actor, critic=critic, target_critic=jax.tree.map(jnp.copy, critic), log_alpha=log_alpha,
+        actor_opt=actor_opt.init(actor), critic_opt=critic_opt.init(critic),
+        alpha_opt=alpha_opt.init(log_alpha), step=jnp.zeros((), jnp.int32),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def ensemble_min(q: jax.Array, key: jax.Array, subset: int) -> jax.Array:
+    """Pessimistic target over an ensemble q [E, B]: the min over all members (subset 0 or >= E), or
+    REDQ's min over a random subset of `subset` members shared by the batch."""
+    members = q.shape[0]
+    if subset <= 0 or subset >= members:
+        return jnp.min(q, axis=0)
+    chosen = jax.random.choice(key, members, (subset,), replace=False)
+    return jnp.min(q[chosen], axis=0)
+
+
+def td_target(reward: jax.Array, discount: jax.Array, next_q: jax.Array) -> jax.Array:
+    """y = R^(n) + gamma^n * min Q'(s_{t+n}, c'), with discount 0 past a terminal step. All [B]."""
+    return reward + discount * next_q
+
+
+def weighted_mean(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """Mean over the batch (last axis) where empty-source samples (weight 0) do not count."""
+    return jnp.sum(x * weight, axis=-1) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def critic_loss_value(q: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
+    """Mean squared TD error over ensemble members and batch. q [E, B], target and weight [B]."""
+    return jnp.mean(weighted_mean((q - target) ** 2, weight))
+
+
+def actor_loss_value(q: jax.Array, log_prob: jax.Array, alpha: jax.Array, weight: jax.Array) -> jax.Array:
+    """E[alpha log pi(c|s) - mean_e Q_e(s, c)] for chunks c drawn from the policy. q [E, B]."""
+    return weighted_mean(alpha * log_prob - jnp.mean(q, axis=0), weight)
+
+
+def temperature_loss_value(log_alpha: jax.Array, log_prob: jax.Array, target_entropy: float,
+                           weight: jax.Array) -> jax.Array:  # fmt: skip
+    """alpha grows while the policy's entropy (-log pi) is below the target, shrinks above it."""
+    return -jnp.exp(log_alpha) * weighted_mean(jax.lax.stop_gradient(log_prob) + target_entropy, weight)
+
+
+def soft_update(target, online, tau: float):
+    return jax.tree.map(lambda t, o: (1.0 - tau) * t + tau * o, target, online)
+
+
+# ------------------------------------------------------------------------------------------- forward
+def policy_sample(nets: Networks, actor, obs: dict, key: jax.Array):
+    """Chunks drawn from pi(.|obs) [B, H, A], their log-probabilities [B], and the policy (mean, log_std)."""
+    mean, log_std = models.apply(nets.actor, actor, obs)
+    chunk, log_prob = distributions.sample(key, mean, log_std)
+    return chunk, log_prob, (mean, log_std)
+
+
+def q_values(nets: Networks, critic, obs: dict, chunk: jax.Array) -> jax.Array:
+    return models.apply(nets.critic, critic, obs, chunk)  # [E, B]
+
+
+# ------------------------------------------------------------------------------------------- updates
+def critic_update(state: SACState, batch: dict, key: jax.Array, *, nets: Networks, optimizer,
+                  target_subset: int, tau: float) -> tuple[SACState, dict]:  # fmt: skip
+    """One critic step on a normalised batch, then the target EMA."""
+    key_next, key_subset = jax.random.split(key)
+    next_chunk, _, _ = policy_sample(nets, state.actor, batch["next_obs"], key_next)
+    next_q = q_values(nets, state.target_critic, batch["next_obs"], next_chunk)
+    target = td_target(batch["reward"], batch["discount"], ensemble_min(next_q, key_subset, target_subset))
+    target = jax.lax.stop_gradient(target)
+
+    def loss_fn(critic):
+        q = q_values(nets, critic, batch["obs"], batch["chunk"])
+        return critic_loss_value(q, target, batch["weight"]), q
+
+    (loss, q), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic)
+    updates, critic_opt = optimizer.update(grads, state.critic_opt, state.critic)
+    critic = optax.apply_updates(state.critic, updates)
+    state = state.replace(
+        critic=critic, critic_opt=critic_opt, target_critic=soft_update(state.target_critic, critic, tau),
+        step=state.step + 1,
+    )  # fmt: skip
+    metrics = {"critic_loss": loss, "q": weighted_mean(jnp.mean(q, axis=0), batch["weight"]),
+               "target": weighted_mean(target, batch["weight"])}  # fmt: skip
+    return state, metrics
+
+
+def actor_update(state: SACState, batch: dict, key: jax.Array, *, nets: Networks, actor_optimizer,
+                 alpha_optimizer, target_entropy: float, bc_weight: float, bc_sources: tuple[int, ...],
+                 nll_weight: float, enabled: jax.Array) -> tuple[SACState, dict]:  # fmt: skip
+    """One actor and temperature step; `enabled` False (during critic warm-up) leaves both unchanged."""
+    alpha = jnp.exp(state.log_alpha)
+    is_bc = jnp.isin(batch["source"], jnp.asarray(bc_sources)) & (batch["weight"] > 0)
+    bc_mask = batch["chunk_mask"] & is_bc[:, None]
+
+    def loss_fn(actor):
+        chunk, log_prob, (mean, log_std) = policy_sample(nets, actor, batch["obs"], key)
+        q = q_values(nets, state.critic, batch["obs"], chunk)
+        rl = actor_loss_value(q, log_prob, alpha, batch["weight"])
+        imitation, _ = bc.chunk_loss(mean, log_std, batch["chunk"], bc_mask, nll_weight)
+        return rl + bc_weight * imitation, (rl, imitation, log_prob)
+
+    (loss, (rl, imitation, log_prob)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.actor)
+    updates, actor_opt = actor_optimizer.update(grads, state.actor_opt, state.actor)
+    actor = optax.apply_updates(state.actor, updates)
+
+    alpha_loss, alpha_grad = jax.value_and_grad(temperature_loss_value)(
+        state.log_alpha, log_prob, target_entropy, batch["weight"]
+    )
+    alpha_update, alpha_opt = alpha_optimizer.update(alpha_grad, state.alpha_opt, state.log_alpha)
+    log_alpha = optax.apply_updates(state.log_alpha, alpha_update)
+
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(enabled, n, o), new, old)  # noqa: E731
+    state = state.replace(
+        actor=keep(actor, state.actor), actor_opt=keep(actor_opt, state.actor_opt),
+        log_alpha=keep(log_alpha, state.log_alpha), alpha_opt=keep(alpha_opt, state.alpha_opt),
+    )  # fmt: skip
+    metrics = {"actor_loss": loss, "actor_rl": rl, "bc": imitation, "alpha": alpha, "alpha_loss": alpha_loss,
+               "entropy": -weighted_mean(log_prob, batch["weight"])}  # fmt: skip
+    return state, metrics
+
+
+def normalize_batch(batch: dict, stats: dict) -> dict:
+    return {**batch, "obs": normalization.normalize(batch["obs"], stats),
+            "next_obs": normalization.normalize(batch["next_obs"], stats)}  # fmt: skip
+
+
+def update(state: SACState, batches: dict, key: jax.Array, *, config, chunk: int, action_size: int,
+           nets: Networks, optimizers: dict) -> tuple[SACState, dict]:  # fmt: skip
+    """One train step on given normalised batches with a leading [utd + 1] axis: `config.utd` critic
+    updates in a scan, then one actor and temperature update on the last batch.
+
+    `config` is a `configs.SACConfig`. This is the pure update the data-parallel tests compare across
+    device meshes and processes; `train_step` feeds it from the replay.
+    """
+    critic_fn = functools.partial(critic_update, nets=nets, optimizer=optimizers["critic"],
+                                  target_subset=config.target_subset, tau=config.tau)  # fmt: skip
+    key_critic, key_actor = jax.random.split(jax.random.fold_in(key, state.step))
+    critic_batches = jax.tree.map(lambda x: x[: config.utd], batches)
+    state, critic_metrics = jax.lax.scan(
+        lambda state, xs: critic_fn(state, *xs), state,
+        (critic_batches, jax.random.split(key_critic, config.utd)),
+    )  # fmt: skip
+    state, actor_metrics = actor_update(
+        state, jax.tree.map(lambda x: x[config.utd], batches), key_actor, nets=nets,
+        actor_optimizer=optimizers["actor"], alpha_optimizer=optimizers["alpha"],
+        target_entropy=config.target_entropy_per_dim * chunk * action_size, bc_weight=config.bc_weight,
+        bc_sources=tuple(replay.SOURCES.index(s) for s in config.bc_sources), nll_weight=config.nll_weight,
+        enabled=state.step > config.critic_warmup,
+    )  # fmt: skip
+    return state, {**jax.tree.map(jnp.mean, critic_metrics), **actor_metrics}
+
+
+def draw_batches(buffers: dict, key: jax.Array, *, config, chunk: int, stats: dict, batch_sharding) -> dict:
+    """`config.utd + 1` normalised mixed batches [utd + 1, B, ...] drawn on-device from the replay."""
+
+    def draw(key):
+        batch = replay.sample_mixed(
+            buffers, dict(zip(replay.SOURCES, config.mix, strict=True)), key, config.batch_size,
+            n_step=chunk, chunk=chunk, gamma=config.gamma,
+        )  # fmt: skip
+        batch = normalize_batch(batch, stats)
+        return jax.lax.with_sharding_constraint(batch, batch_sharding) if batch_sharding else batch
+
+    return jax.lax.map(draw, jax.random.split(key, config.utd + 1))
+
+
+def train_step(state: SACState, buffers: dict, key: jax.Array, *, config, chunk: int, action_size: int,
+               nets: Networks, optimizers: dict, batch_sharding) -> tuple[SACState, dict]:  # fmt: skip
+    """Sampling fused with the update: draw the step's batches from the replay, then `update`."""
+    key = jax.random.fold_in(key, state.step)
+    key_batches, key_update = jax.random.split(key)
+    batches = draw_batches(buffers, key_batches, config=config, chunk=chunk, stats=nets.stats,
+                           batch_sharding=batch_sharding)  # fmt: skip
+    return update(state, batches, key_update, config=config, chunk=chunk, action_size=action_size, nets=nets,
+                  optimizers=optimizers)  # fmt: skip
+
+
+def make_optimizers(config) -> dict[str, optax.GradientTransformation]:
+    return {"actor": make_optimizer(config.actor_lr), "critic": make_optimizer(config.critic_lr),
+            "alpha": optax.adam(config.alpha_lr)}  # fmt: skip
+
+
+def train_steps(state: SACState, buffers: dict, key: jax.Array, *, num_steps: int, **kwargs):
+    """`num_steps` fused train steps in one scan; metrics averaged over the block."""
+
+    def body(state, _):
+        return train_step(state, buffers, key, **kwargs)
+
+    state, metrics = jax.lax.scan(body, state, length=num_steps)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+
+def make_train_steps(config, model, nets: Networks, optimizers: dict, *, num_steps: int, mesh):
+    """The jitted block: state donated and replicated, replay sharded along capacity, batches along data.
+
+    `config` is a `configs.SACConfig`, `model` the `ModelConfig` (chunk length and action size)."""
+    sharding.check_batch_size(config.batch_size, mesh)
+    fn = functools.partial(
+        train_steps, num_steps=num_steps, config=config, chunk=model.chunk, action_size=model.action_size,
+        nets=nets, optimizers=optimizers, batch_sharding=sharding.batch_sharded(mesh),
+    )  # fmt: skip
+    replicated = sharding.replicated(mesh)
+    return jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated))
+
+
+def make_update(config, model, nets: Networks, optimizers: dict, mesh):
+    """`update` jitted for a mesh: state replicated and donated, batches [utd + 1, B, ...] split along B."""
+    fn = functools.partial(update, config=config, chunk=model.chunk, action_size=model.action_size, nets=nets,
+                           optimizers=optimizers)  # fmt: skip
+    replicated = sharding.replicated(mesh)
+    batches = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA))
+    return jax.jit(fn, donate_argnums=0, in_shardings=(replicated, batches, replicated),
+                   out_shardings=(replicated, replicated))  # fmt: skip

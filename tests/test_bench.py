@@ -1,0 +1,79 @@
+"""The learner benchmark's pieces that could be wrong without being slow: flashbax's n-step batch and the
+PyTorch reference's network sizes. Timings themselves are not tested (they belong in `tools.bench`)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import configs
+from jaxvla import models
+from learner import replay
+from tools import bench
+
+
+def test_fbx_transitions_by_hand():
+    # Two sequences of L = 5 steps, n_step = chunk = 4, gamma = 0.5, rewards 1, 2, 3, 4, 5.
+    # Row 0, no terminal: reward 1 + 0.5*2 + 0.25*3 + 0.125*4 = 3.25, discount 0.5^4 = 0.0625, all 4
+    # actions in the chunk, next_obs is step 4.
+    # Row 1, terminal at step 1: reward 1 + 0.5*2 = 2, discount 0 (no bootstrap), chunk mask [1, 1, 0, 0].
+    reward = jnp.tile(jnp.arange(1.0, 6.0), (2, 1))
+    terminal = jnp.zeros((2, 5), bool).at[1, 1].set(True)
+    sequences = {
+        "obs": {"proprio": jnp.arange(10.0).reshape(2, 5, 1)},
+        "action": jnp.ones((2, 5, 3)),
+        "reward": reward,
+        "terminal": terminal,
+    }
+    batch = bench.fbx_transitions(sequences, jnp.zeros(2, jnp.int8), n_step=4, chunk=4, gamma=0.5)
+    np.testing.assert_allclose(batch["reward"], [3.25, 2.0])
+    np.testing.assert_allclose(batch["discount"], [0.0625, 0.0])
+    np.testing.assert_array_equal(batch["chunk_mask"], [[1, 1, 1, 1], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(batch["chunk"][1, :, 0], [1, 1, 0, 0])
+    np.testing.assert_array_equal(batch["obs"]["proprio"][:, 0], [0, 5])
+    np.testing.assert_array_equal(batch["next_obs"]["proprio"][:, 0], [4, 9])
+
+
+def test_fbx_sequence_length_covers_the_chunk_and_the_next_observation():
+    assert bench.fbx_sequence_length(4, 4) == 5
+    assert bench.fbx_sequence_length(1, 4) == 4
+
+
+@pytest.mark.parametrize("name", ["debug", "default"])
+def test_torch_reference_has_the_jax_networks_parameter_count(name):
+    torch_bench = pytest.importorskip("tools.bench_torch")
+    config = configs.get_config(name)
+    counts = replay.mix_counts(dict(zip(replay.SOURCES, config.sac.mix, strict=True)), 16, 1)
+    capacities = dict.fromkeys(replay.SOURCES, 64)
+    spec = bench.torch_spec(config.model, config.sac, counts, capacities, steps=1, reps=1)
+    torch_params = sum(
+        p.numel() for net in (torch_bench.Policy(spec), torch_bench.Critic(spec)) for p in net.parameters()
+    )
+    jax_params = models.count_params(config.model.create_policy(0)) + models.count_params(
+        config.model.create_critic(0)
+    )
+    assert torch_params == jax_params
+
+
+def test_torch_reference_train_step_moves_every_network():
+    torch_bench = pytest.importorskip("tools.bench_torch")
+    torch = pytest.importorskip("torch")
+    config = configs.get_config("debug")
+    counts = replay.mix_counts(dict(zip(replay.SOURCES, config.sac.mix, strict=True)), 16, 1)
+    spec = {**bench.torch_spec(config.model, config.sac, counts, dict.fromkeys(replay.SOURCES, 64), 1, 1),
+            "seed": 0}  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    replays = [torch_bench.TensorReplay(spec, 64, source, generator) for source in range(len(counts))]
+    learner = torch_bench.Learner(spec, replays, list(counts.values()))
+    before = [flat_parameters(m) for m in (learner.actor, learner.critic, learner.target)]
+    alpha = learner.log_alpha.item()
+    learner.train_step()
+    after = [flat_parameters(m) for m in (learner.actor, learner.critic, learner.target)]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert learner.log_alpha.item() != alpha
+
+
+def flat_parameters(module):
+    """All of a torch module's parameters flattened into one tensor."""
+    import torch
+
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
