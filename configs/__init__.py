@@ -115,15 +115,17 @@ class SACConfig:
     them, 2 with an ensemble of 10 is REDQ's random-subset min."""
     init_alpha: float = 0.01
     """Initial entropy temperature."""
-    target_entropy_per_dim: float = -0.5
-    """Entropy target per action dimension of the chunk (HIL-SERL: -|A|/2)."""
+    target_entropy_per_dim: float = -2.5
+    """Entropy target per action dimension of the chunk. HIL-SERL's -0.5 let the temperature push the
+    prior's std up until the policy collapsed; the prior sits near -2.4."""
     actor_lr: float = 3e-4
     critic_lr: float = 3e-4
     alpha_lr: float = 3e-4
-    bc_weight: float = 1.0
+    bc_weight: float = 10.0
     """Weight of the behaviour-cloning term on operator data in the actor loss."""
-    bc_sources: tuple[str, ...] = ("patch",)
-    """Sources whose chunks the BC term imitates."""
+    bc_sources: tuple[str, ...] = ("patch", "offline")
+    """Sources whose chunks the BC term imitates; "offline" keeps the `train` skills (patch alone: 0%
+    on `train` after 6 rounds)."""
     nll_weight: float = 0.01
     """Likelihood weight inside the BC term (as in pretraining)."""
     critic_warmup: int = 1000
@@ -149,7 +151,7 @@ class PatchConfig:
     """Item distribution the prior fails on."""
     rounds: int = 16
     """Rounds of rollout -> learner updates -> evaluation."""
-    envs_per_round: int = 32
+    envs_per_round: int = 16
     """Episodes rolled out (with operator takeover) per round."""
     updates_per_round: int = 200
     """Fused train steps per round (each: `sac.utd` critic updates and one actor update)."""
@@ -167,11 +169,12 @@ class PatchConfig:
     """Operator trigger: wrist force [N] judged a near collision."""
     stall_steps: int = 30
     """Operator trigger: control steps without task progress."""
-    disagreement: float = 0.0
-    """Operator trigger: max-norm gap between the policy's and the operator's action (0: off)."""
-    sft_demos: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    disagreement: float = 1.0
+    """Operator trigger: max-norm gap between the policy's and the operator's action (0: off). The
+    failure triggers alone hand over too late on `novel` (0% assisted success); 1.0 gives ~75%."""
+    sft_demos: tuple[int, ...] = (8, 16, 32, 64, 128)
     """Comparison arm: full operator demonstrations on the split, one BC retraining per count."""
-    sft_steps: int = 3000
+    sft_steps: int = 1500
     """BC steps of each SFT retraining (from the prior)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One patching run and one SFT sweep per seed."""

@@ -797,7 +797,8 @@ def learner_ratios(learner: dict, replay_row: dict) -> dict:
 
 def learner_table(r: dict) -> str:
     head = (
-        "| implementation | batches from | train steps/s | critic updates/s | ms / train step | compile s |"
+        "| implementation | batches from | train steps/s | critic updates/s | ms / train step "
+        "| compile (JAX) or warm-up (torch) s |"
     )
     lines = [head, "|---|---|---:|---:|---:|---:|"]
     rows = [
@@ -812,8 +813,10 @@ def learner_table(r: dict) -> str:
         if "train_steps_per_s" not in row:
             lines.append(f"| {name} | {source} | {row['status']} | | | |")
             continue
-        compile_s = "-" if "compile_s" not in row else (
-            f"{row['compile_s']:.1f}" + (" (cache)" if row["compile_cached"] else ""))  # fmt: skip
+        if "compile_s" in row:
+            compile_s = f"{row['compile_s']:.1f}" + (" (cache)" if row["compile_cached"] else "")
+        else:
+            compile_s = f"{row['warmup_s']:.2f} ({row['warmup_steps']} steps)"
         lines.append(
             f"| {name} | {source} | {row['train_steps_per_s']:,.1f} | {row['critic_updates_per_s']:,.0f} "
             f"| {1e3 / row['train_steps_per_s']:.2f} | {compile_s} |"

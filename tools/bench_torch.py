@@ -274,8 +274,10 @@ def run(spec: dict) -> dict:
                for source, capacity in enumerate(spec["capacities"])]  # fmt: skip
     learner = Learner(spec, replays, spec["counts"])
     steps = spec["steps"]
+    t0 = time.perf_counter()  # eager torch's analogue of a compile: first-call allocations and dispatch
     for _ in range(WARMUP_STEPS):
         learner.train_step()
+    warmup_s = time.perf_counter() - t0
     times = []
     for _ in range(spec["reps"]):
         t0 = time.perf_counter()
@@ -288,7 +290,7 @@ def run(spec: dict) -> dict:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "interop_threads":
         torch.get_num_interop_threads(), "params": params, "steps_per_call": steps,
         "train_steps_per_s": steps / seconds, "critic_updates_per_s": steps * spec["utd"] / seconds,
-        "call_s": times,
+        "call_s": times, "warmup_steps": WARMUP_STEPS, "warmup_s": warmup_s,
     }  # fmt: skip
 
 
