@@ -38,16 +38,16 @@ def test_episode_block_stops_at_the_first_end_and_counts_effort():
 
 
 def test_seed_summary_compares_effort_at_the_same_success():
-    patching = [
-        {"success_rate": 0.0, "corrective_episodes": 0, "takeover_steps": 0, "env_steps": 0, "wall_s": 0.0},
-        {"success_rate": 0.5, "corrective_episodes": 10, "takeover_steps": 90, "env_steps": 500, "wall_s": 9.0},
-        {"success_rate": 0.96, "corrective_episodes": 16, "takeover_steps": 120, "env_steps": 900,
-         "wall_s": 20.0},
-    ]  # fmt: skip
+    fields = ("success_rate", "corrective_episodes", "takeover_steps", "env_steps", "wall_s")
+    rounds = [(0.0, 0, 0, 0, 0.0), (0.5, 10, 90, 500, 9.0), (0.96, 16, 120, 900, 20.0)]
+    patching = [dict(zip(fields, values, strict=True)) for values in rounds]
     for record in patching:
         record.update(retries_per_episode=0.0, cycle_time_s=3.0, recovery_rate=0.0, throughput_per_hour=1.0,
                       failure_modes={})  # fmt: skip
-    sft = [{"success_rate": 0.9, "corrective_episodes": 32}, {"success_rate": 0.97, "corrective_episodes": 64}]
+    sft = [
+        {"success_rate": 0.9, "corrective_episodes": 32},
+        {"success_rate": 0.97, "corrective_episodes": 64},
+    ]
     summary = seed_summary(patching, sft, train_success=0.9)
     assert summary["goal_success"] == 0.95
     assert summary["patch_corrective_episodes_to_goal"] == 16 and summary["sft_demos_to_goal"] == 64
