@@ -45,13 +45,13 @@ def test_seed_summary_compares_effort_at_the_same_success():
         record.update(retries_per_episode=0.0, cycle_time_s=3.0, recovery_rate=0.0, throughput_per_hour=1.0,
                       failure_modes={})  # fmt: skip
     sft = [
-        {"success_rate": 0.9, "corrective_episodes": 32},
-        {"success_rate": 0.97, "corrective_episodes": 64},
+        {"success_rate": 0.9, "corrective_episodes": 32, "takeover_steps": 1200},
+        {"success_rate": 0.97, "corrective_episodes": 64, "takeover_steps": 2500},
     ]
     summary = seed_summary(patching, sft, train_success=0.9)
     assert summary["goal_success"] == 0.95
     assert summary["patch_corrective_episodes_to_goal"] == 16 and summary["sft_demos_to_goal"] == 64
-    assert summary["effort_ratio_sft_over_patch"] == 4.0
+    assert summary["effort_ratio_sft_over_patch"] == 4.0 and summary["sft_operator_steps_to_goal"] == 2500
     # Short of 95%, the goal is the best patching reached: SFT is compared at that success.
     summary = seed_summary(patching[:2], sft, train_success=0.9)
     assert summary["goal_success"] == 0.5 and summary["sft_demos_to_goal"] == 32

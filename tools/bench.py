@@ -511,8 +511,6 @@ def torch_spec(model: models.ModelConfig, config, counts: dict[str, int], capaci
     """Sizes and hyperparameters for tools/bench_torch.py, from the configs the JAX side runs."""
     if model.encoder != "state" or model.image or model.advantage_conditioned:
         raise ValueError("the PyTorch reference mirrors the state encoder without image or indicator only")
-    if len(config.bc_sources) != 1:
-        raise ValueError("the PyTorch reference imitates one BC source")
     return {
         "state_sizes": {k: model_config.STATE_SHAPES[k][0] for k in encoders.STATE_KEYS},
         "prompt_length": tokenizer.PROMPT_LENGTH, "vocabulary": len(tokenizer.VOCABULARY),
@@ -523,7 +521,7 @@ def torch_spec(model: models.ModelConfig, config, counts: dict[str, int], capaci
         "tau": config.tau, "init_alpha": config.init_alpha, "actor_lr": config.actor_lr,
         "critic_lr": config.critic_lr, "alpha_lr": config.alpha_lr,
         "target_entropy": config.target_entropy_per_dim * model.chunk * model.action_size,
-        "bc_weight": config.bc_weight, "bc_source": replay.SOURCES.index(config.bc_sources[0]),
+        "bc_weight": config.bc_weight, "bc_sources": [replay.SOURCES.index(s) for s in config.bc_sources],
         "nll_weight": config.nll_weight, "steps": steps, "reps": reps, "seed": 0,
     }  # fmt: skip
 
@@ -807,7 +805,8 @@ def learner_table(r: dict) -> str:
         ("JAX unfused", "ours, jitted calls from Python", r["jax_unfused"]),
     ]
     for run in r["torch"].get("runs", [r["torch"]]):
-        name = f"PyTorch {run['torch']} eager, {run['threads']} threads" if "torch" in run else "PyTorch"
+        threads = f"{run.get('threads')} thread" + "s" * (run.get("threads", 1) > 1)
+        name = f"PyTorch {run['torch']} eager, {threads}" if "torch" in run else "PyTorch"
         rows.append((name, "torch.randint over tensors", run))
     for name, source, row in rows:
         if "train_steps_per_s" not in row:

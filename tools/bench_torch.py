@@ -206,6 +206,7 @@ class Learner:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=spec["critic_lr"])
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=spec["alpha_lr"])
         self.stats = {k: (torch.zeros(size), torch.ones(size)) for k, size in spec["state_sizes"].items()}
+        self.bc_sources = torch.tensor(spec["bc_sources"])
 
     def batch(self) -> dict:
         """One mixed batch: each source's share drawn from its store, concatenated, obs normalised."""
@@ -236,7 +237,7 @@ class Learner:
     def actor_update(self, batch: dict) -> None:
         spec = self.spec
         alpha = self.log_alpha.exp().detach()
-        is_bc = (batch["source"] == spec["bc_source"]) & (batch["weight"] > 0)
+        is_bc = torch.isin(batch["source"], self.bc_sources) & (batch["weight"] > 0)
         bc_mask = batch["chunk_mask"] & is_bc.unsqueeze(-1)
         # The critic is a constant here: no gradients for its parameters (Spinning Up's SAC does the same).
         self.critic.requires_grad_(False)

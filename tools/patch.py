@@ -49,6 +49,7 @@ def seed_summary(patch_records: list[dict], sft_records: list[dict], train_succe
         "patch_env_steps_to_goal": patched["env_steps"] if patched else None,
         "patch_wall_s_to_goal": patched["wall_s"] if patched else None,
         "sft_demos_to_goal": sft["corrective_episodes"] if sft else None,
+        "sft_operator_steps_to_goal": sft["takeover_steps"] if sft else None,
         "sft_best_success": max(r["success_rate"] for r in sft_records),
         "effort_ratio_sft_over_patch": ratio,
         "patched_train_success": train_success,
@@ -84,6 +85,7 @@ def markdown(config: configs.Config, summaries: dict, prior_row: dict) -> str:
         ("patching: env steps to goal", over_seeds("patch_env_steps_to_goal")),
         ("patching: wall-clock to goal (s)", over_seeds("patch_wall_s_to_goal")),
         ("SFT: demonstrations to goal", over_seeds("sft_demos_to_goal")),
+        ("SFT: operator steps to goal", over_seeds("sft_operator_steps_to_goal")),
         ("SFT: best success", over_seeds("sft_best_success")),
         ("effort ratio, SFT / patching (target >= 4)", over_seeds("effort_ratio_sft_over_patch")),
         ("patched policy on train", over_seeds("patched_train_success")),
@@ -110,7 +112,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
     axes_keys = [
         ("corrective_episodes", "corrective episodes"), ("takeover_steps", "operator takeover steps"),
-        ("env_steps", "environment steps"), ("wall_s", "wall-clock [s]"),
+        ("env_steps", "environment steps"), ("wall_s", "wall-clock [s] (SFT: each retraining alone)"),
     ]  # fmt: skip
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for i, result in enumerate(results.values()):
@@ -118,13 +120,16 @@ def plot(results: dict, path: pathlib.Path) -> None:
             p, s = result["patch"], result["sft"]
             ax.plot([r[key] for r in p], [r["success_rate"] for r in p], "-o", color="C0", alpha=0.7, ms=3,
                     label="patching" if i == 0 else None)  # fmt: skip
-            ax.plot([r[key] for r in s], [r["success_rate"] for r in s], "--s", color="C1", alpha=0.7, ms=4,
+            # Retrainings are independent runs from the prior: only their demo counts form a sequence.
+            style = "s" if key == "wall_s" else "--s"
+            ax.plot([r[key] for r in s], [r["success_rate"] for r in s], style, color="C1", alpha=0.7, ms=4,
                     label="full SFT retraining" if i == 0 else None)  # fmt: skip
             ax.set_xlabel(label)
     for ax in axes:
         ax.axhline(TARGET, color="grey", lw=0.8, ls=":")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
     axes[0].set_ylabel("success on the split (no operator)")
     axes[0].legend()
     fig.suptitle(f"success against operator effort, data and time; {len(results)} seed(s)")
