@@ -51,7 +51,7 @@ def test_vmap_matches_a_python_loop():
     env = compiled_env("sort")
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     policy = lambda s, k: jax.vmap(env.env.operator_action)(s)  # noqa: E731
-    start = jax.vmap(env.env.reset)(keys)
+    start = jax.jit(jax.vmap(env.env.reset))(keys)
     out = jax.jit(lambda s: rollout.rollout(jax.vmap(env.env.step), policy, s, keys[0], 8, freeze=False)[0])(
         start
     )
