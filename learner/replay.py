@@ -349,6 +349,11 @@ def sample(buffer: Buffer, key: jax.Array, batch_size: int, *, n_step: int, chun
     """
     per_shard = _per_shard(batch_size, buffer.shards)
     draw = functools.partial(_draw, batch_size=per_shard, n_step=n_step, chunk=chunk, gamma=gamma)
+    return _on_every_shard(draw, buffer, key)
+
+
+def _on_every_shard(draw, buffer: Buffer, key: jax.Array) -> dict:
+    """`draw(local_buffer, shard_key)` on every shard at once; the results concatenate along P("data")."""
     return jax.shard_map(
         lambda buf, key: draw(_local(buf), _shard_key(key)),
         mesh=buffer.mesh,
@@ -398,12 +403,7 @@ def sample_windows(buffer: Buffer, key: jax.Array, batch_size: int, window: int)
         windows["weight"] = jnp.where(local.count > 0, jnp.ones((per_shard,), jnp.float32), 0.0)
         return windows
 
-    return jax.shard_map(
-        lambda buf, key: draw(_local(buf), _shard_key(key)),
-        mesh=buffer.mesh,
-        in_specs=(P(DATA), P()),
-        out_specs=P(DATA),
-    )(buffer, key)
+    return _on_every_shard(draw, buffer, key)
 
 
 def mix_counts(ratios: dict[str, float], batch_size: int, shards: int) -> dict[str, int]:
