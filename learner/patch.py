@@ -156,11 +156,10 @@ def run_patching(config: Config, prior: Prior, offline: list[dict], run_dir: pat
     """
     pc, sc, mc = config.patch, config.sac, prior.config.model
     mesh = mesh or sharding.make_mesh()
-    # Fail on shapes the mesh cannot split now, not after minutes of compiling.
+    # Fail now, not after minutes of compiling (make_train_steps below checks the batch and its mix).
     if pc.envs_per_round % mesh.size:
         raise ValueError(f"patch.envs_per_round={pc.envs_per_round} must be a multiple of the {mesh.size} "
                          "devices: each device's replay shard takes whole episodes")  # fmt: skip
-    replay.mix_counts(dict(zip(replay.SOURCES, sc.mix, strict=True)), sc.batch_size, mesh.size)
     nets = sac.Networks(actor=prior.graphdef, critic=critic_graphdef(mc), stats=prior.stats)
     train_block = sac.make_train_steps(sc, mc, nets, sac.make_optimizers(sc), num_steps=pc.updates_per_round,
                                        mesh=mesh)  # fmt: skip

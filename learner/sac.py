@@ -207,12 +207,17 @@ def update(state: SACState, batches: dict, key: jax.Array, *, config, chunk: int
     return state, {**jax.tree.map(jnp.mean, critic_metrics), **actor_metrics}
 
 
+def mix_ratios(config) -> dict[str, float]:
+    """`config.mix` by source name, as `replay.sample_mixed` takes it."""
+    return dict(zip(replay.SOURCES, config.mix, strict=True))
+
+
 def draw_batches(buffers: dict, key: jax.Array, *, config, chunk: int, stats: dict, batch_sharding) -> dict:
     """`config.utd + 1` normalised mixed batches [utd + 1, B, ...] drawn on-device from the replay."""
 
     def draw(key):
         batch = replay.sample_mixed(
-            buffers, dict(zip(replay.SOURCES, config.mix, strict=True)), key, config.batch_size,
+            buffers, mix_ratios(config), key, config.batch_size,
             n_step=chunk, chunk=chunk, gamma=config.gamma,
         )  # fmt: skip
         batch = normalize_batch(batch, stats)
@@ -252,6 +257,7 @@ def make_train_steps(config, model, nets: Networks, optimizers: dict, *, num_ste
 
     `config` is a `configs.SACConfig`, `model` the `ModelConfig` (chunk length and action size)."""
     sharding.check_batch_size(config.batch_size, mesh)
+    replay.mix_counts(mix_ratios(config), config.batch_size, mesh.size)  # fail here, not after compiling
     fn = functools.partial(
         train_steps, num_steps=num_steps, config=config, chunk=model.chunk, action_size=model.action_size,
         nets=nets, optimizers=optimizers, batch_sharding=sharding.batch_sharded(mesh),

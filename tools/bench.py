@@ -805,8 +805,9 @@ def learner_table(r: dict) -> str:
         ("JAX unfused", "ours, jitted calls from Python", r["jax_unfused"]),
     ]
     for run in r["torch"].get("runs", [r["torch"]]):
-        threads = f"{run.get('threads')} thread" + "s" * (run.get("threads", 1) > 1)
-        name = f"PyTorch {run['torch']} eager, {threads}" if "torch" in run else "PyTorch"
+        name = "PyTorch"
+        if "torch" in run:
+            name += f" {run['torch']} eager, {run['threads']} thread" + "s" * (run["threads"] > 1)
         rows.append((name, "torch.randint over tensors", run))
     for name, source, row in rows:
         if "train_steps_per_s" not in row:
