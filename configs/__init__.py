@@ -16,6 +16,7 @@ from typing import Literal
 import tyro
 
 from jaxvla.models import ModelConfig
+from jaxvla.models.pro import ProNetConfig
 
 Split = Literal["train", "novel"]
 SPLITS: tuple[str, ...] = typing.get_args(Split)
@@ -178,6 +179,78 @@ class PatchConfig:
     """BC steps of each SFT retraining (from the prior)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One patching run and one SFT sweep per seed."""
+    sft: bool = True
+    """Run the SFT comparison arm too."""
+    reward: Literal["operator", "pro"] = "operator"
+    """The learner's reward: the operator's sparse success label, or PRO's dense Δp - λρ (`pro`)."""
+    pro: str = "runs/pro"
+    """Run folder of the trained process-reward model (`jaxvla pro train`), read when reward is "pro"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProConfig:
+    """The Process-Reward Operator (Cortex 1.6): what it reads, how it is labelled, trained and used."""
+
+    net: ProNetConfig = ProNetConfig()
+    """The network."""
+    task: str = "pick_place"
+    """Task whose logged episodes `jaxvla pro collect` records and the uses run on."""
+    prior: str = "runs/default"
+    """Policy whose deployments `jaxvla pro collect` logs (pretrained prior run folder)."""
+    collect_episodes: int = 256
+    """Episodes per kind of deployment `collect` logs: the prior on train, on novel (sampled chunks),
+    and on novel with operator takeovers."""
+    datasets: tuple[str, ...] = ("{task}_train", "{task}_novel", "pro/{task}_prior_train",
+                                 "pro/{task}_prior_novel", "pro/{task}_takeover_novel")  # fmt: skip
+    """RLDS datasets under `pretrain.data_dir` it trains on ({task} is filled in): scripted, pretrained,
+    patched and failed episodes."""
+    heldout: float = 0.2
+    """Fraction of episodes (by episode-id hash) held out for evaluation."""
+    gamma: float = 0.97
+    """Discount of the implicit-reward return the progress value predicts."""
+    time_cost: float = 0.005
+    """Implicit reward per step (cycle time)."""
+    retry_cost: float = 0.05
+    """Implicit reward per retry."""
+    safety_cost: float = 0.1
+    """Implicit reward per slip, drop or collision event."""
+    failure_cost: float = 1.0
+    """Implicit reward of a failed episode's last step (success earns +1)."""
+    risk_horizon: int = 5
+    """Δ: steps ahead the risk head looks for a failure."""
+    comparison_weight: float = 0.5
+    """Weight of the episode-comparison loss."""
+    comparison_temperature: float = 0.1
+    """Value gap that makes a comparison confident (logit = gap / temperature)."""
+    faster_margin_s: float = 0.5
+    """Cycle-time gap [s] that ranks one success faster than another."""
+    steps: int = 4000
+    """Gradient steps."""
+    batch_size: int = 256
+    """Windows per step (half anchors, half partners)."""
+    learning_rate: float = 3e-4
+    warmup_steps: int = 200
+    weight_decay: float = 1e-4
+    log_every: int = 250
+    """Steps per jitted block; metrics are logged once per block."""
+    risk_threshold: float = 0.5
+    """rho above which the risk alarm is on (lead time)."""
+    risk_weight: float = 0.5
+    """λ in the dense reward Δp - λρ, the ranking score V - λρ and the episode score."""
+    rank_samples: int = 8
+    """K: candidate chunks ranked per step."""
+    gate_success: float = 0.2
+    """A retry is stopped when q_t, the predicted success, is below this."""
+    eval_episodes: int = 128
+    """Episodes per evaluation of the ranking (with and without)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size % 2 or self.steps % self.log_every:
+            raise ValueError("ProConfig: batch_size must be even and steps a multiple of log_every")
+
+    def dataset_names(self) -> tuple[str, ...]:
+        return tuple(name.format(task=self.task) for name in self.datasets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +271,8 @@ class Config:
     """The actor-critic that fine-tunes the prior."""
     patch: PatchConfig = PatchConfig()
     """Interactive policy patching."""
+    pro: ProConfig = ProConfig()
+    """The process-reward model."""
     out_dir: str = "runs"
     """Folder for checkpoints, logs and plots."""
     compile_cache: str = ".cache/jax"

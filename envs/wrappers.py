@@ -171,3 +171,33 @@ class Takeover(Wrapper):
                  "is_intervention": active, "stalled_for": stalled_for, "policy_action": policy_action,
                  "action": action}  # fmt: skip
         return dataclasses.replace(new, info={**new.info, **extra})
+
+
+class History(Wrapper):
+    """Keeps the last `length` observations and executed actions in `info["history"]`, oldest first, with
+    a `valid` flag (False before the episode's first step): what a model over a window of steps reads."""
+
+    def __init__(self, env, length: int):
+        super().__init__(env)
+        self.length = length
+
+    def _start(self, state: State) -> State:
+        empty = lambda x: jnp.zeros((self.length, *jnp.shape(x)), jnp.asarray(x).dtype)  # noqa: E731
+        history = {
+            "obs": jax.tree.map(empty, state.obs),
+            "action": jnp.zeros((self.length, self.env.action_size), jnp.float32),
+            "valid": jnp.zeros(self.length, bool),
+        }
+        return dataclasses.replace(state, info={**state.info, "history": history})
+
+    def step(self, state: State, action: jax.Array) -> State:
+        new = self.env.step(state, action)
+        executed = new.info.get("action", action)  # a Takeover below may have replaced the action
+        push = lambda buffer, x: jnp.concatenate([buffer[1:], jnp.asarray(x, buffer.dtype)[None]])  # noqa: E731
+        old = state.info["history"]
+        history = {
+            "obs": jax.tree.map(push, old["obs"], state.obs),
+            "action": push(old["action"], executed),
+            "valid": push(old["valid"], True),
+        }
+        return dataclasses.replace(new, info={**new.info, "history": history})

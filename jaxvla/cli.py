@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "export": ("tools.export", "Write a trained policy as one checksummed file for the numpy robot client."),
     "eval": ("tools.eval", "Evaluate a policy in MJX: success, failure modes, retries, cycle time."),
     "patch": ("tools.patch", "Patch the prior on the novel split with operator takeovers and SAC; vs SFT."),
+    "pro": ("tools.pro", "Process-Reward Operator: collect logs, train, evaluate, compare rewards."),
 }
 
 # The packages this project ships. A missing module outside them means an extra is not installed; a

@@ -27,7 +27,7 @@ from jaxvla.actor import fileformat
 from jaxvla.actor.fileformat import read_manifest
 from jaxvla.models.config import ModelConfig
 
-__all__ = ["ACTION_NAMES", "filename", "flat_arrays", "read_manifest", "write"]
+__all__ = ["ACTION_NAMES", "filename", "flat_arrays", "read_manifest", "write", "write_pro"]
 
 ACTION_NAMES = ("dx", "dy", "dz", "suction")  # the workcell's action, see envs.cell.apply_action
 SUFFIX = ".msgpack"
@@ -103,6 +103,26 @@ def write(
             raise FileExistsError(f"{target} holds another policy as version {version}; versions are final")
         return target
     _atomic_write(target, fileformat.pack(manifest, arrays))
+    return target
+
+
+def write_pro(path: str | os.PathLike, net, params: nnx.State, stats: dict, *, version: int) -> pathlib.Path:
+    """Writes a process-reward model (`jaxvla.models.pro`) in the same checksummed container, with
+    `"kind": "pro"` and its network spec under "pro"; `jaxvla.actor.pro.load` reads it."""
+    spec = ModelConfig(image=net.image).observation_spec(1)
+    manifest = {
+        "format": fileformat.FORMAT,
+        "format_version": fileformat.FORMAT_VERSION,
+        "kind": "pro",
+        "version": int(version),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "jaxvla_version": jaxvla.__version__,
+        "pro": net.to_dict(),
+        "observation": {k: {"shape": list(s.shape[1:]), "dtype": s.dtype.name} for k, s in spec.items()},
+        "normalization": _stats_lists(stats, spec),
+    }
+    target = pathlib.Path(path)
+    _atomic_write(target, fileformat.pack(manifest, flat_arrays(params)))
     return target
 
 

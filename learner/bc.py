@@ -79,11 +79,13 @@ def update(
 
 
 def train_steps(state: BCState, data: dict, key: jax.Array, *, num_steps: int, batch_size: int,
-                batch_sharding: NamedSharding | None, update_fn) -> tuple[BCState, dict]:  # fmt: skip
-    """`num_steps` updates in one scan; returns the new state and the metrics averaged over the block."""
+                batch_sharding: NamedSharding | None, update_fn,
+                sample_fn=sample_batch) -> tuple[BCState, dict]:  # fmt: skip
+    """`num_steps` updates in one scan; returns the new state and the metrics averaged over the block.
+    `sample_fn(data, key, batch_size)` draws each step's batch."""
 
     def body(state, _):
-        batch = sample_batch(data, jax.random.fold_in(key, state.step), batch_size)
+        batch = sample_fn(data, jax.random.fold_in(key, state.step), batch_size)
         if batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return update_fn(state, batch)

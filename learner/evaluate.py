@@ -20,6 +20,8 @@ from jaxvla.models import distributions
 
 # (params, obs {k: [B, ...]}, key) -> action [B, A]
 Actor = Callable[[object, dict, jax.Array], jax.Array]
+# (params, env state [B], key) -> action [B, A]: an actor that reads more than the observation
+StateActor = Callable[[object, object, jax.Array], jax.Array]
 
 
 def chunk_actor(graphdef, stats: dict, *, indicator: int | None = None, explore: bool = False) -> Actor:
@@ -39,20 +41,29 @@ def chunk_actor(graphdef, stats: dict, *, indicator: int | None = None, explore:
 class Evaluator:
     """`episodes` episodes of one task and split, compiled once, run for any params of the same shape."""
 
-    def __init__(self, task: str, split: str, episodes: int, actor: Actor, *, camera_res: int | None = None):
+    def __init__(self, task: str, split: str, episodes: int, actor: Actor | None = None, *,
+                 camera_res: int | None = None, state_actor: StateActor | None = None,
+                 wrap=None):  # fmt: skip
+        """Give `actor` (reads observations) or `state_actor` (reads the env state: history, step...);
+        `wrap(env) -> env` adds wrappers such a state actor needs."""
+        if (actor is None) == (state_actor is None):
+            raise ValueError("give exactly one of actor and state_actor")
         overrides = {"camera": True, "camera_res": camera_res} if camera_res else {}
         self.env = envs.make(task, split, **overrides)
+        if wrap is not None:
+            self.env = wrap(self.env)
         self.task, self.split, self.episodes = task, split, episodes
         self.length = self.env.config.max_steps
-        self._run = jax.jit(self._episodes_fn(actor))
+        state_actor = state_actor or (lambda params, s, k: actor(params, s.obs, k))
+        self._run = jax.jit(self._episodes_fn(state_actor))
 
-    def _episodes_fn(self, actor: Actor):
+    def _episodes_fn(self, actor: StateActor):
         reset, step = jax.vmap(self.env.reset), jax.vmap(self.env.step)
 
         def run(params, key):
             key_reset, key_act = jax.random.split(key)
             state = reset(jax.random.split(key_reset, self.episodes))
-            last, _ = rollout(step, lambda s, k: actor(params, s.obs, k), state, key_act, self.length)
+            last, _ = rollout(step, lambda s, k: actor(params, s, k), state, key_act, self.length)
             info = last.info
             return {
                 "success": info["success"],

@@ -4,9 +4,10 @@ Patching, one round at a time: the current policy runs a batch of episodes on th
 the scripted operator watches; at the first sign of failure (slip, force, a failure event, a stall) the
 operator takes over until the task has moved on, then hands back. Every step goes to the online source,
 the takeover steps (and the n steps after them, for n-step targets) also to the patch source; the sparse
-success the operator verifies is the reward. The SAC learner then runs its fused updates over the offline
-(the task's pretraining demonstrations), online and patch sources, and the new params are evaluated
-without the operator. Operator effort is counted as corrective episodes (episodes with any takeover) and
+success the operator verifies is the reward, or with `patch.reward = "pro"` the process-reward model's
+dense Δp - λρ (learner/pro.py; the offline demonstrations are relabelled with it too). The SAC learner
+then runs its fused updates over the offline (the task's pretraining demonstrations), online and patch
+sources, and the new params are evaluated without the operator. Operator effort is counted as corrective episodes (episodes with any takeover) and
 takeover steps.
 
 SFT retraining, the seeds' baseline: record full operator demonstrations on the split, then retrain the
@@ -18,6 +19,7 @@ round: rollout and update keys are `fold_in(key, round)`, so a resumed run conti
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -36,6 +38,7 @@ from envs.wrappers import Trigger
 from learner import bc
 from learner import dataset
 from learner import evaluate
+from learner import pro
 from learner import replay
 from learner import sac
 from learner import sharding
@@ -79,7 +82,9 @@ def effort(block: dict) -> dict:
 class Collector:
     """`num_envs` episodes of the policy with the scripted operator ready to take over: one jitted call."""
 
-    def __init__(self, task: str, split: str, num_envs: int, trigger: Trigger, actor: evaluate.Actor):
+    def __init__(self, task: str, split: str, num_envs: int, trigger: Trigger, actor: evaluate.Actor,
+                 relabel=None):  # fmt: skip
+        """`relabel(block, success) -> block` replaces the operator's sparse reward (PRO's dense one)."""
         self.env = Takeover(envs.make(task, split), trigger)
         self.num_envs, self.length = num_envs, self.env.config.max_steps
         reset, step = jax.vmap(self.env.reset), jax.vmap(self.env.step)
@@ -88,7 +93,8 @@ class Collector:
             key_reset, key_act = jax.random.split(key)
             state = reset(jax.random.split(key_reset, num_envs))
             last, record = rollout(step, lambda s, k: actor(params, s.obs, k), state, key_act, self.length)
-            return episode_block(record, version), last.info["success"]
+            block, success = episode_block(record, version), last.info["success"]
+            return (block if relabel is None else relabel(block, success)), success
 
         self._run = jax.jit(run)
 
@@ -164,7 +170,14 @@ def run_patching(config: Config, prior: Prior, offline: list[dict], run_dir: pat
     train_block = sac.make_train_steps(sc, mc, nets, sac.make_optimizers(sc), num_steps=pc.updates_per_round,
                                        mesh=mesh)  # fmt: skip
     explore = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=pc.explore)
-    collector = Collector(pc.task, pc.split, pc.envs_per_round, trigger_of(config), explore)
+    relabel = None
+    if pc.reward == "pro":
+        rewards = {"gamma": sc.gamma, "risk_weight": config.pro.risk_weight,
+                   "failure_cost": config.pro.failure_cost}  # fmt: skip
+        model = pro.load(pc.pro)
+        relabel = functools.partial(pro.relabel, model, **rewards)
+        offline = pro.relabel_episodes(model, offline, **rewards)
+    collector = Collector(pc.task, pc.split, pc.envs_per_round, trigger_of(config), explore, relabel)
     evaluator = evaluate.Evaluator(
         pc.task, pc.split, pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
     )

@@ -109,25 +109,34 @@ def env_record(record: dict, b: int, n: int) -> dict:
 
 def to_episode(record: dict, task: str) -> dict:
     """One env's record (numpy leaves [T, ...], ending at its last step) as an operator episode."""
-    n = len(record["reward"])
     command = record["action"][:, :ACTION_SIZE]  # the executed, noisy half is not kept
+    n = len(command)
+    return episode_from_record(record, task, action=command, policy_action=command.copy(),
+                               is_intervention=np.ones(n, bool), metadata=METADATA)  # fmt: skip
+
+
+def episode_from_record(record: dict, task: str, *, action: np.ndarray, policy_action: np.ndarray,
+                        is_intervention: np.ndarray, metadata: dict) -> dict:  # fmt: skip
+    """One env's rollout record (numpy leaves [T, ...], ending at its last step) as an RLDS episode;
+    `metadata` gives robot_id, policy_version and source."""
+    n = len(record["reward"])
     terminal = record["done"] & ~record["truncated"]
     info = record["info"]
     last = {k: info[k][-1] for k in ("success", "retries", "cycle_time")}
     steps = {
         "observation": record["obs"],
-        "action": command,
-        "policy_action": command.copy(),  # the operator is the policy here
+        "action": action,
+        "policy_action": policy_action,
         "reward": record["reward"],
         "discount": np.where(terminal, 0.0, 1.0).astype(np.float32),
         "is_first": np.arange(n) == 0,
         "is_last": np.arange(n) == n - 1,
         "is_terminal": terminal,
-        "is_intervention": np.ones(n, bool),
+        "is_intervention": is_intervention,
         "failure_mode": info["failure_mode"],
         "events": info["events"],
     }
-    metadata = {
+    meta = {
         "episode_id": str(uuid.uuid4()),
         "task": task,
         "prompt": tokenizer.decode(record["obs"]["prompt"][0]),
@@ -135,9 +144,9 @@ def to_episode(record: dict, task: str) -> dict:
         "operator_reward": float(last["success"]),
         "retries": int(last["retries"]),
         "cycle_time": float(last["cycle_time"]),
-        **METADATA,
+        **metadata,
     }
-    return {"steps": steps, "episode_metadata": metadata}
+    return {"steps": steps, "episode_metadata": meta}
 
 
 def generate(task: str, split: str, episodes: int, *, num_envs: int = 64, seed: int = 0, noise: float = NOISE,

@@ -21,6 +21,7 @@ from learner import evaluate
 from learner import patch
 from learner import pretrain
 from tools import data
+from tools import pro as pro_tool
 
 PROG = "jaxvla patch"
 TARGET = 0.95  # the seed's claim: patching reaches 95% success on the split the prior fails on
@@ -38,7 +39,7 @@ def seed_summary(patch_records: list[dict], sft_records: list[dict], train_succe
     # The goal is the seed's 95%, or, where patching fell short, the best it reached (if above the prior).
     goal = TARGET if best >= TARGET else (best if best > patch_records[0]["success_rate"] else None)
     patched = first_reaching(patch_records, goal) if goal is not None else None
-    sft = first_reaching(sft_records, goal) if goal is not None else None
+    sft = first_reaching(sft_records, goal) if goal is not None and sft_records else None
     ratio = (sft["corrective_episodes"] / max(patched["corrective_episodes"], 1)) if sft and patched else None
     return {
         "goal_success": goal,
@@ -50,7 +51,7 @@ def seed_summary(patch_records: list[dict], sft_records: list[dict], train_succe
         "patch_wall_s_to_goal": patched["wall_s"] if patched else None,
         "sft_demos_to_goal": sft["corrective_episodes"] if sft else None,
         "sft_operator_steps_to_goal": sft["takeover_steps"] if sft else None,
-        "sft_best_success": max(r["success_rate"] for r in sft_records),
+        "sft_best_success": max((r["success_rate"] for r in sft_records), default=None),
         "effort_ratio_sft_over_patch": ratio,
         "patched_train_success": train_success,
         "patch_final": {
@@ -150,19 +151,25 @@ def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
     jax.config.update("jax_compilation_cache_dir", config.compile_cache)
     pc, pre = config.patch, config.pretrain
-    out = pathlib.Path(config.out_dir) / f"patch-{pc.task}"
+    out = pathlib.Path(config.out_dir) / (f"patch-{pc.task}" + ("-pro" if pc.reward == "pro" else ""))
     prior = load_prior(pc.prior)
     offline = data.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes, seed=pre.seed)
-    demos = data.load_or_generate(pre.data_dir, pc.task, pc.split, max(pc.sft_demos), seed=pre.seed + 1,
-                                  noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
+    demos = []
+    if pc.sft:
+        demos = data.load_or_generate(pre.data_dir, pc.task, pc.split, max(pc.sft_demos), seed=pre.seed + 1,
+                                      noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
     on_train = evaluate.Evaluator(pc.task, "train", pc.eval_episodes,
                                   evaluate.chunk_actor(prior.graphdef, prior.stats))  # fmt: skip
     results, summaries = {}, {}
     for seed in pc.seeds:
         records, actor = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
         train_success = evaluate.summarize(on_train(actor, jax.random.key(seed)))["success_rate"]
-        sft = patch.run_sft(config, prior, demos, offline, seed=seed)
+        sft = patch.run_sft(config, prior, demos, offline, seed=seed) if pc.sft else []
         results[seed] = {"patch": records, "sft": sft, "patched_train_success": train_success}
+        if pc.reward == "pro":  # PRO's other use: rank K sampled chunks of the patched policy
+            patched = dataclasses.replace(prior, params=actor)
+            results[seed]["ranking"] = pro_tool.ranking_evaluations(config, patched, pc.split, seed,
+                                                                    pro_dir=pc.pro)  # fmt: skip
         summaries[seed] = seed_summary(records, sft, train_success)
         print(json.dumps({"seed": seed, **summaries[seed]}, default=str))
     prior_row = {

@@ -36,14 +36,7 @@ class Policy:
             self.chunk, self.action_size = model["chunk"], model["action_size"]
         except (KeyError, TypeError) as err:
             raise fileformat.PolicyFileError(f"the manifest lacks or misstates {err}") from err
-        missing = sorted(k for k in self._inputs if k != "prompt" and k not in stats)
-        if missing:
-            raise fileformat.PolicyFileError(f"the manifest has no normalisation statistics for {missing}")
-        # The encoder reads the four state vectors concatenated. They are concatenated before normalising,
-        # their statistics likewise: normalising is elementwise, so the numbers are the same as normalising
-        # each, in one `normalize` step instead of four.
-        state = {n: np.concatenate([stats[k][n] for k in STATE_KEYS]) for n in ("mean", "std")}
-        self._stats = {"state": state, **({"image": stats["image"]} if "image" in self._inputs else {})}
+        self._stats = state_stats(stats, self._inputs)
         self._manifest = manifest
 
     @property
@@ -102,6 +95,17 @@ class Policy:
         if values.min() < INDICATOR_NONE or values.max() > INDICATOR_NEGATIVE:
             raise ValueError(f"indicator must be 0 (none), 1 (positive) or 2 (negative), got {indicator}")
         return values
+
+
+def state_stats(stats: dict, inputs) -> dict:
+    """The manifest's statistics for what an encoder reads: "state" (the STATE_KEYS vectors, concatenated
+    before normalising, their statistics likewise: normalising is elementwise, so the numbers are those of
+    normalising each, in one step instead of four) and "image" if `inputs` has it."""
+    missing = sorted(k for k in inputs if k != "prompt" and k not in stats)
+    if missing:
+        raise fileformat.PolicyFileError(f"the manifest has no normalisation statistics for {missing}")
+    state = {n: np.concatenate([stats[k][n] for k in STATE_KEYS]) for n in ("mean", "std")}
+    return {"state": state, **({"image": stats["image"]} if "image" in inputs else {})}
 
 
 def _tokens(obs: dict) -> np.ndarray:

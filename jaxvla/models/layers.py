@@ -66,7 +66,8 @@ class EnsembleMLP(nnx.Module):
 
 
 class TransformerBlock(nnx.Module):
-    """Pre-LayerNorm self-attention and MLP, both residual. x [B, N, D], mask [B, N] (True = attend)."""
+    """Pre-LayerNorm self-attention and MLP, both residual. x [B, N, D]; mask (True = attend) is [B, N]
+    over keys, or [B, N, N] over (query, key) pairs (causal or banded attention)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int, *, dtype, rngs: nnx.Rngs):
         if width % heads:
@@ -84,6 +85,7 @@ class TransformerBlock(nnx.Module):
         q, k, v = jnp.split(
             self.qkv(self.norm_attention(x)).reshape(b, n, 3 * self.heads, d // self.heads), 3, 2
         )
-        attended = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])  # [B, N, H, D/H]
+        mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
+        attended = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, N, H, D/H]
         x = x + self.out(attended.reshape(b, n, d))
         return x + self.down(ACTIVATION(self.up(self.norm_mlp(x))))

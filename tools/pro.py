@@ -1,0 +1,452 @@
+"""`jaxvla pro <collect|train|eval|report> [config] [--pro.field value ...]`: the Process-Reward Operator.
+
+- `collect`: log deployments of `pro.prior` on `pro.task` as RLDS episodes under `<data_dir>/pro/`: the
+  prior on train and on novel (chunks sampled from it, so they vary), and on novel with the scripted
+  operator taking over (patched and recovered episodes); the operator's demonstrations on both splits are
+  made too if missing. These plus the demonstrations are the episode store PRO trains from.
+- `train`: train PRO on every dataset in `pro.datasets` except the held-out episodes; checkpoints,
+  `metrics.jsonl` and the numpy export (`pro.msgpack`) go to `<out_dir>/pro/`; rerun to resume.
+- `eval`: held-out figures (value-order correlation, risk AUROC, calibration, drop lead time, termination
+  accuracy, episode score), retry gating, ranking K chunks in MJX with and without PRO, and `episode.png`:
+  value, risk and termination over one episode with its events marked. Writes `eval.json` and `eval.md`.
+- `report`: the patching comparison, sparse operator reward against PRO reward, from the two
+  `jaxvla patch` reports (`--patch.reward pro` writes the second): `compare.md` and `compare.png`.
+"""
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+import configs
+import envs
+from envs.cell import EVENTS
+from envs.cell import FAILURE_MODES
+from envs.rollout import rollout
+from envs.wrappers import History
+from envs.wrappers import Takeover
+from envs.wrappers import Trigger
+from jaxvla import episodes as rlds
+from jaxvla import export
+from jaxvla import normalization
+from learner import bc
+from learner import evaluate
+from learner import patch
+from learner import pro
+from learner import sharding
+from learner.checkpoints import Checkpoints
+from learner.pretrain import MetricsLog
+from tools import data
+from tools import patch as patch_tool
+
+PROG = "jaxvla pro"
+ACTIONS = ("collect", "train", "eval", "report")
+NEVER = Trigger(slip=math.inf, force=math.inf, on_failure_event=False, stall_steps=2**30, disagreement=0.0)
+PLOTTED_EVENTS = ("grasp", "slip", "drop", "retry", "missed_grasp", "collision")
+
+
+def run_dir(config: configs.Config) -> pathlib.Path:
+    return pathlib.Path(config.out_dir) / "pro"
+
+
+# ------------------------------------------------------------------------------------------- collect
+def deployment_batch(task: str, split: str, num_envs: int, trigger: Trigger, actor):
+    """(params, key) -> rollout record [T, B] of the policy, the operator taking over on `trigger`."""
+    env = Takeover(envs.make(task, split), trigger)
+    reset, step = jax.vmap(env.reset), jax.vmap(env.step)
+
+    def run(params, key):
+        key_reset, key_act = jax.random.split(key)
+        state = reset(jax.random.split(key_reset, num_envs))
+        return rollout(step, lambda s, k: actor(params, s.obs, k), state, key_act, env.config.max_steps)[1]
+
+    return jax.jit(run)
+
+
+def record_episodes(record: dict, task: str, version: str) -> list[dict]:
+    """One RLDS episode per env of a deployment record (numpy [T, B]); "patch" if the operator acted."""
+    ended = record["done"] | record["truncated"]
+    lengths = np.where(ended.any(axis=0), ended.argmax(axis=0) + 1, len(ended))
+    out = []
+    for b, n in enumerate(lengths):
+        r = data.env_record(record, b, n)
+        info = r["info"]
+        source = "patch" if info["is_intervention"].any() else "online"
+        out.append(data.episode_from_record(
+            r, task, action=info["action"], policy_action=info["policy_action"],
+            is_intervention=info["is_intervention"],
+            metadata={"robot_id": "sim-0", "policy_version": version, "source": source},
+        ))  # fmt: skip
+    return out
+
+
+def collect(config: configs.Config) -> int:
+    pc, pre = config.pro, config.pretrain
+    prior = patch_tool.load_prior(pc.prior)
+    data.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
+    data.load_or_generate(pre.data_dir, pc.task, "novel", max(config.patch.sft_demos), seed=pre.seed + 1,
+                          noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
+    sampled = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=True)
+    kinds = {"prior_train": ("train", NEVER), "prior_novel": ("novel", NEVER),
+             "takeover_novel": ("novel", patch.trigger_of(config))}  # fmt: skip
+    batch = min(64, pc.collect_episodes)
+    for i, (kind, (split, trigger)) in enumerate(kinds.items()):
+        run = deployment_batch(pc.task, split, batch, trigger, sampled)
+        episodes = []
+        for j in tqdm(range(math.ceil(pc.collect_episodes / batch)), desc=f"collect {kind}", unit="batch"):
+            key = jax.random.fold_in(jax.random.key(pc.seed), 1000 * i + j)
+            episodes += record_episodes(jax.device_get(run(prior.params, key)), pc.task, str(prior.step))
+        episodes = episodes[: pc.collect_episodes]
+        path = pathlib.Path(pre.data_dir) / "pro" / f"{pc.task}_{kind}"
+        rlds.write_episodes(path, episodes, overwrite=True)
+        success = np.mean([ep["episode_metadata"]["success"] for ep in episodes])
+        helped = np.mean([ep["steps"]["is_intervention"].any() for ep in episodes])
+        print(f"{path}: {len(episodes)} episodes, success {success:.0%}, operator took over in {helped:.0%}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- train
+def load_store(config: configs.Config) -> list[dict]:
+    episodes = []
+    for name in config.pro.dataset_names():
+        path = pathlib.Path(config.pretrain.data_dir) / name
+        if not path.exists():
+            raise SystemExit(f"{PROG}: no dataset {path}; run `{PROG} collect {config.name}` first")
+        episodes += rlds.read_episodes(path)
+    return episodes
+
+
+def train(config: configs.Config) -> int:
+    pc = config.pro
+    out = run_dir(config)
+    train_eps, held = pro.split_heldout(load_store(config), pc.heldout)
+    print(f"{len(train_eps)} training episodes, {len(held)} held out")
+    stats = normalization.compute({k: np.concatenate([ep["steps"]["observation"][k] for ep in train_eps])
+                                   for k in train_eps[0]["steps"]["observation"]})  # fmt: skip
+    mesh = sharding.make_mesh()
+    dataset = jax.device_put(pro.build_dataset(train_eps, pc), sharding.replicated(mesh))
+    graphdef, params = nnx.split(pc.net.create(pc.seed), nnx.Param)
+    optimizer = bc.make_optimizer(pc.learning_rate, pc.steps, pc.warmup_steps, pc.weight_decay)
+    state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
+    checkpoints = Checkpoints(out / "checkpoints", keep=2)
+    if checkpoints.latest_step() is not None:
+        state, _ = checkpoints.restore(state)
+        print(f"resumed {out} at step {int(state.step)}")
+    train_block = pro.make_train_steps(graphdef, stats, optimizer, pc, mesh)
+    log = MetricsLog(out / "metrics.jsonl")
+    meta = pro.checkpoint_meta(pc, stats)
+    key = jax.random.key(pc.seed)
+    bar = tqdm(total=pc.steps, initial=int(state.step), desc="PRO train", unit="step")
+    tic = time.perf_counter()
+    while int(state.step) < pc.steps:
+        state, metrics = train_block(state, dataset, key)
+        record = {"step": int(state.step), "wall_s": time.perf_counter() - tic,
+                  **{k: float(v) for k, v in jax.device_get(metrics).items()}}  # fmt: skip
+        log.write(record)
+        checkpoints.save(int(state.step), state, meta)
+        bar.update(pc.log_every)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", risk=f"{record['risk']:.3f}")
+    bar.close()
+    checkpoints.close()
+    path = export.write_pro(out / "pro.msgpack", pc.net, state.params, stats, version=int(state.step))
+    print(f"wrote {out}/checkpoints and {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def ranking_evaluations(config: configs.Config, policy, split: str, seed: int = 0, *,
+                        pro_dir: str | None = None) -> dict:  # fmt: skip
+    """Success of `policy` (a Prior-like: graphdef, params, stats) on `split`: its deterministic chunk,
+    one sampled chunk, and the best of K sampled chunks by the PRO in `pro_dir` (default: this run's)."""
+    pc = config.pro
+    model = pro.load(pro_dir or run_dir(config))
+    key = jax.random.key(seed)
+    actors = {
+        "mode": {"actor": evaluate.chunk_actor(policy.graphdef, policy.stats)},
+        "sampled": {"actor": evaluate.chunk_actor(policy.graphdef, policy.stats, explore=True)},
+        f"ranked_k{pc.rank_samples}": {
+            "state_actor": pro.ranking_actor(
+                policy.graphdef, policy.stats, model, samples=pc.rank_samples, risk_weight=pc.risk_weight
+            ),
+            "wrap": lambda env: History(env, pc.net.window),
+        },  # fmt: skip
+    }
+    out = {}
+    for name, kwargs in actors.items():
+        evaluator = evaluate.Evaluator(pc.task, split, pc.eval_episodes, **kwargs)
+        out[name] = evaluate.summarize(evaluator(policy.params, key))
+    return out
+
+
+def plot_episode(episode: dict, readouts: dict, path: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.arange(len(readouts["value"]))
+    events = np.asarray(episode["steps"]["events"])
+    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True)
+    axes[0].plot(t, readouts["value"], color="C0")
+    axes[0].set_ylabel("progress value V")
+    risk = readouts["risk"]
+    axes[1].stackplot(t, *[risk[:, k] for k in range(1, risk.shape[1])], labels=FAILURE_MODES[1:], alpha=0.8)
+    axes[1].set_ylabel("risk ρ by mode")
+    axes[1].legend(loc="upper left", fontsize=7, ncol=3)
+    axes[2].plot(t, readouts["done"], label="d: P(done)")
+    axes[2].plot(t, readouts["success"], label="q: P(success)")
+    axes[2].set_ylabel("termination")
+    axes[2].legend(loc="upper left", fontsize=8)
+    telemetry = episode["steps"]["observation"]["telemetry"]
+    for i, name in enumerate(("vacuum / p_max", "force / 50 N", "slip ratio")):
+        axes[3].plot(t, telemetry[:, i], label=name)
+    axes[3].set_ylabel("telemetry")
+    axes[3].legend(loc="upper left", fontsize=8)
+    axes[3].set_xlabel("control step (10 Hz)")
+    intervention = np.asarray(episode["steps"]["is_intervention"])
+    for ax in axes:
+        for k, name in enumerate(PLOTTED_EVENTS):
+            for s in np.flatnonzero(events[:, EVENTS.index(name)]):
+                ax.axvline(s, color=f"C{k + 3}", lw=1, ls="--", label=name if ax is axes[0] else None)
+        operator = "operator" if ax is axes[0] and intervention.any() else None
+        ax.fill_between(t, 0, 1, where=intervention, transform=ax.get_xaxis_transform(), color="grey",
+                        alpha=0.15, label=operator)  # fmt: skip
+    axes[0].legend(loc="lower right", fontsize=7, ncol=4)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def example_episode(episodes: list[dict]) -> int:
+    """A held-out episode worth plotting: one with a drop, else a failure, else the first."""
+    for wanted in ("drop", "slip"):
+        for i, ep in enumerate(episodes):
+            if np.asarray(ep["steps"]["events"])[:, EVENTS.index(wanted)].any():
+                return i
+    return next((i for i, ep in enumerate(episodes) if not ep["episode_metadata"]["success"]), 0)
+
+
+def gating_summary(episodes: list[dict], readouts: list[dict], pc: configs.ProConfig) -> dict:
+    hz = envs.make(pc.task).config.control_hz
+    gated = pro.gated_outcomes(episodes, readouts, pc.gate_success, hz)
+    success = np.array([ep["episode_metadata"]["success"] for ep in episodes], bool)
+    cycle = np.array([ep["episode_metadata"]["cycle_time"] for ep in episodes])
+    per_hour = lambda s, c: float(np.sum(s) / (np.sum(c) / 3600.0))  # noqa: E731
+    return {
+        "episodes": len(episodes),
+        "stopped": int(gated["stopped"].sum()),
+        "stopped_that_would_succeed": int((gated["stopped"] & success).sum()),
+        "success_without_gate": float(success.mean()),
+        "success_with_gate": float(gated["success"].mean()),
+        "hours_without_gate": float(cycle.sum() / 3600.0),
+        "hours_with_gate": float(gated["cycle_time"].sum() / 3600.0),
+        "throughput_without_gate": per_hour(success, cycle),
+        "throughput_with_gate": per_hour(gated["success"], gated["cycle_time"]),
+    }
+
+
+def eval_markdown(result: dict) -> str:
+    h, g = result["heldout"], result["gating"]
+    voc = h["value_order_correlation"]
+    lines = [
+        f"# PRO on held-out episodes ({h['episodes']} episodes, {h['steps']} steps)",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| value-order correlation (Spearman V vs t, successes) | {voc['mean']:.3f} mean, "
+        f"{voc['median']:.3f} median |",
+        f"| risk AUROC, failure within Δ | {h['risk_auroc']:.3f} |",
+        f"| risk calibration error (ECE) | {h['risk_calibration_error']:.3f} |",
+        f"| drop lead time [steps] | median {h['drop_lead_steps']['median']}, mean "
+        f"{h['drop_lead_steps']['mean']} over {h['drops']} drops; warned >= 2 steps ahead: "
+        f"{h['drop_lead_steps']['warned']} |",
+        f"| termination accuracy (balanced) | {h['termination_accuracy']:.3f} "
+        f"({h['termination_balanced_accuracy']:.3f}) |",
+        f"| outcome accuracy at the last step | {h['outcome_accuracy_at_end']:.3f} |",
+        f"| episode score vs implicit return, Spearman | {h['quality_vs_implicit_return_spearman']:.3f} |",
+        f"| episode score AUROC for success | {h['quality_success_auroc']:.3f} |",
+        "",
+        f"Retry gating (stop at a retry when q < gate): stopped {g['stopped']} of {g['episodes']} "
+        f"({g['stopped_that_would_succeed']} would have succeeded); success "
+        f"{g['success_without_gate']:.1%} -> {g['success_with_gate']:.1%}; "
+        f"throughput {g['throughput_without_gate']:.0f} -> "
+        f"{g['throughput_with_gate']:.0f} successes/h.",
+        "",
+        "| ranking (MJX) | split | success | retries/ep | recovery | succ/h |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for split, rows in result["ranking"].items():
+        for name, r in rows.items():
+            recovery = f"{r['recovery_rate']:.0%}" if r["recovery_rate"] is not None else "-"
+            lines.append(f"| {name} | {split} | {r['success_rate']:.1%} | {r['retries_per_episode']:.2f} | "
+                         f"{recovery} | {r['throughput_per_hour']:.0f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_pro(config: configs.Config) -> int:
+    pc = config.pro
+    out = run_dir(config)
+    model = pro.load(out)
+    _, held = pro.split_heldout(load_store(config), pc.heldout)
+    readouts = pro.score_episodes(model, held)
+    result = {"heldout": pro.evaluation(held, readouts, pc), "gating": gating_summary(held, readouts, pc)}
+    i = example_episode(held)
+    meta = held[i]["episode_metadata"]
+    plot_episode(held[i], readouts[i], out / "episode.png",
+                 f"PRO over a held-out episode: {meta['task']}, success {meta['success']}, "
+                 f"retries {meta['retries']}, source {meta['source']}")  # fmt: skip
+    prior = patch_tool.load_prior(pc.prior)
+    result["ranking"] = {split: ranking_evaluations(config, prior, split) for split in ("train", "novel")}
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    report = eval_markdown(result)
+    (out / "eval.md").write_text(report)
+    print(report)
+    print(f"wrote {out / 'eval.md'}, {out / 'eval.json'}, {out / 'episode.png'}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- report
+def first_reaching(records: list[dict], level: float) -> dict | None:
+    return next((r for r in records if r["success_rate"] >= level), None)
+
+
+def arm_summary(records: list[dict], level: float) -> dict:
+    """One seed of one arm: effort to reach `level` and the final figures."""
+    hit, final = first_reaching(records, level), records[-1]
+    return {
+        "env_steps_to_level": hit["env_steps"] if hit else None,
+        "wall_s_to_level": hit["wall_s"] if hit else None,
+        "corrective_episodes_to_level": hit["corrective_episodes"] if hit else None,
+        "takeover_steps_to_level": hit["takeover_steps"] if hit else None,
+        "best_success": max(r["success_rate"] for r in records[1:]),
+        "final_success": final["success_rate"],
+        "final_recovery": final["recovery_rate"],
+        "final_retries": final["retries_per_episode"],
+        "final_corrective_episodes": final["corrective_episodes"],
+        "final_takeover_steps": final["takeover_steps"],
+    }
+
+
+def compare(sparse: dict, dense: dict, levels: tuple[float, ...]) -> dict:
+    out = {}
+    for level in levels:
+        arms = {}
+        for name, report in (("sparse", sparse), ("pro", dense)):
+            arms[name] = {seed: arm_summary(r["patch"], level) for seed, r in report["seeds"].items()}
+        out[f"{level:.2f}"] = arms
+    return out
+
+
+def report(config: configs.Config) -> int:
+    base = pathlib.Path(config.out_dir)
+    paths = {"sparse": base / f"patch-{config.patch.task}" / "report.json",
+             "pro": base / f"patch-{config.patch.task}-pro" / "report.json"}  # fmt: skip
+    for name, path in paths.items():
+        if not path.exists():
+            flag = " --patch.reward pro" if name == "pro" else ""
+            raise SystemExit(f"{PROG}: no {path}; run `jaxvla patch {config.name}{flag}` first")
+    sparse, dense = (json.loads(p.read_text()) for p in paths.values())
+    result = compare(sparse, dense, (0.95, 0.80, 0.70))
+    ranking = {seed: r.get("ranking") for seed, r in dense["seeds"].items()}
+    text = compare_markdown(result, ranking)
+    out = run_dir(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps({"levels": result, "ranking": ranking}, indent=1))
+    (out / "compare.md").write_text(text)
+    compare_plot(sparse, dense, out / "compare.png")
+    print(text)
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.png'}")
+    return 0
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "not reached"
+    text = f"{np.mean(values):.3g} ± {np.std(values):.2g}"
+    return text if len(values) > 1 else f"{values[0]:.3g}"
+
+
+def compare_markdown(result: dict, ranking: dict) -> str:
+    measures = (
+        ("env_steps_to_level", "env steps to reach it"), ("wall_s_to_level", "wall-clock to reach it [s]"),
+        ("corrective_episodes_to_level", "corrective episodes to reach it"),
+        ("takeover_steps_to_level", "operator takeover steps to reach it"),
+    )  # fmt: skip
+    finals = (
+        ("best_success", "best success"), ("final_success", "final success"),
+        ("final_recovery", "recovery after a first failure (final)"),
+        ("final_retries", "retries per episode (final)"),
+        ("final_corrective_episodes", "operator interventions: corrective episodes (all rounds)"),
+        ("final_takeover_steps", "operator takeover steps (all rounds)"),
+    )  # fmt: skip
+    lines = ["# Patching with the sparse operator reward vs the PRO reward", ""]
+    for level, arms in result.items():
+        reached = {n: sum(v["env_steps_to_level"] is not None for v in a.values()) for n, a in arms.items()}
+        lines += [f"## success >= {float(level):.0%} (seeds reaching it: sparse {reached['sparse']}, "
+                  f"PRO {reached['pro']})", "", "| measure | sparse | PRO |", "|---|---:|---:|"]  # fmt: skip
+        for key, name in measures:
+            row = [mean_std([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
+            lines.append(f"| {name} | {row[0]} | {row[1]} |")
+        lines.append("")
+    arms = next(iter(result.values()))
+    lines += ["## Final figures", "", "| measure | sparse | PRO |", "|---|---:|---:|"]
+    for key, name in finals:
+        row = [mean_std([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
+        lines.append(f"| {name} | {row[0]} | {row[1]} |")
+    if any(ranking.values()):
+        lines += ["", "## Ranking K chunks with PRO (final PRO-patched policies)", "",
+                  "| seed | mode | one sample | best of K |", "|---|---:|---:|---:|"]  # fmt: skip
+        for seed, rows in ranking.items():
+            if rows:
+                cells = [f"{r['success_rate']:.1%}" for r in rows.values()]
+                lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_plot(sparse: dict, dense: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for color, (name, report_) in zip(("C0", "C2"), (("sparse reward", sparse), ("PRO reward", dense)),
+                                      strict=True):  # fmt: skip
+        for i, result in enumerate(report_["seeds"].values()):
+            records = result["patch"]
+            for ax, key in zip(axes, ("env_steps", "wall_s", "takeover_steps"), strict=True):
+                ax.plot([r[key] for r in records], [r["success_rate"] for r in records], "-o", ms=3,
+                        alpha=0.7, color=color, label=name if i == 0 else None)  # fmt: skip
+    for ax, label in zip(
+        axes, ("environment steps", "wall-clock [s]", "operator takeover steps"), strict=True
+    ):
+        ax.set_xlabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.axhline(0.95, color="grey", lw=0.8, ls=":")
+    axes[0].set_ylabel("success on novel (no operator)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ACTIONS:
+        print(f"usage: {PROG} <{'|'.join(ACTIONS)}> [config] [--pro.field value ...]", file=sys.stderr)
+        return 2
+    action, rest = argv[0], argv[1:]
+    config = configs.cli(rest, prog=f"{PROG} {action}")
+    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    return {"collect": collect, "train": train, "eval": evaluate_pro, "report": report}[action](config)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
