@@ -303,7 +303,8 @@ def evaluate_pro(config: configs.Config) -> int:
                  f"PRO over a held-out episode: {meta['task']}, success {meta['success']}, "
                  f"retries {meta['retries']}, source {meta['source']}")  # fmt: skip
     prior = patch_tool.load_prior(pc.prior)
-    result["ranking"] = {split: ranking_evaluations(config, prior, split) for split in ("train", "novel")}
+    # On novel the prior fails every episode; the patched policies are ranked there by `jaxvla patch`.
+    result["ranking"] = {"train": ranking_evaluations(config, prior, "train")}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     report = eval_markdown(result)
     (out / "eval.md").write_text(report)
@@ -353,9 +354,14 @@ def report(config: configs.Config) -> int:
             flag = " --patch.reward pro" if name == "pro" else ""
             raise SystemExit(f"{PROG}: no {path}; run `jaxvla patch {config.name}{flag}` first")
     sparse, dense = (json.loads(p.read_text()) for p in paths.values())
+    # The same budget for both arms: the rounds both ran.
+    rounds = min(len(r["patch"]) for report_ in (sparse, dense) for r in report_["seeds"].values())
+    for report_ in (sparse, dense):
+        for r in report_["seeds"].values():
+            r["patch"] = r["patch"][:rounds]
     result = compare(sparse, dense, (0.95, 0.80, 0.70))
     ranking = {seed: r.get("ranking") for seed, r in dense["seeds"].items()}
-    text = compare_markdown(result, ranking)
+    text = compare_markdown(result, ranking, rounds - 1)
     out = run_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps({"levels": result, "ranking": ranking}, indent=1))
@@ -374,7 +380,7 @@ def mean_std(values) -> str:
     return text if len(values) > 1 else f"{values[0]:.3g}"
 
 
-def compare_markdown(result: dict, ranking: dict) -> str:
+def compare_markdown(result: dict, ranking: dict, rounds: int) -> str:
     measures = (
         ("env_steps_to_level", "env steps to reach it"), ("wall_s_to_level", "wall-clock to reach it [s]"),
         ("corrective_episodes_to_level", "corrective episodes to reach it"),
@@ -387,7 +393,12 @@ def compare_markdown(result: dict, ranking: dict) -> str:
         ("final_corrective_episodes", "operator interventions: corrective episodes (all rounds)"),
         ("final_takeover_steps", "operator takeover steps (all rounds)"),
     )  # fmt: skip
-    lines = ["# Patching with the sparse operator reward vs the PRO reward", ""]
+    lines = [
+        "# Patching with the sparse operator reward vs the PRO reward",
+        "",
+        f"Both arms over their first {rounds} rounds (same episodes per round and updates).",
+        "",
+    ]
     for level, arms in result.items():
         reached = {n: sum(v["env_steps_to_level"] is not None for v in a.values()) for n, a in arms.items()}
         lines += [f"## success >= {float(level):.0%} (seeds reaching it: sparse {reached['sparse']}, "
