@@ -359,7 +359,7 @@ def report(config: configs.Config) -> int:
     for report_ in (sparse, dense):
         for r in report_["seeds"].values():
             r["patch"] = r["patch"][:rounds]
-    result = compare(sparse, dense, (0.95, 0.80, 0.70))
+    result = compare(sparse, dense, (0.95, 0.80, 0.30))
     ranking = {seed: r.get("ranking") for seed, r in dense["seeds"].items()}
     text = compare_markdown(result, ranking, rounds - 1)
     out = run_dir(config)
