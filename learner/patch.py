@@ -7,8 +7,8 @@ the takeover steps (and the n steps after them, for n-step targets) also to the 
 success the operator verifies is the reward, or with `patch.reward = "pro"` the process-reward model's
 dense Δp - λρ (learner/pro.py; the offline demonstrations are relabelled with it too). The SAC learner
 then runs its fused updates over the offline (the task's pretraining demonstrations), online and patch
-sources, and the new params are evaluated without the operator. Operator effort is counted as corrective episodes (episodes with any takeover) and
-takeover steps.
+sources, and the new params are evaluated without the operator. Operator effort is counted as corrective
+episodes (episodes with any takeover) and takeover steps.
 
 SFT retraining, the seeds' baseline: record full operator demonstrations on the split, then retrain the
 prior by behaviour cloning on them plus the same offline demonstrations; the effort is one corrective
