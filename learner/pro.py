@@ -37,6 +37,7 @@ from envs.cell import EVENTS
 from envs.cell import MISSED_GRASP
 from envs.cell import SLIP
 from envs.cell import TIMEOUT
+from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
 from jaxvla.models import heads
@@ -385,7 +386,6 @@ def window_from_history(history: dict, obs: dict, step: jax.Array, candidates: j
 def ranking_actor(policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float):
     """(policy params, env state, key) -> action [B, A]: sample K chunks from the policy, score each by
     V - λ rho at the current step, execute the first action of the best (the env needs a History wrapper)."""
-    from jaxvla import models
 
     def act(params, state, key):
         obs = normalization.normalize(state.obs, policy_stats)

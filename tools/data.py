@@ -97,9 +97,14 @@ def operator_batch(task: str, split: str, num_envs: int):
 
 def to_episodes(record: dict, task: str) -> list[dict]:
     """One RLDS episode per env of a batch record (numpy leaves [T, B, ...]), each cut where it ended."""
+    return [to_episode(r, task) for r in env_records(record)]
+
+
+def env_records(record: dict) -> list[dict]:
+    """A batch record (numpy leaves [T, B, ...]) split per env, each cut at the step its episode ended."""
     ended = record["done"] | record["truncated"]  # [T, B]
     lengths = np.where(ended.any(axis=0), ended.argmax(axis=0) + 1, len(ended))  # [B]
-    return [to_episode(env_record(record, b, n), task) for b, n in enumerate(lengths)]
+    return [env_record(record, b, n) for b, n in enumerate(lengths)]
 
 
 def env_record(record: dict, b: int, n: int) -> dict:

@@ -29,6 +29,7 @@ import envs
 from envs.cell import EVENTS
 from envs.cell import FAILURE_MODES
 from envs.rollout import rollout
+from envs.tasks import get_task
 from envs.wrappers import History
 from envs.wrappers import Takeover
 from envs.wrappers import Trigger
@@ -71,11 +72,8 @@ def deployment_batch(task: str, split: str, num_envs: int, trigger: Trigger, act
 
 def record_episodes(record: dict, task: str, version: str) -> list[dict]:
     """One RLDS episode per env of a deployment record (numpy [T, B]); "patch" if the operator acted."""
-    ended = record["done"] | record["truncated"]
-    lengths = np.where(ended.any(axis=0), ended.argmax(axis=0) + 1, len(ended))
     out = []
-    for b, n in enumerate(lengths):
-        r = data.env_record(record, b, n)
+    for r in data.env_records(record):
         info = r["info"]
         source = "patch" if info["is_intervention"].any() else "online"
         out.append(data.episode_from_record(
@@ -234,7 +232,7 @@ def example_episode(episodes: list[dict]) -> int:
 
 
 def gating_summary(episodes: list[dict], readouts: list[dict], pc: configs.ProConfig) -> dict:
-    hz = envs.make(pc.task).config.control_hz
+    hz = get_task(pc.task).default_config.control_hz
     gated = pro.gated_outcomes(episodes, readouts, pc.gate_success, hz)
     success = np.array([ep["episode_metadata"]["success"] for ep in episodes], bool)
     cycle = np.array([ep["episode_metadata"]["cycle_time"] for ep in episodes])
@@ -314,13 +312,9 @@ def evaluate_pro(config: configs.Config) -> int:
 
 
 # -------------------------------------------------------------------------------------------- report
-def first_reaching(records: list[dict], level: float) -> dict | None:
-    return next((r for r in records if r["success_rate"] >= level), None)
-
-
 def arm_summary(records: list[dict], level: float) -> dict:
     """One seed of one arm: effort to reach `level` and the final figures."""
-    hit, final = first_reaching(records, level), records[-1]
+    hit, final = patch_tool.first_reaching(records, level), records[-1]
     return {
         "env_steps_to_level": hit["env_steps"] if hit else None,
         "wall_s_to_level": hit["wall_s"] if hit else None,
@@ -372,14 +366,6 @@ def report(config: configs.Config) -> int:
     return 0
 
 
-def mean_std(values) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "not reached"
-    text = f"{np.mean(values):.3g} ± {np.std(values):.2g}"
-    return text if len(values) > 1 else f"{values[0]:.3g}"
-
-
 def compare_markdown(result: dict, ranking: dict, rounds: int) -> str:
     measures = (
         ("env_steps_to_level", "env steps to reach it"), ("wall_s_to_level", "wall-clock to reach it [s]"),
@@ -404,13 +390,13 @@ def compare_markdown(result: dict, ranking: dict, rounds: int) -> str:
         lines += [f"## success >= {float(level):.0%} (seeds reaching it: sparse {reached['sparse']}, "
                   f"PRO {reached['pro']})", "", "| measure | sparse | PRO |", "|---|---:|---:|"]  # fmt: skip
         for key, name in measures:
-            row = [mean_std([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
+            row = [patch_tool.mean_std([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
             lines.append(f"| {name} | {row[0]} | {row[1]} |")
         lines.append("")
     arms = next(iter(result.values()))
     lines += ["## Final figures", "", "| measure | sparse | PRO |", "|---|---:|---:|"]
     for key, name in finals:
-        row = [mean_std([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
+        row = [patch_tool.mean_std([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
         lines.append(f"| {name} | {row[0]} | {row[1]} |")
     if any(ranking.values()):
         lines += ["", "## Ranking K chunks with PRO (final PRO-patched policies)", "",

@@ -127,15 +127,24 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------------ manifests
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return fields_to_dict(self)
 
     @classmethod
     def from_dict(cls, fields: dict) -> "ModelConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(fields) - set(known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return fields_from_dict(cls, fields)
+
+
+def fields_to_dict(config) -> dict:
+    """A frozen config dataclass as a manifest's JSON fields (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def fields_from_dict(cls, fields: dict):
+    """`fields_to_dict`'s inverse; an unknown field is an error, a missing one keeps its default."""
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def count_params(module: nnx.Module) -> int:

@@ -25,6 +25,8 @@ from flax import nnx
 from jaxvla.models import encoders
 from jaxvla.models import layers
 from jaxvla.models.config import STATE_SIZE
+from jaxvla.models.config import fields_from_dict
+from jaxvla.models.config import fields_to_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +69,11 @@ class ProNetConfig:
         return jnp.linspace(*self.value_range, self.value_bins)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return fields_to_dict(self)
 
     @classmethod
     def from_dict(cls, fields: dict) -> "ProNetConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return fields_from_dict(cls, fields)
 
 
 def band_mask(valid: jax.Array, window: int) -> jax.Array:
