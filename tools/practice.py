@@ -1,0 +1,124 @@
+"""The report both learning-from-practice commands write (`jaxvla recap`, `jaxvla ript`).
+
+Per seed, a method's run is a list of records, one per iteration (iteration 0: the starting policy), each
+with the evaluation figures of `learner.evaluate.summarize` and the run's running totals (`env_steps`,
+`wall_s`). This module turns them into `report.json`, `report.md` (mean ± std over seeds, next to the
+prior and policy patching) and a plot of success against environment steps and wall-clock.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+
+from tools.patch import mean_std
+
+# Policy patching on pick_place/novel from the same prior (`jaxvla patch default --patch.prior
+# runs/long/default`, 3 seeds; README "Patching against full SFT retraining"): the comparison row.
+PATCHING_REFERENCE = {
+    "task": "pick_place",
+    "split": "novel",
+    "best_success": "82.3% ± 0.7",
+    "final_success": "67.2% ± 9.6",
+    "env_steps_to_best": "5,350 ± 810",
+    "wall_s_to_best": "204 ± 12",
+    "sft_best_success": "87.5% ± 5.1",
+}
+FIGURES = ("success_rate", "throughput_per_hour", "cycle_time_s", "retries_per_episode", "recovery_rate")
+
+
+def seed_summary(records: list[dict], extra_totals: tuple[str, ...] = ()) -> dict:
+    """One seed: the final and best evaluation, and what the run spent to get there."""
+    final = records[-1]
+    best = max(records[1:] or records, key=lambda r: r["success_rate"])
+    return {
+        "start_success": records[0]["success_rate"],
+        **{f"final_{k}": final[k] for k in FIGURES},
+        "best_success": best["success_rate"],
+        "best_iteration": best["iteration"],
+        "env_steps": final["env_steps"],
+        "env_steps_to_best": best["env_steps"],
+        "wall_s": final["wall_s"],
+        **{k: final[k] for k in extra_totals},
+    }
+
+
+def percent(values: list) -> list:
+    return [None if v is None else 100.0 * v for v in values]
+
+
+def markdown(title: str, settings: str, summaries: dict, rows: list[tuple[str, str]], prior: dict,
+             notes: list[str]) -> str:  # fmt: skip
+    """The table: one line per measure, mean ± std over seeds; `rows` are (label, summary key)."""
+    over = lambda key, scale=percent: mean_std(scale([s[key] for s in summaries.values()]))  # noqa: E731
+    same = lambda values: values  # noqa: E731
+    lines = [
+        f"# {title}",
+        "",
+        settings,
+        "",
+        "| measure (mean ± std over seeds) | this method | its start (iteration 0) | policy patching |",
+        "|---|---:|---:|---:|",
+        f"| success, final (%) | {over('final_success_rate')} | {prior['success']:.1%} | "
+        f"{PATCHING_REFERENCE['final_success']} |",
+        f"| success, best iteration (%) | {over('best_success')} | - | "
+        f"{PATCHING_REFERENCE['best_success']} |",
+        f"| throughput, final (successes / sim hour) | {over('final_throughput_per_hour', same)} | "
+        f"{prior['throughput_per_hour']:.0f} | - |",
+        f"| cycle time of successes, final (s) | {over('final_cycle_time_s', same)} | "
+        f"{prior['cycle_time'] or '-'} | - |",
+        f"| environment steps, whole run | {over('env_steps', same)} | 0 | "
+        f"{PATCHING_REFERENCE['env_steps_to_best']} (to best) |",
+        f"| environment steps to the best iteration | {over('env_steps_to_best', same)} | - | - |",
+        f"| wall-clock, whole run (s) | {over('wall_s', same)} | 0 | "
+        f"{PATCHING_REFERENCE['wall_s_to_best']} (to best) |",
+        *(f"| {label} | {over(key, same)} | - | - |" for label, key in rows),
+        "",
+        *notes,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[int, list[dict]], path: pathlib.Path, title: str) -> None:
+    """Success against environment steps and wall-clock, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (seed, records) in enumerate(results.items()):
+        for ax, key in zip(axes, ("env_steps", "wall_s"), strict=True):
+            ax.plot([r[key] for r in records], [r["success_rate"] for r in records], "-o", ms=3,
+                    color=f"C{i}", label=f"seed {seed}")  # fmt: skip
+    for ax, label in zip(axes, ("environment steps", "wall-clock [s] (evaluations excluded)"), strict=True):
+        ax.set_xlabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlim(left=0)
+    axes[0].set_ylabel("success on the split (evaluation)")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out: pathlib.Path, name: str, payload: dict, report: str, results: dict, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(payload, indent=1, default=float))
+    (out / "report.md").write_text(report)
+    plot(results, out / f"{name}.png", title)
+    print(report)
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / f'{name}.png'}")
+
+
+def prior_row(records_by_seed: dict[int, list[dict]]) -> dict:
+    """The starting policy's evaluation (iteration 0 of the first seed)."""
+    first = next(iter(records_by_seed.values()))[0]
+    cycle = first["cycle_time_s"]
+    return {
+        "success": first["success_rate"],
+        "throughput_per_hour": first["throughput_per_hour"],
+        "cycle_time": None if cycle is None else f"{cycle:.2f}",
+        "mean": float(np.mean([r[0]["success_rate"] for r in records_by_seed.values()])),
+    }
