@@ -37,7 +37,7 @@ from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
 from learner import evaluate
-from learner.pretrain import MetricsLog
+from learner.pretrain import IterationLog
 from learner.pretrain import Prior
 
 
@@ -183,7 +183,7 @@ def select(contexts, index: np.ndarray):
 
 # ------------------------------------------------------------------------------------------ update
 def ppo_epochs(params, opt_state, data: dict, key: jax.Array, *, graphdef, stats: dict, optimizer,
-               temperature: float, execute: int, epochs: int, minibatch: int,
+               temperature: float, execute: int, epochs: int, minibatches: int,
                clip: tuple[float, float]):  # fmt: skip
     """`epochs` passes over the iteration's decisions in shuffled minibatches. data: obs {k: [N, ...]},
     chunk [N, H, A], advantage [N], weight [N] (0 for rejected groups and steps after the end).
@@ -191,7 +191,7 @@ def ppo_epochs(params, opt_state, data: dict, key: jax.Array, *, graphdef, stats
     The sampling policy's log-probabilities are those of `params` as given (pi_psi <- pi_theta).
     """
     n = data["weight"].shape[0]
-    batches = n // minibatch
+    size = n // minibatches
 
     def log_prob(params, obs, chunk):
         mean, log_std = scaled_policy(graphdef, params, obs, stats, temperature)
@@ -211,7 +211,7 @@ def ppo_epochs(params, opt_state, data: dict, key: jax.Array, *, graphdef, stats
         return (optax.apply_updates(params, updates), opt_state), metrics
 
     def epoch(carry, key_epoch):
-        order = jax.random.permutation(key_epoch, n)[: batches * minibatch].reshape(batches, minibatch)
+        order = jax.random.permutation(key_epoch, n)[: minibatches * size].reshape(minibatches, size)
         return jax.lax.scan(minibatch_step, carry, order)
 
     (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, epochs))
@@ -247,23 +247,16 @@ def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(rc.learning_rate))
     update = jax.jit(functools.partial(
         ppo_epochs, graphdef=prior.graphdef, stats=prior.stats, optimizer=optimizer,
-        temperature=rc.temperature, execute=rc.execute, epochs=rc.epochs, minibatch=rc.minibatch,
+        temperature=rc.temperature, execute=rc.execute, epochs=rc.epochs, minibatches=rc.minibatches,
         clip=(rc.clip_low, rc.clip_high),
     ), donate_argnums=(0, 1))  # fmt: skip
     params = jax.tree.map(jnp.copy, start_params)
     opt_state = optimizer.init(params)
     pool = ContextPool(jax.tree.leaves(contexts)[0].shape[0], rc.skip_rounds, seed)
     key_roll, key_update, key_eval = jax.random.split(jax.random.key(seed), 3)
-    log = MetricsLog(run_dir / "metrics.jsonl")
     totals = {"env_steps": 0, "rollouts": 0, "kept_groups": 0, "updates": 0, "wall_s": 0.0}
-
-    def evaluation(iteration: int, extra: dict) -> dict:
-        report = evaluate.summarize(evaluator(params, jax.random.fold_in(key_eval, iteration)))
-        record = {"kind": "ript", "iteration": iteration, **totals, **extra, **report}
-        log.write(record)
-        return record
-
-    records = [evaluation(0, {})]
+    progress_log = IterationLog("ript", evaluator, key_eval, run_dir / "metrics.jsonl")
+    progress_log(params, 0, totals)
     bar = tqdm(range(1, rc.iterations + 1), desc=f"RIPT {rc.task}/{rc.split} seed {seed}", unit="iter",
                disable=not progress)  # fmt: skip
     for iteration in bar:
@@ -301,7 +294,7 @@ def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector
         extra = {"rollout_success": float(np.mean(rewards)), "groups": int(len(rewards)),
                  "kept": int(np.sum(kept_groups)), **counts, "skipped_contexts": pool.skipped(iteration + 1),
                  **metrics}  # fmt: skip
-        records.append(evaluation(iteration, extra))
-        bar.set_postfix(success=f"{records[-1]['success_rate']:.0%}", kept=extra["kept"],
+        record = progress_log(params, iteration, totals, extra, changed=bool(kept.any()))
+        bar.set_postfix(success=f"{record['success_rate']:.0%}", kept=extra["kept"],
                         rollout=f"{extra['rollout_success']:.0%}")  # fmt: skip
-    return records, params
+    return progress_log.records, params

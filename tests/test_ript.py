@@ -102,7 +102,7 @@ def test_a_ppo_step_raises_the_advantage_weighted_likelihood_and_ignores_rejecte
     def ppo_step(advantage):
         optimizer = optax.sgd(1e-3)
         step = functools.partial(ript.ppo_epochs, graphdef=graphdef, stats=stats, optimizer=optimizer,
-                                 temperature=2.0, execute=2, epochs=1, minibatch=64,
+                                 temperature=2.0, execute=2, epochs=1, minibatches=1,
                                  clip=(0.2, 0.2))  # fmt: skip
         data = {"obs": obs, "chunk": chunk, "advantage": advantage, "weight": kept.astype(jnp.float32)}
         new, _, metrics = step(

@@ -47,8 +47,7 @@ def percent(values: list) -> list:
     return [None if v is None else 100.0 * v for v in values]
 
 
-def markdown(title: str, settings: str, summaries: dict, rows: list[tuple[str, str]], prior: dict,
-             notes: list[str]) -> str:  # fmt: skip
+def markdown(title: str, settings: str, summaries: dict, rows: list[tuple[str, str]], prior: dict) -> str:
     """The table: one line per measure, mean ± std over seeds; `rows` are (label, summary key)."""
     over = lambda key, scale=percent: mean_std(scale([s[key] for s in summaries.values()]))  # noqa: E731
     same = lambda values: values  # noqa: E731
@@ -73,8 +72,6 @@ def markdown(title: str, settings: str, summaries: dict, rows: list[tuple[str, s
         f"| wall-clock, whole run (s) | {over('wall_s', same)} | 0 | "
         f"{PATCHING_REFERENCE['wall_s_to_best']} (to best) |",
         *(f"| {label} | {over(key, same)} | - | - |" for label, key in rows),
-        "",
-        *notes,
     ]
     return "\n".join(lines) + "\n"
 
@@ -103,11 +100,17 @@ def plot(results: dict[int, list[dict]], path: pathlib.Path, title: str) -> None
     plt.close(fig)
 
 
-def write(out: pathlib.Path, name: str, payload: dict, report: str, results: dict, title: str) -> None:
+def write(out: pathlib.Path, name: str, title: str, settings_section: dict, settings: str,
+          rows: list[tuple[str, str]], results: dict, summaries: dict, plot_title: str) -> None:  # fmt: skip
+    """report.json (every record, the summaries, the config section), report.md and `<name>.png`."""
+    start = prior_row(results)
+    report = markdown(title, settings, summaries, rows, start)
+    payload = {"config": settings_section, "start": start, "seeds": results, "summary": summaries,
+               "patching_reference": PATCHING_REFERENCE}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(payload, indent=1, default=float))
     (out / "report.md").write_text(report)
-    plot(results, out / f"{name}.png", title)
+    plot(results, out / f"{name}.png", plot_title)
     print(report)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / f'{name}.png'}")
 

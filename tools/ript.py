@@ -79,11 +79,17 @@ def main(argv: list[str]) -> int:
         ("success on `train` afterwards", "train_success"),
         ("SFT stage wall-clock (s)", "sft_wall_s"),
     ]
-    prior_figures = practice.prior_row(results)
-    report = practice.markdown("RIPT-VLA", settings, summaries, rows, prior_figures, [])
-    payload = {"config": {"ript": dataclasses.asdict(rc)}, "start": prior_figures, "seeds": results,
-               "summary": summaries, "patching_reference": practice.PATCHING_REFERENCE}  # fmt: skip
-    practice.write(out, "ript", payload, report, results, f"RIPT on {rc.task}/{rc.split}")
+    practice.write(
+        out,
+        "ript",
+        "RIPT-VLA",
+        {"ript": dataclasses.asdict(rc)},
+        settings,
+        rows,
+        results,
+        summaries,
+        f"RIPT on {rc.task}/{rc.split}",
+    )
     return 0
 
 
