@@ -216,9 +216,9 @@ class RecapConfig:
     """Classifier-free guidance weight beta at inference (1: the conditioned policy alone)."""
     from_prior: bool = True
     """Retrain value and policy from their initial weights every iteration (the paper), not from the last."""
-    value_steps: int = 2000
+    value_steps: int = 1000
     """Value-function steps per iteration."""
-    policy_steps: int = 3000
+    policy_steps: int = 2000
     """Policy steps per iteration."""
     batch_size: int = 256
     """Examples per value or policy step."""

@@ -65,9 +65,14 @@ def bc_loss(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef, stats: di
 
 
 def sample_batch(data: dict, key: jax.Array, batch_size: int) -> dict:
-    """Uniform draw of `batch_size` examples from the flat dataset (with replacement)."""
-    index = jax.random.randint(key, (batch_size,), 0, data["chunk"].shape[0])
-    return jax.tree.map(lambda x: x[index], data)
+    """Uniform draw of `batch_size` examples from the flat dataset (with replacement).
+
+    A dataset padded to a fixed capacity carries `size` [] int32 and only its first `size` rows are
+    drawn, so a growing dataset (Recap's) keeps one shape and the update compiles once.
+    """
+    rows = data.get("size", data["chunk"].shape[0])
+    index = jax.random.randint(key, (batch_size,), 0, rows)
+    return jax.tree.map(lambda x: x[index], {k: v for k, v in data.items() if k != "size"})
 
 
 def update(

@@ -224,37 +224,54 @@ def unflatten(flat: np.ndarray, blocks: list[Block]) -> list[np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------- training
-def train_value(config: Config, prior: Prior, value_graphdef, init_params, data: dict, *, seed: int, mesh):
-    """`recap.value_steps` cross-entropy steps on data (obs, value_target, and a chunk for the sampler)."""
-    rc = config.recap
-    support = prior.config.model.value_support()
-    loss_fn = functools.partial(value_loss, graphdef=value_graphdef, stats=prior.stats, support=support)
-    return fit(loss_fn, init_params, data, rc.value_steps, rc, seed=seed, mesh=mesh, prepare=None)
+def pad(examples: dict, capacity: int) -> dict:
+    """The flat examples padded with zeros to `capacity` rows, with `size` (see `bc.sample_batch`)."""
+    size = len(examples["chunk"])
+    if size > capacity:
+        raise ValueError(f"{size} examples exceed the dataset capacity {capacity}")
+
+    def grow(x):
+        out = np.zeros((capacity, *x.shape[1:]), x.dtype)
+        out[:size] = x
+        return out
+
+    return {**jax.tree.map(grow, examples), "size": np.int32(size)}
 
 
-def train_policy(config: Config, prior: Prior, graphdef, init_params, data: dict, *, seed: int, mesh):
-    """`recap.policy_steps` BC steps conditioned on data["indicator"], dropped out at the configured rate."""
-    rc, pre = config.recap, config.pretrain
-    loss_fn = functools.partial(bc.bc_loss, graphdef=graphdef, stats=prior.stats, nll_weight=pre.nll_weight)
-    prepare = functools.partial(indicator_dropout, rate=rc.indicator_dropout)
-    return fit(loss_fn, init_params, data, rc.policy_steps, rc, seed=seed, mesh=mesh, prepare=prepare)
-
-
-def fit(loss_fn, init_params, data: dict, steps: int, rc, *, seed: int, mesh, prepare):
-    """`steps` AdamW steps (pretraining's schedule shape) from a copy of `init_params`; (params, metrics)."""
+def make_fit(loss_fn, steps: int, rc, *, mesh, prepare=None):
+    """`fit(init_params, data, seed) -> (params, metrics)`: `steps` AdamW steps (pretraining's schedule
+    shape) from a copy of `init_params`, jitted once for every iteration and seed."""
     block = min(steps, 250)
     steps -= steps % block
     optimizer = bc.make_optimizer(rc.learning_rate, steps, steps // 10, 1e-4)
-    state = jax.device_put(
-        bc.init_state(jax.tree.map(jnp.copy, init_params), optimizer), sharding.replicated(mesh)
-    )
     train = bc.make_loss_steps(loss_fn, optimizer, num_steps=block, batch_size=rc.batch_size, mesh=mesh,
                                prepare=prepare)  # fmt: skip
-    data = jax.device_put(data, sharding.replicated(mesh))
-    metrics = {}
-    for _ in range(steps // block):
-        state, metrics = train(state, data, jax.random.key(seed))
-    return state.params, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def fit(init_params, data: dict, seed: int):
+        params = jax.tree.map(jnp.copy, init_params)  # the train step donates its state
+        state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
+        data = jax.device_put(data, sharding.replicated(mesh))
+        metrics = {}
+        for _ in range(steps // block):
+            state, metrics = train(state, data, jax.random.key(seed))
+        return state.params, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    return fit
+
+
+def make_value_fit(config: Config, prior: Prior, value_graphdef, mesh):
+    """Cross-entropy fitting of the value on data with obs and value_target."""
+    support = prior.config.model.value_support()
+    loss_fn = functools.partial(value_loss, graphdef=value_graphdef, stats=prior.stats, support=support)
+    return make_fit(loss_fn, config.recap.value_steps, config.recap, mesh=mesh)
+
+
+def make_policy_fit(config: Config, prior: Prior, graphdef, mesh):
+    """BC conditioned on data["indicator"], dropped out at the configured rate."""
+    rc, pre = config.recap, config.pretrain
+    loss_fn = functools.partial(bc.bc_loss, graphdef=graphdef, stats=prior.stats, nll_weight=pre.nll_weight)
+    prepare = functools.partial(indicator_dropout, rate=rc.indicator_dropout)
+    return make_fit(loss_fn, rc.policy_steps, rc, mesh=mesh, prepare=prepare)
 
 
 def predict_values(value_graphdef, params, obs: dict, stats: dict, support: jax.Array) -> jax.Array:
@@ -280,11 +297,16 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
     value_graphdef, value_init = nnx.split(mc.create_value(seed + 1), nnx.Param)
     predict = jax.jit(functools.partial(predict_values, value_graphdef, stats=prior.stats,
                                         support=mc.value_support()))  # fmt: skip
+    fit_value = make_value_fit(config, prior, value_graphdef, mesh)
+    fit_policy = make_policy_fit(config, prior, graphdef, mesh)
     blocks = []
     if offline:
         demo_block = replay.from_episodes(offline, rows=len(offline), obs_keys=obs_keys)
         success = [ep["episode_metadata"]["success"] for ep in offline]
         blocks.append(Block.from_insert_block(demo_block, success, DEMOS, obs_keys))
+    # One dataset shape for the whole run: everything the iterations can collect, at most.
+    per_iteration = autonomous.num_envs * autonomous.length + corrected.num_envs * corrected.length
+    capacity = sum(int(b.valid.sum()) for b in blocks) + rc.iterations * per_iteration
     params, value_params = policy_init, value_init
     key_collect, key_eval = jax.random.split(jax.random.key(seed))
     totals = {
@@ -314,30 +336,27 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
 
         examples = flat_examples(blocks, mc.chunk)
         examples["value_target"] = flat_steps([block_value_targets(b, targets) for b in blocks], blocks)
-        start = value_init if rc.from_prior else value_params
-        value_params, value_metrics = train_value(config, prior, value_graphdef, start, examples, seed=seed,
-                                                  mesh=mesh)  # fmt: skip
-        values = unflatten(np.asarray(predict(value_params, examples["obs"])), blocks)
+        examples["indicator"] = np.zeros(len(examples["chunk"]), np.int32)
+        data = pad(examples, capacity)
+        value_params, value_metrics = fit_value(value_init if rc.from_prior else value_params, data, seed)
+        values = unflatten(np.asarray(predict(value_params, data["obs"]))[: data["size"]], blocks)
         advantage = flat_steps([block_advantages(b, v, targets) for b, v in zip(blocks, values, strict=True)],
                                blocks)  # fmt: skip
         group = np.concatenate([np.full(int(b.valid.sum()), b.group) for b in blocks])
         forced = flat_steps([b.forced for b in blocks], blocks)
         fractions = {DEMOS: rc.demo_positive_fraction, ROLLOUTS: rc.positive_fraction}
         threshold = thresholds(advantage, group, ~forced, fractions)
-        examples["indicator"] = indicators(advantage, group, forced, threshold)
-
-        start = policy_init if rc.from_prior else params
-        params, policy_metrics = train_policy(config, prior, graphdef, start, examples, seed=seed, mesh=mesh)
+        indicator = indicators(advantage, group, forced, threshold)
+        data["indicator"][: data["size"]] = indicator
+        params, policy_metrics = fit_policy(policy_init if rc.from_prior else params, data, seed)
         jax.block_until_ready(params)
         totals["wall_s"] += time.perf_counter() - tic
         rollout_steps = group == ROLLOUTS
         extra = {
             **{f"{k}_success": v for k, v in collected.items()},
             "dataset_steps": int(len(advantage)),
-            "positive_share": float(np.mean(examples["indicator"] == models.INDICATOR_POSITIVE)),
-            "rollout_positive_share": float(
-                np.mean(examples["indicator"][rollout_steps] == models.INDICATOR_POSITIVE)
-            ),
+            "positive_share": float(np.mean(indicator == models.INDICATOR_POSITIVE)),
+            "rollout_positive_share": float(np.mean(indicator[rollout_steps] == models.INDICATOR_POSITIVE)),
             "forced_positive_steps": int(forced.sum()),
             "thresholds": {str(k): v for k, v in threshold.items()},
             **value_metrics,

@@ -12,6 +12,7 @@ import configs
 from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
+from learner import bc
 from learner import recap
 from learner.pretrain import Prior
 
@@ -152,3 +153,13 @@ def test_only_rollout_takeovers_are_forced_positive_not_demonstrations():
     demo = recap.Block.from_insert_block(insert_block, [True], recap.DEMOS, ("proprio",))
     np.testing.assert_array_equal(rollout.forced, [[False, True, True]])
     assert not demo.forced.any()
+
+
+def test_a_padded_dataset_is_drawn_from_its_filled_rows_only():
+    examples = {"obs": {"proprio": np.arange(3, dtype=np.float32)[:, None]}, "chunk": np.ones((3, 2, 4))}
+    data = recap.pad(examples, capacity=8)
+    assert data["chunk"].shape == (8, 2, 4) and int(data["size"]) == 3
+    batch = bc.sample_batch(jax.tree.map(jnp.asarray, data), jax.random.key(0), 64)
+    assert "size" not in batch and set(np.unique(batch["obs"]["proprio"])) == {0.0, 1.0, 2.0}
+    with pytest.raises(ValueError, match="capacity"):
+        recap.pad(examples, capacity=2)
