@@ -11,8 +11,6 @@ import pathlib
 
 import numpy as np
 
-from tools.patch import mean_std
-
 # Policy patching on pick_place/novel from the same prior (`jaxvla patch default --patch.prior
 # runs/long/default`, 3 seeds; README "Patching against full SFT retraining"): the comparison row.
 PATCHING_REFERENCE = {
@@ -43,14 +41,26 @@ def seed_summary(records: list[dict], extra_totals: tuple[str, ...] = ()) -> dic
     }
 
 
-def percent(values: list) -> list:
-    return [None if v is None else 100.0 * v for v in values]
+def figure(values: list, kind: str = "value") -> str:
+    """mean ± std over seeds of one measure; kind: "percent" (of a fraction), "count" or "value"."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean, std = float(np.mean(values)), float(np.std(values))
+    if kind == "percent":
+        return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    if kind == "count":
+        return f"{mean:,.0f} ± {std:,.0f}"
+    return f"{mean:.3g} ± {std:.2g}"
 
 
-def markdown(title: str, settings: str, summaries: dict, rows: list[tuple[str, str]], prior: dict) -> str:
-    """The table: one line per measure, mean ± std over seeds; `rows` are (label, summary key)."""
-    over = lambda key, scale=percent: mean_std(scale([s[key] for s in summaries.values()]))  # noqa: E731
-    same = lambda values: values  # noqa: E731
+def markdown(
+    title: str, settings: str, summaries: dict, rows: list[tuple[str, str, str]], start: dict
+) -> str:
+    """The table: one line per measure, mean ± std over seeds; `rows` are (label, summary key, kind)."""
+    over = lambda key, kind: figure([s[key] for s in summaries.values()], kind)  # noqa: E731
+    ref = PATCHING_REFERENCE
+    start_cycle = "-" if start["cycle_time"] is None else start["cycle_time"]
     lines = [
         f"# {title}",
         "",
@@ -58,20 +68,18 @@ def markdown(title: str, settings: str, summaries: dict, rows: list[tuple[str, s
         "",
         "| measure (mean ± std over seeds) | this method | its start (iteration 0) | policy patching |",
         "|---|---:|---:|---:|",
-        f"| success, final (%) | {over('final_success_rate')} | {prior['success']:.1%} | "
-        f"{PATCHING_REFERENCE['final_success']} |",
-        f"| success, best iteration (%) | {over('best_success')} | - | "
-        f"{PATCHING_REFERENCE['best_success']} |",
-        f"| throughput, final (successes / sim hour) | {over('final_throughput_per_hour', same)} | "
-        f"{prior['throughput_per_hour']:.0f} | - |",
-        f"| cycle time of successes, final (s) | {over('final_cycle_time_s', same)} | "
-        f"{prior['cycle_time'] or '-'} | - |",
-        f"| environment steps, whole run | {over('env_steps', same)} | 0 | "
-        f"{PATCHING_REFERENCE['env_steps_to_best']} (to best) |",
-        f"| environment steps to the best iteration | {over('env_steps_to_best', same)} | - | - |",
-        f"| wall-clock, whole run (s) | {over('wall_s', same)} | 0 | "
-        f"{PATCHING_REFERENCE['wall_s_to_best']} (to best) |",
-        *(f"| {label} | {over(key, same)} | - | - |" for label, key in rows),
+        f"| success, final (%) | {over('final_success_rate', 'percent')} | {100 * start['success']:.1f} | "
+        f"{ref['final_success']} |",
+        f"| success, best iteration (%) | {over('best_success', 'percent')} | - | {ref['best_success']} |",
+        f"| throughput, final (successes / simulated hour) | {over('final_throughput_per_hour', 'count')} | "
+        f"{start['throughput_per_hour']:.0f} | - |",
+        f"| cycle time of the successes, final (s) | {over('final_cycle_time_s', 'value')} | "
+        f"{start_cycle} | - |",
+        f"| environment steps, whole run | {over('env_steps', 'count')} | - | {ref['env_steps_to_best']} "
+        "(to its best) |",
+        f"| wall-clock, whole run, evaluations excluded (s) | {over('wall_s', 'count')} | - | "
+        f"{ref['wall_s_to_best']} (to its best) |",
+        *(f"| {label} | {over(key, kind)} | - | - |" for label, key, kind in rows),
     ]
     return "\n".join(lines) + "\n"
 
@@ -100,15 +108,15 @@ def plot(results: dict[int, list[dict]], path: pathlib.Path, title: str) -> None
     plt.close(fig)
 
 
-def write(out: pathlib.Path, name: str, title: str, settings_section: dict, settings: str,
-          rows: list[tuple[str, str]], results: dict, summaries: dict, plot_title: str) -> None:  # fmt: skip
+def write(out: pathlib.Path, name: str, title: str, settings_section: dict, settings: str, rows: list,
+          results: dict, summaries: dict, plot_title: str) -> None:  # fmt: skip
     """report.json (every record, the summaries, the config section), report.md and `<name>.png`."""
     start = prior_row(results)
-    report = markdown(title, settings, summaries, rows, start)
-    payload = {"config": settings_section, "start": start, "seeds": results, "summary": summaries,
-               "patching_reference": PATCHING_REFERENCE}  # fmt: skip
+    payload = {"config": settings_section, "title": title, "settings": settings, "rows": rows, "start": start,
+               "seeds": results, "summary": summaries, "patching_reference": PATCHING_REFERENCE}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(payload, indent=1, default=float))
+    report = markdown(title, settings, summaries, rows, start)
     (out / "report.md").write_text(report)
     plot(results, out / f"{name}.png", plot_title)
     print(report)

@@ -29,6 +29,33 @@ PROG = "jaxvla recap"
 NEVER = Trigger(slip=float("inf"), force=float("inf"), on_failure_event=False, stall_steps=1 << 30)
 
 
+ROWS = [
+    ("episodes collected", "collected_episodes", "count"),
+    ("corrective episodes (operator took over)", "corrective_episodes", "count"),
+    ("operator takeover steps", "takeover_steps", "count"),
+    ("success of the corrected episodes, with the operator (%)", "corrected_success", "percent"),
+    ("success of the autonomous episodes (%)", "autonomous_success", "percent"),
+    ("share of rollout steps positive, last iteration (%)", "rollout_positive_share", "percent"),
+    ("success on `train` afterwards (%)", "train_success", "percent"),
+]
+
+
+def describe(config: configs.Config) -> str:
+    """The run's settings in one paragraph, for the report."""
+    rc = config.recap
+    retrained = "from their initial weights" if rc.from_prior else "from the last iteration"
+    return (
+        f"Recap on {rc.task}/{rc.split} from the prior, seeds {list(rc.seeds)}: {rc.iterations} "
+        f"iterations of {rc.autonomous_per_iteration} autonomous + {rc.corrected_per_iteration} "
+        f"operator-corrected episodes; value ({config.model.value_bins} bins, {rc.value_steps} steps) and "
+        f"policy ({rc.policy_steps} steps) retrained {retrained} each iteration on D = "
+        f"{rc.offline_episodes} `train` demonstrations + every episode collected; N = {rc.advantage_steps}, "
+        f"{rc.positive_fraction:.0%} of rollout steps and {rc.demo_positive_fraction:.0%} of demonstration "
+        f"steps positive, corrections forced positive, indicator dropout {rc.indicator_dropout:.0%}, "
+        f"beta {rc.guidance}; {rc.eval_episodes} evaluation episodes per iteration."
+    )
+
+
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
     jax.config.update("jax_compilation_cache_dir", config.compile_cache)
@@ -61,33 +88,13 @@ def main(argv: list[str]) -> int:
             "train_success": evaluate.summarize(on_train(params, jax.random.key(seed)))["success_rate"],
         }
         print({"seed": seed, **summaries[seed]}, flush=True)
-    retrained = "from their initial weights" if rc.from_prior else "from the last iteration"
-    settings = (
-        f"Recap on {rc.task}/{rc.split} from the prior, seeds {list(rc.seeds)}: {rc.iterations} "
-        f"iterations of {rc.autonomous_per_iteration} autonomous + {rc.corrected_per_iteration} "
-        f"operator-corrected episodes; value ({config.model.value_bins} bins, {rc.value_steps} steps) and "
-        f"policy ({rc.policy_steps} steps) retrained {retrained} each iteration on D = "
-        f"{rc.offline_episodes} `train` demonstrations + every episode collected; N = {rc.advantage_steps}, "
-        f"{rc.positive_fraction:.0%} of rollout steps and {rc.demo_positive_fraction:.0%} of demonstration "
-        f"steps positive, corrections forced positive, indicator dropout {rc.indicator_dropout:.0%}, "
-        f"beta {rc.guidance}; {rc.eval_episodes} evaluation episodes per iteration."
-    )
-    rows = [
-        ("episodes collected", "collected_episodes"),
-        ("corrective episodes (operator took over)", "corrective_episodes"),
-        ("operator takeover steps", "takeover_steps"),
-        ("success of the corrected episodes (with the operator)", "corrected_success"),
-        ("success of the autonomous episodes", "autonomous_success"),
-        ("share of rollout steps positive, last iteration", "rollout_positive_share"),
-        ("success on `train` afterwards", "train_success"),
-    ]
     practice.write(
         out,
         "recap",
         "Recap",
         {"recap": dataclasses.asdict(rc)},
-        settings,
-        rows,
+        describe(config),
+        ROWS,
         results,
         summaries,
         f"Recap on {rc.task}/{rc.split}",

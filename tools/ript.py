@@ -25,6 +25,34 @@ from tools.patch import load_prior
 PROG = "jaxvla ript"
 
 
+ROWS = [
+    ("rollouts", "rollouts", "count"),
+    ("informative groups kept (of rollouts / K)", "kept_groups", "value"),
+    ("iterations with an update", "updates", "value"),
+    ("successful sampled rollouts", "successful_rollouts", "value"),
+    ("success on `train` afterwards (%)", "train_success", "percent"),
+    ("SFT stage wall-clock (s)", "sft_wall_s", "value"),
+]
+
+
+def successful_rollouts(records: list[dict], per_iteration: int) -> int:
+    return round(sum(r["rollout_success"] * per_iteration for r in records[1:]))
+
+
+def describe(config: configs.Config) -> str:
+    """The run's settings in one paragraph, for the report."""
+    rc = config.ript
+    start = "the prior" if not rc.sft_demos else f"the prior after BC on {rc.sft_demos} demonstrations"
+    return (
+        f"RIPT on {rc.task}/{rc.split} from {start}, seeds {list(rc.seeds)}: {rc.iterations} iterations of "
+        f"{rc.rollouts_per_iteration} rollouts ({rc.contexts} contexts, K = {rc.group_size} per context, "
+        f"{rc.groups_per_call} contexts per call), {rc.epochs} PPO epochs of {rc.minibatches} steps (clip "
+        f"{rc.clip_low}/{rc.clip_high}, lr {rc.learning_rate}), std x{rc.temperature} while sampling, "
+        f"{rc.execute} action(s) of each chunk executed; {rc.eval_episodes} evaluation episodes (mean "
+        "chunk, receding horizon) per iteration."
+    )
+
+
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
     jax.config.update("jax_compilation_cache_dir", config.compile_cache)
@@ -58,34 +86,17 @@ def main(argv: list[str]) -> int:
         summaries[seed] = {
             **practice.seed_summary(records, ("rollouts", "kept_groups", "updates")),
             "sft_wall_s": sft_s,
-            "rollout_success": sum(r.get("rollout_success", 0.0) for r in records[1:]) / rc.iterations,
+            "successful_rollouts": successful_rollouts(records, rc.rollouts_per_iteration),
             "train_success": evaluate.summarize(on_train(params, jax.random.key(seed)))["success_rate"],
         }
         print({"seed": seed, **summaries[seed]}, flush=True)
-    start_label = "the prior" if not rc.sft_demos else f"the prior after BC on {rc.sft_demos} demonstrations"
-    settings = (
-        f"RIPT on {rc.task}/{rc.split} from {start_label}, seeds {list(rc.seeds)}: {rc.iterations} "
-        f"iterations of {rc.rollouts_per_iteration} rollouts ({rc.contexts} contexts, K = {rc.group_size} "
-        f"per context, {rc.groups_per_call} contexts per call), {rc.epochs} PPO epochs (clip "
-        f"{rc.clip_low}/{rc.clip_high}, lr {rc.learning_rate}), std x{rc.temperature} while sampling, "
-        f"{rc.execute} action(s) of each chunk executed; {rc.eval_episodes} evaluation episodes (mean "
-        "chunk, receding horizon) per iteration."
-    )
-    rows = [
-        ("rollouts", "rollouts"),
-        ("informative groups kept (of rollouts / K)", "kept_groups"),
-        ("iterations with an update", "updates"),
-        ("success of the sampled rollouts, mean over iterations", "rollout_success"),
-        ("success on `train` afterwards", "train_success"),
-        ("SFT stage wall-clock (s)", "sft_wall_s"),
-    ]
     practice.write(
         out,
         "ript",
         "RIPT-VLA",
         {"ript": dataclasses.asdict(rc)},
-        settings,
-        rows,
+        describe(config),
+        ROWS if rc.sft_demos else ROWS[:-1],
         results,
         summaries,
         f"RIPT on {rc.task}/{rc.split}",
