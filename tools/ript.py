@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
         tic = time.perf_counter()
         start = prior.params
         if rc.sft_demos:
-            start = patch.sft_retrain(config, prior, demos + offline, seed=seed)
+            start = jax.block_until_ready(patch.sft_retrain(config, prior, demos + offline, seed=seed))
         sft_s = time.perf_counter() - tic
         key_contexts = jax.random.fold_in(jax.random.key(seed), 1_000_003)
         contexts = jax.vmap(collector.env.sample_params)(jax.random.split(key_contexts, rc.contexts))
