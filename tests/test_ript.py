@@ -95,15 +95,17 @@ def test_a_ppo_step_raises_the_advantage_weighted_likelihood_and_ignores_rejecte
     advantage = jax.random.normal(key_advantage, (64,))
     kept = jnp.arange(64) < 48  # the last 16 decisions belong to rejected groups
 
+    @jax.jit
     def log_probs(params):
         mean, log_std = ript.scaled_policy(graphdef, params, obs, stats, 2.0)
         return ript.executed_log_prob(mean, log_std, chunk, 2)
 
+    optimizer = optax.sgd(1e-3)
+    step = jax.jit(functools.partial(ript.ppo_epochs, graphdef=graphdef, stats=stats, optimizer=optimizer,
+                                     temperature=2.0, execute=2, epochs=1, minibatches=1,
+                                     clip=(0.2, 0.2)))  # fmt: skip
+
     def ppo_step(advantage):
-        optimizer = optax.sgd(1e-3)
-        step = functools.partial(ript.ppo_epochs, graphdef=graphdef, stats=stats, optimizer=optimizer,
-                                 temperature=2.0, execute=2, epochs=1, minibatches=1,
-                                 clip=(0.2, 0.2))  # fmt: skip
         data = {"obs": obs, "chunk": chunk, "advantage": advantage, "weight": kept.astype(jnp.float32)}
         new, _, metrics = step(
             jax.tree.map(jnp.copy, params), optimizer.init(params), data, jax.random.key(2)
