@@ -59,6 +59,9 @@ def main(argv: list[str]) -> int:
     rc, pre = config.ript, config.pretrain
     out = pathlib.Path(config.out_dir) / f"ript-{rc.task}"
     prior = load_prior(rc.prior)
+    if not 1 <= rc.execute <= prior.config.model.chunk:
+        raise SystemExit(f"{PROG}: ript.execute={rc.execute} must lie in 1..{prior.config.model.chunk}, "
+                         "the prior's chunk length")  # fmt: skip
     demos, offline = [], []
     if rc.sft_demos:
         offline = data.load_or_generate(pre.data_dir, rc.task, "train", config.patch.offline_episodes,
