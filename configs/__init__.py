@@ -254,6 +254,122 @@ class ProConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RecapConfig:
+    """Recap (pi*0.6): advantage-conditioned retraining from autonomous rollouts and operator corrections."""
+
+    prior: str = "runs/default"
+    """Run folder of the pretrained prior (`jaxvla pretrain`)."""
+    task: str = "pick_place"
+    """Task to improve."""
+    split: Split = "novel"
+    """Item distribution the prior fails on."""
+    iterations: int = 4
+    """Iterations of collect -> value -> advantages -> policy -> evaluate."""
+    autonomous_per_iteration: int = 32
+    """Episodes per iteration run by the policy alone (indicator positive)."""
+    corrected_per_iteration: int = 32
+    """Episodes per iteration with the scripted operator ready to take over (the `patch.*` trigger)."""
+    offline_episodes: int = 200
+    """The task's `train` demonstrations in the dataset from the start (the paper's D_demo)."""
+    explore: bool = True
+    """Sample chunks from the policy while collecting (False: its deterministic mode)."""
+    c_fail: float = 1.0
+    """Failure penalty, in units of the task's maximum episode length (1: a failure is worth at most -1,
+    the bottom of the value's support)."""
+    advantage_steps: int = 10
+    """N of the N-step advantage: 10 control steps is 1 s, the paper's N = 50 at 50 Hz."""
+    positive_fraction: float = 0.4
+    """Share of the collected steps whose indicator is positive, set per task by quantile (the paper's
+    ~40% in fine-tuning)."""
+    demo_positive_fraction: float = 0.3
+    """The same share for the offline demonstrations (the paper's ~30% in pretraining)."""
+    indicator_dropout: float = 0.3
+    """Probability that a training example's indicator is replaced by "none" (classifier-free training)."""
+    guidance: float = 1.0
+    """Classifier-free guidance weight beta at inference (1: the conditioned policy alone)."""
+    from_prior: bool = True
+    """Retrain value and policy from their initial weights every iteration (the paper), not from the last."""
+    value_steps: int = 1000
+    """Value-function steps per iteration."""
+    policy_steps: int = 2000
+    """Policy steps per iteration."""
+    batch_size: int = 256
+    """Examples per value or policy step."""
+    learning_rate: float = 3e-4
+    """Peak AdamW learning rate of both networks."""
+    eval_episodes: int = 64
+    """Evaluation episodes per iteration (no operator)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One run per seed."""
+
+    def __post_init__(self) -> None:
+        for name in ("positive_fraction", "demo_positive_fraction", "indicator_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"RecapConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.autonomous_per_iteration + self.corrected_per_iteration < 1:
+            raise ValueError("RecapConfig: collect at least one episode per iteration")
+
+
+@dataclasses.dataclass(frozen=True)
+class RiptConfig:
+    """RIPT-VLA: group policy gradient from binary success, K rollouts per initial state."""
+
+    prior: str = "runs/default"
+    """Run folder of the pretrained prior (`jaxvla pretrain`)."""
+    task: str = "pick_place"
+    """Task to improve."""
+    split: Split = "novel"
+    """Item distribution the prior fails on."""
+    sft_demos: int = 0
+    """0: start from the prior. N > 0: first retrain it by BC on N operator demonstrations of the split
+    (plus the offline ones), the paper's few-shot SFT stage that RIPT then improves."""
+    iterations: int = 10
+    """Iterations of rollouts -> PPO epochs -> evaluation."""
+    group_size: int = 16
+    """K: rollouts per context, from the replicated initial state."""
+    groups_per_call: int = 4
+    """Contexts per jitted rollout call (groups_per_call * group_size envs at once)."""
+    rollouts_per_iteration: int = 256
+    """The fixed rollout budget per iteration; rejected groups spend it too. A multiple of
+    groups_per_call * group_size."""
+    contexts: int = 64
+    """Initial states of the split drawn once per run (the context dataset)."""
+    skip_rounds: int = 3
+    """Iterations a context is skipped after a group of it all succeeded."""
+    execute: int = 1
+    """Actions of each sampled chunk executed before the policy samples again (1: receding horizon, as
+    the evaluation runs; the chunk size: open loop). The log-probability covers the executed part."""
+    temperature: float = 1.0
+    """Scale of the policy's std while sampling rollouts (and in the ratio); evaluation uses the mean."""
+    epochs: int = 4
+    """PPO passes over each iteration's kept decisions."""
+    minibatches: int = 4
+    """PPO steps per epoch, each on a random 1/minibatches of the iteration's decisions (rejected ones
+    weigh 0), so the number of steps does not grow with the padding."""
+    learning_rate: float = 5e-6
+    """Adam learning rate (on the 4-demo SFT start, 1e-5 clipped 28% of the decisions in an iteration's
+    16 steps, 3e-6 12%)."""
+    clip_low: float = 0.2
+    """PPO clip below 1 (epsilon)."""
+    clip_high: float = 0.2
+    """PPO clip above 1."""
+    eval_episodes: int = 64
+    """Evaluation episodes per iteration."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One run per seed."""
+
+    def __post_init__(self) -> None:
+        per_call = self.groups_per_call * self.group_size
+        if self.group_size < 2:
+            raise ValueError(f"RiptConfig.group_size must be at least 2 (leave-one-out): {self.group_size}")
+        if self.rollouts_per_iteration < per_call or self.rollouts_per_iteration % per_call:
+            raise ValueError(f"RiptConfig.rollouts_per_iteration={self.rollouts_per_iteration} must be a "
+                             f"positive multiple of groups_per_call * group_size = {per_call}")  # fmt: skip
+        if self.contexts < self.groups_per_call:
+            raise ValueError("RiptConfig.contexts must be at least groups_per_call")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One experiment: a named starting point plus one section per part of the system."""
 
@@ -273,6 +389,10 @@ class Config:
     """Interactive policy patching."""
     pro: ProConfig = ProConfig()
     """The process-reward model."""
+    recap: RecapConfig = RecapConfig()
+    """Recap: advantage-conditioned retraining."""
+    ript: RiptConfig = RiptConfig()
+    """RIPT: group policy gradient from binary success."""
     out_dir: str = "runs"
     """Folder for checkpoints, logs and plots."""
     compile_cache: str = ".cache/jax"

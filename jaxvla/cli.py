@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "eval": ("tools.eval", "Evaluate a policy in MJX: success, failure modes, retries, cycle time."),
     "patch": ("tools.patch", "Patch the prior on the novel split with operator takeovers and SAC; vs SFT."),
     "pro": ("tools.pro", "Process-Reward Operator: collect logs, train, evaluate, compare rewards."),
+    "recap": ("tools.recap", "Recap: advantage-conditioned retraining from rollouts and corrections."),
+    "ript": ("tools.ript", "RIPT: group policy gradient from binary success, K rollouts per state."),
 }
 
 # The packages this project ships. A missing module outside them means an extra is not installed; a

@@ -57,15 +57,22 @@ def chunk_loss(mean: jax.Array, log_std: jax.Array, chunk: jax.Array, mask: jax.
 
 def bc_loss(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef, stats: dict,
             nll_weight: float) -> tuple[jax.Array, dict]:  # fmt: skip
-    """batch: obs {k: [B, ...]} (raw; normalised here), chunk [B, H, A], mask [B, H]."""
-    mean, log_std = models.apply(graphdef, params, normalization.normalize(batch["obs"], stats))
+    """batch: obs {k: [B, ...]} (raw; normalised here), chunk [B, H, A], mask [B, H], and for an
+    advantage-conditioned policy (Recap) optionally indicator [B] int32."""
+    obs = normalization.normalize(batch["obs"], stats)
+    mean, log_std = models.apply(graphdef, params, obs, batch.get("indicator"))
     return chunk_loss(mean, log_std, batch["chunk"], batch["mask"], nll_weight)
 
 
 def sample_batch(data: dict, key: jax.Array, batch_size: int) -> dict:
-    """Uniform draw of `batch_size` examples from the flat dataset (with replacement)."""
-    index = jax.random.randint(key, (batch_size,), 0, data["chunk"].shape[0])
-    return jax.tree.map(lambda x: x[index], data)
+    """Uniform draw of `batch_size` examples from the flat dataset (with replacement).
+
+    A dataset padded to a fixed capacity carries `size` [] int32 and only its first `size` rows are
+    drawn, so a growing dataset (Recap's) keeps one shape and the update compiles once.
+    """
+    rows = data.get("size", data["chunk"].shape[0])
+    index = jax.random.randint(key, (batch_size,), 0, rows)
+    return jax.tree.map(lambda x: x[index], {k: v for k, v in data.items() if k != "size"})
 
 
 def update(
@@ -80,12 +87,21 @@ def update(
 
 def train_steps(state: BCState, data: dict, key: jax.Array, *, num_steps: int, batch_size: int,
                 batch_sharding: NamedSharding | None, update_fn,
-                sample_fn=sample_batch) -> tuple[BCState, dict]:  # fmt: skip
+                sample_fn=sample_batch, prepare=None) -> tuple[BCState, dict]:  # fmt: skip
     """`num_steps` updates in one scan; returns the new state and the metrics averaged over the block.
-    `sample_fn(data, key, batch_size)` draws each step's batch."""
+
+    `sample_fn(data, key, batch_size)` draws each step's batch. `prepare(batch, key)`, if given,
+    transforms each drawn batch with a key of its own (Recap's indicator dropout); without it the draws
+    are exactly those of earlier runs.
+    """
 
     def body(state, _):
-        batch = sample_fn(data, jax.random.fold_in(key, state.step), batch_size)
+        key_batch = jax.random.fold_in(key, state.step)
+        if prepare is not None:
+            key_batch, key_prepare = jax.random.split(key_batch)
+        batch = sample_fn(data, key_batch, batch_size)
+        if prepare is not None:
+            batch = prepare(batch, key_prepare)
         if batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return update_fn(state, batch)
@@ -95,9 +111,16 @@ def train_steps(state: BCState, data: dict, key: jax.Array, *, num_steps: int, b
 
 
 def make_train_steps(graphdef, stats, optimizer, *, num_steps: int, batch_size: int, nll_weight: float,
-                     mesh=None):  # fmt: skip
-    """The jitted block of updates, with the state donated and (given a mesh) the batch sharded."""
+                     mesh=None, prepare=None):  # fmt: skip
+    """The jitted block of BC updates, with the state donated and (given a mesh) the batch sharded."""
     loss_fn = functools.partial(bc_loss, graphdef=graphdef, stats=stats, nll_weight=nll_weight)
+    return make_loss_steps(loss_fn, optimizer, num_steps=num_steps, batch_size=batch_size, mesh=mesh,
+                           prepare=prepare)  # fmt: skip
+
+
+def make_loss_steps(loss_fn, optimizer, *, num_steps: int, batch_size: int, mesh=None, prepare=None):
+    """`make_train_steps` for any `loss_fn(params, batch) -> (loss, metrics)` over the flat dataset (a
+    value function's cross-entropy, say)."""
     update_fn = functools.partial(update, loss_fn=loss_fn, optimizer=optimizer)
     batch_sharding = None
     jit_kwargs = {}
@@ -108,6 +131,6 @@ def make_train_steps(graphdef, stats, optimizer, *, num_steps: int, batch_size: 
         jit_kwargs = {"in_shardings": (replicated, replicated, replicated), "out_shardings": replicated}
     fn = functools.partial(
         train_steps, num_steps=num_steps, batch_size=batch_size, batch_sharding=batch_sharding,
-        update_fn=update_fn,
+        update_fn=update_fn, prepare=prepare,
     )  # fmt: skip
     return jax.jit(fn, donate_argnums=0, **jit_kwargs)

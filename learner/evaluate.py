@@ -24,14 +24,19 @@ Actor = Callable[[object, dict, jax.Array], jax.Array]
 StateActor = Callable[[object, object, jax.Array], jax.Array]
 
 
-def chunk_actor(graphdef, stats: dict, *, indicator: int | None = None, explore: bool = False) -> Actor:
+def chunk_actor(graphdef, stats: dict, *, indicator: int | None = None, explore: bool = False,
+                guidance: float = 1.0) -> Actor:  # fmt: skip
     """Executes the first action of a chunk each step (receding horizon): the policy's deterministic
-    chunk, or with `explore` a chunk sampled from it (SAC's exploration during patching rollouts)."""
+    chunk, or with `explore` a chunk sampled from it (SAC's exploration during patching rollouts).
+    `guidance` != 1 with an indicator: classifier-free guidance against the indicator-free policy."""
 
     def act(params, obs, key):
         obs = normalization.normalize(obs, stats)
         flag = None if indicator is None else jnp.full(obs["prompt"].shape[:1], indicator, jnp.int32)
         mean, log_std = models.apply(graphdef, params, obs, flag)
+        if indicator is not None and guidance != 1.0:
+            unconditioned, _ = models.apply(graphdef, params, obs, None)
+            mean = distributions.guided_mean(mean, unconditioned, guidance)
         chunk = distributions.sample(key, mean, log_std)[0] if explore else distributions.mode(mean)
         return chunk[:, 0]
 

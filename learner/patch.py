@@ -233,32 +233,40 @@ def run_patching(config: Config, prior: Prior, offline: list[dict], run_dir: pat
 
 
 # ----------------------------------------------------------------------------------------------- SFT
+def sft_retrain(config: Config, prior: Prior, episodes: list[dict], *, seed: int, mesh=None) -> nnx.State:
+    """The prior retrained by BC on `episodes` for `config.patch.sft_steps` steps (pretraining's
+    optimiser settings); the prior's params are left intact."""
+    pc, pre, mc = config.patch, config.pretrain, prior.config.model
+    mesh = mesh or sharding.make_mesh()
+    block = pre.log_every
+    steps = pc.sft_steps - pc.sft_steps % block
+    data = jax.device_put(dataset.flatten(episodes, mc.chunk), sharding.replicated(mesh))
+    optimizer = bc.make_optimizer(pre.learning_rate, steps, min(pre.warmup_steps, steps // 10),
+                                  pre.weight_decay)  # fmt: skip
+    params = jax.tree.map(jnp.copy, prior.params)  # donated by the train step
+    state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
+    train = bc.make_train_steps(
+        prior.graphdef, prior.stats, optimizer, num_steps=block, batch_size=pre.batch_size,
+        nll_weight=pre.nll_weight, mesh=mesh,
+    )  # fmt: skip
+    key = jax.random.key(seed)
+    for _ in range(steps // block):
+        state, _ = train(state, data, key)
+    return state.params
+
+
 def run_sft(config: Config, prior: Prior, demos: list[dict], offline: list[dict], *, seed: int, mesh=None,
             progress: bool = True) -> list[dict]:  # fmt: skip
     """Full SFT retraining from the prior, once per count in `config.patch.sft_demos` (first N demos)."""
-    pc, pre, mc = config.patch, config.pretrain, prior.config.model
-    mesh = mesh or sharding.make_mesh()
+    pc = config.patch
     evaluator = evaluate.Evaluator(
         pc.task, pc.split, pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
     )
-    block = pre.log_every
-    steps = pc.sft_steps - pc.sft_steps % block
     records = []
     for count in tqdm(pc.sft_demos, desc=f"SFT {pc.task}/{pc.split}", unit="retrain", disable=not progress):
         tic = time.perf_counter()
-        data = jax.device_put(dataset.flatten(demos[:count] + offline, mc.chunk), sharding.replicated(mesh))
-        optimizer = bc.make_optimizer(pre.learning_rate, steps, min(pre.warmup_steps, steps // 10),
-                                      pre.weight_decay)  # fmt: skip
-        params = jax.tree.map(jnp.copy, prior.params)  # donated by the train step
-        state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
-        train = bc.make_train_steps(
-            prior.graphdef, prior.stats, optimizer, num_steps=block, batch_size=pre.batch_size,
-            nll_weight=pre.nll_weight, mesh=mesh,
-        )  # fmt: skip
-        key = jax.random.key(seed)
-        for _ in range(steps // block):
-            state, _ = train(state, data, key)
-        report = evaluate.summarize(evaluator(state.params, jax.random.key(seed + 1)))
+        params = sft_retrain(config, prior, demos[:count] + offline, seed=seed, mesh=mesh)
+        report = evaluate.summarize(evaluator(params, jax.random.key(seed + 1)))
         used = demos[:count]
         records.append({
             "kind": "sft", "demos": count, "corrective_episodes": count,

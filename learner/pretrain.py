@@ -57,6 +57,27 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+class IterationLog:
+    """An iterative method's progress: after each iteration, evaluate the params and log one record with
+    the run's running totals (`env_steps`, `wall_s`, ...). Iteration 0 is the starting policy."""
+
+    def __init__(self, kind: str, evaluator: evaluate.Evaluator, key: jax.Array, path: pathlib.Path):
+        self.kind, self.evaluator, self.key = kind, evaluator, key
+        self.log = MetricsLog(path)
+        self.records: list[dict] = []
+        self.report: dict = {}
+
+    def __call__(self, params, iteration: int, totals: dict, extra: dict | None = None, *,
+                 changed: bool = True) -> dict:  # fmt: skip
+        """`changed` False: the params are those evaluated last, so their figures are reused."""
+        if changed or not self.report:
+            self.report = evaluate.summarize(self.evaluator(params, jax.random.fold_in(self.key, iteration)))
+        record = {"kind": self.kind, "iteration": iteration, **totals, **(extra or {}), **self.report}
+        self.log.write(record)
+        self.records.append(record)
+        return record
+
+
 def evaluators(config: Config, actor, episodes: int) -> dict[tuple[str, str], evaluate.Evaluator]:
     camera_res = config.model.image_res if config.model.image else None
     return {
