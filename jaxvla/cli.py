@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "export": ("tools.export", "Write a trained policy as one checksummed file for the numpy robot client."),
     "eval": ("tools.eval", "Evaluate a policy in MJX: success, failure modes, retries, cycle time."),
     "patch": ("tools.patch", "Patch the prior on the novel split with operator takeovers and SAC; vs SFT."),
+    "serve": ("tools.serve", "Run the fleet service (episodes in, gated params out) and its learner."),
+    "actor": ("tools.actor", "Run one robot of the fleet: policy from the service, episodes pushed back."),
 }
 
 # The packages this project ships. A missing module outside them means an extra is not installed; a
