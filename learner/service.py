@@ -44,6 +44,7 @@ from jaxvla.actor import wire
 from learner.store import EpisodeStore
 from learner.store import ParamsRegistry
 
+ROBOT_ID = web.RequestKey("robot_id", str)
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/octet-stream")
 
 
@@ -191,7 +192,7 @@ class Service:
         robot = robot_of(request.headers.get("Authorization", ""), self.tokens)
         if robot is None:
             raise Rejected(401, "missing or unknown token; send 'Authorization: Bearer <robot token>'")
-        request["robot_id"] = robot
+        request[ROBOT_ID] = robot
         return await handler(request)
 
     async def _body(self, request: web.Request) -> bytes:
@@ -209,7 +210,7 @@ class Service:
 
     async def push(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        episodes = await self._run(functools.partial(validate_push, **self.limits), body, request["robot_id"])
+        episodes = await self._run(functools.partial(validate_push, **self.limits), body, request[ROBOT_ID])
         stored, duplicates = [], []
         for episode in episodes:
             _, created = await self._run(self.store.commit, episode)
@@ -245,7 +246,7 @@ class Service:
     async def heartbeat(self, request: web.Request) -> web.Response:
         message = _fields(await self._body(request), {})
         status = {k: v for k, v in message.items() if isinstance(v, int | float | str | bool | None)}
-        self.robots[request["robot_id"]] = {**status, "last_seen": time.time()}
+        self.robots[request[ROBOT_ID]] = {**status, "last_seen": time.time()}
         latest = self.registry.latest()
         return web.json_response({"latest_version": latest and latest["version"], "server_time": time.time()})
 

@@ -150,29 +150,31 @@ class EpisodeStore:
     def read_since(self, cursor: int, limit: int | None = None) -> list[tuple[int, dict]]:
         """Committed episodes with seq > cursor, oldest first, at most `limit`: [(seq, episode)].
 
-        Safe while the writer commits and compacts: incoming/ is listed before rlds/, and compaction
-        lands a part before deleting its msgpack files, so a file that vanishes is found in a part.
+        Safe while the writer commits and compacts: incoming/ is read before rlds/ is listed, and
+        compaction lands a part before deleting its msgpack files, so a file that vanished before it could
+        be read is in a part the listing after it finds.
         """
-        listed = sorted(p for p in self.incoming.iterdir() if INCOMING.fullmatch(p.name))
         found: dict[int, dict] = {}
+        for path in sorted(p for p in self.incoming.iterdir() if INCOMING.fullmatch(p.name)):
+            seq = int(INCOMING.fullmatch(path.name)[1])
+            if seq <= cursor:
+                continue
+            try:
+                found[seq] = wire.unpackb(path.read_bytes())
+            except FileNotFoundError:
+                continue  # compacted meanwhile: the part listing below has it
         for sidecar in sorted(self.parts.glob("part_*.ids.json")):
             first, last = map(int, PART.match(sidecar.name).groups())
             dataset = self.parts / sidecar.name.removesuffix(".ids.json")
-            if last <= cursor or not any(dataset.glob("*/dataset_info.json")):
+            if last <= cursor or all(seq in found for seq in range(max(first, cursor + 1), last + 1)):
+                continue
+            if not any(dataset.glob("*/dataset_info.json")):
                 continue
             seq_of = {episode_id: seq for seq, episode_id in json.loads(sidecar.read_text())}
             for episode in rlds.read_episodes(dataset):
                 seq = seq_of[episode["episode_metadata"]["episode_id"]]
                 if seq > cursor:
-                    found[seq] = episode
-        for path in listed:
-            seq = int(INCOMING.fullmatch(path.name)[1])
-            if seq <= cursor or seq in found:
-                continue
-            try:
-                found[seq] = wire.unpackb(path.read_bytes())
-            except FileNotFoundError:
-                continue  # compacted meanwhile: the part listing above has it
+                    found.setdefault(seq, episode)
         ordered = sorted(found.items())
         return ordered[:limit] if limit is not None else ordered
 

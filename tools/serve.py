@@ -1,7 +1,7 @@
 """`jaxvla serve [config] [--fleet.field value ...]`: the fleet service, and the learner behind it.
 
 Serves the protocol of `learner/service.py` on `fleet.host:fleet.port` over `<fleet.root>/store` (the
-episode store) and `<fleet.root>/params` (the params registry). Unless `--fleet.learner False`, it also
+episode store) and `<fleet.root>/params` (the params registry). Unless `--fleet.no-learner`, it also
 starts the learner (`tools/fleet_learner.py`) as a child process and restarts it with backoff whenever
 it dies: the service never waits on the learner, so a learner crash never stalls a robot. The robots'
 tokens are in `fleet.tokens` (created with `fleet.robots` random tokens when missing).
