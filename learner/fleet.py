@@ -179,14 +179,10 @@ class FleetLearner:
         jax.block_until_ready(state)
         self.learner = dataclasses.replace(self.learner, state=state, round=round_)
         train_s = time.perf_counter() - tic
-        version = self.prior.step + round_
-        current = [e for e in self.registry.entries() if e["version"] < version][-1]
-        candidate = self._export(state.actor, version, current["version"], {"round": round_})
-        verdict = self.gate.check(candidate, self.registry.read(current["version"]))
-        published = self._publish(candidate, verdict) if verdict["passed"] else None
+        proposal = self.propose(state.actor, round_)
         self.pending = 0
         record = {"event": "round", "round": round_, "cursor": self.cursor, "train_s": train_s,
-                  "gate_s": time.perf_counter() - tic - train_s, "gate": verdict, "published": published,
+                  "gate_s": time.perf_counter() - tic - train_s, **proposal,
                   **{k: float(v) for k, v in jax.device_get(metrics).items()}}  # fmt: skip
         digest = replay_digest(self.learner.buffers)
         meta = {"round": round_, "totals": self.learner.totals, "cursor": self.cursor, "pending": 0,
@@ -195,6 +191,16 @@ class FleetLearner:
         self.checkpoints.manager.wait_until_finished()  # the log below claims the round is saved
         self.log({**record, "replay_digest": digest, "params_digest": params_digest(state.actor)})
         return record
+
+    def propose(self, params, round_: int) -> dict:
+        """Exports `params` as round `round_`'s candidate, gates it against the newest earlier version
+        and publishes it if it passes: {"gate": verdict, "published": version or None}."""
+        version = self.prior.step + round_
+        current = [e for e in self.registry.entries() if e["version"] < version][-1]
+        candidate = self._export(params, version, current["version"], {"round": round_})
+        verdict = self.gate.check(candidate, self.registry.read(current["version"]))
+        published = self._publish(candidate, verdict) if verdict["passed"] else None
+        return {"gate": verdict, "published": published}
 
     def _publish(self, candidate: bytes, verdict: dict) -> int:
         """Publishes a candidate, unless a previous life of this learner already published this round's
