@@ -43,17 +43,10 @@ from learner.store import ParamsRegistry
 PAD = 128  # block lengths are padded to a multiple of this: a handful of insert compiles, not one per T
 
 
-def replay_digest(buffers: dict) -> str:
-    """sha256 over every array of every replay buffer: equal digests, equal replay contents."""
+def tree_digest(tree) -> str:
+    """sha256 over every array of a pytree (replay buffers, params): equal digests, equal contents."""
     digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(buffers)):
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()
-
-
-def params_digest(params) -> str:
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(params)):
+    for leaf in jax.tree.leaves(jax.device_get(tree)):
         digest.update(np.ascontiguousarray(leaf).tobytes())
     return digest.hexdigest()
 
@@ -121,7 +114,7 @@ class FleetLearner:
         saved, meta = self.checkpoints.restore(self.learner.checkpointed())
         self.learner = patch.Learner(saved["sac"], saved["replay"], meta["round"], meta["totals"])
         self.cursor, self.pending = meta["cursor"], meta["pending"]
-        digest = replay_digest(self.learner.buffers)
+        digest = tree_digest(self.learner.buffers)
         self.log({"event": "resumed", "round": meta["round"], "cursor": self.cursor, "replay_digest": digest,
                   "saved_digest": meta["replay_digest"]})  # fmt: skip
 
@@ -184,12 +177,12 @@ class FleetLearner:
         record = {"event": "round", "round": round_, "cursor": self.cursor, "train_s": train_s,
                   "gate_s": time.perf_counter() - tic - train_s, **proposal,
                   **{k: float(v) for k, v in jax.device_get(metrics).items()}}  # fmt: skip
-        digest = replay_digest(self.learner.buffers)
+        digest = tree_digest(self.learner.buffers)
         meta = {"round": round_, "totals": self.learner.totals, "cursor": self.cursor, "pending": 0,
                 "replay_digest": digest}  # fmt: skip
         self.checkpoints.save(round_, self.learner.checkpointed(), meta)
         self.checkpoints.manager.wait_until_finished()  # the log below claims the round is saved
-        self.log({**record, "replay_digest": digest, "params_digest": params_digest(state.actor)})
+        self.log({**record, "replay_digest": digest, "params_digest": tree_digest(state.actor)})
         return record
 
     def propose(self, params, round_: int) -> dict:
