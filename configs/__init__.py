@@ -370,6 +370,64 @@ class RiptConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FleetConfig:
+    """The fleet (`jaxvla serve`): the service robots push episodes to, and the learner behind it that
+    ingests them into replay, patches the prior with SAC (`sac.*`, `patch.capacity`,
+    `patch.updates_per_round`) and publishes gated params."""
+
+    prior: str = "runs/default"
+    """Run folder of the pretrained prior; its policy is the first published version."""
+    root: str = "runs/fleet"
+    """Folder of the episode store, the params registry, the learner's checkpoints and logs."""
+    host: str = "127.0.0.1"
+    port: int = 8765
+    tokens: str = ""
+    """JSON file {robot_id: token}; empty: `<root>/tokens.json`, created with `robots` tokens if absent."""
+    robots: int = 4
+    """Robots given a token when the tokens file is created."""
+    max_body_mb: int = 64
+    """Largest request body the service reads (413 above)."""
+    max_episodes_per_push: int = 64
+    max_steps: int = 2_000
+    """Longest episode the service accepts (422 above)."""
+    compact_every: int = 256
+    """Committed episodes that wait before the service converts them into one RLDS part."""
+    task: str = "pick_place"
+    """The fleet's task (offline data and the gate's evaluation)."""
+    split: Split = "novel"
+    """Item distribution the gate evaluates on."""
+    offline_data: str = "data/pick_place_train"
+    """RLDS dataset loaded into the offline source (`patch.offline_episodes` of it); empty: none."""
+    ingest_episodes: int = 4
+    """Episodes per replay insert: a fixed group size makes the replay a function of the store's order."""
+    episodes_per_round: int = 16
+    """New episodes that start a learner round (updates, gate, publish, checkpoint)."""
+    rounds: int = 0
+    """Learner rounds before it exits (0: until stopped)."""
+    gate: str = "sim"
+    """Regression gate: "sim" (success in the C twin on held-out seeds), or one registered in
+    `learner.gate.GATES`."""
+    gate_margin: float = 0.05
+    """A candidate is published unless its score is below the current params' by more than this."""
+    gate_episodes: int = 32
+    """Held-out episodes of the simulated gate."""
+    gate_seed: int = 1_000_000_000
+    """First seed of the gate's held-out episodes (actors draw theirs far below)."""
+    poll_s: float = 1.0
+    """Seconds the learner waits when the store has nothing new."""
+    learner: bool = True
+    """`jaxvla serve` also runs the learner (a supervised child process, restarted if it dies)."""
+    seed: int = 0
+    """Seed of the learner's keys."""
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"FleetConfig.split must be one of {SPLITS}, got {self.split!r}")
+        if self.ingest_episodes < 1 or self.episodes_per_round % self.ingest_episodes:
+            raise ValueError("FleetConfig.episodes_per_round must be a multiple of ingest_episodes (>= 1)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One experiment: a named starting point plus one section per part of the system."""
 
@@ -393,6 +451,8 @@ class Config:
     """Recap: advantage-conditioned retraining."""
     ript: RiptConfig = RiptConfig()
     """RIPT: group policy gradient from binary success."""
+    fleet: FleetConfig = FleetConfig()
+    """The fleet service and its learner."""
     out_dir: str = "runs"
     """Folder for checkpoints, logs and plots."""
     compile_cache: str = ".cache/jax"

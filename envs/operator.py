@@ -7,6 +7,8 @@ gets wrong on heavy, porous items. Written against `xp` like `cell.py`, so the M
 (as the teleop device in simulation) the robot client all drive the same operator.
 """
 
+import dataclasses
+
 import numpy as np
 
 from envs import cell as C
@@ -124,3 +126,53 @@ def label(info: dict) -> dict:
         "cycle_time": float(np.asarray(info["cycle_time"])),
         "operator_reward": float(bool(np.asarray(info["success"]))),
     }
+
+
+# ------------------------------------------------------------------------------------------ takeover
+@dataclasses.dataclass(frozen=True)
+class Trigger:
+    """When the operator takes over: the first sign of failure, as the seeds' operators do."""
+
+    slip: float = 0.85
+    """Load-to-hold ratio at which a slip is judged imminent."""
+    force: float = 45.0
+    """Wrist force [N] judged a near collision."""
+    on_failure_event: bool = True
+    """Take over after any missed grasp or slip event."""
+    stall_steps: int = 30
+    """Take over when the task stage has not advanced for this many control steps (a stuck robot)."""
+    disagreement: float = 0.0
+    """Take over when the policy's action differs from the operator's by more than this in any dimension
+    (0: off): an operator who sees the arm head the wrong way or the valve about to open."""
+    hand_back: bool = True
+    """Return control once the task has advanced a stage past the one where the operator took over."""
+
+
+def takeover_alarm(xp, trigger: Trigger, info: dict, policy_action, operator_action):
+    """Whether the operator sees a reason to take over this step. `info` carries the env's telemetry plus
+    the takeover bookkeeping of `takeover_flags` (`stalled_for`)."""
+    events = info["events"]  # grasp, release, slip, drop, retry, collision, missed grasp
+    failing = (events[2] | events[6]) & trigger.on_failure_event
+    stalled = info["stalled_for"] >= trigger.stall_steps
+    gap = xp.max(xp.abs(policy_action - operator_action))
+    disagrees = (trigger.disagreement > 0) & (gap > trigger.disagreement)
+    return (
+        (info["slip"] > trigger.slip)
+        | (info["contact_force"] > trigger.force)
+        | failing
+        | stalled
+        | disagrees
+    )
+
+
+def takeover_flags(xp, trigger: Trigger, info: dict, alarm, new_stage, new_done) -> dict:
+    """The bookkeeping after a step: `intervening` (still in control), `takeover_stage`,
+    `is_intervention` (the operator's action ran this step) and `stalled_for`."""
+    start = alarm & ~info["intervening"]
+    active = info["intervening"] | alarm
+    takeover_stage = xp.where(start, info["stage"], info["takeover_stage"])
+    handed_back = trigger.hand_back & active & (new_stage > takeover_stage) & ~new_done
+    progressed = new_stage != info["stage"]
+    stalled_for = xp.where(progressed | start, 0, info["stalled_for"] + 1).astype(xp.int32)
+    return {"intervening": active & ~handed_back, "takeover_stage": takeover_stage, "is_intervention": active,
+            "stalled_for": stalled_for}  # fmt: skip

@@ -10,6 +10,19 @@ import jax
 import jax.numpy as jnp
 
 from envs.cell import State
+from envs.operator import Trigger
+from envs.operator import takeover_alarm
+from envs.operator import takeover_flags
+
+__all__ = [
+    "AutoReset",
+    "DomainRandomization",
+    "Randomization",
+    "Takeover",
+    "Trigger",
+    "VmapWrapper",
+    "Wrapper",
+]
 
 
 class Wrapper:
@@ -113,23 +126,7 @@ class DomainRandomization(Wrapper):
         return self.env.reset_from_params(key_state, params._replace(**scaled))
 
 
-@dataclasses.dataclass(frozen=True)
-class Trigger:
-    """When the operator takes over: the first sign of failure, as the seeds' operators do."""
-
-    slip: float = 0.85
-    """Load-to-hold ratio at which a slip is judged imminent."""
-    force: float = 45.0
-    """Wrist force [N] judged a near collision."""
-    on_failure_event: bool = True
-    """Take over after any missed grasp or slip event."""
-    stall_steps: int = 30
-    """Take over when the task stage has not advanced for this many control steps (a stuck robot)."""
-    disagreement: float = 0.0
-    """Take over when the policy's action differs from the operator's by more than this in any dimension
-    (0: off): an operator who sees the arm head the wrong way or the valve about to open."""
-    hand_back: bool = True
-    """Return control once the task has advanced a stage past the one where the operator took over."""
+DEFAULT_TRIGGER = Trigger()
 
 
 class Takeover(Wrapper):
@@ -140,7 +137,7 @@ class Takeover(Wrapper):
     the replay's patch source and the RLDS episode need.
     """
 
-    def __init__(self, env, trigger: Trigger = Trigger()):
+    def __init__(self, env, trigger: Trigger = DEFAULT_TRIGGER):
         super().__init__(env)
         self.trigger = trigger
 
@@ -152,24 +149,12 @@ class Takeover(Wrapper):
         return dataclasses.replace(state, info={**state.info, **extra})
 
     def step(self, state: State, policy_action: jax.Array) -> State:
-        info, t = state.info, self.trigger
-        events = info["events"]  # grasp, release, slip, drop, retry, collision, missed_grasp
-        failing = (events[2] | events[6]) & t.on_failure_event
-        stalled = info["stalled_for"] >= t.stall_steps
         operator = self.env.operator_action(state)
-        disagrees = (t.disagreement > 0) & (jnp.max(jnp.abs(policy_action - operator)) > t.disagreement)
-        alarm = (info["slip"] > t.slip) | (info["contact_force"] > t.force) | failing | stalled | disagrees
-        start = alarm & ~info["intervening"]
-        active = info["intervening"] | alarm
-        takeover_stage = jnp.where(start, info["stage"], info["takeover_stage"])
-        action = jnp.where(active, operator, policy_action)
+        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator)
+        action = jnp.where(state.info["intervening"] | alarm, operator, policy_action)
         new = self.env.step(state, action)
-        handed_back = t.hand_back & active & (new.info["stage"] > takeover_stage) & ~new.done
-        progressed = new.info["stage"] != info["stage"]
-        stalled_for = jnp.where(progressed | start, 0, info["stalled_for"] + 1).astype(jnp.int32)
-        extra = {"intervening": active & ~handed_back, "takeover_stage": takeover_stage,
-                 "is_intervention": active, "stalled_for": stalled_for, "policy_action": policy_action,
-                 "action": action}  # fmt: skip
+        flags = takeover_flags(jnp, self.trigger, state.info, alarm, new.info["stage"], new.done)
+        extra = {**flags, "policy_action": policy_action, "action": action}
         return dataclasses.replace(new, info={**new.info, **extra})
 
 

@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "pro": ("tools.pro", "Process-Reward Operator: collect logs, train, evaluate, compare rewards."),
     "recap": ("tools.recap", "Recap: advantage-conditioned retraining from rollouts and corrections."),
     "ript": ("tools.ript", "RIPT: group policy gradient from binary success, K rollouts per state."),
+    "serve": ("tools.serve", "Run the fleet service (episodes in, gated params out) and its learner."),
+    "actor": ("tools.actor", "Run one robot of the fleet: policy from the service, episodes pushed back."),
 }
 
 # The packages this project ships. A missing module outside them means an extra is not installed; a

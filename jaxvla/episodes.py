@@ -195,6 +195,38 @@ def _checked(episodes: Iterable[dict], observation_spec: dict[str, Spec]) -> Ite
         raise ValueError("no episodes to write")
 
 
+# ---------------------------------------------------------------------------------------- test data
+def random_array(rng: np.random.Generator, spec: Spec, length: int) -> np.ndarray:
+    """[length, *spec.shape] random values of the spec's dtype (ints index the failure modes)."""
+    shape = (length, *spec.shape)
+    if spec.dtype is np.bool_:
+        return rng.random(shape) < 0.5
+    if spec.dtype is np.int32:
+        return rng.integers(0, N_FAILURE_MODES, shape, dtype=np.int32)
+    return rng.standard_normal(shape).astype(spec.dtype)
+
+
+def random_episode(rng: np.random.Generator, length: int, robot_id: str = "sim-0") -> dict:
+    """A schema-valid episode of random values (tests and benchmarks of storage and transport)."""
+    steps = {name: random_array(rng, spec, length) for name, spec in STEP_SPEC.items()}
+    steps["observation"] = {name: random_array(rng, spec, length) for name, spec in OBSERVATION_SPEC.items()}
+    steps["is_first"] = np.arange(length) == 0
+    steps["is_last"] = np.arange(length) == length - 1
+    metadata = {
+        "episode_id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+        "robot_id": robot_id,
+        "task": "sort",
+        "prompt": "put the blue part in compartment 3",
+        "policy_version": "v7",
+        "source": str(rng.choice(SOURCES)),
+        "success": bool(rng.random() < 0.5),
+        "operator_reward": float(rng.random()),  # float64 in, float32 on disk
+        "retries": int(rng.integers(0, 4)),
+        "cycle_time": np.float32(rng.random() * 10),
+    }
+    return {"steps": steps, "episode_metadata": metadata}
+
+
 # ------------------------------------------------------------------------------------------- writing
 def dataset_path(directory: str | Path, version: str = SCHEMA_VERSION) -> Path:
     """The folder `write_episodes(directory, ...)` puts the files in: `<directory>/<version>/`."""

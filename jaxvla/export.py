@@ -15,7 +15,6 @@ import datetime
 import operator
 import os
 import pathlib
-import tempfile
 
 import jax
 import numpy as np
@@ -102,7 +101,7 @@ def write(
         if not same:
             raise FileExistsError(f"{target} holds another policy as version {version}; versions are final")
         return target
-    _atomic_write(target, fileformat.pack(manifest, arrays))
+    fileformat.write_atomic(target, fileformat.pack(manifest, arrays))
     return target
 
 
@@ -178,23 +177,3 @@ def _stats_lists(stats: dict, spec: dict) -> dict:
         if np.shape(s["mean"]) != (size,) or np.shape(s["std"]) != (size,):
             raise ValueError(f"stats for {key!r} must have shape ({size},), got {np.shape(s['mean'])}")
     return normalization.to_lists(stats)
-
-
-def _atomic_write(target: pathlib.Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one, never part of one, even across a crash."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # makes the rename itself durable
-    finally:
-        os.close(directory)

@@ -116,6 +116,22 @@ class Learner:
         return {"sac": self.state, "replay": self.buffers}
 
 
+def make_insert():
+    """`replay.insert` jitted with the buffer donated (online and patch blocks go through it)."""
+    return jax.jit(
+        replay.insert, static_argnames=("source", "n_step", "interventions_only"), donate_argnums=0
+    )
+
+
+def insert_experience(insert, buffers: dict, block: dict, chunk: int) -> dict:
+    """Every step of `block` into the online source, takeover steps (and the n after) into patch."""
+    buffers = dict(buffers)
+    for name, only in (("online", False), ("patch", True)):
+        buffers[name] = insert(buffers[name], block, source=replay.SOURCES.index(name), n_step=chunk,
+                               interventions_only=only)  # fmt: skip
+    return buffers
+
+
 def trigger_of(config: Config) -> Trigger:
     pc = config.patch
     return Trigger(slip=pc.slip, force=pc.force, stall_steps=pc.stall_steps, disagreement=pc.disagreement)
@@ -181,8 +197,7 @@ def run_patching(config: Config, prior: Prior, offline: list[dict], run_dir: pat
     evaluator = evaluate.Evaluator(
         pc.task, pc.split, pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
     )
-    insert_online = jax.jit(replay.insert, static_argnames=("source", "n_step", "interventions_only"),
-                            donate_argnums=0)  # fmt: skip
+    insert_online = make_insert()
 
     learner = new_learner(config, prior, offline, mesh, seed)
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=2)
@@ -209,10 +224,7 @@ def run_patching(config: Config, prior: Prior, offline: list[dict], run_dir: pat
         tic = time.perf_counter()
         round_ = learner.round + 1
         block, helped = collector(learner.state.actor, jax.random.fold_in(key_roll, round_), round_)
-        buffers = dict(learner.buffers)
-        for name, only in (("online", False), ("patch", True)):
-            buffers[name] = insert_online(buffers[name], block, source=replay.SOURCES.index(name),
-                                          n_step=mc.chunk, interventions_only=only)  # fmt: skip
+        buffers = insert_experience(insert_online, learner.buffers, block, mc.chunk)
         state, metrics = train_block(learner.state, buffers, jax.random.fold_in(key_train, round_))
         jax.block_until_ready(state)
         totals = {k: learner.totals[k] + v for k, v in effort(block).items()}

@@ -4,7 +4,6 @@ import json
 import pathlib
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
@@ -16,37 +15,6 @@ from jaxvla import tokenizer
 from tools import data
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def random_array(rng: np.random.Generator, spec: E.Spec, length: int) -> np.ndarray:
-    shape = (length, *spec.shape)
-    if spec.dtype is np.bool_:
-        return rng.random(shape) < 0.5
-    if spec.dtype is np.int32:
-        return rng.integers(0, E.N_FAILURE_MODES, shape, dtype=np.int32)
-    return rng.standard_normal(shape).astype(spec.dtype)
-
-
-def random_episode(rng: np.random.Generator, length: int) -> dict:
-    steps = {name: random_array(rng, spec, length) for name, spec in E.STEP_SPEC.items()}
-    steps["observation"] = {
-        name: random_array(rng, spec, length) for name, spec in E.OBSERVATION_SPEC.items()
-    }
-    steps["is_first"] = np.arange(length) == 0
-    steps["is_last"] = np.arange(length) == length - 1
-    metadata = {
-        "episode_id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
-        "robot_id": "sim-0",
-        "task": "sort",
-        "prompt": "put the blue part in compartment 3",
-        "policy_version": "v7",
-        "source": str(rng.choice(E.SOURCES)),
-        "success": bool(rng.random() < 0.5),
-        "operator_reward": float(rng.random()),  # float64 in, float32 on disk
-        "retries": int(rng.integers(0, 4)),
-        "cycle_time": np.float32(rng.random() * 10),
-    }
-    return {"steps": steps, "episode_metadata": metadata}
 
 
 def assert_same_episode(got: dict, want: dict) -> None:
@@ -73,7 +41,7 @@ def test_schema_sizes_agree_with_the_workcell():
 
 def test_write_then_read_returns_every_field_exactly(tmp_path):
     rng = np.random.default_rng(0)
-    episodes = [random_episode(rng, length) for length in (1, 7, 12)]
+    episodes = [E.random_episode(rng, length) for length in (1, 7, 12)]
     path = E.write_episodes(tmp_path / "demo", episodes)
 
     assert path == tmp_path / "demo" / E.SCHEMA_VERSION
@@ -85,7 +53,7 @@ def test_write_then_read_returns_every_field_exactly(tmp_path):
 
 def test_dataset_opens_with_tfds_readers(tmp_path):
     rng = np.random.default_rng(1)
-    episodes = [random_episode(rng, length) for length in (3, 4)]
+    episodes = [E.random_episode(rng, length) for length in (3, 4)]
     path = E.write_episodes(tmp_path / "demo", episodes, episodes_per_shard=1)
 
     assert {p.name for p in path.iterdir()} == {
@@ -180,7 +148,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("how", sorted(CORRUPTIONS))
 def test_bad_input_raises_a_clear_error_and_writes_nothing(tmp_path, how):
     rng = np.random.default_rng(2)
-    episodes = [random_episode(rng, 5) for _ in range(3)]
+    episodes = [E.random_episode(rng, 5) for _ in range(3)]
     corrupt(episodes[2], how)  # the good episodes before it are written first, then thrown away
     with pytest.raises(ValueError) as err:
         E.write_episodes(tmp_path / "demo", episodes)
@@ -190,7 +158,7 @@ def test_bad_input_raises_a_clear_error_and_writes_nothing(tmp_path, how):
 
 
 def test_duplicate_episode_ids_and_empty_input_are_refused(tmp_path):
-    episode = random_episode(np.random.default_rng(3), 2)
+    episode = E.random_episode(np.random.default_rng(3), 2)
     with pytest.raises(ValueError, match="episode 1: episode_id .* appears twice"):
         E.write_episodes(tmp_path / "demo", [episode, episode])
     with pytest.raises(ValueError, match="no episodes"):
@@ -200,12 +168,12 @@ def test_duplicate_episode_ids_and_empty_input_are_refused(tmp_path):
 
 def test_an_existing_dataset_is_kept_unless_overwritten(tmp_path):
     rng = np.random.default_rng(4)
-    old, new = random_episode(rng, 2), random_episode(rng, 3)
+    old, new = E.random_episode(rng, 2), E.random_episode(rng, 3)
     directory = tmp_path / "demo"
     path = E.write_episodes(directory, [old])
     with pytest.raises(FileExistsError):
         E.write_episodes(directory, [new])
-    bad = random_episode(rng, 3)
+    bad = E.random_episode(rng, 3)
     corrupt(bad, "wrong dtype")
     with pytest.raises(ValueError):
         E.write_episodes(directory, [new, bad], overwrite=True)
@@ -219,7 +187,7 @@ def test_an_existing_dataset_is_kept_unless_overwritten(tmp_path):
 
 def test_reading_finds_the_newest_version_and_explains_a_missing_dataset(tmp_path):
     rng = np.random.default_rng(6)
-    old, new = random_episode(rng, 2), random_episode(rng, 3)
+    old, new = E.random_episode(rng, 2), E.random_episode(rng, 3)
     E.write_episodes(tmp_path / "demo", [old], version="1.0.0")
     E.write_episodes(tmp_path / "demo", [new], version="1.10.0")
     assert_same_episode(*E.read_episodes(tmp_path / "demo"), new)
@@ -230,7 +198,7 @@ def test_reading_finds_the_newest_version_and_explains_a_missing_dataset(tmp_pat
 
 def test_dataset_folder_must_be_a_tfds_name(tmp_path):
     with pytest.raises(ValueError, match="snake_case"):
-        E.write_episodes(tmp_path / "Pick-Place", [random_episode(np.random.default_rng(7), 2)])
+        E.write_episodes(tmp_path / "Pick-Place", [E.random_episode(np.random.default_rng(7), 2)])
 
 
 # ------------------------------------------------------------------------------------ data generate
@@ -243,7 +211,7 @@ def fake_batch_record(lengths_and_ends: list[tuple[int | None, str]], horizon: i
         if n is not None:  # frozen after the end, so the flag stays set, as rollout's freeze leaves it
             (done if how == "done" else truncated)[n - 1 :, b] = True
     rng = np.random.default_rng(5)
-    obs = {name: random_array(rng, spec, horizon * batch) for name, spec in E.OBSERVATION_SPEC.items()}
+    obs = {name: E.random_array(rng, spec, horizon * batch) for name, spec in E.OBSERVATION_SPEC.items()}
     obs = {name: x.reshape(horizon, batch, *x.shape[1:]) for name, x in obs.items()}
     obs["prompt"][:] = tokenizer.encode("put the red part in compartment 2")
     step = np.arange(1, horizon + 1, dtype=np.float32)[:, None].repeat(batch, 1)

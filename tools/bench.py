@@ -53,6 +53,7 @@ from learner import bc  # noqa: E402
 from learner import replay  # noqa: E402
 from learner import sac  # noqa: E402
 from learner import sharding  # noqa: E402
+from tools import bench_fleet  # noqa: E402
 
 CACHE_DIR = ".cache/jax"
 
@@ -933,6 +934,18 @@ def latency_table(rows: dict[str, dict]) -> str:
 
 
 # -------------------------------------------------------------------------------------------- main
+def fleet_policy_file() -> bytes:
+    """The default model (untrained) exported as the robots receive it."""
+    model = configs.get_config("default").model
+    _, params = nnx.split(model.create_policy(0), nnx.Param)
+    stats = normalization.compute(jax.device_get(model.fake_observation(jax.random.key(0), 256)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export.write(
+            Path(tmp), model, params, stats, version=1, parent_version=None, config_hash="bench"
+        )
+        return path.read_bytes()
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jaxvla bench", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -959,6 +972,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="add the SAC learner and replay section (vs PyTorch and flashbax where installed)",
     )
     p.add_argument("--learner-steps", type=int, default=20, help="SAC train steps per timed call")
+    p.add_argument("--fleet", action="store_true", help="add the fleet section (ingest, params, jitter)")
+    p.add_argument("--fleet-episodes", type=int, default=16, help="episodes pushed per concurrent actor")
+    p.add_argument("--fleet-steps", type=int, default=300, help="control steps per jitter rate")
     p.add_argument(
         "--replay-capacity", type=int, default=1 << 20, help="slots of the replay add/sample buffers"
     )
@@ -997,7 +1013,16 @@ def main(argv: list[str]) -> int:
         print(f"  learner: fused {learner['jax_fused']['train_steps_per_s']:.1f} train steps/s", flush=True)
         learner["replay"] = bench_replay(args.replay_capacity, args.reps, args.limit, cache)
         learner["ratios"] = learner_ratios(learner, learner["replay"])
+    fleet = {}
+    if args.fleet:
+        fleet = bench_fleet.run(fleet_policy_file(), args.fleet_episodes, args.fleet_steps)
     wall = time.perf_counter() - start
+    if fleet:
+        print(
+            "\nFleet on loopback: episodes of 120 steps pushed one per request, acknowledged once fsynced; "
+            "default model's params file; actor loop = twin + numpy policy under RateClock\n"
+        )
+        print(bench_fleet.table(fleet))
     if trains:
         print(f"\nBehaviour-cloning updates, {args.pretrain_steps} per jitted block, median of {args.reps}; "
               "compile = lower+compile of the block\n")  # fmt: skip
@@ -1045,6 +1070,8 @@ def main(argv: list[str]) -> int:
             result["pretrain"] = trains
         if learner:
             result["learner"] = learner
+        if fleet:
+            result["fleet"] = fleet
         args.json.write_text(json.dumps(result, indent=2))
     return 0
 

@@ -19,6 +19,8 @@ reader cannot disagree on the format. Standard library, numpy and msgpack only.
 import hashlib
 import json
 import os
+import pathlib
+import tempfile
 
 import msgpack
 import numpy as np
@@ -98,6 +100,33 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
             f"{manifest.get('sha256')})"
         )
     return manifest, {name: _unpack_array(name, entry) for name, entry in packed.items()}
+
+
+def write_atomic(target: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `target` so that readers see the old file or the whole new one, even across a crash
+    or power loss: temporary file in the same folder, fsync, rename, fsync of the folder."""
+    target = pathlib.Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_folder(target.parent)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Makes renames and deletions inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:

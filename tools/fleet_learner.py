@@ -1,0 +1,22 @@
+"""The fleet's learner process (`jaxvla serve` starts and supervises it; runnable alone with the same
+arguments): ingests the episode store into replay, patches with SAC, gates and publishes params."""
+
+import sys
+
+import jax
+
+import configs
+from learner.fleet import FleetLearner
+
+
+def main(argv: list[str]) -> int:
+    config = configs.cli(argv, prog="jaxvla serve (learner)")
+    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    learner = FleetLearner(config)
+    print(f"learner: round {learner.learner.round}, cursor {learner.cursor}", flush=True)
+    learner.run(config.fleet.rounds, config.fleet.poll_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
