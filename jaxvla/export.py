@@ -121,7 +121,7 @@ def write_pro(path: str | os.PathLike, net, params: nnx.State, stats: dict, *, v
         "normalization": _stats_lists(stats, spec),
     }
     target = pathlib.Path(path)
-    _atomic_write(target, fileformat.pack(manifest, flat_arrays(params)))
+    fileformat.write_atomic(target, fileformat.pack(manifest, flat_arrays(params)))
     return target
 
 
