@@ -428,6 +428,19 @@ class FleetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """`jaxvla demo`: the seeds' methods compared end to end on `patch.task` / `patch.split`."""
+
+    robots: int = 3
+    """Numpy robots (C-MuJoCo twins) that deploy the prior through the fleet service; the last one has the
+    operator as its teleop device."""
+    episodes_per_robot: int = 16
+    """Episodes each robot runs with the prior; their logs are PRO's deployment data."""
+    converged: float = 0.9
+    """A run has converged at its first evaluation within this fraction of its best success."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One experiment: a named starting point plus one section per part of the system."""
 
@@ -453,6 +466,8 @@ class Config:
     """RIPT: group policy gradient from binary success."""
     fleet: FleetConfig = FleetConfig()
     """The fleet service and its learner."""
+    demo: DemoConfig = DemoConfig()
+    """The main job: every method compared."""
     out_dir: str = "runs"
     """Folder for checkpoints, logs and plots."""
     compile_cache: str = ".cache/jax"
@@ -480,6 +495,63 @@ _CONFIGS = (
             eval_episodes=4,
             checkpoint_every=20,
         ),  # fmt: skip
+    ),
+    Config(
+        name="demo",
+        description="`jaxvla demo`: every method on small budgets, one seed; under 15 min on a 2-core CPU.",
+        env=EnvConfig(num_envs=64),
+        pretrain=PretrainConfig(
+            tasks=("pick_place",),
+            demos_per_task=200,
+            steps=3000,
+            eval_every=0,
+            checkpoint_every=1000,
+        ),  # fmt: skip
+        patch=PatchConfig(rounds=4, eval_episodes=32, sft_demos=(32,), sft_steps=1000, seeds=(0,)),
+        pro=ProConfig(
+            datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"),
+            steps=500,
+            batch_size=128,
+            warmup_steps=50,
+        ),  # fmt: skip
+        recap=RecapConfig(
+            iterations=2,
+            autonomous_per_iteration=16,
+            corrected_per_iteration=16,
+            value_steps=500,
+            policy_steps=1000,
+            eval_episodes=32,
+            seeds=(0,),
+        ),  # fmt: skip
+        ript=RiptConfig(
+            sft_demos=4,
+            iterations=3,
+            rollouts_per_iteration=128,
+            contexts=32,
+            eval_episodes=32,
+            seeds=(0,),
+        ),  # fmt: skip
+        out_dir="runs/demo",
+    ),
+    Config(
+        name="demo_full",
+        description="`jaxvla demo --full`: every method on larger budgets, three seeds, mean ± std.",
+        env=EnvConfig(num_envs=64),
+        pretrain=PretrainConfig(
+            tasks=("pick_place",),
+            demos_per_task=400,
+            steps=10_000,
+            eval_every=0,
+            checkpoint_every=2500,
+        ),  # fmt: skip
+        patch=PatchConfig(rounds=10, sft_demos=(16, 32, 64, 128), sft_steps=1500),
+        pro=ProConfig(
+            datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"), steps=1500, batch_size=128
+        ),
+        recap=RecapConfig(iterations=4),
+        ript=RiptConfig(sft_demos=4, iterations=6),
+        demo=DemoConfig(robots=4, episodes_per_robot=48),
+        out_dir="runs/demo_full",
     ),
     Config(
         name="vla",

@@ -42,3 +42,23 @@ def compiled_env(task: str, split: str = "train") -> CompiledEnv:
     if (task, split) not in _COMPILED:
         _COMPILED[task, split] = CompiledEnv(task, split)
     return _COMPILED[task, split]
+
+
+def write_tiny_prior(run_dir: pathlib.Path) -> None:
+    """A `jaxvla pretrain debug` run folder holding an untrained policy at step 0."""
+    from flax import nnx
+
+    import configs
+    from jaxvla import normalization
+    from learner import bc
+    from learner import pretrain
+    from learner.checkpoints import Checkpoints
+
+    config = configs.get_config("debug")
+    _, params = nnx.split(config.model.create_policy(0), nnx.Param)
+    stats = normalization.compute(jax.device_get(config.model.fake_observation(jax.random.key(0), 256)))
+    checkpoints = Checkpoints(run_dir / "checkpoints")
+    checkpoints.save(
+        0, bc.init_state(params, bc.make_optimizer(1.0, 1, 0, 0.0)), pretrain.config_meta(config, stats)
+    )
+    checkpoints.close()

@@ -18,15 +18,11 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from flax import nnx
+from conftest import write_tiny_prior
 
 import configs
 from jaxvla import episodes as E
-from jaxvla import normalization
 from jaxvla.actor import policy as actor_policy
-from learner import bc
-from learner import pretrain
-from learner.checkpoints import Checkpoints
 from learner.fleet import FleetLearner
 from learner.store import EpisodeStore
 
@@ -34,18 +30,6 @@ LEARNER_ARGS = ["--fleet.offline-data", "", "--fleet.episodes-per-round", "8", "
                 "--fleet.rounds", "2", "--fleet.gate-episodes", "1", "--fleet.poll-s", "0.2",
                 "--patch.updates-per-round", "2", "--patch.capacity", "256", "1024", "256",
                 "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2"]  # fmt: skip
-
-
-def write_tiny_prior(run_dir: pathlib.Path) -> None:
-    """A `jaxvla pretrain debug` run folder holding an untrained policy at step 0."""
-    config = configs.get_config("debug")
-    _, params = nnx.split(config.model.create_policy(0), nnx.Param)
-    stats = normalization.compute(jax.device_get(config.model.fake_observation(jax.random.key(0), 256)))
-    checkpoints = Checkpoints(run_dir / "checkpoints")
-    checkpoints.save(
-        0, bc.init_state(params, bc.make_optimizer(1.0, 1, 0, 0.0)), pretrain.config_meta(config, stats)
-    )
-    checkpoints.close()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ def test_readme_has_two_one_line_setup_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     assert all("\n" not in command for command in commands)
     main_job, tests = commands
-    assert main_job.endswith(".venv/bin/jaxvla sim")
+    assert main_job.endswith(".venv/bin/jaxvla demo")
     assert tests.endswith(".venv/bin/python -m pytest -q")
     ci_lines = (REPO_ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci_lines

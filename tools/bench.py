@@ -946,6 +946,32 @@ def fleet_policy_file() -> bytes:
         return path.read_bytes()
 
 
+def machine_line(info: dict, wall: float) -> str:
+    return (f"jax {info['jax']} ({info['jax_backend']}), mujoco {info['mujoco']}, mjx {info['mujoco_mjx']}; "
+            f"load {info['load_avg_1m']:.2f} at the start; {wall / 60:.1f} min in all.")  # fmt: skip
+
+
+def ratios_table(mjx_rows: list[dict], latency: dict, learner: dict) -> str:
+    """Every measured ratio against its peer, with its target where an issue set one."""
+    rows = [(f"MJX workcell {r['task']} B={r['batch']}: ours / raw mjx.step, steps/s", r["ratio"], None)
+            for r in mjx_rows]  # fmt: skip
+    if "state (default)" in latency:
+        rows.append(("numpy client / jitted JAX, p99 latency (lower is better)",
+                     latency["state (default)"]["p99_ratio"], "<= 0.25"))  # fmt: skip
+    labels = {"fused_over_torch": ("SAC fused JAX / PyTorch eager, train steps/s", ">= 1.5"),
+              "fused_over_unfused": ("SAC fused / unfused JAX, train steps/s", None),
+              "fused_over_flashbax_fused": ("SAC fused, our replay / flashbax, train steps/s", ">= 1.0"),
+              "add_over_flashbax": ("replay add, ours / flashbax", None),
+              "sample_over_flashbax": ("replay sample, ours / flashbax raw sequences", None),
+              "sample_over_flashbax_nstep": ("replay sample, ours / flashbax + n-step", None)}  # fmt: skip
+    for key, (label, target) in labels.items():
+        if learner.get("ratios", {}).get(key) is not None:
+            rows.append((label, learner["ratios"][key], target))
+    lines = ["| ratio | value | target |", "|---|---:|---|"]
+    lines += [f"| {label} | {value:.2f}x | {target or '-'} |" for label, value, target in rows]
+    return "\n".join(lines)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jaxvla bench", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -954,6 +980,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions; medians are reported")
     p.add_argument("--twin-steps", type=int, default=300, help="C twin control steps per repetition")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every section (sim, latency, pretrain, learner, fleet) and one report, markdown + JSON",
+    )
+    p.add_argument("--report", type=Path, default=Path("runs/bench"), help="folder of the --all report")
     p.add_argument("--limit", type=float, default=600.0, help="watchdog seconds per measurement")
     p.add_argument("--no-cache", action="store_true", help="disable the persistent compilation cache")
     p.add_argument("--latency", action="store_true", help="add the policy latency section (numpy vs JAX)")
@@ -983,6 +1015,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    if args.all:
+        args.no_sim, args.latency, args.learner, args.fleet = False, True, True, True
+        args.pretrain = args.pretrain or []
+        args.json = args.json or args.report / "report.json"
+    lines: list[str] = []
+
+    def emit(text: str = "") -> None:
+        print(text)
+        lines.append(text)
+
     if not args.no_cache:
         jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
     cache = CacheEvents()
@@ -1018,48 +1060,48 @@ def main(argv: list[str]) -> int:
         fleet = bench_fleet.run(fleet_policy_file(), args.fleet_episodes, args.fleet_steps)
     wall = time.perf_counter() - start
     if fleet:
-        print(
+        emit(
             "\nFleet on loopback: episodes of 120 steps pushed one per request, acknowledged once fsynced; "
             "default model's params file; actor loop = twin + numpy policy under RateClock\n"
         )
-        print(bench_fleet.table(fleet))
+        emit(bench_fleet.table(fleet))
     if trains:
-        print(f"\nBehaviour-cloning updates, {args.pretrain_steps} per jitted block, median of {args.reps}; "
+        emit(f"\nBehaviour-cloning updates, {args.pretrain_steps} per jitted block, median of {args.reps}; "
               "compile = lower+compile of the block\n")  # fmt: skip
-        print(pretrain_table(trains))
+        emit(pretrain_table(trains))
     if not args.no_sim:
-        print(f"\nMJX, {args.steps} control steps per call, median of {args.reps} interleaved reps; "
+        emit(f"\nMJX, {args.steps} control steps per call, median of {args.reps} interleaved reps; "
               "ratio = ours/raw physics steps/s; compile = lower+compile; "
             "one untimed warm-up call each\n")  # fmt: skip
-        print(mjx_table(rows))
-        print(f"\nC twin, operator driving, {args.twin_steps} control steps, median of {args.reps}\n")
-        print(twin_table(twins))
-        print(f"\nverified batch sizes (all calls returned): {sorted(set(args.batches))}; wall {wall:.0f} s")
+        emit(mjx_table(rows))
+        emit(f"\nC twin, operator driving, {args.twin_steps} control steps, median of {args.reps}\n")
+        emit(twin_table(twins))
+        emit(f"\nverified batch sizes (all calls returned): {sorted(set(args.batches))}; wall {wall:.0f} s")
     if args.latency:
-        print(f"\nPolicy latency, one observation (batch 1), {args.latency_calls} interleaved calls each "
+        emit(f"\nPolicy latency, one observation (batch 1), {args.latency_calls} interleaved calls each "
               f"after {LATENCY_WARMUP} untimed; JAX: jitted, compile excluded, block_until_ready; numpy: "
               f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n")  # fmt: skip
-        print(latency_table(latency))
+        emit(latency_table(latency))
         default = latency["state (default)"]
         ratio, p99_ms = default["p99_ratio"], default["numpy_p99_us"] / 1e3
-        print(f"\ndefault model targets: numpy p99 <= 0.25x JAX p99: {ratio:.2f}x "
+        emit(f"\ndefault model targets: numpy p99 <= 0.25x JAX p99: {ratio:.2f}x "
               f"({'met' if ratio <= 0.25 else 'missed'}); <= 2 ms: {p99_ms:.3f} ms "
               f"({'met' if p99_ms <= 2 else 'missed'})")  # fmt: skip
     if learner:
-        print(f"\nSAC learner, default model ({learner['params']:,} params), batch {learner['batch']}, utd "
+        emit(f"\nSAC learner, default model ({learner['params']:,} params), batch {learner['batch']}, utd "
               f"{learner['utd']}; one train step = {learner['utd']} critic updates + 1 actor update; "
               f"{args.learner_steps} train steps per timed call, median of {args.reps} interleaved reps "
               f"after one untimed; replay capacities {learner['capacities']}; device {learner['device']}; "
               f"fused matmul {learner['jax_fused']['gflops']:.1f} GFLOP/s\n")  # fmt: skip
-        print(learner_table(learner))
+        emit(learner_table(learner))
         r = learner["replay"]
-        print(f"\nReplay, capacity {r['capacity']:,} ({r['bytes'] / 2**20:.0f} MiB ours); add: "
+        emit(f"\nReplay, capacity {r['capacity']:,} ({r['bytes'] / 2**20:.0f} MiB ours); add: "
               f"[{BLOCK_ROWS}, {BLOCK_STEPS}] blocks, median call; sample: batch {r['batch']}, n-step "
               f"{r['n_step']}, chunk {r['chunk']}, {r['sample_calls']} calls per rep, median of "
               f"{args.reps}\n")  # fmt: skip
-        print(replay_table(r))
-        print()
-        print(ratio_lines(learner["ratios"]))
+        emit(replay_table(r))
+        emit()
+        emit(ratio_lines(learner["ratios"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall,
@@ -1073,6 +1115,13 @@ def main(argv: list[str]) -> int:
         if fleet:
             result["fleet"] = fleet
         args.json.write_text(json.dumps(result, indent=2))
+    if args.all:
+        args.report.mkdir(parents=True, exist_ok=True)
+        title = f"# jaxvla bench: {info['cpu']}, {info['cpu_count']} CPUs"
+        ratios = ratios_table(rows, latency, learner)
+        header = [title, "", machine_line(info, wall), "", "## Ratios against the peers", "", ratios, ""]
+        (args.report / "report.md").write_text("\n".join(header + lines) + "\n")
+        print(f"\nwrote {args.report / 'report.md'} and {args.json}")
     return 0
 
 

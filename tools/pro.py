@@ -276,11 +276,14 @@ def eval_markdown(result: dict) -> str:
         f"{g['success_without_gate']:.1%} -> {g['success_with_gate']:.1%}; "
         f"throughput {g['throughput_without_gate']:.0f} -> "
         f"{g['throughput_with_gate']:.0f} successes/h.",
-        "",
-        "| ranking (MJX) | split | success | retries/ep | recovery | succ/h |",
-        "|---|---|---:|---:|---:|---:|",
     ]
-    for split, rows in result["ranking"].items():
+    if result.get("ranking"):
+        lines += [
+            "",
+            "| ranking (MJX) | split | success | retries/ep | recovery | succ/h |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+    for split, rows in result.get("ranking", {}).items():
         for name, r in rows.items():
             recovery = f"{r['recovery_rate']:.0%}" if r["recovery_rate"] is not None else "-"
             lines.append(f"| {name} | {split} | {r['success_rate']:.1%} | {r['retries_per_episode']:.2f} | "
@@ -288,18 +291,25 @@ def eval_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_pro(config: configs.Config) -> int:
-    pc = config.pro
-    out = run_dir(config)
-    model = pro.load(out)
-    _, held = pro.split_heldout(load_store(config), pc.heldout)
+def heldout_evaluation(
+    model: pro.Pro, held: list[dict], pc: configs.ProConfig, plot_path: pathlib.Path
+) -> dict:
+    """PRO's figures on held-out episodes and the retry gate's effect on them; plots an example episode."""
     readouts = pro.score_episodes(model, held)
     result = {"heldout": pro.evaluation(held, readouts, pc), "gating": gating_summary(held, readouts, pc)}
     i = example_episode(held)
     meta = held[i]["episode_metadata"]
-    plot_episode(held[i], readouts[i], out / "episode.png",
+    plot_episode(held[i], readouts[i], plot_path,
                  f"PRO over a held-out episode: {meta['task']}, success {meta['success']}, "
                  f"retries {meta['retries']}, source {meta['source']}")  # fmt: skip
+    return result
+
+
+def evaluate_pro(config: configs.Config) -> int:
+    pc = config.pro
+    out = run_dir(config)
+    _, held = pro.split_heldout(load_store(config), pc.heldout)
+    result = heldout_evaluation(pro.load(out), held, pc, out / "episode.png")
     prior = patch_tool.load_prior(pc.prior)
     # On novel the prior fails every episode; the patched policies are ranked there by `jaxvla patch`.
     result["ranking"] = {"train": ranking_evaluations(config, prior, "train")}

@@ -56,13 +56,11 @@ def describe(config: configs.Config) -> str:
     )
 
 
-def main(argv: list[str]) -> int:
-    config = configs.cli(argv, prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
-    rc, pre = config.recap, config.pretrain
-    out = pathlib.Path(config.out_dir) / f"recap-{rc.task}"
-    prior = load_prior(rc.prior)
-    offline = data.load_or_generate(pre.data_dir, rc.task, "train", rc.offline_episodes, seed=pre.seed)
+def run_seeds(config: configs.Config, prior, offline: list[dict], out: pathlib.Path, *,
+              train_eval: bool = True) -> tuple[dict, dict]:  # fmt: skip
+    """Recap from `prior` once per seed in `recap.seeds`: every seed's records and its summary (with the
+    final policy's success on `train` when `train_eval`)."""
+    rc = config.recap
     graphdef, _ = recap.conditioned_policy(prior)
     positive = models.INDICATOR_POSITIVE
     collect = evaluate.chunk_actor(graphdef, prior.stats, indicator=positive, explore=rc.explore,
@@ -73,7 +71,7 @@ def main(argv: list[str]) -> int:
         rc.task, rc.split, rc.corrected_per_iteration, patch.trigger_of(config), collect
     )
     evaluator = evaluate.Evaluator(rc.task, rc.split, rc.eval_episodes, actor)
-    on_train = evaluate.Evaluator(rc.task, "train", rc.eval_episodes, actor)
+    on_train = evaluate.Evaluator(rc.task, "train", rc.eval_episodes, actor) if train_eval else None
     results, summaries = {}, {}
     for seed in rc.seeds:
         records, params = recap.run_recap(config, prior, offline, seed=seed, autonomous=autonomous,
@@ -85,9 +83,22 @@ def main(argv: list[str]) -> int:
             "corrected_success": sum(r["corrected_success"] for r in records[1:]) / rc.iterations,
             "autonomous_success": sum(r["autonomous_success"] for r in records[1:]) / rc.iterations,
             "rollout_positive_share": records[-1]["rollout_positive_share"],
-            "train_success": evaluate.summarize(on_train(params, jax.random.key(seed)))["success_rate"],
+            "train_success": evaluate.summarize(on_train(params, jax.random.key(seed)))["success_rate"]
+            if train_eval
+            else None,
         }
         print({"seed": seed, **summaries[seed]}, flush=True)
+    return results, summaries
+
+
+def main(argv: list[str]) -> int:
+    config = configs.cli(argv, prog=PROG)
+    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    rc, pre = config.recap, config.pretrain
+    out = pathlib.Path(config.out_dir) / f"recap-{rc.task}"
+    prior = load_prior(rc.prior)
+    offline = data.load_or_generate(pre.data_dir, rc.task, "train", rc.offline_episodes, seed=pre.seed)
+    results, summaries = run_seeds(config, prior, offline, out)
     practice.write(
         out,
         "recap",

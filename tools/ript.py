@@ -53,12 +53,12 @@ def describe(config: configs.Config) -> str:
     )
 
 
-def main(argv: list[str]) -> int:
-    config = configs.cli(argv, prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+def run_seeds(
+    config: configs.Config, prior, out: pathlib.Path, *, train_eval: bool = True
+) -> tuple[dict, dict]:
+    """RIPT from `prior` (after its few-shot SFT stage, if any) once per seed in `ript.seeds`: every
+    seed's records and its summary (with the final policy's success on `train` when `train_eval`)."""
     rc, pre = config.ript, config.pretrain
-    out = pathlib.Path(config.out_dir) / f"ript-{rc.task}"
-    prior = load_prior(rc.prior)
     if not 1 <= rc.execute <= prior.config.model.chunk:
         raise SystemExit(f"{PROG}: ript.execute={rc.execute} must lie in 1..{prior.config.model.chunk}, "
                          "the prior's chunk length")  # fmt: skip
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
                                     prior.stats, execute=rc.execute, temperature=rc.temperature)  # fmt: skip
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
     evaluator = evaluate.Evaluator(rc.task, rc.split, rc.eval_episodes, actor)
-    on_train = evaluate.Evaluator(rc.task, "train", rc.eval_episodes, actor)
+    on_train = evaluate.Evaluator(rc.task, "train", rc.eval_episodes, actor) if train_eval else None
     results, summaries = {}, {}
     for seed in rc.seeds:
         tic = time.perf_counter()
@@ -89,10 +89,22 @@ def main(argv: list[str]) -> int:
         summaries[seed] = {
             **practice.seed_summary(records, ("rollouts", "kept_groups", "updates")),
             "sft_wall_s": sft_s,
+            "sft_demo_steps": int(sum(len(ep["steps"]["action"]) for ep in demos)),
             "successful_rollouts": successful_rollouts(records, rc.rollouts_per_iteration),
-            "train_success": evaluate.summarize(on_train(params, jax.random.key(seed)))["success_rate"],
+            "train_success": evaluate.summarize(on_train(params, jax.random.key(seed)))["success_rate"]
+            if train_eval
+            else None,
         }
         print({"seed": seed, **summaries[seed]}, flush=True)
+    return results, summaries
+
+
+def main(argv: list[str]) -> int:
+    config = configs.cli(argv, prog=PROG)
+    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    rc = config.ript
+    out = pathlib.Path(config.out_dir) / f"ript-{rc.task}"
+    results, summaries = run_seeds(config, load_prior(rc.prior), out)
     practice.write(
         out,
         "ript",
