@@ -507,25 +507,34 @@ _CONFIGS = (
             eval_every=0,
             checkpoint_every=1000,
         ),  # fmt: skip
-        patch=PatchConfig(rounds=4, eval_episodes=32, sft_demos=(32,), sft_steps=1000, seeds=(0,)),
+        patch=PatchConfig(
+            rounds=3,
+            eval_episodes=32,
+            offline_episodes=200,
+            sft_demos=(32,),
+            sft_steps=1000,
+            seeds=(0,),
+        ),  # fmt: skip
         pro=ProConfig(
             datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"),
-            steps=500,
+            steps=400,
             batch_size=128,
             warmup_steps=50,
+            log_every=200,
         ),  # fmt: skip
         recap=RecapConfig(
             iterations=2,
-            autonomous_per_iteration=16,
+            autonomous_per_iteration=8,
             corrected_per_iteration=16,
-            value_steps=500,
-            policy_steps=1000,
+            offline_episodes=200,
+            value_steps=300,
+            policy_steps=600,
             eval_episodes=32,
             seeds=(0,),
         ),  # fmt: skip
         ript=RiptConfig(
             sft_demos=4,
-            iterations=3,
+            iterations=2,
             rollouts_per_iteration=128,
             contexts=32,
             eval_episodes=32,
@@ -544,12 +553,12 @@ _CONFIGS = (
             eval_every=0,
             checkpoint_every=2500,
         ),  # fmt: skip
-        patch=PatchConfig(rounds=10, sft_demos=(16, 32, 64, 128), sft_steps=1500),
+        patch=PatchConfig(rounds=8, sft_demos=(16, 32, 64), sft_steps=1500),
         pro=ProConfig(
             datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"), steps=1500, batch_size=128
         ),
-        recap=RecapConfig(iterations=4),
-        ript=RiptConfig(sft_demos=4, iterations=6),
+        recap=RecapConfig(iterations=3),
+        ript=RiptConfig(sft_demos=4, iterations=5),
         demo=DemoConfig(robots=4, episodes_per_robot=48),
         out_dir="runs/demo_full",
     ),

@@ -84,7 +84,8 @@ class Collector:
 
     def __init__(self, task: str, split: str, num_envs: int, trigger: Trigger, actor: evaluate.Actor,
                  relabel=None):  # fmt: skip
-        """`relabel(block, success) -> block` replaces the operator's sparse reward (PRO's dense one)."""
+        """`relabel(block, success) -> block` replaces the operator's sparse reward (PRO's dense one). It is
+        jitted on its own, so the rollout program is the same with or without it (compiled once, cached)."""
         self.env = Takeover(envs.make(task, split), trigger)
         self.num_envs, self.length = num_envs, self.env.config.max_steps
         reset, step = jax.vmap(self.env.reset), jax.vmap(self.env.step)
@@ -93,13 +94,14 @@ class Collector:
             key_reset, key_act = jax.random.split(key)
             state = reset(jax.random.split(key_reset, num_envs))
             last, record = rollout(step, lambda s, k: actor(params, s.obs, k), state, key_act, self.length)
-            block, success = episode_block(record, version), last.info["success"]
-            return (block if relabel is None else relabel(block, success)), success
+            return episode_block(record, version), last.info["success"]
 
         self._run = jax.jit(run)
+        self._relabel = jax.jit(relabel) if relabel is not None else None
 
     def __call__(self, params, key: jax.Array, version: int) -> tuple[dict, jax.Array]:
-        return self._run(params, key, jnp.int32(version))
+        block, success = self._run(params, key, jnp.int32(version))
+        return (block if self._relabel is None else self._relabel(block, success)), success
 
 
 # ------------------------------------------------------------------------------------------ patching

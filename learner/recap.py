@@ -307,6 +307,9 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
     # One dataset shape for the whole run: everything the iterations can collect, at most.
     per_iteration = autonomous.num_envs * autonomous.length + corrected.num_envs * corrected.length
     capacity = sum(int(b.valid.sum()) for b in blocks) + rc.iterations * per_iteration
+    # Placed as the fits' outputs are, so the collectors and the evaluator see one input sharding and
+    # compile once (an unplaced start recompiled all three in the second iteration).
+    policy_init, value_init = jax.device_put((policy_init, value_init), sharding.replicated(mesh))
     params, value_params = policy_init, value_init
     key_collect, key_eval = jax.random.split(jax.random.key(seed))
     totals = {

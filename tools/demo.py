@@ -5,8 +5,8 @@ From nothing but this repository, on `patch.task` / `patch.split` (the split the
  1. data     scripted-operator demonstrations: `train` for the prior, the split's for the SFT arm
  2. prior    the foundation prior, by behaviour cloning (`pretrain.*`)
  3. fleet    the prior deployed through the fleet on loopback: `jaxvla serve` and `demo.robots` numpy
-             `jaxvla actor` processes (C-MuJoCo twins; the last one has the operator); their logs are
-             PRO's deployment data
+             `jaxvla actor` processes (C-MuJoCo twins): one on `train`, the others on the split, the
+             last of them with the operator; their logs are PRO's deployment data
  4. sft      full SFT retraining on the split's demonstrations (`patch.sft_demos`)
  5. patch    policy patching with the operator's sparse reward
  6. pro      PRO trained on demonstrations and fleet logs, evaluated on held-out episodes; patching with
@@ -77,6 +77,7 @@ class Stages:
         self.tic = time.perf_counter()
 
     def __call__(self, name: str, what: str, fn) -> dict:
+        """The stage's result: read back if an earlier run finished it, else run now."""
         self.done += 1
         path = self.folder / f"{name}.json"
         elapsed = time.perf_counter() - self.tic
@@ -420,9 +421,10 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
     text = "\n".join([
         f"# jaxvla demo: the seeds' methods on {pc.task}/{pc.split}",
         "",
-        f"`{command}` on {machine()}; {wall_s / 60:.1f} min in all. Seeds {list(pc.seeds)}; every success "
-        f"figure is an MJX evaluation of {pc.eval_episodes} episodes without the operator; mean ± std over "
-        "seeds.",
+        f"`{command}` on {machine()}; {wall_s / 60:.1f} min in this invocation (stages finished by an "
+        f"earlier one are read back). Seeds {list(pc.seeds)}; "
+        f"every success figure is an MJX evaluation of {pc.eval_episodes} episodes without the operator; "
+        "mean ± std over seeds.",
         "",
         table(rows),
         "",
@@ -486,10 +488,8 @@ def with_outputs(config: configs.Config, out: pathlib.Path) -> configs.Config:
     )
 
 
-def main(argv: list[str]) -> int:
-    name = "demo_full" if "--full" in argv else "demo"
-    config = configs.cli([name, *(a for a in argv if a != "--full")], prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+def run(config: configs.Config) -> str:
+    """Every stage; returns the comparison table (the report is written to `out_dir`)."""
     out = pathlib.Path(config.out_dir)
     config = with_outputs(config, out)
     pc, pre = config.patch, config.pretrain
@@ -506,22 +506,29 @@ def main(argv: list[str]) -> int:
                              lambda: patching(config, prior, offline, out / "patch"))  # fmt: skip
     results["pro"] = stage("pro", "PRO: train, held-out evaluation, patching with its reward",
                            lambda: pro_and_patching(config, prior, offline, out))  # fmt: skip
-    recap_out, ript_out = out / "recap", out / "ript"
 
     def run_recap() -> dict:
-        seeds, summaries = recap_tool.run_seeds(config, prior, offline, recap_out, train_eval=False)
+        seeds, summaries = recap_tool.run_seeds(config, prior, offline, out / "recap", train_eval=False)
         return {"seeds": seeds, "summaries": summaries}
 
     def run_ript() -> dict:
-        seeds, summaries = ript_tool.run_seeds(config, prior, ript_out, train_eval=False)
+        seeds, summaries = ript_tool.run_seeds(config, prior, out / "ript", train_eval=False)
         return {"seeds": seeds, "summaries": summaries, "demos": config.ript.sft_demos}
 
     results["recap"] = stage("recap", "Recap", run_recap)
     results["ript"] = stage("ript", "RIPT", run_ript)
     results = json.loads(json.dumps(results, default=float))  # seeds as JSON keys, whether run or read back
-    stage.done += 1
-    print(f"\n[{stage.done}/{stage.total}] report", flush=True)
-    summary = report(config, results, out, time.perf_counter() - tic)
+    print(f"\n[{stage.total}/{stage.total}] report", flush=True)
+    return report(config, results, out, time.perf_counter() - tic)
+
+
+def main(argv: list[str]) -> int:
+    full = "--full" in argv
+    config = configs.cli(["demo_full" if full else "demo", *(a for a in argv if a != "--full")], prog=PROG)
+    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    tic = time.perf_counter()
+    summary = run(config)
+    out = pathlib.Path(config.out_dir)
     print(summary)
     print(f"\nwrote {out / 'report.md'}, {out / 'learning.png'}, {out / 'pro_episode.png'} "
           f"in {(time.perf_counter() - tic) / 60:.1f} min")  # fmt: skip
