@@ -553,12 +553,12 @@ _CONFIGS = (
             eval_every=0,
             checkpoint_every=2500,
         ),  # fmt: skip
-        patch=PatchConfig(rounds=8, sft_demos=(16, 32, 64), sft_steps=1500),
+        patch=PatchConfig(rounds=6, sft_demos=(16, 32, 64), sft_steps=1500),
         pro=ProConfig(
             datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"), steps=1500, batch_size=128
         ),
-        recap=RecapConfig(iterations=3),
-        ript=RiptConfig(sft_demos=4, iterations=5),
+        recap=RecapConfig(iterations=2),
+        ript=RiptConfig(sft_demos=4, iterations=3),
         demo=DemoConfig(robots=4, episodes_per_robot=48),
         out_dir="runs/demo_full",
     ),

@@ -379,14 +379,17 @@ def shortfalls(rows: dict[str, list[dict]], runs: dict) -> list[str]:
     def best(method: str) -> float:
         return float(np.mean([max(r["success_rate"] for r in recs) for recs in runs[method].values()]))
 
+    def steps(method: str) -> str:
+        values = [r["env_steps_to_converge"] for r in rows[method]]
+        return fmt(values, "count") if any(v is not None for v in values) else "none (no gain)"
+
     ript_start = np.mean([recs[0]["success_rate"] for recs in runs["ript"].values()])
     return [
         f"- {CLAIMS['patch']}. Here: best {best('patch'):.0%}, final {mean('patch', 'success'):.0%} with "
         f"{mean('patch', 'interventions'):.0f} corrective episodes; full SFT reached "
         f"{mean('sft', 'success'):.0%} with {mean('sft', 'interventions'):.0f} demonstrations.",
         f"- {CLAIMS['patch_pro']}. Here: environment steps to converge "
-        f"{mean('patch_pro', 'env_steps_to_converge'):,.0f} with PRO's reward against "
-        f"{mean('patch', 'env_steps_to_converge'):,.0f} with the sparse one; best success "
+        f"{steps('patch_pro')} with PRO's reward against {steps('patch')} with the sparse one; best success "
         f"{best('patch_pro'):.0%} against {best('patch'):.0%}.",
         f"- {CLAIMS['recap']}. Here: throughput {mean('prior', 'throughput'):.0f} -> "
         f"{mean('recap', 'throughput'):.0f} successes/h (the prior fails the split, so a ratio says "
@@ -453,7 +456,7 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
         "",
         "## PRO on held-out episodes (demonstrations and fleet logs)",
         "",
-        pro_tool.eval_markdown(stages["pro"]["pro"]),
+        pro_tool.eval_markdown(stages["pro"]["pro"]).split("\n", 2)[2],  # without its own title
         "![PRO over an episode](pro_episode.png)",
         "",
         "## Stages",
