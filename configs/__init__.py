@@ -555,10 +555,10 @@ _CONFIGS = (
         ),  # fmt: skip
         patch=PatchConfig(rounds=6, sft_demos=(16, 32, 64), sft_steps=1500),
         pro=ProConfig(
-            datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"), steps=1500, batch_size=128
+            datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"), steps=750, batch_size=128
         ),
-        recap=RecapConfig(iterations=2),
-        ript=RiptConfig(sft_demos=4, iterations=3),
+        recap=RecapConfig(iterations=2, value_steps=500, policy_steps=1000),
+        ript=RiptConfig(sft_demos=4, iterations=3, rollouts_per_iteration=128),
         demo=DemoConfig(robots=4, episodes_per_robot=48),
         out_dir="runs/demo_full",
     ),
