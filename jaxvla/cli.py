@@ -10,7 +10,7 @@ import sys
 
 # subcommand -> (module that defines `main(argv: list[str]) -> int`, one-line help)
 SUBCOMMANDS = {
-    "demo": ("tools.demo", "The main job: demonstrations, prior, fleet, then every method compared (--full)."),
+    "demo": ("tools.demo", "The main job: demonstrations, prior, fleet, then every method compared."),
     "sim": ("tools.sim", "Run the MJX workcell simulator and print what happened."),
     "bench": ("tools.bench", "Time the simulator and learner; prints throughput ratios."),
     "twin": ("tools.twin", "Run an exported policy with the numpy client in the C-MuJoCo twin."),

@@ -28,8 +28,8 @@ def test_convergence_is_the_first_evaluation_near_the_best_and_absent_without_a_
     assert demo.converged_at(run, 1.0) is run[3]
     assert demo.converged_at([record(0.2, 0, 0.0), record(0.1, 50, 5.0)], 0.9) is None
 
-    row = demo.method_row([record(0.0, 0, 0.0), record(0.6, 400, 40.0, corrective_episodes=7, takeover_steps=90)],
-                          0.9)  # fmt: skip
+    effort = {"corrective_episodes": 7, "takeover_steps": 90}
+    row = demo.method_row([record(0.0, 0, 0.0), record(0.6, 400, 40.0, **effort)], 0.9)
     assert row["success"] == 0.6 and row["interventions"] == 7 and row["takeover_steps"] == 90
     assert row["env_steps_to_converge"] == 400 and row["wall_s_to_converge"] == 40.0
     assert demo.method_row([record(0.1, 0, 0.0)], 0.9)["env_steps_to_converge"] is None
@@ -37,7 +37,8 @@ def test_convergence_is_the_first_evaluation_near_the_best_and_absent_without_a_
 
 def test_table_cells_are_mean_and_std_over_seeds():
     assert demo.fmt([0.5, 0.7], "percent") == "60.0 ± 10.0"
-    assert demo.fmt([1200, None], "count") == "1,200"
+    assert demo.fmt([1200, None], "count") == "1,200 (1 of 2 seeds)"
+    assert demo.fmt([1200, None, 1400], "count") == "1,300 ± 100 (2 of 3 seeds)"
     assert demo.fmt([None], "value") == "-"
     seeds = [demo.method_row([record(0.0, 0, 0.0), record(s, 100, 1.0)], 0.9) for s in (0.2, 0.4)]
     table = demo.table({"patch": seeds, "prior": seeds[:1]})
@@ -73,7 +74,8 @@ def test_the_prior_deployed_through_the_fleet_reaches_the_store_whole(tmp_path):
     assert result["stored"] == result["expected"] == 6
     without, with_operator = result["robots"]["robot-0"], result["robots"]["robot-1"]
     assert without["episodes"] == with_operator["episodes"] == 3
-    assert without["with_takeover"] == 0 and with_operator["with_takeover"] > 0  # an untrained policy needs help
+    # An untrained policy needs help, so the operator robot takes over.
+    assert without["with_takeover"] == 0 and with_operator["with_takeover"] > 0
     logged = rlds.read_episodes(tmp_path / "data" / "pro" / "pick_place_fleet")
     assert sorted(ep["episode_metadata"]["robot_id"] for ep in logged) == ["robot-0"] * 3 + ["robot-1"] * 3
     json.dumps(result)  # a stage's result is kept as JSON

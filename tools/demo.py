@@ -301,7 +301,8 @@ def method_records(stages: dict) -> dict[str, dict[int, list[dict]]]:
 
 
 def fmt(values: list, kind: str) -> str:
-    values = [v for v in values if v is not None]
+    """Mean ± std over the seeds that have a value; says how many when some have none (never converged)."""
+    seeds, values = len(values), [v for v in values if v is not None]
     if not values:
         return "-"
     mean, std = float(np.mean(values)), float(np.std(values))
@@ -311,7 +312,8 @@ def fmt(values: list, kind: str) -> str:
         "seconds": lambda x: f"{x:,.0f}",
         "value": lambda x: f"{x:.2f}",
     }[kind]
-    return text(mean) + (f" ± {text(std)}" if len(values) > 1 else "")
+    spread = f" ± {text(std)}" if len(values) > 1 else ""
+    return text(mean) + spread + (f" ({len(values)} of {seeds} seeds)" if len(values) < seeds else "")
 
 
 COLUMNS = [  # (header, row key, kind)
