@@ -18,7 +18,7 @@ import tyro
 from jaxvla.models import ModelConfig
 from jaxvla.models.pro import ProNetConfig
 
-Split = Literal["train", "novel"]
+Split = Literal["train", "deploy", "tail", "novel"]
 SPLITS: tuple[str, ...] = typing.get_args(Split)
 
 
@@ -29,7 +29,8 @@ class EnvConfig:
     task: str = "pick_place"
     """Registered task name in `envs/`."""
     split: Split = "train"
-    """Item distribution: "train" (the pretraining one) or "novel" (heavier, porous, displaced, new)."""
+    """Item distribution: "train" (the pretraining one), "deploy" (mostly train, plus tails the prior fails
+    on), "tail" (those tails alone) or "novel" (the stress split: heavier, porous, displaced, new)."""
     num_envs: int = 64
     """Environments stepped in parallel (the vmapped batch size)."""
     camera: bool = False
@@ -142,22 +143,26 @@ class SACConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PatchConfig:
-    """Interactive policy patching (Cortex 1.5): the prior on `novel`, operator takeovers, SAC updates."""
+    """Interactive policy patching (Cortex 1.5): the prior deployed, operator takeovers, SAC updates."""
 
     prior: str = "runs/default"
     """Run folder of the pretrained prior (`jaxvla pretrain`)."""
     task: str = "pick_place"
     """Task to patch."""
-    split: Split = "novel"
-    """Item distribution the prior fails on."""
+    split: Split = "deploy"
+    """Item distribution deployed on: "deploy" (the prior mostly works, a tail fails) is the seeds' regime."""
     rounds: int = 16
     """Rounds of rollout -> learner updates -> evaluation."""
     envs_per_round: int = 16
     """Episodes rolled out (with operator takeover) per round."""
     updates_per_round: int = 200
     """Fused train steps per round (each: `sac.utd` critic updates and one actor update)."""
-    eval_episodes: int = 64
-    """Evaluation episodes per round (no operator)."""
+    eval_episodes: int = 256
+    """Fixed test contexts every round and every arm is scored on (no operator); headline figures."""
+    validation_episodes: int = 128
+    """Fixed validation contexts, disjoint from the test ones: what "rounds to reach X" reads."""
+    goal: float = 0.9
+    """Success on the validation contexts that effort-to-goal is measured to."""
     offline_episodes: int = 200
     """The task's `train` demonstrations loaded into the offline source."""
     capacity: tuple[int, int, int] = (65_536, 262_144, 65_536)
@@ -170,21 +175,37 @@ class PatchConfig:
     """Operator trigger: wrist force [N] judged a near collision."""
     stall_steps: int = 30
     """Operator trigger: control steps without task progress."""
-    disagreement: float = 1.0
-    """Operator trigger: max-norm gap between the policy's and the operator's action (0: off). The
-    failure triggers alone hand over too late on `novel` (0% assisted success); 1.0 gives ~75%."""
+    disagreement: float = 0.0
+    """Operator trigger: max gap between the policy's and the operator's motion in any axis (0: off; it
+    measures style, not failure)."""
+    lookahead: int = 0
+    """Operator trigger: shadow-roll the policy this many steps ahead and take over before a predicted
+    failure (0: off; each step then simulates 1 + lookahead steps)."""
+    calm_steps: int = 5
+    """Operator hand back: steps without an alarm before control returns to the policy."""
+    max_segment: int = 40
+    """Operator hand back: the longest takeover segment [control steps]."""
+    false_alarms: bool = True
+    """Replay each round's contexts without the operator to count takeovers the policy did not need."""
+    baselines: tuple[Literal["sft", "targeted_sft", "hg_dagger"], ...] = ("sft", "targeted_sft", "hg_dagger")
+    """Comparison arms: full SFT retraining on demonstrations of the split, targeted SFT on demonstrations
+    of its tail components, HG-DAgger (BC on the operator's takeover segments)."""
     sft_demos: tuple[int, ...] = (8, 16, 32, 64, 128)
-    """Comparison arm: full operator demonstrations on the split, one BC retraining per count."""
+    """SFT arms: operator demonstrations, one BC retraining from the prior per count."""
     sft_steps: int = 1500
-    """BC steps of each SFT retraining (from the prior)."""
+    """BC steps of each SFT retraining and of each HG-DAgger round (from the prior)."""
+    hg_dagger_rounds: int = 8
+    """HG-DAgger: rounds of `envs_per_round` operator-watched episodes of the current BC policy."""
     seeds: tuple[int, ...] = (0, 1, 2)
-    """One patching run and one SFT sweep per seed."""
-    sft: bool = True
-    """Run the SFT comparison arm too."""
+    """One run of every arm per seed."""
     reward: Literal["operator", "pro"] = "operator"
     """The learner's reward: the operator's sparse success label, or PRO's dense Δp - λρ (`pro`)."""
     pro: str = "runs/pro"
     """Run folder of the trained process-reward model (`jaxvla pro train`), read when reward is "pro"."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.goal <= 1:
+            raise ValueError(f"PatchConfig.goal must be in (0, 1], got {self.goal}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +221,13 @@ class ProConfig:
     collect_episodes: int = 256
     """Episodes per kind of deployment `collect` logs: the prior on train, on novel (sampled chunks),
     and on novel with operator takeovers."""
-    datasets: tuple[str, ...] = ("{task}_train", "{task}_novel", "pro/{task}_prior_train",
-                                 "pro/{task}_prior_novel", "pro/{task}_takeover_novel")  # fmt: skip
+    datasets: tuple[str, ...] = (
+        "{task}_train",
+        "{task}_novel",
+        "pro/{task}_prior_train",
+        "pro/{task}_prior_novel",
+        "pro/{task}_takeover_novel",
+    )
     """RLDS datasets under `pretrain.data_dir` it trains on ({task} is filled in): scripted, pretrained,
     patched and failed episodes."""
     heldout: float = 0.2
@@ -363,8 +389,10 @@ class RiptConfig:
         if self.group_size < 2:
             raise ValueError(f"RiptConfig.group_size must be at least 2 (leave-one-out): {self.group_size}")
         if self.rollouts_per_iteration < per_call or self.rollouts_per_iteration % per_call:
-            raise ValueError(f"RiptConfig.rollouts_per_iteration={self.rollouts_per_iteration} must be a "
-                             f"positive multiple of groups_per_call * group_size = {per_call}")  # fmt: skip
+            raise ValueError(
+                f"RiptConfig.rollouts_per_iteration={self.rollouts_per_iteration} must be a "
+                f"positive multiple of groups_per_call * group_size = {per_call}"
+            )
         if self.contexts < self.groups_per_call:
             raise ValueError("RiptConfig.contexts must be at least groups_per_call")
 
@@ -494,7 +522,7 @@ _CONFIGS = (
             eval_every=20,
             eval_episodes=4,
             checkpoint_every=20,
-        ),  # fmt: skip
+        ),
     ),
     Config(
         name="demo",
@@ -506,22 +534,24 @@ _CONFIGS = (
             steps=3000,
             eval_every=0,
             checkpoint_every=1000,
-        ),  # fmt: skip
+        ),
         patch=PatchConfig(
             rounds=3,
             eval_episodes=32,
+            validation_episodes=32,
+            baselines=("sft",),
             offline_episodes=200,
             sft_demos=(32,),
             sft_steps=1000,
             seeds=(0,),
-        ),  # fmt: skip
+        ),
         pro=ProConfig(
             datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"),
             steps=400,
             batch_size=128,
             warmup_steps=50,
             log_every=200,
-        ),  # fmt: skip
+        ),
         recap=RecapConfig(
             iterations=2,
             autonomous_per_iteration=8,
@@ -531,7 +561,7 @@ _CONFIGS = (
             policy_steps=600,
             eval_episodes=32,
             seeds=(0,),
-        ),  # fmt: skip
+        ),
         ript=RiptConfig(
             sft_demos=4,
             iterations=2,
@@ -539,7 +569,7 @@ _CONFIGS = (
             contexts=32,
             eval_episodes=32,
             seeds=(0,),
-        ),  # fmt: skip
+        ),
         out_dir="runs/demo",
     ),
     Config(
@@ -552,7 +582,7 @@ _CONFIGS = (
             steps=10_000,
             eval_every=0,
             checkpoint_every=2500,
-        ),  # fmt: skip
+        ),
         patch=PatchConfig(rounds=6, sft_demos=(16, 32, 64), sft_steps=1500),
         pro=ProConfig(
             datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"), steps=750, batch_size=128
@@ -575,7 +605,7 @@ _CONFIGS = (
             image_res=64,
             patch=8,
             dtype="bfloat16",
-        ),  # fmt: skip
+        ),
         pretrain=PretrainConfig(batch_size=256, learning_rate=1e-4, nll_weight=0.01),
     ),
     Config(
@@ -590,7 +620,7 @@ _CONFIGS = (
             image=True,
             image_res=16,
             patch=8,
-        ),  # fmt: skip
+        ),
         pretrain=PretrainConfig(
             tasks=("pick_place",),
             demos_per_task=4,
@@ -601,7 +631,7 @@ _CONFIGS = (
             eval_every=0,
             eval_episodes=2,
             checkpoint_every=10,
-        ),  # fmt: skip
+        ),
     ),
 )
 

@@ -23,6 +23,7 @@ import numpy as np
 from envs import scene as _scene
 from envs.tasks import MAX_BINS
 from envs.tasks import CellConfig
+from envs.tasks import Split
 from envs.tasks import SplitRanges
 from envs.tasks import TaskSpec
 
@@ -72,6 +73,7 @@ class Params(NamedTuple):
     p_max: Any  # [] kPa; a domain-randomisation knob
     pump_tau: Any  # [] s; a domain-randomisation knob
     obs_noise: Any  # [] m; a domain-randomisation knob
+    component: Any  # [] int, which component of the split's mixture the episode came from
 
 
 class Cell(NamedTuple):
@@ -174,14 +176,17 @@ def nominal_bins(spec: TaskSpec) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- reset
-def sample_params(xp, u, spec: TaskSpec, ranges: SplitRanges, config: CellConfig, prompts) -> Params:
-    """Maps uniforms `u` [N_UNIFORMS] in [0, 1) onto one episode; each backend supplies its own `u`."""
-    if ranges.shape == "box":
-        half = xp.stack([_lerp(r, u[i]) for i, r in enumerate(ranges.half_size)])
+def sample_params(xp, u, spec: TaskSpec, split: Split, config: CellConfig, prompts, u_component) -> Params:
+    """Maps uniforms `u` [N_UNIFORMS] in [0, 1) onto one episode of the component that `u_component` [] in
+    [0, 1) picks by weight; each backend supplies its own uniforms."""
+    component = _pick_component(xp, split, u_component)
+    pick = lambda get: _component_range(xp, split, get, component)  # noqa: E731
+    if split.hull.shape == "box":
+        half = xp.stack([_lerp(pick(lambda r, i=i: r.half_size[i]), u[i]) for i in range(3)])
         radius = _f32(xp, 0.0)
     else:  # a capsule lying along x: radius R, half length L
-        radius = _lerp(ranges.half_size[0], u[0])
-        length = _lerp(ranges.half_size[1], u[1])
+        radius = _lerp(pick(lambda r: r.half_size[0]), u[0])
+        length = _lerp(pick(lambda r: r.half_size[1]), u[1])
         half = xp.stack([length + radius, radius, radius])
     tcx, tcy, thx, thy = spec.tote
     margin = 0.015
@@ -196,14 +201,19 @@ def sample_params(xp, u, spec: TaskSpec, ranges: SplitRanges, config: CellConfig
     target = xp.minimum((u[10] * spec.n_bins).astype(xp.int32), spec.n_bins - 1)
     nominal = nominal_bins(spec)
     valid = (nominal[:, 2] > 0).astype(np.float32)
-    shift = xp.stack([_lerp(ranges.bin_shift_x, u[11]), _lerp(ranges.bin_shift_y, u[2]), 0 * u[2], 0 * u[2]])
+    # Either way: the first half of u[2] shifts towards -y, the second towards +y, each over the range.
+    either_way = pick(lambda r: (r.bin_shift_y_either_way,) * 2)[0] > 0.5
+    u_y = xp.where(either_way, (2 * u[2]) % 1.0, u[2])
+    sign = xp.where(either_way & (u[2] < 0.5), -1.0, 1.0)
+    shift_y = sign * _lerp(pick(lambda r: r.bin_shift_y), u_y)
+    shift = xp.stack([_lerp(pick(lambda r: r.bin_shift_x), u[11]), shift_y, 0 * u[2], 0 * u[2]])
     return Params(
         item_half=_f32(xp, half),
         item_radius=_f32(xp, radius),
-        item_mass=_f32(xp, _lerp(ranges.mass, u[5])),
-        item_friction=_f32(xp, _lerp(ranges.friction, u[6])),
-        surface_seal=_f32(xp, _lerp(ranges.surface_seal, u[7])),
-        porosity=_f32(xp, _lerp(ranges.porosity, u[8])),
+        item_mass=_f32(xp, _lerp(pick(lambda r: r.mass), u[5])),
+        item_friction=_f32(xp, _lerp(pick(lambda r: r.friction), u[6])),
+        surface_seal=_f32(xp, _lerp(pick(lambda r: r.surface_seal), u[7])),
+        porosity=_f32(xp, _lerp(pick(lambda r: r.porosity), u[8])),
         colour=colour,
         item_start=_f32(xp, start),
         bins=_f32(xp, nominal + valid[:, None] * shift[None, :]),
@@ -212,7 +222,23 @@ def sample_params(xp, u, spec: TaskSpec, ranges: SplitRanges, config: CellConfig
         p_max=_f32(xp, config.p_max_kpa),
         pump_tau=_f32(xp, config.pump_tau),
         obs_noise=_f32(xp, config.obs_noise),
+        component=component,
     )
+
+
+def _pick_component(xp, split: Split, u_component):
+    """[] int32: the component whose cumulative-weight interval holds `u_component`."""
+    upper = np.cumsum([c.weight for c in split.components])[:-1].astype(np.float32)
+    return xp.sum(xp.asarray(u_component) >= upper).astype(xp.int32)
+
+
+def _component_range(xp, split: Split, get, component):
+    """(lo, hi) of the range `get(ranges)` in the episode's component; plain floats for one component."""
+    pairs = [get(c.ranges) for c in split.components]
+    if len(pairs) == 1:
+        return pairs[0]
+    table = np.asarray(pairs, np.float32)  # [components, 2]
+    return xp.asarray(table[:, 0])[component], xp.asarray(table[:, 1])[component]
 
 
 def initial_cell(xp, layout: Layout) -> Cell:
@@ -476,8 +502,7 @@ def merge_flags(xp, a: Flags, b: Flags) -> Flags:
     return Flags(*(xp.logical_or(x, y) for x, y in zip(a, b, strict=True)))
 
 
-def finish_step(xp, cell: Cell, kin: Kin, params: Params, flags: Flags, layout: Layout,
-                config: CellConfig):  # fmt: skip
+def finish_step(xp, cell: Cell, kin: Kin, params: Params, flags: Flags, layout: Layout, config: CellConfig):
     """Outcome of a control step: (cell, reward, done, truncated, info)."""
     boxes, _ = regions(xp, params, layout)
     xy = kin.item_pos[:2]
@@ -500,8 +525,13 @@ def finish_step(xp, cell: Cell, kin: Kin, params: Params, flags: Flags, layout: 
     truncated = (step >= layout.max_steps) & ~done
 
     mode = cell.failure_mode
-    causes = ((flags.missed, MISSED_GRASP), (flags.slip, SLIP), (drop, DROP), (wrong_bin, WRONG_BIN),
-              (collision, COLLISION))  # fmt: skip
+    causes = (
+        (flags.missed, MISSED_GRASP),
+        (flags.slip, SLIP),
+        (drop, DROP),
+        (wrong_bin, WRONG_BIN),
+        (collision, COLLISION),
+    )
     for event, code in causes:  # later, more serious causes override earlier ones
         mode = xp.where(event, code, mode)
     mode = xp.where(success, NONE, mode)

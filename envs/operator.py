@@ -131,7 +131,14 @@ def label(info: dict) -> dict:
 # ------------------------------------------------------------------------------------------ takeover
 @dataclasses.dataclass(frozen=True)
 class Trigger:
-    """When the operator takes over: the first sign of failure, as the seeds' operators do."""
+    """When the operator takes over, and when control goes back.
+
+    By default the operator reacts to signs of failure, as the seeds' operators do: an imminent slip, a
+    wrist force, a failure event, a stall. A takeover is a segment: control returns once the task has
+    moved on a stage, or once the situation has been calm for `calm_steps`, or at `max_segment` steps, so
+    a takeover during transport does not keep control to the end of the episode. After a hand back the
+    operator gives the policy `calm_steps` steps before reacting again, except to a failure event.
+    """
 
     slip: float = 0.85
     """Load-to-hold ratio at which a slip is judged imminent."""
@@ -142,37 +149,68 @@ class Trigger:
     stall_steps: int = 30
     """Take over when the task stage has not advanced for this many control steps (a stuck robot)."""
     disagreement: float = 0.0
-    """Take over when the policy's action differs from the operator's by more than this in any dimension
-    (0: off): an operator who sees the arm head the wrong way or the valve about to open."""
+    """Take over when the policy's motion differs from the operator's by more than this in any axis
+    (0: off). Off by default: it measures style, not failure. The valve is left out of the gap, since a
+    one-step difference in valve timing alone is a gap of 2."""
+    lookahead: int = 0
+    """Shadow-roll the policy this many steps ahead in simulation and take over just before a predicted
+    failure (0: off). Needs a Takeover built with the policy (`envs.wrappers.Takeover(policy=...)`)."""
     hand_back: bool = True
-    """Return control once the task has advanced a stage past the one where the operator took over."""
+    """Return control at all (False: the operator finishes every episode it takes over)."""
+    calm_steps: int = 5
+    """Steps without an alarm after which the operator hands back."""
+    max_segment: int = 40
+    """The longest takeover segment [control steps]."""
 
 
-def takeover_alarm(xp, trigger: Trigger, info: dict, policy_action, operator_action):
+def takeover_start(xp) -> dict:
+    """The takeover bookkeeping at the start of an episode (see `takeover_flags`)."""
+    false, zero = xp.asarray(False), xp.asarray(0, dtype=xp.int32)
+    return {
+        "intervening": false,
+        "is_intervention": false,
+        "takeover_stage": zero,
+        "stalled_for": zero,
+        "segment_steps": zero,
+        "calm_for": zero,
+        "since_hand_back": xp.asarray(1 << 20, dtype=xp.int32),
+    }
+
+
+def takeover_alarm(xp, trigger: Trigger, info: dict, policy_action, operator_action, predicted_failure=False):
     """Whether the operator sees a reason to take over this step. `info` carries the env's telemetry plus
-    the takeover bookkeeping of `takeover_flags` (`stalled_for`)."""
+    the bookkeeping of `takeover_flags`; `predicted_failure` is the look-ahead's verdict."""
     events = info["events"]  # grasp, release, slip, drop, retry, collision, missed grasp
     failing = (events[2] | events[6]) & trigger.on_failure_event
     stalled = info["stalled_for"] >= trigger.stall_steps
-    gap = xp.max(xp.abs(policy_action - operator_action))
+    gap = xp.max(xp.abs(policy_action[:3] - operator_action[:3]))
     disagrees = (trigger.disagreement > 0) & (gap > trigger.disagreement)
-    return (
-        (info["slip"] > trigger.slip)
-        | (info["contact_force"] > trigger.force)
-        | failing
-        | stalled
-        | disagrees
-    )
+    warning = (info["slip"] > trigger.slip) | (info["contact_force"] > trigger.force) | stalled | disagrees
+    warning = (warning | predicted_failure) & (info["since_hand_back"] >= trigger.calm_steps)
+    return warning | failing
 
 
 def takeover_flags(xp, trigger: Trigger, info: dict, alarm, new_stage, new_done) -> dict:
-    """The bookkeeping after a step: `intervening` (still in control), `takeover_stage`,
-    `is_intervention` (the operator's action ran this step) and `stalled_for`."""
+    """The bookkeeping after a step: `intervening` (still in control), `is_intervention` (the operator's
+    action ran this step), the stage and length of the current segment, the calm steps within it, the
+    steps since the last hand back and the steps without task progress."""
     start = alarm & ~info["intervening"]
     active = info["intervening"] | alarm
     takeover_stage = xp.where(start, info["stage"], info["takeover_stage"])
-    handed_back = trigger.hand_back & active & (new_stage > takeover_stage) & ~new_done
+    segment_steps = xp.where(start, 1, xp.where(active, info["segment_steps"] + 1, 0))
+    calm_for = xp.where(active & ~alarm, info["calm_for"] + 1, 0)
+    moved_on = new_stage > takeover_stage
+    done_with = moved_on | (calm_for >= trigger.calm_steps) | (segment_steps >= trigger.max_segment)
+    handed_back = trigger.hand_back & active & done_with & ~new_done
     progressed = new_stage != info["stage"]
-    stalled_for = xp.where(progressed | start, 0, info["stalled_for"] + 1).astype(xp.int32)
-    return {"intervening": active & ~handed_back, "takeover_stage": takeover_stage, "is_intervention": active,
-            "stalled_for": stalled_for}  # fmt: skip
+    return {
+        "intervening": active & ~handed_back,
+        "is_intervention": active,
+        "takeover_stage": takeover_stage,
+        "stalled_for": xp.where(progressed | start, 0, info["stalled_for"] + 1).astype(xp.int32),
+        "segment_steps": xp.where(handed_back, 0, segment_steps).astype(xp.int32),
+        "calm_for": xp.where(handed_back, 0, calm_for).astype(xp.int32),
+        "since_hand_back": xp.where(handed_back, 0, xp.minimum(info["since_hand_back"] + 1, 1 << 20)).astype(
+            xp.int32
+        ),
+    }

@@ -1,9 +1,16 @@
-"""The three workcell tasks, their default configs and their `train` / `novel` splits.
+"""The three workcell tasks, their default configs and their `train` / `deploy` / `novel` splits.
 
-Everything here is plain data, shared by the MJX env and the C-MuJoCo twin. A split is a set of ranges
-that per-episode parameters are drawn from; `novel` holds the configurations a policy pretrained on
-`train` has not seen: heavier and more porous items, a curved (capsule) part instead of a block, and
-displaced target bins.
+Everything here is plain data, shared by the MJX env and the C-MuJoCo twin. A split is a mixture of
+components, each a set of ranges that per-episode parameters are drawn from; every episode records which
+component it came from.
+- `train`: what the prior is pretrained on.
+- `deploy`: the seeds' regime, a deployment the prior mostly handles. Most episodes are `train`-like; two
+  tails each carry one specific, recoverable failure: heavy porous items that hold at the operator's
+  careful accelerations but slip at the prior's (`physics`), and bins shifted past what training saw but
+  inside reach (`layout`).
+- `tail`: the deploy tails alone, in their deploy proportions (targeted SFT's demonstrations).
+- `novel`: the stress split, six factors changed at once (a capsule, heavier and more porous, less
+  friction, bins moved up to 14 cm). A prior trained on `train` fails all of it.
 """
 
 import dataclasses
@@ -13,7 +20,7 @@ import numpy as np
 
 from jaxvla import tokenizer
 
-SPLITS = ("train", "novel")
+SPLITS = ("train", "deploy", "tail", "novel")
 COLOURS = ("red", "green", "blue", "yellow")
 COLOUR_RGBA = np.array(
     [[0.85, 0.15, 0.15, 1], [0.2, 0.7, 0.25, 1], [0.15, 0.3, 0.85, 1], [0.9, 0.8, 0.1, 1]], np.float32
@@ -85,6 +92,7 @@ class SplitRanges:
     half_size: tuple[tuple[float, float], ...]  # box: (hx, hy, hz); capsule: (radius, half length)
     bin_shift_x: tuple[float, float]
     bin_shift_y: tuple[float, float]
+    bin_shift_y_either_way: bool = False  # the y shift takes a random sign (|shift| in bin_shift_y)
 
 
 TRAIN = SplitRanges(
@@ -109,6 +117,67 @@ NOVEL = SplitRanges(
 )
 
 
+# The deploy tails, calibrated against the default prior (docs/deploy.md has the table and the command).
+PHYSICS_TAIL = dataclasses.replace(TRAIN, mass=(0.9, 1.4), porosity=(0.25, 0.4), surface_seal=(0.75, 0.9))
+LAYOUT_TAIL = dataclasses.replace(
+    TRAIN, bin_shift_x=(0.02, 0.06), bin_shift_y=(0.06, 0.10), bin_shift_y_either_way=True
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One part of a split's mixture: its name, its share of episodes and its ranges."""
+
+    name: str
+    weight: float
+    ranges: SplitRanges
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A mixture of components drawn per episode. The item's geom type is compiled into the MJX model,
+    so every component of a split shares one shape."""
+
+    name: str
+    components: tuple[Component, ...]
+
+    def __post_init__(self) -> None:
+        if len({c.ranges.shape for c in self.components}) != 1:
+            raise ValueError(f"split {self.name!r}: every component must have the same item shape")
+        if abs(sum(c.weight for c in self.components) - 1.0) > 1e-6:
+            raise ValueError(f"split {self.name!r}: component weights must sum to 1")
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components)
+
+    @property
+    def hull(self) -> SplitRanges:
+        """Ranges covering every component: what the compiled model is sized for."""
+        rs = [c.ranges for c in self.components]
+        span = lambda pairs: (min(lo for lo, _ in pairs), max(hi for _, hi in pairs))  # noqa: E731
+        scalar = ("mass", "porosity", "surface_seal", "friction", "bin_shift_x")
+        fields = {name: span([getattr(r, name) for r in rs]) for name in scalar}
+        y = [(-r.bin_shift_y[1], r.bin_shift_y[1]) if r.bin_shift_y_either_way else r.bin_shift_y for r in rs]
+        half = tuple(span([r.half_size[i] for r in rs]) for i in range(len(rs[0].half_size)))
+        return SplitRanges(shape=rs[0].shape, half_size=half, bin_shift_y=span(y), **fields)
+
+
+SPLIT_MIXTURES = {
+    "train": Split("train", (Component("train", 1.0, TRAIN),)),
+    "deploy": Split(
+        "deploy",
+        (
+            Component("train", 0.75, TRAIN),
+            Component("physics", 0.125, PHYSICS_TAIL),
+            Component("layout", 0.125, LAYOUT_TAIL),
+        ),
+    ),
+    "tail": Split("tail", (Component("physics", 0.5, PHYSICS_TAIL), Component("layout", 0.5, LAYOUT_TAIL))),
+    "novel": Split("novel", (Component("novel", 1.0, NOVEL),)),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """What makes a task: its layout, its prompts and its stages."""
@@ -124,10 +193,10 @@ class TaskSpec:
     bin_wall: float = 0.08
     lid_mass: float = 0.3
 
-    def ranges(self, split: str) -> SplitRanges:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-        return TRAIN if split == "train" else NOVEL
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; choose one of {SPLITS}")
+        return SPLIT_MIXTURES[name]
 
     def prompt_tokens(self) -> np.ndarray:
         """[len(prompts), PROMPT_LENGTH] int32 token table, indexed per episode."""

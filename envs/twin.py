@@ -22,7 +22,8 @@ class Twin:
     def __init__(self, task: str, split: str = "train", config: CellConfig | None = None):
         self.spec = get_task(task)
         self.split = split
-        self.ranges = self.spec.ranges(split)
+        self.mixture = self.spec.split(split)
+        self.ranges = self.mixture.hull
         self.config = config or self.spec.default_config
         self.model, self.ids = _scene.compile_model(self.spec, self.ranges, self.config)
         self.data = mujoco.MjData(self.model)
@@ -34,7 +35,8 @@ class Twin:
 
     def sample_params(self) -> C.Params:
         u = self._rng.random(C.N_UNIFORMS)
-        return C.sample_params(np, u, self.spec, self.ranges, self.config, self._prompts)
+        u_component = self._rng.random()
+        return C.sample_params(np, u, self.spec, self.mixture, self.config, self._prompts, u_component)
 
     def reset(self, seed: int | None = None, params: C.Params | None = None) -> C.State:
         """Starts an episode; `params` (e.g. from an MJX reset) replays a given episode exactly."""

@@ -35,8 +35,7 @@ class TwinRobot(RobotInterface):
     def reset(self, seed: int | None = None) -> dict:
         state = self.twin.reset(seed)
         self._prompt = prompt_text(self.twin.spec, state.params.prompt)
-        self._takeover = {"intervening": np.bool_(False), "takeover_stage": np.int32(0),
-                          "stalled_for": np.int32(0)}  # fmt: skip
+        self._takeover = operator.takeover_start(np)
         self._alarm = np.bool_(False)
         return state.obs
 

@@ -32,7 +32,8 @@ class Workcell:
     def __init__(self, task: str, split: str = "train", config: CellConfig | None = None):
         self.spec = get_task(task)
         self.split = split
-        self.ranges = self.spec.ranges(split)
+        self.mixture = self.spec.split(split)
+        self.ranges = self.mixture.hull
         self.config = config or self.spec.default_config
         self.mj_model, self.ids = _scene.compile_model(self.spec, self.ranges, self.config)
         self.layout = C.Layout.create(self.spec, self.config)
@@ -64,7 +65,9 @@ class Workcell:
     # ---------------------------------------------------------------------------------------- reset
     def sample_params(self, key: jax.Array) -> C.Params:
         u = jax.random.uniform(key, (C.N_UNIFORMS,))
-        return C.sample_params(jnp, u, self.spec, self.ranges, self.config, self._prompts)
+        # A key of its own for the component, so `train` and `novel` draw the contexts they always drew.
+        u_component = jax.random.uniform(jax.random.fold_in(key, 1))
+        return C.sample_params(jnp, u, self.spec, self.mixture, self.config, self._prompts, u_component)
 
     def reset(self, key: jax.Array) -> State:
         key_params, key_state = jax.random.split(key)

@@ -13,6 +13,7 @@ from envs.cell import State
 from envs.operator import Trigger
 from envs.operator import takeover_alarm
 from envs.operator import takeover_flags
+from envs.operator import takeover_start
 
 __all__ = [
     "AutoReset",
@@ -134,28 +135,42 @@ class Takeover(Wrapper):
 
     `step(state, policy_action)` executes the operator's action while an intervention is active. The info
     records `policy_action`, the executed `action` and `is_intervention` for every step, which is what
-    the replay's patch source and the RLDS episode need.
+    the replay's patch source and the RLDS episode need. With `trigger.lookahead`, `policy(state) ->
+    action` is rolled ahead from each state to predict a failure before it shows.
     """
 
-    def __init__(self, env, trigger: Trigger = DEFAULT_TRIGGER):
+    def __init__(self, env, trigger: Trigger = DEFAULT_TRIGGER, policy=None):
         super().__init__(env)
-        self.trigger = trigger
+        if trigger.lookahead and policy is None:
+            raise ValueError("a look-ahead trigger needs the policy to roll ahead: Takeover(policy=...)")
+        self.trigger, self.policy = trigger, policy
 
     def _start(self, state: State) -> State:
         action = jnp.zeros(self.env.action_size, jnp.float32)
-        false, zero = jnp.bool_(False), jnp.int32(0)
-        extra = {"intervening": false, "takeover_stage": zero, "is_intervention": false, "stalled_for": zero,
-                 "policy_action": action, "action": action}  # fmt: skip
+        extra = {**takeover_start(jnp), "policy_action": action, "action": action}
         return dataclasses.replace(state, info={**state.info, **extra})
 
     def step(self, state: State, policy_action: jax.Array) -> State:
         operator = self.env.operator_action(state)
-        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator)
+        predicted = self.predicted_failure(state) if self.trigger.lookahead else False
+        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator, predicted)
         action = jnp.where(state.info["intervening"] | alarm, operator, policy_action)
         new = self.env.step(state, action)
         flags = takeover_flags(jnp, self.trigger, state.info, alarm, new.info["stage"], new.done)
         extra = {**flags, "policy_action": policy_action, "action": action}
         return dataclasses.replace(new, info={**new.info, **extra})
+
+    def predicted_failure(self, state: State) -> jax.Array:
+        """Whether the policy, left alone for `trigger.lookahead` steps, fails or is about to slip."""
+
+        def ahead(carry, _):
+            s, failed = carry
+            s = self.env.step(s, self.policy(s))
+            risky = (s.info["slip"] > self.trigger.slip) | (s.info["contact_force"] > self.trigger.force)
+            return (s, failed | (s.done & ~s.info["success"]) | risky), None
+
+        (_, failed), _ = jax.lax.scan(ahead, (state, jnp.bool_(False)), None, self.trigger.lookahead)
+        return failed
 
 
 class History(Wrapper):

@@ -6,6 +6,7 @@ entries that run past the episode's end are masked out of the loss rather than p
 
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 
@@ -29,3 +30,34 @@ def flatten(episodes: Sequence[dict], chunk: int, action_key: str = "action") ->
         "chunk": np.concatenate(chunks).astype(np.float32),
         "mask": np.concatenate(masks),
     }
+
+
+def concatenate(*datasets: dict) -> dict[str, np.ndarray]:
+    """Flat datasets (as `flatten` makes them) stacked into one."""
+    return {
+        "obs": {k: np.concatenate([d["obs"][k] for d in datasets]) for k in datasets[0]["obs"]},
+        "chunk": np.concatenate([d["chunk"] for d in datasets]),
+        "mask": np.concatenate([d["mask"] for d in datasets]),
+    }
+
+
+def pad(examples: dict, capacity: int) -> dict:
+    """The flat examples padded with zeros to `capacity` rows, with `size`: a growing dataset keeps one
+    shape, so the update that samples it (`bc.sample_batch`) compiles once."""
+    size = len(examples["chunk"])
+    if size > capacity:
+        raise ValueError(f"{size} examples exceed the dataset capacity {capacity}")
+
+    def grow(x):
+        out = np.zeros((capacity, *x.shape[1:]), x.dtype)
+        out[:size] = x
+        return out
+
+    rows = {k: v for k, v in examples.items() if k != "size"}
+    return {**jax.tree.map(grow, rows), "size": np.int32(size)}
+
+
+def bucket(size: int) -> int:
+    """The capacity a dataset of `size` rows is padded to: the next power of two, so a dataset that grows
+    round after round compiles its update a logarithmic number of times."""
+    return 1 << max(0, int(size - 1).bit_length())

@@ -1,18 +1,24 @@
-"""Interactive policy patching (Cortex 1.5) in MJX, and its comparison arm, full SFT retraining.
+"""Interactive policy patching (Cortex 1.5) in MJX, and the baselines it is measured against.
 
-Patching, one round at a time: the current policy runs a batch of episodes on the split it fails on while
-the scripted operator watches; at the first sign of failure (slip, force, a failure event, a stall) the
-operator takes over until the task has moved on, then hands back. Every step goes to the online source,
-the takeover steps (and the n steps after them, for n-step targets) also to the patch source; the sparse
+Patching, one round at a time: the current policy runs a batch of episodes on the deployment split while
+the scripted operator watches. At a sign of failure (slip, force, a failure event, a stall; optionally a
+look-ahead) the operator takes over for a segment and hands back once the situation is calm, the task has
+moved on, or the segment hits its cap (`envs.operator.Trigger`). Every step goes to the online source, the
+takeover steps (and the n steps after them, for n-step targets) also to the patch source; the sparse
 success the operator verifies is the reward, or with `patch.reward = "pro"` the process-reward model's
-dense Δp - λρ (learner/pro.py; the offline demonstrations are relabelled with it too). The SAC learner
-then runs its fused updates over the offline (the task's pretraining demonstrations), online and patch
-sources, and the new params are evaluated without the operator. Operator effort is counted as corrective
-episodes (episodes with any takeover) and takeover steps.
+dense one (learner/pro.py; the offline demonstrations are relabelled with it too). The SAC learner then
+runs its fused updates over the offline (the task's pretraining demonstrations), online and patch sources.
 
-SFT retraining, the seeds' baseline: record full operator demonstrations on the split, then retrain the
-prior by behaviour cloning on them plus the same offline demonstrations; the effort is one corrective
-episode per demonstration.
+Operator effort is counted as corrective episodes, takeover segments and operator steps. The same
+contexts are replayed without the operator, so a takeover in an episode the policy would have won alone
+counts as a false alarm.
+
+Every arm is scored the same way (`PairedEvaluation`): the fixed test contexts for the headline and the
+disjoint validation contexts for "effort to reach the goal". The baselines:
+- full SFT retraining: BC from the prior on full operator demonstrations of the split (the seeds' baseline);
+- targeted SFT: the same on demonstrations of the split's tail components only;
+- HG-DAgger: the BC policy runs under the same operator triggers; BC from the prior on every takeover step
+  gathered so far.
 
 A patching run checkpoints the learner state and the replay every round and resumes from the latest
 round: rollout and update keys are `fold_in(key, round)`, so a resumed run continues exactly.
@@ -69,39 +75,135 @@ def episode_block(record: dict, version: int) -> dict:
     return block
 
 
-def effort(block: dict) -> dict:
-    """Operator effort and data volume of one rollout block, as Python numbers."""
+def takeover_segments(intervention: np.ndarray) -> list[int]:
+    """intervention [B, T] bool -> the length of every takeover segment (a run of operator steps)."""
+    flags = np.asarray(intervention, bool)
+    padded = np.pad(flags, ((0, 0), (1, 1))).astype(np.int8)
+    edges = np.diff(padded, axis=1)  # +1 where a segment starts, -1 one past where it ends
+    starts, ends = np.nonzero(edges == 1), np.nonzero(edges == -1)
+    return (ends[1] - starts[1]).tolist()  # row-major order pairs each start with its end
+
+
+def effort(block: dict, solo_success=None) -> dict:
+    """Operator effort and data volume of one rollout block, as Python numbers. With `solo_success` [B]
+    (the same contexts replayed without the operator), false alarms: corrective episodes the policy would
+    have won alone."""
     intervened = np.asarray(block["intervention"])
-    return {
-        "corrective_episodes": int(np.sum(intervened.any(axis=1))),
+    corrective = intervened.any(axis=1)
+    counts = {
+        "corrective_episodes": int(np.sum(corrective)),
+        "takeover_segments": len(takeover_segments(intervened)),
         "takeover_steps": int(np.sum(intervened)),
         "env_steps": int(np.sum(np.asarray(block["valid"]))),
+    }
+    if solo_success is not None:
+        counts["false_alarms"] = int(np.sum(corrective & np.asarray(solo_success, bool)))
+    return counts
+
+
+def intervention_examples(block: dict, chunk: int) -> dict[str, np.ndarray]:
+    """HG-DAgger's data: every operator step of a rollout block as a BC example, its label the operator's
+    chunk a[t : t + H] with the entries the operator did not execute masked out. Same layout as
+    `dataset.flatten`."""
+    block = jax.device_get(block)
+    operator = np.asarray(block["intervention"], bool) & np.asarray(block["valid"], bool)  # [B, T]
+    steps = operator.shape[1]
+    index = np.arange(steps)[:, None] + np.arange(chunk)[None, :]  # [T, H]
+    inside = index < steps
+    index = np.minimum(index, steps - 1)
+    chunks = block["action"][:, index]  # [B, T, H, A]
+    mask = operator[:, index] & inside[None]  # [B, T, H]
+    rows = np.nonzero(operator)
+    return {
+        "obs": {k: np.asarray(v)[rows] for k, v in block["obs"].items()},
+        "chunk": np.asarray(chunks[rows], np.float32),
+        "mask": mask[rows],
     }
 
 
 class Collector:
-    """`num_envs` episodes of the policy with the scripted operator ready to take over: one jitted call."""
+    """`num_envs` episodes of the policy with the scripted operator ready to take over: one jitted call.
 
-    def __init__(self, task: str, split: str, num_envs: int, trigger: Trigger, actor: evaluate.Actor,
-                 relabel=None):  # fmt: skip
+    With `solo`, the same contexts (reset and action keys) also run without the operator, which tells a
+    needed takeover from a false alarm. A look-ahead trigger rolls `lookahead_actor` (the deterministic
+    policy) ahead from every state.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        split: str,
+        num_envs: int,
+        trigger: Trigger,
+        actor: evaluate.Actor,
+        relabel=None,
+        *,
+        solo: bool = False,
+        lookahead_actor: evaluate.Actor | None = None,
+    ):
         """`relabel(block, success) -> block` replaces the operator's sparse reward (PRO's dense one). It is
         jitted on its own, so the rollout program is the same with or without it (compiled once, cached)."""
-        self.env = Takeover(envs.make(task, split), trigger)
-        self.num_envs, self.length = num_envs, self.env.config.max_steps
-        reset, step = jax.vmap(self.env.reset), jax.vmap(self.env.step)
+        if trigger.lookahead and lookahead_actor is None:
+            raise ValueError("a look-ahead trigger needs the deterministic policy (lookahead_actor)")
+        base = envs.make(task, split)
+        self.num_envs, self.length = num_envs, base.config.max_steps
 
         def run(params, key, version):
+            one = lambda s: lookahead_actor(params, jax.tree.map(lambda x: x[None], s.obs), key)[0]  # noqa: E731
+            env = Takeover(base, trigger, policy=one if trigger.lookahead else None)
+            policy = lambda s, k: actor(params, s.obs, k)  # noqa: E731
             key_reset, key_act = jax.random.split(key)
-            state = reset(jax.random.split(key_reset, num_envs))
-            last, record = rollout(step, lambda s, k: actor(params, s.obs, k), state, key_act, self.length)
-            return episode_block(record, version), last.info["success"]
+            keys = jax.random.split(key_reset, num_envs)
+            last, record = rollout(
+                jax.vmap(env.step), policy, jax.vmap(env.reset)(keys), key_act, self.length
+            )
+            out = {
+                "block": episode_block(record, version),
+                "success": last.info["success"],
+                "component": last.params.component,
+            }
+            if solo:
+                alone, _ = rollout(
+                    jax.vmap(base.step), policy, jax.vmap(base.reset)(keys), key_act, self.length
+                )
+                out["solo_success"] = alone.info["success"]
+            return out
 
         self._run = jax.jit(run)
         self._relabel = jax.jit(relabel) if relabel is not None else None
 
-    def __call__(self, params, key: jax.Array, version: int) -> tuple[dict, jax.Array]:
-        block, success = self._run(params, key, jnp.int32(version))
-        return (block if self._relabel is None else self._relabel(block, success)), success
+    def __call__(self, params, key: jax.Array, version: int) -> dict:
+        """{"block": the replay's insert block, "success": [B], "component": [B], "solo_success": [B]}."""
+        out = self._run(params, key, jnp.int32(version))
+        if self._relabel is not None:
+            out["block"] = self._relabel(out["block"], out["success"])
+        return out
+
+
+class PairedEvaluation:
+    """Scores params on the fixed test and validation contexts of one task and split (no operator)."""
+
+    def __init__(self, task: str, split: str, actor: evaluate.Actor, test: int, validation: int):
+        self.test = evaluate.TEST.with_episodes(test)
+        self.validation = evaluate.VALIDATION.with_episodes(validation)
+        self._test = evaluate.Evaluator(task, split, test, actor)
+        self._validation = evaluate.Evaluator(task, split, validation, actor) if validation != test else None
+
+    def __call__(self, params) -> dict:
+        """The test report, with the validation success beside it."""
+        validation_evaluator = self._validation or self._test
+        validation = validation_evaluator.on(params, self.validation)
+        return {
+            **self._test.on(params, self.test),
+            "validation_success": validation["success_rate"],
+            "validation_ci": validation["success_ci"],
+        }
+
+
+def paired_evaluation(config: Config, prior: Prior) -> PairedEvaluation:
+    pc = config.patch
+    actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
+    return PairedEvaluation(pc.task, pc.split, actor, pc.eval_episodes, pc.validation_episodes)
 
 
 # ------------------------------------------------------------------------------------------ patching
@@ -129,14 +231,39 @@ def insert_experience(insert, buffers: dict, block: dict, chunk: int) -> dict:
     """Every step of `block` into the online source, takeover steps (and the n after) into patch."""
     buffers = dict(buffers)
     for name, only in (("online", False), ("patch", True)):
-        buffers[name] = insert(buffers[name], block, source=replay.SOURCES.index(name), n_step=chunk,
-                               interventions_only=only)  # fmt: skip
+        buffers[name] = insert(
+            buffers[name], block, source=replay.SOURCES.index(name), n_step=chunk, interventions_only=only
+        )
     return buffers
 
 
 def trigger_of(config: Config) -> Trigger:
     pc = config.patch
-    return Trigger(slip=pc.slip, force=pc.force, stall_steps=pc.stall_steps, disagreement=pc.disagreement)
+    return Trigger(
+        slip=pc.slip,
+        force=pc.force,
+        stall_steps=pc.stall_steps,
+        disagreement=pc.disagreement,
+        lookahead=pc.lookahead,
+        calm_steps=pc.calm_steps,
+        max_segment=pc.max_segment,
+    )
+
+
+ZERO_EFFORT = {
+    "corrective_episodes": 0,
+    "takeover_segments": 0,
+    "takeover_steps": 0,
+    "env_steps": 0,
+    "false_alarms": 0,
+    "wall_s": 0.0,
+}
+
+
+def add_effort(totals: dict, step: dict, segments: list[int]) -> dict:
+    """Running totals plus one round's effort; segment lengths are kept for their median."""
+    added = {k: totals[k] + step.get(k, 0) for k in ZERO_EFFORT if k != "wall_s"}
+    return {**totals, **added, "segment_lengths": totals.get("segment_lengths", []) + segments}
 
 
 def observation_spec(model) -> dict:
@@ -150,8 +277,14 @@ def new_learner(config: Config, prior: Prior, offline: list[dict], mesh, seed: i
     _, critic = nnx.split(mc.create_critic(seed + 1), nnx.Param)
     optimizers = sac.make_optimizers(sc)
     actor = jax.tree.map(jnp.copy, prior.params)  # the learner's state is donated; the prior stays intact
-    state = sac.init_state(actor, critic, sc.init_alpha, actor_opt=optimizers["actor"],
-                           critic_opt=optimizers["critic"], alpha_opt=optimizers["alpha"])  # fmt: skip
+    state = sac.init_state(
+        actor,
+        critic,
+        sc.init_alpha,
+        actor_opt=optimizers["actor"],
+        critic_opt=optimizers["critic"],
+        alpha_opt=optimizers["alpha"],
+    )
     spec = observation_spec(mc)
     buffers = {
         name: replay.create(spec, mc.action_size, capacity, mesh)
@@ -163,7 +296,7 @@ def new_learner(config: Config, prior: Prior, offline: list[dict], mesh, seed: i
         buffers["offline"] = replay.insert(
             buffers["offline"], block, source=replay.SOURCES.index("offline"), n_step=mc.chunk
         )
-    totals = {"corrective_episodes": 0, "takeover_steps": 0, "env_steps": 0, "wall_s": 0.0}
+    totals = dict(ZERO_EFFORT)
     return Learner(jax.device_put(state, replicated), buffers, 0, totals)
 
 
@@ -171,8 +304,16 @@ def critic_graphdef(model) -> nnx.GraphDef:
     return nnx.split(model.create_critic(0), nnx.Param)[0]
 
 
-def run_patching(config: Config, prior: Prior, offline: list[dict], run_dir: pathlib.Path, *, seed: int,
-                 mesh=None, progress: bool = True) -> tuple[list[dict], nnx.State]:  # fmt: skip
+def run_patching(
+    config: Config,
+    prior: Prior,
+    offline: list[dict],
+    run_dir: pathlib.Path,
+    *,
+    seed: int,
+    mesh=None,
+    progress: bool = True,
+) -> tuple[list[dict], nnx.State]:
     """Patches `prior` on `config.patch.task`/`split`: one record per round (round 0 is the prior) and the
     patched policy's params.
 
@@ -182,23 +323,37 @@ def run_patching(config: Config, prior: Prior, offline: list[dict], run_dir: pat
     mesh = mesh or sharding.make_mesh()
     # Fail now, not after minutes of compiling (make_train_steps below checks the batch and its mix).
     if pc.envs_per_round % mesh.size:
-        raise ValueError(f"patch.envs_per_round={pc.envs_per_round} must be a multiple of the {mesh.size} "
-                         "devices: each device's replay shard takes whole episodes")  # fmt: skip
+        raise ValueError(
+            f"patch.envs_per_round={pc.envs_per_round} must be a multiple of the {mesh.size} "
+            "devices: each device's replay shard takes whole episodes"
+        )
     nets = sac.Networks(actor=prior.graphdef, critic=critic_graphdef(mc), stats=prior.stats)
-    train_block = sac.make_train_steps(sc, mc, nets, sac.make_optimizers(sc), num_steps=pc.updates_per_round,
-                                       mesh=mesh)  # fmt: skip
+    train_block = sac.make_train_steps(
+        sc, mc, nets, sac.make_optimizers(sc), num_steps=pc.updates_per_round, mesh=mesh
+    )
     explore = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=pc.explore)
     relabel = None
     if pc.reward == "pro":
-        rewards = {"gamma": sc.gamma, "risk_weight": config.pro.risk_weight,
-                   "failure_cost": config.pro.failure_cost}  # fmt: skip
+        rewards = {
+            "gamma": sc.gamma,
+            "risk_weight": config.pro.risk_weight,
+            "failure_cost": config.pro.failure_cost,
+        }
         model = pro.load(pc.pro)
         relabel = functools.partial(pro.relabel, model, **rewards)
         offline = pro.relabel_episodes(model, offline, **rewards)
-    collector = Collector(pc.task, pc.split, pc.envs_per_round, trigger_of(config), explore, relabel)
-    evaluator = evaluate.Evaluator(
-        pc.task, pc.split, pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
+    deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
+    collector = Collector(
+        pc.task,
+        pc.split,
+        pc.envs_per_round,
+        trigger_of(config),
+        explore,
+        relabel,
+        solo=pc.false_alarms,
+        lookahead_actor=deterministic,
     )
+    evaluation_on = paired_evaluation(config, prior)
     insert_online = make_insert()
 
     learner = new_learner(config, prior, offline, mesh, seed)
@@ -211,34 +366,51 @@ def run_patching(config: Config, prior: Prior, offline: list[dict], run_dir: pat
         records = meta["records"]
         print(f"resumed {run_dir} after round {learner.round}")
     key = jax.random.key(seed)
-    key_roll, key_train, key_eval = jax.random.split(key, 3)
+    key_roll, key_train = jax.random.split(key)
 
     def evaluation(round_: int) -> dict:
-        report = evaluate.summarize(evaluator(learner.state.actor, jax.random.fold_in(key_eval, round_)))
-        return {"kind": "patch", "round": round_, **learner.totals, **report}
+        return {
+            "kind": "patch",
+            "round": round_,
+            **effort_record(learner.totals),
+            **evaluation_on(learner.state.actor),
+        }
 
     if not records:
         records.append(evaluation(0))
         log.write(records[-1])
-    bar = tqdm(total=pc.rounds, initial=learner.round, desc=f"patch {pc.task}/{pc.split}", unit="round",
-               disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=pc.rounds,
+        initial=learner.round,
+        desc=f"patch {pc.task}/{pc.split}",
+        unit="round",
+        disable=not progress,
+    )
     while learner.round < pc.rounds:
         tic = time.perf_counter()
         round_ = learner.round + 1
-        block, helped = collector(learner.state.actor, jax.random.fold_in(key_roll, round_), round_)
+        rolled = collector(learner.state.actor, jax.random.fold_in(key_roll, round_), round_)
+        block = rolled["block"]
         buffers = insert_experience(insert_online, learner.buffers, block, mc.chunk)
         state, metrics = train_block(learner.state, buffers, jax.random.fold_in(key_train, round_))
         jax.block_until_ready(state)
-        totals = {k: learner.totals[k] + v for k, v in effort(block).items()}
+        totals = add_effort(
+            learner.totals,
+            effort(block, rolled.get("solo_success")),
+            takeover_segments(np.asarray(block["intervention"])),
+        )
+        totals["wall_s"] = learner.totals["wall_s"] + time.perf_counter() - tic
         learner = Learner(state, buffers, round_, totals)
-        learner.totals["wall_s"] = records[-1]["wall_s"] + time.perf_counter() - tic
         record = evaluation(round_)
-        record.update(assisted_success=float(np.mean(np.asarray(helped))),
-                      **{k: float(v) for k, v in jax.device_get(metrics).items()})  # fmt: skip
+        record.update(
+            assisted_success=float(np.mean(np.asarray(rolled["success"]))),
+            **{k: float(v) for k, v in jax.device_get(metrics).items()},
+        )
         records.append(record)
         log.write(record)
-        checkpoints.save(round_, learner.checkpointed(), {"round": round_, "totals": learner.totals,
-                                                          "records": records})  # fmt: skip
+        checkpoints.save(
+            round_, learner.checkpointed(), {"round": round_, "totals": learner.totals, "records": records}
+        )
         bar.update(1)
         bar.set_postfix(success=f"{record['success_rate']:.0%}", corrective=totals["corrective_episodes"])
     bar.close()
@@ -246,48 +418,147 @@ def run_patching(config: Config, prior: Prior, offline: list[dict], run_dir: pat
     return records, learner.state.actor
 
 
+def effort_record(totals: dict) -> dict:
+    """What a record shows of the running effort totals: the counts, the false-alarm rate among corrective
+    episodes and the median takeover segment."""
+    lengths = totals.get("segment_lengths", [])
+    corrective = totals["corrective_episodes"]
+    return {
+        **{k: totals[k] for k in ZERO_EFFORT},
+        "false_alarm_rate": totals["false_alarms"] / corrective if corrective else None,
+        "median_segment_steps": float(np.median(lengths)) if lengths else None,
+    }
+
+
 # ----------------------------------------------------------------------------------------------- SFT
-def sft_retrain(config: Config, prior: Prior, episodes: list[dict], *, seed: int, mesh=None) -> nnx.State:
-    """The prior retrained by BC on `episodes` for `config.patch.sft_steps` steps (pretraining's
-    optimiser settings); the prior's params are left intact."""
-    pc, pre, mc = config.patch, config.pretrain, prior.config.model
-    mesh = mesh or sharding.make_mesh()
-    block = pre.log_every
-    steps = pc.sft_steps - pc.sft_steps % block
-    data = jax.device_put(dataset.flatten(episodes, mc.chunk), sharding.replicated(mesh))
-    optimizer = bc.make_optimizer(pre.learning_rate, steps, min(pre.warmup_steps, steps // 10),
-                                  pre.weight_decay)  # fmt: skip
-    params = jax.tree.map(jnp.copy, prior.params)  # donated by the train step
-    state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
-    train = bc.make_train_steps(
-        prior.graphdef, prior.stats, optimizer, num_steps=block, batch_size=pre.batch_size,
-        nll_weight=pre.nll_weight, mesh=mesh,
-    )  # fmt: skip
-    key = jax.random.key(seed)
-    for _ in range(steps // block):
-        state, _ = train(state, data, key)
-    return state.params
+class Retrainer:
+    """BC retraining from the prior with pretraining's optimiser settings, for `patch.sft_steps` steps:
+    the SFT arms and each HG-DAgger round. Datasets are padded to power-of-two capacities, so the update
+    compiles once per capacity, not once per dataset."""
+
+    def __init__(self, config: Config, prior: Prior, mesh=None):
+        pc, pre = config.patch, config.pretrain
+        self.prior, self.mesh = prior, mesh or sharding.make_mesh()
+        block = pre.log_every
+        self.blocks = max(1, pc.sft_steps // block)
+        steps = self.blocks * block
+        self.optimizer = bc.make_optimizer(
+            pre.learning_rate, steps, min(pre.warmup_steps, steps // 10), pre.weight_decay
+        )
+        self.train = bc.make_train_steps(
+            prior.graphdef,
+            prior.stats,
+            self.optimizer,
+            num_steps=block,
+            batch_size=pre.batch_size,
+            nll_weight=pre.nll_weight,
+            mesh=self.mesh,
+        )
+
+    def __call__(self, data: dict, *, seed: int) -> nnx.State:
+        """Params retrained on the flat dataset `data` (`dataset.flatten`); the prior's stay intact."""
+        replicated = sharding.replicated(self.mesh)
+        padded = jax.device_put(dataset.pad(data, dataset.bucket(len(data["chunk"]))), replicated)
+        params = jax.tree.map(jnp.copy, self.prior.params)  # donated by the train step
+        state = jax.device_put(bc.init_state(params, self.optimizer), replicated)
+        key = jax.random.key(seed)
+        for _ in range(self.blocks):
+            state, _ = self.train(state, padded, key)
+        return state.params
 
 
-def run_sft(config: Config, prior: Prior, demos: list[dict], offline: list[dict], *, seed: int, mesh=None,
-            progress: bool = True) -> list[dict]:  # fmt: skip
-    """Full SFT retraining from the prior, once per count in `config.patch.sft_demos` (first N demos)."""
-    pc = config.patch
-    evaluator = evaluate.Evaluator(
-        pc.task, pc.split, pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
-    )
+def demonstration_effort(episodes: list[dict]) -> dict:
+    """Full demonstrations: every episode is corrective, one segment long, every step the operator's."""
+    steps = int(sum(len(ep["steps"]["action"]) for ep in episodes))
+    return {
+        "corrective_episodes": len(episodes),
+        "takeover_segments": len(episodes),
+        "takeover_steps": steps,
+        "env_steps": steps,
+        "false_alarms": 0,
+    }
+
+
+def run_sft(
+    config: Config,
+    prior: Prior,
+    demos: list[dict],
+    offline: list[dict],
+    *,
+    seed: int,
+    kind: str = "sft",
+    mesh=None,
+    progress: bool = True,
+) -> list[dict]:
+    """SFT retraining from the prior on the first N of `demos` plus the offline data, once per count in
+    `config.patch.sft_demos`: full SFT (demonstrations of the split) or targeted SFT (of its tails)."""
+    pc, chunk = config.patch, prior.config.model.chunk
+    retrain, evaluation_on = Retrainer(config, prior, mesh), paired_evaluation(config, prior)
+    offline_data = dataset.flatten(offline, chunk)
     records = []
-    for count in tqdm(pc.sft_demos, desc=f"SFT {pc.task}/{pc.split}", unit="retrain", disable=not progress):
+    for count in tqdm(
+        pc.sft_demos, desc=f"{kind} {pc.task}/{pc.split}", unit="retrain", disable=not progress
+    ):
         tic = time.perf_counter()
-        params = sft_retrain(config, prior, demos[:count] + offline, seed=seed, mesh=mesh)
-        report = evaluate.summarize(evaluator(params, jax.random.key(seed + 1)))
         used = demos[:count]
-        records.append({
-            "kind": "sft", "demos": count, "corrective_episodes": count,
-            "takeover_steps": int(sum(len(ep["steps"]["action"]) for ep in used)),
-            "env_steps": int(sum(len(ep["steps"]["action"]) for ep in used)),
-            "wall_s": time.perf_counter() - tic, **report,
-        })  # fmt: skip
+        params = retrain(dataset.concatenate(dataset.flatten(used, chunk), offline_data), seed=seed)
+        records.append(
+            {
+                "kind": kind,
+                "demos": count,
+                **demonstration_effort(used),
+                "wall_s": time.perf_counter() - tic,
+                **evaluation_on(params),
+            }
+        )
+    return records
+
+
+def run_hg_dagger(
+    config: Config, prior: Prior, offline: list[dict], *, seed: int, mesh=None, progress: bool = True
+) -> list[dict]:
+    """HG-DAgger: each round the current BC policy runs `envs_per_round` episodes under the same operator
+    triggers as patching; every operator step joins the aggregate, and the prior is retrained by BC on it
+    plus the offline data. One record per round (round 0 is the prior)."""
+    pc, chunk = config.patch, prior.config.model.chunk
+    deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
+    collector = Collector(
+        pc.task,
+        pc.split,
+        pc.envs_per_round,
+        trigger_of(config),
+        deterministic,
+        solo=pc.false_alarms,
+        lookahead_actor=deterministic,
+    )
+    retrain, evaluation_on = Retrainer(config, prior, mesh), paired_evaluation(config, prior)
+    aggregate, params, totals = dataset.flatten(offline, chunk), prior.params, dict(ZERO_EFFORT)
+    key = jax.random.fold_in(jax.random.key(seed), 7)  # not patching's rollout keys
+    records = [{"kind": "hg_dagger", "round": 0, **effort_record(totals), **evaluation_on(params)}]
+    for round_ in tqdm(
+        range(1, pc.hg_dagger_rounds + 1),
+        desc=f"HG-DAgger {pc.task}/{pc.split}",
+        unit="round",
+        disable=not progress,
+    ):
+        tic = time.perf_counter()
+        rolled = collector(params, jax.random.fold_in(key, round_), round_)
+        block = jax.device_get(rolled["block"])
+        aggregate = dataset.concatenate(aggregate, intervention_examples(block, chunk))
+        params = retrain(aggregate, seed=seed)
+        totals = add_effort(
+            totals, effort(block, rolled.get("solo_success")), takeover_segments(block["intervention"])
+        )
+        totals["wall_s"] += time.perf_counter() - tic
+        records.append(
+            {
+                "kind": "hg_dagger",
+                "round": round_,
+                **effort_record(totals),
+                **evaluation_on(params),
+                "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
+            }
+        )
     return records
 
 

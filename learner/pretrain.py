@@ -58,11 +58,13 @@ class MetricsLog:
 
 
 class IterationLog:
-    """An iterative method's progress: after each iteration, evaluate the params and log one record with
-    the run's running totals (`env_steps`, `wall_s`, ...). Iteration 0 is the starting policy."""
+    """An iterative method's progress: after each iteration, evaluate the params on the fixed test
+    contexts and log one record with the run's running totals (`env_steps`, `wall_s`, ...). Iteration 0
+    is the starting policy."""
 
-    def __init__(self, kind: str, evaluator: evaluate.Evaluator, key: jax.Array, path: pathlib.Path):
-        self.kind, self.evaluator, self.key = kind, evaluator, key
+    def __init__(self, kind: str, evaluator: evaluate.Evaluator, path: pathlib.Path):
+        self.kind, self.evaluator = kind, evaluator
+        self.contexts = evaluate.TEST.with_episodes(evaluator.episodes)
         self.log = MetricsLog(path)
         self.records: list[dict] = []
         self.report: dict = {}
@@ -71,7 +73,7 @@ class IterationLog:
                  changed: bool = True) -> dict:  # fmt: skip
         """`changed` False: the params are those evaluated last, so their figures are reused."""
         if changed or not self.report:
-            self.report = evaluate.summarize(self.evaluator(params, jax.random.fold_in(self.key, iteration)))
+            self.report = self.evaluator.on(params, self.contexts)
         record = {"kind": self.kind, "iteration": iteration, **totals, **(extra or {}), **self.report}
         self.log.write(record)
         self.records.append(record)

@@ -224,20 +224,6 @@ def unflatten(flat: np.ndarray, blocks: list[Block]) -> list[np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------- training
-def pad(examples: dict, capacity: int) -> dict:
-    """The flat examples padded with zeros to `capacity` rows, with `size` (see `bc.sample_batch`)."""
-    size = len(examples["chunk"])
-    if size > capacity:
-        raise ValueError(f"{size} examples exceed the dataset capacity {capacity}")
-
-    def grow(x):
-        out = np.zeros((capacity, *x.shape[1:]), x.dtype)
-        out[:size] = x
-        return out
-
-    return {**jax.tree.map(grow, examples), "size": np.int32(size)}
-
-
 def make_fit(loss_fn, steps: int, rc, *, mesh, prepare=None):
     """`fit(init_params, data, seed) -> (params, metrics)`: `steps` AdamW steps (pretraining's schedule
     shape) from a copy of `init_params`, jitted once for every iteration and seed."""
@@ -311,7 +297,7 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
     # compile once (an unplaced start recompiled all three in the second iteration).
     policy_init, value_init = jax.device_put((policy_init, value_init), sharding.replicated(mesh))
     params, value_params = policy_init, value_init
-    key_collect, key_eval = jax.random.split(jax.random.key(seed))
+    key_collect, _ = jax.random.split(jax.random.key(seed))  # the second key once drew evaluations
     totals = {
         "env_steps": 0,
         "corrective_episodes": 0,
@@ -319,7 +305,7 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
         "collected_episodes": 0,
         "wall_s": 0.0,
     }
-    progress_log = IterationLog("recap", evaluator, key_eval, run_dir / "metrics.jsonl")
+    progress_log = IterationLog("recap", evaluator, run_dir / "metrics.jsonl")
     progress_log(params, 0, totals)
     bar = tqdm(range(1, rc.iterations + 1), desc=f"Recap {rc.task}/{rc.split} seed {seed}", unit="iter",
                disable=not progress)  # fmt: skip
@@ -340,7 +326,7 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
         examples = flat_examples(blocks, mc.chunk)
         examples["value_target"] = flat_steps([block_value_targets(b, targets) for b in blocks], blocks)
         examples["indicator"] = np.zeros(len(examples["chunk"]), np.int32)
-        data = pad(examples, capacity)
+        data = dataset.pad(examples, capacity)
         value_params, value_metrics = fit_value(value_init if rc.from_prior else value_params, data, seed)
         values = unflatten(np.asarray(predict(value_params, data["obs"]))[: data["size"]], blocks)
         advantage = flat_steps([block_advantages(b, v, targets) for b, v in zip(blocks, values, strict=True)],

@@ -253,9 +253,9 @@ def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector
     params = jax.tree.map(jnp.copy, start_params)
     opt_state = optimizer.init(params)
     pool = ContextPool(jax.tree.leaves(contexts)[0].shape[0], rc.skip_rounds, seed)
-    key_roll, key_update, key_eval = jax.random.split(jax.random.key(seed), 3)
+    key_roll, key_update, _ = jax.random.split(jax.random.key(seed), 3)  # the third once drew evaluations
     totals = {"env_steps": 0, "rollouts": 0, "kept_groups": 0, "updates": 0, "wall_s": 0.0}
-    progress_log = IterationLog("ript", evaluator, key_eval, run_dir / "metrics.jsonl")
+    progress_log = IterationLog("ript", evaluator, run_dir / "metrics.jsonl")
     progress_log(params, 0, totals)
     bar = tqdm(range(1, rc.iterations + 1), desc=f"RIPT {rc.task}/{rc.split} seed {seed}", unit="iter",
                disable=not progress)  # fmt: skip

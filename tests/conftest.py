@@ -6,6 +6,8 @@ The environment variables must be set before jax is imported anywhere, so they c
 import os
 import pathlib
 
+import scipy.stats
+
 FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count=4"
 
 # Appended rather than overwritten so flags the caller set still apply.
@@ -20,6 +22,16 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax"))
 # Cache anything that took a second to compile: MJX steps take many, tiny test jits are not worth a file.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1)
+
+
+def fewest_successes(trials: int, rate: float, failure_probability: float = 1e-3) -> int:
+    """The success count to assert for `trials` episodes of a policy whose true success rate is `rate`.
+
+    A correct policy falls below it with probability at most `failure_probability`, whatever the seed or
+    the machine: MJX's float results differ between CPUs, so a fixed key does not fix the count.
+    """
+    # ppf gives the smallest k with P(X <= k) >= q, so P(X < k) < q.
+    return int(scipy.stats.binom.ppf(failure_probability, trials, rate))
 
 
 class CompiledEnv:

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -45,10 +46,19 @@ def test_pretrain_eval_export_twin_from_the_command_line(tmp_path):
     """debug config, one task: demonstrations -> BC -> MJX eval -> export -> numpy actor in the C twin."""
     repo = pathlib.Path(__file__).resolve().parent.parent
     overrides = [
-        "--pretrain.tasks", "pick_place", "--pretrain.eval-every", "0", "--pretrain.eval-episodes", "2",
-        "--pretrain.data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"),
-        "--compile-cache", str(repo / ".cache" / "jax"),
-    ]  # fmt: skip
+        "--pretrain.tasks",
+        "pick_place",
+        "--pretrain.eval-every",
+        "0",
+        "--pretrain.eval-episodes",
+        "2",
+        "--pretrain.data-dir",
+        str(tmp_path / "data"),
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--compile-cache",
+        str(repo / ".cache" / "jax"),
+    ]
     out = run("pretrain", "debug", *overrides, cwd=repo)
     run_dir = tmp_path / "runs" / "debug"
     assert "pick_place" in out and (run_dir / "training.png").exists()
@@ -59,16 +69,88 @@ def test_pretrain_eval_export_twin_from_the_command_line(tmp_path):
     }
     assert report["step"] == 40
 
-    run("eval", "--policy", str(run_dir), "--task", "pick_place", "--split", "train", "--episodes", "2",
-        "--json", str(tmp_path / "eval.json"), cwd=repo)  # fmt: skip
+    out = run(
+        "eval",
+        "--policy",
+        str(run_dir),
+        "--task",
+        "pick_place",
+        "--split",
+        "deploy",
+        "--episodes",
+        "8",
+        "--json",
+        str(tmp_path / "eval.json"),
+        cwd=repo,
+    )
     evaluation = json.loads((tmp_path / "eval.json").read_text())["evaluation"]
-    assert evaluation[0]["episodes"] == 2 and 0.0 <= evaluation[0]["success_rate"] <= 1.0
+    assert evaluation[0]["episodes"] == 8 and 0.0 <= evaluation[0]["success_rate"] <= 1.0
+    by_component = evaluation[0]["by_component"]
+    assert set(by_component) == {"train", "physics", "layout"} and "- physics" in out
+    assert sum(c["episodes"] for c in by_component.values()) == 8
 
     out = run("export", "--policy", str(run_dir), cwd=repo)
     files = sorted((run_dir / "export").glob("policy-v*.msgpack"))
     assert len(files) == 1 and files[0].name in out
 
-    run("twin", "--policy", str(files[0]), "--task", "pick_place", "--split", "train", "--episodes", "1",
-        "--json", str(tmp_path / "twin.json"), cwd=repo)  # fmt: skip
+    run(
+        "twin",
+        "--policy",
+        str(files[0]),
+        "--task",
+        "pick_place",
+        "--split",
+        "train",
+        "--episodes",
+        "1",
+        "--json",
+        str(tmp_path / "twin.json"),
+        cwd=repo,
+    )
     twin = json.loads((tmp_path / "twin.json").read_text())
     assert twin["summary"]["episodes"] == 1 and twin["policy_version"] == 40
+
+
+def test_summary_breaks_success_and_failures_down_by_component():
+    outcomes = {
+        "success": np.array([True, False, True, False, False]),
+        "failure_mode": np.array([0, DROP, 0, MISSED, DROP]),
+        "retries": np.zeros(5),
+        "had_failure": np.zeros(5, bool),
+        "cycle_time": np.full(5, 3.0, np.float32),
+        "component": np.array([0, 0, 0, 1, 1]),
+    }
+    r = evaluate.summarize(outcomes, ("train", "physics", "layout"))
+    train, physics, layout = (r["by_component"][k] for k in ("train", "physics", "layout"))
+    assert (train["episodes"], train["success_rate"], train["failure_modes"]) == (3, 2 / 3, {"drop": 1})
+    assert (physics["failures"], physics["failure_modes"]) == (2, {"drop": 1, "missed_grasp": 1})
+    assert layout == {"episodes": 0, "success_rate": None, "failures": 0, "failure_modes": {}}
+    table = evaluate.format_table({("pick_place", "deploy"): r})
+    assert "- physics" in table and "- layout" in table
+
+
+def test_wilson_interval_by_hand():
+    # 8 of 10 at z = 1.96: centre (p + z^2 / 2n) / (1 + z^2 / n),
+    # half-width z sqrt(p q / n + z^2 / 4n^2) / (1 + z^2 / n)
+    lo, hi = evaluate.wilson_interval(8, 10)
+    z = 1.96
+    centre = (0.8 + z**2 / 20) / (1 + z**2 / 10)
+    half = z * np.sqrt(0.8 * 0.2 / 10 + z**2 / 400) / (1 + z**2 / 10)
+    assert (lo, hi) == pytest.approx((centre - half, centre + half))
+    assert evaluate.wilson_interval(0, 50)[0] == 0.0 and evaluate.wilson_interval(50, 50)[1] == 1.0
+    records = [{"success_rate": s, "episodes": 10} for s in (0.2, 0.9, 0.6, 0.8)]
+    assert evaluate.headline(records)["last3_mean"] == pytest.approx((0.9 + 0.6 + 0.8) / 3)
+
+
+def test_test_and_validation_contexts_are_fixed_and_disjoint():
+    from conftest import compiled_env
+
+    env = compiled_env("pick_place", "deploy")
+    starts = lambda contexts: np.asarray(  # noqa: E731
+        jax.vmap(env.reset)(evaluate.context_keys(contexts)).params.item_start
+    )
+    test, validation = starts(evaluate.TEST), starts(evaluate.VALIDATION)
+    assert len(test) >= 256 and len(validation) >= 128
+    np.testing.assert_array_equal(test, starts(evaluate.TEST))  # every method and round sees these
+    shared = {tuple(x) for x in test.round(6)} & {tuple(x) for x in validation.round(6)}
+    assert not shared

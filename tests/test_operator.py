@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import fewest_successes
 
 from envs import cell as C
 from envs import rollout
@@ -16,6 +17,8 @@ from envs.tasks import TASKS
 from envs.workcell import Workcell
 
 EPISODES = int(os.environ.get("JAXVLA_OPERATOR_EPISODES", 64))
+# The success rate the operator is held to. A 64-episode count of an operator at 97% falls under 95% often,
+# so the test asks only that the count is consistent with these rates (see `fewest_successes`).
 TARGET = {"train": 0.95, "novel": 0.90}
 
 
@@ -36,8 +39,8 @@ def operator_outcomes(env: Workcell, key: jax.Array, episodes: int) -> dict:
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_operator_solves_the_task(task, split):
     info = operator_outcomes(Workcell(task, split), jax.random.PRNGKey(2026), EPISODES)
-    success = info["success"].mean()
+    successes = int(info["success"].sum())
     counts = np.bincount(info["failure_mode"], minlength=len(C.FAILURE_MODES)).tolist()
     modes = dict(zip(C.FAILURE_MODES, counts, strict=True))
-    print(f"{task}/{split}: operator success {success:.3f} over {EPISODES}; failure modes {modes}")
-    assert success >= TARGET[split], modes
+    print(f"{task}/{split}: operator success {successes}/{EPISODES}; failure modes {modes}")
+    assert successes >= fewest_successes(EPISODES, TARGET[split]), modes

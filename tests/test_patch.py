@@ -1,6 +1,7 @@
 """The patching loop: effort accounting, and a run that stops and resumes continues exactly."""
 
 import dataclasses
+import json
 import pathlib
 import shutil
 
@@ -11,9 +12,14 @@ import pytest
 from flax import nnx
 
 import configs
+from envs.operator import Trigger
+from envs.operator import takeover_alarm
+from envs.operator import takeover_flags
+from envs.operator import takeover_start
 from jaxvla import normalization
 from learner import patch
 from learner.pretrain import Prior
+from tools import patch as tools_patch
 from tools.patch import seed_summary
 
 
@@ -34,27 +40,132 @@ def test_episode_block_stops_at_the_first_end_and_counts_effort():
     np.testing.assert_array_equal(block["terminal"], [[0, 1, 0, 0], [0, 0, 0, 0]])
     np.testing.assert_array_equal(block["intervention"], [[0, 0, 0, 0], [0, 0, 1, 1]])
     assert block["obs"]["proprio"].shape == (2, 4, 3) and int(block["version"][0, 0]) == 3
-    assert patch.effort(block) == {"corrective_episodes": 1, "takeover_steps": 2, "env_steps": 6}
+    assert patch.effort(block) == {
+        "corrective_episodes": 1,
+        "takeover_segments": 1,
+        "takeover_steps": 2,
+        "env_steps": 6,
+    }
 
 
-def test_seed_summary_compares_effort_at_the_same_success():
-    fields = ("success_rate", "corrective_episodes", "takeover_steps", "env_steps", "wall_s")
-    rounds = [(0.0, 0, 0, 0, 0.0), (0.5, 10, 90, 500, 9.0), (0.96, 16, 120, 900, 20.0)]
+def test_segments_and_false_alarms_are_counted_per_run_of_operator_steps():
+    # Episode 0: segments of 2 and 1 steps; episode 1: none; episode 2: one of 3 steps running to the end.
+    intervention = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 1, 1, 1]], bool)
+    assert patch.takeover_segments(intervention) == [2, 1, 3]
+    block = {"intervention": intervention, "valid": np.ones((3, 5), bool)}
+    # Replayed alone, episode 0 would have succeeded: its takeovers were a false alarm; episode 2's were not.
+    counts = patch.effort(block, solo_success=np.array([True, True, False]))
+    assert counts == {
+        "corrective_episodes": 2,
+        "takeover_segments": 3,
+        "takeover_steps": 6,
+        "env_steps": 15,
+        "false_alarms": 1,
+    }
+    totals = patch.add_effort(dict(patch.ZERO_EFFORT), counts, patch.takeover_segments(intervention))
+    shown = patch.effort_record(totals)
+    assert shown["false_alarm_rate"] == 0.5 and shown["median_segment_steps"] == 2.0
+
+
+def test_hg_dagger_learns_the_operator_steps_only():
+    # One episode of 5 steps, chunk 2; the operator drove steps 1 and 2, the policy the rest.
+    block = {
+        "obs": {"proprio": np.arange(5, dtype=np.float32)[None, :, None]},
+        "action": np.arange(5, dtype=np.float32)[None, :, None] * 10,
+        "intervention": np.array([[0, 1, 1, 0, 0]], bool),
+        "valid": np.ones((1, 5), bool),
+    }
+    examples = patch.intervention_examples(block, chunk=2)
+    np.testing.assert_array_equal(examples["obs"]["proprio"][:, 0], [1, 2])
+    np.testing.assert_array_equal(examples["chunk"][:, :, 0], [[10, 20], [20, 30]])
+    # Step 2's chunk runs into step 3, which the policy executed: masked out of the BC loss.
+    np.testing.assert_array_equal(examples["mask"], [[True, True], [True, False]])
+
+
+def test_takeover_hands_back_after_calm_steps_or_the_segment_cap_and_rearms_late():
+    trigger = Trigger(calm_steps=2, max_segment=4)
+    info = {**takeover_start(np), "stage": np.int32(1)}
+
+    def step(info, alarm):
+        flags = takeover_flags(np, trigger, info, np.bool_(alarm), np.int32(1), np.bool_(False))
+        return {**info, **flags}
+
+    # An alarm, then two calm steps: the operator drives 3 steps and hands back on the third.
+    history = []
+    for alarm in (True, False, False):
+        info = step(info, alarm)
+        history.append((bool(info["is_intervention"]), bool(info["intervening"])))
+    assert history == [(True, True), (True, True), (True, False)]
+    assert int(info["since_hand_back"]) == 0
+    # A persistent alarm: the segment is capped at 4 steps.
+    info = {**takeover_start(np), "stage": np.int32(1)}
+    lengths = []
+    for _ in range(4):
+        info = step(info, True)
+        lengths.append(int(info["segment_steps"]))
+    assert lengths == [1, 2, 3, 0] and not bool(info["intervening"])
+    # Right after a hand back a warning waits `calm_steps`; a failure event does not.
+    quiet = {"events": np.zeros(7, bool), "slip": np.float32(2.0), "contact_force": np.float32(0.0)}
+    action = np.zeros(4, np.float32)
+    assert not takeover_alarm(np, trigger, {**info, **quiet}, action, action)
+    slipping = {**quiet, "events": np.eye(7, dtype=bool)[2]}
+    assert takeover_alarm(np, trigger, {**info, **slipping}, action, action)
+    info = {**info, "since_hand_back": np.int32(2)}
+    assert takeover_alarm(np, trigger, {**info, **quiet}, action, action)
+
+
+def test_the_disagreement_trigger_ignores_the_valve():
+    trigger = Trigger(disagreement=0.5)
+    info = {
+        **takeover_start(np),
+        "stage": np.int32(0),
+        "events": np.zeros(7, bool),
+        "slip": np.float32(0),
+        "contact_force": np.float32(0),
+    }
+    policy, operator = np.array([0.1, 0, 0, -1], np.float32), np.array([0.1, 0, 0, 1], np.float32)
+    assert not takeover_alarm(np, trigger, info, policy, operator)
+    assert takeover_alarm(np, trigger, info, policy + np.array([0.6, 0, 0, 0], np.float32), operator)
+
+
+def test_seed_summary_reads_effort_on_validation_and_headlines_the_final_test_figure():
+    fields = (
+        "success_rate",
+        "validation_success",
+        "episodes",
+        "corrective_episodes",
+        "takeover_segments",
+        "takeover_steps",
+        "env_steps",
+        "wall_s",
+    )
+    rounds = [
+        (0.70, 0.72, 256, 0, 0, 0, 0, 0.0),
+        (0.85, 0.91, 256, 10, 12, 90, 500, 9.0),
+        (0.95, 0.93, 256, 16, 20, 120, 900, 20.0),
+        (0.93, 0.94, 256, 20, 25, 150, 1300, 31.0),
+    ]
     patching = [dict(zip(fields, values, strict=True)) for values in rounds]
     for record in patching:
-        record.update(retries_per_episode=0.0, cycle_time_s=3.0, recovery_rate=0.0, throughput_per_hour=1.0,
-                      failure_modes={})  # fmt: skip
+        record.update(
+            recovery_rate=0.5,
+            retries_per_episode=0.1,
+            cycle_time_s=3.0,
+            by_component={"train": {"success_rate": 0.97}},
+        )
     sft = [
-        {"success_rate": 0.9, "corrective_episodes": 32, "takeover_steps": 1200},
-        {"success_rate": 0.97, "corrective_episodes": 64, "takeover_steps": 2500},
+        {**patching[0], "validation_success": 0.8, "corrective_episodes": 32, "takeover_steps": 1200},
+        {**patching[0], "validation_success": 0.92, "corrective_episodes": 64, "takeover_steps": 2500},
     ]
-    summary = seed_summary(patching, sft, train_success=0.9)
-    assert summary["goal_success"] == 0.95
-    assert summary["patch_corrective_episodes_to_goal"] == 16 and summary["sft_demos_to_goal"] == 64
-    assert summary["effort_ratio_sft_over_patch"] == 4.0 and summary["sft_operator_steps_to_goal"] == 2500
-    # Short of 95%, the goal is the best patching reached: SFT is compared at that success.
-    summary = seed_summary(patching[:2], sft, train_success=0.9)
-    assert summary["goal_success"] == 0.5 and summary["sft_demos_to_goal"] == 32
+    summary = seed_summary({"patch": patching, "sft": sft}, goal=0.9)
+    # The goal is read on validation (round 1), never on the test contexts (round 2 would be 0.95).
+    assert summary["patch"]["corrective_episodes_to_goal"] == 10
+    assert summary["patch"]["final"] == 0.93 and summary["patch"]["last3_mean"] == pytest.approx(0.91)
+    lo, hi = summary["patch"]["final_ci"]
+    assert lo < 0.93 < hi and hi - lo < 0.07  # Wilson at 238 / 256
+    assert summary["sft"]["corrective_episodes_over_patch"] == 6.4  # 64 / 10
+    assert summary["sft"]["takeover_steps_over_patch"] == pytest.approx(2500 / 90)
+    assert summary["patch"]["train_component"] == 0.97
 
 
 def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
@@ -68,8 +179,15 @@ def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
 @pytest.mark.slow
 def test_a_resumed_run_continues_exactly(tmp_path):
     base = configs.get_config("debug")
-    patching = dataclasses.replace(base.patch, rounds=2, envs_per_round=4, updates_per_round=2,
-                                   eval_episodes=2, capacity=(64, 256, 64))  # fmt: skip
+    patching = dataclasses.replace(
+        base.patch,
+        rounds=2,
+        envs_per_round=4,
+        updates_per_round=2,
+        eval_episodes=2,
+        validation_episodes=2,
+        capacity=(64, 256, 64),
+    )
     sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2)
     config = dataclasses.replace(base, patch=patching, sac=sac)
     prior = tiny_prior(config, tmp_path / "prior")
@@ -87,3 +205,35 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         assert a["success_rate"] == b["success_rate"]
     assert straight[-1]["critic_loss"] == pytest.approx(resumed[-1]["critic_loss"], rel=1e-6)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(resumed_params))
+
+
+@pytest.mark.slow
+def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
+    """`jaxvla patch debug` with tiny budgets: patching, full SFT, targeted SFT and HG-DAgger on deploy,
+    each scored on the same test contexts; the report, JSON and plot are written."""
+    from conftest import REPO_ROOT
+    from conftest import write_tiny_prior
+
+    write_tiny_prior(tmp_path / "prior")
+    overrides = [
+        "--patch.prior", str(tmp_path / "prior"), "--patch.rounds", "1", "--patch.envs-per-round", "4",
+        "--patch.updates-per-round", "2", "--patch.eval-episodes", "2", "--patch.validation-episodes", "2",
+        "--patch.offline-episodes", "4", "--patch.capacity", "64", "256", "64", "--patch.sft-demos", "2",
+        "--patch.sft-steps", "10", "--patch.hg-dagger-rounds", "1", "--patch.seeds", "0",
+        "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2",
+        "--pretrain.data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"),
+        "--compile-cache", str(REPO_ROOT / ".cache" / "jax"),
+    ]  # fmt: skip
+    assert tools_patch.main(["debug", *overrides]) == 0
+    out = tmp_path / "runs" / "patch-pick_place-deploy"
+    report = json.loads((out / "report.json").read_text())
+    arms = report["seeds"]["0"]
+    assert set(arms) == {"patch", "sft", "targeted_sft", "hg_dagger"}
+    firsts = [records[0] for records in arms.values()]
+    assert {(r["contexts"], r["contexts_seed"], r["episodes"]) for r in firsts} == {("test", 20_261_129, 2)}
+    assert all(set(r["by_component"]) == {"train", "physics", "layout"} for r in firsts)
+    assert arms["hg_dagger"][-1]["round"] == 1 and arms["sft"][-1]["corrective_episodes"] == 2
+    text = (out / "report.md").read_text()
+    for title in tools_patch.ARMS.values():
+        assert title in text
+    assert (out / "patch.png").stat().st_size > 0 and "novel" in text

@@ -14,6 +14,7 @@ from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
 from learner import bc
+from learner import dataset
 from learner import recap
 from learner.pretrain import Prior
 
@@ -159,9 +160,9 @@ def test_only_rollout_takeovers_are_forced_positive_not_demonstrations():
 
 def test_a_padded_dataset_is_drawn_from_its_filled_rows_only():
     examples = {"obs": {"proprio": np.arange(3, dtype=np.float32)[:, None]}, "chunk": np.ones((3, 2, 4))}
-    data = recap.pad(examples, capacity=8)
+    data = dataset.pad(examples, capacity=8)
     assert data["chunk"].shape == (8, 2, 4) and int(data["size"]) == 3
     batch = bc.sample_batch(jax.tree.map(jnp.asarray, data), jax.random.key(0), 64)
     assert "size" not in batch and set(np.unique(batch["obs"]["proprio"])) == {0.0, 1.0, 2.0}
     with pytest.raises(ValueError, match="capacity"):
-        recap.pad(examples, capacity=2)
+        dataset.pad(examples, capacity=2)

@@ -1,10 +1,13 @@
 """`jaxvla eval --policy P --task T --split S --episodes N`: a policy's figures in MJX, as a table and JSON.
 
-P is a pretraining run folder (its latest checkpoint). `--task all` and `--split both` evaluate every
-task or both splits; each (task, split) compiles once and runs all its episodes as one vmapped batch.
+P is a pretraining run folder (its latest checkpoint). `--task all` and `--split all` evaluate every task
+or split; each (task, split) compiles once and runs all its episodes as one vmapped batch. The episodes
+are the fixed test contexts (`--contexts validation` for the validation ones), the same every method is
+scored on; a split that is a mixture (`deploy`) is broken down by component.
 """
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
@@ -19,9 +22,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jaxvla eval", description=__doc__.splitlines()[0])
     parser.add_argument("--policy", required=True, type=pathlib.Path, help="run folder with checkpoints/")
     parser.add_argument("--task", default="all", help=f"one of {', '.join(envs.TASKS)}, or 'all'")
-    parser.add_argument("--split", default="both", choices=(*envs.SPLITS, "both"))
-    parser.add_argument("--episodes", type=int, default=200, help="episodes per task and split")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="all", choices=(*envs.SPLITS, "all"))
+    parser.add_argument("--episodes", type=int, default=256, help="episodes per task and split")
+    parser.add_argument(
+        "--contexts",
+        default="test",
+        choices=("test", "validation"),
+        help="which fixed context set to draw the episodes from",
+    )
     parser.add_argument("--json", type=pathlib.Path, help="also write the report here")
     parser.add_argument("--compile-cache", default=".cache/jax", help="persistent compilation cache folder")
     args = parser.parse_args(argv)
@@ -41,17 +49,30 @@ def main(argv: list[str]) -> int:
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
     camera_res = prior.config.model.image_res if prior.config.model.image else None
     tasks = envs.TASKS if args.task == "all" else (args.task,)
-    splits = envs.SPLITS if args.split == "both" else (args.split,)
+    splits = envs.SPLITS if args.split == "all" else (args.split,)
+    named = {"test": evaluate.TEST, "validation": evaluate.VALIDATION}
+    contexts = named[args.contexts].with_episodes(args.episodes)
     report = {}
-    for i, (task, split) in enumerate((t, s) for t in tasks for s in splits):
+    for task, split in ((t, s) for t in tasks for s in splits):
         evaluator = evaluate.Evaluator(task, split, args.episodes, actor, camera_res=camera_res)
-        report[task, split] = evaluate.summarize(evaluator(prior.params, jax.random.key(args.seed + i)))
+        report[task, split] = evaluator.on(prior.params, contexts)
         print(f"{task}/{split}: {report[task, split]['success_rate']:.1%}", flush=True)
-    print(f"\n{args.policy} (step {prior.step})")
+    print(
+        f"\n{args.policy} (step {prior.step}); {contexts.episodes} {contexts.name} contexts "
+        f"(seed {contexts.seed})"
+    )
     print(evaluate.format_table(report))
     if args.json:
         rows = [{"task": t, "split": s, **r} for (t, s), r in report.items()]
         args.json.write_text(
-            json.dumps({"policy": str(args.policy), "step": prior.step, "evaluation": rows}, indent=2)
+            json.dumps(
+                {
+                    "policy": str(args.policy),
+                    "step": prior.step,
+                    "contexts": dataclasses.asdict(contexts),
+                    "evaluation": rows,
+                },
+                indent=2,
+            )
         )
     return 0

@@ -1,11 +1,18 @@
-"""`jaxvla patch [config] [--patch.field value ...]`: interactive policy patching against full SFT retraining.
+"""`jaxvla patch [config] [--patch.field value ...]`: policy patching against its baselines, paired.
 
-Loads the prior from `patch.prior`, then for every seed in `patch.seeds`: patches it on `patch.task` /
-`patch.split` (operator takeovers, SAC updates, an evaluation per round) and runs the SFT sweep (full
-operator demonstrations, BC retraining from the prior). Writes to `out_dir/patch-<task>/`:
-`report.json` (every round and retraining), `report.md` (the summary table), `patch.png` (success against
-corrective episodes, takeover steps, environment steps and wall-clock) and one run folder per seed with
-the learner's checkpoints, so rerunning the command resumes.
+Loads the prior from `patch.prior`, then for every seed in `patch.seeds` runs every arm on `patch.task` /
+`patch.split` (the `deploy` mixture by default): policy patching (operator takeovers, SAC updates) and
+the baselines in `patch.baselines`: full SFT retraining on operator demonstrations of the split, targeted
+SFT on demonstrations of its tail components, and HG-DAgger on the operator's takeover segments.
+
+Every evaluation of every arm scores the same fixed test contexts, and effort to the goal is read on
+the disjoint validation contexts (`learner.evaluate.TEST` / `VALIDATION`). Headline figures are the final
+policy and the mean of the last 3 evaluations, with a Wilson interval per run and a bootstrap interval
+over seeds; never the best round. The final patched policy is also scored on the `novel` stress split.
+
+Writes to `out_dir/patch-<task>-<split>/`: `report.json` (every record), `report.md` (the tables),
+`patch.png` (success against operator steps, corrective episodes and environment steps, every arm and
+seed) and one run folder per seed with the learner's checkpoints, so rerunning the command resumes.
 """
 
 import dataclasses
@@ -24,116 +31,177 @@ from tools import data
 from tools import pro as pro_tool
 
 PROG = "jaxvla patch"
-TARGET = 0.95  # the seed's claim: patching reaches 95% success on the split the prior fails on
+ARMS = {
+    "patch": "policy patching",
+    "sft": "full SFT retraining",
+    "targeted_sft": "targeted SFT (tail demonstrations)",
+    "hg_dagger": "HG-DAgger (takeover segments)",
+}
+EFFORT = ("corrective_episodes", "takeover_segments", "takeover_steps", "env_steps", "wall_s")
 
 
-def first_reaching(records: list[dict], target: float) -> dict | None:
-    """The first record whose success rate is at least `target`."""
-    return next((r for r in records if r["success_rate"] >= target), None)
+def first_reaching(records: list[dict], target: float, key: str = "success_rate") -> dict | None:
+    """The first record whose `key` is at least `target`."""
+    return next((r for r in records if r[key] is not None and r[key] >= target), None)
 
 
-def seed_summary(patch_records: list[dict], sft_records: list[dict], train_success: float) -> dict:
-    """One seed's comparison: what each arm needed to reach the target (or the best it reached)."""
-    final = patch_records[-1]
-    best = max(r["success_rate"] for r in patch_records[1:])
-    # The goal is the seed's 95%, or, where patching fell short, the best it reached (if above the prior).
-    goal = TARGET if best >= TARGET else (best if best > patch_records[0]["success_rate"] else None)
-    patched = first_reaching(patch_records, goal) if goal is not None else None
-    sft = first_reaching(sft_records, goal) if goal is not None and sft_records else None
-    ratio = (sft["corrective_episodes"] / max(patched["corrective_episodes"], 1)) if sft and patched else None
+def arm_summary(records: list[dict], goal: float) -> dict:
+    """One arm of one seed: its headline on the test contexts and its effort to `goal` on validation."""
+    reached = first_reaching(records, goal, "validation_success")
+    final = records[-1]
     return {
-        "goal_success": goal,
-        "patch_final_success": final["success_rate"],
-        "patch_best_success": best,
-        "patch_corrective_episodes_to_goal": patched["corrective_episodes"] if patched else None,
-        "patch_takeover_steps_to_goal": patched["takeover_steps"] if patched else None,
-        "patch_env_steps_to_goal": patched["env_steps"] if patched else None,
-        "patch_wall_s_to_goal": patched["wall_s"] if patched else None,
-        "sft_demos_to_goal": sft["corrective_episodes"] if sft else None,
-        "sft_operator_steps_to_goal": sft["takeover_steps"] if sft else None,
-        "sft_best_success": max((r["success_rate"] for r in sft_records), default=None),
-        "effort_ratio_sft_over_patch": ratio,
-        "patched_train_success": train_success,
-        "patch_final": {
-            k: final[k]
-            for k in (
-                "retries_per_episode",
-                "cycle_time_s",
-                "recovery_rate",
-                "throughput_per_hour",
-                "failure_modes",
-            )
-        },  # fmt: skip
+        **evaluate.headline(records),
+        "train_component": final.get("by_component", {}).get("train", {}).get("success_rate"),
+        **{f"{k}_to_goal": reached[k] if reached else None for k in EFFORT},
+        **{f"final_{k}": final[k] for k in ("recovery_rate", "retries_per_episode", "cycle_time_s")},
+        "false_alarm_rate": final.get("false_alarm_rate"),
+        "median_segment_steps": final.get("median_segment_steps"),
     }
 
 
-def mean_std(values: list) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+def ratio(numerator, denominator):
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def seed_summary(arms: dict[str, list[dict]], goal: float) -> dict:
+    """Every arm of one seed, and the baselines' effort to the goal over patching's."""
+    summary = {name: arm_summary(records, goal) for name, records in arms.items() if records}
+    if "patch" in summary:
+        for name in summary.keys() - {"patch"}:
+            for k in ("corrective_episodes", "takeover_steps"):
+                summary[name][f"{k}_over_patch"] = ratio(
+                    summary[name][f"{k}_to_goal"], summary["patch"][f"{k}_to_goal"]
+                )
+    return summary
+
+
+def over_seeds(values: list, percent: bool = False) -> str:
+    """Mean over seeds with a bootstrap 95% interval, and how many seeds got there when not all did."""
+    reached = [v for v in values if v is not None]
+    if not reached:
         return "not reached"
-    return f"{np.mean(values):.3g} ± {np.std(values):.2g}" if len(values) > 1 else f"{values[0]:.3g}"
+    fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3g}")  # noqa: E731
+    text = fmt(np.mean(reached))
+    if len(reached) > 1:
+        lo, hi = evaluate.bootstrap_interval(reached)
+        text += f" [{fmt(lo)}, {fmt(hi)}]"
+    return text + (f" ({len(reached)}/{len(values)} seeds)" if len(reached) < len(values) else "")
 
 
-def markdown(config: configs.Config, summaries: dict, prior_row: dict) -> str:
-    pc = config.patch
-    over_seeds = lambda key: mean_std([s[key] for s in summaries.values()])  # noqa: E731
-    rows = [
-        ("prior success (novel / train)", f"{prior_row['novel']:.1%} / {prior_row['train']:.1%}"),
-        ("success goal (95%, or the best patching reached)", over_seeds("goal_success")),
-        ("patching: final success", over_seeds("patch_final_success")),
-        ("patching: corrective episodes to goal", over_seeds("patch_corrective_episodes_to_goal")),
-        ("patching: takeover steps to goal", over_seeds("patch_takeover_steps_to_goal")),
-        ("patching: env steps to goal", over_seeds("patch_env_steps_to_goal")),
-        ("patching: wall-clock to goal (s)", over_seeds("patch_wall_s_to_goal")),
-        ("SFT: demonstrations to goal", over_seeds("sft_demos_to_goal")),
-        ("SFT: operator steps to goal", over_seeds("sft_operator_steps_to_goal")),
-        ("SFT: best success", over_seeds("sft_best_success")),
-        ("effort ratio, SFT / patching (target >= 4)", over_seeds("effort_ratio_sft_over_patch")),
-        ("patched policy on train", over_seeds("patched_train_success")),
+def arm_table(summaries: dict, goal: float) -> list[str]:
+    columns = [
+        ("final success (%)", "final", True),
+        ("last-3 mean (%)", "last3_mean", True),
+        ("train component (%)", "train_component", True),
+        ("corrective episodes to goal", "corrective_episodes_to_goal", False),
+        ("operator steps to goal", "takeover_steps_to_goal", False),
+        ("env steps to goal", "env_steps_to_goal", False),
+        ("corrective episodes / patching's", "corrective_episodes_over_patch", False),
+        ("operator steps / patching's", "takeover_steps_over_patch", False),
     ]
+    lines = ["| arm | " + " | ".join(name for name, _, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for arm, title in ARMS.items():
+        per_seed = [s[arm] for s in summaries.values() if arm in s]
+        if per_seed:
+            cells = [over_seeds([s.get(key) for s in per_seed], pct) for _, key, pct in columns]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return [
+        f"Goal: {goal:.0%} on the validation contexts. Mean over seeds [bootstrap 95% interval].",
+        "",
+        *lines,
+    ]
+
+
+def prior_table(prior: dict) -> list[str]:
+    """The prior on the test contexts, by component (the calibration the split was built to)."""
+    lines = ["| contexts | episodes | success (%) | 95% CI | failures |", "|---|---:|---:|---|---|"]
+    rows = [("all", prior), *prior.get("by_component", {}).items()]
+    for name, r in rows:
+        ci = r.get("success_ci")
+        ci_text = f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}" if ci else "-"
+        failures = ", ".join(f"{k} {v}" for k, v in r["failure_modes"].items()) or "-"
+        rate = "-" if r["success_rate"] is None else f"{100 * r['success_rate']:.1f}"
+        lines.append(f"| {name} | {r['episodes']} | {rate} | {ci_text} | {failures} |")
+    return lines
+
+
+def markdown(config: configs.Config, summaries: dict, prior: dict, novel: dict) -> str:
+    pc = config.patch
+    first = next(iter(summaries.values()))
+    protocol = first.get("patch", {})
     lines = [
-        f"# Policy patching vs full SFT retraining: {pc.task}/{pc.split}, seeds {list(pc.seeds)}",
+        f"# Policy patching and its baselines: {pc.task}/{pc.split}, seeds {list(pc.seeds)}",
         "",
-        f"{pc.rounds} rounds of {pc.envs_per_round} episodes, {pc.updates_per_round} fused SAC steps "
-        f"(utd {config.sac.utd}) per round; SFT retrains {pc.sft_steps} BC steps per demo count "
-        f"{list(pc.sft_demos)}; {pc.eval_episodes} evaluation episodes each.",
+        f"Patching: {pc.rounds} rounds of {pc.envs_per_round} episodes, {pc.updates_per_round} fused SAC "
+        f"steps per round. SFT arms: {pc.sft_steps} BC steps from the prior per demonstration count "
+        f"{list(pc.sft_demos)}. HG-DAgger: {pc.hg_dagger_rounds} rounds of {pc.envs_per_round} episodes. "
+        f"Test contexts: {pc.eval_episodes} (seed {evaluate.TEST.seed}); validation contexts: "
+        f"{pc.validation_episodes} (seed {evaluate.VALIDATION.seed}); the same for every arm and round.",
         "",
-        "| measure | mean ± std over seeds |",
+        "## The prior on the test contexts",
+        "",
+        *prior_table(prior),
+        "",
+        "## Arms",
+        "",
+        *arm_table(summaries, pc.goal),
+        "",
+        "## Operator protocol (patching)",
+        "",
+        f"Takeovers on slip > {pc.slip}, wrist force > {pc.force} N, a failure event or {pc.stall_steps} "
+        f"steps without progress{f', a {pc.lookahead}-step look-ahead' if pc.lookahead else ''}"
+        f"{f', action gap > {pc.disagreement}' if pc.disagreement else ''}; control goes back after "
+        f"{pc.calm_steps} calm steps, a stage advance or {pc.max_segment} steps.",
+        "",
+        "| measure | mean over seeds |",
         "|---|---:|",
-        *(f"| {name} | {value} |" for name, value in rows),
+        f"| false-alarm rate (takeovers in episodes the policy won alone) | "
+        f"{over_seeds([s['patch'].get('false_alarm_rate') for s in summaries.values()], True)} % |",
+        f"| median takeover segment (steps) | "
+        f"{over_seeds([s['patch'].get('median_segment_steps') for s in summaries.values()])} |",
+        "",
+        f"`novel` stress split (test contexts), final patched policy: "
+        f"{over_seeds(list(novel.values()), True)} %."
+        if protocol
+        else "",
     ]
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: pathlib.Path) -> None:
+def plot(results: dict, path: pathlib.Path, goal: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     axes_keys = [
-        ("corrective_episodes", "corrective episodes"), ("takeover_steps", "operator takeover steps"),
-        ("env_steps", "environment steps"), ("wall_s", "wall-clock [s] (SFT: each retraining alone)"),
-    ]  # fmt: skip
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+        ("takeover_steps", "operator steps"),
+        ("corrective_episodes", "corrective episodes"),
+        ("env_steps", "environment steps"),
+    ]
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(16, 4.2))
     for i, result in enumerate(results.values()):
-        for ax, (key, label) in zip(axes, axes_keys, strict=True):
-            p, s = result["patch"], result["sft"]
-            ax.plot([r[key] for r in p], [r["success_rate"] for r in p], "-o", color="C0", alpha=0.7, ms=3,
-                    label="patching" if i == 0 else None)  # fmt: skip
-            # Retrainings are independent runs from the prior: only their demo counts form a sequence.
-            style = "s" if key == "wall_s" else "--s"
-            ax.plot([r[key] for r in s], [r["success_rate"] for r in s], style, color="C1", alpha=0.7, ms=4,
-                    label="full SFT retraining" if i == 0 else None)  # fmt: skip
-            ax.set_xlabel(label)
+        for colour, (arm, title) in enumerate(ARMS.items()):
+            records = result.get(arm) or []
+            for ax, (key, label) in zip(axes, axes_keys, strict=True):
+                ax.plot(
+                    [r[key] for r in records],
+                    [r["success_rate"] for r in records],
+                    "-o",
+                    ms=3,
+                    alpha=0.7,
+                    color=f"C{colour}",
+                    label=title if i == 0 else None,
+                )
+                ax.set_xlabel(label)
     for ax in axes:
-        ax.axhline(TARGET, color="grey", lw=0.8, ls=":")
+        ax.axhline(goal, color="grey", lw=0.8, ls=":")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlim(left=0)
-    axes[0].set_ylabel("success on the split (no operator)")
-    axes[0].legend()
-    fig.suptitle(f"success against operator effort, data and time; {len(results)} seed(s)")
+    axes[0].set_ylabel("success on the test contexts (no operator)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"every arm against operator effort and data; {len(results)} seed(s), one line each")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -143,45 +211,68 @@ def load_prior(path: str) -> pretrain.Prior:
     try:
         return pretrain.load(pathlib.Path(path))
     except FileNotFoundError:
-        raise SystemExit(f"{PROG}: no prior in {path}; train one with `jaxvla pretrain default` or point "
-                         "--patch.prior at a run folder") from None  # fmt: skip
+        raise SystemExit(
+            f"{PROG}: no prior in {path}; train one with `jaxvla pretrain default` or point "
+            "--patch.prior at a run folder"
+        ) from None
 
 
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
     jax.config.update("jax_compilation_cache_dir", config.compile_cache)
     pc, pre = config.patch, config.pretrain
-    out = pathlib.Path(config.out_dir) / (f"patch-{pc.task}" + ("-pro" if pc.reward == "pro" else ""))
+    suffix = "-pro" if pc.reward == "pro" else ""
+    out = pathlib.Path(config.out_dir) / f"patch-{pc.task}-{pc.split}{suffix}"
     prior = load_prior(pc.prior)
     offline = data.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes, seed=pre.seed)
-    demos = []
-    if pc.sft:
-        demos = data.load_or_generate(pre.data_dir, pc.task, pc.split, max(pc.sft_demos), seed=pre.seed + 1,
-                                      noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
-    on_train = evaluate.Evaluator(pc.task, "train", pc.eval_episodes,
-                                  evaluate.chunk_actor(prior.graphdef, prior.stats))  # fmt: skip
-    results, summaries = {}, {}
+    noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
+    demos = {
+        arm: data.load_or_generate(
+            pre.data_dir, pc.task, split, max(pc.sft_demos), seed=pre.seed + 1, **noise
+        )
+        for arm, split in (("sft", pc.split), ("targeted_sft", "tail"))
+        if arm in pc.baselines
+    }
+    stress = evaluate.Evaluator(
+        pc.task, "novel", pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
+    )
+    stress_contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
+    results, summaries, novel = {}, {}, {}
     for seed in pc.seeds:
         records, actor = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
-        train_success = evaluate.summarize(on_train(actor, jax.random.key(seed)))["success_rate"]
-        sft = patch.run_sft(config, prior, demos, offline, seed=seed) if pc.sft else []
-        results[seed] = {"patch": records, "sft": sft, "patched_train_success": train_success}
+        arms = {"patch": records}
+        for arm in ("sft", "targeted_sft"):
+            if arm in demos:
+                arms[arm] = patch.run_sft(config, prior, demos[arm], offline, seed=seed, kind=arm)
+        if "hg_dagger" in pc.baselines:
+            arms["hg_dagger"] = patch.run_hg_dagger(config, prior, offline, seed=seed)
+        novel[seed] = stress.on(actor, stress_contexts)["success_rate"]
+        results[seed] = arms
         if pc.reward == "pro":  # PRO's other use: rank K sampled chunks of the patched policy
             patched = dataclasses.replace(prior, params=actor)
-            results[seed]["ranking"] = pro_tool.ranking_evaluations(config, patched, pc.split, seed,
-                                                                    pro_dir=pc.pro)  # fmt: skip
-        summaries[seed] = seed_summary(records, sft, train_success)
+            results[seed]["ranking"] = pro_tool.ranking_evaluations(
+                config, patched, pc.split, seed, pro_dir=pc.pro
+            )
+        summaries[seed] = seed_summary(arms, pc.goal)
         print(json.dumps({"seed": seed, **summaries[seed]}, default=str))
-    prior_row = {
-        "novel": results[pc.seeds[0]]["patch"][0]["success_rate"],
-        "train": evaluate.summarize(on_train(prior.params, jax.random.key(0)))["success_rate"],
+    prior_report = results[pc.seeds[0]]["patch"][0]
+    settings = {
+        "patch": dataclasses.asdict(config.patch),
+        "sac": dataclasses.asdict(config.sac),
+        "test_seed": evaluate.TEST.seed,
+        "validation_seed": evaluate.VALIDATION.seed,
     }
-    settings = {"patch": dataclasses.asdict(config.patch), "sac": dataclasses.asdict(config.sac)}
-    payload = {"config": settings, "prior": prior_row, "seeds": results, "summary": summaries}
+    payload = {
+        "config": settings,
+        "prior": prior_report,
+        "seeds": results,
+        "summary": summaries,
+        "novel_final": novel,
+    }
     patch.save_json(out / "report.json", payload)
-    report = markdown(config, summaries, prior_row)
+    report = markdown(config, summaries, prior_report, novel)
     (out / "report.md").write_text(report)
-    plot(results, out / "patch.png")
+    plot(results, out / "patch.png", pc.goal)
     print(report)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'patch.png'}")
     return 0

@@ -400,13 +400,13 @@ def compare_markdown(result: dict, ranking: dict, rounds: int) -> str:
         lines += [f"## success >= {float(level):.0%} (seeds reaching it: sparse {reached['sparse']}, "
                   f"PRO {reached['pro']})", "", "| measure | sparse | PRO |", "|---|---:|---:|"]  # fmt: skip
         for key, name in measures:
-            row = [patch_tool.mean_std([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
+            row = [patch_tool.over_seeds([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
             lines.append(f"| {name} | {row[0]} | {row[1]} |")
         lines.append("")
     arms = next(iter(result.values()))
     lines += ["## Final figures", "", "| measure | sparse | PRO |", "|---|---:|---:|"]
     for key, name in finals:
-        row = [patch_tool.mean_std([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
+        row = [patch_tool.over_seeds([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
         lines.append(f"| {name} | {row[0]} | {row[1]} |")
     if any(ranking.values()):
         lines += ["", "## Ranking K chunks with PRO (final PRO-patched policies)", "",
