@@ -206,6 +206,20 @@ def test_the_prompt_is_tokenised_by_the_robot_and_a_bad_observation_stops_it_bef
         assert env.commands == [], "the robot must not move before its observation is known to be valid"
 
 
+def test_a_sensor_that_turns_nan_stops_the_robot_before_the_policy_acts_on_it():
+    readings = []
+
+    def glitching(obs) -> dict:  # NaN from the third reading on
+        readings.append(obs)
+        return {**split_fields(obs), "telemetry": np.full(3, np.nan if len(readings) > 2 else 0.0)}
+
+    env = ArmEnv()
+    robot = gym_robot(env, observation_fn=glitching, success="is_success", action_fn=lambda a: np.zeros(7))
+    with pytest.raises(ValueError, match="step 2: observation 'telemetry' has non-finite values"):
+        runner.run_episode(robot, FakePolicy(), clock=runner.RateClock(0), seed=0)
+    assert len(env.commands) == 2
+
+
 class NestedEnv(FakeGymEnv):
     """gym-hil's image_obs layout: a Dict holding a Dict of state and a Dict of images."""
 

@@ -7,7 +7,7 @@ the policy, `intervention(obs, policy_action)` for the teleop device (None: no t
 
 Observations are dicts of arrays in the workcell's schema (`jaxvla.schema.OBSERVATION_SPEC`: proprio,
 telemetry, item, scene, prompt; units and frames in docs/robot.md), since that is what the policy reads
-and the service stores; the runner checks each episode's first observation against it. Actions are
+and the service stores; the runner checks every observation against it. Actions are
 [dx, dy, dz, suction] in [-1, 1]; an adapter scales them to its hardware. The C-MuJoCo twin's adapter is
 `envs.twin_robot.TwinRobot` (it needs mujoco, so it lives outside this numpy-only package).
 Standard library, numpy and the numpy-only `jaxvla.schema` and `jaxvla.tokenizer`.

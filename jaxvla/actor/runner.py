@@ -9,9 +9,10 @@ Chunks: the policy returns an action chunk [H, A]; `ActionChunkBroker` executes 
 one per control period, before inferring again. A teleop action replaces the policy's for its step and is
 flagged `is_intervention`; the policy's proposal is kept as `policy_action`.
 
-Checks: each episode's first observation is checked against the schema (`jaxvla.schema`) before the
-first command, so a wrong sensor mapping stops the robot with the field named. Observations are stored in
-the schema's dtypes. Standard library, numpy and the numpy-only `jaxvla.schema`.
+Checks: every observation is checked against the schema (`jaxvla.schema`) before the policy sees it, so
+a wrong sensor mapping stops the robot before its first command, with the field named, and a sensor that
+turns NaN stops it before a NaN command. Observations are stored in the schema's dtypes.
+Standard library, numpy and the numpy-only `jaxvla.schema`.
 """
 
 import collections
@@ -60,20 +61,28 @@ class RateClock:
         return {f"p{q}_ms": float(np.percentile(values, q)) if values.size else 0.0 for q in qs}
 
 
+def checked(obs: dict, step: int) -> dict:
+    """`obs` if the schema accepts it, else ValueError naming the step and the field. Checked before the
+    policy sees it: a wrong sensor mapping stops the robot before its first command, not after a whole
+    episode the service then refuses, and a sensor that turns NaN never becomes a NaN command."""
+    try:
+        schema.check_observation(obs)
+    except ValueError as err:
+        raise ValueError(f"step {step}: {err}") from None
+    return obs
+
+
 def run_episode(robot: RobotInterface, policy: Policy, *, clock: RateClock, replan: int = 1,
                 seed: int | None = None, max_steps: int = 2_000) -> dict:  # fmt: skip
     """One episode: the RLDS episode dict (jaxvla.episodes' schema) ready to push."""
     broker = ActionChunkBroker(policy, replan=replan)
-    obs = robot.reset(seed)
-    # Before the first command: a sensor mapping the service would refuse must stop the robot now, with
-    # the field named, not after a whole episode that would then be rejected.
-    schema.check_observation(obs)
+    obs = checked(robot.reset(seed), 0)
     clock.restart()
     steps = []
     for t in range(max_steps):
         clock.tick()
         if t:
-            obs = robot.observe()
+            obs = checked(robot.observe(), t)
         policy_action = np.asarray(broker.infer(obs)["actions"], np.float32)
         teleop = robot.intervention(obs, policy_action)
         action = policy_action if teleop is None else np.asarray(teleop, np.float32)
