@@ -21,7 +21,11 @@ from test_fleet_service import TOKENS
 from test_fleet_service import Server
 from test_fleet_service import policy_file
 
+from envs import cell
+from envs import scene
+from envs import tasks
 from jaxvla import cli
+from jaxvla import schema
 from jaxvla.actor import client as fleet
 from jaxvla.actor import policy as actor_policy
 from jaxvla.actor import robots
@@ -248,3 +252,24 @@ def test_the_example_refuses_a_robot_id_that_is_not_its_tokens(server, tmp_path)
     out = run_example(server, tmp_path / "robot", "--robot-id", "gym-0", "--token-file", str(tokens))
     assert out.returncode != 0
     assert "the token belongs to robot 'robot-0', but this robot's id is 'gym-0'" in out.stderr
+
+
+# --------------------------------------------------------------------- 7: the contract, in one place
+def test_docs_robot_md_states_every_field_and_the_simulators_numbers():
+    doc = (REPO_ROOT / "docs" / "robot.md").read_text()
+    for name, spec in schema.OBSERVATION_SPEC.items():
+        assert f"| `{name}` {schema.describe(spec)} |" in doc, f"docs/robot.md lacks the row of {name!r}"
+    config = tasks.CellConfig()
+    (x_lo, y_lo, _), (x_hi, y_hi, z_hi) = scene.WORKSPACE_LO, scene.WORKSPACE_HI
+    facts = [
+        f"v_max = {config.v_max} m/s", f"control_hz = {config.control_hz:g}", f"{config.p_max_kpa:g} kPa",
+        f"{config.cup_radius} m below", f"{config.collision_force:g} N",
+        f"{config.obs_noise * 1e3:g} mm noise",
+        f"x in [{x_lo}, {x_hi}] m", f"y in [{y_lo}, {y_hi}] m", f"z in [{config.cup_radius}, {z_hi}] m",
+        f"{config.max_steps} steps", ", ".join(cell.FAILURE_MODES), ", ".join(cell.EVENTS),
+    ]  # fmt: skip
+    for spec in tasks.TASKS.values():
+        facts += [f"| `{spec.name}` |", *(f"({cx}, {cy})" for cx, cy, _, _ in spec.bins)]
+        facts += [f"{scene.lid_travel(spec):g} m towards -x"] if spec.has_lid else []
+    missing = [fact for fact in facts if fact not in doc]
+    assert not missing, f"docs/robot.md disagrees with envs/ on {missing}"
