@@ -207,7 +207,6 @@ class Block(importlib.abc.MetaPathFinder):
         if name.partition(".")[0] in BLOCKED:
             raise ImportError(f"the robot example imported {name}")
 sys.meta_path.insert(0, Block())
-import reach_env
 spec = importlib.util.spec_from_file_location("gym_robot", "examples/gym_robot.py")
 example = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(example)
@@ -220,8 +219,9 @@ sys.exit(example.main(sys.argv[1:]))
 
 def run_example(server: Server, folder, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
-    command = [sys.executable, "-c", BLOCKED_LEARNER, "--env", ENV_ID, "--url", server.url, "--token-file",
-               str(server.root / "tokens.json"), "--folder", str(folder), "--hz", "0", *args]  # fmt: skip
+    command = [sys.executable, "-c", BLOCKED_LEARNER, "--env", f"reach_env:{ENV_ID}", "--url", server.url,
+               "--token-file", str(server.root / "tokens.json"), "--folder", str(folder), "--hz", "0",
+               *args]  # fmt: skip
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
