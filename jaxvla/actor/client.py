@@ -231,7 +231,8 @@ class ParamsPuller(threading.Thread):
             self.stop_event.wait(self.poll_s if ok else self.backoff.next_delay())
 
     def pull_once(self) -> bool:
-        """One manifest check and, if newer params exist, one verified swap. False on any failure."""
+        """One manifest check and, if newer params exist, one verified swap. False on any failure; nothing
+        published yet is not one (True, with the service's reason in `last_error`)."""
         try:
             manifest = self.client.manifest()
             if self.version is not None and manifest["version"] <= self.version:
