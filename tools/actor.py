@@ -25,6 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see jaxvla.actor: one thre
 from jaxvla.actor import client as fleet  # noqa: E402
 from jaxvla.actor import robots  # noqa: E402
 from jaxvla.actor import wire  # noqa: E402
+from jaxvla.actor.policy import Policy  # noqa: E402
 from jaxvla.actor.runner import RateClock  # noqa: E402
 from jaxvla.actor.runner import run_episode  # noqa: E402
 
@@ -95,7 +96,7 @@ def check_identity(client: fleet.FleetClient, robot_id: str, status: dict) -> No
         )
 
 
-def first_policy(puller: fleet.ParamsPuller, wait_s: float):
+def first_policy(puller: fleet.ParamsPuller, wait_s: float) -> Policy:
     """The policy to start with: the cached one at once if there is one (the puller swaps in a newer one
     between episodes), else the first one the service sends within `wait_s` seconds."""
     if puller.policy is None and not puller.swapped.wait(wait_s):
