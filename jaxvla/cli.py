@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "recap": ("tools.recap", "Recap: advantage-conditioned retraining from rollouts and corrections."),
     "ript": ("tools.ript", "RIPT: group policy gradient from binary success, K rollouts per state."),
     "serve": ("tools.serve", "Run the fleet service (episodes in, gated params out) and its learner."),
+    "publish": ("tools.publish", "Put an exported policy into the fleet's params (no learner needed)."),
     "actor": ("tools.actor", "Run one robot of the fleet: policy from the service, episodes pushed back."),
 }
 
@@ -47,9 +48,10 @@ def unknown_command_message(command: str) -> str:
 
 
 def missing_extra_message(command: str, missing_module: str) -> str:
+    """One line: what is missing and the install command, from a checkout or from a built wheel."""
     return (
-        f"jaxvla {command} needs {missing_module!r}, which comes with the learner stack.\n"
-        "Install it with: pip install 'jaxvla[learner]'  (from a checkout: pip install -e '.[learner]')"
+        f"jaxvla {command} needs {missing_module!r} from the learner extras: pip install -e '.[learner]' "
+        "in a checkout, or pip install 'jaxvla-<version>-py3-none-any.whl[learner]'"
     )
 
 
@@ -72,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _ = SUBCOMMANDS[command]
     try:
-        module = importlib.import_module(module_name)
+        # A command may import what it needs only once it knows what to run (`jaxvla actor --robot
+        # twin` needs mujoco), so the hint covers its run as well as its module's import.
+        return importlib.import_module(module_name).main(command_args)
     except ModuleNotFoundError as err:
         if err.name is None or is_first_party(err.name):
             raise
         print(missing_extra_message(command, err.name), file=sys.stderr)
         return 2
-    return module.main(command_args)
 
 
 if __name__ == "__main__":

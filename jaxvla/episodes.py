@@ -11,9 +11,10 @@ An episode in memory is a dict of numpy arrays, every step field stacked over ti
                           "policy_version": str, "source": str, "success": bool, "operator_reward": float,
                           "retries": int, "cycle_time": float}}
 
-The schema is the three tables below (OBSERVATION_SPEC, STEP_SPEC, METADATA_SPEC); `features()` turns them
-into the tfds FeaturesDict, so each field's meaning is also stored in the dataset's features.json. The
-observation table is a parameter of every function here: a camera run adds an "image" entry to it.
+The schema is three tables (OBSERVATION_SPEC, STEP_SPEC, METADATA_SPEC) in `jaxvla.schema`, which needs
+numpy alone so that the robot checks its observations with it. `features()` turns them into the tfds
+FeaturesDict, so each field's meaning is also stored in the dataset's features.json. The observation table
+is a parameter of every function here: a camera run adds an "image" entry to it.
 
 Step t is one transition: the observation o_t, the action a_t sent from it, the reward r_t it earned, and
 flags about where it led. `is_first` marks t = 0 and `is_last` the final transition. `is_terminal` marks a
@@ -34,63 +35,24 @@ import uuid
 from collections.abc import Iterable
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+# The schema's tables and checks live in `jaxvla.schema` (numpy only, so the robot can import them); they
+# are re-exported here, where readers of episodes look for them.
+from jaxvla.schema import METADATA_SPEC as METADATA_SPEC
+from jaxvla.schema import N_EVENTS as N_EVENTS
+from jaxvla.schema import N_FAILURE_MODES as N_FAILURE_MODES
+from jaxvla.schema import OBSERVATION_SPEC as OBSERVATION_SPEC
+from jaxvla.schema import SOURCES as SOURCES
+from jaxvla.schema import STEP_SPEC as STEP_SPEC
+from jaxvla.schema import Spec as Spec
+from jaxvla.schema import check_episode as check_episode
+
 SCHEMA_VERSION = "1.0.0"
 SPLIT = "train"
-SOURCES = ("offline", "online", "patch")
 EPISODES_PER_SHARD = 256
-
-
-class Spec(NamedTuple):
-    """One field: its shape per step (or per episode, for metadata), its dtype, and what it means."""
-
-    shape: tuple[int, ...]
-    dtype: type  # a numpy scalar type, or `str` for text
-    doc: str
-
-
-OBSERVATION_SPEC: dict[str, Spec] = {
-    "proprio": Spec((7,), np.float32, "cup position [m] (3), cup velocity [m/s] (3), suction command"),
-    "telemetry": Spec((3,), np.float32, "vacuum / p_max, wrist force / 50 N, slip ratio (load / hold, <= 3)"),
-    "item": Spec((6,), np.float32, "estimated item position [m] (3, noisy), item half size [m] (3)"),
-    "scene": Spec((10,), np.float32, "per target bin (x, y, present) [m] (3 x 3), lid open fraction"),
-    "prompt": Spec((12,), np.int32, "goal prompt token ids (jaxvla.tokenizer), PAD-filled"),
-}
-
-# Sizes of EVENTS and FAILURE_MODES in envs/cell.py (not imported: reading episodes must not need mujoco;
-# tests/test_episodes.py checks they agree).
-N_EVENTS = 7
-N_FAILURE_MODES = 7
-
-STEP_SPEC: dict[str, Spec] = {
-    "action": Spec((4,), np.float32, "command sent to the robot: [dx, dy, dz, suction] in [-1, 1]"),
-    "policy_action": Spec((4,), np.float32, "the policy's proposal (differs from action under intervention)"),
-    "reward": Spec((), np.float32, "reward of this transition"),
-    "discount": Spec((), np.float32, "0 on a terminal transition, else 1"),
-    "is_first": Spec((), np.bool_, "first step of the episode"),
-    "is_last": Spec((), np.bool_, "last step of the episode (terminal or truncated)"),
-    "is_terminal": Spec((), np.bool_, "this transition ended the episode in a terminal state"),
-    "is_intervention": Spec((), np.bool_, "a human or scripted operator chose the action"),
-    "failure_mode": Spec((), np.int32, "failure so far, an index into envs.cell.FAILURE_MODES (0: none)"),
-    "events": Spec((N_EVENTS,), np.bool_, "events of this step, flags over envs.cell.EVENTS"),
-}
-
-METADATA_SPEC: dict[str, Spec] = {
-    "episode_id": Spec((), str, "uuid4; the idempotency key of the episode"),
-    "robot_id": Spec((), str, "robot (or simulator) that recorded it"),
-    "task": Spec((), str, "registered task name"),
-    "prompt": Spec((), str, "goal prompt as text"),
-    "policy_version": Spec((), str, "params version that acted, or 'operator'"),
-    "source": Spec((), str, f"one of {', '.join(SOURCES)}"),
-    "success": Spec((), np.bool_, "the task was completed"),
-    "operator_reward": Spec((), np.float32, "the operator's outcome label (1 success, 0 failure)"),
-    "retries": Spec((), np.int32, "grasp retries in the episode"),
-    "cycle_time": Spec((), np.float32, "episode duration [s]"),
-}
 
 
 # -------------------------------------------------------------------------------------------- schema
@@ -112,70 +74,6 @@ def features(observation_spec: dict[str, Spec] = OBSERVATION_SPEC) -> tfds.featu
             ),
         }
     )
-
-
-# ---------------------------------------------------------------------------------------- validation
-def _check_keys(where: str, got: dict, expected: Iterable[str]) -> None:
-    if not isinstance(got, dict):
-        raise ValueError(f"{where} must be a dict, got {type(got).__name__}")
-    missing, extra = set(expected) - set(got), set(got) - set(expected)
-    if missing or extra:
-        raise ValueError(f"{where}: missing fields {sorted(missing)}, unexpected fields {sorted(extra)}")
-
-
-def _check_array(where: str, value, spec: Spec, length: int) -> None:
-    array = np.asarray(value)
-    expected = (length, *spec.shape)
-    if array.dtype != spec.dtype or array.shape != expected:
-        raise ValueError(
-            f"{where} is {array.dtype}{list(array.shape)}, expected {np.dtype(spec.dtype)}{list(expected)} "
-            f"(T = {length}, the length of steps/is_first)"
-        )
-
-
-def _check_metadata(where: str, metadata: dict) -> None:
-    _check_keys(where, metadata, METADATA_SPEC)
-    for name, spec in METADATA_SPEC.items():
-        value = metadata[name]
-        if spec.dtype is str:
-            ok = isinstance(value, str)
-        else:  # Python scalars are fine; an int where a float is expected too, never the reverse
-            kinds = {"b": "b", "i": "iu", "f": "fiu"}[np.dtype(spec.dtype).kind]
-            ok = np.ndim(value) == 0 and np.asarray(value).dtype.kind in kinds
-        if not ok:
-            kind = "str" if spec.dtype is str else f"an {np.dtype(spec.dtype).name} scalar"
-            raise ValueError(f"{where}/{name} = {value!r} should be {kind}")
-    if metadata["source"] not in SOURCES:
-        raise ValueError(f"{where}/source = {metadata['source']!r}; expected one of {SOURCES}")
-    try:
-        uuid.UUID(metadata["episode_id"])
-    except ValueError:
-        raise ValueError(f"{where}/episode_id = {metadata['episode_id']!r} is not a UUID") from None
-
-
-def check_episode(episode: dict, observation_spec: dict[str, Spec] = OBSERVATION_SPEC) -> int:
-    """Raises ValueError naming the first field that breaks the schema; returns the episode's length T."""
-    _check_keys("episode", episode, ("steps", "episode_metadata"))
-    steps = episode["steps"]
-    _check_keys("steps", steps, ("observation", *STEP_SPEC))
-    _check_keys("steps/observation", steps["observation"], observation_spec)
-    length = np.shape(steps["is_first"])[0] if np.ndim(steps["is_first"]) else 0
-    if length < 1:
-        raise ValueError(
-            f"steps: an episode needs at least one step; is_first has shape {np.shape(steps['is_first'])}"
-        )
-    for name, spec in observation_spec.items():
-        _check_array(f"steps/observation/{name}", steps["observation"][name], spec, length)
-    for name, spec in STEP_SPEC.items():
-        _check_array(f"steps/{name}", steps[name], spec, length)
-    first_last = np.zeros((2, length), bool)
-    first_last[0, 0] = first_last[1, -1] = True
-    if not np.array_equal(np.stack([steps["is_first"], steps["is_last"]]), first_last):
-        raise ValueError("steps: is_first must be set at step 0 only and is_last at the last step only")
-    if not 0 <= np.min(steps["failure_mode"]) <= np.max(steps["failure_mode"]) < N_FAILURE_MODES:
-        raise ValueError(f"steps/failure_mode must index envs.cell.FAILURE_MODES (0..{N_FAILURE_MODES - 1})")
-    _check_metadata("episode_metadata", episode["episode_metadata"])
-    return length
 
 
 def _checked(episodes: Iterable[dict], observation_spec: dict[str, Spec]) -> Iterator[dict]:

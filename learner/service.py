@@ -11,7 +11,8 @@ pickle); responses are JSON, errors `{"error": "<what is wrong>"}`.
     GET  /v1/params/manifest               -> the latest published version: version, parent_version,
                                               sha256 (weights), file_sha256, bytes, gate, url
     GET  /v1/params/<version>              -> the exported policy file (application/octet-stream)
-    POST /v1/heartbeat                     {"policy_version", "spool_episodes", ...} -> {"latest_version"}
+    POST /v1/heartbeat                     {"policy_version", "spool_episodes", ...} -> {"latest_version",
+                                              "server_time", "robot_id" (the token's robot)}
     POST /v1/episodes/<id>/label           {"operator_reward": float, "success": bool?} -> 200
     GET  /v1/robots                        -> last heartbeat of every robot
     GET  /  or /v1/policy  (websocket)     openpi protocol: metadata on connect, then msgpack `infer`
@@ -229,7 +230,11 @@ class Service:
     async def manifest(self, _request: web.Request) -> web.Response:
         latest = await self._run(self.registry.latest)
         if latest is None:
-            raise Rejected(404, "no params published yet; the learner publishes its first version on start")
+            raise Rejected(
+                404,
+                "no params published yet: the learner publishes its first version when it starts; "
+                "without a learner, publish a file with `jaxvla publish FILE`",
+            )
         return web.json_response({**latest, "url": f"/v1/params/{latest['version']}"})
 
     async def params(self, request: web.Request) -> web.Response:
@@ -248,7 +253,8 @@ class Service:
         status = {k: v for k, v in message.items() if isinstance(v, int | float | str | bool | None)}
         self.robots[request[ROBOT_ID]] = {**status, "last_seen": time.time()}
         latest = self.registry.latest()
-        return web.json_response({"latest_version": latest and latest["version"], "server_time": time.time()})
+        return web.json_response({"latest_version": latest and latest["version"], "server_time": time.time(),
+                                  "robot_id": request[ROBOT_ID]})  # fmt: skip
 
     async def label(self, request: web.Request) -> web.Response:
         message = _fields(await self._body(request), {"operator_reward": (float, int)})

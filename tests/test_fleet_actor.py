@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from jaxvla import episodes as E
+from jaxvla import tokenizer
 from jaxvla.actor import client as fleet
 from jaxvla.actor import robots
 from jaxvla.actor import runner
@@ -114,14 +115,14 @@ class FakePolicy:
         return {"actions": np.full((2, 4), 0.5, np.float32)}
 
 
-def with_prompt(obs):
-    return {**obs, "prompt": np.zeros(12, np.int32)}
+def gym_robot(env, **kwargs) -> robots.GymRobot:
+    return robots.GymRobot(env, robot_id="robot-0", task="pick_place", prompt="pick", **kwargs)
 
 
 def test_gym_adapter_scales_actions_flags_teleop_and_records_a_valid_episode():
     env = FakeGymEnv()
     teleop = lambda obs, action: np.array([-1, 0, 0, 1], np.float32) if obs["proprio"][0] > 9 else None  # noqa: E731
-    robot = robots.GymRobot(env, task="pick_place", prompt="pick", observation_fn=with_prompt, teleop=teleop)
+    robot = gym_robot(env, success="is_success", teleop=teleop)
     episode = runner.run_episode(robot, FakePolicy(), clock=runner.RateClock(0), seed=0)
     np.testing.assert_allclose(env.commands[0], [1.0, 1.0, 1.0, 1.0])  # 0.5 of the half-range 2 around 0
     assert E.check_episode(episode) == 3
@@ -130,7 +131,7 @@ def test_gym_adapter_scales_actions_flags_teleop_and_records_a_valid_episode():
     assert episode["steps"]["is_terminal"].tolist() == [False, False, True]
 
     always = lambda obs, action: np.zeros(4, np.float32)  # noqa: E731
-    robot = robots.GymRobot(env, task="pick_place", prompt="pick", observation_fn=with_prompt, teleop=always)
+    robot = gym_robot(env, success="is_success", teleop=always)
     episode = runner.run_episode(robot, FakePolicy(), clock=runner.RateClock(0), seed=1)
     assert episode["steps"]["is_intervention"].all() and episode["episode_metadata"]["source"] == "patch"
     np.testing.assert_array_equal(episode["steps"]["policy_action"][0], [0.5] * 4)
@@ -142,8 +143,127 @@ def test_gym_adapter_refuses_spaces_it_cannot_drive():
 
     env = FakeGymEnv()
     env.action_space = Discrete()
-    with pytest.raises(TypeError, match="action_space must be a Box"):
-        robots.GymRobot(env, task="t", prompt="p")
+    with pytest.raises(TypeError, match="not a Box; pass action_fn"):
+        gym_robot(env, success="is_success")
+    env = FakeGymEnv()
+    env.observation_space = Box(-1, 1, (26,))
+    with pytest.raises(TypeError, match="pass observation_fn"):
+        gym_robot(env, success="is_success")
+
+
+class ArmEnv(FakeGymEnv):
+    """A 7-joint arm: Box(7) actions, and a Box(26) observation that is not the schema's."""
+
+    observation_space = Box(-1, 1, (26,))
+    action_space = Box(-1.0, 1.0, (7,))
+
+    def _obs(self):
+        return self.rng.standard_normal(26)
+
+
+def split_fields(obs) -> dict:
+    """ArmEnv's 26 values as the schema's four float fields."""
+    parts = np.split(np.asarray(obs, np.float32), [7, 10, 16])
+    return dict(zip(("proprio", "telemetry", "item", "scene"), parts, strict=True))
+
+
+def test_action_size_is_checked_at_construction_and_action_fn_maps_it():
+    env = ArmEnv()
+    with pytest.raises(ValueError, match=r"action_space has shape \(7,\) but the policy's actions have 4"):
+        gym_robot(env, observation_fn=split_fields, success="is_success")
+    with pytest.raises(ValueError, match=r"into shape \(5,\), but the env's action_space has shape \(7,\)"):
+        gym_robot(env, observation_fn=split_fields, success="is_success", action_fn=lambda a: np.zeros(5))
+
+    to_arm = lambda a: np.concatenate([a[:3], np.zeros(3), a[3:]])  # noqa: E731  (xyz, no rotation, gripper)
+    robot = gym_robot(env, observation_fn=split_fields, success="is_success", action_fn=to_arm)
+    episode = runner.run_episode(robot, FakePolicy(), clock=runner.RateClock(0), seed=0)
+    np.testing.assert_allclose(env.commands[0], [0.5, 0.5, 0.5, 0, 0, 0, 0.5])
+    assert E.check_episode(episode) == 3
+
+
+def test_the_prompt_is_tokenised_by_the_robot_and_a_bad_observation_stops_it_before_the_first_step():
+    env = ArmEnv()
+    to_arm = lambda a: np.zeros(7)  # noqa: E731
+    texted = lambda obs: {**split_fields(obs), "prompt": "pick the part from the tote"}  # noqa: E731
+    robot = gym_robot(env, observation_fn=texted, success="is_success", action_fn=to_arm)
+    episode = runner.run_episode(robot, FakePolicy(), clock=runner.RateClock(0), seed=0)
+    np.testing.assert_array_equal(episode["steps"]["observation"]["prompt"][0], tokenizer.encode("pick"))
+
+    cases = [
+        (
+            lambda obs: {"state": np.asarray(obs)},
+            r"missing fields \['item', 'proprio', 'scene', 'telemetry'\]",
+        ),
+        (lambda obs: {**split_fields(obs), "item": np.zeros(5)}, r"'item' has shape \[5\].*float32\[6\]"),
+        (lambda obs: {**split_fields(obs), "scene": np.array(["bin"] * 10)}, "'scene' is a <U3 array"),
+        (lambda obs: {**split_fields(obs), "telemetry": np.full(3, np.nan)}, "'telemetry' has non-finite"),
+    ]
+    for observation_fn, message in cases:
+        env = ArmEnv()
+        robot = gym_robot(env, observation_fn=observation_fn, success="is_success", action_fn=to_arm)
+        with pytest.raises(ValueError, match=message):
+            runner.run_episode(robot, FakePolicy(), clock=runner.RateClock(0), seed=0)
+        assert env.commands == [], "the robot must not move before its observation is known to be valid"
+
+
+def test_a_sensor_that_turns_nan_stops_the_robot_before_the_policy_acts_on_it():
+    readings = []
+
+    def glitching(obs) -> dict:  # NaN from the third reading on
+        readings.append(obs)
+        return {**split_fields(obs), "telemetry": np.full(3, np.nan if len(readings) > 2 else 0.0)}
+
+    env = ArmEnv()
+    robot = gym_robot(env, observation_fn=glitching, success="is_success", action_fn=lambda a: np.zeros(7))
+    with pytest.raises(ValueError, match="step 2: observation 'telemetry' has non-finite values"):
+        runner.run_episode(robot, FakePolicy(), clock=runner.RateClock(0), seed=0)
+    assert len(env.commands) == 2
+
+
+class NestedEnv(FakeGymEnv):
+    """gym-hil's image_obs layout: a Dict holding a Dict of state and a Dict of images."""
+
+    observation_space = Dict(
+        {"agent": Dict({"pos": Box(-1, 1, (7,))}), "pixels": Dict({"front": Box(0, 1, (4, 4, 3))})}
+    )
+
+    def _obs(self):
+        return {"agent": {"pos": self.rng.standard_normal(7)}, "pixels": {"front": np.zeros((4, 4, 3))}}
+
+
+def test_nested_dict_observations_run_through_observation_fn():
+    def from_nested(obs) -> dict:
+        zeros = {k: np.zeros(s.shape, np.float32) for k, s in E.OBSERVATION_SPEC.items() if k != "prompt"}
+        return {**zeros, "proprio": obs["agent"]["pos"]}
+
+    with pytest.raises(TypeError, match="pass observation_fn"):
+        gym_robot(NestedEnv(), success="is_success")
+    robot = gym_robot(NestedEnv(), observation_fn=from_nested, success="is_success")
+    episode = runner.run_episode(robot, FakePolicy(), clock=runner.RateClock(0), seed=0)
+    assert E.check_episode(episode) == 3
+
+
+class OutOfBoundsEnv(FakeGymEnv):
+    """A dense reward, and a termination that is a failure: the cube left the workspace."""
+
+    def step(self, action):
+        obs, _, _, _, _ = super().step(action)
+        return obs, 0.3, True, False, {"succeed": False}
+
+
+def success_of(robot) -> bool:
+    return runner.run_episode(robot, FakePolicy(), clock=runner.RateClock(0))["episode_metadata"]["success"]
+
+
+def test_success_is_read_from_the_named_key_and_a_guess_warns():
+    assert not success_of(gym_robot(OutOfBoundsEnv(), success="succeed"))
+    assert not success_of(gym_robot(OutOfBoundsEnv(), success=lambda info: info["succeed"]))
+    with pytest.warns(UserWarning, match="success is guessed"):
+        robot = gym_robot(OutOfBoundsEnv())
+    # the guess (terminated with a positive reward) counts this failure as a success: why it warns
+    assert success_of(robot)
+    with pytest.raises(KeyError, match=r"success key 'is_success' is not in the env's last info.*'succeed'"):
+        success_of(gym_robot(OutOfBoundsEnv(), success="is_success"))
 
 
 def test_the_real_arm_template_says_what_to_implement():

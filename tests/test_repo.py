@@ -82,7 +82,40 @@ def test_cli_passes_remaining_args_and_returns_the_exit_code(tmp_path, monkeypat
 def test_cli_missing_third_party_module_asks_for_the_learner_extra(monkeypatch, capsys):
     monkeypatch.setitem(cli.SUBCOMMANDS, "sim", ("no_such_third_party_package", "fake"))
     assert cli.main(["sim"]) == 2
-    assert "jaxvla[learner]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pip install -e '.[learner]'" in err and "whl[learner]" in err and err.count("\n") == 1
+
+
+def test_cli_hints_at_a_module_that_a_command_imports_only_when_it_runs(tmp_path, monkeypatch, capsys):
+    # `jaxvla actor` imports mujoco only for `--robot twin`, inside main(), after the module loaded.
+    (tmp_path / "late_import_command.py").write_text(
+        "def main(argv):\n    import no_such_third_party_package\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "sim", ("late_import_command", "fake"))
+    assert cli.main(["sim"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 'no_such_third_party_package' from the learner extras" in err and err.count("\n") == 1
+
+
+MUJOCO_MISSING = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] == "mujoco":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+from jaxvla import cli
+sys.exit(cli.main(["actor", "--robot-id", "robot-0"]))
+"""
+
+
+def test_jaxvla_actor_without_mujoco_says_what_to_install_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-c", MUJOCO_MISSING], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("jaxvla actor needs 'mujoco' from the learner extras: pip install -e")
 
 
 def test_cli_missing_first_party_module_is_raised(monkeypatch):

@@ -17,6 +17,7 @@ cached on disk, so a restarted robot starts with it even if the service is down.
 import hashlib
 import http.client
 import json
+import logging
 import os
 import pathlib
 import random
@@ -30,6 +31,7 @@ from jaxvla.actor import policy as actor_policy
 from jaxvla.actor import wire
 
 MSGPACK = "application/msgpack"
+LOG = logging.getLogger("jaxvla.actor")
 
 
 class ServiceUnavailable(Exception):
@@ -74,19 +76,17 @@ class FleetClient:
         """Pushes an episodes body (`wire.episodes_body`); the service's {"stored", "duplicates"}."""
         return json.loads(self.request("POST", "/v1/episodes", body)[0])
 
-    def manifest(self) -> dict | None:
-        """The latest published params' manifest, or None while nothing is published."""
-        try:
-            return json.loads(self.request("GET", "/v1/params/manifest")[0])
-        except Refused as err:
-            if err.status == 404:
-                return None
-            raise
+    def manifest(self) -> dict:
+        """The latest published params' manifest. While nothing is published: Refused with status 404,
+        whose message is the service's reason (no learner yet, or `jaxvla publish` not run)."""
+        return json.loads(self.request("GET", "/v1/params/manifest")[0])
 
     def params(self, version: int) -> bytes:
         return self.request("GET", f"/v1/params/{int(version)}")[0]
 
     def heartbeat(self, status: dict) -> dict:
+        """Reports `status`; the service answers {"latest_version", "server_time", "robot_id"}: the robot
+        its token belongs to (absent from services older than that field)."""
         return json.loads(self.request("POST", "/v1/heartbeat", wire.packb(status))[0])
 
 
@@ -154,6 +154,7 @@ class Uploader(threading.Thread):
         self.stop_event = threading.Event()
         self.stats = {"pushed": 0, "duplicates": 0, "rejected": 0, "failures": 0}
         self.last_error: str | None = None
+        self.last_rejection: str | None = None
 
     def stop(self, drain_timeout: float = 0.0) -> None:
         """Stops after the spool is empty or `drain_timeout` seconds, whichever comes first."""
@@ -185,7 +186,9 @@ class Uploader(threading.Thread):
         except Refused as err:
             self.spool.reject(path, str(err))
             self.stats["rejected"] += 1
-            self.last_error = str(err)
+            self.last_error = self.last_rejection = str(err)
+            # An error-level line: with no logging configured, Python still prints it on stderr.
+            LOG.error("the service refused %s (%s); kept in %s", path.name, err, self.spool.rejected)
             return True
         self.stats["pushed"] += len(answer["stored"])
         self.stats["duplicates"] += len(answer["duplicates"])
@@ -228,17 +231,23 @@ class ParamsPuller(threading.Thread):
             self.stop_event.wait(self.poll_s if ok else self.backoff.next_delay())
 
     def pull_once(self) -> bool:
-        """One manifest check and, if newer params exist, one verified swap. False on any failure."""
+        """One manifest check and, if newer params exist, one verified swap. False on any failure; nothing
+        published yet is not one (True, with the service's reason in `last_error`)."""
         try:
             manifest = self.client.manifest()
-            if manifest is None or (self.version is not None and manifest["version"] <= self.version):
+            if self.version is not None and manifest["version"] <= self.version:
                 self.backoff.reset()
                 return True
             tic = time.perf_counter()
             data = self.client.params(manifest["version"])
             self.stats["pull_s"] += time.perf_counter() - tic
             self.stats["pull_bytes"] += len(data)
-        except (ServiceUnavailable, Refused, KeyError, ValueError) as err:
+        except Refused as err:
+            if err.status != 404:
+                self.stats["failures"] += 1
+            self.last_error = str(err)  # 404: nothing published yet, and the service says why
+            return err.status == 404
+        except (ServiceUnavailable, KeyError, ValueError) as err:
             self.stats["failures"] += 1
             self.last_error = str(err)
             return False

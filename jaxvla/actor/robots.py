@@ -5,20 +5,23 @@ the policy, `intervention(obs, policy_action)` for the teleop device (None: no t
 `act(action)` to send the command, which returns the step's `Feedback`. An episode starts with
 `reset(seed)` and ends when feedback says terminal or truncated; `outcome()` then gives the verdict.
 
-Observations are dicts of arrays in the workcell's schema (`jaxvla.episodes.OBSERVATION_SPEC`: proprio,
-telemetry, item, scene, prompt), since that is what the policy reads and the service stores. Actions are
-in [-1, 1] per dimension; an adapter scales them to its hardware. The C-MuJoCo twin's adapter is
+Observations are dicts of arrays in the workcell's schema (`jaxvla.schema.OBSERVATION_SPEC`: proprio,
+telemetry, item, scene, prompt; units and frames in docs/robot.md), since that is what the policy reads
+and the service stores; the runner checks every observation against it. Actions are
+[dx, dy, dz, suction] in [-1, 1]; an adapter scales them to its hardware. The C-MuJoCo twin's adapter is
 `envs.twin_robot.TwinRobot` (it needs mujoco, so it lives outside this numpy-only package).
-Standard library and numpy only.
+Standard library, numpy and the numpy-only `jaxvla.schema` and `jaxvla.tokenizer`.
 """
 
 import abc
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
-N_EVENTS = 7  # jaxvla.episodes.N_EVENTS, not imported: that module needs tensorflow-datasets
+from jaxvla import schema
+from jaxvla import tokenizer
 
 
 class Feedback(NamedTuple):
@@ -28,7 +31,7 @@ class Feedback(NamedTuple):
     terminal: bool  # ended in a terminal state (success, drop, wrong bin, collision)
     truncated: bool  # ended by a time limit
     failure_mode: int = 0  # index into envs.cell.FAILURE_MODES (0: none)
-    events: np.ndarray = np.zeros(N_EVENTS, bool)  # grasp, release, slip, drop, retry, collision, missed
+    events: np.ndarray = np.zeros(schema.N_EVENTS, bool)  # grasp, release, slip, drop, retry, collision, miss
 
 
 class RobotInterface(abc.ABC):
@@ -68,31 +71,96 @@ def _is_dict(space) -> bool:
     return isinstance(getattr(space, "spaces", None), dict) and all(_is_box(s) for s in space.spaces.values())
 
 
+def _identity_observation_error(space) -> str | None:
+    """Why an env's observations cannot be used as they are (no `observation_fn`), or None if they can:
+    only a Dict of Boxes with the schema's observation fields (the prompt is the robot's) can."""
+    fields = {k: s for k, s in schema.OBSERVATION_SPEC.items() if k != "prompt"}
+    if not _is_dict(space):
+        return f"the observation_space is {space}, not a Dict of Boxes"
+    got = {k: tuple(s.shape) for k, s in space.spaces.items()}
+    wanted = {k: s.shape for k, s in fields.items()}
+    if got != wanted:
+        return f"the observation_space's fields are {got}, not the schema's {wanted}"
+    return None
+
+
+def _scale_to_box(space) -> Callable[[np.ndarray], np.ndarray]:
+    """Maps actions in [-1, 1] linearly onto a Box's bounds."""
+    low, high = (np.asarray(b, np.float32) for b in (space.low, space.high))
+    centre, half = (high + low) / 2, (high - low) / 2
+    return lambda action: centre + half * np.clip(np.asarray(action, np.float32), -1.0, 1.0)
+
+
+def _default_action_fn(space) -> Callable[[np.ndarray], np.ndarray]:
+    if not _is_box(space):
+        raise TypeError(
+            f"action_space is {space}, not a Box; pass action_fn mapping the policy's action "
+            f"[{schema.ACTION_SIZE}] in [-1, 1] onto it"
+        )
+    if tuple(space.shape) != (schema.ACTION_SIZE,):
+        raise ValueError(
+            f"the env's action_space has shape {tuple(space.shape)} but the policy's actions have "
+            f"{schema.ACTION_SIZE} entries ([dx, dy, dz, suction] in [-1, 1]); pass action_fn mapping them "
+            f"onto the env's {tuple(space.shape)}"
+        )
+    return _scale_to_box(space)
+
+
+def _check_command(action_fn: Callable[[np.ndarray], object], space) -> None:
+    """Calls `action_fn` once on a zero action: its command must have the action space's shape."""
+    command = action_fn(np.zeros(schema.ACTION_SIZE, np.float32))
+    shape = getattr(space, "shape", None)
+    if shape is not None and np.shape(command) != tuple(shape):
+        raise ValueError(
+            f"action_fn turns the policy's action [{schema.ACTION_SIZE}] into shape {np.shape(command)}, "
+            f"but the env's action_space has shape {tuple(shape)}"
+        )
+
+
+def _guessed_success(info: dict, last: Feedback) -> bool:
+    return bool(info.get("is_success", last.terminal and last.reward > 0))
+
+
 class GymRobot(RobotInterface):
     """Any environment with the gymnasium API: `reset(seed=) -> (obs, info)`, `step(a) -> (obs, reward,
-    terminated, truncated, info)`, a Box or Dict-of-Box `observation_space` and a Box `action_space`.
+    terminated, truncated, info)`. Duck-typed: gymnasium itself is not a dependency.
 
-    Duck-typed (gymnasium itself is not a dependency). `observation_fn` maps the env's observation to the
-    policy's observation dict (default: a Dict observation as is, a Box one as {"state": obs}). Actions
-    in [-1, 1] are scaled to the Box's bounds. `teleop(obs, policy_action)` is the intervention source.
-    Success is `info["is_success"]` when the env reports it, else "terminated with positive reward".
+    - `robot_id`: this robot's key in the fleet's tokens file (`jaxvla serve` writes robot-0, robot-1, ..).
+    - `prompt`: the goal text; it is tokenised here and put into every observation as "prompt".
+    - `observation_fn(env_obs) -> dict`: the env's observation (any space, nested Dicts too) mapped onto
+      the schema's fields proprio, telemetry, item and scene, in the units of docs/robot.md. Without it
+      the env's observation must already be a Dict of Boxes with exactly those fields.
+    - `action_fn(action) -> env action`: the policy's action [4] in [-1, 1] ([dx, dy, dz, suction])
+      mapped onto the env's action. Without it, the env's action space must be a Box of shape (4,), and
+      actions are scaled linearly onto its bounds. Either way the size is checked here.
+    - `success`: the key of the env's final `info` that says the task was done (gym-hil: "succeed"), or
+      a function `success(info) -> bool`. Without it the verdict is guessed (info["is_success"], else
+      "terminated with a positive reward", which counts any rewarded termination) and a warning says so.
+    - `teleop(obs, policy_action)`: the intervention source; an action [4] in [-1, 1], or None.
     """
 
-    def __init__(self, env, *, task: str, prompt: str, robot_id: str = "gym-0", control_hz: float = 10.0,
+    def __init__(self, env, *, robot_id: str, task: str, prompt: str, control_hz: float = 10.0,
                  observation_fn: Callable[[object], dict] | None = None,
+                 action_fn: Callable[[np.ndarray], object] | None = None,
+                 success: str | Callable[[dict], bool] | None = None,
                  teleop: Callable[[dict, np.ndarray], np.ndarray | None] | None = None):  # fmt: skip
-        if not (_is_box(env.observation_space) or _is_dict(env.observation_space)):
-            raise TypeError(
-                f"observation_space must be a Box or a Dict of Boxes, got {env.observation_space}"
+        if observation_fn is None and (why := _identity_observation_error(env.observation_space)):
+            raise TypeError(f"{why}; pass observation_fn mapping the env's observation onto the schema "
+                            "(docs/robot.md)")  # fmt: skip
+        self.env, self.task, self.robot_id, self.control_hz = env, task, robot_id, control_hz
+        self.prompt, self._tokens = prompt, tokenizer.encode(prompt)
+        self._map = observation_fn or dict
+        self._command = action_fn or _default_action_fn(env.action_space)
+        _check_command(self._command, env.action_space)
+        if success is None:
+            warnings.warn(
+                "GymRobot: no `success` given, so success is guessed: info['is_success'] if the env sets "
+                "it, else 'terminated with reward > 0' (a rewarded failure counts too). Pass "
+                "success='<info key>' or success=lambda info: ...",
+                stacklevel=2,
             )
-        if not _is_box(env.action_space):
-            raise TypeError(f"action_space must be a Box, got {env.action_space}")
-        self.env, self.task, self.prompt, self.robot_id = env, task, prompt, robot_id
-        self.control_hz = control_hz
-        self._map = observation_fn or (lambda o: dict(o) if isinstance(o, dict) else {"state": o})
+        self._success = success
         self._teleop = teleop
-        low, high = (np.asarray(b, np.float32) for b in (env.action_space.low, env.action_space.high))
-        self._centre, self._half = (high + low) / 2, (high - low) / 2
         self._obs, self._info, self._steps, self._last = None, {}, 0, Feedback(0.0, False, False)
 
     def reset(self, seed: int | None = None) -> dict:
@@ -101,11 +169,10 @@ class GymRobot(RobotInterface):
         return self.observe()
 
     def observe(self) -> dict:
-        return self._map(self._obs)
+        return {**self._map(self._obs), "prompt": self._tokens}
 
     def act(self, action: np.ndarray) -> Feedback:
-        command = self._centre + self._half * np.clip(np.asarray(action, np.float32), -1.0, 1.0)
-        self._obs, reward, terminated, truncated, self._info = self.env.step(command)
+        self._obs, reward, terminated, truncated, self._info = self.env.step(self._command(action))
         self._steps += 1
         self._last = Feedback(float(reward), bool(terminated), bool(truncated))
         return self._last
@@ -113,9 +180,19 @@ class GymRobot(RobotInterface):
     def intervention(self, obs: dict, policy_action: np.ndarray) -> np.ndarray | None:
         return None if self._teleop is None else self._teleop(obs, policy_action)
 
+    def succeeded(self) -> bool:
+        """The finished episode's success, as `success` says (or guessed)."""
+        if self._success is None:
+            return _guessed_success(self._info, self._last)
+        if callable(self._success):
+            return bool(self._success(self._info))
+        if self._success not in self._info:
+            raise KeyError(f"success key {self._success!r} is not in the env's last info; its keys are "
+                           f"{sorted(self._info)}")  # fmt: skip
+        return bool(self._info[self._success])
+
     def outcome(self) -> dict:
-        success = self._info.get("is_success", self._last.terminal and self._last.reward > 0)
-        return {"success": bool(success), "retries": 0, "cycle_time": self._steps / self.control_hz,
+        return {"success": self.succeeded(), "retries": 0, "cycle_time": self._steps / self.control_hz,
                 "prompt": self.prompt}  # fmt: skip
 
 

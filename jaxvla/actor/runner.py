@@ -8,7 +8,11 @@ scheduled time) is kept in a bounded window for percentiles. hz = 0 runs unthrot
 Chunks: the policy returns an action chunk [H, A]; `ActionChunkBroker` executes `replan` of its actions,
 one per control period, before inferring again. A teleop action replaces the policy's for its step and is
 flagged `is_intervention`; the policy's proposal is kept as `policy_action`.
-Standard library and numpy only.
+
+Checks: every observation is checked against the schema (`jaxvla.schema`) before the policy sees it, so
+a wrong sensor mapping stops the robot before its first command, with the field named, and a sensor that
+turns NaN stops it before a NaN command. Observations are stored in the schema's dtypes.
+Standard library, numpy and the numpy-only `jaxvla.schema`.
 """
 
 import collections
@@ -17,6 +21,7 @@ import uuid
 
 import numpy as np
 
+from jaxvla import schema
 from jaxvla.actor.policy import ActionChunkBroker
 from jaxvla.actor.policy import Policy
 from jaxvla.actor.robots import RobotInterface
@@ -56,30 +61,34 @@ class RateClock:
         return {f"p{q}_ms": float(np.percentile(values, q)) if values.size else 0.0 for q in qs}
 
 
-def _step_array(value) -> np.ndarray:
-    """Observations in the schema's dtypes: float32 floats, int32 ints, bools as they are."""
-    array = np.asarray(value)
-    kind = array.dtype.kind
-    return array.astype(np.float32) if kind == "f" else array.astype(np.int32) if kind in "iu" else array
+def checked(obs: dict, step: int) -> dict:
+    """`obs` if the schema accepts it, else ValueError naming the step and the field. Checked before the
+    policy sees it: a wrong sensor mapping stops the robot before its first command, not after a whole
+    episode the service then refuses, and a sensor that turns NaN never becomes a NaN command."""
+    try:
+        schema.check_observation(obs)
+    except ValueError as err:
+        raise ValueError(f"step {step}: {err}") from None
+    return obs
 
 
 def run_episode(robot: RobotInterface, policy: Policy, *, clock: RateClock, replan: int = 1,
                 seed: int | None = None, max_steps: int = 2_000) -> dict:  # fmt: skip
     """One episode: the RLDS episode dict (jaxvla.episodes' schema) ready to push."""
     broker = ActionChunkBroker(policy, replan=replan)
-    obs = robot.reset(seed)
+    obs = checked(robot.reset(seed), 0)
     clock.restart()
     steps = []
     for t in range(max_steps):
         clock.tick()
         if t:
-            obs = robot.observe()
+            obs = checked(robot.observe(), t)
         policy_action = np.asarray(broker.infer(obs)["actions"], np.float32)
         teleop = robot.intervention(obs, policy_action)
         action = policy_action if teleop is None else np.asarray(teleop, np.float32)
         feedback = robot.act(action)
         steps.append({
-            "observation": {k: _step_array(v) for k, v in obs.items()},
+            "observation": schema.as_schema_dtypes(obs),
             "action": action, "policy_action": policy_action, "reward": np.float32(feedback.reward),
             "discount": np.float32(0.0 if feedback.terminal else 1.0), "is_first": t == 0, "is_last": False,
             "is_terminal": bool(feedback.terminal), "is_intervention": teleop is not None,
