@@ -327,9 +327,14 @@ class RecapConfig:
     """Evaluation episodes per iteration (no operator)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One run per seed."""
+    demo_share: float = 0.5
+    """Share of each policy batch drawn from the demonstrations, the rest from the collected episodes, so
+    corrections are not drowned in `train` demonstrations (uniform over D when either part is empty)."""
+    guidance_sweep: tuple[float, ...] = (1.0, 1.5, 2.5)
+    """Classifier-free guidance weights beta the final policy is evaluated at on the test contexts."""
 
     def __post_init__(self) -> None:
-        for name in ("positive_fraction", "demo_positive_fraction", "indicator_dropout"):
+        for name in ("positive_fraction", "demo_positive_fraction", "indicator_dropout", "demo_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"RecapConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.autonomous_per_iteration + self.corrected_per_iteration < 1:
@@ -383,6 +388,22 @@ class RiptConfig:
     """Evaluation episodes per iteration."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One run per seed."""
+    rl_std: float = 0.15
+    """Initial std of RIPT's own likelihood: a state-independent std per action dimension (pre-tanh),
+    beside the network, which samples rollouts and scores the PPO ratio. BC leaves the network's own std at
+    its floor (e^-5), where PPO's clip lets an iteration move the mean by about 0.001."""
+    rl_std_floor: float = 0.05
+    """Lower bound of that std."""
+    std_learning_rate: float = 1e-3
+    """Adam learning rate of the log-std (the network's is `learning_rate`)."""
+    kl_coef: float = 0.05
+    """Weight of KL(pi || pi_start), the likelihood's KL to the run's starting policy (QueST's RIPT: 0.05)."""
+    starts: tuple[int, ...] = ()
+    """`jaxvla ript`: run from each of these starts, demonstration counts: 0 is the prior on `split`, N > 0
+    few-shot SFT on N demonstrations of `few_shot_split`, then RIPT there. Empty: one start, `sft_demos`
+    on `split`."""
+    few_shot_split: Split = "novel"
+    """Split of the few-shot starts in `starts`."""
 
     def __post_init__(self) -> None:
         per_call = self.groups_per_call * self.group_size
@@ -395,6 +416,9 @@ class RiptConfig:
             )
         if self.contexts < self.groups_per_call:
             raise ValueError("RiptConfig.contexts must be at least groups_per_call")
+        if not 0.0 < self.rl_std_floor <= self.rl_std <= 1.0:
+            raise ValueError(f"RiptConfig: need 0 < rl_std_floor <= rl_std <= 1, got {self.rl_std_floor}, "
+                             f"{self.rl_std}")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

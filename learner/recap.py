@@ -12,8 +12,13 @@ One iteration, Algorithm 1 of the paper:
    indicator is positive where A_t exceeds a per-task threshold set by quantile (about 40% of the
    rollout steps positive, 30% of the demonstration steps), and on every operator correction;
 4. policy: behaviour cloning of every step of D given its indicator, replaced by "none" 30% of the time,
-   so one network learns both pi(a|o) and pi(a|I, o);
+   so one network learns both pi(a|o) and pi(a|I, o). Value and policy batches draw demonstrations and
+   collected steps in fixed shares (50:50 by default), so the rollouts and their corrections are not
+   drowned in `train` demonstrations;
 5. evaluate with the indicator positive (optionally classifier-free guided by beta).
+Each iteration also reports how well the advantage separates steps of successful episodes from steps of
+failed ones (AUROC): on the steps its indicators were set from, and on the new episodes before the value
+has seen them (held out).
 Value and policy restart each iteration from their initial weights (the prior, with a zero indicator
 embedding, so iteration 1 collects with the prior's behaviour).
 """
@@ -32,6 +37,7 @@ from tqdm import tqdm
 from configs import Config
 from jaxvla import models
 from jaxvla import normalization
+from jaxvla.models import distributions
 from learner import bc
 from learner import dataset
 from learner import evaluate
@@ -126,6 +132,58 @@ def indicator_dropout(batch: dict, key: jax.Array, *, rate: float) -> dict:
     """The batch with each example's indicator replaced by NONE with probability `rate`."""
     dropped = jax.random.bernoulli(key, rate, batch["indicator"].shape)
     return {**batch, "indicator": jnp.where(dropped, models.INDICATOR_NONE, batch["indicator"])}
+
+
+def two_source_batch(data: dict, key: jax.Array, batch_size: int, *, demo_share: float) -> dict:
+    """`batch_size` examples, each from the demonstrations (rows [0, demo_size)) with probability
+    `demo_share`, else from the collected steps (rows [demo_size, size)), uniform within its source; uniform
+    over [0, size) while either source is empty. data: padded (`dataset.pad`) with `size` and `demo_size`."""
+    size, demo_size = data["size"], data["demo_size"]
+    key_source, key_demo, key_collected, key_any = jax.random.split(key, 4)
+    from_demos = jax.random.bernoulli(key_source, demo_share, (batch_size,))
+    demo_row = jax.random.randint(key_demo, (batch_size,), 0, jnp.maximum(demo_size, 1))
+    collected_row = jax.random.randint(
+        key_collected, (batch_size,), demo_size, jnp.maximum(size, demo_size + 1)
+    )
+    any_row = jax.random.randint(key_any, (batch_size,), 0, size)
+    both = (demo_size > 0) & (size > demo_size)
+    index = jnp.where(both, jnp.where(from_demos, demo_row, collected_row), any_row)
+    return jax.tree.map(lambda x: x[index], {k: v for k, v in data.items() if k not in ("size", "demo_size")})
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float | None:
+    """The probability that a random positive scores above a random negative (ties count half): the area
+    under the ROC curve, by the Mann-Whitney rank sum. score, label [N]; None without both classes."""
+    label = np.asarray(label, bool)
+    positives, negatives = int(label.sum()), int((~label).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    values, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    first_rank = np.cumsum(counts) - counts + 1  # ranks are 1-based; tied scores share their mean rank
+    ranks = (first_rank + (counts - 1) / 2.0)[inverse]
+    rank_sum = float(ranks[label].sum())
+    return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
+
+
+def guided_actor(graphdef, stats: dict) -> evaluate.Actor:
+    """The evaluation actor on {"policy": params, "beta": []}: the mean chunk with the indicator positive,
+    classifier-free guided by beta against the indicator-free policy (`distributions.guided_mean`). beta is
+    an input, not a constant, so one compiled evaluation serves the whole sweep."""
+
+    def act(params, obs, key):
+        obs = normalization.normalize(obs, stats)
+        flag = jnp.full(obs["prompt"].shape[:1], models.INDICATOR_POSITIVE, jnp.int32)
+        conditioned, _ = models.apply(graphdef, params["policy"], obs, flag)
+        unconditioned, _ = models.apply(graphdef, params["policy"], obs, None)
+        mean = distributions.guided_mean(conditioned, unconditioned, params["beta"])
+        return distributions.mode(mean)[:, 0]
+
+    return act
+
+
+def with_beta(params, beta: float) -> dict:
+    """`guided_actor`'s input."""
+    return {"policy": params, "beta": jnp.float32(beta)}
 
 
 def conditioned_policy(prior: Prior, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
@@ -226,17 +284,24 @@ def unflatten(flat: np.ndarray, blocks: list[Block]) -> list[np.ndarray]:
 # --------------------------------------------------------------------------------------- training
 def make_fit(loss_fn, steps: int, rc, *, mesh, prepare=None):
     """`fit(init_params, data, seed) -> (params, metrics)`: `steps` AdamW steps (pretraining's schedule
-    shape) from a copy of `init_params`, jitted once for every iteration and seed."""
+    shape) from a copy of `init_params` on batches drawn by `two_source_batch`, jitted once for every
+    iteration and seed. data: padded, with `size` and `demo_size`."""
     block = min(steps, 250)
     steps -= steps % block
     optimizer = bc.make_optimizer(rc.learning_rate, steps, steps // 10, 1e-4)
-    train = bc.make_loss_steps(loss_fn, optimizer, num_steps=block, batch_size=rc.batch_size, mesh=mesh,
-                               prepare=prepare)  # fmt: skip
+    sharding.check_batch_size(rc.batch_size, mesh)
+    replicated = sharding.replicated(mesh)
+    train = jax.jit(functools.partial(
+        bc.train_steps, num_steps=block, batch_size=rc.batch_size,
+        batch_sharding=sharding.batch_sharded(mesh),
+        update_fn=functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer),
+        sample_fn=functools.partial(two_source_batch, demo_share=rc.demo_share), prepare=prepare,
+    ), donate_argnums=0, in_shardings=(replicated,) * 3, out_shardings=replicated)  # fmt: skip
 
     def fit(init_params, data: dict, seed: int):
         params = jax.tree.map(jnp.copy, init_params)  # the train step donates its state
-        state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
-        data = jax.device_put(data, sharding.replicated(mesh))
+        state = jax.device_put(bc.init_state(params, optimizer), replicated)
+        data = jax.device_put(data, replicated)
         metrics = {}
         for _ in range(steps // block):
             state, metrics = train(state, data, jax.random.key(seed))
@@ -267,13 +332,30 @@ def predict_values(value_graphdef, params, obs: dict, stats: dict, support: jax.
 
 
 # -------------------------------------------------------------------------------------------- loop
+def step_success(blocks: list[Block]) -> np.ndarray:
+    """[N] in `flat_examples` order: whether each step's episode succeeded."""
+    return flat_steps([np.broadcast_to(b.success[:, None], b.valid.shape) for b in blocks], blocks)
+
+
+def heldout_advantages(predict, value_params, blocks: list[Block], targets: Targets) -> list[np.ndarray]:
+    """Per block [E, T]: advantages from a value that has not been fitted on these blocks' episodes."""
+    out = []
+    for b in blocks:
+        rows, steps = b.valid.shape
+        flat_obs = {k: v.reshape(rows * steps, *v.shape[2:]) for k, v in b.obs.items()}
+        values = np.asarray(predict(value_params, flat_obs)).reshape(rows, steps)
+        out.append(block_advantages(b, values, targets))
+    return out
+
+
 def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, autonomous: patch.Collector,
               corrected: patch.Collector, evaluator: evaluate.Evaluator, run_dir: pathlib.Path, mesh=None,
               progress: bool = True) -> tuple[list[dict], nnx.State]:  # fmt: skip
     """Recap iterations from the prior: one record per iteration (0: the prior) and the final policy.
 
-    The collectors and the evaluator run the conditioned policy with the indicator positive; the caller
-    builds them once (compiles are slow) and shares them across seeds.
+    The collectors run the conditioned policy with the indicator positive; the evaluator runs
+    `guided_actor` (its params: `with_beta(params, recap.guidance)`). The caller builds them once (compiles
+    are slow) and shares them across seeds.
     """
     rc, mc = config.recap, prior.config.model
     mesh = mesh or sharding.make_mesh()
@@ -290,9 +372,10 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
         demo_block = replay.from_episodes(offline, rows=len(offline), obs_keys=obs_keys)
         success = [ep["episode_metadata"]["success"] for ep in offline]
         blocks.append(Block.from_insert_block(demo_block, success, DEMOS, obs_keys))
+    demo_size = sum(int(b.valid.sum()) for b in blocks)  # demonstrations come first in every dataset
     # One dataset shape for the whole run: everything the iterations can collect, at most.
     per_iteration = autonomous.num_envs * autonomous.length + corrected.num_envs * corrected.length
-    capacity = sum(int(b.valid.sum()) for b in blocks) + rc.iterations * per_iteration
+    capacity = demo_size + rc.iterations * per_iteration
     # Placed as the fits' outputs are, so the collectors and the evaluator see one input sharding and
     # compile once (an unplaced start recompiled all three in the second iteration).
     policy_init, value_init = jax.device_put((policy_init, value_init), sharding.replicated(mesh))
@@ -306,27 +389,33 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
         "wall_s": 0.0,
     }
     progress_log = IterationLog("recap", evaluator, run_dir / "metrics.jsonl")
-    progress_log(params, 0, totals)
+    progress_log(with_beta(params, rc.guidance), 0, totals)
     bar = tqdm(range(1, rc.iterations + 1), desc=f"Recap {rc.task}/{rc.split} seed {seed}", unit="iter",
                disable=not progress)  # fmt: skip
     for iteration in bar:
         tic = time.perf_counter()
-        collected = {}
+        collected, new_blocks = {}, []
         for name, collector in (("autonomous", autonomous), ("corrected", corrected)):
             if collector.num_envs == 0:
                 continue
             key = jax.random.fold_in(jax.random.fold_in(key_collect, iteration), len(collected))
-            block, success = collector(params, key, iteration)
+            out = collector(params, key, iteration)
+            block, success = out["block"], out["success"]
             for k, v in patch.effort(block).items():
                 totals[k] += v
             totals["collected_episodes"] += collector.num_envs
             collected[name] = float(np.mean(np.asarray(success)))
-            blocks.append(Block.from_insert_block(block, success, ROLLOUTS, obs_keys))
+            new_blocks.append(Block.from_insert_block(block, success, ROLLOUTS, obs_keys))
+        heldout = None
+        if iteration > 1:  # the value fitted last iteration has not seen these episodes
+            advantage_new = heldout_advantages(predict, value_params, new_blocks, targets)
+            heldout = auroc(flat_steps(advantage_new, new_blocks), step_success(new_blocks))
+        blocks += new_blocks
 
         examples = flat_examples(blocks, mc.chunk)
         examples["value_target"] = flat_steps([block_value_targets(b, targets) for b in blocks], blocks)
         examples["indicator"] = np.zeros(len(examples["chunk"]), np.int32)
-        data = dataset.pad(examples, capacity)
+        data = {**dataset.pad(examples, capacity), "demo_size": np.int32(demo_size)}
         value_params, value_metrics = fit_value(value_init if rc.from_prior else value_params, data, seed)
         values = unflatten(np.asarray(predict(value_params, data["obs"]))[: data["size"]], blocks)
         advantage = flat_steps([block_advantages(b, v, targets) for b, v in zip(blocks, values, strict=True)],
@@ -344,13 +433,23 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
         extra = {
             **{f"{k}_success": v for k, v in collected.items()},
             "dataset_steps": int(len(advantage)),
+            "demo_steps": demo_size,
             "positive_share": float(np.mean(indicator == models.INDICATOR_POSITIVE)),
             "rollout_positive_share": float(np.mean(indicator[rollout_steps] == models.INDICATOR_POSITIVE)),
             "forced_positive_steps": int(forced.sum()),
             "thresholds": {str(k): v for k, v in threshold.items()},
+            "advantage_auroc": auroc(advantage[rollout_steps], step_success(blocks)[rollout_steps]),
+            "advantage_auroc_heldout": heldout,
             **value_metrics,
             **policy_metrics,
         }
-        record = progress_log(params, iteration, totals, extra)
-        bar.set_postfix(success=f"{record['success_rate']:.0%}", positive=f"{extra['positive_share']:.0%}")
+        record = progress_log(with_beta(params, rc.guidance), iteration, totals, extra)
+        bar.set_postfix(success=f"{record['success_rate']:.0%}", positive=f"{extra['positive_share']:.0%}",
+                        auroc=f"{extra['advantage_auroc'] or 0:.2f}")  # fmt: skip
     return progress_log.records, params
+
+
+def guidance_sweep(evaluator: evaluate.Evaluator, params, betas: tuple[float, ...]) -> dict[str, dict]:
+    """The final policy on the evaluator's test contexts at each guidance weight beta: {str(beta): report}."""
+    contexts = evaluate.TEST.with_episodes(evaluator.episodes)
+    return {str(beta): evaluator.on(with_beta(params, beta), contexts) for beta in betas}

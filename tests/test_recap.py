@@ -1,4 +1,5 @@
-"""Recap: rewards, value targets, N-step advantages, thresholds and indicators, by hand."""
+"""Recap: rewards, value targets, N-step advantages, thresholds, indicators, the 50:50 sampler, AUROC and
+guidance, by hand."""
 
 import dataclasses
 import functools
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fewest_successes
 from flax import nnx
 
 import configs
@@ -15,6 +17,7 @@ from jaxvla import normalization
 from jaxvla.models import distributions
 from learner import bc
 from learner import dataset
+from learner import evaluate
 from learner import recap
 from learner.pretrain import Prior
 
@@ -166,3 +169,59 @@ def test_a_padded_dataset_is_drawn_from_its_filled_rows_only():
     assert "size" not in batch and set(np.unique(batch["obs"]["proprio"])) == {0.0, 1.0, 2.0}
     with pytest.raises(ValueError, match="capacity"):
         dataset.pad(examples, capacity=2)
+
+
+def test_the_two_source_sampler_draws_demonstrations_and_collected_steps_half_and_half():
+    # 1,000 demonstration rows, 50 collected rows, padding up to 1,100: a uniform draw would take the
+    # collected rows 50 / 1,050 of the time.
+    demo_size, size, capacity, draws = 1_000, 1_050, 1_100, 20_000
+    data = {"row": jnp.arange(capacity), "size": jnp.int32(size), "demo_size": jnp.int32(demo_size)}
+    batch = recap.two_source_batch(data, jax.random.key(0), draws, demo_share=0.5)
+    assert set(batch) == {"row"}
+    rows = np.asarray(batch["row"])
+    assert rows.min() >= 0 and rows.max() < size  # never the padding
+    collected = int(np.sum(rows >= demo_size))
+    # Each draw is collected with probability 1/2: a correct sampler lands below `low` with probability at
+    # most 5e-4, and above `draws - low` (the mirror image) with at most 5e-4.
+    low = fewest_successes(draws, 0.5, 5e-4)
+    assert low <= collected <= draws - low, collected
+    # Within a source the draw is uniform: the first half of the demonstrations takes half of its draws.
+    demo_rows = rows[rows < demo_size]
+    low = fewest_successes(len(demo_rows), 0.5, 5e-4)
+    assert low <= int(np.sum(demo_rows < demo_size // 2)) <= len(demo_rows) - low
+
+
+def test_the_two_source_sampler_is_uniform_while_a_source_is_empty():
+    data = {"row": jnp.arange(8), "size": jnp.int32(5), "demo_size": jnp.int32(5)}
+    rows = np.asarray(recap.two_source_batch(data, jax.random.key(1), 4_000, demo_share=0.5)["row"])
+    assert set(np.unique(rows)) == {0, 1, 2, 3, 4}
+    data = {**data, "demo_size": jnp.int32(0)}
+    rows = np.asarray(recap.two_source_batch(data, jax.random.key(1), 4_000, demo_share=0.5)["row"])
+    assert set(np.unique(rows)) == {0, 1, 2, 3, 4}
+
+
+def test_auroc_by_hand():
+    # Positives score 0.35 and 0.8, negatives 0.1 and 0.4: of the 4 pairs, 3 rank the positive higher.
+    assert recap.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    # A tie counts half: pairs (1 vs 1) 0.5 and (1 vs 0) 1 -> 0.75; perfect separation 1; one class: None.
+    assert recap.auroc(np.array([1.0, 1.0, 0.0]), np.array([1, 0, 0])) == pytest.approx(0.75)
+    assert recap.auroc(np.array([0.0, 1.0]), np.array([0, 1])) == 1.0
+    assert recap.auroc(np.array([0.0, 1.0]), np.array([1, 1])) is None
+
+
+def test_the_guided_actor_takes_beta_as_an_input_and_is_the_conditioned_policy_at_one():
+    config = configs.get_config("debug")
+    model = dataclasses.replace(config.model, advantage_conditioned=True).create_policy(0)
+    model.indicator.embedding[...] = jax.random.normal(jax.random.key(3), model.indicator.embedding.shape)
+    graphdef, params = nnx.split(model, nnx.Param)
+    obs = config.model.fake_observation(jax.random.key(0), 5)
+    stats = normalization.compute(jax.device_get(obs))
+    act = jax.jit(recap.guided_actor(graphdef, stats))
+    key = jax.random.key(0)
+    conditioned = evaluate.chunk_actor(graphdef, stats, indicator=POS)(params, obs, key)
+    np.testing.assert_allclose(act(recap.with_beta(params, 1.0), obs, key), conditioned, atol=1e-6)
+    unconditioned = evaluate.chunk_actor(graphdef, stats)(params, obs, key)
+    np.testing.assert_allclose(act(recap.with_beta(params, 0.0), obs, key), unconditioned, atol=1e-6)
+    guided = act(recap.with_beta(params, 2.5), obs, key)
+    assert float(jnp.max(jnp.abs(guided - conditioned))) > 1e-4
+    assert act._cache_size() == 1  # one compile for every beta

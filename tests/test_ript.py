@@ -1,15 +1,16 @@
-"""RIPT: leave-one-out advantages, dynamic sampling, the clipped loss and one PPO step, by hand."""
+"""RIPT: leave-one-out advantages, dynamic sampling, the RL likelihood, the clipped loss with its KL term
+and PPO steps, by hand."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 import configs
+from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
 from learner import ript
@@ -72,50 +73,144 @@ def test_contexts_that_all_succeeded_are_skipped_for_skip_rounds_iterations():
     assert any(1 in pool.draw(4, iteration=3) for _ in range(10))
 
 
-def test_decisions_weight_only_kept_groups_before_the_episode_end():
+def test_decisions_weight_each_kept_rollout_the_same_and_rejected_ones_zero():
     rollouts = {
-        "obs": {"proprio": np.zeros((2, 3, 7), np.float32)},
-        "chunk": np.zeros((2, 3, 4, 4), np.float32),
-        "decided": np.array([[True, True, False], [True, False, False]]),
+        "obs": {"proprio": np.zeros((3, 3, 7), np.float32)},
+        "chunk": np.zeros((3, 3, 4, 4), np.float32),
+        "decided": np.array([[True, True, False], [True, False, False], [True, True, True]]),
     }
-    data = ript.decisions(rollouts, np.array([0.5, -0.5]), np.array([True, False]))
-    np.testing.assert_array_equal(data["weight"], [1, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(data["advantage"], [0.5, 0.5, 0.5, -0.5, -0.5, -0.5])
-    assert data["obs"]["proprio"].shape == (6, 7) and data["chunk"].shape == (6, 4, 4)
+    data = ript.decisions(rollouts, np.array([0.5, -0.5, 1.0]), np.array([True, True, False]))
+    # Rollout 0 took 2 decisions (1/2 each), rollout 1 one (1), rollout 2 was rejected.
+    np.testing.assert_allclose(data["weight"], [0.5, 0.5, 0, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(data["advantage"], [0.5] * 3 + [-0.5] * 3 + [1.0] * 3)
+    assert data["obs"]["proprio"].shape == (9, 7) and data["chunk"].shape == (9, 4, 4)
+
+
+def test_the_loss_is_the_mean_over_rollouts_of_each_rollouts_mean():
+    decided = np.array([[True, False, False, False], [True, True, True, True]])
+    weight = ript.rollout_weights(decided, np.array([True, True])).reshape(-1)
+    per_decision = jnp.array([4.0, 0, 0, 0, 1.0, 2.0, 3.0, 6.0])
+    # Rollout means 4 and (1 + 2 + 3 + 6) / 4 = 3: their mean is 3.5 (a mean over decisions: 16 / 5).
+    np.testing.assert_allclose(ript.weighted_mean(per_decision, weight), 3.5, rtol=1e-6)
+
+
+def test_gaussian_kl_by_hand():
+    # KL(N(1, 1) || N(0, 2^2)) = log 2 + (1 + 1) / 8 - 1/2 = 0.693147 - 0.25; KL(p || p) = 0.
+    got = ript.gaussian_kl(jnp.array([1.0, 0.3]), jnp.array([0.0, -1.0]), jnp.array([0.0, 0.3]),
+                           jnp.array([jnp.log(2.0), -1.0]))  # fmt: skip
+    np.testing.assert_allclose(got, [np.log(2.0) - 0.25, 0.0], atol=1e-6)
+
+
+def small_problem(n: int = 64, kept: int = 48):
+    """A debug-size network, RIPT params, raw observations with their stats, sampled chunks, advantages
+    and per-decision weights (the last n - kept decisions rejected)."""
+    model = configs.get_config("debug").model
+    graphdef, network = nnx.split(model.create_policy(0), nnx.Param)
+    params = ript.rl_params(network, model.action_size, 0.15)
+    key_obs, key_sample, key_advantage = jax.random.split(jax.random.key(1), 3)
+    obs = model.fake_observation(key_obs, n)
+    stats = normalization.compute(jax.device_get(obs))
+    likelihood = ript.Likelihood(floor=0.05, temperature=2.0)
+    mean, log_std = likelihood(graphdef, params, obs, stats)
+    chunk = distributions.sample_pre_tanh(key_sample, mean, log_std)
+    weight = (jnp.arange(n) < kept).astype(jnp.float32)
+    data = {"obs": obs, "chunk": chunk, "advantage": jax.random.normal(key_advantage, (n,)), "weight": weight}
+    return graphdef, params, stats, likelihood, data
+
+
+def test_the_rl_std_is_independent_of_the_bc_fit():
+    graphdef, params, stats, likelihood, data = small_problem()
+    model = configs.get_config("debug").model
+    half = model.chunk * model.action_size  # the head's outputs: [mean | BC log-std], each H * A wide
+
+    def bc_fit(bias: float):
+        """The network with its BC log-std outputs set to a constant (its mean outputs untouched)."""
+        policy = nnx.merge(graphdef, jax.tree.map(jnp.copy, params["policy"]))  # merge shares variables
+        policy.head.kernel[...] = policy.head.kernel[...].at[:, half:].set(0.0)
+        policy.head.bias[...] = policy.head.bias[...].at[half:].set(bias)
+        return nnx.split(policy, nnx.Param)[1]
+
+    wide, narrow = bc_fit(2.0), bc_fit(-2.0)
+    bc_std = lambda network: models.apply(graphdef, network, normalization.normalize(data["obs"], stats))[1]  # noqa: E731
+    assert float(jnp.min(bc_std(wide) - bc_std(narrow))) > 3.0  # e^1 against the e^-5 floor
+    params = {**params, "policy": wide}
+    refit = narrow
+    before = likelihood(graphdef, params, data["obs"], stats)
+    after = likelihood(graphdef, {**params, "policy": refit}, data["obs"], stats)
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    # The RL std is the params' own (x the temperature 2), one per action dimension, with its own floor.
+    np.testing.assert_allclose(jnp.exp(before[1]), 0.3, rtol=1e-6)
+    low = likelihood(graphdef, {**params, "log_std": jnp.full(4, -9.0)}, data["obs"], stats)[1]
+    np.testing.assert_allclose(jnp.exp(low), 2 * 0.05, rtol=1e-6)
+    # Nor does the PPO loss reach the BC std through its gradient.
+    batch = {**data, "old_log_prob": jnp.zeros(64)}
+    grads = jax.grad(lambda p: ript.ppo_loss(p, batch, params, graphdef=graphdef, stats=stats,
+                                             likelihood=likelihood, execute=2, clip=(0.2, 0.2),
+                                             kl_coef=0.1)[0])(params)  # fmt: skip
+    assert float(jnp.max(jnp.abs(grads["policy"]["head"]["kernel"][...][:, half:]))) == 0.0
+    assert float(jnp.max(jnp.abs(grads["log_std"]))) > 0.0
+
+
+def test_the_kl_term_is_added_to_the_surrogate_and_vanishes_at_the_reference():
+    graphdef, params, stats, likelihood, data = small_problem()
+    kwargs = {
+        "graphdef": graphdef,
+        "stats": stats,
+        "likelihood": likelihood,
+        "execute": 2,
+        "clip": (0.2, 0.2),
+    }
+    mean, log_std = likelihood(graphdef, params, data["obs"], stats)
+    old = ript.executed_log_prob(mean, log_std, data["chunk"], 2)
+    batch = {**data, "old_log_prob": old}
+    # A reference whose std is half: per executed dimension KL = log(1/2) + 4 / 2 - 1/2 = 1.5 - log 2, and
+    # H' x A = 2 x 4 dimensions per decision, whatever its weight.
+    reference = {**params, "log_std": params["log_std"] - jnp.log(2.0)}
+    surrogate, metrics = ript.ppo_loss(params, batch, params, kl_coef=0.5, **kwargs)
+    assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-6)
+    loss, metrics = ript.ppo_loss(params, batch, reference, kl_coef=0.5, **kwargs)
+    np.testing.assert_allclose(metrics["kl"], 8 * (1.5 - np.log(2.0)), rtol=1e-5)
+    np.testing.assert_allclose(loss, surrogate + 0.5 * 8 * (1.5 - np.log(2.0)), rtol=1e-5)
+
+
+def ppo_run(params, data, *, epochs: int, learning_rate: float = 1e-3):
+    graphdef, _, stats, likelihood, _ = small_problem()
+    optimizer = ript.make_optimizer(learning_rate, 1e-2)
+    step = jax.jit(functools.partial(ript.ppo_epochs, graphdef=graphdef, stats=stats, optimizer=optimizer,
+                                     likelihood=likelihood, execute=2, epochs=epochs, minibatches=1,
+                                     clip=(0.2, 0.2), kl_coef=0.0))  # fmt: skip
+    copy = jax.tree.map(jnp.copy, params)
+    return step(copy, optimizer.init(copy), data, jax.random.key(2), params)
+
+
+def test_the_ppo_ratio_is_exactly_one_at_the_first_epoch():
+    _, params, _, _, data = small_problem()
+    _, _, metrics = ppo_run(params, data, epochs=3)
+    assert metrics["ratio_deviation"].shape == (3, 1)
+    # The first epoch scores the chunks under the very params that define pi_old: the ratio is 1 to the
+    # bit, so the sampling policy and the one in the ratio are the same. Later epochs have moved.
+    assert float(metrics["ratio_deviation"][0, 0]) == 0.0 and float(metrics["clip_fraction"][0, 0]) == 0.0
+    assert float(metrics["ratio_deviation"][1, 0]) > 0.0 and float(metrics["ratio_deviation"][2, 0]) > 0.0
+    summary = ript.update_summary(metrics)
+    assert summary["max_ratio_deviation"] == float(jnp.max(metrics["ratio_deviation"]))
+    assert 0.0 <= summary["last_epoch_clip_fraction"] <= 1.0
 
 
 def test_a_ppo_step_raises_the_advantage_weighted_likelihood_and_ignores_rejected_decisions():
-    model = configs.get_config("debug").model
-    graphdef, params = nnx.split(model.create_policy(0), nnx.Param)
-    key_obs, key_sample, key_advantage = jax.random.split(jax.random.key(1), 3)
-    obs = model.fake_observation(key_obs, 64)
-    stats = normalization.compute(jax.device_get(obs))
-    mean, log_std = ript.scaled_policy(graphdef, params, obs, stats, 2.0)
-    chunk = distributions.sample_pre_tanh(key_sample, mean, log_std)
-    advantage = jax.random.normal(key_advantage, (64,))
-    kept = jnp.arange(64) < 48  # the last 16 decisions belong to rejected groups
+    graphdef, params, stats, likelihood, data = small_problem()
+    kept = data["weight"] > 0
 
     @jax.jit
     def log_probs(params):
-        mean, log_std = ript.scaled_policy(graphdef, params, obs, stats, 2.0)
-        return ript.executed_log_prob(mean, log_std, chunk, 2)
+        mean, log_std = likelihood(graphdef, params, data["obs"], stats)
+        return ript.executed_log_prob(mean, log_std, data["chunk"], 2)
 
-    optimizer = optax.sgd(1e-3)
-    step = jax.jit(functools.partial(ript.ppo_epochs, graphdef=graphdef, stats=stats, optimizer=optimizer,
-                                     temperature=2.0, execute=2, epochs=1, minibatches=1,
-                                     clip=(0.2, 0.2)))  # fmt: skip
-
-    def ppo_step(advantage):
-        data = {"obs": obs, "chunk": chunk, "advantage": advantage, "weight": kept.astype(jnp.float32)}
-        new, _, metrics = step(
-            jax.tree.map(jnp.copy, params), optimizer.init(params), data, jax.random.key(2)
-        )
-        return log_probs(new) - log_probs(params), metrics
+    def change(advantage):
+        new, _, _ = ppo_run(params, {**data, "advantage": advantage}, epochs=1, learning_rate=1e-4)
+        return log_probs(new) - log_probs(params)
 
     # At ratio 1 the step is gradient ascent on sum_i A_i log pi(c_i): to first order it raises that sum.
-    change, metrics = ppo_step(advantage)
-    assert float(jnp.sum(jnp.where(kept, advantage, 0.0) * change)) > 0
-    assert float(metrics["ratio"]) == pytest.approx(1.0) and float(metrics["clip_fraction"]) == 0.0
+    delta = change(data["advantage"])
+    assert float(jnp.sum(jnp.where(kept, data["advantage"], 0.0) * delta)) > 0
     # Rejected decisions carry no gradient, whatever their advantage.
-    changed, _ = ppo_step(jnp.where(kept, advantage, 100.0))
-    np.testing.assert_allclose(changed, change, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(change(jnp.where(kept, data["advantage"], 100.0)), delta, rtol=1e-4, atol=1e-5)

@@ -1,90 +1,129 @@
 """The report both learning-from-practice commands write (`jaxvla recap`, `jaxvla ript`).
 
 Per seed, a method's run is a list of records, one per iteration (iteration 0: the starting policy), each
-with the evaluation figures of `learner.evaluate.summarize` and the run's running totals (`env_steps`,
-`wall_s`). This module turns them into `report.json`, `report.md` (mean ± std over seeds, next to the
-prior and policy patching) and a plot of success against environment steps and wall-clock.
+with the evaluation figures of `learner.evaluate.summarize` on the fixed test contexts (`evaluate.TEST`)
+and the run's running totals (`env_steps`, `wall_s`). This module turns them into `report.json`,
+`report.md` and a plot of success against environment steps and wall-clock.
+
+Every figure is on the fixed test contexts, so the start and every iteration are paired. A run is reported
+by its final evaluation and the mean of its last 3 (never its best: the maximum of noisy evaluations is
+biased upwards), with a 95% Wilson interval per seed and a bootstrap interval of the mean over seeds; the
+final policy's success on `novel` is the stress column.
 """
 
+import dataclasses
 import json
 import pathlib
 
 import numpy as np
+import tyro
 
-# Policy patching on pick_place/novel from the same prior (`jaxvla patch default --patch.prior
-# runs/long/default`, 3 seeds; README "Patching against full SFT retraining"): the comparison row.
-PATCHING_REFERENCE = {
-    "task": "pick_place",
-    "split": "novel",
-    "best_success": "82.3% ± 0.7",
-    "final_success": "67.2% ± 9.6",
-    "env_steps_to_best": "5,350 ± 810",
-    "wall_s_to_best": "204 ± 12",
-    "sft_best_success": "87.5% ± 5.1",
-}
+import configs
+from learner import evaluate
+
 FIGURES = ("success_rate", "throughput_per_hour", "cycle_time_s", "retries_per_episode", "recovery_rate")
 
 
 def seed_summary(records: list[dict], extra_totals: tuple[str, ...] = ()) -> dict:
-    """One seed: the final and best evaluation, and what the run spent to get there."""
+    """One seed: its start, final and last-3 evaluations, per-component failures and what it spent."""
     final = records[-1]
-    best = max(records[1:] or records, key=lambda r: r["success_rate"])
+    head = evaluate.headline(records)
     return {
         "start_success": records[0]["success_rate"],
+        "start_ci": records[0]["success_ci"],
+        **{f"start_{k}": records[0][k] for k in FIGURES if k != "success_rate"},
         **{f"final_{k}": final[k] for k in FIGURES},
-        "best_success": best["success_rate"],
-        "best_iteration": best["iteration"],
+        "final_ci": head["final_ci"],
+        "last3_success": head["last3_mean"],
+        "gain": final["success_rate"] - records[0]["success_rate"],
+        "start_failures": component_failures(records[0]),
+        "final_failures": component_failures(final),
         "env_steps": final["env_steps"],
-        "env_steps_to_best": best["env_steps"],
         "wall_s": final["wall_s"],
         **{k: final[k] for k in extra_totals},
     }
 
 
+def component_failures(record: dict) -> dict[str, int]:
+    """Failed episodes per mixture component of one evaluation ({} for a one-component split)."""
+    return {name: c["failures"] for name, c in record.get("by_component", {}).items()}
+
+
 def figure(values: list, kind: str = "value") -> str:
-    """mean ± std over seeds of one measure; kind: "percent" (of a fraction), "count" or "value"."""
+    """mean [95% bootstrap interval over seeds] of one measure; kind: "percent" (of a fraction), "count",
+    "ratio" or "value"."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    mean, std = float(np.mean(values)), float(np.std(values))
+    mean = float(np.mean(values))
+    lo, hi = evaluate.bootstrap_interval(values)
     if kind == "percent":
-        return f"{100 * mean:.1f} ± {100 * std:.1f}"
-    if kind == "count":
-        return f"{mean:,.0f} ± {std:,.0f}"
-    return f"{mean:.3g} ± {std:.2g}"
+        text = f"{100 * mean:.1f}" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if len(values) > 1 else "")
+    elif kind == "count":
+        text = f"{mean:,.0f}" + (f" [{lo:,.0f}, {hi:,.0f}]" if len(values) > 1 else "")
+    else:
+        text = f"{mean:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if len(values) > 1 else "")
+    return text
 
 
-def markdown(
-    title: str, settings: str, summaries: dict, rows: list[tuple[str, str, str]], start: dict
-) -> str:
-    """The table: one line per measure, mean ± std over seeds; `rows` are (label, summary key, kind)."""
-    over = lambda key, kind: figure([s[key] for s in summaries.values()], kind)  # noqa: E731
-    ref = PATCHING_REFERENCE
+def wilson(ci) -> str:
+    return f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+
+def markdown(title: str, settings: str, summaries: dict, rows: list[tuple[str, str, str]],
+             columns: list[tuple[str, str, str]], results: dict) -> str:  # fmt: skip
+    """The headline table (mean [bootstrap 95%] over seeds), each seed's own line with Wilson intervals, and
+    the iterations (mean over seeds). `rows` (label, summary key, kind) add lines to the headline table,
+    `columns` (label, record key, kind) columns to the per-iteration one."""
+    over = lambda key, kind: figure([s.get(key) for s in summaries.values()], kind)  # noqa: E731
+    ratio = [s["final_throughput_per_hour"] / s["start_throughput_per_hour"] for s in summaries.values()
+             if s["start_throughput_per_hour"]]  # fmt: skip
     lines = [
         f"# {title}",
         "",
         settings,
         "",
-        "| measure (mean ± std over seeds) | this method | its start (iteration 0) | policy patching |",
-        "|---|---:|---:|---:|",
-        f"| success, final (%) | {over('final_success_rate', 'percent')} | {start['success']} | "
-        f"{ref['final_success']} |",
-        f"| success, best iteration (%) | {over('best_success', 'percent')} | - | {ref['best_success']} |",
-        f"| throughput, final (successes / simulated hour) | {over('final_throughput_per_hour', 'count')} | "
-        f"{start['throughput_per_hour']} | - |",
-        f"| cycle time of the successes, final (s) | {over('final_cycle_time_s', 'value')} | "
-        f"{start['cycle_time']} | - |",
-        f"| environment steps, whole run | {over('env_steps', 'count')} | - | {ref['env_steps_to_best']} "
-        "(to its best) |",
-        f"| wall-clock, whole run, evaluations excluded (s) | {over('wall_s', 'count')} | - | "
-        f"{ref['wall_s_to_best']} (to its best) |",
-        *(f"| {label} | {over(key, kind)} | - | - |" for label, key, kind in rows),
+        f"All figures on the fixed test contexts (`{evaluate.TEST.name}`, seed {evaluate.TEST.seed}); "
+        "mean over seeds with a 95% bootstrap interval over seeds.",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| success, start (%) | {over('start_success', 'percent')} |",
+        f"| success, final (%) | {over('final_success_rate', 'percent')} |",
+        f"| success, mean of the last 3 evaluations (%) | {over('last3_success', 'percent')} |",
+        f"| gain, final - start (points) | {over('gain', 'percent')} |",
+        f"| throughput, start (successes / simulated hour) | {over('start_throughput_per_hour', 'count')} |",
+        f"| throughput, final | {over('final_throughput_per_hour', 'count')} |",
+        f"| throughput, final / start | {figure(ratio, 'value')} |",
+        f"| success on `novel`, final policy (%) | {over('novel_success', 'percent')} |",
+        f"| environment steps, whole run | {over('env_steps', 'count')} |",
+        f"| wall-clock, whole run, evaluations excluded (s) | {over('wall_s', 'count')} |",
+        *(f"| {label} | {over(key, kind)} |" for label, key, kind in rows),
+        "",
+        "| seed | start (95% Wilson) | final (95% Wilson) | last 3 | novel | failures per component, "
+        "start -> final |",
+        "|---|---:|---:|---:|---:|---|",
     ]
+    for seed, s in summaries.items():
+        novel = f"{100 * s['novel_success']:.1f}" if s.get("novel_success") is not None else "-"
+        failures = ", ".join(f"{k} {s['start_failures'][k]} -> {v}" for k, v in s["final_failures"].items())
+        lines.append(
+            f"| {seed} | {100 * s['start_success']:.1f} {wilson(s['start_ci'])} | "
+            f"{100 * s['final_success_rate']:.1f} {wilson(s['final_ci'])} | {100 * s['last3_success']:.1f} | "
+            f"{novel} | {failures or '-'} |"
+        )
+    lines += ["", "| iteration | success (%) | " + " | ".join(c[0] for c in columns) + " |",
+              "|---:|---:|" + "---:|" * len(columns)]  # fmt: skip
+    for i in range(max(len(r) for r in results.values())):
+        at = [r[i] for r in results.values() if len(r) > i]
+        cells = [figure([r["success_rate"] for r in at], "percent")]
+        cells += [figure([r.get(key) for r in at], kind) for _, key, kind in columns]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[int, list[dict]], path: pathlib.Path, title: str) -> None:
-    """Success against environment steps and wall-clock, one line per seed."""
+    """Success on the test contexts against environment steps and wall-clock, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +138,7 @@ def plot(results: dict[int, list[dict]], path: pathlib.Path, title: str) -> None
         ax.set_xlabel(label)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlim(left=0)
-    axes[0].set_ylabel("success on the split (evaluation)")
+    axes[0].set_ylabel("success on the fixed test contexts")
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -108,26 +147,32 @@ def plot(results: dict[int, list[dict]], path: pathlib.Path, title: str) -> None
 
 
 def write(out: pathlib.Path, name: str, title: str, settings_section: dict, settings: str, rows: list,
-          results: dict, summaries: dict, plot_title: str) -> None:  # fmt: skip
-    """report.json (every record, the summaries, the config section), report.md and `<name>.png`."""
-    start = prior_row(results)
-    payload = {"config": settings_section, "title": title, "settings": settings, "rows": rows, "start": start,
-               "seeds": results, "summary": summaries, "patching_reference": PATCHING_REFERENCE}  # fmt: skip
+          columns: list, results: dict, summaries: dict, plot_title: str,
+          extra: dict | None = None) -> str:  # fmt: skip
+    """report.json (every record, the summaries, the config section, `extra`), report.md and `<name>.png`;
+    returns the markdown."""
+    payload = {"config": settings_section, "title": title, "settings": settings, "rows": rows,
+               "contexts": {"name": evaluate.TEST.name, "seed": evaluate.TEST.seed}, "seeds": results,
+               "summary": summaries, **(extra or {})}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(payload, indent=1, default=float))
-    report = markdown(title, settings, summaries, rows, start)
+    report = markdown(title, settings, summaries, rows, columns, results)
     (out / "report.md").write_text(report)
     plot(results, out / f"{name}.png", plot_title)
     print(report)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / f'{name}.png'}")
+    return report
 
 
-def prior_row(records_by_seed: dict[int, list[dict]]) -> dict:
-    """The starting policies' evaluation (iteration 0), mean ± std over seeds (they differ where the start
-    is trained per seed, as RIPT's SFT stage is)."""
-    starts = [records[0] for records in records_by_seed.values()]
-    return {
-        "success": figure([r["success_rate"] for r in starts], "percent"),
-        "throughput_per_hour": figure([r["throughput_per_hour"] for r in starts], "count"),
-        "cycle_time": figure([r["cycle_time_s"] for r in starts], "value"),
-    }
+def cli(argv: list[str], prog: str, section: str, defaults: dict):
+    """`configs.cli` with `defaults` replacing fields of `section` in every named config, so `--help` shows
+    them and the command line still overrides them."""
+
+    def replaced(config):
+        return dataclasses.replace(
+            config, **{section: dataclasses.replace(getattr(config, section), **defaults)}
+        )
+
+    choices = {name: (configs.get_config(name).description, replaced(configs.get_config(name)))
+               for name in configs.list_configs()}  # fmt: skip
+    return tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)

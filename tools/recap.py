@@ -1,11 +1,15 @@
-"""`jaxvla recap [config] [--recap.field value ...]`: Recap on the split the prior fails on.
+"""`jaxvla recap [config] [--recap.field value ...]`: Recap on `deploy`, where most autonomous episodes
+succeed and the value can tell good from bad.
 
 Loads the prior from `recap.prior` and the task's `train` demonstrations, then for every seed in
 `recap.seeds` runs `learner.recap.run_recap`: iterations of autonomous episodes and operator-corrected
 episodes (the `patch.*` takeover trigger), value training, advantages, indicator-conditioned policy
-training, evaluation with the indicator positive. Writes to `out_dir/recap-<task>/`: `report.json`,
-`report.md` (mean ± std over seeds next to the prior and policy patching), `recap.png` and one
-`seed<N>/metrics.jsonl` per seed.
+training on batches drawn 50:50 from demonstrations and collected steps, evaluation with the indicator
+positive on the fixed test contexts. The final policy is then evaluated at every guidance weight beta in
+`recap.guidance_sweep`, and on `novel`. Writes to `out_dir/recap-<task>/`: `report.json`, `report.md`
+(headline with intervals, each seed, the iterations with the advantage's AUROC for episode success, the
+beta sweep, throughput and tail failures against the targets), `recap.png` and one `seed<N>/metrics.jsonl`
+per seed.
 """
 
 import dataclasses
@@ -13,6 +17,7 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
 
 import configs
 from envs.wrappers import Trigger
@@ -25,9 +30,11 @@ from tools import practice
 from tools.patch import load_prior
 
 PROG = "jaxvla recap"
+# This command's defaults where they differ from `RecapConfig`'s (which `jaxvla demo` also reads).
+DEFAULTS = {"split": "deploy"}
 # The autonomous arm: an operator who never takes over.
 NEVER = Trigger(slip=float("inf"), force=float("inf"), on_failure_event=False, stall_steps=1 << 30)
-
+TAILS = ("physics", "layout")  # `deploy`'s tail components (envs/tasks.py)
 
 ROWS = [
     ("episodes collected", "collected_episodes", "count"),
@@ -36,7 +43,20 @@ ROWS = [
     ("success of the corrected episodes, with the operator (%)", "corrected_success", "percent"),
     ("success of the autonomous episodes (%)", "autonomous_success", "percent"),
     ("share of rollout steps positive, last iteration (%)", "rollout_positive_share", "percent"),
+    ("advantage AUROC for episode success, last iteration", "advantage_auroc", "value"),
+    ("the same on the new episodes, before the value saw them", "advantage_auroc_heldout", "value"),
+    ("tail failures, start (physics + layout)", "start_tail_failures", "value"),
+    ("tail failures, final", "final_tail_failures", "value"),
+    ("tail failures, final / start", "tail_failure_ratio", "value"),
     ("success on `train` afterwards (%)", "train_success", "percent"),
+]
+COLUMNS = [
+    ("autonomous episodes succeeding (%)", "autonomous_success", "percent"),
+    ("positive steps (%)", "positive_share", "percent"),
+    ("advantage AUROC", "advantage_auroc", "value"),
+    ("AUROC held out", "advantage_auroc_heldout", "value"),
+    ("value error", "value_error", "value"),
+    ("throughput", "throughput_per_hour", "count"),
 ]
 
 
@@ -49,67 +69,113 @@ def describe(config: configs.Config) -> str:
         f"iterations of {rc.autonomous_per_iteration} autonomous + {rc.corrected_per_iteration} "
         f"operator-corrected episodes; value ({config.model.value_bins} bins, {rc.value_steps} steps) and "
         f"policy ({rc.policy_steps} steps) retrained {retrained} each iteration on D = "
-        f"{rc.offline_episodes} `train` demonstrations + every episode collected; N = {rc.advantage_steps}, "
+        f"{rc.offline_episodes} `train` demonstrations + every episode collected, batches "
+        f"{rc.demo_share:.0%} demonstrations : {1 - rc.demo_share:.0%} collected; N = {rc.advantage_steps}, "
         f"{rc.positive_fraction:.0%} of rollout steps and {rc.demo_positive_fraction:.0%} of demonstration "
         f"steps positive, corrections forced positive, indicator dropout {rc.indicator_dropout:.0%}, "
-        f"beta {rc.guidance}; {rc.eval_episodes} evaluation episodes per iteration."
+        f"beta {rc.guidance} during the run, swept over {list(rc.guidance_sweep)} at the end; "
+        f"{rc.eval_episodes} test contexts per evaluation."
     )
 
 
+def tail_failures(failures: dict[str, int]) -> int:
+    return sum(failures.get(name, 0) for name in TAILS)
+
+
 def run_seeds(config: configs.Config, prior, offline: list[dict], out: pathlib.Path, *,
-              train_eval: bool = True) -> tuple[dict, dict]:  # fmt: skip
-    """Recap from `prior` once per seed in `recap.seeds`: every seed's records and its summary (with the
-    final policy's success on `train` when `train_eval`)."""
+              train_eval: bool = True, novel_eval: bool = True) -> tuple[dict, dict]:  # fmt: skip
+    """Recap from `prior` once per seed in `recap.seeds`: every seed's records and its summary (the beta
+    sweep; the final policy's success on `train` when `train_eval`, on `novel` when `novel_eval`)."""
     rc = config.recap
     graphdef, _ = recap.conditioned_policy(prior)
     positive = models.INDICATOR_POSITIVE
     collect = evaluate.chunk_actor(graphdef, prior.stats, indicator=positive, explore=rc.explore,
                                    guidance=rc.guidance)  # fmt: skip
-    actor = evaluate.chunk_actor(graphdef, prior.stats, indicator=positive, guidance=rc.guidance)
+    actor = recap.guided_actor(graphdef, prior.stats)
     autonomous = patch.Collector(rc.task, rc.split, rc.autonomous_per_iteration, NEVER, collect)
     corrected = patch.Collector(
         rc.task, rc.split, rc.corrected_per_iteration, patch.trigger_of(config), collect
     )
     evaluator = evaluate.Evaluator(rc.task, rc.split, rc.eval_episodes, actor)
+    test = evaluate.TEST.with_episodes(rc.eval_episodes)
     on_train = evaluate.Evaluator(rc.task, "train", rc.eval_episodes, actor) if train_eval else None
+    on_novel = None
+    if novel_eval:
+        on_novel = (
+            evaluator
+            if rc.split == "novel"
+            else evaluate.Evaluator(rc.task, "novel", rc.eval_episodes, actor)
+        )
     results, summaries = {}, {}
     for seed in rc.seeds:
         records, params = recap.run_recap(config, prior, offline, seed=seed, autonomous=autonomous,
                                           corrected=corrected, evaluator=evaluator,
                                           run_dir=out / f"seed{seed}")  # fmt: skip
         results[seed] = records
+        summary = practice.seed_summary(
+            records, ("collected_episodes", "corrective_episodes", "takeover_steps")
+        )
+        sweep = recap.guidance_sweep(evaluator, params, rc.guidance_sweep)
+        start_tail, final_tail = (
+            tail_failures(summary["start_failures"]),
+            tail_failures(summary["final_failures"]),
+        )
         summaries[seed] = {
-            **practice.seed_summary(records, ("collected_episodes", "corrective_episodes", "takeover_steps")),
-            "corrected_success": sum(r["corrected_success"] for r in records[1:]) / rc.iterations,
-            "autonomous_success": sum(r["autonomous_success"] for r in records[1:]) / rc.iterations,
-            "rollout_positive_share": records[-1]["rollout_positive_share"],
-            "train_success": evaluate.summarize(on_train(params, jax.random.key(seed)))["success_rate"]
+            **summary,
+            "corrected_success": float(np.mean([r.get("corrected_success", np.nan) for r in records[1:]])),
+            "autonomous_success": float(np.mean([r.get("autonomous_success", np.nan) for r in records[1:]])),
+            "rollout_positive_share": records[-1].get("rollout_positive_share"),
+            "advantage_auroc": records[-1].get("advantage_auroc"),
+            "advantage_auroc_heldout": records[-1].get("advantage_auroc_heldout"),
+            "start_tail_failures": start_tail,
+            "final_tail_failures": final_tail,
+            "tail_failure_ratio": final_tail / start_tail if start_tail else None,
+            "guidance_sweep": {
+                beta: {k: r[k] for k in ("success_rate", "success_ci", "throughput_per_hour")}
+                | {"tail_failures": tail_failures(practice.component_failures(r))}
+                for beta, r in sweep.items()
+            },
+            "train_success": on_train.on(recap.with_beta(params, rc.guidance), test)["success_rate"]
             if train_eval
+            else None,
+            "novel_success": on_novel.on(recap.with_beta(params, rc.guidance), test)["success_rate"]
+            if novel_eval
             else None,
         }
         print({"seed": seed, **summaries[seed]}, flush=True)
     return results, summaries
 
 
+def sweep_table(summaries: dict, betas: tuple[float, ...]) -> str:
+    """The final policies at each beta: success, throughput relative to the start, tail failures."""
+    lines = ["| beta | success (%) | throughput / start | tail failures / start |", "|---:|---:|---:|---:|"]
+    for beta in map(str, betas):
+        at = [(s["guidance_sweep"][beta], s) for s in summaries.values()]
+        ratio = [r["throughput_per_hour"] / s["start_throughput_per_hour"] for r, s in at
+                 if s["start_throughput_per_hour"]]  # fmt: skip
+        tails = [r["tail_failures"] / s["start_tail_failures"] for r, s in at if s["start_tail_failures"]]
+        lines.append(
+            f"| {beta} | {practice.figure([r['success_rate'] for r, _ in at], 'percent')} | "
+            f"{practice.figure(ratio)} | {practice.figure(tails)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
-    config = configs.cli(argv, prog=PROG)
+    config = practice.cli(argv, PROG, "recap", DEFAULTS)
     jax.config.update("jax_compilation_cache_dir", config.compile_cache)
     rc, pre = config.recap, config.pretrain
     out = pathlib.Path(config.out_dir) / f"recap-{rc.task}"
     prior = load_prior(rc.prior)
     offline = data.load_or_generate(pre.data_dir, rc.task, "train", rc.offline_episodes, seed=pre.seed)
     results, summaries = run_seeds(config, prior, offline, out)
-    practice.write(
-        out,
-        "recap",
-        "Recap",
-        {"recap": dataclasses.asdict(rc)},
-        describe(config),
-        ROWS,
-        results,
-        summaries,
-        f"Recap on {rc.task}/{rc.split}",
+    report = practice.write(out, "recap", "Recap", {"recap": dataclasses.asdict(rc)}, describe(config), ROWS,
+                            COLUMNS, results, summaries, f"Recap on {rc.task}/{rc.split}")  # fmt: skip
+    sweep = "\n## Classifier-free guidance at evaluation (final policies)\n\n" + sweep_table(
+        summaries, rc.guidance_sweep
     )
+    (out / "report.md").write_text(report + sweep)
+    print(sweep)
     return 0
 
 

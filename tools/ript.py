@@ -1,10 +1,14 @@
-"""`jaxvla ript [config] [--ript.field value ...]`: RIPT-VLA on the split the prior fails on.
+"""`jaxvla ript [config] [--ript.field value ...]`: RIPT-VLA from the prior on `deploy`, and from few-shot
+SFT starts on `novel`.
 
-Loads the prior from `ript.prior` (optionally retrains it on `ript.sft_demos` operator demonstrations of
-the split first, the paper's few-shot SFT stage), then for every seed in `ript.seeds` runs
-`learner.ript.run_ript`. Writes to `out_dir/ript-<task>/`: `report.json` (every iteration of every
-seed), `report.md` (mean ± std over seeds next to the prior and policy patching), `ript.png` and one
-`seed<N>/metrics.jsonl` per seed.
+Loads the prior from `ript.prior`. For each start in `ript.starts` (demonstration counts; 0 is the prior
+itself on `ript.split`, N > 0 the prior after BC on N operator demonstrations of `ript.few_shot_split`, the
+paper's few-shot SFT stage, then RIPT on that split), and for every seed in `ript.seeds`, runs
+`learner.ript.run_ript`. With `ript.starts` empty, one start: `ript.sft_demos` on `ript.split`.
+Writes to `out_dir/ript-<task>/<start>/`: `report.json` (every iteration of every seed), `report.md`
+(the headline with intervals, each seed, the iterations with their clip fraction and groups kept),
+`ript.png` and one `seed<N>/metrics.jsonl` per seed; with several starts also `out_dir/ript-<task>/report.md`
+with one line per start.
 """
 
 import dataclasses
@@ -15,6 +19,7 @@ import time
 import jax
 
 import configs
+from learner import dataset
 from learner import evaluate
 from learner import patch
 from learner import ript
@@ -23,20 +28,26 @@ from tools import practice
 from tools.patch import load_prior
 
 PROG = "jaxvla ript"
-
+# This command's defaults where they differ from `RiptConfig`'s (which `jaxvla demo` also reads): the
+# three starts of issue 21, the prior's start on `deploy`, 8 PPO epochs at a rate the RL std can carry.
+DEFAULTS = {"split": "deploy", "starts": (0, 1, 4), "epochs": 8, "learning_rate": 1e-5}
 
 ROWS = [
     ("rollouts", "rollouts", "count"),
-    ("informative groups kept (of rollouts / K)", "kept_groups", "value"),
+    ("groups kept by dynamic sampling, whole run (%)", "kept_share", "percent"),
     ("iterations with an update", "updates", "value"),
-    ("successful sampled rollouts", "successful_rollouts", "value"),
+    ("clip fraction, mean over iterations", "clip_fraction", "value"),
     ("success on `train` afterwards (%)", "train_success", "percent"),
     ("SFT stage wall-clock (s)", "sft_wall_s", "value"),
 ]
-
-
-def successful_rollouts(records: list[dict], per_iteration: int) -> int:
-    return round(sum(r["rollout_success"] * per_iteration for r in records[1:]))
+COLUMNS = [
+    ("sampled rollouts succeeding (%)", "rollout_success", "percent"),
+    ("groups kept (%)", "kept_fraction", "percent"),
+    ("clip fraction", "clip_fraction", "value"),
+    ("KL to start", "kl", "value"),
+    ("RL std", "std", "value"),
+    ("largest |ratio - 1|", "max_ratio_deviation", "value"),
+]
 
 
 def describe(config: configs.Config) -> str:
@@ -47,17 +58,18 @@ def describe(config: configs.Config) -> str:
         f"RIPT on {rc.task}/{rc.split} from {start}, seeds {list(rc.seeds)}: {rc.iterations} iterations of "
         f"{rc.rollouts_per_iteration} rollouts ({rc.contexts} contexts, K = {rc.group_size} per context, "
         f"{rc.groups_per_call} contexts per call), {rc.epochs} PPO epochs of {rc.minibatches} steps (clip "
-        f"{rc.clip_low}/{rc.clip_high}, lr {rc.learning_rate}), std x{rc.temperature} while sampling, "
-        f"{rc.execute} action(s) of each chunk executed; {rc.eval_episodes} evaluation episodes (mean "
-        "chunk, receding horizon) per iteration."
+        f"{rc.clip_low}/{rc.clip_high}, lr {rc.learning_rate}, KL {rc.kl_coef} to the start, loss averaged "
+        f"per rollout); RL std {rc.rl_std} per action dimension (floor {rc.rl_std_floor}, lr "
+        f"{rc.std_learning_rate}), x{rc.temperature} while sampling, {rc.execute} action(s) of each chunk "
+        f"executed; {rc.eval_episodes} test contexts per evaluation (mean chunk, receding horizon)."
     )
 
 
-def run_seeds(
-    config: configs.Config, prior, out: pathlib.Path, *, train_eval: bool = True
-) -> tuple[dict, dict]:
+def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: bool = True,
+              novel_eval: bool = True) -> tuple[dict, dict]:  # fmt: skip
     """RIPT from `prior` (after its few-shot SFT stage, if any) once per seed in `ript.seeds`: every
-    seed's records and its summary (with the final policy's success on `train` when `train_eval`)."""
+    seed's records and its summary (with the final policy's success on `train` when `train_eval`, on the
+    `novel` test contexts when `novel_eval`)."""
     rc, pre = config.ript, config.pretrain
     if not 1 <= rc.execute <= prior.config.model.chunk:
         raise SystemExit(f"{PROG}: ript.execute={rc.execute} must lie in 1..{prior.config.model.chunk}, "
@@ -69,16 +81,28 @@ def run_seeds(
         demos = data.load_or_generate(pre.data_dir, rc.task, rc.split, rc.sft_demos, seed=pre.seed + 1,
                                       noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
     collector = ript.GroupCollector(rc.task, rc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
-                                    prior.stats, execute=rc.execute, temperature=rc.temperature)  # fmt: skip
+                                    prior.stats, execute=rc.execute,
+                                    likelihood=ript.likelihood_of(config))  # fmt: skip
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
     evaluator = evaluate.Evaluator(rc.task, rc.split, rc.eval_episodes, actor)
+    test = evaluate.TEST.with_episodes(rc.eval_episodes)
     on_train = evaluate.Evaluator(rc.task, "train", rc.eval_episodes, actor) if train_eval else None
+    on_novel = None
+    if novel_eval:
+        on_novel = (
+            evaluator
+            if rc.split == "novel"
+            else evaluate.Evaluator(rc.task, "novel", rc.eval_episodes, actor)
+        )
+    retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
+    chunk = prior.config.model.chunk
     results, summaries = {}, {}
     for seed in rc.seeds:
         tic = time.perf_counter()
         start = prior.params
         if rc.sft_demos:
-            start = jax.block_until_ready(patch.sft_retrain(config, prior, demos + offline, seed=seed))
+            sft_data = dataset.concatenate(dataset.flatten(demos, chunk), dataset.flatten(offline, chunk))
+            start = jax.block_until_ready(retrain(sft_data, seed=seed))
         sft_s = time.perf_counter() - tic
         key_contexts = jax.random.fold_in(jax.random.key(seed), 1_000_003)
         contexts = jax.vmap(collector.env.sample_params)(jax.random.split(key_contexts, rc.contexts))
@@ -86,36 +110,65 @@ def run_seeds(
                                         evaluator=evaluator, contexts=contexts,
                                         run_dir=out / f"seed{seed}")  # fmt: skip
         results[seed] = records
+        updated = [r for r in records[1:] if "clip_fraction" in r]
         summaries[seed] = {
-            **practice.seed_summary(records, ("rollouts", "kept_groups", "updates")),
+            **practice.seed_summary(records, ("rollouts", "kept_groups", "groups", "updates")),
+            "kept_share": records[-1]["kept_groups"] / max(records[-1]["groups"], 1),
+            "clip_fraction": sum(r["clip_fraction"] for r in updated) / len(updated) if updated else None,
             "sft_wall_s": sft_s,
             "sft_demo_steps": int(sum(len(ep["steps"]["action"]) for ep in demos)),
-            "successful_rollouts": successful_rollouts(records, rc.rollouts_per_iteration),
-            "train_success": evaluate.summarize(on_train(params, jax.random.key(seed)))["success_rate"]
-            if train_eval
-            else None,
+            "train_success": on_train.on(params, test)["success_rate"] if train_eval else None,
+            "novel_success": on_novel.on(params, test)["success_rate"] if novel_eval else None,
         }
         print({"seed": seed, **summaries[seed]}, flush=True)
     return results, summaries
 
 
-def main(argv: list[str]) -> int:
-    config = configs.cli(argv, prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+def start_config(config: configs.Config, demos: int) -> configs.Config:
+    """The config of one start: the prior on `ript.split`, or N demonstrations of `ript.few_shot_split`."""
     rc = config.ript
-    out = pathlib.Path(config.out_dir) / f"ript-{rc.task}"
-    results, summaries = run_seeds(config, load_prior(rc.prior), out)
-    practice.write(
-        out,
-        "ript",
-        "RIPT-VLA",
-        {"ript": dataclasses.asdict(rc)},
-        describe(config),
-        ROWS if rc.sft_demos else ROWS[:-1],
-        results,
-        summaries,
-        f"RIPT on {rc.task}/{rc.split}",
-    )
+    split = rc.split if demos == 0 else rc.few_shot_split
+    return dataclasses.replace(config, ript=dataclasses.replace(rc, sft_demos=demos, split=split))
+
+
+def start_name(config: configs.Config) -> str:
+    rc = config.ript
+    return f"prior-{rc.split}" if not rc.sft_demos else f"sft{rc.sft_demos}-{rc.split}"
+
+
+def overview(lines: dict[str, dict]) -> str:
+    """One line per start: its success at the start and at the end, the gain, groups kept, novel."""
+    rows = ["| start | split | start (%) | final (%) | last 3 (%) | gain (points) | groups kept (%) | "
+            "clip fraction | novel (%) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    keys = [("start_success", "percent"), ("final_success_rate", "percent"), ("last3_success", "percent"),
+            ("gain", "percent"), ("kept_share", "percent"), ("clip_fraction", "value"),
+            ("novel_success", "percent")]  # fmt: skip
+    for name, (split, summaries) in lines.items():
+        cells = [practice.figure([s.get(key) for s in summaries.values()], kind) for key, kind in keys]
+        rows.append(f"| {name} | {split} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    config = practice.cli(argv, PROG, "ript", DEFAULTS)
+    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    root = pathlib.Path(config.out_dir) / f"ript-{config.ript.task}"
+    prior = load_prior(config.ript.prior)
+    starts = config.ript.starts or (config.ript.sft_demos,)
+    lines = {}
+    for demos in starts:
+        run_config = start_config(config, demos) if config.ript.starts else config
+        rc = run_config.ript
+        out = root / start_name(run_config) if config.ript.starts else root
+        results, summaries = run_seeds(run_config, prior, out)
+        practice.write(out, "ript", "RIPT-VLA", {"ript": dataclasses.asdict(rc)}, describe(run_config),
+                       ROWS if rc.sft_demos else ROWS[:-1], COLUMNS, results, summaries,
+                       f"RIPT on {rc.task}/{rc.split} from {start_name(run_config)}")  # fmt: skip
+        lines[start_name(run_config)] = (rc.split, summaries)
+    if len(lines) > 1:
+        text = "# RIPT-VLA from every start\n\n" + overview(lines)
+        (root / "report.md").write_text(text)
+        print(text)
     return 0
 
 
