@@ -404,6 +404,9 @@ class RiptConfig:
     on `split`."""
     few_shot_split: Split = "novel"
     """Split of the few-shot starts in `starts`."""
+    probe_stds: tuple[float, ...] = ()
+    """`jaxvla ript`: instead of training, roll out the start from every context at each of these RL stds
+    and report the sampled rollouts' success and the share of groups dynamic sampling would keep."""
 
     def __post_init__(self) -> None:
         per_call = self.groups_per_call * self.group_size

@@ -12,11 +12,13 @@ with one line per start.
 """
 
 import dataclasses
+import json
 import pathlib
 import sys
 import time
 
 import jax
+import numpy as np
 
 import configs
 from learner import dataset
@@ -124,6 +126,31 @@ def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: b
     return results, summaries
 
 
+def probe_stds(config: configs.Config, prior, stds: tuple[float, ...]) -> list[dict]:
+    """The prior, sampled at each RL std (one compiled collector: the std is a param): per std, the share
+    of sampled rollouts that succeed and of groups whose outcomes differ (those dynamic sampling keeps)."""
+    rc = config.ript
+    collector = ript.GroupCollector(rc.task, rc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
+                                    prior.stats, execute=rc.execute,
+                                    likelihood=ript.likelihood_of(config))  # fmt: skip
+    contexts = jax.vmap(collector.env.sample_params)(jax.random.split(jax.random.key(0), rc.contexts))
+    rows = []
+    for std in stds:
+        params = ript.rl_params(prior.params, prior.config.model.action_size, std)
+        rewards = []
+        for call in range(rc.contexts // rc.groups_per_call):
+            index = np.arange(call * rc.groups_per_call, (call + 1) * rc.groups_per_call)
+            out = collector(params, ript.select(contexts, index), jax.random.key(call))
+            rewards.append(np.asarray(out["success"]).reshape(rc.groups_per_call, rc.group_size))
+        rewards = np.concatenate(rewards).astype(np.float32)
+        kept = np.asarray(ript.informative_groups(rewards))
+        rows.append(
+            {"std": std, "rollout_success": float(rewards.mean()), "kept_fraction": float(kept.mean())}
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def start_config(config: configs.Config, demos: int) -> configs.Config:
     """The config of one start: the prior on `ript.split`, or N demonstrations of `ript.few_shot_split`."""
     rc = config.ript
@@ -154,6 +181,11 @@ def main(argv: list[str]) -> int:
     jax.config.update("jax_compilation_cache_dir", config.compile_cache)
     root = pathlib.Path(config.out_dir) / f"ript-{config.ript.task}"
     prior = load_prior(config.ript.prior)
+    if config.ript.probe_stds:
+        rows = probe_stds(config, prior, config.ript.probe_stds)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "probe_stds.json").write_text(json.dumps(rows, indent=1))
+        return 0
     starts = config.ript.starts or (config.ript.sft_demos,)
     lines = {}
     for demos in starts:
