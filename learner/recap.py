@@ -384,6 +384,7 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
     totals = {
         "env_steps": 0,
         "corrective_episodes": 0,
+        "takeover_segments": 0,
         "takeover_steps": 0,
         "collected_episodes": 0,
         "wall_s": 0.0,
