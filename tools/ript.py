@@ -67,21 +67,39 @@ def describe(config: configs.Config) -> str:
     )
 
 
+def few_shot_demos(config: configs.Config) -> tuple[list[dict], list[dict]]:
+    """The few-shot stage's data: (`ript.sft_demos` operator demonstrations of `ript.split`, the task's
+    `train` demonstrations), both empty for a start from the prior."""
+    rc, pre = config.ript, config.pretrain
+    if not rc.sft_demos:
+        return [], []
+    offline = data.load_or_generate(pre.data_dir, rc.task, "train", config.patch.offline_episodes,
+                                    seed=pre.seed)  # fmt: skip
+    demos = data.load_or_generate(pre.data_dir, rc.task, rc.split, rc.sft_demos, seed=pre.seed + 1,
+                                  noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
+    return demos, offline
+
+
+def few_shot_start(config: configs.Config, prior, retrain, demos: tuple[list, list], seed: int):
+    """The start's network params: the prior's, or after BC on the few-shot demonstrations plus the offline
+    ones (`retrain`: a `patch.Retrainer`)."""
+    if not config.ript.sft_demos:
+        return prior.params
+    chunk = prior.config.model.chunk
+    sft_data = dataset.concatenate(*(dataset.flatten(episodes, chunk) for episodes in demos))
+    return jax.block_until_ready(retrain(sft_data, seed=seed))
+
+
 def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: bool = True,
               novel_eval: bool = True) -> tuple[dict, dict]:  # fmt: skip
     """RIPT from `prior` (after its few-shot SFT stage, if any) once per seed in `ript.seeds`: every
     seed's records and its summary (with the final policy's success on `train` when `train_eval`, on the
     `novel` test contexts when `novel_eval`)."""
-    rc, pre = config.ript, config.pretrain
+    rc = config.ript
     if not 1 <= rc.execute <= prior.config.model.chunk:
         raise SystemExit(f"{PROG}: ript.execute={rc.execute} must lie in 1..{prior.config.model.chunk}, "
                          "the prior's chunk length")  # fmt: skip
-    demos, offline = [], []
-    if rc.sft_demos:
-        offline = data.load_or_generate(pre.data_dir, rc.task, "train", config.patch.offline_episodes,
-                                        seed=pre.seed)  # fmt: skip
-        demos = data.load_or_generate(pre.data_dir, rc.task, rc.split, rc.sft_demos, seed=pre.seed + 1,
-                                      noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
+    demos = few_shot_demos(config)
     collector = ript.GroupCollector(rc.task, rc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
                                     prior.stats, execute=rc.execute,
                                     likelihood=ript.likelihood_of(config))  # fmt: skip
@@ -97,14 +115,10 @@ def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: b
             else evaluate.Evaluator(rc.task, "novel", rc.eval_episodes, actor)
         )
     retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
-    chunk = prior.config.model.chunk
     results, summaries = {}, {}
     for seed in rc.seeds:
         tic = time.perf_counter()
-        start = prior.params
-        if rc.sft_demos:
-            sft_data = dataset.concatenate(dataset.flatten(demos, chunk), dataset.flatten(offline, chunk))
-            start = jax.block_until_ready(retrain(sft_data, seed=seed))
+        start = few_shot_start(config, prior, retrain, demos, seed)
         sft_s = time.perf_counter() - tic
         key_contexts = jax.random.fold_in(jax.random.key(seed), 1_000_003)
         contexts = jax.vmap(collector.env.sample_params)(jax.random.split(key_contexts, rc.contexts))
@@ -118,7 +132,7 @@ def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: b
             "kept_share": records[-1]["kept_groups"] / max(records[-1]["groups"], 1),
             "clip_fraction": sum(r["clip_fraction"] for r in updated) / len(updated) if updated else None,
             "sft_wall_s": sft_s,
-            "sft_demo_steps": int(sum(len(ep["steps"]["action"]) for ep in demos)),
+            "sft_demo_steps": int(sum(len(ep["steps"]["action"]) for ep in demos[0])),
             "train_success": on_train.on(params, test)["success_rate"] if train_eval else None,
             "novel_success": on_novel.on(params, test)["success_rate"] if novel_eval else None,
         }
@@ -127,16 +141,19 @@ def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: b
 
 
 def probe_stds(config: configs.Config, prior, stds: tuple[float, ...]) -> list[dict]:
-    """The prior, sampled at each RL std (one compiled collector: the std is a param): per std, the share
-    of sampled rollouts that succeed and of groups whose outcomes differ (those dynamic sampling keeps)."""
+    """The start (the prior, or its few-shot SFT, seed 0), sampled at each RL std (one compiled collector:
+    the std is a param): per std, the share of sampled rollouts that succeed and of groups whose outcomes
+    differ (those dynamic sampling keeps)."""
     rc = config.ript
+    retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
+    start = few_shot_start(config, prior, retrain, few_shot_demos(config), seed=0)
     collector = ript.GroupCollector(rc.task, rc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
                                     prior.stats, execute=rc.execute,
                                     likelihood=ript.likelihood_of(config))  # fmt: skip
     contexts = jax.vmap(collector.env.sample_params)(jax.random.split(jax.random.key(0), rc.contexts))
     rows = []
     for std in stds:
-        params = ript.rl_params(prior.params, prior.config.model.action_size, std)
+        params = ript.rl_params(start, prior.config.model.action_size, std)
         rewards = []
         for call in range(rc.contexts // rc.groups_per_call):
             index = np.arange(call * rc.groups_per_call, (call + 1) * rc.groups_per_call)
@@ -181,10 +198,11 @@ def main(argv: list[str]) -> int:
     jax.config.update("jax_compilation_cache_dir", config.compile_cache)
     root = pathlib.Path(config.out_dir) / f"ript-{config.ript.task}"
     prior = load_prior(config.ript.prior)
-    if config.ript.probe_stds:
-        rows = probe_stds(config, prior, config.ript.probe_stds)
+    if config.ript.probe_stds:  # at the first start
+        run_config = start_config(config, config.ript.starts[0]) if config.ript.starts else config
+        rows = probe_stds(run_config, prior, config.ript.probe_stds)
         root.mkdir(parents=True, exist_ok=True)
-        (root / "probe_stds.json").write_text(json.dumps(rows, indent=1))
+        (root / f"probe_stds-{start_name(run_config)}.json").write_text(json.dumps(rows, indent=1))
         return 0
     starts = config.ript.starts or (config.ript.sft_demos,)
     lines = {}
