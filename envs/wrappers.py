@@ -165,7 +165,8 @@ class Takeover(Wrapper):
 
         def ahead(carry, _):
             s, failed = carry
-            s = self.env.step(s, self.policy(s))
+            new = self.env.step(s, self.policy(s))
+            s = dataclasses.replace(new, info={**s.info, **new.info})  # the carry keeps this wrapper's keys
             risky = (s.info["slip"] > self.trigger.slip) | (s.info["contact_force"] > self.trigger.force)
             return (s, failed | (s.done & ~s.info["success"]) | risky), None
 
