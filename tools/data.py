@@ -246,7 +246,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--num-envs",
         type=_at_least(1, int),
         default=64,
-        help="envs stepped at once (64 and 128 are clear of the MJX hang in notes/mjx-on-cpu.md)",
+        help="envs stepped at once (64 and 128 are clear of the MJX hang in docs/mjx-on-cpu.md)",
     )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--noise", type=_at_least(0.0, float), default=NOISE, help=NOISE_HELP)
