@@ -86,8 +86,12 @@ def connect(env, args: argparse.Namespace) -> GymRobot:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", required=True, help="a gymnasium id, e.g. Pendulum-v1; MODULE:ID imports MODULE "
-                   "first (gym_hil:gym_hil/PandaPickCubeBase-v0)")  # fmt: skip
+    p.add_argument(
+        "--env",
+        required=True,
+        help="a gymnasium id, e.g. Pendulum-v1; MODULE:ID imports MODULE "
+        "first (gym_hil:gym_hil/PandaPickCubeBase-v0)",
+    )
     p.add_argument("--url", default="http://127.0.0.1:8765", help="the fleet service")
     p.add_argument("--robot-id", required=True, help="this robot's id (its key in the tokens file)")
     p.add_argument("--token-file", type=pathlib.Path, help="JSON {robot_id: token}; or set JAXVLA_TOKEN")

@@ -243,8 +243,9 @@ def test_broker_hands_out_chunk_rows_and_replans(exported):
 def tiny_file(tmp_path) -> pathlib.Path:
     config = ModelConfig(width=8, prompt_dim=4, depth=1, chunk=2)
     params = nnx.state(config.create_policy(0), nnx.Param)
-    return export.write(tmp_path, config, params, random_stats(config, 0), version=1, parent_version=0,
-                        config_hash="tiny")  # fmt: skip
+    return export.write(
+        tmp_path, config, params, random_stats(config, 0), version=1, parent_version=0, config_hash="tiny"
+    )
 
 
 def test_every_single_byte_corruption_is_refused(tmp_path):
@@ -473,8 +474,19 @@ def test_the_editable_install_imports_the_learner_side_from_this_checkout(tmp_pa
 def test_twin_command_runs_a_policy_without_jax(exported, tmp_path):
     e = exported("state")
     report = tmp_path / "twin.json"
-    argv = ["twin", "--policy", str(e.path), "--task", "pick_place", "--episodes", "2", "--replan", "2",
-            "--json", str(report)]  # fmt: skip
+    argv = [
+        "twin",
+        "--policy",
+        str(e.path),
+        "--task",
+        "pick_place",
+        "--episodes",
+        "2",
+        "--replan",
+        "2",
+        "--json",
+        str(report),
+    ]
     code = (
         "import json, sys\n"
         "from jaxvla import cli\n"
@@ -497,8 +509,15 @@ def test_twin_command_runs_a_policy_without_jax(exported, tmp_path):
 
 def test_twin_summary_arithmetic():
     def episode(success, mode, retries, cycle, recovered=False):
-        return {"success": success, "failure_mode": mode, "recovered": recovered, "retries": retries,
-                "cycle_time_s": cycle, "steps": int(cycle * 10), "policy_s": cycle / 100}  # fmt: skip
+        return {
+            "success": success,
+            "failure_mode": mode,
+            "recovered": recovered,
+            "retries": retries,
+            "cycle_time_s": cycle,
+            "steps": int(cycle * 10),
+            "policy_s": cycle / 100,
+        }
 
     episodes = [
         episode(True, "none", 0, 5.0),

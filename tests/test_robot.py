@@ -57,8 +57,15 @@ def reach_action(action: np.ndarray) -> np.ndarray:
 
 def reach_robot(robot_id: str = "robot-0", env=None, robot=robots.GymRobot) -> robots.GymRobot:
     """A GymRobot over ReachEnv (or `env`) with the mappings above: what a user connecting it writes."""
-    return robot(env or ReachEnv(), robot_id=robot_id, task="pick_place", prompt="pick",
-                 observation_fn=reach_observation, action_fn=reach_action, success="succeed")  # fmt: skip
+    return robot(
+        env or ReachEnv(),
+        robot_id=robot_id,
+        task="pick_place",
+        prompt="pick",
+        observation_fn=reach_observation,
+        action_fn=reach_action,
+        success="succeed",
+    )
 
 
 def stored(server: Server) -> list[dict]:
@@ -131,10 +138,13 @@ def test_a_restarted_robot_with_cached_params_starts_without_waiting_for_a_downl
     (tmp_path / "robot" / "params.msgpack").write_bytes(ParamsRegistry(server.root / "params").read(1))
     done = {}
     thread = threading.Thread(
-        target=lambda: done.update(result=loop.run(
-            reach_robot(), fleet_client(server), tmp_path / "robot", episodes=1, hz=0, wait_s=3_600)),
+        target=lambda: done.update(
+            result=loop.run(
+                reach_robot(), fleet_client(server), tmp_path / "robot", episodes=1, hz=0, wait_s=3_600
+            )
+        ),
         daemon=True,
-    )  # fmt: skip
+    )
     thread.start()
     thread.join(timeout=120)  # a wait for `swapped` would last wait_s = an hour: far past this bound
     assert not thread.is_alive(), "the robot waited for a download although it had cached params"
@@ -220,16 +230,30 @@ sys.exit(example.main(sys.argv[1:]))
 
 def run_example(server: Server, folder, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
-    command = [sys.executable, "-c", BLOCKED_LEARNER, "--env", f"reach_env:{ENV_ID}", "--url", server.url,
-               "--token-file", str(server.root / "tokens.json"), "--folder", str(folder), "--hz", "0",
-               *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        BLOCKED_LEARNER,
+        "--env",
+        f"reach_env:{ENV_ID}",
+        "--url",
+        server.url,
+        "--token-file",
+        str(server.root / "tokens.json"),
+        "--folder",
+        str(folder),
+        "--hz",
+        "0",
+        *args,
+    ]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_the_example_runs_a_gymnasium_env_on_the_fleet_with_no_learner_extras(server, tmp_path):
     before = len(stored(server))
-    out = run_example(server, tmp_path / "ok", "--robot-id", "robot-1", "--episodes", "3", "--success-key",
-                      "succeed")  # fmt: skip
+    out = run_example(
+        server, tmp_path / "ok", "--robot-id", "robot-1", "--episodes", "3", "--success-key", "succeed"
+    )
     assert out.returncode == 0, out.stderr
     assert "3 stored, 0 duplicates, 0 rejected" in out.stdout
     episodes = stored(server)[before:]
@@ -263,12 +287,19 @@ def test_docs_robot_md_states_every_field_and_the_simulators_numbers():
     config = tasks.CellConfig()
     (x_lo, y_lo, _), (x_hi, y_hi, z_hi) = scene.WORKSPACE_LO, scene.WORKSPACE_HI
     facts = [
-        f"v_max = {config.v_max} m/s", f"control_hz = {config.control_hz:g}", f"{config.p_max_kpa:g} kPa",
-        f"{config.cup_radius} m below", f"{config.collision_force:g} N",
+        f"v_max = {config.v_max} m/s",
+        f"control_hz = {config.control_hz:g}",
+        f"{config.p_max_kpa:g} kPa",
+        f"{config.cup_radius} m below",
+        f"{config.collision_force:g} N",
         f"{config.obs_noise * 1e3:g} mm noise",
-        f"x in [{x_lo}, {x_hi}] m", f"y in [{y_lo}, {y_hi}] m", f"z in [{config.cup_radius}, {z_hi}] m",
-        f"{config.max_steps} steps", ", ".join(cell.FAILURE_MODES), ", ".join(cell.EVENTS),
-    ]  # fmt: skip
+        f"x in [{x_lo}, {x_hi}] m",
+        f"y in [{y_lo}, {y_hi}] m",
+        f"z in [{config.cup_radius}, {z_hi}] m",
+        f"{config.max_steps} steps",
+        ", ".join(cell.FAILURE_MODES),
+        ", ".join(cell.EVENTS),
+    ]
     for spec in tasks.TASKS.values():
         facts += [f"| `{spec.name}` |", *(f"({cx}, {cy})" for cx, cy, _, _ in spec.bins)]
         facts += [f"{scene.lid_travel(spec):g} m towards -x"] if spec.has_lid else []

@@ -28,6 +28,14 @@ from jaxvla.actor.policy import load
 from jaxvla.actor.policy import loads
 
 __all__ = [
-    "FORMAT_VERSION", "INDICATOR_NEGATIVE", "INDICATOR_NONE", "INDICATOR_POSITIVE", "ActionChunkBroker",
-    "Policy", "PolicyFileError", "load", "loads", "read_manifest",
-]  # fmt: skip
+    "FORMAT_VERSION",
+    "INDICATOR_NEGATIVE",
+    "INDICATOR_NONE",
+    "INDICATOR_POSITIVE",
+    "ActionChunkBroker",
+    "Policy",
+    "PolicyFileError",
+    "load",
+    "loads",
+    "read_manifest",
+]
