@@ -1,8 +1,12 @@
 """Wrappers: batching, auto-reset, domain randomisation and the operator's takeover and hand-back."""
 
+import copy
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import compiled_env
 
 from envs import rollout
@@ -72,3 +76,22 @@ def test_every_reset_path_carries_each_wrappers_additions():
     for start in (lambda: env.reset(key), lambda: env.reset_from_params(key, base.sample_params(key))):
         info = jax.eval_shape(start).info  # traced only: no compile
         assert {"final_obs", "intervening", "stalled_for", "policy_action"} <= set(info)
+
+
+@pytest.mark.parametrize(
+    "clone",
+    [copy.copy, copy.deepcopy, lambda env: pickle.loads(pickle.dumps(env))],
+    ids=["copy", "deepcopy", "pickle"],
+)
+def test_a_wrapped_env_copies_and_unpickles_and_still_forwards(clone):
+    base = compiled_env("pick_place").env
+    env = wrappers.AutoReset(wrappers.Takeover(wrappers.DomainRandomization(base)))
+    cloned = clone(env)
+    assert type(cloned.env.env) is wrappers.DomainRandomization
+    assert cloned.config == base.config and cloned.trigger == env.trigger  # forwarded through the stack
+    assert not hasattr(cloned, "no_such_attribute")
+
+
+def test_an_unset_env_is_an_attribute_error_not_a_recursion():
+    bare = wrappers.Wrapper.__new__(wrappers.Wrapper)  # as copy and pickle make it, before its state
+    assert not hasattr(bare, "config")  # hasattr lets a RecursionError through

@@ -3,10 +3,10 @@
 With `--latency`, also the robot-side policy latency: the numpy actor vs the jitted JAX forward pass
 (`--no-sim` runs that section alone).
 
-Protocol (shared/research/performance.md, row B3): compile time is timed apart from steady state
+Protocol (docs/speed.md): compile time is timed apart from steady state
 (explicit `lower().compile()`), every timer stops after `block_until_ready`, ours and raw repetitions are
 interleaved, and the reported figure is the median over repetitions. Every measurement runs under a
-watchdog because a jitted MJX step on this CPU has stopped returning before (shared/notes/mjx-on-cpu.md).
+watchdog because a jitted MJX step on this CPU has stopped returning before (docs/mjx-on-cpu.md).
 """
 
 import argparse
