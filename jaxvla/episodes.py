@@ -28,16 +28,17 @@ On disk a dataset is a folder named after it, `<data_dir>/<name>/`, holding tfds
 `tfds.builder_from_directory(<data_dir>/<name>/<version>).as_data_source()`.
 """
 
+import math
+import os
 import re
-import shutil
 import uuid
 from collections.abc import Iterable
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 SCHEMA_VERSION = "1.0.0"
 SPLIT = "train"
@@ -133,24 +134,64 @@ def _check_array(where: str, value, spec: Spec, length: int) -> None:
         )
 
 
-def _check_metadata(where: str, metadata: dict) -> None:
-    _check_keys(where, metadata, METADATA_SPEC)
-    for name, spec in METADATA_SPEC.items():
-        value = metadata[name]
-        if spec.dtype is str:
-            ok = isinstance(value, str)
-        else:  # Python scalars are fine; an int where a float is expected too, never the reverse
-            kinds = {"b": "b", "i": "iu", "f": "fiu"}[np.dtype(spec.dtype).kind]
-            ok = np.ndim(value) == 0 and np.asarray(value).dtype.kind in kinds
-        if not ok:
-            kind = "str" if spec.dtype is str else f"an {np.dtype(spec.dtype).name} scalar"
-            raise ValueError(f"{where}/{name} = {value!r} should be {kind}")
-    if metadata["source"] not in SOURCES:
-        raise ValueError(f"{where}/source = {metadata['source']!r}; expected one of {SOURCES}")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The values a metadata number may take: what its RLDS dtype holds (finite; float32 overflows to inf past
+# FLOAT32_MAX, int32 wraps) and what it can mean (retries and durations are not negative).
+METADATA_RANGES: dict[str, tuple[float, float]] = {
+    "operator_reward": (-FLOAT32_MAX, FLOAT32_MAX),
+    "retries": (0, np.iinfo(np.int32).max),
+    "cycle_time": (0.0, FLOAT32_MAX),
+}
+
+
+def _metadata_value(where: str, value, spec: Spec):
+    """`value` as the plain Python scalar its spec stores (str, bool, int or float); ValueError naming
+    `where` if it has the wrong kind. Numbers may arrive as Python scalars, numpy scalars or 0-d arrays
+    (openpi's encoding of np.array(True)); an int is fine where a float is expected, never the reverse."""
+    if spec.dtype is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} = {value!r} should be str")
+        return value
+    array = np.asarray(value)
+    kinds = {"b": "b", "i": "iu", "f": "fiu"}[np.dtype(spec.dtype).kind]
+    if array.ndim != 0 or array.dtype.kind not in kinds:
+        raise ValueError(f"{where} = {value!r} should be an {np.dtype(spec.dtype).name} scalar")
+    return {"b": bool, "i": int, "f": float}[np.dtype(spec.dtype).kind](array)
+
+
+def _check_range(where: str, value, bounds: tuple[float, float]) -> None:
+    low, high = bounds
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(
+            f"{where} = {value!r} is out of range: it must be finite, in [{low:.10g}, {high:.10g}]"
+        )
+
+
+def canonical_uuid(where: str, text: str) -> str:
+    """`text` if it is a UUID spelled canonically (36 characters, lower-case hex, dashed), else ValueError.
+    uuid.UUID also parses braces, 'urn:uuid:', upper case, no dashes and non-ASCII digits: each would be
+    another key for the same episode, so only one spelling is accepted."""
     try:
-        uuid.UUID(metadata["episode_id"])
-    except ValueError:
-        raise ValueError(f"{where}/episode_id = {metadata['episode_id']!r} is not a UUID") from None
+        canonical = str(uuid.UUID(text))
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"{where} = {text!r} is not a UUID") from None
+    if text != canonical:
+        raise ValueError(f"{where} = {text!r} is not a canonical UUID; send it as {canonical!r}")
+    return text
+
+
+def canonical_metadata(metadata: dict, where: str = "episode_metadata") -> dict:
+    """The metadata with every value a plain Python scalar of its spec, checked: kinds, ranges, source,
+    canonical episode_id. ValueError naming the first field that breaks the schema."""
+    _check_keys(where, metadata, METADATA_SPEC)
+    values = {name: _metadata_value(f"{where}/{name}", metadata[name], spec)
+              for name, spec in METADATA_SPEC.items()}  # fmt: skip
+    for name, bounds in METADATA_RANGES.items():
+        _check_range(f"{where}/{name}", values[name], bounds)
+    if values["source"] not in SOURCES:
+        raise ValueError(f"{where}/source = {values['source']!r}; expected one of {SOURCES}")
+    canonical_uuid(f"{where}/episode_id", values["episode_id"])
+    return values
 
 
 def check_episode(episode: dict, observation_spec: dict[str, Spec] = OBSERVATION_SPEC) -> int:
@@ -174,8 +215,32 @@ def check_episode(episode: dict, observation_spec: dict[str, Spec] = OBSERVATION
         raise ValueError("steps: is_first must be set at step 0 only and is_last at the last step only")
     if not 0 <= np.min(steps["failure_mode"]) <= np.max(steps["failure_mode"]) < N_FAILURE_MODES:
         raise ValueError(f"steps/failure_mode must index envs.cell.FAILURE_MODES (0..{N_FAILURE_MODES - 1})")
-    _check_metadata("episode_metadata", episode["episode_metadata"])
+    canonical_metadata(episode["episode_metadata"])
     return length
+
+
+def _non_finite(where: str, tree: dict) -> str | None:
+    """The path of the first float array in `tree` (nested dicts) with a NaN or inf, or None."""
+    for name, value in tree.items():
+        path = f"{where}/{name}"
+        if isinstance(value, dict):
+            found = _non_finite(path, value)
+            if found:
+                return found
+        elif np.asarray(value).dtype.kind == "f" and not np.all(np.isfinite(value)):
+            return path
+    return None
+
+
+def canonical_episode(episode: dict, observation_spec: dict[str, Spec] = OBSERVATION_SPEC) -> dict:
+    """The one check an episode from outside passes before it is stored: `check_episode`, finite step
+    values, and metadata as plain Python scalars. What it returns, `write_episodes` writes and
+    `read_episodes` reads back. ValueError naming the first field that breaks the schema."""
+    check_episode(episode, observation_spec)
+    found = _non_finite("steps", episode["steps"])
+    if found:
+        raise ValueError(f"{found} has non-finite values (NaN or inf)")
+    return {"steps": episode["steps"], "episode_metadata": canonical_metadata(episode["episode_metadata"])}
 
 
 def _checked(episodes: Iterable[dict], observation_spec: dict[str, Spec]) -> Iterator[dict]:
@@ -228,20 +293,20 @@ def random_episode(rng: np.random.Generator, length: int, robot_id: str = "sim-0
 
 
 # ------------------------------------------------------------------------------------------- writing
-def dataset_path(directory: str | Path, version: str = SCHEMA_VERSION) -> Path:
+def dataset_path(directory: str | os.PathLike, version: str = SCHEMA_VERSION) -> epath.Path:
     """The folder `write_episodes(directory, ...)` puts the files in: `<directory>/<version>/`."""
-    return Path(directory) / str(tfds.core.Version(version))
+    return epath.Path(directory) / str(tfds.core.Version(version))
 
 
 def write_episodes(
-    directory: str | Path,
+    directory: str | os.PathLike,
     episodes: Iterable[dict],
     *,
     version: str = SCHEMA_VERSION,
     observation_spec: dict[str, Spec] = OBSERVATION_SPEC,
     overwrite: bool = False,
     episodes_per_shard: int = EPISODES_PER_SHARD,
-) -> Path:
+) -> epath.Path:
     """Writes `episodes` as the tfds dataset named `directory`'s last part; returns `<directory>/<version>`.
 
     All or nothing, streaming: each episode is checked (`check_episode`) just before it is written into a
@@ -250,7 +315,7 @@ def write_episodes(
     `episodes` may be a generator too large to hold in memory. An existing version raises FileExistsError
     unless `overwrite`.
     """
-    directory = Path(directory)
+    directory = epath.Path(directory)
     name = directory.name
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"dataset folder {name!r} must be snake_case: tfds names the dataset after it")
@@ -283,16 +348,16 @@ def write_episodes(
             old = directory.parent / f".{name}-{path.name}.old-{uuid.uuid4().hex}"
             path.rename(old)
             tmp.rename(path)
-            shutil.rmtree(old)
+            old.rmtree()
         else:
             tmp.rename(path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
     return path
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _version_folder(path: Path) -> Path:
+def _version_folder(path: epath.Path) -> epath.Path:
     """`path` itself if it holds a dataset, else its newest version folder."""
     if (path / "dataset_info.json").exists():
         return path
@@ -302,12 +367,12 @@ def _version_folder(path: Path) -> Path:
     return max((p.parent for p in versions), key=lambda p: tfds.core.Version(p.name))
 
 
-def open_dataset(path: str | Path):
+def open_dataset(path: str | os.PathLike):
     """Random access to a dataset's episodes: len() and [i]. `path`: its folder or a version folder in it.
 
     Item i is tfds's decoding: numpy metadata (text as bytes) and `steps` as a sequence of step dicts.
     """
-    return tfds.builder_from_directory(str(_version_folder(Path(path)))).as_data_source(split=SPLIT)
+    return tfds.builder_from_directory(str(_version_folder(epath.Path(path)))).as_data_source(split=SPLIT)
 
 
 def _stack(items: list[dict]) -> dict:
@@ -324,7 +389,7 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def read_episodes(path: str | Path) -> list[dict]:
+def read_episodes(path: str | os.PathLike) -> list[dict]:
     """The episodes in `path` in the schema `write_episodes` takes: steps stacked, text as str, numbers
     as Python scalars. `path`: the dataset's folder or a version folder in it."""
     source = open_dataset(path)
