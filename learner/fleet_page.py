@@ -13,6 +13,8 @@ import html
 import io
 
 ROLLING = 20  # episodes in each point of a robot's rate over time
+CHART_VERSIONS = 12  # bars drawn; the table lists every version
+LEGEND_ROBOTS = 12
 REFRESH_S = 15
 
 
@@ -98,7 +100,7 @@ def charts(summaries: list[dict]) -> str:
 
     # Text stays text in the SVG (searchable, and what the page test reads); '$' in a version is no math.
     with matplotlib.rc_context({"svg.fonttype": "none", "text.parse_math": False, "font.size": 9}):
-        by_version = outcome_rows(summaries, "policy_version")
+        by_version = outcome_rows(summaries, "policy_version")[-CHART_VERSIONS:]
         figure = Figure(figsize=(6.4, 2.6))
         axes = figure.subplots()
         positions = range(len(by_version))
@@ -106,7 +108,8 @@ def charts(summaries: list[dict]) -> str:
             axes.bar([p + offset for p in positions], [float(r[column].rstrip("%")) for r in by_version],
                      width=0.4, label=label)  # fmt: skip
         axes.set_xticks(list(positions), [r[0] for r in by_version])
-        axes.set(xlabel="policy version", ylabel="% of episodes", ylim=(0, 100), title="Per version")
+        title = "Per version" + (f" (newest {CHART_VERSIONS})" if len(by_version) == CHART_VERSIONS else "")
+        axes.set(xlabel="policy version", ylabel="% of episodes", ylim=(0, 100), title=title)
         axes.legend(loc="upper left", fontsize=8)
         per_version = _svg(figure)
 
@@ -122,7 +125,8 @@ def charts(summaries: list[dict]) -> str:
                 axes.plot(stamps, [100 * r for r in rates], label=robot, marker=".", markersize=3)
         top.set(ylabel=f"success %\n(last {ROLLING})", ylim=(-5, 105), title="Per robot over time")
         bottom.set(ylabel=f"takeover %\n(last {ROLLING})", ylim=(-5, 105), xlabel="time (UTC)")
-        top.legend(loc="upper left", fontsize=8)
+        if len(by_robot) <= LEGEND_ROBOTS:  # past that a legend hides the lines; the table names them
+            top.legend(loc="upper left", fontsize=8)
         figure.autofmt_xdate()
         return per_version + _svg(figure)
 

@@ -155,8 +155,12 @@ def schema_valid_episodes(draw):
     return episode
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(batch=st.lists(schema_valid_episodes(), min_size=1, max_size=3), openpi=st.booleans())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.lists(schema_valid_episodes(), min_size=1, max_size=3,
+                   unique_by=lambda episode: episode["episode_metadata"]["episode_id"]),
+    openpi=st.booleans(),
+)  # fmt: skip
 def test_every_accepted_episode_compacts_and_reads_back(tmp_path_factory, batch, openpi):
     """The property behind finding 1: whatever the validation accepts, through either encoder, the store
     writes into RLDS and reads back with the same values."""
