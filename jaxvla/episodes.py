@@ -144,18 +144,24 @@ METADATA_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def _short(value, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: error messages travel back to clients and into logs."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _metadata_value(where: str, value, spec: Spec):
     """`value` as the plain Python scalar its spec stores (str, bool, int or float); ValueError naming
     `where` if it has the wrong kind. Numbers may arrive as Python scalars, numpy scalars or 0-d arrays
     (openpi's encoding of np.array(True)); an int is fine where a float is expected, never the reverse."""
     if spec.dtype is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where} = {value!r} should be str")
+            raise ValueError(f"{where} = {_short(value)} should be str")
         return value
     array = np.asarray(value)
     kinds = {"b": "b", "i": "iu", "f": "fiu"}[np.dtype(spec.dtype).kind]
     if array.ndim != 0 or array.dtype.kind not in kinds:
-        raise ValueError(f"{where} = {value!r} should be an {np.dtype(spec.dtype).name} scalar")
+        raise ValueError(f"{where} = {_short(value)} should be an {np.dtype(spec.dtype).name} scalar")
     return {"b": bool, "i": int, "f": float}[np.dtype(spec.dtype).kind](array)
 
 
@@ -174,9 +180,9 @@ def canonical_uuid(where: str, text: str) -> str:
     try:
         canonical = str(uuid.UUID(text))
     except (ValueError, TypeError, AttributeError):
-        raise ValueError(f"{where} = {text!r} is not a UUID") from None
+        raise ValueError(f"{where} = {_short(text)} is not a UUID") from None
     if text != canonical:
-        raise ValueError(f"{where} = {text!r} is not a canonical UUID; send it as {canonical!r}")
+        raise ValueError(f"{where} = {_short(text)} is not a canonical UUID; send it as {canonical!r}")
     return text
 
 
@@ -189,7 +195,7 @@ def canonical_metadata(metadata: dict, where: str = "episode_metadata") -> dict:
     for name, bounds in METADATA_RANGES.items():
         _check_range(f"{where}/{name}", values[name], bounds)
     if values["source"] not in SOURCES:
-        raise ValueError(f"{where}/source = {values['source']!r}; expected one of {SOURCES}")
+        raise ValueError(f"{where}/source = {_short(values['source'])}; expected one of {SOURCES}")
     canonical_uuid(f"{where}/episode_id", values["episode_id"])
     return values
 

@@ -388,8 +388,12 @@ class Service:
         """The read-only fleet page (`learner.fleet_page`)."""
         from learner import fleet_page  # matplotlib: imported only by a service whose page is opened
 
-        html = await self._run(fleet_page.render, self.robots, self.registry.entries(),
-                               self.store.summaries(), self.store_status())  # fmt: skip
+        status, robots = self.store_status(), dict(self.robots)
+
+        def render() -> str:  # reads the registry and the store's summaries: off the event loop
+            return fleet_page.render(robots, self.registry.entries(), self.store.summaries(), status)
+
+        html = await self._run(render)
         return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     # ----------------------------------------------------------------------------- remote inference

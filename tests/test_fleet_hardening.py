@@ -191,6 +191,14 @@ def test_out_of_range_metadata_is_refused_naming_the_field(server, field, value)
     assert status == 422 and f"episode_metadata/{field}" in answer["error"], answer
 
 
+def test_an_error_quotes_a_huge_bad_value_briefly(server):
+    """The 422 names the field and the value's start, not a megabyte of it (nor does a log line)."""
+    batch = episodes(1, seed=210)
+    batch[0]["episode_metadata"]["task"] = b"x" * (1 << 20)
+    status, answer = push(server, batch)
+    assert status == 422 and "episode_metadata/task" in answer["error"] and len(answer["error"]) < 300
+
+
 # -------------------------------------------------------------------------- 2. canonical UUIDs only
 def spellings(canonical: str) -> dict[str, str]:
     fullwidth = canonical.translate({ord(d): ord(d) - ord("0") + ord("０") for d in "0123456789"})
