@@ -26,9 +26,10 @@ Content-Type), 422 readable but invalid (schema, shapes, dtypes, non-finite or o
 non-canonical UUIDs, too many episodes or steps; the message names the field). Every error is JSON.
 
 Validation is `jaxvla.episodes.canonical_episode`: what it accepts, the store writes into RLDS and reads
-back, so one accepted episode can never stop compaction (and if a write still fails, the store
-quarantines that episode and goes on). The fleet page (`page_app`, `learner.fleet_page`) is a separate
-read-only listener, bound to loopback by default, with no token.
+back, so one accepted episode can never stop compaction (and an episode in the store that the RLDS
+writer's check refuses, one an older service accepted, is quarantined while the others go on). The
+fleet page (`page_app`, `learner.fleet_page`) is a separate read-only listener, bound to loopback by
+default, with no token.
 
 Nothing here runs jax. Disk I/O, decoding, validation and inference run in a thread pool, never on the
 event loop, so a large push or a slow disk never stalls heartbeats or other robots.

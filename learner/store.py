@@ -19,8 +19,9 @@ its sequence number; only then does the service answer 2xx. `compact` later turn
 (atomic), and only then deletes the msgpack files. A crash at any point leaves every committed episode in
 exactly one place after `recover` (startup): half-written temporary files were never acknowledged and are
 removed, as are tfds's half-written part folders; an id list without its dataset is removed, a msgpack
-file whose id is already in a part is removed. An episode that cannot be written is moved to quarantine/
-with its reason, so it never blocks the others.
+file whose id is already in a part is removed. An episode the RLDS writer's check refuses (one an older
+service accepted) is moved to quarantine/ with its reason, so it never blocks the others; it stays
+acknowledged (a re-push is a duplicate) but the learner never reads it.
 
 Sequence numbers are assigned at the rename, under the lock, so the committed episodes are always the
 contiguous range 0 .. n-1: a reader that has consumed everything up to `seq` (the learner's cursor) can
@@ -157,7 +158,8 @@ class EpisodeStore:
                 waiting.append((seq, path))
         _fsync_folder(self.incoming)
         self._ids, self._waiting = ids, len(waiting)
-        self._quarantined = sum(not p.name.endswith(".reason") for p in self.quarantine.iterdir())
+        names = [p.name for p in self.quarantine.iterdir()]
+        self._quarantined = sum(not (n.startswith(".") or n.endswith(".reason")) for n in names)
         self._next_seq = max(ids.values(), default=-1) + 1
         self._summarise_missing(sorted(waiting))
 
