@@ -405,6 +405,22 @@ def test_a_poison_episode_is_quarantined_and_the_others_compact(tmp_path):
         srv.stop()
 
 
+def test_an_older_services_non_canonical_file_is_quarantined_at_start_up(tmp_path):
+    """Finding 2's leftovers: a file stored under an upper-case id was invisible to every reader and the
+    same episode could be stored again. Start-up now moves it aside with its reason."""
+    store = EpisodeStore(tmp_path / "store")
+    episode = episodes(1, seed=1100)[0]
+    store.commit(E.canonical_episode(episode))
+    shouting = str(uuid.uuid4()).upper()
+    (tmp_path / "store" / "incoming" / f"{1:010d}-{shouting}.msgpack").write_bytes(wire.packb(episode))
+    store = EpisodeStore(tmp_path / "store")
+    assert [p.name for p in (tmp_path / "store" / "incoming").iterdir()] == [
+        f"{0:010d}-{ids_of([episode])[0]}.msgpack"
+    ]
+    reason = (tmp_path / "store" / "quarantine" / f"{1:010d}-{shouting}.msgpack.reason").read_text()
+    assert "not a store file name" in reason and store.quarantined == 1 and store.backlog == 1
+
+
 # ------------------------------------------------------------------------------ the root is an epath
 def test_the_store_and_registry_work_through_an_epath_root(tmp_path):
     root = epath.Path(tmp_path) / "fleet"
