@@ -263,11 +263,11 @@ class EpisodeStore:
         if len(waiting) < max(min_episodes, 1):
             return 0
         waiting = waiting[:max_episodes]
-        good = []
+        good = []  # [(path, episode)]
         for path in waiting:
-            reason = _unwritable(path, self.observation_spec)
+            episode, reason = _read_writable(path, self.observation_spec)
             if reason is None:
-                good.append(path)
+                good.append((path, episode))
             else:
                 self._quarantine(path, reason)
         if good:
@@ -276,10 +276,10 @@ class EpisodeStore:
             self._waiting -= len(good)
         return len(waiting)
 
-    def _write_part(self, paths: list[epath.Path], stop: threading.Event | None) -> None:
+    def _write_part(self, good: list[tuple[epath.Path, dict]], stop: threading.Event | None) -> None:
+        paths, episodes = zip(*good, strict=True)
         matches = [INCOMING.fullmatch(p.name) for p in paths]
         name = f"part_{int(matches[0][1]):010d}_{int(matches[-1][1]):010d}"
-        episodes = [wire.unpackb(p.read_bytes()) for p in paths]
         rows = [[int(m[1]), m[2], ep["episode_metadata"]["robot_id"]]
                 for m, ep in zip(matches, episodes, strict=True)]  # fmt: skip
         sidecar = self.parts / f"{name}.ids.json"
@@ -363,13 +363,14 @@ class EpisodeStore:
         return [records[seq] for seq in sorted(records)]
 
 
-def _unwritable(path: epath.Path, observation_spec: dict) -> str | None:
-    """Why the episode in `path` cannot go into an RLDS part, or None if it can."""
+def _read_writable(path: epath.Path, observation_spec: dict) -> tuple[dict | None, str | None]:
+    """(the episode in `path`, None) if it can go into an RLDS part, else (None, why not)."""
     try:
-        rlds.check_episode(wire.unpackb(path.read_bytes()), observation_spec)
+        episode = wire.unpackb(path.read_bytes())
+        rlds.check_episode(episode, observation_spec)
     except (ValueError, TypeError, KeyError) as err:  # WireError is a ValueError
-        return f"{type(err).__name__}: {err}"
-    return None
+        return None, f"{type(err).__name__}: {err}"
+    return episode, None
 
 
 class ParamsRegistry:
