@@ -425,12 +425,18 @@ def test_an_older_services_non_canonical_file_is_quarantined_at_start_up(tmp_pat
 def test_the_store_and_registry_work_through_an_epath_root(tmp_path):
     root = epath.Path(tmp_path) / "fleet"
     store = EpisodeStore(root / "store")
-    batch = episodes(3, seed=1000)
+    batch = episodes(1, seed=1000) + episodes(1, robot="robot-1", seed=1001) + episodes(1, seed=1002)
     for episode in batch:
         store.commit(E.canonical_episode(episode))
     assert store.compact(1, max_episodes=2) == 2 and store.backlog == 1
     assert [ep["episode_metadata"]["episode_id"] for _, ep in store.read_since(-1)] == ids_of(batch)
-    assert store.robot_of(ids_of(batch)[0]) == "robot-0"
+    # The robot behind each id, for label auth: from the part's id list, from incoming/, and from the part
+    # itself where an older id list has no robot column.
+    robots = ["robot-0", "robot-1", "robot-0"]
+    assert [store.robot_of(i) for i in ids_of(batch)] == robots and store.robot_of(str(uuid.uuid4())) is None
+    (sidecar,) = (root / "store" / "rlds").glob("part_*.ids.json")
+    sidecar.write_text(json.dumps([row[:2] for row in json.loads(sidecar.read_text())]))
+    assert [store.robot_of(i) for i in ids_of(batch)] == robots
     registry = ParamsRegistry(root / "params")
     registry.publish(policy_file(1, None))
     assert (
