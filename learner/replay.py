@@ -15,6 +15,11 @@ so the value after it is 0 and no observation after the last step is needed.
 `sampleable[t]` is decided at insert: the n-step window from t is complete, either because a terminal step
 ends it or because the observation n steps later is stored in the same segment. Sampling draws only such
 slots, so a target never bootstraps from a step that was not recorded.
+
+Sampling is O(1) per draw: `table` lists each shard's sampleable slots in the order they were written, as a
+ring of its own (`table_head`, `table_count`). Slots are overwritten oldest-first and their flags never
+change while stored, so the entries an insert removes are always the table's oldest and the ones it adds
+go at its end: an insert touches only the entries of the slots it writes, and a draw is one lookup.
 """
 
 import functools
@@ -59,7 +64,7 @@ class Buffer:
     terminal: jax.Array  # [D, C] bool, the episode ended at this step (time limits included)
     segment: jax.Array  # [D, C] int32, -1 where never written
     sampleable: jax.Array  # [D, C] bool, an n-step sample may start here
-    sampleable_cumsum: jax.Array  # [D, C] int32, sampleable slots among 0 .. i: draws need no O(C) scan
+    table: jax.Array  # [D, C] int32, sampleable slots oldest first, a ring from table_head
     version: jax.Array  # [D, C] int32, params version that acted
     intervention: jax.Array  # [D, C] bool, the operator's action was executed
     reward_source: jax.Array  # [D, C] int8, OPERATOR_REWARD or LEARNED_REWARD
@@ -67,6 +72,8 @@ class Buffer:
     pos: jax.Array  # [D] int32, next slot to write
     count: jax.Array  # [D] int32, slots written, saturating at C (written slots are 0 .. count-1)
     next_segment: jax.Array  # [D] int32; one id per segment, 2^31 segments is far beyond any run
+    table_head: jax.Array  # [D] int32, table index of the oldest sampleable slot
+    table_count: jax.Array  # [D] int32, sampleable slots (table entries in use)
     mesh: Mesh = struct.field(pytree_node=False)
 
     @property
@@ -101,7 +108,7 @@ def create(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacity
             terminal=zeros((), jnp.bool_),
             segment=jnp.full((shards, slots), -1, jnp.int32),
             sampleable=zeros((), jnp.bool_),
-            sampleable_cumsum=zeros((), jnp.int32),
+            table=zeros((), jnp.int32),
             version=zeros((), jnp.int32),
             intervention=zeros((), jnp.bool_),
             reward_source=zeros((), jnp.int8),
@@ -109,6 +116,8 @@ def create(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacity
             pos=counter,
             count=counter,
             next_segment=counter,
+            table_head=counter,
+            table_count=counter,
             mesh=mesh,
         )
 
@@ -186,6 +195,26 @@ def stream_layout(keep, is_first, terminal, row_length: int, n_step: int) -> tup
     return start, sampleable
 
 
+def _updated_table(local: Buffer, slot: jax.Array, added: jax.Array) -> dict:
+    """The sample table after writing the stream's steps to `slot` [N] (C where not written).
+
+    added [N] bool: written steps that are sampleable, in write order. The written slots are the ring's
+    oldest (or never written), so the sampleable ones among them are the table's first entries: dropping
+    them is advancing the head. Cost O(N), whatever C.
+    """
+    capacity = local.segment.shape[0]
+    removed = jnp.sum(local.sampleable.at[slot].get(mode="fill", fill_value=False), dtype=jnp.int32)
+    head = (local.table_head + removed) % capacity
+    kept = local.table_count - removed
+    rank = jnp.cumsum(added, dtype=jnp.int32) - 1
+    entry = jnp.where(added, (head + kept + rank) % capacity, capacity)  # out of range: dropped
+    return {
+        "table": local.table.at[entry].set(slot, mode="drop"),
+        "table_head": head,
+        "table_count": kept + jnp.sum(added, dtype=jnp.int32),
+    }
+
+
 def _insert_local(
     local: Buffer, block: dict, *, source: int, n_step: int, interventions_only: bool
 ) -> Buffer:
@@ -217,16 +246,18 @@ def _insert_local(
         return field.at[slot].set(values.astype(field.dtype), mode="drop")
 
     segment = local.next_segment + jnp.cumsum(start, dtype=jnp.int32) - 1
-    sampleable = put(local.sampleable, sampleable)
+    table = _updated_table(local, slot, sampleable & write)
     return local.replace(
+        **table,
         obs={k: put(v, flat(block["obs"][k])) for k, v in local.obs.items()},
         action=put(local.action, flat(block["action"])),
         reward=put(local.reward, flat(block["reward"])),
         terminal=put(local.terminal, terminal),
         segment=put(local.segment, segment),
-        sampleable=sampleable,
-        # A scan over all C slots, done once per block here rather than for every batch drawn.
-        sampleable_cumsum=jnp.cumsum(sampleable, dtype=jnp.int32),
+        # Written after the table read the old flags: the data dependency spares XLA a copy of the array.
+        sampleable=local.sampleable.at[jnp.where(table["table_count"] >= 0, slot, capacity)].set(
+            sampleable, mode="drop"
+        ),
         version=put(local.version, flat(block["version"])),
         intervention=put(local.intervention, intervention),
         reward_source=put(local.reward_source, flat(block["reward_source"])),
@@ -319,13 +350,10 @@ def gather(local: Buffer, index: jax.Array, *, n_step: int, chunk: int, gamma: f
 
 def _draw(local: Buffer, key: jax.Array, batch_size: int, *, n_step: int, chunk: int, gamma: float) -> dict:
     """One shard's uniform draw (with replacement) among its sampleable slots (never-written ones are not)."""
-    capacity = local.segment.shape[0]
-    total = local.sampleable_cumsum[-1]
+    total = local.table_count
     draws = jax.random.randint(key, (batch_size,), 0, jnp.maximum(total, 1))
-    # The slot of the (u+1)-th sampleable one; clipped so an empty shard still reads a valid slot.
-    index = jnp.minimum(jnp.searchsorted(local.sampleable_cumsum, draws, side="right"), capacity - 1).astype(
-        jnp.int32
-    )
+    # An empty shard's table still holds valid slots (zeros), so its draws read real, weight-0 data.
+    index = local.table[(local.table_head + draws) % local.table.shape[0]]
     sample = gather(local, index, n_step=n_step, chunk=chunk, gamma=gamma)
     sample["weight"] = jnp.where(total > 0, jnp.ones((batch_size,), jnp.float32), 0.0)
     return sample
