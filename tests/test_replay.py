@@ -96,6 +96,7 @@ BLOCK = make_block(
 STREAM_IDS = [0, 1, 2, 3, 4, 5, 100, 101, 102, 200, 201, 202, 203, 204, 205, 300, 301, 302, 303]
 STREAM_SEGMENTS = [0] * 6 + [1] * 3 + [2] * 2 + [3] * 4 + [4] * 4
 STREAM_SAMPLEABLE = [T, T, T, T, F, F] + [T, T, T] + [T, T] + [T, T, F, F] + [T, T, F, F]
+STREAM_AHEAD = [5, 4, 3, 2, 1, 0] + [2, 1, 0] + [1, 0] + [3, 2, 1, 0] + [3, 2, 1, 0]  # later steps of segment
 
 
 # ------------------------------------------------------------------------------------------ insert
@@ -105,6 +106,7 @@ def test_insert_one_device_layout_and_wrap(mesh1):
     np.testing.assert_array_equal(ids(buffer)[0, :19], STREAM_IDS)
     np.testing.assert_array_equal(buffer.segment[0], STREAM_SEGMENTS + [-1] * 5)
     np.testing.assert_array_equal(buffer.sampleable[0], STREAM_SAMPLEABLE + [F] * 5)
+    np.testing.assert_array_equal(buffer.ahead[0, :19], STREAM_AHEAD)
     np.testing.assert_array_equal(buffer.version[0, :19], np.asarray(STREAM_IDS) // 100)
     np.testing.assert_array_equal(buffer.source[0, :19], ONLINE)
     assert (int(buffer.pos[0]), int(buffer.count[0]), int(buffer.next_segment[0])) == (19, 19, 5)
@@ -467,8 +469,9 @@ def test_a_million_transitions(mesh4):
     assert float(jnp.min(out["weight"])) == 1.0
     np.testing.assert_array_equal(buffer.count, rows * steps // 4)
     # Per slot: obs bytes + action f32[4] + reward f32 + terminal, sampleable, intervention (bool) +
-    # segment, table, version (int32) + reward_source, source (int8); plus five int32 counters per shard.
+    # segment, table, version (int32) + ahead, reward_source, source (int8); plus five int32 counters per
+    # shard.
     obs_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in spec.values())
-    per_slot = obs_bytes + 4 * action_size + 4 + 3 * 1 + 3 * 4 + 2 * 1
+    per_slot = obs_bytes + 4 * action_size + 4 + 3 * 1 + 3 * 4 + 3 * 1
     assert replay.memory_bytes(buffer) == capacity * per_slot + 5 * 4 * 4
     print(f"\n{capacity} transitions, {per_slot} B each: {replay.memory_bytes(buffer) / 2**20:.1f} MiB")
