@@ -122,3 +122,9 @@ def test_torch_worker_serves_repetitions_on_request():
     worker.times = [worker.repetition() for _ in range(2)]
     run = worker.close()
     assert run["threads"] == 1 and len(run["call_s"]) == 2 and run["train_steps_per_s"] > 0
+
+
+def test_alternating_reverses_the_order_every_other_repetition():
+    variants = {"ours": 1, "flashbax": 2}
+    assert [name for name, _ in bench.alternating(variants, 0)] == ["ours", "flashbax"]
+    assert [name for name, _ in bench.alternating(variants, 1)] == ["flashbax", "ours"]

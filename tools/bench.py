@@ -619,6 +619,13 @@ def torch_result(workers: list[TorchWorker]) -> dict:
     return {"status": "measured", **best, "runs": runs, "same_threads": same}
 
 
+def alternating(variants: dict, rep: int) -> list[tuple]:
+    """The variants' items in order on even repetitions, reversed on odd ones: under a shared machine's
+    varying load no variant always runs first (or right after the same neighbour)."""
+    items = list(variants.items())
+    return items[::-1] if rep % 2 else items
+
+
 def rates(call_s: list[float], steps: int, utd: int) -> dict:
     seconds = statistics.median(call_s)
     return {
@@ -722,7 +729,7 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
     workers = start_torch(torch_spec(mc, sc, counts, capacities, steps, reps), limit)
     times = {name: [] for name in calls}
     for rep in range(reps + 1):  # repetition 0 is the untimed warm-up
-        for name, call in calls.items():
+        for name, call in alternating(calls, rep):
             with watchdog(f"learner: {name} rep {rep}", limit):
                 t0 = time.perf_counter()
                 states[name], metrics = jax.block_until_ready(call(states[name], rep))
@@ -787,7 +794,7 @@ def bench_replay(capacity: int, reps: int, limit: float, cache: CacheEvents) -> 
         compile_into("flashbax add", fbx.add, buffers["flashbax"], fbx_blocks[0], donate=True)
     adds = {name: [] for name in buffers}
     for i in range(capacity // block_items + 1):
-        for name in buffers:
+        for name, _ in alternating(buffers, i):
             block = (fbx_blocks if name == "flashbax" else blocks)[i % len(blocks)]
             with watchdog(f"replay: {name} add {i}", limit):
                 t0 = time.perf_counter()
@@ -810,7 +817,7 @@ def bench_replay(capacity: int, reps: int, limit: float, cache: CacheEvents) -> 
     keys = list(jax.random.split(key, SAMPLE_CALLS))
     samples = {name: [] for name in samplers}
     for rep in range(reps + 1):  # repetition 0 is the untimed warm-up
-        for name, (program, buffer) in samplers.items():
+        for name, (program, buffer) in alternating(samplers, rep):
             with watchdog(f"replay: {name} sample rep {rep}", limit):
                 t0 = time.perf_counter()
                 jax.block_until_ready([programs[program](buffer, k) for k in keys])
