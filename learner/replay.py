@@ -209,11 +209,12 @@ def stream_layout(keep, is_first, terminal, row_length: int, n_step: int) -> tup
 
 
 def _sampleable(keep, terminal, last, n_step: int) -> jax.Array:
+    """[N] bool: kept steps whose segment ends in a terminal step or goes on for n_step more steps."""
     return keep & ((last - jnp.arange(keep.shape[0]) >= n_step) | terminal[last])
 
 
 def _updated_table(local: Buffer, slot: jax.Array, added: jax.Array, rank: jax.Array) -> dict:
-    """The sample table after writing the stream's steps to `slot` [N] (C where not written).
+    """The sample table after writing the stream's steps to `slot` [N] (C or more where not written).
 
     added [N] bool: written steps that are sampleable, in write order; rank [N]: their order among them.
     The written slots are the ring's oldest (or never written), so the sampleable ones among them are the

@@ -477,22 +477,31 @@ def fbx_transitions(sequences: dict, source: jax.Array, *, n_step: int, chunk: i
     }
 
 
-def fbx_train_steps(state: sac.SACState, fbx_states: list, key: jax.Array, *, num_steps: int, mixer,
-                    counts: dict[str, int], config, chunk: int, action_size: int, nets: sac.Networks,
-                    optimizers: dict) -> tuple[sac.SACState, dict]:  # fmt: skip
-    """`sac.train_steps` with the batches drawn from flashbax buffers (one per source, mixed by flashbax's
-    mixer) instead of ours: the same keys, normalisation and `sac.update`, so only the sampling differs."""
+def fbx_draw_batches(fbx_states: list, key: jax.Array, *, mixer, counts: dict[str, int], config, chunk: int,
+                     stats: dict) -> dict:  # fmt: skip
+    """`sac.draw_batches` from flashbax buffers: utd + 1 normalised mixed batches [utd + 1, B, ...], drawn
+    vectorised over the batches as ours are."""
     source = jnp.concatenate([jnp.full((count,), replay.SOURCES.index(name), jnp.int8)
                               for name, count in counts.items()])  # fmt: skip
 
     def draw(key):
         sequences = mixer.sample(fbx_states, key).experience
         batch = fbx_transitions(sequences, source, n_step=chunk, chunk=chunk, gamma=config.gamma)
-        return sac.normalize_batch(batch, nets.stats)
+        return sac.normalize_batch(batch, stats)
+
+    return jax.vmap(draw)(jax.random.split(key, config.utd + 1))
+
+
+def fbx_train_steps(state: sac.SACState, fbx_states: list, key: jax.Array, *, num_steps: int, mixer,
+                    counts: dict[str, int], config, chunk: int, action_size: int, nets: sac.Networks,
+                    optimizers: dict) -> tuple[sac.SACState, dict]:  # fmt: skip
+    """`sac.train_steps` with the batches drawn from flashbax buffers (one per source, mixed by flashbax's
+    mixer) instead of ours: the same keys, normalisation and `sac.update`, so only the sampling differs."""
 
     def body(state, _):
         key_batches, key_update = jax.random.split(jax.random.fold_in(key, state.step))
-        batches = jax.vmap(draw)(jax.random.split(key_batches, config.utd + 1))  # as `sac.draw_batches`
+        batches = fbx_draw_batches(fbx_states, key_batches, mixer=mixer, counts=counts, config=config,
+                                   chunk=chunk, stats=nets.stats)  # fmt: skip
         return sac.update(state, batches, key_update, config=config, chunk=chunk, action_size=action_size,
                           nets=nets, optimizers=optimizers)  # fmt: skip
 
@@ -725,6 +734,9 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
             compiled["flashbax"] = fbx_fn.lower(states["flashbax"], fbx_states, key).compile()
             compile_s["flashbax"], cached["flashbax"] = time.perf_counter() - t0, cache.hits > hits
         calls["flashbax"] = lambda state, rep: compiled["flashbax"](state, fbx_states, key)
+        draws = bench_draws(buffers, fbx_states, mixer, counts, sc, mc, stats, reps, limit)
+    else:
+        draws = {"draw_flashbax": {"status": PEER_MISSING}}
 
     workers = start_torch(torch_spec(mc, sc, counts, capacities, steps, reps), limit)
     times = {name: [] for name in calls}
@@ -754,7 +766,42 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
             result[f"jax_{name}"] = {"status": PEER_MISSING}
     result["jax_fused"]["gflops"] = flops * result["jax_fused"]["train_steps_per_s"] / 1e9
     result["torch"] = torch_result(workers)
-    return result
+    return {**result, **draws}
+
+
+DRAW_STEPS = 20  # train steps' batches drawn per call of the fused-draw programs
+
+
+def bench_draws(buffers: dict, fbx_states: list, mixer, counts: dict[str, int], config, model, stats: dict,
+                reps: int, limit: float) -> dict:  # fmt: skip
+    """The sampling of the fused train step alone: DRAW_STEPS train steps' batches (utd + 1 mixed batches
+    each, normalised) per jitted call, ours (`sac.draw_batches`) against flashbax's (`fbx_draw_batches`),
+    repetitions alternating, medians reported."""
+    ours = functools.partial(sac.draw_batches, config=config, chunk=model.chunk, stats=stats,
+                             batch_sharding=None)  # fmt: skip
+    theirs = functools.partial(fbx_draw_batches, mixer=mixer, counts=counts, config=config, chunk=model.chunk,
+                               stats=stats)  # fmt: skip
+
+    def steps_of(draw):  # one program drawing DRAW_STEPS steps' batches, as the fused scan does
+        def program(data, key):
+            return jax.lax.map(lambda k: draw(data, k), jax.random.split(key, DRAW_STEPS))
+
+        return jax.jit(program)
+
+    programs = {"draw_ours": (steps_of(ours), buffers), "draw_flashbax": (steps_of(theirs), fbx_states)}
+    key = jax.random.key(3)
+    with watchdog("learner: compile fused draws", limit):
+        compiled = {name: fn.lower(data, key).compile() for name, (fn, data) in programs.items()}
+    times = {name: [] for name in programs}
+    for rep in range(reps + 1):  # repetition 0 is the untimed warm-up
+        for name, (_, data) in alternating(programs, rep):
+            with watchdog(f"learner: {name} rep {rep}", limit):
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled[name](data, jax.random.fold_in(key, rep)))
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+    return {name: {"draw_steps_per_s": DRAW_STEPS / statistics.median(t), "call_s": t}
+            for name, t in times.items()}  # fmt: skip
 
 
 def bench_replay(capacity: int, reps: int, limit: float, cache: CacheEvents) -> dict:
@@ -864,6 +911,7 @@ RATIO_SOURCES = {
     "fused_over_torch_same_threads": ("jax_fused", "torch_same_threads", "train_steps_per_s", "call_s"),
     "fused_over_unfused": ("jax_fused", "jax_unfused", "train_steps_per_s", "call_s"),
     "fused_over_flashbax_fused": ("jax_fused", "jax_flashbax", "train_steps_per_s", "call_s"),
+    "draw_over_flashbax": ("draw_ours", "draw_flashbax", "draw_steps_per_s", "call_s"),
     "add_over_flashbax": ("ours", "flashbax", "add_items_per_s", "add_s"),
     "sample_over_flashbax": ("ours", "flashbax", "sample_items_per_s", "sample_s"),
     "sample_over_flashbax_nstep": ("ours", "flashbax_nstep", "sample_items_per_s", "sample_s"),
@@ -876,7 +924,7 @@ def learner_ratios(learner: dict, replay_row: dict, reps: int) -> dict:
     rows = {**learner, **replay_row, "torch_same_threads": learner["torch"].get("same_threads", {})}
     ratios = {}
     for key, (ours_name, peer_name, rate, times) in RATIO_SOURCES.items():
-        ours, peer = rows[ours_name], rows[peer_name]
+        ours, peer = rows.get(ours_name, {}), rows.get(peer_name, {})
         if rate not in ours or rate not in peer:
             ratios[key] = None
             continue
@@ -942,6 +990,7 @@ RATIO_LABELS = {
     "fused_over_torch_same_threads": ("SAC fused JAX / PyTorch eager on as many threads, train steps/s", 1.5),
     "fused_over_unfused": ("SAC fused / unfused JAX, train steps/s", None),
     "fused_over_flashbax_fused": ("SAC fused, our replay / flashbax, train steps/s", 0.9),
+    "draw_over_flashbax": ("fused sample (a train step's batches, in one jit), ours / flashbax", 1.0),
     "add_over_flashbax": ("replay add, ours / flashbax", 1.0),
     "sample_over_flashbax": ("replay sample, ours / flashbax raw sequences", 1.0),
     "sample_over_flashbax_nstep": ("replay sample, ours / flashbax + n-step", 1.0),
@@ -1201,6 +1250,11 @@ def main(argv: list[str]) -> int:
               f"after one untimed; replay capacities {learner['capacities']}; device {learner['device']}; "
               f"fused matmul {learner['jax_fused']['gflops']:.1f} GFLOP/s\n")  # fmt: skip
         emit(learner_table(learner))
+        if "draw_steps_per_s" in learner.get("draw_flashbax", {}):
+            ours, theirs = learner["draw_ours"], learner["draw_flashbax"]
+            emit(f"\nFused sample alone ({DRAW_STEPS} train steps' batches per jitted call, median of "
+                 f"{args.reps} alternating reps): ours {ours['draw_steps_per_s']:,.0f}, flashbax "
+                 f"{theirs['draw_steps_per_s']:,.0f} train steps' batches/s")  # fmt: skip
         r = learner["replay"]
         emit(f"\nReplay, capacity {r['capacity']:,} ({r['bytes'] / 2**20:.0f} MiB ours); add: "
               f"[{BLOCK_ROWS}, {BLOCK_STEPS}] blocks, median call; sample: batch {r['batch']}, n-step "
