@@ -568,8 +568,9 @@ def torch_spec(model: models.ModelConfig, config, counts: dict[str, int], capaci
 def torch_threads() -> list[int]:
     """Thread counts the PyTorch reference runs with: the machine's cores, and one.
 
-    One as well because eager PyTorch's OpenMP pool collapses when another process holds a core (on this
-    shared 2-core machine, 2 threads ran 6x slower than 1 under load): the reference is the faster of the two.
+    One as well because eager PyTorch's OpenMP pool slows down when another process holds a core: the
+    reference is the faster of the two, and the ratio at the machine's cores (as many threads as XLA's pool)
+    is reported beside it.
     """
     return sorted({os.cpu_count() or 1, 1}, reverse=True)
 
@@ -582,9 +583,12 @@ class TorchWorker:
         self.threads, self.limit, self.utd, self.times = threads, limit, spec["utd"], []
         command = [sys.executable, "-m", "tools.bench_torch", "--serve", "--spec",
                    json.dumps({**spec, "threads": threads})]  # fmt: skip
-        # stderr is inherited: a pipe nobody reads could fill and block the worker.
+        # OpenMP threads that sleep at a barrier instead of spinning: spinning, 2 threads on this shared
+        # 2-core machine ran 8x slower than sleeping (0.5 against 4.1 train steps/s, load 8), which made the
+        # peer look slower than it is. stderr is inherited: a pipe nobody reads could fill and block.
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         self.process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)  # fmt: skip
         with watchdog(f"learner: pytorch {threads} threads warm-up", limit):
             self.info = json.loads(self._line())
 
