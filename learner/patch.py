@@ -153,7 +153,7 @@ class Collector:
             env = Takeover(base, trigger, policy=one if trigger.lookahead else None)
             policy = lambda s, k: actor(params, s.obs, k)  # noqa: E731
             key_reset, key_act = jax.random.split(key)
-            keys = jax.random.split(key_reset, num_envs)
+            keys = evaluate.reset_keys(key_reset, num_envs)  # the contexts an Evaluator under `key` runs
             last, record = rollout(
                 jax.vmap(env.step), policy, jax.vmap(env.reset)(keys), key_act, self.length
             )
@@ -196,9 +196,7 @@ def protocol_report(rolled: dict, components: tuple[str, ...]) -> dict:
             "assisted_success": float(np.mean(success[rows])) if rows.any() else None,
             "solo_success": float(np.mean(solo[rows])) if rows.any() else None,
             **counts,
-            "false_alarm_rate": counts["false_alarms"] / counts["corrective_episodes"]
-            if counts["corrective_episodes"]
-            else None,
+            "false_alarm_rate": false_alarm_rate(counts),
             "median_segment_steps": float(np.median(segments)) if segments else None,
         }
 
@@ -446,14 +444,18 @@ def run_patching(
     return records, learner.state.actor
 
 
+def false_alarm_rate(counts: dict) -> float | None:
+    """The share of corrective episodes the policy would have won alone."""
+    return counts["false_alarms"] / counts["corrective_episodes"] if counts["corrective_episodes"] else None
+
+
 def effort_record(totals: dict) -> dict:
     """What a record shows of the running effort totals: the counts, the false-alarm rate among corrective
     episodes and the median takeover segment."""
     lengths = totals.get("segment_lengths", [])
-    corrective = totals["corrective_episodes"]
     return {
         **{k: totals[k] for k in ZERO_EFFORT},
-        "false_alarm_rate": totals["false_alarms"] / corrective if corrective else None,
+        "false_alarm_rate": false_alarm_rate(totals),
         "median_segment_steps": float(np.median(lengths)) if lengths else None,
     }
 

@@ -57,7 +57,7 @@ METHODS = {  # stage -> row label, in the table's order
     "recap": "Recap",
     "ript": "RIPT (from a few-shot SFT)",
 }
-# The seeds' claims the report measures against (shared/research/seed_methods.md).
+# The seeds' claims the report measures against (their sources: docs/seeds.md).
 CLAIMS = {
     "patch": "Cortex 1.5: patching reaches >= 95% on the failure configurations with >= 4x fewer operator "
     "interventions than full SFT retraining",
