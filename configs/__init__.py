@@ -199,7 +199,8 @@ class PatchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     """One run of every arm per seed."""
     reward: Literal["operator", "pro"] = "operator"
-    """The learner's reward: the operator's sparse success label, or PRO's dense Δp - λρ (`pro`)."""
+    """The learner's reward: the operator's sparse success label, or that label plus PRO's potential-based
+    shaping β(γΦ(s') - Φ(s)) (`pro`; `pro.shaping` is β, `pro.shaping_risk` the λ in Φ = V - λρ)."""
     pro: str = "runs/pro"
     """Run folder of the trained process-reward model (`jaxvla pro train`), read when reward is "pro"."""
 
@@ -264,7 +265,21 @@ class ProConfig:
     risk_weight: float = 0.5
     """λ in the dense reward Δp - λρ, the ranking score V - λρ and the episode score."""
     rank_samples: int = 8
-    """K: candidate chunks ranked per step."""
+    """K: candidate chunks ranked per step (the deterministic chunk and K - 1 samples)."""
+    shaping: float = 1.0
+    """β: weight of the potential-based shaping β(γΦ(s') - Φ(s)) added to the sparse reward (state-only
+    PRO, `--pro.net.no-action-input`)."""
+    shaping_risk: float = 0.0
+    """λ inside the shaping potential Φ = V - λρ (0: progress alone; choose it on the validation set)."""
+    conservative: float = 0.0
+    """α of the Cal-QL term that keeps an action-conditioned PRO's values of chunks off the data at or
+    below the logged return (0: off; V-GPS uses 5). For ranking."""
+    conservative_samples: int = 4
+    """Chunks off the data per example in the Cal-QL term: half uniform, half the logged one plus noise."""
+    conservative_noise: float = 0.3
+    """Standard deviation of the noise added to logged chunks in the Cal-QL term."""
+    refresh_steps: int = 100
+    """Gradient steps of each on-policy refresh of PRO on the current policy's episodes (`pro.refresh`)."""
     gate_success: float = 0.2
     """A retry is stopped when q_t, the predicted success, is below this."""
     eval_episodes: int = 128

@@ -364,8 +364,8 @@ def run_patching(
     if pc.reward == "pro":
         rewards = {
             "gamma": sc.gamma,
-            "risk_weight": config.pro.risk_weight,
-            "failure_cost": config.pro.failure_cost,
+            "beta": config.pro.shaping,
+            "risk_weight": config.pro.shaping_risk,
         }
         model = pro.load(pc.pro)
         relabel = functools.partial(pro.relabel, model, **rewards)
