@@ -226,11 +226,13 @@ class ProConfig:
         "{task}_train",
         "{task}_novel",
         "pro/{task}_prior_train",
-        "pro/{task}_prior_novel",
-        "pro/{task}_takeover_novel",
+        "pro/{task}_prior_{split}",
+        "pro/{task}_takeover_{split}",
     )
-    """RLDS datasets under `pretrain.data_dir` it trains on ({task} is filled in): scripted, pretrained,
-    patched and failed episodes."""
+    """RLDS datasets under `pretrain.data_dir` it trains on ({task} and {split}, `collect_split`, are
+    filled in): scripted, pretrained, patched and failed episodes."""
+    collect_split: str = "novel"
+    """Split of the prior's logged deployments besides `train`, alone and with takeovers (`collect`)."""
     heldout: float = 0.2
     """Fraction of episodes (by episode-id hash) held out for evaluation."""
     gamma: float = 0.97
@@ -291,7 +293,7 @@ class ProConfig:
             raise ValueError("ProConfig: batch_size must be even and steps a multiple of log_every")
 
     def dataset_names(self) -> tuple[str, ...]:
-        return tuple(name.format(task=self.task) for name in self.datasets)
+        return tuple(name.format(task=self.task, split=self.collect_split) for name in self.datasets)
 
 
 @dataclasses.dataclass(frozen=True)
