@@ -181,6 +181,9 @@ class PatchConfig:
     lookahead: int = 0
     """Operator trigger: shadow-roll the policy this many steps ahead and take over before a predicted
     failure (0: off; each step then simulates 1 + lookahead steps)."""
+    risk_trigger: float = 0.0
+    """Operator trigger: take over when the state-only PRO in `pro` predicts a failure within Δ steps with
+    probability over this (0: off)."""
     calm_steps: int = 5
     """Operator hand back: steps without an alarm before control returns to the policy."""
     max_segment: int = 40

@@ -42,6 +42,7 @@ from envs.cell import SLIP
 from envs.cell import TIMEOUT
 from envs.operator import takeover_alarm
 from envs.operator import takeover_flags
+from envs.wrappers import History
 from envs.wrappers import Takeover
 from jaxvla import models
 from jaxvla import normalization
@@ -674,3 +675,13 @@ class RiskTakeover(Takeover):
         flags = takeover_flags(jnp, self.trigger, state.info, alarm, new.info["stage"], new.done)
         extra = {**flags, "policy_action": policy_action, "action": action, "rho": rho}
         return dataclasses.replace(new, info={**new.info, **extra})
+
+
+def risk_takeover(pro_: Pro, threshold: float):
+    """`(env, trigger, policy=None) -> env`: the takeover wrapper `learner.patch.Collector` builds, with
+    ρ > threshold as one more trigger (History(RiskTakeover(...)), PRO's window kept outside it)."""
+
+    def make(env, trigger, policy=None):
+        return History(RiskTakeover(env, trigger, pro_, threshold, policy), pro_.net.window)
+
+    return make

@@ -19,7 +19,6 @@ from envs.cell import SLIP
 from envs.cell import TIMEOUT
 from envs.cell import WRONG_BIN
 from envs.operator import Trigger
-from envs.wrappers import History
 from jaxvla import export
 from jaxvla.actor import pro as actor_pro
 from jaxvla.models import ModelConfig
@@ -423,7 +422,7 @@ def test_risk_takeover_calls_the_operator_when_rho_passes_the_threshold(state_mo
     silent = Trigger(slip=1e9, force=1e9, on_failure_event=False, stall_steps=10**6)
 
     def taken_over(threshold: float) -> np.ndarray:
-        env = History(pro.RiskTakeover(base, silent, state_model, threshold), STATE_NET.window)
+        env = pro.risk_takeover(state_model, threshold)(base, silent)  # what patch.Collector builds
 
         @jax.jit
         def run(key):

@@ -197,20 +197,22 @@ def ranking_evaluations(
     config: configs.Config, policy, split: str, seed: int = 0, *, pro_dir: str | None = None
 ) -> dict:
     """Success of `policy` (a Prior-like: graphdef, params, stats) on `split`: its deterministic chunk,
-    one sampled chunk, and the best of K sampled chunks by the PRO in `pro_dir` (default: this run's)."""
+    one sampled chunk, and the best of its deterministic and K - 1 sampled chunks by the PRO in `pro_dir`
+    (default: this run's) when that PRO is action-conditioned (a state-only one cannot rank)."""
     pc = config.pro
     model = pro.load(pro_dir or run_dir(config))
     key = jax.random.key(seed)
     actors = {
         "mode": {"actor": evaluate.chunk_actor(policy.graphdef, policy.stats)},
         "sampled": {"actor": evaluate.chunk_actor(policy.graphdef, policy.stats, explore=True)},
-        f"ranked_k{pc.rank_samples}": {
+    }
+    if model.net.action_input:
+        actors[f"ranked_k{pc.rank_samples}"] = {
             "state_actor": pro.ranking_actor(
                 policy.graphdef, policy.stats, model, samples=pc.rank_samples, risk_weight=pc.risk_weight
             ),
-            "wrap": lambda env: History(env, pc.net.window),
-        },
-    }
+            "wrap": lambda env: History(env, model.net.window),
+        }
     out = {}
     for name, kwargs in actors.items():
         evaluator = evaluate.Evaluator(pc.task, split, pc.eval_episodes, **kwargs)
