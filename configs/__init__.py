@@ -271,6 +271,9 @@ class ProConfig:
     """λ in the dense reward Δp - λρ, the ranking score V - λρ and the episode score."""
     rank_samples: int = 8
     """K: candidate chunks ranked per step (the deterministic chunk and K - 1 samples)."""
+    rank_margin: float = 0.0
+    """Score credited to the deterministic chunk when ranking: a sampled chunk replaces it only when PRO
+    rates it higher by more than this (choose it on the validation set)."""
     shaping: float = 1.0
     """β: weight of the potential-based shaping β(γΦ(s') - Φ(s)) added to the sparse reward (state-only
     PRO, `--pro.net.no-action-input`)."""

@@ -461,7 +461,14 @@ def candidate_chunks(key: jax.Array, mean: jax.Array, log_std: jax.Array, sample
     return sampled.at[0].set(distributions.mode(mean))
 
 
-def ranking_actor(policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float):
+def ranking_scores(value: jax.Array, rho: jax.Array, *, risk_weight: float, margin: float) -> jax.Array:
+    """[K, ...] candidate scores V - λρ, the deterministic candidate (index 0) credited `margin`: a sampled
+    chunk replaces the policy's own only when PRO rates it higher by more than the margin."""
+    return (value - risk_weight * rho).at[0].add(margin)
+
+
+def ranking_actor(policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float,
+                  margin: float = 0.0):  # fmt: skip
     """(policy params, env state, key) -> action [B, A]: the deterministic chunk and K - 1 sampled ones,
     scored by an action-conditioned PRO's V - λ rho at the current step (train it with `conservative` > 0:
     Cal-QL keeps chunks off the data from scoring high); executes the first action of the best (the env
@@ -475,7 +482,8 @@ def ranking_actor(policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int
         candidates = candidate_chunks(key, mean, log_std, samples)
         batch = window_from_history(state.info["history"], state.obs, state.cell.step, candidates)
         out = pro.outputs(batch)
-        score = (out["value"] - risk_weight * out["rho"])[:, -1].reshape(samples, -1)  # [K, B]
+        value, rho = (out[k][:, -1].reshape(samples, -1) for k in ("value", "rho"))  # [K, B]
+        score = ranking_scores(value, rho, risk_weight=risk_weight, margin=margin)
         best = jnp.argmax(score, axis=0)
         return jnp.take_along_axis(candidates, best[None, :, None, None], axis=0)[0, :, 0]
 

@@ -237,6 +237,15 @@ def test_potential_carries_risk_only_with_its_weight():
     np.testing.assert_allclose(pro.potential(readouts, 0.5), [[0.3, 0.15]], atol=1e-7)
 
 
+def test_the_deterministic_chunk_keeps_its_place_unless_beaten_by_the_margin():
+    value, rho = jnp.array([[0.50], [0.58], [0.40]]), jnp.array([[0.0], [0.1], [0.0]])
+    # Scores V - 0.5 rho: 0.50, 0.53, 0.40. Without a margin candidate 1 wins; a margin of 0.05 keeps 0.
+    plain = pro.ranking_scores(value, rho, risk_weight=0.5, margin=0.0)
+    assert int(jnp.argmax(plain[:, 0])) == 1
+    kept = pro.ranking_scores(value, rho, risk_weight=0.5, margin=0.05)
+    np.testing.assert_allclose(kept[:, 0], [0.55, 0.53, 0.40], atol=1e-6)
+
+
 def test_calql_penalty_by_hand():
     # Example 0: values off the data 0.9 and 0.1, return 0.5 -> max: 0.9, 0.5 -> mean 0.7; minus Q_data 0.6.
     # Example 1: 0.0 and 0.2, return -0.5 -> mean 0.1; minus Q_data 0.3 -> -0.2.  Mean: (0.1 - 0.2) / 2.
@@ -326,7 +335,7 @@ def test_numpy_pro_and_ranking_window_match_jax(model, tmp_path):
     jax_out = jax.jit(model.outputs)(pro.window_from_history(history, now, jnp.array([5]), candidates))
     # The numpy side builds the same window from its own history.
     ranked = actor_pro.RankedPolicy.__new__(actor_pro.RankedPolicy)
-    ranked.pro, ranked.risk_weight, ranked.samples = numpy_pro, 0.5, 3
+    ranked.pro, ranked.risk_weight, ranked.samples, ranked.margin = numpy_pro, 0.5, 3, 0.01
     obs_rows = [{k: v[i] for k, v in steps["observation"].items()} for i in range(6)]
     ranked._obs, ranked._actions, ranked.step = obs_rows[2:5], list(steps["action"][2:5]), 5
     ranked.policy = type(
@@ -343,7 +352,9 @@ def test_numpy_pro_and_ranking_window_match_jax(model, tmp_path):
     )()
     ranked.rng = None
     out = ranked.infer(obs_rows[5])
-    expected = np.asarray(jax_out["value"][:, -1] - 0.5 * jax_out["rho"][:, -1])
+    expected = np.asarray(
+        pro.ranking_scores(jax_out["value"][:, -1], jax_out["rho"][:, -1], risk_weight=0.5, margin=0.01)
+    )
     np.testing.assert_allclose(out["candidates"], candidates[:, 0], atol=1e-6)
     np.testing.assert_allclose(out["scores"], expected, atol=1e-4)
     np.testing.assert_allclose(out["actions"], candidates[int(np.argmax(expected)), 0], atol=1e-6)

@@ -209,7 +209,12 @@ def ranking_evaluations(
     if model.net.action_input:
         actors[f"ranked_k{pc.rank_samples}"] = {
             "state_actor": pro.ranking_actor(
-                policy.graphdef, policy.stats, model, samples=pc.rank_samples, risk_weight=pc.risk_weight
+                policy.graphdef,
+                policy.stats,
+                model,
+                samples=pc.rank_samples,
+                risk_weight=pc.risk_weight,
+                margin=pc.rank_margin,
             ),
             "wrap": lambda env: History(env, model.net.window),
         }
@@ -509,7 +514,12 @@ def rank(config: configs.Config) -> int:
         "deterministic": {"actor": evaluate.chunk_actor(prior.graphdef, prior.stats)},
         f"ranked_k{pc.rank_samples}": {
             "state_actor": pro.ranking_actor(
-                prior.graphdef, prior.stats, model, samples=pc.rank_samples, risk_weight=pc.risk_weight
+                prior.graphdef,
+                prior.stats,
+                model,
+                samples=pc.rank_samples,
+                risk_weight=pc.risk_weight,
+                margin=pc.rank_margin,
             ),
             "wrap": lambda env: History(env, model.net.window),
         },

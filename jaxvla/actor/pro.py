@@ -112,7 +112,8 @@ def load(path: str | os.PathLike) -> ProcessReward:
 
 class RankedPolicy:
     """Ranks K candidates from `policy` (its deterministic chunk and K - 1 samples) and executes the one
-    PRO scores best (V - λρ at this step; train PRO with `conservative` > 0 for ranking).
+    PRO scores best (V - λρ at this step, the deterministic chunk credited `margin`; train PRO with
+    `conservative` > 0 for ranking).
 
     Call `infer(obs)` once per control step; it records the observation and the first action of the
     chunk it returns as executed. When a teleoperator overrides that action, call `executed(action)`.
@@ -125,11 +126,13 @@ class RankedPolicy:
         *,
         samples: int = 8,
         risk_weight: float = 0.5,
+        margin: float = 0.0,
         rng: np.random.Generator | None = None,
     ):
         if pro.chunk != policy.chunk:
             raise ValueError(f"PRO embeds chunks of {pro.chunk} actions, the policy makes {policy.chunk}")
         self.policy, self.pro, self.samples, self.risk_weight = policy, pro, samples, risk_weight
+        self.margin = margin  # credited to the deterministic chunk (learner.pro.ranking_scores)
         self.rng = rng or np.random.default_rng()
         self.reset()
 
@@ -163,6 +166,7 @@ class RankedPolicy:
             np.broadcast_to(valid, (k, w)),
         )
         scores = out["value"][:, -1] - self.risk_weight * out["rho"][:, -1]
+        scores[0] += self.margin
         best = int(np.argmax(scores))
         self._obs = [*past, obs]
         self._actions = [*self._actions[-(w - 1) :], candidates[best, 0]]
