@@ -181,6 +181,9 @@ class PatchConfig:
     lookahead: int = 0
     """Operator trigger: shadow-roll the policy this many steps ahead and take over before a predicted
     failure (0: off; each step then simulates 1 + lookahead steps)."""
+    risk_trigger: float = 0.0
+    """Operator trigger: take over when the state-only PRO in `pro` predicts a failure within Δ steps with
+    probability over this (0: off)."""
     calm_steps: int = 5
     """Operator hand back: steps without an alarm before control returns to the policy."""
     max_segment: int = 40
@@ -199,7 +202,8 @@ class PatchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     """One run of every arm per seed."""
     reward: Literal["operator", "pro"] = "operator"
-    """The learner's reward: the operator's sparse success label, or PRO's dense Δp - λρ (`pro`)."""
+    """The learner's reward: the operator's sparse success label, or that label plus PRO's potential-based
+    shaping β(γΦ(s') - Φ(s)) (`pro`; `pro.shaping` is β, `pro.shaping_risk` the λ in Φ = V - λρ)."""
     pro: str = "runs/pro"
     """Run folder of the trained process-reward model (`jaxvla pro train`), read when reward is "pro"."""
 
@@ -225,11 +229,13 @@ class ProConfig:
         "{task}_train",
         "{task}_novel",
         "pro/{task}_prior_train",
-        "pro/{task}_prior_novel",
-        "pro/{task}_takeover_novel",
+        "pro/{task}_prior_{split}",
+        "pro/{task}_takeover_{split}",
     )
-    """RLDS datasets under `pretrain.data_dir` it trains on ({task} is filled in): scripted, pretrained,
-    patched and failed episodes."""
+    """RLDS datasets under `pretrain.data_dir` it trains on ({task} and {split}, `collect_split`, are
+    filled in): scripted, pretrained, patched and failed episodes."""
+    collect_split: str = "novel"
+    """Split of the prior's logged deployments besides `train`, alone and with takeovers (`collect`)."""
     heldout: float = 0.2
     """Fraction of episodes (by episode-id hash) held out for evaluation."""
     gamma: float = 0.97
@@ -264,7 +270,24 @@ class ProConfig:
     risk_weight: float = 0.5
     """λ in the dense reward Δp - λρ, the ranking score V - λρ and the episode score."""
     rank_samples: int = 8
-    """K: candidate chunks ranked per step."""
+    """K: candidate chunks ranked per step (the deterministic chunk and K - 1 samples)."""
+    rank_margin: float = 0.0
+    """Score credited to the deterministic chunk when ranking: a sampled chunk replaces it only when PRO
+    rates it higher by more than this (choose it on the validation set)."""
+    shaping: float = 1.0
+    """β: weight of the potential-based shaping β(γΦ(s') - Φ(s)) added to the sparse reward (state-only
+    PRO, `--pro.net.no-action-input`)."""
+    shaping_risk: float = 0.0
+    """λ inside the shaping potential Φ = V - λρ (0: progress alone; choose it on the validation set)."""
+    conservative: float = 0.0
+    """α of the Cal-QL term that keeps an action-conditioned PRO's values of chunks off the data at or
+    below the logged return (0: off; V-GPS uses 5). For ranking."""
+    conservative_samples: int = 4
+    """Chunks off the data per example in the Cal-QL term: half uniform, half the logged one plus noise."""
+    conservative_noise: float = 0.3
+    """Standard deviation of the noise added to logged chunks in the Cal-QL term."""
+    refresh_steps: int = 100
+    """Gradient steps of each on-policy refresh of PRO on the current policy's episodes (`pro.refresh`)."""
     gate_success: float = 0.2
     """A retry is stopped when q_t, the predicted success, is below this."""
     eval_episodes: int = 128
@@ -276,7 +299,7 @@ class ProConfig:
             raise ValueError("ProConfig: batch_size must be even and steps a multiple of log_every")
 
     def dataset_names(self) -> tuple[str, ...]:
-        return tuple(name.format(task=self.task) for name in self.datasets)
+        return tuple(name.format(task=self.task, split=self.collect_split) for name in self.datasets)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -140,9 +140,11 @@ class Collector:
         *,
         solo: bool = False,
         lookahead_actor: evaluate.Actor | None = None,
+        takeover=Takeover,
     ):
         """`relabel(block, success) -> block` replaces the operator's sparse reward (PRO's dense one). It is
-        jitted on its own, so the rollout program is the same with or without it (compiled once, cached)."""
+        jitted on its own, so the rollout program is the same with or without it (compiled once, cached).
+        `takeover(env, trigger, policy=...)` wraps the env (PRO's risk trigger: `pro.risk_takeover`)."""
         if trigger.lookahead and lookahead_actor is None:
             raise ValueError("a look-ahead trigger needs the deterministic policy (lookahead_actor)")
         base = envs.make(task, split)
@@ -150,7 +152,7 @@ class Collector:
 
         def run(params, key, version):
             one = lambda s: lookahead_actor(params, jax.tree.map(lambda x: x[None], s.obs), key)[0]  # noqa: E731
-            env = Takeover(base, trigger, policy=one if trigger.lookahead else None)
+            env = takeover(base, trigger, policy=one if trigger.lookahead else None)
             policy = lambda s, k: actor(params, s.obs, k)  # noqa: E731
             key_reset, key_act = jax.random.split(key)
             keys = evaluate.reset_keys(key_reset, num_envs)  # the contexts an Evaluator under `key` runs
@@ -362,13 +364,14 @@ def run_patching(
     if pc.reward == "pro":
         rewards = {
             "gamma": sc.gamma,
-            "risk_weight": config.pro.risk_weight,
-            "failure_cost": config.pro.failure_cost,
+            "beta": config.pro.shaping,
+            "risk_weight": config.pro.shaping_risk,
         }
         model = pro.load(pc.pro)
         relabel = functools.partial(pro.relabel, model, **rewards)
         offline = pro.relabel_episodes(model, offline, **rewards)
     deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
+    takeover = pro.risk_takeover(pro.load(pc.pro), pc.risk_trigger) if pc.risk_trigger else Takeover
     collector = Collector(
         pc.task,
         pc.split,
@@ -378,6 +381,7 @@ def run_patching(
         relabel,
         solo=pc.false_alarms,
         lookahead_actor=deterministic,
+        takeover=takeover,
     )
     evaluation_on = paired_evaluation(config, prior)
     insert_online = make_insert()

@@ -13,9 +13,12 @@ one (no slip, drop or missed grasp) beats a recovered one, then fewer retries, t
 A training example is a window of W steps ending at step t, plus a partner window at the same fraction
 of another episode; the losses read the window's last step.
 
-Uses: `dense_reward` (Δp - λρ for the patching learner), `ranking_actor` (best of K sampled chunks by
-V - λρ, in MJX), `gate` (abort at a retry the termination head calls hopeless), `quality` (a score per
-episode), and `score_episodes` (every step's readouts, for evaluation and the episode plot).
+Uses: `shaped_reward` (the operator's sparse reward plus potential-based shaping β(γΦ(s') - Φ(s)) from a
+state-only PRO, for the patching learner; `refresh` fine-tunes PRO on the current policy's episodes),
+`RiskTakeover` (the operator is called when a state-only PRO's ρ passes a threshold), `ranking_actor`
+(the deterministic chunk and K - 1 sampled ones ranked by a conservatively trained action-conditioned
+PRO, in MJX), `gate` (abort at a retry the termination head calls hopeless), `quality` (a score per
+episode, for the fleet gate), and `score_episodes` (every step's readouts, for evaluation and plots).
 """
 
 import dataclasses
@@ -37,6 +40,10 @@ from envs.cell import EVENTS
 from envs.cell import MISSED_GRASP
 from envs.cell import SLIP
 from envs.cell import TIMEOUT
+from envs.operator import takeover_alarm
+from envs.operator import takeover_flags
+from envs.wrappers import History
+from envs.wrappers import Takeover
 from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
@@ -243,10 +250,61 @@ def losses(logits: dict, batch: dict, support: jax.Array, pc: ProConfig) -> dict
     }
 
 
+def substitute_chunk(chunks: jax.Array, candidate: jax.Array) -> jax.Array:
+    """A window's chunks [B, W, H, A] with the actions from its last step on replaced by `candidate`
+    [B, H, A]: what the window would embed had the candidate been executed (as `window_from_history`)."""
+    w, h = chunks.shape[1], chunks.shape[2]
+    offset = jnp.arange(w)[:, None] - (w - 1) + jnp.arange(h)[None, :]  # [W, H]: candidate action index
+    replaced = candidate[:, jnp.clip(offset, 0, h - 1)]  # [B, W, H, A]
+    return jnp.where((offset >= 0)[None, :, :, None], replaced, chunks)
+
+
+def out_of_data_chunks(key: jax.Array, logged: jax.Array, count: int, noise: float) -> jax.Array:
+    """[B, count, H, A] chunks away from the data: half uniform in [-1, 1], half the logged chunk [B, H, A]
+    plus Gaussian noise (clipped), the candidates a sampled policy proposes near its data."""
+    key_uniform, key_noise = jax.random.split(key)
+    half = count // 2
+    b, h, a = logged.shape
+    uniform = jax.random.uniform(key_uniform, (b, count - half, h, a), minval=-1.0, maxval=1.0)
+    near = logged[:, None] + noise * jax.random.normal(key_noise, (b, half, h, a))
+    return jnp.concatenate([uniform, jnp.clip(near, -1.0, 1.0)], axis=1)
+
+
+def with_out_of_data_chunks(batch: dict, key: jax.Array, *, count: int, noise: float) -> dict:
+    """bc.train_steps' `prepare`: the batch plus "other_chunks" [B, count, H, A] for the Cal-QL term."""
+    return {**batch, "other_chunks": out_of_data_chunks(key, batch["chunk"][:, -1], count, noise)}
+
+
+def calql_penalty(q_data: jax.Array, q_other: jax.Array, mc_return: jax.Array) -> jax.Array:
+    """Cal-QL's conservative term: mean over examples of mean_i max(Q(s, a_i), G) - Q(s, a_data).
+
+    q_data [B], q_other [N, B], mc_return G [B] (the logged discounted return). Values of chunks away from
+    the data are pushed down only while above the return of the policy that logged the data, so they stay
+    calibrated (Nakamoto et al. 2023), and the logged chunk's value is pushed up.
+    """
+    return jnp.mean(jnp.mean(jnp.maximum(q_other, mc_return), axis=0) - q_data)
+
+
+def conservative_loss(params, batch, *, graphdef, stats, support) -> jax.Array:
+    """The Cal-QL term for an action-conditioned PRO on the windows' last step; the batch carries
+    "other_chunks" [B, N, H, A] (`with_out_of_data_chunks`)."""
+    value = lambda chunks: heads.expected_value(  # noqa: E731
+        apply(graphdef, params, stats, {**batch, "chunk": chunks})["value"][:, -1], support
+    )
+    others = jnp.moveaxis(batch["other_chunks"], 1, 0)  # [N, B, H, A]
+    q_other = jax.vmap(lambda c: value(substitute_chunk(batch["chunk"], c)))(others)
+    return calql_penalty(value(batch["chunk"]), q_other, batch["return"])
+
+
 def pro_loss(params, batch, *, graphdef, stats, support, pc: ProConfig) -> tuple[jax.Array, dict]:
     terms = losses(apply(graphdef, params, stats, batch), batch, support, pc)
     total = terms["value"] + terms["done"] + terms["success"] + terms["risk"]
     total = total + pc.comparison_weight * terms["comparison"]
+    if pc.conservative > 0:
+        terms["conservative"] = conservative_loss(
+            params, batch, graphdef=graphdef, stats=stats, support=support
+        )
+        total = total + pc.conservative * terms["conservative"]
     return total, {"loss": total, **terms}
 
 
@@ -273,9 +331,16 @@ def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
     mesh = mesh or sharding.make_mesh()
     sharding.check_batch_size(pc.batch_size, mesh)
     replicated = sharding.replicated(mesh)
+    prepare = None
+    if pc.conservative > 0:
+        if not pc.net.action_input:
+            raise ValueError("ProConfig.conservative needs an action-conditioned net (net.action_input)")
+        prepare = functools.partial(
+            with_out_of_data_chunks, count=pc.conservative_samples, noise=pc.conservative_noise
+        )
     fn = functools.partial(
         bc.train_steps, num_steps=pc.log_every, batch_size=pc.batch_size,
-        batch_sharding=sharding.batch_sharded(mesh), update_fn=update_fn, sample_fn=sample,
+        batch_sharding=sharding.batch_sharded(mesh), update_fn=update_fn, sample_fn=sample, prepare=prepare,
     )  # fmt: skip
     return jax.jit(fn, donate_argnums=0, in_shardings=(replicated,) * 3, out_shardings=replicated)
 
@@ -341,20 +406,25 @@ def score_episodes(pro: Pro, episodes: list[dict], *, length: int = 128, batch: 
 
 
 # ---------------------------------------------------------------------------------------------- uses
-def dense_reward(value: jax.Array, rho: jax.Array, valid: jax.Array, success: jax.Array, *, gamma: float,
-                 risk_weight: float, failure_cost: float) -> jax.Array:  # fmt: skip
-    """r_t = gamma V(s_{t+1}) - V(s_t) - λ rho_t over [B, T]; the state after an episode's last step is
-    valued at its verified outcome (+1 success, -failure_cost otherwise). Zero on padding.
+def potential(readouts: dict, risk_weight: float) -> jax.Array:
+    """Φ(s) [B, T] = V(s) - λ ρ(s) from a state-only PRO: risk enters the reward only as part of the
+    potential, so it cannot change which policy is optimal (λ = 0: progress alone)."""
+    return readouts["value"] - risk_weight * readouts["rho"]
 
-    Summed over an episode the progress terms telescope to (about) the outcome minus V(s_0): potential
-    shaping (Ng et al. 1999) of the operator's sparse label, which keeps the optimal policy, plus the
-    risk penalty.
+
+def shaped_reward(sparse: jax.Array, phi: jax.Array, valid: jax.Array, terminal: jax.Array, *, gamma: float,
+                  beta: float) -> jax.Array:  # fmt: skip
+    """r'_t = r_t + β(γ Φ(s_{t+1}) - Φ(s_t)) over [B, T]; zero on padding.
+
+    Φ is 0 after a step that ends its episode (`terminal`: the replay stores every end, time limits
+    included, as terminal, so its critic never bootstraps past it either). Discounted over an episode the
+    shaping terms telescope: the shaped return is the sparse one minus βΦ(s_0), the same offset for
+    every policy from s_0, so the optimal policy is kept (Ng et al. 1999).
     """
-    outcome = jnp.where(success, 1.0, -failure_cost)[:, None]
-    after = jnp.concatenate([value[:, 1:], jnp.zeros_like(value[:, :1])], axis=1)
-    is_last = valid & ~jnp.concatenate([valid[:, 1:], jnp.zeros_like(valid[:, :1])], axis=1)
-    after = jnp.where(is_last, outcome, after)
-    return jnp.where(valid, gamma * after - value - risk_weight * rho, 0.0)
+    phi = jnp.where(valid, phi, 0.0)
+    after = jnp.concatenate([phi[:, 1:], jnp.zeros_like(phi[:, :1])], axis=1)
+    after = jnp.where(terminal, 0.0, after)
+    return jnp.where(valid, sparse + beta * (gamma * after - phi), 0.0)
 
 
 def window_from_history(history: dict, obs: dict, step: jax.Array, candidates: jax.Array) -> dict:
@@ -383,19 +453,37 @@ def window_from_history(history: dict, obs: dict, step: jax.Array, candidates: j
     }
 
 
-def ranking_actor(policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float):
-    """(policy params, env state, key) -> action [B, A]: sample K chunks from the policy, score each by
-    V - λ rho at the current step, execute the first action of the best (the env needs a History wrapper)."""
+def candidate_chunks(key: jax.Array, mean: jax.Array, log_std: jax.Array, samples: int) -> jax.Array:
+    """[K, B, H, A]: the policy's deterministic chunk first, then K - 1 sampled ones. With the
+    deterministic chunk always among them, a scorer that prefers the policy's own choice cannot do worse
+    than the policy (the V-GPS failure mode is sampled chunks scored over-optimistically)."""
+    sampled = jax.vmap(lambda k: distributions.sample(k, mean, log_std)[0])(jax.random.split(key, samples))
+    return sampled.at[0].set(distributions.mode(mean))
+
+
+def ranking_scores(value: jax.Array, rho: jax.Array, *, risk_weight: float, margin: float) -> jax.Array:
+    """[K, ...] candidate scores V - λρ, the deterministic candidate (index 0) credited `margin`: a sampled
+    chunk replaces the policy's own only when PRO rates it higher by more than the margin."""
+    return (value - risk_weight * rho).at[0].add(margin)
+
+
+def ranking_actor(policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float,
+                  margin: float = 0.0):  # fmt: skip
+    """(policy params, env state, key) -> action [B, A]: the deterministic chunk and K - 1 sampled ones,
+    scored by an action-conditioned PRO's V - λ rho at the current step (train it with `conservative` > 0:
+    Cal-QL keeps chunks off the data from scoring high); executes the first action of the best (the env
+    needs a History wrapper)."""
+    if not pro.net.action_input:
+        raise ValueError("ranking needs an action-conditioned PRO (net.action_input)")
 
     def act(params, state, key):
         obs = normalization.normalize(state.obs, policy_stats)
         mean, log_std = models.apply(policy_graphdef, params, obs)
-        candidates = jax.vmap(lambda k: distributions.sample(k, mean, log_std)[0])(
-            jax.random.split(key, samples)
-        )  # [K, B, H, A]
+        candidates = candidate_chunks(key, mean, log_std, samples)
         batch = window_from_history(state.info["history"], state.obs, state.cell.step, candidates)
         out = pro.outputs(batch)
-        score = (out["value"] - risk_weight * out["rho"])[:, -1].reshape(samples, -1)  # [K, B]
+        value, rho = (out[k][:, -1].reshape(samples, -1) for k in ("value", "rho"))  # [K, B]
+        score = ranking_scores(value, rho, risk_weight=risk_weight, margin=margin)
         best = jnp.argmax(score, axis=0)
         return jnp.take_along_axis(candidates, best[None, :, None, None], axis=0)[0, :, 0]
 
@@ -509,25 +597,99 @@ def gated_outcomes(episodes: list[dict], readouts: list[dict], min_success: floa
     return {"success": np.array(success), "cycle_time": np.array(cycle), "stopped": np.array(stopped)}
 
 
-def relabel(pro_: Pro, block: dict, success: jax.Array, *, gamma: float, risk_weight: float,
-            failure_cost: float) -> dict:  # fmt: skip
-    """A replay insert block [B, T] (learner.patch.episode_block) with PRO's dense reward in place of the
-    operator's sparse one, marked as a learned reward. success [B]: each episode's verified outcome."""
+def check_state_only(pro_: Pro, use: str) -> None:
+    if pro_.net.action_input:
+        raise ValueError(
+            f"{use} needs a state-only PRO (train it with --pro.net.no-action-input): an action-conditioned "
+            "value is not a potential, and its risk needs the chunk about to run"
+        )
+
+
+def relabel(pro_: Pro, block: dict, success: jax.Array, *, gamma: float, beta: float,
+            risk_weight: float) -> dict:  # fmt: skip
+    """A replay insert block [B, T] (learner.patch.episode_block) with the operator's sparse reward shaped
+    by a state-only PRO's potential, marked as a learned reward."""
+    del success  # the block's sparse reward already carries the verified outcome
+    check_state_only(pro_, "shaping")
     batch = sequence_batch(block["obs"], block["action"], block["valid"], pro_.net.chunk)
-    out = pro_.outputs(batch)
-    reward = dense_reward(out["value"], out["rho"], block["valid"], success, gamma=gamma,
-                          risk_weight=risk_weight, failure_cost=failure_cost)  # fmt: skip
+    phi = potential(pro_.outputs(batch), risk_weight)
+    reward = shaped_reward(block["reward"], phi, block["valid"], block["terminal"], gamma=gamma, beta=beta)
     return {**block, "reward": reward, "reward_source": jnp.full_like(block["reward_source"], LEARNED_REWARD)}
 
 
-def relabel_episodes(pro_: Pro, episodes: list[dict], *, gamma: float, risk_weight: float,
-                     failure_cost: float) -> list[dict]:  # fmt: skip
-    """RLDS episodes with PRO's dense reward in `steps.reward` (the offline source, relabelled once)."""
+def relabel_episodes(pro_: Pro, episodes: list[dict], *, gamma: float, beta: float,
+                     risk_weight: float) -> list[dict]:  # fmt: skip
+    """RLDS episodes with their sparse `steps.reward` shaped the same way (the offline source, once)."""
+    check_state_only(pro_, "shaping")
     out = []
     for ep, r in zip(episodes, score_episodes(pro_, episodes), strict=True):
-        valid = np.ones((1, len(r["value"])), bool)
-        success = np.array([bool(ep["episode_metadata"]["success"])])
-        reward = dense_reward(r["value"][None], r["rho"][None], valid, success, gamma=gamma,
-                              risk_weight=risk_weight, failure_cost=failure_cost)[0]  # fmt: skip
+        sparse = np.asarray(ep["steps"]["reward"], np.float32)[None]
+        valid = np.ones_like(sparse, bool)
+        terminal = np.arange(sparse.shape[1])[None] == sparse.shape[1] - 1
+        phi = potential({k: v[None] for k, v in r.items()}, risk_weight)
+        reward = shaped_reward(sparse, phi, valid, terminal, gamma=gamma, beta=beta)[0]
         out.append({**ep, "steps": {**ep["steps"], "reward": np.asarray(reward, np.float32)}})
     return out
+
+
+def refresh(pro_: Pro, episodes: list[dict], pc: ProConfig, key: jax.Array, *, steps: int, mesh=None) -> Pro:
+    """PRO fine-tuned on-policy: `steps` gradient steps (a bounded budget) on `episodes`, RLDS episodes of
+    the current policy, from its current params, at `pc.learning_rate` without warm-up. The normalisation
+    statistics stay those PRO was trained with, so its inputs keep their meaning."""
+    pc = dataclasses.replace(pc, net=pro_.net, steps=steps, log_every=steps)
+    mesh = mesh or sharding.make_mesh()
+    optimizer = bc.make_optimizer(pc.learning_rate, steps, 0, pc.weight_decay)
+    replicated = sharding.replicated(mesh)
+    data = jax.device_put(build_dataset(episodes, pc), replicated)
+    state = jax.device_put(bc.init_state(jax.tree.map(jnp.copy, pro_.params), optimizer), replicated)
+    state, _ = make_train_steps(pro_.graphdef, pro_.stats, optimizer, pc, mesh)(state, data, key)
+    return dataclasses.replace(pro_, params=state.params)
+
+
+# ------------------------------------------------------------------------------------ risk trigger
+def state_risk(pro_: Pro, history: dict, obs: dict, step: jax.Array) -> jax.Array:
+    """ρ [B] now, from a state-only PRO over the window: History's info["history"] ([B, W] leaves), the
+    observation now ({k: [B, ...]}) and the step [B]."""
+    no_chunk = jnp.zeros((1, step.shape[0], pro_.net.chunk, pro_.net.action_size), jnp.float32)
+    return pro_.outputs(window_from_history(history, obs, step, no_chunk))["rho"][:, -1]
+
+
+class RiskTakeover(Takeover):
+    """The operator protocol with PRO's risk as a predictive trigger: besides `trigger`'s own signs, the
+    operator takes over when a state-only PRO's ρ (P(failure within Δ)) exceeds `threshold`. Wrap it in a
+    History of PRO's window (History(RiskTakeover(env, ...), pro.net.window)): PRO reads that window.
+    `info["rho"]` records each step's ρ. A trigger with every scripted sign off leaves risk alone."""
+
+    def __init__(self, env, trigger, pro_: Pro, threshold: float, policy=None):
+        super().__init__(env, trigger, policy)
+        check_state_only(pro_, "the risk trigger")
+        self.pro, self.threshold = pro_, threshold
+
+    def _start(self, state):
+        state = super()._start(state)
+        return dataclasses.replace(state, info={**state.info, "rho": jnp.float32(0.0)})
+
+    def step(self, state, policy_action: jax.Array):
+        one = lambda x: jnp.asarray(x)[None]  # noqa: E731
+        rho = state_risk(self.pro, jax.tree.map(one, state.info["history"]), jax.tree.map(one, state.obs),
+                         one(state.cell.step))[0]  # fmt: skip
+        predicted = rho > self.threshold
+        if self.trigger.lookahead:
+            predicted = predicted | self.predicted_failure(state)
+        operator = self.env.operator_action(state)
+        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator, predicted)
+        action = jnp.where(state.info["intervening"] | alarm, operator, policy_action)
+        new = self.env.step(state, action)
+        flags = takeover_flags(jnp, self.trigger, state.info, alarm, new.info["stage"], new.done)
+        extra = {**flags, "policy_action": policy_action, "action": action, "rho": rho}
+        return dataclasses.replace(new, info={**new.info, **extra})
+
+
+def risk_takeover(pro_: Pro, threshold: float):
+    """`(env, trigger, policy=None) -> env`: the takeover wrapper `learner.patch.Collector` builds, with
+    ρ > threshold as one more trigger (History(RiskTakeover(...)), PRO's window kept outside it)."""
+
+    def make(env, trigger, policy=None):
+        return History(RiskTakeover(env, trigger, pro_, threshold, policy), pro_.net.window)
+
+    return make

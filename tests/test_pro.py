@@ -7,15 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compiled_env
 from flax import nnx
 
 from configs import ProConfig
+from envs import rollout
 from envs.cell import COLLISION
 from envs.cell import DROP
 from envs.cell import EVENTS
 from envs.cell import SLIP
 from envs.cell import TIMEOUT
 from envs.cell import WRONG_BIN
+from envs.operator import Trigger
 from jaxvla import export
 from jaxvla.actor import pro as actor_pro
 from jaxvla.models import ModelConfig
@@ -198,18 +201,83 @@ def test_two_hot_and_losses_by_hand():
     np.testing.assert_allclose(out["comparison"], np.log1p(np.exp(4.0)), rtol=1e-4)
 
 
-def test_dense_reward_by_hand():
-    value = jnp.array([[0.2, 0.5, 0.9, 0.0]])
-    rho = jnp.array([[0.1, 0.0, 0.2, 0.0]])
-    valid = jnp.array([[True, True, True, False]])
-    r = pro.dense_reward(value, rho, valid, jnp.array([True]), gamma=0.9, risk_weight=0.5, failure_cost=1.0)
-    np.testing.assert_allclose(
-        r, [[0.9 * 0.5 - 0.2 - 0.05, 0.9 * 0.9 - 0.5, 0.9 * 1.0 - 0.9 - 0.1, 0.0]], atol=1e-6
-    )
-    failed = pro.dense_reward(
-        value, rho, valid, jnp.array([False]), gamma=0.9, risk_weight=0.5, failure_cost=1.0
-    )
-    np.testing.assert_allclose(failed[0, 2], -0.9 - 0.9 - 0.1, atol=1e-6)
+def test_shaped_return_is_the_sparse_return_minus_the_first_potential_by_hand():
+    # gamma 0.5, beta 1. Row 0: a success in 3 steps, Φ = 0.2, 0.6, 0.4, then 0 after the terminal step.
+    #   r'_0 = 0 + 0.5*0.6 - 0.2 = 0.1;  r'_1 = 0 + 0.5*0.4 - 0.6 = -0.4;  r'_2 = 1 + 0.5*0 - 0.4 = 0.6
+    #   shaped return 0.1 + 0.5*(-0.4) + 0.25*0.6 = 0.05 = sparse 0.25*1 - Φ(s_0) 0.2.
+    # Row 1: a failure in 2 steps (padding after), beta 1: r'_0 = 0.5*0.5 - 0.3 = -0.05; r'_1 = -0.5.
+    sparse = jnp.array([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    phi = jnp.array([[0.2, 0.6, 0.4], [0.3, 0.5, 0.9]])
+    valid = jnp.array([[True, True, True], [True, True, False]])
+    terminal = jnp.array([[False, False, True], [False, True, False]])
+    r = pro.shaped_reward(sparse, phi, valid, terminal, gamma=0.5, beta=1.0)
+    np.testing.assert_allclose(r, [[0.1, -0.4, 0.6], [-0.05, -0.5, 0.0]], atol=1e-6)
+    assert float(r[0, 0] + 0.5 * r[0, 1] + 0.25 * r[0, 2]) == pytest.approx(0.25 - 0.2, abs=1e-6)
+    assert float(r[1, 0] + 0.5 * r[1, 1]) == pytest.approx(0.0 - 0.3, abs=1e-6)
+    # beta scales the shaping only: the same success with beta 2 returns 0.25 - 2*0.2.
+    r2 = pro.shaped_reward(sparse, phi, valid, terminal, gamma=0.5, beta=2.0)
+    assert float(pro.discounted_returns(np.asarray(r2[0]), 0.5)[0]) == pytest.approx(0.25 - 0.4, abs=1e-6)
+
+
+def test_shaping_keeps_every_episodes_return_up_to_the_first_potential():
+    rng = np.random.default_rng(0)
+    gamma, beta, n = 0.97, 0.7, 40
+    sparse = np.zeros((1, n), np.float32)
+    sparse[0, -1] = 1.0
+    phi = rng.uniform(-1, 1, (1, n)).astype(np.float32)
+    terminal = np.arange(n)[None] == n - 1
+    r = pro.shaped_reward(sparse, phi, np.ones((1, n), bool), terminal, gamma=gamma, beta=beta)
+    shaped = pro.discounted_returns(np.asarray(r[0], np.float64), gamma)[0]
+    assert shaped == pytest.approx(gamma ** (n - 1) - beta * phi[0, 0], abs=1e-5)
+
+
+def test_potential_carries_risk_only_with_its_weight():
+    readouts = {"value": jnp.array([[0.5, 0.2]]), "rho": jnp.array([[0.4, 0.1]])}
+    np.testing.assert_allclose(pro.potential(readouts, 0.0), [[0.5, 0.2]])
+    np.testing.assert_allclose(pro.potential(readouts, 0.5), [[0.3, 0.15]], atol=1e-7)
+
+
+def test_the_deterministic_chunk_keeps_its_place_unless_beaten_by_the_margin():
+    value, rho = jnp.array([[0.50], [0.58], [0.40]]), jnp.array([[0.0], [0.1], [0.0]])
+    # Scores V - 0.5 rho: 0.50, 0.53, 0.40. Without a margin candidate 1 wins; a margin of 0.05 keeps 0.
+    plain = pro.ranking_scores(value, rho, risk_weight=0.5, margin=0.0)
+    assert int(jnp.argmax(plain[:, 0])) == 1
+    kept = pro.ranking_scores(value, rho, risk_weight=0.5, margin=0.05)
+    np.testing.assert_allclose(kept[:, 0], [0.55, 0.53, 0.40], atol=1e-6)
+
+
+def test_calql_penalty_by_hand():
+    # Example 0: values off the data 0.9 and 0.1, return 0.5 -> max: 0.9, 0.5 -> mean 0.7; minus Q_data 0.6.
+    # Example 1: 0.0 and 0.2, return -0.5 -> mean 0.1; minus Q_data 0.3 -> -0.2.  Mean: (0.1 - 0.2) / 2.
+    q_other = jnp.array([[0.9, 0.0], [0.1, 0.2]])
+    penalty = pro.calql_penalty(jnp.array([0.6, 0.3]), q_other, jnp.array([0.5, -0.5]))
+    assert float(penalty) == pytest.approx(-0.05, abs=1e-6)
+
+
+def test_substituted_chunk_matches_the_ranking_window():
+    # Window 4, chunk 3, actions numbered: a step's chunk holds the actions from it on; from the window's
+    # last step on, the candidate's actions replace the logged ones, as window_from_history builds them.
+    w, h = 4, 3
+    logged = np.arange(10, dtype=np.float32)[:, None]  # [T, 1]: action t is t
+    chunks = pro.executed_chunks(logged, h)[2:6][None]  # steps 2..5: [1, W, H, 1]
+    candidate = -np.arange(1, h + 1, dtype=np.float32)[None, :, None]  # actions -1, -2, -3 from step 5
+    out = np.asarray(pro.substitute_chunk(jnp.asarray(chunks), jnp.asarray(candidate)))[0, :, :, 0]
+    np.testing.assert_array_equal(out, [[2, 3, 4], [3, 4, -1], [4, -1, -2], [-1, -2, -3]])
+    history = {
+        "obs": {"x": jnp.zeros((1, w, 1))},
+        "action": jnp.asarray(logged[1:5])[None],
+        "valid": jnp.ones((1, w), bool),
+    }
+    window = pro.window_from_history(history, {"x": jnp.zeros((1, 1))}, jnp.array([5]), candidate[None])
+    np.testing.assert_array_equal(np.asarray(window["chunk"])[0, :, :, 0], out)
+
+
+def test_candidates_start_with_the_deterministic_chunk():
+    mean = jnp.array([[[0.3, -2.0]], [[1.0, 0.0]]])  # [B=2, H=1, A=2]
+    candidates = pro.candidate_chunks(jax.random.key(0), mean, jnp.zeros_like(mean), 5)
+    assert candidates.shape == (5, 2, 1, 2)
+    np.testing.assert_allclose(candidates[0], jnp.tanh(mean), atol=1e-7)
+    assert float(jnp.min(jnp.abs(candidates[1:] - jnp.tanh(mean)))) > 0  # the others are sampled
 
 
 def test_metrics_by_hand():
@@ -267,21 +335,117 @@ def test_numpy_pro_and_ranking_window_match_jax(model, tmp_path):
     jax_out = jax.jit(model.outputs)(pro.window_from_history(history, now, jnp.array([5]), candidates))
     # The numpy side builds the same window from its own history.
     ranked = actor_pro.RankedPolicy.__new__(actor_pro.RankedPolicy)
-    ranked.pro, ranked.risk_weight, ranked.samples = numpy_pro, 0.5, 3
+    ranked.pro, ranked.risk_weight, ranked.samples, ranked.margin = numpy_pro, 0.5, 3, 0.01
     obs_rows = [{k: v[i] for k, v in steps["observation"].items()} for i in range(6)]
     ranked._obs, ranked._actions, ranked.step = obs_rows[2:5], list(steps["action"][2:5]), 5
     ranked.policy = type(
         "Fixed",
         (),
-        {"chunk": NET.chunk, "infer": lambda self, obs, rng: {"actions": np.asarray(candidates[:, 0])}},
+        # Candidate 0 is the deterministic chunk tanh(mean): give it a mean whose tanh is candidate 0.
+        {
+            "chunk": NET.chunk,
+            "infer": lambda self, obs, rng: {
+                "actions": np.asarray(candidates[:, 0]),
+                "mean": np.arctanh(np.asarray(candidates[:, 0], np.float64)).astype(np.float32),
+            },
+        },
     )()
     ranked.rng = None
     out = ranked.infer(obs_rows[5])
-    expected = np.asarray(jax_out["value"][:, -1] - 0.5 * jax_out["rho"][:, -1])
-    np.testing.assert_allclose(out["scores"], expected, atol=2e-5)
-    np.testing.assert_allclose(out["actions"], candidates[int(np.argmax(expected)), 0])
+    expected = np.asarray(
+        pro.ranking_scores(jax_out["value"][:, -1], jax_out["rho"][:, -1], risk_weight=0.5, margin=0.01)
+    )
+    np.testing.assert_allclose(out["candidates"], candidates[:, 0], atol=1e-6)
+    np.testing.assert_allclose(out["scores"], expected, atol=1e-4)
+    np.testing.assert_allclose(out["actions"], candidates[int(np.argmax(expected)), 0], atol=1e-6)
 
 
 def test_band_mask():
     mask = band_mask(jnp.array([[False, True, True, True]]), 2)
     np.testing.assert_array_equal(mask[0], [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
+
+
+STATE_NET = dataclasses.replace(NET, action_input=False)
+
+
+@pytest.fixture(scope="module")
+def state_model(model):
+    graphdef, params = nnx.split(STATE_NET.create(1), nnx.Param)
+    return pro.Pro(STATE_NET, graphdef, params, model.stats)
+
+
+def test_a_state_only_pro_ignores_the_chunk_and_matches_numpy(state_model, tmp_path):
+    episode = fake_episode(6, success=True, seed=5)
+    obs, actions, valid = pro.pad_episodes([episode], 6)
+    batch = pro.sequence_batch(obs, jnp.asarray(actions), jnp.asarray(valid), STATE_NET.chunk)
+    outputs = jax.jit(state_model.outputs)
+    one = outputs(batch)
+    other = outputs({**batch, "chunk": -batch["chunk"]})
+    np.testing.assert_array_equal(one["value"], other["value"])
+    np.testing.assert_array_equal(one["rho"], other["rho"])
+    path = export.write_pro(
+        tmp_path / "state.msgpack", STATE_NET, state_model.params, state_model.stats, version=1
+    )
+    numpy_out = actor_pro.load(path)(obs, batch["chunk"], batch["step"], valid)
+    np.testing.assert_allclose(numpy_out["value"], one["value"], atol=1e-4)
+    np.testing.assert_allclose(numpy_out["rho"], one["rho"], atol=1e-4)
+
+
+def test_relabel_shapes_the_sparse_reward_with_a_state_only_pro(state_model, model):
+    episodes = [fake_episode(5, success=True, seed=6), fake_episode(3, success=False, seed=7)]
+    obs, actions, valid = pro.pad_episodes(episodes, 5)
+    sparse = np.zeros((2, 5), np.float32)
+    sparse[0, 4] = 1.0
+    terminal = np.zeros((2, 5), bool)
+    terminal[0, 4] = terminal[1, 2] = True
+    block = {"obs": obs, "action": jnp.asarray(actions), "valid": jnp.asarray(valid), "reward": sparse,
+             "terminal": terminal, "reward_source": jnp.zeros((2, 5), jnp.int8)}  # fmt: skip
+    out = pro.relabel(state_model, block, jnp.array([True, False]), gamma=0.9, beta=1.0, risk_weight=0.0)
+    phi = pro.score_episodes(state_model, episodes, length=5, batch=2)
+    for b, n in ((0, 5), (1, 3)):
+        shaped = pro.discounted_returns(np.asarray(out["reward"][b, :n], np.float64), 0.9)[0]
+        assert shaped == pytest.approx(0.9**4 * sparse[b, 4] - phi[b]["value"][0], abs=1e-5)
+    assert int(out["reward_source"][0, 0]) == pro.LEARNED_REWARD
+    with pytest.raises(ValueError, match="state-only"):
+        pro.relabel(model, block, jnp.array([True, False]), gamma=0.9, beta=1.0, risk_weight=0.0)
+
+
+def test_conservative_training_runs_and_refresh_moves_only_the_params(state_model, model):
+    episodes = [fake_episode(9, success=s, seed=i) for i, s in enumerate([True, False, True, False])]
+    data = jax.tree.map(jnp.asarray, pro.build_dataset(episodes, PC))
+    pc = dataclasses.replace(PC, conservative=5.0, conservative_samples=2)
+    optimizer = pro.bc.make_optimizer(1e-3, pc.steps, 0, 0.0)
+    state = pro.bc.init_state(jax.tree.map(jnp.copy, model.params), optimizer)
+    train = pro.make_train_steps(model.graphdef, model.stats, optimizer, pc)
+    _, metrics = train(state, data, jax.random.key(0))
+    assert np.isfinite(float(metrics["conservative"]))
+    with pytest.raises(ValueError, match="action-conditioned"):
+        state_pc = dataclasses.replace(pc, net=STATE_NET)
+        pro.make_train_steps(state_model.graphdef, model.stats, optimizer, state_pc)
+    refreshed = pro.refresh(state_model, episodes, PC, jax.random.key(1), steps=4)
+    assert refreshed.stats is state_model.stats
+    before, after = jax.tree.leaves(state_model.params), jax.tree.leaves(refreshed.params)
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_risk_takeover_calls_the_operator_when_rho_passes_the_threshold(state_model):
+    base = compiled_env("pick_place").env
+    silent = Trigger(slip=1e9, force=1e9, on_failure_event=False, stall_steps=10**6)
+
+    def taken_over(threshold: float) -> np.ndarray:
+        env = pro.risk_takeover(state_model, threshold)(base, silent)  # what patch.Collector builds
+
+        @jax.jit
+        def run(key):
+            def body(state, _):
+                new = rollout.freeze_when_done(state, env.step(state, jnp.zeros(4)))
+                return new, (new.info["is_intervention"], new.info["rho"])
+
+            return jax.lax.scan(body, env.reset(key), None, 3)[1]
+
+        intervention, rho = run(jax.random.key(0))
+        assert np.all((np.asarray(rho) >= 0) & (np.asarray(rho) <= 1))
+        return np.asarray(intervention)
+
+    assert taken_over(-1.0).all()  # every rho exceeds -1: the operator acts from the first step
+    assert not taken_over(2.0).any()  # no rho exceeds 2, and every scripted sign is off

@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
         if "hg_dagger" in pc.baselines:
             arms["hg_dagger"], finals["hg_dagger"] = patch.run_hg_dagger(config, prior, offline, seed=seed)
         novel[seed] = {arm: stress.on(p, stress_contexts)["success_rate"] for arm, p in finals.items()}
-        results[seed] = arms
+        results[seed] = dict(arms)  # a copy: the ranking figures below are not an arm
         if pc.reward == "pro":  # PRO's other use: rank K sampled chunks of the patched policy
             patched = dataclasses.replace(prior, params=actor)
             results[seed]["ranking"] = pro_tool.ranking_evaluations(

@@ -11,8 +11,17 @@
   value, risk and termination over one episode with its events marked. Writes `eval.json` and `eval.md`.
 - `report`: the patching comparison, sparse operator reward against PRO reward, from the two
   `jaxvla patch` reports (`--patch.reward pro` writes the second): `compare.md` and `compare.png`.
+- `trigger`: a state-only PRO (`--pro.net.no-action-input`) as the operator's trigger on the fixed test
+  contexts of `patch.split`: the scripted signs, the scripted signs plus ρ > `pro.risk_threshold`, and ρ
+  alone; assisted success, operator steps, segments, false alarms, and ρ's lead time before the policy's
+  first failure sign when it runs alone. Also retry gating and the episode score on the same episodes.
+  Writes `trigger.json`.
+- `rank`: the deterministic policy against ranking (its chunk and K - 1 samples, scored by an
+  action-conditioned PRO, `--pro.conservative 5` for Cal-QL) on `train` and `patch.split`, by component;
+  writes `rank.json`.
 """
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -20,6 +29,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -44,10 +54,11 @@ from learner import sharding
 from learner.checkpoints import Checkpoints
 from learner.pretrain import MetricsLog
 from tools import data
+from tools import eval as eval_tool
 from tools import patch as patch_tool
 
 PROG = "jaxvla pro"
-ACTIONS = ("collect", "train", "eval", "report")
+ACTIONS = ("collect", "train", "eval", "report", "trigger", "rank")
 NEVER = Trigger(slip=math.inf, force=math.inf, on_failure_event=False, stall_steps=2**30, disagreement=0.0)
 PLOTTED_EVENTS = ("grasp", "slip", "drop", "retry", "missed_grasp", "collision")
 
@@ -93,20 +104,22 @@ def collect(config: configs.Config) -> int:
     pc, pre = config.pro, config.pretrain
     prior = patch_tool.load_prior(pc.prior)
     data.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
-    data.load_or_generate(
-        pre.data_dir,
-        pc.task,
-        "novel",
-        max(config.patch.sft_demos),
-        seed=pre.seed + 1,
-        noise=pre.demo_noise,
-        bursts=pre.demo_bursts,
-    )
+    if f"{pc.task}_novel" in pc.dataset_names():
+        data.load_or_generate(
+            pre.data_dir,
+            pc.task,
+            "novel",
+            max(config.patch.sft_demos),
+            seed=pre.seed + 1,
+            noise=pre.demo_noise,
+            bursts=pre.demo_bursts,
+        )
     sampled = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=True)
+    split = pc.collect_split
     kinds = {
         "prior_train": ("train", NEVER),
-        "prior_novel": ("novel", NEVER),
-        "takeover_novel": ("novel", patch.trigger_of(config)),
+        f"prior_{split}": (split, NEVER),
+        f"takeover_{split}": (split, patch.trigger_of(config)),
     }
     batch = min(64, pc.collect_episodes)
     for i, (kind, (split, trigger)) in enumerate(kinds.items()):
@@ -184,20 +197,27 @@ def ranking_evaluations(
     config: configs.Config, policy, split: str, seed: int = 0, *, pro_dir: str | None = None
 ) -> dict:
     """Success of `policy` (a Prior-like: graphdef, params, stats) on `split`: its deterministic chunk,
-    one sampled chunk, and the best of K sampled chunks by the PRO in `pro_dir` (default: this run's)."""
+    one sampled chunk, and the best of its deterministic and K - 1 sampled chunks by the PRO in `pro_dir`
+    (default: this run's) when that PRO is action-conditioned (a state-only one cannot rank)."""
     pc = config.pro
     model = pro.load(pro_dir or run_dir(config))
     key = jax.random.key(seed)
     actors = {
         "mode": {"actor": evaluate.chunk_actor(policy.graphdef, policy.stats)},
         "sampled": {"actor": evaluate.chunk_actor(policy.graphdef, policy.stats, explore=True)},
-        f"ranked_k{pc.rank_samples}": {
-            "state_actor": pro.ranking_actor(
-                policy.graphdef, policy.stats, model, samples=pc.rank_samples, risk_weight=pc.risk_weight
-            ),
-            "wrap": lambda env: History(env, pc.net.window),
-        },
     }
+    if model.net.action_input:
+        actors[f"ranked_k{pc.rank_samples}"] = {
+            "state_actor": pro.ranking_actor(
+                policy.graphdef,
+                policy.stats,
+                model,
+                samples=pc.rank_samples,
+                risk_weight=pc.risk_weight,
+                margin=pc.rank_margin,
+            ),
+            "wrap": lambda env: History(env, model.net.window),
+        }
     out = {}
     for name, kwargs in actors.items():
         evaluator = evaluate.Evaluator(pc.task, split, pc.eval_episodes, **kwargs)
@@ -358,6 +378,165 @@ def evaluate_pro(config: configs.Config) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- trigger
+FAILURE_SIGNS = [EVENTS.index(name) for name in ("slip", "drop", "missed_grasp", "collision")]
+
+
+def risk_protocol(task: str, split: str, num_envs: int, trigger: Trigger, actor, model: pro.Pro):
+    """(params, key, threshold) -> a `patch.Collector`-like output: the policy with the operator ready to
+    take over on `trigger` or on ρ > threshold, and the same contexts without the operator ("solo_*",
+    with ρ recorded: an alarm-free RiskTakeover). Compiled once per trigger; the threshold is traced."""
+    base = envs.make(task, split)
+    length = base.config.max_steps
+
+    def run(params, key, threshold):
+        policy = lambda s, k: actor(params, s.obs, k)  # noqa: E731
+        key_reset, key_act = jax.random.split(key)
+        keys = jax.random.split(key_reset, num_envs)
+        assisted = History(pro.RiskTakeover(base, trigger, model, threshold), model.net.window)
+        alone = History(pro.RiskTakeover(base, NEVER, model, jnp.float32(2.0)), model.net.window)
+        run_env = lambda env: rollout(jax.vmap(env.step), policy, jax.vmap(env.reset)(keys), key_act, length)  # noqa: E731
+        last, record = run_env(assisted)
+        solo_last, solo = run_env(alone)
+        return {
+            "block": patch.episode_block(record, 0),
+            "success": last.info["success"],
+            "component": last.params.component,
+            "solo_success": solo_last.info["success"],
+            "solo": {
+                "rho": solo["info"]["rho"],
+                "events": solo["info"]["events"],
+                "slip": solo["info"]["slip"],
+                "force": solo["info"]["contact_force"],
+                "ended": solo["done"] | solo["truncated"],
+            },
+        }
+
+    return jax.jit(run)
+
+
+def first_step(flags: np.ndarray) -> np.ndarray:
+    """[T, B] bool -> [B]: the first step a flag is on, or T where it never is."""
+    return np.where(flags.any(axis=0), flags.argmax(axis=0), len(flags))
+
+
+def alarm_leads(solo: dict, success: np.ndarray, threshold: float, trigger: Trigger) -> dict:
+    """Lead time of ρ > threshold and of the scripted warnings (load, force, failure events) before the
+    policy's first failure sign (a slip, drop, missed grasp or collision event, or a failed end), on the
+    episodes the policy ran alone: [T, B] leaves. A late or missing alarm leads by 0."""
+    events = np.asarray(solo["events"], bool)
+    ended = np.cumsum(solo["ended"], axis=0) - solo["ended"] > 0  # steps after the episode's end
+    sign = events[..., FAILURE_SIGNS].any(axis=-1) | (solo["ended"] & ~success[None])
+    sign_at = first_step(sign & ~ended)
+    risky = (np.asarray(solo["rho"]) > threshold) & ~ended
+    scripted = (solo["slip"] > trigger.slip) | (solo["force"] > trigger.force)
+    scripted = (scripted | events[..., [EVENTS.index("slip"), EVENTS.index("missed_grasp")]].any(-1)) & ~ended
+    failing = sign_at < len(sign)
+
+    def leads(alarm):
+        at = first_step(alarm)
+        lead = np.where(at <= sign_at, sign_at - at, 0)[failing]
+        return {
+            "median_steps": float(np.median(lead)) if lead.size else None,
+            "warned_share": float(np.mean(lead >= 1)) if lead.size else None,
+            "false_alarm_share": float(np.mean(alarm.any(axis=0)[~failing])) if (~failing).any() else None,
+        }
+
+    return {
+        "episodes_with_a_failure_sign": int(failing.sum()),
+        "risk": leads(risky),
+        "scripted": leads(scripted),
+    }
+
+
+def trigger(config: configs.Config) -> int:
+    """Risk-triggered takeovers against the scripted triggers, retry gating and the episode score."""
+    pc, split = config.pro, config.patch.split
+    out = run_dir(config)
+    model = pro.load(out)
+    prior = patch_tool.load_prior(pc.prior)
+    actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
+    contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
+    components = get_task(pc.task).split(split).component_names
+    scripted = dataclasses.replace(patch.trigger_of(config), lookahead=0)
+    arms = {
+        "scripted": (scripted, 2.0),
+        "scripted+risk": (scripted, pc.risk_threshold),
+        "risk": (NEVER, pc.risk_threshold),
+    }
+    runs, rows, result = {}, {}, {"threshold": pc.risk_threshold, "split": split, "arms": {}}
+    for name, (trig, threshold) in arms.items():
+        if trig not in runs:  # one compiled program per trigger; the threshold is an argument
+            runs[trig] = risk_protocol(pc.task, split, pc.eval_episodes, trig, actor, model)
+        run = runs[trig]
+        rolled = jax.device_get(run(prior.params, contexts.key, jnp.float32(threshold)))
+        rows[name, split] = patch.protocol_report(rolled, components)
+        result["arms"][name] = rows[name, split]
+        print(f"{name}: {rows[name, split]['assisted_success']:.1%}", flush=True)
+    solo = {k: np.asarray(v) for k, v in rolled["solo"].items()}
+    result["lead"] = alarm_leads(solo, np.asarray(rolled["solo_success"], bool), pc.risk_threshold, scripted)
+    result["deployment"] = deployment_scores(config, prior, model, split)
+    (out / "trigger.json").write_text(json.dumps(result, indent=1))
+    print(eval_tool.format_protocol(rows))
+    print(json.dumps({"lead": result["lead"], "deployment": result["deployment"]}, indent=1))
+    print(f"wrote {out / 'trigger.json'}")
+    return 0
+
+
+def deployment_scores(config: configs.Config, prior, model: pro.Pro, split: str) -> dict:
+    """On the prior's own deployments of `split` (sampled chunks, no operator): retry gating, and the
+    episode score (mean V - λρ) as a fleet-gate signal: its AUROC for the episode's success."""
+    pc = config.pro
+    sampled = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=True)
+    run = deployment_batch(pc.task, split, pc.eval_episodes, NEVER, sampled)
+    record = jax.device_get(run(prior.params, jax.random.fold_in(evaluate.VALIDATION.key, 7)))
+    episodes = record_episodes(record, pc.task, str(prior.step))
+    readouts = pro.score_episodes(model, episodes, length=get_task(pc.task).default_config.max_steps)
+    success = np.array([ep["episode_metadata"]["success"] for ep in episodes], bool)
+    scores = np.array([pro.quality(r, pc.risk_weight) for r in readouts])
+    return {
+        "gating": gating_summary(episodes, readouts, pc),
+        "episode_score_success_auroc": pro.auroc(scores, success),
+        "episode_score_mean_success": float(scores[success].mean()) if success.any() else None,
+        "episode_score_mean_failure": float(scores[~success].mean()) if (~success).any() else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- rank
+def rank(config: configs.Config) -> int:
+    """The deterministic policy against ranking, on the fixed test contexts of train and `patch.split`."""
+    pc = config.pro
+    out = run_dir(config)
+    model = pro.load(out)
+    prior = patch_tool.load_prior(pc.prior)
+    contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
+    arms = {
+        "deterministic": {"actor": evaluate.chunk_actor(prior.graphdef, prior.stats)},
+        f"ranked_k{pc.rank_samples}": {
+            "state_actor": pro.ranking_actor(
+                prior.graphdef,
+                prior.stats,
+                model,
+                samples=pc.rank_samples,
+                risk_weight=pc.risk_weight,
+                margin=pc.rank_margin,
+            ),
+            "wrap": lambda env: History(env, model.net.window),
+        },
+    }
+    report = {}
+    for split in dict.fromkeys(("train", config.patch.split)):
+        for name, kwargs in arms.items():
+            evaluator = evaluate.Evaluator(pc.task, split, pc.eval_episodes, **kwargs)
+            report[f"{name}", split] = evaluator.on(prior.params, contexts)
+            print(f"{name}/{split}: {report[name, split]['success_rate']:.1%}", flush=True)
+    print(evaluate.format_table(report))
+    rows = [{"arm": a, "split": s, **r} for (a, s), r in report.items()]
+    (out / "rank.json").write_text(json.dumps({"conservative": pc.conservative, "rows": rows}, indent=1))
+    print(f"wrote {out / 'rank.json'}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- report
 def arm_summary(records: list[dict], level: float) -> dict:
     """One seed of one arm: effort to reach `level` and the final figures."""
@@ -511,7 +690,15 @@ def main(argv: list[str]) -> int:
     action, rest = argv[0], argv[1:]
     config = configs.cli(rest, prog=f"{PROG} {action}")
     jax.config.update("jax_compilation_cache_dir", config.compile_cache)
-    return {"collect": collect, "train": train, "eval": evaluate_pro, "report": report}[action](config)
+    actions = {
+        "collect": collect,
+        "train": train,
+        "eval": evaluate_pro,
+        "report": report,
+        "trigger": trigger,
+        "rank": rank,
+    }
+    return actions[action](config)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""The process-reward model on the robot, with numpy: rank sampled action chunks by V - λρ.
+"""The process-reward model on the robot, with numpy: rank candidate action chunks by V - λρ.
 
     pro = jaxvla.actor.pro.load("pro.msgpack")                 # a `jaxvla pro train` export
     ranked = RankedPolicy(jaxvla.actor.load("policy-v000012.msgpack"), pro, samples=8)
-    chunk = ranked.infer(obs)["actions"]                       # the best of 8 sampled chunks
+    chunk = ranked.infer(obs)["actions"]    # the best of the deterministic chunk and 7 sampled ones
 
 `ProForward` mirrors `jaxvla.models.pro.ProcessRewardModel` op for op (the blocks are `forward.py`'s;
 tests/test_pro.py checks it against JAX). `RankedPolicy` keeps the last W observations and executed
@@ -41,8 +41,12 @@ class ProForward:
         w = Weights(arrays)
         width, self.net = net["width"], net
         self.encoder = StateEncoder(w, net, state_size)
-        self.action = w.mlp("action", net["chunk"] * net["action_size"], (net["action_width"],))
-        self.fuse = w.linear("fuse", width + net["action_width"] + 1, width)
+        # Files written before the flag existed embed the chunk.
+        self.action_input = net.get("action_input", True)
+        action_width = net["action_width"] if self.action_input else 0
+        if self.action_input:
+            self.action = w.mlp("action", net["chunk"] * net["action_size"], (net["action_width"],))
+        self.fuse = w.linear("fuse", width + action_width + 1, width)
         self.temporal = TransformerBlock(w, "temporal", width, net["heads"], net["mlp_ratio"])
         self.norm = w.norm("norm", width)
         self.value = w.linear("value", width, net["value_bins"])
@@ -54,7 +58,10 @@ class ProForward:
     def __call__(self, obs: dict, chunks: np.ndarray, steps: np.ndarray, valid: np.ndarray) -> dict:
         b, t = steps.shape
         time = (steps.astype(F32) / F32(self.net["time_scale"]))[..., None]
-        tokens = np.concatenate([self.encoder(obs), self.action(chunks.reshape(b, t, -1)), time], axis=-1)
+        parts = [self.encoder(obs)]
+        if self.action_input:
+            parts.append(self.action(chunks.reshape(b, t, -1)))
+        tokens = np.concatenate([*parts, time], axis=-1)
         x = self.temporal(self.fuse(tokens), band_mask(valid, self.net["window"])[:, None])
         x = self.norm(x)
         done, success = np.moveaxis(self.termination(x), -1, 0)
@@ -104,7 +111,9 @@ def load(path: str | os.PathLike) -> ProcessReward:
 
 
 class RankedPolicy:
-    """Samples K chunks from `policy`, executes the one PRO scores best (V - λρ at this step).
+    """Ranks K candidates from `policy` (its deterministic chunk and K - 1 samples) and executes the one
+    PRO scores best (V - λρ at this step, the deterministic chunk credited `margin`; train PRO with
+    `conservative` > 0 for ranking).
 
     Call `infer(obs)` once per control step; it records the observation and the first action of the
     chunk it returns as executed. When a teleoperator overrides that action, call `executed(action)`.
@@ -117,11 +126,13 @@ class RankedPolicy:
         *,
         samples: int = 8,
         risk_weight: float = 0.5,
+        margin: float = 0.0,
         rng: np.random.Generator | None = None,
     ):
         if pro.chunk != policy.chunk:
             raise ValueError(f"PRO embeds chunks of {pro.chunk} actions, the policy makes {policy.chunk}")
         self.policy, self.pro, self.samples, self.risk_weight = policy, pro, samples, risk_weight
+        self.margin = margin  # credited to the deterministic chunk (learner.pro.ranking_scores)
         self.rng = rng or np.random.default_rng()
         self.reset()
 
@@ -134,7 +145,9 @@ class RankedPolicy:
         """{"actions": [H, A] the chosen chunk, "scores": [K], "candidates": [K, H, A]}."""
         k, w = self.samples, self.pro.window
         batch = {key: np.repeat(np.asarray(v)[None], k, axis=0) for key, v in obs.items()}
-        candidates = self.policy.infer(batch, rng=self.rng)["actions"]  # [K, H, A]
+        drawn = self.policy.infer(batch, rng=self.rng)
+        # Candidate 0 is the deterministic chunk, so ranking can always fall back on the policy itself.
+        candidates = np.concatenate([np.tanh(drawn["mean"][:1]), drawn["actions"][1:]])  # [K, H, A]
         past = self._obs[-(w - 1) :] if w > 1 else []
         window = [*past, obs]
         pad = w - len(window)
@@ -153,6 +166,7 @@ class RankedPolicy:
             np.broadcast_to(valid, (k, w)),
         )
         scores = out["value"][:, -1] - self.risk_weight * out["rho"][:, -1]
+        scores[0] += self.margin
         best = int(np.argmax(scores))
         self._obs = [*past, obs]
         self._actions = [*self._actions[-(w - 1) :], candidates[best, 0]]

@@ -2,8 +2,9 @@
 
 Per step, the encoders turn the observation (proprioception and telemetry through a LayerNorm MLP, the
 goal prompt, optionally the depth image) into one fused token; the embedding of the action chunk executed
-from that step and the elapsed time are concatenated to it. One causal self-attention block then reads,
-at each step t, the tokens of steps t-W+1..t (a band mask), and three heads read its output:
+from that step (unless `action_input` is off) and the elapsed time are concatenated to it. One causal
+self-attention block then reads, at each step t, the tokens of steps t-W+1..t (a band mask), and three
+heads read its output:
 
 - progress: a distributional value V(s_t) over `value_bins` bins (logits);
 - termination: d_t = P(done at t) and q_t = P(success | done at t) (two logits);
@@ -59,6 +60,9 @@ class ProNetConfig:
     """Steps per unit of the elapsed-time feature."""
     image: bool = False
     """Read the depth image through a small CNN adapter."""
+    action_input: bool = True
+    """Embed the executed chunk into each token. Off: every head reads states only, so V is a potential
+    Φ(s) for reward shaping and ρ a state risk for the takeover trigger. On: V(s, a) can rank chunks."""
     cnn_channels: tuple[int, ...] = (16, 32)
     """Channels of the depth adapter's stride-2 convolutions."""
 
@@ -97,10 +101,12 @@ class ProcessRewardModel(nnx.Module):
         self.encoder = encoders.StateEncoder(
             STATE_SIZE, w, config.prompt_dim, channels, dtype=jnp.float32, rngs=rngs
         )
-        self.action = layers.MLP(
-            config.chunk * config.action_size, (config.action_width,), dtype=None, rngs=rngs
-        )
-        self.fuse = nnx.Linear(w + config.action_width + 1, w, rngs=rngs)
+        action_width = config.action_width if config.action_input else 0
+        if config.action_input:
+            self.action = layers.MLP(
+                config.chunk * config.action_size, (config.action_width,), dtype=None, rngs=rngs
+            )
+        self.fuse = nnx.Linear(w + action_width + 1, w, rngs=rngs)
         self.temporal = layers.TransformerBlock(w, config.heads, config.mlp_ratio, dtype=None, rngs=rngs)
         self.norm = nnx.LayerNorm(w, epsilon=layers.LAYER_NORM_EPS, rngs=rngs)
         self.value = nnx.Linear(w, config.value_bins, rngs=rngs)
@@ -108,13 +114,14 @@ class ProcessRewardModel(nnx.Module):
         self.risk = nnx.Linear(w, config.risk_classes, rngs=rngs)
 
     def tokens(self, obs: dict, chunks: jax.Array, steps: jax.Array) -> jax.Array:
-        """The fused per-step tokens [B, T, width]."""
+        """The fused per-step tokens [B, T, width]; `chunks` is ignored without `action_input`."""
         b, t = steps.shape
         flat = {k: v.reshape(b * t, *v.shape[2:]) for k, v in obs.items()}
-        state = self.encoder(flat).reshape(b, t, -1)
-        action = self.action(chunks.reshape(b, t, -1))
-        time = (steps.astype(jnp.float32) / self.config.time_scale)[..., None]
-        return self.fuse(jnp.concatenate([state, action, time], axis=-1))
+        parts = [self.encoder(flat).reshape(b, t, -1)]
+        if self.config.action_input:
+            parts.append(self.action(chunks.reshape(b, t, -1)))
+        parts.append((steps.astype(jnp.float32) / self.config.time_scale)[..., None])
+        return self.fuse(jnp.concatenate(parts, axis=-1))
 
     def __call__(self, obs: dict, chunks: jax.Array, steps: jax.Array, valid: jax.Array) -> dict:
         x = self.temporal(self.tokens(obs, chunks, steps), band_mask(valid, self.config.window))
