@@ -233,9 +233,7 @@ def main(argv: list[str]) -> int:
         for arm, split in (("sft", pc.split), ("targeted_sft", "tail"))
         if arm in pc.baselines
     }
-    stress = evaluate.Evaluator(
-        pc.task, "novel", pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
-    )
+    stress = evaluate.Evaluator(pc.task, "novel", pc.eval_episodes, patch.policy_actor(config, prior))
     stress_contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
     results, summaries, novel = {}, {}, {}
     for seed in pc.seeds:
@@ -248,7 +246,8 @@ def main(argv: list[str]) -> int:
             arms["hg_dagger"] = patch.run_hg_dagger(config, prior, offline, seed=seed)
         novel[seed] = stress.on(actor, stress_contexts)["success_rate"]
         results[seed] = arms
-        if pc.reward == "pro":  # PRO's other use: rank K sampled chunks of the patched policy
+        # PRO's other use: rank K sampled chunks of the patched policy (a whole chunk policy: "full" only)
+        if pc.reward == "pro" and config.sac.actor == "full":
             patched = dataclasses.replace(prior, params=actor)
             results[seed]["ranking"] = pro_tool.ranking_evaluations(
                 config, patched, pc.split, seed, pro_dir=pc.pro
