@@ -356,7 +356,10 @@ def test_the_residual_actor_is_held_during_warmup_and_its_average_moves_by_polya
         jax.tree.map(np.testing.assert_array_equal, getattr(held, name), getattr(state, name))
     moved, metrics = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(True))
     head = lambda params: np.asarray(params["head"]["kernel"][...])  # noqa: E731
-    assert np.abs(head(moved.actor)).max() > 0
+    action_size = prior.config.model.action_size
+    assert np.abs(head(moved.actor)[:, :action_size]).max() > 0
+    # The exploration std stays at its initial value: its half of the zero head gets no gradient.
+    np.testing.assert_array_equal(head(moved.actor)[:, action_size:], 0.0)
     np.testing.assert_allclose(
         head(moved.actor_average), 0.5 * head(state.actor_average) + 0.5 * head(moved.actor)
     )
