@@ -434,7 +434,8 @@ class FleetConfig:
     prior: str = "runs/default"
     """Run folder of the pretrained prior; its policy is the first published version."""
     root: str = "runs/fleet"
-    """Folder of the episode store, the params registry, the learner's checkpoints and logs."""
+    """Folder of the episode store, the params registry, the learner's checkpoints and logs: a local path
+    or an `etils.epath` URL such as gs://bucket/fleet (README, "Beyond one machine")."""
     host: str = "127.0.0.1"
     port: int = 8765
     tokens: str = ""
@@ -447,7 +448,15 @@ class FleetConfig:
     max_steps: int = 2_000
     """Longest episode the service accepts (422 above)."""
     compact_every: int = 256
-    """Committed episodes that wait before the service converts them into one RLDS part."""
+    """Committed episodes that wait before the service converts them into RLDS parts."""
+    part_episodes: int = 256
+    """Most episodes in one RLDS part: a backlog is compacted part by part, and shutdown waits for none."""
+    max_infer_batch: int = 256
+    """Largest observation batch the policy websocket runs (422 above)."""
+    page_host: str = "127.0.0.1"
+    """Address of the read-only fleet page (no token: keep it on loopback unless a proxy guards it)."""
+    page_port: int = 8766
+    """Port of the fleet page; 0: no page."""
     task: str = "pick_place"
     """The fleet's task (offline data and the gate's evaluation)."""
     split: Split = "novel"
@@ -479,6 +488,8 @@ class FleetConfig:
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"FleetConfig.split must be one of {SPLITS}, got {self.split!r}")
+        if self.part_episodes < 1 or self.max_infer_batch < 1:
+            raise ValueError("FleetConfig.part_episodes and max_infer_batch must be at least 1")
         if self.ingest_episodes < 1 or self.episodes_per_round % self.ingest_episodes:
             raise ValueError("FleetConfig.episodes_per_round must be a multiple of ingest_episodes (>= 1)")
 

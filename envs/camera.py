@@ -1,4 +1,4 @@
-"""A batched RGB-D camera by ray casting: one `mjx.ray` per pixel, vmapped (shared/notes/mjx-on-cpu.md).
+"""A batched RGB-D camera by ray casting: one `mjx.ray` per pixel, vmapped (docs/mjx-on-cpu.md).
 
 MJX has no rasteriser, but casting H*W rays against the scene's few geoms is cheap on a CPU and is a
 pure function of (model, data), so it jits and vmaps over a batch of envs like the physics does.

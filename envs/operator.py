@@ -134,10 +134,10 @@ class Trigger:
     """When the operator takes over, and when control goes back.
 
     By default the operator reacts to signs of failure, as the seeds' operators do: an imminent slip, a
-    wrist force, a failure event, a stall. A takeover is a segment: control returns once the task has
-    moved on a stage, or once the situation has been calm for `calm_steps`, or at `max_segment` steps, so
-    a takeover during transport does not keep control to the end of the episode. After a hand back the
-    operator gives the policy `calm_steps` steps before reacting again, except to a failure event.
+    wrist force, a failure event, a stall. A takeover is a segment: control returns once the situation has
+    been calm for `calm_steps` (no alarm, and a held load back under `calm_slip` of the hold: hysteresis, so
+    a heavy item is not handed back mid-lift) or at `max_segment` steps, so a takeover during transport does
+    not keep control to the end of the episode.
     """
 
     slip: float = 0.85
@@ -158,7 +158,9 @@ class Trigger:
     hand_back: bool = True
     """Return control at all (False: the operator finishes every episode it takes over)."""
     calm_steps: int = 5
-    """Steps without an alarm after which the operator hands back."""
+    """Calm steps after which the operator hands back."""
+    calm_slip: float = 0.5
+    """A step is calm only with the load-to-hold ratio under this."""
     max_segment: int = 40
     """The longest takeover segment [control steps]."""
 
@@ -169,11 +171,9 @@ def takeover_start(xp) -> dict:
     return {
         "intervening": false,
         "is_intervention": false,
-        "takeover_stage": zero,
         "stalled_for": zero,
         "segment_steps": zero,
         "calm_for": zero,
-        "since_hand_back": xp.asarray(1 << 20, dtype=xp.int32),
     }
 
 
@@ -186,31 +186,25 @@ def takeover_alarm(xp, trigger: Trigger, info: dict, policy_action, operator_act
     gap = xp.max(xp.abs(policy_action[:3] - operator_action[:3]))
     disagrees = (trigger.disagreement > 0) & (gap > trigger.disagreement)
     warning = (info["slip"] > trigger.slip) | (info["contact_force"] > trigger.force) | stalled | disagrees
-    warning = (warning | predicted_failure) & (info["since_hand_back"] >= trigger.calm_steps)
-    return warning | failing
+    return warning | failing | predicted_failure
 
 
 def takeover_flags(xp, trigger: Trigger, info: dict, alarm, new_stage, new_done) -> dict:
     """The bookkeeping after a step: `intervening` (still in control), `is_intervention` (the operator's
-    action ran this step), the stage and length of the current segment, the calm steps within it, the
-    steps since the last hand back and the steps without task progress."""
+    action ran this step), the length of the current segment, the calm steps within it and the steps
+    without task progress."""
     start = alarm & ~info["intervening"]
     active = info["intervening"] | alarm
-    takeover_stage = xp.where(start, info["stage"], info["takeover_stage"])
     segment_steps = xp.where(start, 1, xp.where(active, info["segment_steps"] + 1, 0))
-    calm_for = xp.where(active & ~alarm, info["calm_for"] + 1, 0)
-    moved_on = new_stage > takeover_stage
-    done_with = moved_on | (calm_for >= trigger.calm_steps) | (segment_steps >= trigger.max_segment)
-    handed_back = trigger.hand_back & active & done_with & ~new_done
+    calm = active & ~alarm & (info["slip"] < trigger.calm_slip)
+    calm_for = xp.where(calm, info["calm_for"] + 1, 0)
+    settled = (calm_for >= trigger.calm_steps) | (segment_steps >= trigger.max_segment)
+    handed_back = trigger.hand_back & active & settled & ~new_done
     progressed = new_stage != info["stage"]
     return {
         "intervening": active & ~handed_back,
         "is_intervention": active,
-        "takeover_stage": takeover_stage,
         "stalled_for": xp.where(progressed | start, 0, info["stalled_for"] + 1).astype(xp.int32),
         "segment_steps": xp.where(handed_back, 0, segment_steps).astype(xp.int32),
         "calm_for": xp.where(handed_back, 0, calm_for).astype(xp.int32),
-        "since_hand_back": xp.where(handed_back, 0, xp.minimum(info["since_hand_back"] + 1, 1 << 20)).astype(
-            xp.int32
-        ),
     }

@@ -2,12 +2,12 @@
 
 Physical contacts are limited to the pairs that matter for picking: item-table, cup-item, cup-table and
 cup-lid. Tote, box and bin walls are visual only; entering them is detected analytically (`cell.py`),
-because box-box pairs dominate MJX's cost on a CPU (shared/notes/mjx-on-cpu.md).
+because box-box pairs dominate MJX's cost on a CPU (docs/mjx-on-cpu.md).
 
 The solver is CG with a sparse Jacobian on purpose: with the default dense Newton path, MJX factors
 matrices with LAPACK `potrf`, whose batched CPU kernel splits the batch over XLA's intra-op thread pool
 and blocks on it. Two such kernels running at once on a 2-thread pool wait on each other forever, the
-hang recorded in the notes at batch >= 256. CG + sparse compiles to no LAPACK call at all.
+hang in docs/mjx-on-cpu.md at batch >= 256. CG + sparse compiles to no LAPACK call at all.
 
 Warm start is off: it seeds CG with the last step's accelerations, which are stale for the actuated
 gantry, and 6 iterations then leave resting items rocking (22 mm of drift). Starting from the

@@ -2,7 +2,7 @@
 
 A simulated robot for `jaxvla actor`: mujoco and numpy, no jax. With a `Trigger`, the scripted operator
 watches every step and takes over at the first sign of failure, exactly as `envs.wrappers.Takeover` does
-in MJX (the same `takeover_alarm` / `takeover_flags` functions), and hands back once the task moved on.
+in MJX (the same `takeover_alarm` / `takeover_flags` functions), and hands back once the situation is calm.
 """
 
 import numpy as np

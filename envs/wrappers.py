@@ -37,6 +37,11 @@ class Wrapper:
         self.env = env
 
     def __getattr__(self, name):
+        # Only reached when normal lookup fails. copy.copy and unpickling make the object without
+        # __init__ and then ask it for __setstate__ and friends: forwarding those, or reading `self.env`
+        # before it is set, would call this method again without end.
+        if name.startswith("__") or "env" not in vars(self):
+            raise AttributeError(name)
         return getattr(self.env, name)
 
     def reset(self, key: jax.Array) -> State:
@@ -165,7 +170,8 @@ class Takeover(Wrapper):
 
         def ahead(carry, _):
             s, failed = carry
-            s = self.env.step(s, self.policy(s))
+            new = self.env.step(s, self.policy(s))
+            s = dataclasses.replace(new, info={**s.info, **new.info})  # the carry keeps this wrapper's keys
             risky = (s.info["slip"] > self.trigger.slip) | (s.info["contact_force"] > self.trigger.force)
             return (s, failed | (s.done & ~s.info["success"]) | risky), None
 

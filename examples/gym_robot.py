@@ -8,7 +8,8 @@ The robot needs the base install (numpy, msgpack) and gymnasium, nothing from th
 robot writes is `connect` below: which robot it is, the goal prompt, how its observation maps onto the
 schema's fields (docs/robot.md: proprio, telemetry, item, scene, with their units and frames), how the
 policy's 4 actions ([dx, dy, dz, suction] in [-1, 1]) map onto its action, and which `info` key says
-the task succeeded. Everything else (params pull, spool, upload, rate, start-up checks) is `tools.actor.run`.
+the task succeeded. Everything else (params pull, spool, upload, rate, start-up checks) is
+`jaxvla.actor.loop.run`.
 
 For an environment it knows nothing about, this example packs the flattened observation (a Box or a Dict,
 nested or not) into the schema's float fields in order, and drives the first actions of a Box. That makes
@@ -27,9 +28,9 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxvla import schema  # noqa: E402
+from jaxvla.actor import loop  # noqa: E402
 from jaxvla.actor.client import FleetClient  # noqa: E402
 from jaxvla.actor.robots import GymRobot  # noqa: E402
-from tools import actor  # noqa: E402
 
 FIELDS = ("proprio", "telemetry", "item", "scene")  # the schema's float fields; the robot adds the prompt
 SIZES = [schema.OBSERVATION_SPEC[name].shape[0] for name in FIELDS]
@@ -85,8 +86,12 @@ def connect(env, args: argparse.Namespace) -> GymRobot:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", required=True, help="a gymnasium id, e.g. Pendulum-v1; MODULE:ID imports MODULE "
-                   "first (gym_hil:gym_hil/PandaPickCubeBase-v0)")  # fmt: skip
+    p.add_argument(
+        "--env",
+        required=True,
+        help="a gymnasium id, e.g. Pendulum-v1; MODULE:ID imports MODULE "
+        "first (gym_hil:gym_hil/PandaPickCubeBase-v0)",
+    )
     p.add_argument("--url", default="http://127.0.0.1:8765", help="the fleet service")
     p.add_argument("--robot-id", required=True, help="this robot's id (its key in the tokens file)")
     p.add_argument("--token-file", type=pathlib.Path, help="JSON {robot_id: token}; or set JAXVLA_TOKEN")
@@ -102,11 +107,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     env = gym.make(args.env)
-    client = FleetClient(args.url, actor.token_of(args))
+    client = FleetClient(args.url, loop.token_of(args.robot_id, args.token_file))
     folder = args.folder or pathlib.Path("runs/actor") / args.robot_id
-    result = actor.run(connect(env, args), client, folder, episodes=args.episodes, hz=args.hz)
-    print(actor.summary(result))
-    return actor.exit_status(result)
+    result = loop.run(connect(env, args), client, folder, episodes=args.episodes, hz=args.hz)
+    print(loop.summary(result))
+    return loop.exit_status(result)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,12 @@ SUBCOMMANDS = {
     "actor": ("tools.actor", "Run one robot of the fleet: policy from the service, episodes pushed back."),
 }
 
-# The packages this project ships. A missing module outside them means an extra is not installed; a
-# missing module inside them is a bug and is raised as is.
-FIRST_PARTY = frozenset({"jaxvla", "learner", "envs", "configs", "tools"})
+# The learner side: imported from a checkout (`pip install -e '.[learner]'`), never shipped in the wheel,
+# which holds `jaxvla` alone (pyproject.toml). One of them missing means the install is not a checkout.
+CHECKOUT_PACKAGES = frozenset({"learner", "envs", "configs", "tools"})
+# This project's packages. A missing module outside them means an extra is not installed; a missing module
+# inside them is a bug and is raised as is.
+FIRST_PARTY = frozenset({"jaxvla"}) | CHECKOUT_PACKAGES
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -48,10 +51,18 @@ def unknown_command_message(command: str) -> str:
 
 
 def missing_extra_message(command: str, missing_module: str) -> str:
-    """One line: what is missing and the install command, from a checkout or from a built wheel."""
+    """One line: what is missing and the install command."""
     return (
         f"jaxvla {command} needs {missing_module!r} from the learner extras: pip install -e '.[learner]' "
-        "in a checkout, or pip install 'jaxvla-<version>-py3-none-any.whl[learner]'"
+        "in a checkout of the repository"
+    )
+
+
+def not_a_checkout_message(command: str, missing_package: str) -> str:
+    """One line: the command belongs to the learner side, which only a checkout has."""
+    return (
+        f"jaxvla {command} runs from a checkout of the repository ({missing_package!r} is not installed: "
+        "the jaxvla wheel is the robot client alone): pip install -e '.[learner]' in the checkout"
     )
 
 
@@ -78,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         # twin` needs mujoco), so the hint covers its run as well as its module's import.
         return importlib.import_module(module_name).main(command_args)
     except ModuleNotFoundError as err:
+        if err.name in CHECKOUT_PACKAGES:  # the whole package, not a module inside it
+            print(not_a_checkout_message(command, err.name), file=sys.stderr)
+            return 2
         if err.name is None or is_first_party(err.name):
             raise
         print(missing_extra_message(command, err.name), file=sys.stderr)

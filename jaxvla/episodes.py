@@ -29,15 +29,17 @@ On disk a dataset is a folder named after it, `<data_dir>/<name>/`, holding tfds
 `tfds.builder_from_directory(<data_dir>/<name>/<version>).as_data_source()`.
 """
 
+import os
 import re
-import shutil
 import uuid
 from collections.abc import Iterable
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+
+from jaxvla.schema import METADATA_RANGES as METADATA_RANGES
 
 # The schema's tables and checks live in `jaxvla.schema` (numpy only, so the robot can import them); they
 # are re-exported here, where readers of episodes look for them.
@@ -48,6 +50,9 @@ from jaxvla.schema import OBSERVATION_SPEC as OBSERVATION_SPEC
 from jaxvla.schema import SOURCES as SOURCES
 from jaxvla.schema import STEP_SPEC as STEP_SPEC
 from jaxvla.schema import Spec as Spec
+from jaxvla.schema import canonical_episode as canonical_episode
+from jaxvla.schema import canonical_metadata as canonical_metadata
+from jaxvla.schema import canonical_uuid as canonical_uuid
 from jaxvla.schema import check_episode as check_episode
 
 SCHEMA_VERSION = "1.0.0"
@@ -126,20 +131,20 @@ def random_episode(rng: np.random.Generator, length: int, robot_id: str = "sim-0
 
 
 # ------------------------------------------------------------------------------------------- writing
-def dataset_path(directory: str | Path, version: str = SCHEMA_VERSION) -> Path:
+def dataset_path(directory: str | os.PathLike, version: str = SCHEMA_VERSION) -> epath.Path:
     """The folder `write_episodes(directory, ...)` puts the files in: `<directory>/<version>/`."""
-    return Path(directory) / str(tfds.core.Version(version))
+    return epath.Path(directory) / str(tfds.core.Version(version))
 
 
 def write_episodes(
-    directory: str | Path,
+    directory: str | os.PathLike,
     episodes: Iterable[dict],
     *,
     version: str = SCHEMA_VERSION,
     observation_spec: dict[str, Spec] = OBSERVATION_SPEC,
     overwrite: bool = False,
     episodes_per_shard: int = EPISODES_PER_SHARD,
-) -> Path:
+) -> epath.Path:
     """Writes `episodes` as the tfds dataset named `directory`'s last part; returns `<directory>/<version>`.
 
     All or nothing, streaming: each episode is checked (`check_episode`) just before it is written into a
@@ -148,7 +153,7 @@ def write_episodes(
     `episodes` may be a generator too large to hold in memory. An existing version raises FileExistsError
     unless `overwrite`.
     """
-    directory = Path(directory)
+    directory = epath.Path(directory)
     name = directory.name
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"dataset folder {name!r} must be snake_case: tfds names the dataset after it")
@@ -181,16 +186,16 @@ def write_episodes(
             old = directory.parent / f".{name}-{path.name}.old-{uuid.uuid4().hex}"
             path.rename(old)
             tmp.rename(path)
-            shutil.rmtree(old)
+            old.rmtree()
         else:
             tmp.rename(path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
     return path
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _version_folder(path: Path) -> Path:
+def _version_folder(path: epath.Path) -> epath.Path:
     """`path` itself if it holds a dataset, else its newest version folder."""
     if (path / "dataset_info.json").exists():
         return path
@@ -200,12 +205,12 @@ def _version_folder(path: Path) -> Path:
     return max((p.parent for p in versions), key=lambda p: tfds.core.Version(p.name))
 
 
-def open_dataset(path: str | Path):
+def open_dataset(path: str | os.PathLike):
     """Random access to a dataset's episodes: len() and [i]. `path`: its folder or a version folder in it.
 
     Item i is tfds's decoding: numpy metadata (text as bytes) and `steps` as a sequence of step dicts.
     """
-    return tfds.builder_from_directory(str(_version_folder(Path(path)))).as_data_source(split=SPLIT)
+    return tfds.builder_from_directory(str(_version_folder(epath.Path(path)))).as_data_source(split=SPLIT)
 
 
 def _stack(items: list[dict]) -> dict:
@@ -222,7 +227,7 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def read_episodes(path: str | Path) -> list[dict]:
+def read_episodes(path: str | os.PathLike) -> list[dict]:
     """The episodes in `path` in the schema `write_episodes` takes: steps stacked, text as str, numbers
     as Python scalars. `path`: the dataset's folder or a version folder in it."""
     source = open_dataset(path)

@@ -8,6 +8,7 @@ one observation, so a robot can refuse a bad sensor mapping before its first ste
 service rejects the episode. Standard library and numpy only.
 """
 
+import math
 import uuid
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -125,24 +126,70 @@ def _check_array(where: str, value, spec: Spec, length: int) -> None:
         )
 
 
-def _check_metadata(where: str, metadata: dict) -> None:
-    _check_keys(where, metadata, METADATA_SPEC)
-    for name, spec in METADATA_SPEC.items():
-        value = metadata[name]
-        if spec.dtype is str:
-            ok = isinstance(value, str)
-        else:  # Python scalars are fine; an int where a float is expected too, never the reverse
-            kinds = {"b": "b", "i": "iu", "f": "fiu"}[np.dtype(spec.dtype).kind]
-            ok = np.ndim(value) == 0 and np.asarray(value).dtype.kind in kinds
-        if not ok:
-            kind = "str" if spec.dtype is str else f"an {np.dtype(spec.dtype).name} scalar"
-            raise ValueError(f"{where}/{name} = {value!r} should be {kind}")
-    if metadata["source"] not in SOURCES:
-        raise ValueError(f"{where}/source = {metadata['source']!r}; expected one of {SOURCES}")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The values a metadata number may take: what its RLDS dtype holds (finite; float32 overflows to inf past
+# FLOAT32_MAX, int32 wraps) and what it can mean (retries and durations are not negative).
+METADATA_RANGES: dict[str, tuple[float, float]] = {
+    "operator_reward": (-FLOAT32_MAX, FLOAT32_MAX),
+    "retries": (0, np.iinfo(np.int32).max),
+    "cycle_time": (0.0, FLOAT32_MAX),
+}
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: error messages travel back to clients and into logs."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _metadata_value(where: str, value, spec: Spec):
+    """`value` as the plain Python scalar its spec stores (str, bool, int or float); ValueError naming
+    `where` if it has the wrong kind. Numbers may arrive as Python scalars, numpy scalars or 0-d arrays
+    (openpi's encoding of np.array(True)); an int is fine where a float is expected, never the reverse."""
+    if spec.dtype is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} = {_short(value)} should be str")
+        return value
+    array = np.asarray(value)
+    kinds = {"b": "b", "i": "iu", "f": "fiu"}[np.dtype(spec.dtype).kind]
+    if array.ndim != 0 or array.dtype.kind not in kinds:
+        raise ValueError(f"{where} = {_short(value)} should be an {np.dtype(spec.dtype).name} scalar")
+    return {"b": bool, "i": int, "f": float}[np.dtype(spec.dtype).kind](array)
+
+
+def _check_range(where: str, value, bounds: tuple[float, float]) -> None:
+    low, high = bounds
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(
+            f"{where} = {value!r} is out of range: it must be finite, in [{low:.10g}, {high:.10g}]"
+        )
+
+
+def canonical_uuid(where: str, text: str) -> str:
+    """`text` if it is a UUID spelled canonically (36 characters, lower-case hex, dashed), else ValueError.
+    uuid.UUID also parses braces, 'urn:uuid:', upper case, no dashes and non-ASCII digits: each would be
+    another key for the same episode, so only one spelling is accepted."""
     try:
-        uuid.UUID(metadata["episode_id"])
-    except ValueError:
-        raise ValueError(f"{where}/episode_id = {metadata['episode_id']!r} is not a UUID") from None
+        canonical = str(uuid.UUID(text))
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"{where} = {_short(text)} is not a UUID") from None
+    if text != canonical:
+        raise ValueError(f"{where} = {_short(text)} is not a canonical UUID; send it as {canonical!r}")
+    return text
+
+
+def canonical_metadata(metadata: dict, where: str = "episode_metadata") -> dict:
+    """The metadata with every value a plain Python scalar of its spec, checked: kinds, ranges, source,
+    canonical episode_id. ValueError naming the first field that breaks the schema."""
+    _check_keys(where, metadata, METADATA_SPEC)
+    values = {name: _metadata_value(f"{where}/{name}", metadata[name], spec)
+              for name, spec in METADATA_SPEC.items()}  # fmt: skip
+    for name, bounds in METADATA_RANGES.items():
+        _check_range(f"{where}/{name}", values[name], bounds)
+    if values["source"] not in SOURCES:
+        raise ValueError(f"{where}/source = {_short(values['source'])}; expected one of {SOURCES}")
+    canonical_uuid(f"{where}/episode_id", values["episode_id"])
+    return values
 
 
 def check_episode(episode: dict, observation_spec: dict[str, Spec] = OBSERVATION_SPEC) -> int:
@@ -166,5 +213,31 @@ def check_episode(episode: dict, observation_spec: dict[str, Spec] = OBSERVATION
         raise ValueError("steps: is_first must be set at step 0 only and is_last at the last step only")
     if not 0 <= np.min(steps["failure_mode"]) <= np.max(steps["failure_mode"]) < N_FAILURE_MODES:
         raise ValueError(f"steps/failure_mode must index envs.cell.FAILURE_MODES (0..{N_FAILURE_MODES - 1})")
-    _check_metadata("episode_metadata", episode["episode_metadata"])
+    canonical_metadata(episode["episode_metadata"])
     return length
+
+
+def _non_finite(where: str, tree: dict) -> str | None:
+    """The path of the first float array in `tree` (nested dicts) with a NaN or inf, or None."""
+    for name, value in tree.items():
+        path = f"{where}/{name}"
+        if isinstance(value, dict):
+            found = _non_finite(path, value)
+            if found:
+                return found
+        elif np.asarray(value).dtype.kind == "f" and not np.all(np.isfinite(value)):
+            return path
+    return None
+
+
+def canonical_episode(episode: dict, observation_spec: dict[str, Spec] = OBSERVATION_SPEC) -> dict:
+    """The one check an episode from outside passes before it is stored: `check_episode`, finite step
+    values, and metadata as plain Python scalars. What it returns, `write_episodes` writes and
+    `read_episodes` reads back. ValueError naming the first field that breaks the schema."""
+    check_episode(episode, observation_spec)
+    found = _non_finite("steps", episode["steps"])
+    if found:
+        raise ValueError(f"{found} has non-finite values (NaN or inf)")
+    return {"steps": episode["steps"], "episode_metadata": canonical_metadata(episode["episode_metadata"])}
+
+

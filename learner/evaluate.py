@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 import envs
 from envs.cell import FAILURE_MODES
@@ -145,26 +146,25 @@ class Evaluator:
         return {"contexts": contexts.name, "contexts_seed": contexts.seed, **report}
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a binomial rate (95% at z = 1.96); it stays inside [0, 1] at 0 or n."""
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial rate; it stays inside [0, 1] at 0 or n successes."""
     if trials == 0:
         return 0.0, 1.0
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    interval = scipy.stats.binomtest(successes, trials).proportion_ci(level, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
-def bootstrap_interval(values, *, resamples: int = 10_000, level: float = 0.95, seed: int = 0):
+def bootstrap_interval(values, *, level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
     """A percentile bootstrap interval of the mean of `values` (one per seed)."""
     values = np.asarray([v for v in values if v is not None], np.float64)
     if len(values) == 0:
         return None
-    if len(values) == 1:
+    if len(values) == 1 or np.ptp(values) == 0:
         return float(values[0]), float(values[0])
-    draws = np.random.default_rng(seed).choice(values, size=(resamples, len(values)))
-    lo, hi = np.quantile(draws.mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    result = scipy.stats.bootstrap(
+        (values,), np.mean, confidence_level=level, method="percentile", n_resamples=10_000, random_state=seed
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def headline(records: list[dict]) -> dict:

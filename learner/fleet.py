@@ -25,6 +25,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from configs import Config
 from jaxvla import episodes as rlds
@@ -79,8 +80,10 @@ class FleetLearner:
         fc, pc = config.fleet, config.patch
         self.config, self.root = config, pathlib.Path(fc.root)
         self.mesh = mesh or sharding.make_mesh()
-        self.store = EpisodeStore(self.root / "store", writer=False)
-        self.registry = ParamsRegistry(self.root / "params")
+        # The store and registry are shared with the service and may be object storage (gs://...);
+        # the learner's own files below (candidates, log, checkpoints) are local.
+        self.store = EpisodeStore(epath.Path(fc.root) / "store", writer=False)
+        self.registry = ParamsRegistry(epath.Path(fc.root) / "params")
         self.candidates = self.root / "candidates"
         self.log_path = self.root / "learner" / "log.jsonl"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,7 @@ class Collector:
             env = Takeover(base, trigger, policy=one if trigger.lookahead else None)
             policy = lambda s, k: actor(params, s.obs, k)  # noqa: E731
             key_reset, key_act = jax.random.split(key)
-            keys = jax.random.split(key_reset, num_envs)
+            keys = evaluate.reset_keys(key_reset, num_envs)  # the contexts an Evaluator under `key` runs
             last, record = rollout(
                 jax.vmap(env.step), policy, jax.vmap(env.reset)(keys), key_act, self.length
             )
@@ -179,6 +179,32 @@ class Collector:
         if self._relabel is not None:
             out["block"] = self._relabel(out["block"], out["success"])
         return out
+
+
+def protocol_report(rolled: dict, components: tuple[str, ...]) -> dict:
+    """The operator protocol on one batch of contexts (a `Collector` output with `solo`): success with the
+    operator and without, effort, false alarms and segment lengths, overall and per component."""
+    block = jax.device_get(rolled["block"])
+    success, solo = np.asarray(rolled["success"], bool), np.asarray(rolled["solo_success"], bool)
+    component = np.asarray(rolled["component"])
+
+    def figures(rows: np.ndarray) -> dict:
+        part = {k: block[k][rows] for k in ("intervention", "valid")}
+        counts = effort(part, solo[rows])
+        segments = takeover_segments(part["intervention"])
+        return {
+            "episodes": int(np.sum(rows)),
+            "assisted_success": float(np.mean(success[rows])) if rows.any() else None,
+            "solo_success": float(np.mean(solo[rows])) if rows.any() else None,
+            **counts,
+            "false_alarm_rate": false_alarm_rate(counts),
+            "median_segment_steps": float(np.median(segments)) if segments else None,
+        }
+
+    report = figures(np.ones_like(success))
+    if len(components) > 1:
+        report["by_component"] = {name: figures(component == i) for i, name in enumerate(components)}
+    return report
 
 
 class PairedEvaluation:
@@ -519,14 +545,18 @@ SCORES = (
 )
 
 
+def false_alarm_rate(counts: dict) -> float | None:
+    """The share of corrective episodes the policy would have won alone."""
+    return counts["false_alarms"] / counts["corrective_episodes"] if counts["corrective_episodes"] else None
+
+
 def effort_record(totals: dict) -> dict:
     """What a record shows of the running effort totals: the counts, the false-alarm rate among corrective
     episodes and the median takeover segment."""
     lengths = totals.get("segment_lengths", [])
-    corrective = totals["corrective_episodes"]
     return {
         **{k: totals[k] for k in ZERO_EFFORT},
-        "false_alarm_rate": totals["false_alarms"] / corrective if corrective else None,
+        "false_alarm_rate": false_alarm_rate(totals),
         "median_segment_steps": float(np.median(lengths)) if lengths else None,
     }
 
@@ -590,9 +620,10 @@ def run_sft(
     kind: str = "sft",
     mesh=None,
     progress: bool = True,
-) -> list[dict]:
+) -> tuple[list[dict], nnx.State]:
     """SFT retraining from the prior on the first N of `demos` plus the offline data, once per count in
-    `config.patch.sft_demos`: full SFT (demonstrations of the split) or targeted SFT (of its tails)."""
+    `config.patch.sft_demos`: full SFT (demonstrations of the split) or targeted SFT (of its tails). Returns
+    one record per count and the params retrained on the most demonstrations."""
     pc, chunk = config.patch, prior.config.model.chunk
     retrain, evaluation_on = Retrainer(config, prior, mesh), paired_evaluation(config, prior)
     offline_data = dataset.flatten(offline, chunk)
@@ -612,15 +643,15 @@ def run_sft(
                 **evaluation_on(params),
             }
         )
-    return records
+    return records, params
 
 
 def run_hg_dagger(
     config: Config, prior: Prior, offline: list[dict], *, seed: int, mesh=None, progress: bool = True
-) -> list[dict]:
+) -> tuple[list[dict], nnx.State]:
     """HG-DAgger: each round the current BC policy runs `envs_per_round` episodes under the same operator
     triggers as patching; every operator step joins the aggregate, and the prior is retrained by BC on it
-    plus the offline data. One record per round (round 0 is the prior)."""
+    plus the offline data. One record per round (round 0 is the prior) and the last round's params."""
     pc, chunk = config.patch, prior.config.model.chunk
     deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
     collector = Collector(
@@ -660,7 +691,7 @@ def run_hg_dagger(
                 "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
             }
         )
-    return records
+    return records, params
 
 
 def save_json(path: pathlib.Path, payload) -> None:

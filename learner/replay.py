@@ -15,6 +15,11 @@ so the value after it is 0 and no observation after the last step is needed.
 `sampleable[t]` is decided at insert: the n-step window from t is complete, either because a terminal step
 ends it or because the observation n steps later is stored in the same segment. Sampling draws only such
 slots, so a target never bootstraps from a step that was not recorded.
+
+Sampling is O(1) per draw: `table` lists each shard's sampleable slots in the order they were written, as a
+ring of its own (`table_head`, `table_count`). Slots are overwritten oldest-first and their flags never
+change while stored, so the entries an insert removes are always the table's oldest and the ones it adds
+go at its end: an insert touches only the entries of the slots it writes, and a draw is one lookup.
 """
 
 import functools
@@ -32,6 +37,8 @@ from jax.sharding import PartitionSpec as P
 from learner.sharding import DATA
 
 SOURCES = ("offline", "online", "patch")
+# `ahead` is stored in int8: a sample may look at most this many steps past its start.
+AHEAD_CAP = 127
 OPERATOR_REWARD, LEARNED_REWARD = 0, 1  # values of `reward_source`: sparse env / operator label, PRO model
 
 BLOCK_FIELDS = (
@@ -59,7 +66,8 @@ class Buffer:
     terminal: jax.Array  # [D, C] bool, the episode ended at this step (time limits included)
     segment: jax.Array  # [D, C] int32, -1 where never written
     sampleable: jax.Array  # [D, C] bool, an n-step sample may start here
-    sampleable_cumsum: jax.Array  # [D, C] int32, sampleable slots among 0 .. i: draws need no O(C) scan
+    ahead: jax.Array  # [D, C] int8, later steps of the slot's segment, capped at AHEAD_CAP
+    table: jax.Array  # [D, C] int32, sampleable slots oldest first, a ring from table_head
     version: jax.Array  # [D, C] int32, params version that acted
     intervention: jax.Array  # [D, C] bool, the operator's action was executed
     reward_source: jax.Array  # [D, C] int8, OPERATOR_REWARD or LEARNED_REWARD
@@ -67,6 +75,8 @@ class Buffer:
     pos: jax.Array  # [D] int32, next slot to write
     count: jax.Array  # [D] int32, slots written, saturating at C (written slots are 0 .. count-1)
     next_segment: jax.Array  # [D] int32; one id per segment, 2^31 segments is far beyond any run
+    table_head: jax.Array  # [D] int32, table index of the oldest sampleable slot
+    table_count: jax.Array  # [D] int32, sampleable slots (table entries in use)
     mesh: Mesh = struct.field(pytree_node=False)
 
     @property
@@ -101,7 +111,8 @@ def create(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacity
             terminal=zeros((), jnp.bool_),
             segment=jnp.full((shards, slots), -1, jnp.int32),
             sampleable=zeros((), jnp.bool_),
-            sampleable_cumsum=zeros((), jnp.int32),
+            ahead=zeros((), jnp.int8),
+            table=zeros((), jnp.int32),
             version=zeros((), jnp.int32),
             intervention=zeros((), jnp.bool_),
             reward_source=zeros((), jnp.int8),
@@ -109,6 +120,8 @@ def create(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacity
             pos=counter,
             count=counter,
             next_segment=counter,
+            table_head=counter,
+            table_count=counter,
             mesh=mesh,
         )
 
@@ -165,13 +178,12 @@ def intervention_keep(valid, is_first, terminal, intervention, n_step: int) -> j
     return keep & valid
 
 
-def stream_layout(keep, is_first, terminal, row_length: int, n_step: int) -> tuple[jax.Array, jax.Array]:
-    """Segments and sampleable flags of a flat row-major stream. All [N] with N = rows * row_length.
+def segment_bounds(keep, is_first, terminal, row_length: int) -> tuple[jax.Array, jax.Array]:
+    """Where the segments of a flat row-major stream start and end. All [N] with N = rows * row_length.
 
-    Returns (start, sampleable): `start` marks kept steps that begin a segment (episode start, row start,
-    after a dropped step, after a terminal step). A kept step is sampleable when its segment ends with a
-    terminal step (every window from it stops there) or goes on for n_step more steps (the bootstrap step
-    t + n_step is stored).
+    Returns (start, last): `start` marks kept steps that begin a segment (episode start, row start, after a
+    dropped step, after a terminal step); `last` is the index of the last step of each kept step's segment.
+    Segments never cross a row, so a segment is whole within one insert.
     """
     index = jnp.arange(keep.shape[0])
     previous_kept = jnp.concatenate([jnp.zeros((1,), bool), keep[:-1]])
@@ -182,8 +194,43 @@ def stream_layout(keep, is_first, terminal, row_length: int, n_step: int) -> tup
     end = keep & (next_start | ~next_kept)
     # Index of the segment's last step: the nearest end at or after each step.
     last = jax.lax.cummin(jnp.where(end, index, keep.shape[0] - 1), axis=0, reverse=True)
-    sampleable = keep & ((last - index >= n_step) | terminal[last])
-    return start, sampleable
+    return start, last
+
+
+def stream_layout(keep, is_first, terminal, row_length: int, n_step: int) -> tuple[jax.Array, jax.Array]:
+    """Segments and sampleable flags of a flat row-major stream. All [N] with N = rows * row_length.
+
+    Returns (start, sampleable): `start` as `segment_bounds`. A kept step is sampleable when its segment ends
+    with a terminal step (every window from it stops there) or goes on for n_step more steps (the bootstrap
+    step t + n_step is stored).
+    """
+    start, last = segment_bounds(keep, is_first, terminal, row_length)
+    return start, _sampleable(keep, terminal, last, n_step)
+
+
+def _sampleable(keep, terminal, last, n_step: int) -> jax.Array:
+    """[N] bool: kept steps whose segment ends in a terminal step or goes on for n_step more steps."""
+    return keep & ((last - jnp.arange(keep.shape[0]) >= n_step) | terminal[last])
+
+
+def _updated_table(local: Buffer, slot: jax.Array, added: jax.Array, rank: jax.Array) -> dict:
+    """The sample table after writing the stream's steps to `slot` [N] (C or more where not written).
+
+    added [N] bool: written steps that are sampleable, in write order; rank [N]: their order among them.
+    The written slots are the ring's oldest (or never written), so the sampleable ones among them are the
+    table's first entries: dropping them is advancing the head. Cost O(N), whatever C.
+    """
+    capacity = local.segment.shape[0]
+    removed = jnp.sum(local.sampleable.at[slot].get(mode="fill", fill_value=False), dtype=jnp.int32)
+    head = (local.table_head + removed) % capacity
+    kept = local.table_count - removed
+    # Out of range where not added (dropped), distinct like the slots.
+    entry = jnp.where(added, (head + kept + rank) % capacity, capacity + jnp.arange(slot.shape[0]))
+    return {
+        "table": local.table.at[entry].set(slot, mode="drop", unique_indices=True),
+        "table_head": head,
+        "table_count": kept + jnp.sum(added, dtype=jnp.int32),
+    }
 
 
 def _insert_local(
@@ -202,31 +249,43 @@ def _insert_local(
         return x.reshape(rows * row_length, *x.shape[2:])
 
     keep, is_first, terminal, intervention = map(flat, (keep, is_first, terminal, intervention))
-    start, sampleable = stream_layout(keep, is_first, terminal, row_length, n_step)
+    start, last = segment_bounds(keep, is_first, terminal, row_length)
+    sampleable = _sampleable(keep, terminal, last, n_step)
     if interventions_only:
         sampleable = sampleable & intervention
+    # Later steps of the segment, all written by this insert and newer than t, so stored as long as t is.
+    ahead = last - jnp.arange(keep.shape[0])
 
+    # The three running counts in one scan: XLA lowers every cumsum to its own chain of reduce-windows.
+    running = jnp.cumsum(jnp.stack([keep, start, sampleable]), axis=1, dtype=jnp.int32)
     capacity = local.segment.shape[0]
-    rank = jnp.cumsum(keep, dtype=jnp.int32) - 1  # position of each kept step in the compacted stream
+    rank = running[0] - 1  # position of each kept step in the compacted stream
     kept = rank[-1] + 1
     # Only the newest C kept steps are written: older ones would land on the same slots in undefined order.
     write = keep & (rank >= kept - capacity)
-    slot = jnp.where(write, (local.pos + rank) % capacity, capacity)  # out of range: dropped
+    # Steps not written get distinct indices past the end (dropped), so every scatter's indices are unique.
+    slot = jnp.where(write, (local.pos + rank) % capacity, capacity + jnp.arange(keep.shape[0]))
 
     def put(field, values):
-        return field.at[slot].set(values.astype(field.dtype), mode="drop")
+        return field.at[slot].set(values.astype(field.dtype), mode="drop", unique_indices=True)
 
-    segment = local.next_segment + jnp.cumsum(start, dtype=jnp.int32) - 1
-    sampleable = put(local.sampleable, sampleable)
+    segment = local.next_segment + running[1] - 1
+    added = sampleable & write
+    # Unwritten kept steps are the oldest, so the sampleable ones among them come before every added one.
+    added_rank = running[2] - 1 - jnp.sum(sampleable & ~write, dtype=jnp.int32)
+    table = _updated_table(local, slot, added, added_rank)
     return local.replace(
+        **table,
         obs={k: put(v, flat(block["obs"][k])) for k, v in local.obs.items()},
         action=put(local.action, flat(block["action"])),
         reward=put(local.reward, flat(block["reward"])),
         terminal=put(local.terminal, terminal),
         segment=put(local.segment, segment),
-        sampleable=sampleable,
-        # A scan over all C slots, done once per block here rather than for every batch drawn.
-        sampleable_cumsum=jnp.cumsum(sampleable, dtype=jnp.int32),
+        # Written after the table read the old flags: the data dependency spares XLA a copy of the array.
+        sampleable=local.sampleable.at[jnp.where(table["table_count"] >= 0, slot, slot + capacity)].set(
+            sampleable, mode="drop", unique_indices=True
+        ),
+        ahead=put(local.ahead, jnp.minimum(ahead, AHEAD_CAP)),
         version=put(local.version, flat(block["version"])),
         intervention=put(local.intervention, intervention),
         reward_source=put(local.reward_source, flat(block["reward_source"])),
@@ -287,17 +346,17 @@ def _linked(local: Buffer, index: jax.Array, offsets: jax.Array) -> jax.Array:
 def gather(local: Buffer, index: jax.Array, *, n_step: int, chunk: int, gamma: float) -> dict:
     """The n-step transitions and action chunks starting at one shard's slots index [b] (int32).
 
-    Step t + j is in the sample while it is linked to t (`_linked`, contiguously). A terminal step ends its
-    segment (`stream_layout`), so nothing after a terminal step is linked.
+    Step t + j is in the sample while it is in t's segment: j <= ahead[t]. A terminal step ends its segment
+    (`segment_bounds`), so nothing after a terminal step is in the sample.
 
     Returns obs {k: [b, ...]}, chunk [b, H, A], chunk_mask [b, H], reward [b] (discounted sum up to and
     including a terminal step), discount [b] (gamma^n, or 0 after a terminal), next_obs (at t + n; its value
     does not matter where discount is 0) and the provenance of t.
     """
     capacity = local.segment.shape[0]
-    offsets = jnp.arange(max(n_step, chunk))
+    offsets = jnp.arange(_span(n_step, chunk))
     slots = (index[:, None] + offsets) % capacity
-    linked = jnp.cumprod(_linked(local, index, offsets), axis=1).astype(bool)  # [b, L]
+    linked = offsets <= local.ahead[index][:, None].astype(jnp.int32)  # [b, L]
     powers = jnp.asarray(gamma, jnp.float32) ** jnp.arange(n_step, dtype=jnp.float32)
     reward = jnp.sum(jnp.where(linked[:, :n_step], local.reward[slots[:, :n_step]], 0.0) * powers, axis=1)
     done = jnp.any(local.terminal[slots[:, :n_step]] & linked[:, :n_step], axis=1)
@@ -317,15 +376,20 @@ def gather(local: Buffer, index: jax.Array, *, n_step: int, chunk: int, gamma: f
     }
 
 
+def _span(n_step: int, chunk: int) -> int:
+    """Steps a sample reads from its start on (the bootstrap observation is read separately)."""
+    span = max(n_step, chunk)
+    if span - 1 > AHEAD_CAP:
+        raise ValueError(f"n_step {n_step} and chunk {chunk} look past the {AHEAD_CAP} steps `ahead` holds")
+    return span
+
+
 def _draw(local: Buffer, key: jax.Array, batch_size: int, *, n_step: int, chunk: int, gamma: float) -> dict:
     """One shard's uniform draw (with replacement) among its sampleable slots (never-written ones are not)."""
-    capacity = local.segment.shape[0]
-    total = local.sampleable_cumsum[-1]
+    total = local.table_count
     draws = jax.random.randint(key, (batch_size,), 0, jnp.maximum(total, 1))
-    # The slot of the (u+1)-th sampleable one; clipped so an empty shard still reads a valid slot.
-    index = jnp.minimum(jnp.searchsorted(local.sampleable_cumsum, draws, side="right"), capacity - 1).astype(
-        jnp.int32
-    )
+    # An empty shard's table still holds valid slots (zeros), so its draws read real, weight-0 data.
+    index = local.table[(local.table_head + draws) % local.table.shape[0]]
     sample = gather(local, index, n_step=n_step, chunk=chunk, gamma=gamma)
     sample["weight"] = jnp.where(total > 0, jnp.ones((batch_size,), jnp.float32), 0.0)
     return sample

@@ -213,7 +213,11 @@ def mix_ratios(config) -> dict[str, float]:
 
 
 def draw_batches(buffers: dict, key: jax.Array, *, config, chunk: int, stats: dict, batch_sharding) -> dict:
-    """`config.utd + 1` normalised mixed batches [utd + 1, B, ...] drawn on-device from the replay."""
+    """`config.utd + 1` normalised mixed batches [utd + 1, B, ...] drawn on-device from the replay.
+
+    Vectorised over the batches: one gather per field for the whole train step, not one per batch (a loop
+    of small gathers is latency-bound, on a GPU above all). The batches are those of drawing each key alone.
+    """
 
     def draw(key):
         batch = replay.sample_mixed(
@@ -223,7 +227,7 @@ def draw_batches(buffers: dict, key: jax.Array, *, config, chunk: int, stats: di
         batch = normalize_batch(batch, stats)
         return jax.lax.with_sharding_constraint(batch, batch_sharding) if batch_sharding else batch
 
-    return jax.lax.map(draw, jax.random.split(key, config.utd + 1))
+    return jax.vmap(draw)(jax.random.split(key, config.utd + 1))
 
 
 def train_step(state: SACState, buffers: dict, key: jax.Array, *, config, chunk: int, action_size: int,

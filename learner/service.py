@@ -13,15 +13,24 @@ pickle); responses are JSON, errors `{"error": "<what is wrong>"}`.
     GET  /v1/params/<version>              -> the exported policy file (application/octet-stream)
     POST /v1/heartbeat                     {"policy_version", "spool_episodes", ...} -> {"latest_version",
                                               "server_time", "robot_id" (the token's robot)}
-    POST /v1/episodes/<id>/label           {"operator_reward": float, "success": bool?} -> 200
+    POST /v1/episodes/<id>/label           {"operator_reward": float, "success": bool?} -> 200, the
+                                              token's own episodes only
     GET  /v1/robots                        -> last heartbeat of every robot
     GET  /  or /v1/policy  (websocket)     openpi protocol: metadata on connect, then msgpack `infer`
-    GET  /healthz                          -> "ok", no token
+    GET  /healthz                          -> {"status": "ok", "episodes", "compaction_backlog",
+                                              "quarantined", "compacting"}, no token
 
-Status codes: 400 unreadable body (not msgpack, bad array encoding), 401 unknown or missing token
-(nothing is stored), 403 an episode's robot_id is not the token's robot, 404 unknown version or episode,
-413 body over `max_body_bytes`, 415 body not msgpack, 422 readable but invalid (schema, shapes, dtypes,
-non-finite values, too many episodes or steps; the message names the field).
+Status codes: 400 unreadable body (not msgpack, bad array encoding) or params version, 401 unknown or
+missing token (nothing is stored), 403 an episode's robot_id is not the token's robot, 404 unknown
+version, episode or route, 405 wrong method, 413 body over `max_body_bytes`, 415 body not msgpack (or no
+Content-Type), 422 readable but invalid (schema, shapes, dtypes, non-finite or out-of-range values,
+non-canonical UUIDs, too many episodes or steps; the message names the field). Every error is JSON.
+
+Validation is `jaxvla.episodes.canonical_episode`: what it accepts, the store writes into RLDS and reads
+back, so one accepted episode can never stop compaction (and an episode in the store that the RLDS
+writer's check refuses, one an older service accepted, is quarantined while the others go on). The
+fleet page (`page_app`, `learner.fleet_page`) is a separate read-only listener, bound to loopback by
+default, with no token.
 
 Nothing here runs jax. Disk I/O, decoding, validation and inference run in a thread pool, never on the
 event loop, so a large push or a slow disk never stalls heartbeats or other robots.
@@ -32,7 +41,12 @@ import concurrent.futures
 import functools
 import hmac
 import json
+import logging
+import math
 import pathlib
+import re
+import signal
+import threading
 import time
 
 import numpy as np
@@ -42,11 +56,13 @@ from aiohttp import web
 from jaxvla import episodes as rlds
 from jaxvla.actor import policy as actor_policy
 from jaxvla.actor import wire
+from learner.store import CompactionStopped
 from learner.store import EpisodeStore
 from learner.store import ParamsRegistry
 
 ROBOT_ID = web.RequestKey("robot_id", str)
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/octet-stream")
+log = logging.getLogger(__name__)
 
 
 class Rejected(Exception):
@@ -69,7 +85,7 @@ def load_tokens(path: str | pathlib.Path) -> dict[str, str]:
 def robot_of(header: str, tokens: dict[str, str]) -> str | None:
     """The robot a `Bearer <token>` (or openpi's `Api-Key <token>`) header belongs to, or None."""
     scheme, _, token = header.partition(" ")
-    if scheme not in ("Bearer", "Api-Key") or not token:
+    if scheme.lower() not in ("bearer", "api-key") or not token:  # schemes are case-insensitive (RFC 9110)
         return None
     # Compare against every token in constant time, so timing does not reveal a token's prefix.
     matches = [
@@ -79,17 +95,10 @@ def robot_of(header: str, tokens: dict[str, str]) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------- validation
-def _check_finite(where: str, tree) -> None:
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            _check_finite(f"{where}/{name}", value)
-        elif isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise Rejected(422, f"{where}/{name} has non-finite values (NaN or inf)")
-
-
 def validate_push(body: bytes, robot_id: str, *, max_body_bytes: int, max_episodes: int,
                   max_steps: int) -> list[dict]:  # fmt: skip
-    """The episodes of a push body, each checked against the RLDS schema; Rejected naming the problem."""
+    """The episodes of a push body in canonical form (`rlds.canonical_episode`: what the store writes back
+    and reads again), each checked against the RLDS schema; Rejected naming the problem."""
     try:
         message = wire.unpackb(body, max_bytes=max_body_bytes)
     except wire.WireError as err:
@@ -103,34 +112,95 @@ def validate_push(body: bytes, robot_id: str, *, max_body_bytes: int, max_episod
     if not isinstance(episodes, list) or not 1 <= len(episodes) <= max_episodes:
         count = len(episodes) if isinstance(episodes, list) else type(episodes).__name__
         raise Rejected(422, f"episodes must be a list of 1 to {max_episodes} episodes, got {count}")
-    seen = set()
+    seen, canonical = set(), []
     for i, episode in enumerate(episodes):
         try:
-            length = rlds.check_episode(episode)
+            episode = rlds.canonical_episode(episode)
         except (ValueError, TypeError) as err:
             raise Rejected(422, f"episode {i}: {err}") from None
+        length = len(episode["steps"]["is_first"])
         if length > max_steps:
             raise Rejected(422, f"episode {i}: {length} steps, over the limit of {max_steps}")
-        _check_finite(f"episode {i}: steps", episode["steps"])
         metadata = episode["episode_metadata"]
-        for name in ("operator_reward", "cycle_time"):
-            if not np.isfinite(metadata[name]):
-                raise Rejected(422, f"episode {i}: episode_metadata/{name} is not finite")
         if metadata["robot_id"] != robot_id:
             raise Rejected(403, f"episode {i}: robot_id {metadata['robot_id']!r} is not this token's robot "
                                 f"{robot_id!r}")  # fmt: skip
         if metadata["episode_id"] in seen:
             raise Rejected(422, f"episode {i}: episode_id {metadata['episode_id']} appears twice in the push")
         seen.add(metadata["episode_id"])
-    return episodes
+        canonical.append(episode)
+    return canonical
 
 
-def _fields(body: bytes, required: dict[str, tuple[type, ...]], max_bytes: int = 65_536) -> dict:
+HEARTBEAT_FIELDS = 32
+HEARTBEAT_TEXT = 256
+
+
+def validate_heartbeat(message) -> dict:
+    """A heartbeat's status as it is stored and served back as JSON: at most HEARTBEAT_FIELDS text keys
+    with null, bool, int64, finite float or short text values; `policy_version` an int or null and
+    `spool_episodes` a non-negative int when present. Rejected (422) naming the field otherwise."""
+    if not isinstance(message, dict) or len(message) > HEARTBEAT_FIELDS:
+        raise Rejected(422, f"heartbeat must be a map of at most {HEARTBEAT_FIELDS} fields")
+    for key, value in message.items():
+        if not isinstance(key, str) or not 0 < len(key) <= 64:
+            raise Rejected(422, f"heartbeat field name {key!r} must be text of 1 to 64 characters")
+        if not _plain_status_value(value):
+            raise Rejected(422, f"heartbeat field {key!r} = {value!r} must be null, a bool, an int64, a "
+                                f"finite float or text of at most {HEARTBEAT_TEXT} characters")  # fmt: skip
+    version, spool = message.get("policy_version"), message.get("spool_episodes", 0)
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise Rejected(422, f"heartbeat field 'policy_version' = {version!r} must be an int or null")
+    if isinstance(spool, bool) or not isinstance(spool, int) or spool < 0:
+        raise Rejected(422, f"heartbeat field 'spool_episodes' = {spool!r} must be a non-negative int")
+    return dict(message)
+
+
+def _plain_status_value(value) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str) and len(value) <= HEARTBEAT_TEXT
+
+
+def check_observation(obs, max_batch: int) -> None:
+    """Rejected unless `obs` is a map whose float arrays are finite and whose batch is at most
+    `max_batch`: a NaN observation would come back as NaN actions a robot might execute."""
+    if not isinstance(obs, dict):
+        raise Rejected(422, "an observation must be a msgpack map")
+    for key, value in obs.items():
+        if _has_non_finite(value):
+            raise Rejected(422, f"observation {key!r} has non-finite values (NaN or inf)")
+    prompt = obs.get("prompt")
+    if isinstance(prompt, np.ndarray) and prompt.ndim == 2 and prompt.shape[0] > max_batch:
+        raise Rejected(422, f"observation batch of {prompt.shape[0]} is over the limit of {max_batch}")
+
+
+def _has_non_finite(value) -> bool:
+    """NaN or inf anywhere in an array, a float, or lists and maps of them (openpi may send lists)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.all(np.isfinite(value))
+
+
+def params_version(text: str) -> int:
+    """The version in `/v1/params/<version>`: ASCII digits only (str.isdigit also takes '²' and fullwidth
+    digits), at most 18 of them."""
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        raise Rejected(400, f"params version must be a non-negative integer in ASCII digits, got {text!r}")
+    return int(text)
+
+
+def _fields(body: bytes, required: dict[str, tuple[type, ...]]) -> dict:
     """A small msgpack map body with the `required` fields of the given types."""
-    try:
-        message = wire.unpackb(body, max_bytes=max_bytes)
-    except wire.WireError as err:
-        raise Rejected(400, f"body: {err}") from None
+    message = wire_message(body)
     if not isinstance(message, dict):
         raise Rejected(422, "body must be a msgpack map")
     for name, types in required.items():
@@ -142,17 +212,24 @@ def _fields(body: bytes, required: dict[str, tuple[type, ...]], max_bytes: int =
 
 # -------------------------------------------------------------------------------------------- service
 class Service:
-    """The aiohttp application over an episode store and a params registry (`app`)."""
+    """The aiohttp application over an episode store and a params registry (`app`), and the read-only
+    fleet page (`page_app`), served on its own listener."""
 
     def __init__(self, store: EpisodeStore, registry: ParamsRegistry, tokens: dict[str, str], *,
                  max_body_bytes: int = 64 << 20, max_episodes: int = 64, max_steps: int = 2_000,
-                 compact_every: int = 256, workers: int = 4):  # fmt: skip
+                 compact_every: int = 256, part_episodes: int = 256, max_infer_batch: int = 256,
+                 workers: int = 4):  # fmt: skip
         self.store, self.registry, self.tokens = store, registry, tokens
         self.limits = {"max_body_bytes": max_body_bytes, "max_episodes": max_episodes, "max_steps": max_steps}
-        self.compact_every = compact_every
+        self.compact_every, self.part_episodes, self.max_infer_batch = (
+            compact_every,
+            part_episodes,
+            max_infer_batch,
+        )
         self.robots: dict[str, dict] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fleet-io")
         self._compaction: asyncio.Task | None = None
+        self._stopping = threading.Event()  # set on shutdown: compaction stops between two episodes
         self._policy: tuple[int, actor_policy.Policy] | None = None
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors, self._auth])
         self.app.add_routes([
@@ -166,18 +243,26 @@ class Service:
             web.get("/", self.policy_socket),
             web.get("/v1/policy", self.policy_socket),
         ])  # fmt: skip
+        self.app.on_shutdown.append(self._stop_compaction)
         self.app.on_cleanup.append(self._close)
+        self.page_app = web.Application(middlewares=[self._errors])
+        self.page_app.add_routes([web.get("/", self.page)])
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
+    async def _stop_compaction(self, _app) -> None:
+        self._stopping.set()
+
     async def _close(self, _app) -> None:
+        self._stopping.set()
         if self._compaction is not None:
-            await self._compaction
+            await self._compaction  # returns once the episode being encoded is done
         self._pool.shutdown(wait=True)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
+        """Every error is JSON {"error": ...}: refusals, aiohttp's own 404 / 405 / 413, and crashes."""
         try:
             return await handler(request)
         except Rejected as err:
@@ -185,6 +270,15 @@ class Service:
         except web.HTTPRequestEntityTooLarge:
             limit = self.limits["max_body_bytes"]
             return web.json_response({"error": f"body is over the limit of {limit} bytes"}, status=413)
+        except web.HTTPException as err:
+            if err.status < 400:
+                raise
+            headers = {k: v for k, v in err.headers.items() if k in ("Allow",)}
+            message = f"{request.method} {request.path}: {err.reason}"
+            return web.json_response({"error": message}, status=err.status, headers=headers)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return web.json_response({"error": "internal error; the service logged it"}, status=500)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -197,9 +291,10 @@ class Service:
         return await handler(request)
 
     async def _body(self, request: web.Request) -> bytes:
-        if request.content_type not in MSGPACK_TYPES:
-            raise Rejected(415, f"body must be msgpack (Content-Type application/msgpack), got "
-                                f"{request.content_type!r}")  # fmt: skip
+        # Read the header itself: aiohttp reports a missing or empty one as application/octet-stream.
+        sent = request.headers.get("Content-Type", "")
+        if sent.partition(";")[0].strip().lower() not in MSGPACK_TYPES:
+            raise Rejected(415, f"body must be msgpack (Content-Type application/msgpack), got {sent!r}")
         if (request.content_length or 0) > self.limits["max_body_bytes"]:
             raise Rejected(413, f"body is {request.content_length} bytes, over the limit of "
                                 f"{self.limits['max_body_bytes']}")  # fmt: skip
@@ -207,7 +302,13 @@ class Service:
 
     # ------------------------------------------------------------------------------------- handlers
     async def health(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        return web.json_response({"status": "ok", **self.store_status()})
+
+    def store_status(self) -> dict:
+        """The episode store at a glance: the compaction backlog is what a monitor should watch."""
+        compacting = self._compaction is not None and not self._compaction.done()
+        return {"episodes": len(self.store), "compaction_backlog": self.store.backlog,
+                "quarantined": self.store.quarantined, "compacting": compacting}  # fmt: skip
 
     async def push(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -221,11 +322,22 @@ class Service:
 
     def _maybe_compact(self) -> None:
         """Starts one background compaction at a time once `compact_every` episodes wait in incoming/."""
-        if self.compact_every <= 0 or (self._compaction is not None and not self._compaction.done()):
+        busy = self._compaction is not None and not self._compaction.done()
+        if self.compact_every <= 0 or busy or self.store.backlog < self.compact_every:
             return
-        self._compaction = asyncio.get_running_loop().create_task(
-            self._run(self.store.compact, self.compact_every)
-        )
+        self._compaction = asyncio.get_running_loop().create_task(self._run(self._compact_backlog))
+
+    def _compact_backlog(self) -> None:
+        """Parts of at most `part_episodes` until fewer than `compact_every` wait, or shutdown begins."""
+        while not self._stopping.is_set() and self.store.backlog >= self.compact_every:
+            try:
+                self.store.compact(self.compact_every, self.part_episodes, self._stopping)
+            except CompactionStopped:
+                return
+            except Exception:
+                # Not an episode's fault (those are quarantined): the disk, say. Retried on the next push.
+                log.exception("compaction failed; the episodes stay in incoming/")
+                return
 
     async def manifest(self, _request: web.Request) -> web.Response:
         latest = await self._run(self.registry.latest)
@@ -238,20 +350,17 @@ class Service:
         return web.json_response({**latest, "url": f"/v1/params/{latest['version']}"})
 
     async def params(self, request: web.Request) -> web.Response:
-        text = request.match_info["version"]
-        if not text.isdigit():
-            raise Rejected(400, f"params version must be a non-negative integer, got {text!r}")
-        data = await self._run(self.registry.read, int(text))
+        version = params_version(request.match_info["version"])
+        data = await self._run(self.registry.read, version)
         if data is None:
-            raise Rejected(404, f"params version {text} was never published")
-        entry = self.registry.entry(int(text))
-        headers = {"X-Params-Version": text, "X-Params-Sha256": entry["file_sha256"]}
+            raise Rejected(404, f"params version {version} was never published")
+        entry = self.registry.entry(version)
+        headers = {"X-Params-Version": str(version), "X-Params-Sha256": entry["file_sha256"]}
         return web.Response(body=data, content_type="application/octet-stream", headers=headers)
 
     async def heartbeat(self, request: web.Request) -> web.Response:
-        message = _fields(await self._body(request), {})
-        status = {k: v for k, v in message.items() if isinstance(v, int | float | str | bool | None)}
-        self.robots[request[ROBOT_ID]] = {**status, "last_seen": time.time()}
+        message = wire_message(await self._body(request))
+        self.robots[request[ROBOT_ID]] = {**validate_heartbeat(message), "last_seen": time.time()}
         latest = self.registry.latest()
         return web.json_response({"latest_version": latest and latest["version"], "server_time": time.time(),
                                   "robot_id": request[ROBOT_ID]})  # fmt: skip
@@ -261,16 +370,38 @@ class Service:
         success = message.get("success")
         if success is not None and not isinstance(success, bool):
             raise Rejected(422, "field 'success' must be a bool when given")
-        if not np.isfinite(message["operator_reward"]):
-            raise Rejected(422, "field 'operator_reward' must be finite")
+        reward = message["operator_reward"]
+        try:
+            rlds.canonical_uuid("episode id", request.match_info["episode_id"])
+            bounds = rlds.METADATA_RANGES["operator_reward"]
+            if not (math.isfinite(reward) and bounds[0] <= reward <= bounds[1]):
+                raise ValueError(f"field 'operator_reward' = {reward!r} must be finite and fit a float32")
+        except ValueError as err:
+            raise Rejected(422, str(err)) from None
         episode_id = request.match_info["episode_id"]
-        known = await self._run(self.store.label, episode_id, message["operator_reward"], success)
-        if not known:
+        owner = await self._run(self.store.robot_of, episode_id)
+        if owner is None:
             raise Rejected(404, f"no stored episode {episode_id}")
+        if owner != request[ROBOT_ID]:
+            raise Rejected(403, f"episode {episode_id} was not pushed by this token's robot "
+                                f"{request[ROBOT_ID]!r}")  # fmt: skip
+        await self._run(self.store.label, episode_id, reward, success)
         return web.json_response({"labelled": episode_id})
 
     async def robot_table(self, _request: web.Request) -> web.Response:
         return web.json_response(self.robots)
+
+    async def page(self, _request: web.Request) -> web.Response:
+        """The read-only fleet page (`learner.fleet_page`)."""
+        from learner import fleet_page  # matplotlib: imported only by a service whose page is opened
+
+        status, robots = self.store_status(), dict(self.robots)
+
+        def render() -> str:  # reads the registry and the store's summaries: off the event loop
+            return fleet_page.render(robots, self.registry.entries(), self.store.summaries(), status)
+
+        html = await self._run(render)
+        return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     # ----------------------------------------------------------------------------- remote inference
     async def _current_policy(self) -> actor_policy.Policy:
@@ -301,6 +432,7 @@ class Service:
             try:
                 policy = await self._current_policy()
                 obs = await self._run(wire.unpackb, message.data)
+                check_observation(obs, self.max_infer_batch)
                 tic = time.perf_counter()
                 out = await self._run(policy.infer, obs)
                 reply = {**out, "policy_version": policy.version,
@@ -312,6 +444,39 @@ class Service:
         return socket
 
 
-def serve(service: Service, host: str, port: int) -> None:
-    """Runs the service until interrupted (SIGINT / SIGTERM)."""
-    web.run_app(service.app, host=host, port=port, print=None, handle_signals=True)
+def wire_message(body: bytes, max_bytes: int = 65_536):
+    """A small msgpack body, decoded; Rejected (400) if it does not decode."""
+    try:
+        return wire.unpackb(body, max_bytes=max_bytes)
+    except wire.WireError as err:
+        raise Rejected(400, f"body: {err}") from None
+
+
+async def _serve_until_stopped(
+    service: Service, host: str, port: int, page_host: str, page_port: int
+) -> None:
+    runners = [web.AppRunner(service.app, handle_signals=False)]
+    if page_port:
+        runners.append(web.AppRunner(service.page_app, handle_signals=False))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await runners[0].setup()
+        await web.TCPSite(runners[0], host, port).start()
+        if page_port:
+            await runners[1].setup()
+            try:
+                await web.TCPSite(runners[1], page_host, page_port).start()
+            except OSError as err:  # a busy page port must not take the robots' service down
+                log.warning("the fleet page is not served on %s:%s: %s", page_host, page_port, err)
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()  # on_shutdown stops compaction, on_cleanup waits for it
+
+
+def serve(service: Service, host: str, port: int, page_host: str = "127.0.0.1", page_port: int = 0) -> None:
+    """Runs the service (and the fleet page on `page_host:page_port`, unless 0) until SIGINT / SIGTERM."""
+    asyncio.run(_serve_until_stopped(service, host, port, page_host, page_port))

@@ -27,8 +27,9 @@ def global_array(value, target_sharding):
 
 def main(rank: int, port: int, out_dir: pathlib.Path) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank,
-                               initialization_timeout=120)  # fmt: skip
+    jax.distributed.initialize(
+        f"127.0.0.1:{port}", num_processes=2, process_id=rank, initialization_timeout=120
+    )
     sc, mc, nets, optimizers, state, batches = small_setup(batch=16)
     mesh = sharding.make_mesh(jax.devices())
     replicated = sharding.replicated(mesh)
@@ -41,9 +42,14 @@ def main(rank: int, port: int, out_dir: pathlib.Path) -> None:
     local = lambda x: np.asarray(x.addressable_data(0))  # noqa: E731  (replicated: every process has all of it)
     leaves = [local(x) for x in jax.tree.leaves((new.actor, new.critic, new.log_alpha))]
     if rank == 0:
-        np.savez(out_dir / "update.npz", leaves=len(leaves), global_devices=jax.device_count(),
-                 processes=jax.process_count(), critic_loss=local(metrics["critic_loss"]),
-                 **{f"leaf{i}": leaf for i, leaf in enumerate(leaves)})  # fmt: skip
+        np.savez(
+            out_dir / "update.npz",
+            leaves=len(leaves),
+            global_devices=jax.device_count(),
+            processes=jax.process_count(),
+            critic_loss=local(metrics["critic_loss"]),
+            **{f"leaf{i}": leaf for i, leaf in enumerate(leaves)},
+        )
     jax.distributed.shutdown()
 
 

@@ -13,9 +13,9 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import jax
@@ -243,8 +243,9 @@ def test_broker_hands_out_chunk_rows_and_replans(exported):
 def tiny_file(tmp_path) -> pathlib.Path:
     config = ModelConfig(width=8, prompt_dim=4, depth=1, chunk=2)
     params = nnx.state(config.create_policy(0), nnx.Param)
-    return export.write(tmp_path, config, params, random_stats(config, 0), version=1, parent_version=0,
-                        config_hash="tiny")  # fmt: skip
+    return export.write(
+        tmp_path, config, params, random_stats(config, 0), version=1, parent_version=0, config_hash="tiny"
+    )
 
 
 def test_every_single_byte_corruption_is_refused(tmp_path):
@@ -340,7 +341,10 @@ actions = policy.infer(obs)["actions"]
 loaded = {m.partition(".")[0] for m in set(sys.modules) - before}
 print(json.dumps({
     "modules": sorted(loaded - set(sys.stdlib_module_names)),
-    "importable": [m for m in ("jax", "jaxlib", "flax", "mujoco") if importlib.util.find_spec(m)],
+    "importable": [
+        m for m in ("jax", "jaxlib", "flax", "mujoco", "learner", "envs", "configs", "tools")
+        if importlib.util.find_spec(m)
+    ],
     "jaxvla_file": jaxvla.__file__,
     "actions": actions.tolist(),
 }))
@@ -379,27 +383,25 @@ def _repack_installed(name: str, out: pathlib.Path) -> pathlib.Path:
     return _wheel(out, f"{dist.name}-{dist.version}", files, tag)
 
 
-def _project_wheel(out: pathlib.Path) -> pathlib.Path:
-    """A pure wheel of the `jaxvla` package, its Requires-Dist taken from pyproject's `dependencies`.
+# Top-level names the learner side uses; a robot's site-packages must not get them (other projects use them).
+CHECKOUT_PACKAGES = ("learner", "envs", "configs", "tools")
+NOT_A_CHECKOUT = "jaxvla demo runs from a checkout of the repository ('tools' is not installed"
+PIP_ENV = {**os.environ, "PIP_CONFIG_FILE": os.devnull}  # no user config, so no index
 
-    Built here rather than by setuptools: the venv's setuptools (65) needs the `wheel` package for
-    bdist_wheel, which is not installed, and build isolation would need an index.
+
+def _project_wheel(out: pathlib.Path, scratch: pathlib.Path) -> pathlib.Path:
+    """The wheel `pip install jaxvla` installs, built by setuptools from pyproject.toml.
+
+    Built from a copy of the checkout, since a build writes `build/` and `*.egg-info` beside the sources,
+    and without build isolation, which would need an index (dev pins a setuptools with bdist_wheel).
     """
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    version, info = jaxvla.__version__, f"jaxvla-{jaxvla.__version__}.dist-info"
-    files = {
-        p.relative_to(REPO_ROOT).as_posix(): p.read_bytes()
-        for p in sorted((REPO_ROOT / "jaxvla").rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
-    requires = "".join(f"Requires-Dist: {r}\n" for r in project["dependencies"])
-    files[f"{info}/METADATA"] = (
-        f"Metadata-Version: 2.1\nName: jaxvla\nVersion: {version}\n{requires}".encode()
-    )
-    files[f"{info}/WHEEL"] = (
-        b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    )
-    return _wheel(out, f"jaxvla-{version}", files, "py3-none-any")
+    source = scratch / "checkout"
+    ignore = (".git", ".venv", ".cache", "runs", "data", "build", "dist", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(*ignore), symlinks=True)
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    subprocess.run([*pip, "-w", str(out), str(source)], check=True, capture_output=True, env=PIP_ENV)
+    (wheel,) = out.glob("jaxvla-*.whl")
+    return wheel
 
 
 @pytest.mark.slow
@@ -407,26 +409,43 @@ def test_actor_runs_in_a_bare_virtualenv(exported, tmp_path):
     """`pip install jaxvla` (no extras) from local wheels into a fresh venv, then load and infer.
 
     Offline: numpy and msgpack are repacked from this venv's installed files and the project wheel is
-    built from the source tree, so pip resolves the declared dependencies against those wheels alone.
+    built from the source tree, so pip resolves the declared dependencies against those wheels alone. The
+    robot gets `jaxvla` and nothing else of this project: no generic top-level packages in its
+    site-packages, and a learner command says it runs from a checkout.
     """
     e = exported("state_image_indicator")
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     for name in ("numpy", "msgpack"):
         _repack_installed(name, wheels)
-    _project_wheel(wheels)
+    wheel = _project_wheel(wheels, tmp_path)
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {name.split("/")[0] for name in z.namelist()}
+    assert shipped == {"jaxvla", f"jaxvla-{jaxvla.__version__}.dist-info"}
     venv = tmp_path / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", venv], check=True, capture_output=True)
     python = str(venv / "bin" / "python")
     pip = [python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), "jaxvla"]
     env = {"HOME": str(tmp_path), "PIP_CONFIG_FILE": os.devnull}  # no user config, no index, no cache
     subprocess.run(pip, check=True, capture_output=True, env=env)
+
+    (site,) = venv.glob("lib/python*/site-packages")
+    assert (site / "jaxvla" / "actor" / "loop.py").is_file()
+    assert not {p.name for p in site.iterdir()} & set(CHECKOUT_PACKAGES)
+    (record,) = site.glob("jaxvla-*.dist-info/RECORD")
+    installed = {row.split(",")[0].split("/")[0] for row in record.read_text().splitlines()}
+    assert installed == {"jaxvla", record.parent.name, ".."}  # "..": the `jaxvla` script in bin/
+
     obs_file = tmp_path / "obs.npz"
     np.savez(obs_file, **{k: v[0] for k, v in e.obs.items()})
     out = subprocess.run(
         [python, "-c", BARE_SCRIPT, str(e.path), str(obs_file)],
-        cwd=tmp_path, capture_output=True, text=True, check=True, env=env,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     result = json.loads(out.stdout)
     assert result["jaxvla_file"].startswith(str(venv))  # the installed copy, not the checkout
     assert result["importable"] == []
@@ -434,13 +453,40 @@ def test_actor_runs_in_a_bare_virtualenv(exported, tmp_path):
     expected = actor.load(e.path).infer({k: v[0] for k, v in e.obs.items()})["actions"]
     np.testing.assert_allclose(np.array(result["actions"], np.float32), expected, rtol=0, atol=1e-6)
 
+    demo = subprocess.run(
+        [str(venv / "bin" / "jaxvla"), "demo"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert demo.returncode == 2 and demo.stderr.startswith(NOT_A_CHECKOUT), demo.stderr
+
+
+def test_the_editable_install_imports_the_learner_side_from_this_checkout(tmp_path):
+    """The README's `pip install -e`: from any folder, without the folder on sys.path (`-I`, as the
+    `jaxvla` script runs), the checkout's packages are importable and are this checkout's."""
+    names = ("jaxvla", *CHECKOUT_PACKAGES)
+    code = f"import importlib.util as u, json; print(json.dumps([u.find_spec(n).origin for n in {names}]))"
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == [str(REPO_ROOT / name / "__init__.py") for name in names]
+
 
 # ------------------------------------------------------------------------------------ twin command
 def test_twin_command_runs_a_policy_without_jax(exported, tmp_path):
     e = exported("state")
     report = tmp_path / "twin.json"
-    argv = ["twin", "--policy", str(e.path), "--task", "pick_place", "--episodes", "2", "--replan", "2",
-            "--json", str(report)]  # fmt: skip
+    argv = [
+        "twin",
+        "--policy",
+        str(e.path),
+        "--task",
+        "pick_place",
+        "--episodes",
+        "2",
+        "--replan",
+        "2",
+        "--json",
+        str(report),
+    ]
     code = (
         "import json, sys\n"
         "from jaxvla import cli\n"
@@ -463,8 +509,15 @@ def test_twin_command_runs_a_policy_without_jax(exported, tmp_path):
 
 def test_twin_summary_arithmetic():
     def episode(success, mode, retries, cycle, recovered=False):
-        return {"success": success, "failure_mode": mode, "recovered": recovered, "retries": retries,
-                "cycle_time_s": cycle, "steps": int(cycle * 10), "policy_s": cycle / 100}  # fmt: skip
+        return {
+            "success": success,
+            "failure_mode": mode,
+            "recovered": recovered,
+            "retries": retries,
+            "cycle_time_s": cycle,
+            "steps": int(cycle * 10),
+            "policy_s": cycle / 100,
+        }
 
     episodes = [
         episode(True, "none", 0, 5.0),

@@ -77,3 +77,54 @@ def flat_parameters(module):
     import torch
 
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+def test_paired_spread_pairs_repetitions_and_groups_calls():
+    # Speed ratio ours / peer = peer seconds / our seconds, repetition by repetition.
+    assert bench.paired_spread([1.0, 2.0, 1.0], [2.0, 2.0, 3.0], 3) == [1.0, 3.0]
+    # Six calls summed into three repetitions of two: ours 2, 2, 4; peer 2, 4, 4.
+    assert bench.paired_spread([1, 1, 1, 1, 2, 2], [1, 1, 2, 2, 2, 2], 3) == [1.0, 2.0]
+
+
+def test_stream_bound_is_the_weights_read_once():
+    bound = bench.stream_bound(weight_bytes=2_000_000, bandwidth=10e9)
+    assert bound["stream_us"] == pytest.approx(200.0)
+    assert bound["bound_us"] == pytest.approx(bench.CLIENT_BOUND * 200.0)
+
+
+def test_learner_ratios_carry_their_spread():
+    learner = {
+        "jax_fused": {"train_steps_per_s": 10.0, "call_s": [1.0, 1.0]},
+        "jax_unfused": {"train_steps_per_s": 5.0, "call_s": [2.0, 2.0]},
+        "jax_flashbax": {"status": "missing"},
+        "torch": {"train_steps_per_s": 4.0, "call_s": [2.0, 3.0], "same_threads": {"train_steps_per_s": 2.0,
+                                                                               "call_s": [5.0, 5.0]}},
+    }  # fmt: skip
+    replay_row = {"ours": {"add_items_per_s": 2.0, "add_s": [1.0] * 4, "sample_items_per_s": 1.0,
+                           "sample_s": [1.0, 1.0]},
+                  "flashbax": {"add_items_per_s": 1.0, "add_s": [2.0] * 4, "sample_items_per_s": 1.0,
+                               "sample_s": [1.0, 2.0]}, "flashbax_nstep": {"status": "missing"}}  # fmt: skip
+    ratios = bench.learner_ratios(learner, replay_row, reps=2)
+    assert ratios["fused_over_torch"] == {"value": 2.5, "spread": [2.0, 3.0]}
+    assert ratios["fused_over_torch_same_threads"]["value"] == 5.0
+    assert ratios["add_over_flashbax"] == {"value": 2.0, "spread": [2.0, 2.0]}
+    assert ratios["sample_over_flashbax"]["spread"] == [1.0, 2.0]
+    assert ratios["fused_over_flashbax_fused"] is None and ratios["sample_over_flashbax_nstep"] is None
+    assert "2.50x (per repetition 2.00-3.00)" in bench.ratio_lines(ratios)
+
+
+def test_torch_worker_serves_repetitions_on_request():
+    pytest.importorskip("torch")
+    config = configs.get_config("debug")
+    counts = replay.mix_counts(dict(zip(replay.SOURCES, config.sac.mix, strict=True)), 16, 1)
+    spec = bench.torch_spec(config.model, config.sac, counts, dict.fromkeys(replay.SOURCES, 64), 1, 2)
+    worker = bench.TorchWorker(spec, threads=1, limit=300)
+    worker.times = [worker.repetition() for _ in range(2)]
+    run = worker.close()
+    assert run["threads"] == 1 and len(run["call_s"]) == 2 and run["train_steps_per_s"] > 0
+
+
+def test_alternating_reverses_the_order_every_other_repetition():
+    variants = {"ours": 1, "flashbax": 2}
+    assert [name for name, _ in bench.alternating(variants, 0)] == ["ours", "flashbax"]
+    assert [name for name, _ in bench.alternating(variants, 1)] == ["flashbax", "ours"]

@@ -133,13 +133,21 @@ def test_wilson_interval_by_hand():
     # 8 of 10 at z = 1.96: centre (p + z^2 / 2n) / (1 + z^2 / n),
     # half-width z sqrt(p q / n + z^2 / 4n^2) / (1 + z^2 / n)
     lo, hi = evaluate.wilson_interval(8, 10)
-    z = 1.96
+    z = 1.959964
     centre = (0.8 + z**2 / 20) / (1 + z**2 / 10)
     half = z * np.sqrt(0.8 * 0.2 / 10 + z**2 / 400) / (1 + z**2 / 10)
-    assert (lo, hi) == pytest.approx((centre - half, centre + half))
+    assert (lo, hi) == pytest.approx((centre - half, centre + half), abs=1e-6)
     assert evaluate.wilson_interval(0, 50)[0] == 0.0 and evaluate.wilson_interval(50, 50)[1] == 1.0
     records = [{"success_rate": s, "episodes": 10} for s in (0.2, 0.9, 0.6, 0.8)]
     assert evaluate.headline(records)["last3_mean"] == pytest.approx((0.9 + 0.6 + 0.8) / 3)
+
+
+def test_bootstrap_interval_brackets_the_mean_of_the_seeds():
+    lo, hi = evaluate.bootstrap_interval([0.7, 0.8, 0.9])
+    assert 0.7 - 1e-9 <= lo < 0.8 < hi <= 0.9 + 1e-9
+    assert (
+        evaluate.bootstrap_interval([0.5, None]) == (0.5, 0.5) and evaluate.bootstrap_interval([None]) is None
+    )
 
 
 def test_test_and_validation_contexts_are_fixed_and_disjoint():

@@ -25,9 +25,15 @@ def params_and_stats(config: ModelConfig = CONFIG, seed: int = 0):
 def test_manifest_records_everything_the_robot_needs(tmp_path):
     params, stats = params_and_stats()
     path = export.write(
-        tmp_path, CONFIG, params, stats, version=12, parent_version=11, config_hash="abc123",
+        tmp_path,
+        CONFIG,
+        params,
+        stats,
+        version=12,
+        parent_version=11,
+        config_hash="abc123",
         extra={"step": np.int64(5000), "loss": jax.numpy.float32(0.5)},
-    )  # fmt: skip
+    )
     assert path == tmp_path / "policy-v000012.msgpack"
     manifest, arrays = fileformat.read(path)
     assert manifest["format"] == "jaxvla-policy" and manifest["format_version"] == 1
@@ -35,8 +41,13 @@ def test_manifest_records_everything_the_robot_needs(tmp_path):
     assert manifest["config_hash"] == "abc123" and manifest["extra"] == {"step": 5000, "loss": 0.5}
     assert datetime.datetime.fromisoformat(manifest["created"]).tzinfo is not None
     assert ModelConfig.from_dict(manifest["model"]) == CONFIG
-    assert manifest["action"] == {"size": 4, "chunk": 3, "low": -1.0, "high": 1.0,
-                                  "names": ["dx", "dy", "dz", "suction"]}  # fmt: skip
+    assert manifest["action"] == {
+        "size": 4,
+        "chunk": 3,
+        "low": -1.0,
+        "high": 1.0,
+        "names": ["dx", "dy", "dz", "suction"],
+    }
     assert manifest["observation"]["prompt"] == {"shape": [12], "dtype": "int32"}
     assert manifest["observation"]["scene"] == {"shape": [10], "dtype": "float32"}
     restored = normalization.from_lists(manifest["normalization"])

@@ -19,14 +19,16 @@ from jaxvla.actor import wire
 BLOCKED_IMPORTS = """
 import importlib.abc, json, sys
 BLOCKED = ("jax", "jaxlib", "flax", "mujoco", "tensorflow_datasets", "tensorflow", "aiohttp", "envs",
-           "learner")
+           "learner", "configs", "tools")
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.partition(".")[0] in BLOCKED:
             raise ImportError(f"the robot client imported {name}")
 sys.meta_path.insert(0, Block())
 before = set(sys.modules)
-import jaxvla.actor, jaxvla.actor.client, jaxvla.actor.robots, jaxvla.actor.runner, jaxvla.actor.wire
+import importlib, pkgutil, jaxvla.actor
+for module in pkgutil.iter_modules(jaxvla.actor.__path__):  # every module a robot may import
+    importlib.import_module(f"jaxvla.actor.{module.name}")
 loaded = {m.partition(".")[0] for m in set(sys.modules) - before}
 print(json.dumps(sorted(loaded - set(sys.stdlib_module_names))))
 """

@@ -26,10 +26,32 @@ from jaxvla.actor import policy as actor_policy
 from learner.fleet import FleetLearner
 from learner.store import EpisodeStore
 
-LEARNER_ARGS = ["--fleet.offline-data", "", "--fleet.episodes-per-round", "8", "--fleet.ingest-episodes", "4",
-                "--fleet.rounds", "2", "--fleet.gate-episodes", "1", "--fleet.poll-s", "0.2",
-                "--patch.updates-per-round", "2", "--patch.capacity", "256", "1024", "256",
-                "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2"]  # fmt: skip
+LEARNER_ARGS = [
+    "--fleet.offline-data",
+    "",
+    "--fleet.episodes-per-round",
+    "8",
+    "--fleet.ingest-episodes",
+    "4",
+    "--fleet.rounds",
+    "2",
+    "--fleet.gate-episodes",
+    "1",
+    "--fleet.poll-s",
+    "0.2",
+    "--patch.updates-per-round",
+    "2",
+    "--patch.capacity",
+    "256",
+    "1024",
+    "256",
+    "--sac.batch-size",
+    "16",
+    "--sac.utd",
+    "2",
+    "--sac.critic-warmup",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +68,13 @@ def fleet_root(tmp_path_factory) -> pathlib.Path:
 def learner_process(root: pathlib.Path, prior: pathlib.Path) -> subprocess.Popen:
     args = ["debug", "--fleet.prior", str(prior), "--fleet.root", str(root), *LEARNER_ARGS]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.Popen([sys.executable, "-m", "tools.fleet_learner", *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "tools.fleet_learner", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def log(root: pathlib.Path) -> list[dict]:
@@ -98,8 +125,9 @@ def test_a_planted_bad_policy_is_stopped_by_the_gate(fleet_root, tmp_path):
         return float(np.mean(np.sign(actor_policy.loads(data).infer(obs)["actions"]) == np.sign(reference)))
 
     base = configs.get_config("debug")
-    fleet_config = configs.FleetConfig(prior=str(fleet_root / "prior"), root=str(tmp_path), offline_data="",
-                                       gate_margin=0.1)  # fmt: skip
+    fleet_config = configs.FleetConfig(
+        prior=str(fleet_root / "prior"), root=str(tmp_path), offline_data="", gate_margin=0.1
+    )
     config = configs.dataclasses.replace(base, fleet=fleet_config)
     learner = FleetLearner(config, evaluation=agreement)
     params = learner.prior.params

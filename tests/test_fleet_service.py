@@ -66,8 +66,9 @@ def policy_file(version: int, parent: int | None, seed: int = 0) -> bytes:
 class Server:
     """A `jaxvla serve --fleet.no-learner` process that can be killed and restarted on the same root."""
 
-    def __init__(self, root: pathlib.Path):
-        self.root, self.port = root, free_port()
+    def __init__(self, root: pathlib.Path, *extra: str):
+        """`extra`: more `jaxvla serve` flags (they override the ones below)."""
+        self.root, self.port, self.extra = root, free_port(), extra
         self.url = f"http://127.0.0.1:{self.port}"
         (root / "tokens.json").parent.mkdir(parents=True, exist_ok=True)
         (root / "tokens.json").write_text(json.dumps(TOKENS))
@@ -76,7 +77,8 @@ class Server:
     def start(self) -> None:
         args = ["debug", "--fleet.no-learner", "--fleet.root", str(self.root), "--fleet.port", str(self.port),
                 "--fleet.tokens", str(self.root / "tokens.json"), "--fleet.compact-every", "8",
-                "--fleet.max-body-mb", "4", "--fleet.max-steps", "300"]  # fmt: skip
+                "--fleet.max-body-mb", "4", "--fleet.max-steps", "300", "--fleet.page-port", "0",
+                *self.extra]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         command = [sys.executable, "-m", "jaxvla.cli", "serve", *args]
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -254,7 +256,7 @@ def test_fuzzed_pushes_get_a_clear_4xx_and_change_nothing(server, case, seed, to
         assert got == status and word in error, (case, got, error)
     else:
         assert got in (401, 413), (case, got, error)  # auth first; an oversized body may be refused before it
-    assert urllib.request.urlopen(server.url + "/healthz", timeout=5).read() == b"ok"
+    assert json.loads(urllib.request.urlopen(server.url + "/healthz", timeout=5).read())["status"] == "ok"
     assert stored_ids(server) == before
 
 

@@ -82,36 +82,31 @@ def test_hg_dagger_learns_the_operator_steps_only():
     np.testing.assert_array_equal(examples["mask"], [[True, True], [True, False]])
 
 
-def test_takeover_hands_back_after_calm_steps_or_the_segment_cap_and_rearms_late():
-    trigger = Trigger(calm_steps=2, max_segment=4)
-    info = {**takeover_start(np), "stage": np.int32(1)}
+def test_takeover_hands_back_after_calm_steps_or_the_segment_cap():
+    trigger = Trigger(calm_steps=2, max_segment=4, calm_slip=0.5)
+    start = {**takeover_start(np), "stage": np.int32(1), "slip": np.float32(0.0)}
 
-    def step(info, alarm):
-        flags = takeover_flags(np, trigger, info, np.bool_(alarm), np.int32(1), np.bool_(False))
-        return {**info, **flags}
+    def step(info, alarm, slip=0.0):
+        info = {**info, "slip": np.float32(slip)}
+        return {**info, **takeover_flags(np, trigger, info, np.bool_(alarm), np.int32(1), np.bool_(False))}
 
     # An alarm, then two calm steps: the operator drives 3 steps and hands back on the third.
-    history = []
+    info, history = start, []
     for alarm in (True, False, False):
         info = step(info, alarm)
         history.append((bool(info["is_intervention"]), bool(info["intervening"])))
     assert history == [(True, True), (True, True), (True, False)]
-    assert int(info["since_hand_back"]) == 0
-    # A persistent alarm: the segment is capped at 4 steps.
-    info = {**takeover_start(np), "stage": np.int32(1)}
-    lengths = []
-    for _ in range(4):
-        info = step(info, True)
+    # Without an alarm but with the held load at 0.7 of the hold, no step is calm: only the cap hands back.
+    info, lengths = start, []
+    for alarm in (True, False, False, False):
+        info = step(info, alarm, slip=0.7)
         lengths.append(int(info["segment_steps"]))
     assert lengths == [1, 2, 3, 0] and not bool(info["intervening"])
-    # Right after a hand back a warning waits `calm_steps`; a failure event does not.
-    quiet = {"events": np.zeros(7, bool), "slip": np.float32(2.0), "contact_force": np.float32(0.0)}
+    # A failure event is an alarm at once.
+    quiet = {"events": np.zeros(7, bool), "slip": np.float32(0.2), "contact_force": np.float32(0.0)}
     action = np.zeros(4, np.float32)
     assert not takeover_alarm(np, trigger, {**info, **quiet}, action, action)
-    slipping = {**quiet, "events": np.eye(7, dtype=bool)[2]}
-    assert takeover_alarm(np, trigger, {**info, **slipping}, action, action)
-    info = {**info, "since_hand_back": np.int32(2)}
-    assert takeover_alarm(np, trigger, {**info, **quiet}, action, action)
+    assert takeover_alarm(np, trigger, {**info, **quiet, "events": np.eye(7, dtype=bool)[2]}, action, action)
 
 
 def test_the_disagreement_trigger_ignores_the_valve():

@@ -63,9 +63,21 @@ def insert_fn(n_step: int, interventions_only: bool = False, source: int = ONLIN
 
 
 def ids(buffer: replay.Buffer) -> np.ndarray:
-    """[D, C] step ids stored in each slot, after checking the buffer's cached running count."""
-    np.testing.assert_array_equal(buffer.sampleable_cumsum, np.cumsum(buffer.sampleable, axis=1))
+    """[D, C] step ids stored in each slot, after checking every shard's sample table."""
+    for shard in range(buffer.shards):
+        assert_table_lists_the_sampleable_slots(replay.shard_view(buffer, shard))
     return np.asarray(buffer.obs["x"][..., 0]).astype(int)
+
+
+def assert_table_lists_the_sampleable_slots(local: replay.Buffer) -> None:
+    """The table's entries in use are exactly the sampleable slots, oldest write first."""
+    capacity, count, pos = local.segment.shape[0], int(local.count), int(local.pos)
+    oldest = pos if count == capacity else 0
+    written = [(oldest + i) % capacity for i in range(count)]
+    sampleable = np.asarray(local.sampleable)
+    want = [slot for slot in written if sampleable[slot]]
+    entries = (int(local.table_head) + np.arange(int(local.table_count))) % capacity
+    np.testing.assert_array_equal(np.asarray(local.table)[entries], want)
 
 
 T, F = True, False
@@ -84,6 +96,7 @@ BLOCK = make_block(
 STREAM_IDS = [0, 1, 2, 3, 4, 5, 100, 101, 102, 200, 201, 202, 203, 204, 205, 300, 301, 302, 303]
 STREAM_SEGMENTS = [0] * 6 + [1] * 3 + [2] * 2 + [3] * 4 + [4] * 4
 STREAM_SAMPLEABLE = [T, T, T, T, F, F] + [T, T, T] + [T, T] + [T, T, F, F] + [T, T, F, F]
+STREAM_AHEAD = [5, 4, 3, 2, 1, 0] + [2, 1, 0] + [1, 0] + [3, 2, 1, 0] + [3, 2, 1, 0]  # later steps of segment
 
 
 # ------------------------------------------------------------------------------------------ insert
@@ -93,6 +106,7 @@ def test_insert_one_device_layout_and_wrap(mesh1):
     np.testing.assert_array_equal(ids(buffer)[0, :19], STREAM_IDS)
     np.testing.assert_array_equal(buffer.segment[0], STREAM_SEGMENTS + [-1] * 5)
     np.testing.assert_array_equal(buffer.sampleable[0], STREAM_SAMPLEABLE + [F] * 5)
+    np.testing.assert_array_equal(buffer.ahead[0, :19], STREAM_AHEAD)
     np.testing.assert_array_equal(buffer.version[0, :19], np.asarray(STREAM_IDS) // 100)
     np.testing.assert_array_equal(buffer.source[0, :19], ONLINE)
     assert (int(buffer.pos[0]), int(buffer.count[0]), int(buffer.next_segment[0])) == (19, 19, 5)
@@ -149,6 +163,21 @@ def test_insert_four_devices_one_row_per_shard(mesh4):
     np.testing.assert_array_equal(buffer.sampleable[0], [T, T, F, F, F, F, T, T])
     np.testing.assert_array_equal(buffer.pos, [4, 6, 4, 0])
     np.testing.assert_array_equal(buffer.count, [8, 6, 8, 8])
+
+
+def test_sample_table_follows_random_inserts_through_wraps(mesh1):
+    # Blocks of 30 steps (more than the ring's 24 slots) with dropped steps, episode ends and sparse
+    # interventions: after each insert the table must list exactly the sampleable slots in write order
+    # (checked by `ids`).
+    rng = np.random.default_rng(1)
+    plain, patch = insert_fn(n_step=2), insert_fn(n_step=2, interventions_only=True)
+    buffer = replay.create(OBS_SPEC, 2, 24, mesh1)
+    for i in range(12):
+        valid, is_first, terminal, intervention = (rng.random((3, 10)) < p for p in (0.8, 0.1, 0.1, 0.3))
+        valid[:, :] &= rng.random() < 0.9  # now and then a block with nothing to keep
+        block = make_block(valid, is_first, terminal, intervention)
+        buffer = (patch if i % 3 == 2 else plain)(buffer, block)
+        ids(buffer)
 
 
 def reference_layout(keep, is_first, terminal, row_length, n_step):
@@ -440,9 +469,9 @@ def test_a_million_transitions(mesh4):
     assert float(jnp.min(out["weight"])) == 1.0
     np.testing.assert_array_equal(buffer.count, rows * steps // 4)
     # Per slot: obs bytes + action f32[4] + reward f32 + terminal, sampleable, intervention (bool) +
-    # segment, sampleable_cumsum, version (int32) + reward_source, source (int8); plus three int32
-    # counters per shard.
+    # segment, table, version (int32) + ahead, reward_source, source (int8); plus five int32 counters per
+    # shard.
     obs_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in spec.values())
-    per_slot = obs_bytes + 4 * action_size + 4 + 3 * 1 + 3 * 4 + 2 * 1
-    assert replay.memory_bytes(buffer) == capacity * per_slot + 3 * 4 * 4
+    per_slot = obs_bytes + 4 * action_size + 4 + 3 * 1 + 3 * 4 + 3 * 1
+    assert replay.memory_bytes(buffer) == capacity * per_slot + 5 * 4 * 4
     print(f"\n{capacity} transitions, {per_slot} B each: {replay.memory_bytes(buffer) / 2**20:.1f} MiB")

@@ -33,6 +33,34 @@ def test_readme_has_two_one_line_setup_commands_and_ci_runs_the_test_one():
     assert tests in ci_lines
 
 
+# Linked from the README before they exist: the lead's branch of issue 22 adds them.
+PENDING_DOCS = {"docs/deploy.md"}
+
+
+def markdown_links(text: str) -> list[str]:
+    """The relative link targets in markdown text, without their #anchors."""
+    return [t for t in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text) if "://" not in t]
+
+
+def test_readme_stays_the_front_door_and_lists_every_doc():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250  # details go to docs/, linked from "## Docs"
+    listed = set(markdown_links(readme.split("\n## Docs\n", 1)[1]))
+    on_disk = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "docs").glob("*.md")}
+    assert on_disk <= listed, f"docs not linked from the README: {sorted(on_disk - listed)}"
+
+
+@pytest.mark.parametrize(
+    "doc", ["README.md", *sorted(f"docs/{p.name}" for p in (REPO_ROOT / "docs").glob("*.md"))]
+)
+def test_every_relative_link_resolves(doc):
+    path = REPO_ROOT / doc
+    for target in markdown_links(path.read_text()):
+        resolved = (path.parent / target).resolve()
+        pending = resolved.relative_to(REPO_ROOT).as_posix() in PENDING_DOCS
+        assert resolved.exists() or pending, f"{doc} links to {target}, which does not exist"
+
+
 def test_conftest_gives_four_cpu_devices():
     assert jax.device_count() == 4
     assert {device.platform for device in jax.devices()} == {"cpu"}
@@ -82,8 +110,10 @@ def test_cli_passes_remaining_args_and_returns_the_exit_code(tmp_path, monkeypat
 def test_cli_missing_third_party_module_asks_for_the_learner_extra(monkeypatch, capsys):
     monkeypatch.setitem(cli.SUBCOMMANDS, "sim", ("no_such_third_party_package", "fake"))
     assert cli.main(["sim"]) == 2
-    err = capsys.readouterr().err
-    assert "pip install -e '.[learner]'" in err and "whl[learner]" in err and err.count("\n") == 1
+    assert capsys.readouterr().err == (
+        "jaxvla sim needs 'no_such_third_party_package' from the learner extras: pip install -e "
+        "'.[learner]' in a checkout of the repository\n"
+    )
 
 
 def test_cli_hints_at_a_module_that_a_command_imports_only_when_it_runs(tmp_path, monkeypatch, capsys):
@@ -118,8 +148,33 @@ def test_jaxvla_actor_without_mujoco_says_what_to_install_in_one_line():
     assert result.stderr.startswith("jaxvla actor needs 'mujoco' from the learner extras: pip install -e")
 
 
-def test_cli_missing_first_party_module_is_raised(monkeypatch):
-    monkeypatch.setitem(cli.SUBCOMMANDS, "sim", ("jaxvla.no_such_module", "fake"))
+TOOLS_MISSING = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] == "tools":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+from jaxvla import cli
+sys.exit(cli.main(["demo"]))
+"""
+
+
+def test_a_learner_command_without_the_checkout_says_how_to_install_it_in_one_line():
+    # What `pip install jaxvla` (the robot wheel, `jaxvla` alone) gives: the learner side is not there.
+    result = subprocess.run(
+        [sys.executable, "-c", TOOLS_MISSING], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "jaxvla demo runs from a checkout of the repository ('tools' is not installed: the jaxvla wheel "
+        "is the robot client alone): pip install -e '.[learner]' in the checkout\n"
+    )
+
+
+@pytest.mark.parametrize("module", ["jaxvla.no_such_module", "tools.no_such_module"])
+def test_cli_missing_first_party_module_is_raised(monkeypatch, module):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "sim", (module, "fake"))
     with pytest.raises(ModuleNotFoundError):
         cli.main(["sim"])
 

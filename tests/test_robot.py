@@ -1,5 +1,6 @@
 """A third-party gymnasium robot on the fleet, as a new user meets it: `jaxvla serve --fleet.no-learner` on
-loopback, `jaxvla publish`, `tools.actor.run` and examples/gym_robot.py, with every failure loud and early.
+loopback, `jaxvla publish`, `jaxvla.actor.loop.run` and examples/gym_robot.py, with every failure loud and
+early.
 
 The robot is `reach_env.ReachEnv` (gym-hil's layout: nested Dict observations, Box(7) actions, success in
 info["succeed"]); the service is the real one, in a subprocess (tests/test_fleet_service.py's `Server`).
@@ -27,13 +28,13 @@ from envs import tasks
 from jaxvla import cli
 from jaxvla import schema
 from jaxvla.actor import client as fleet
+from jaxvla.actor import loop
 from jaxvla.actor import policy as actor_policy
 from jaxvla.actor import robots
 from jaxvla.actor import runner
 from learner import gate as gates
 from learner.store import EpisodeStore
 from learner.store import ParamsRegistry
-from tools import actor as actor_tool
 from tools import publish as publish_tool
 
 SCENE = np.array([0.45, 0.0, 1.0, 0, 0, 0, 0, 0, 0, 1.0], np.float32)  # pick_place's one bin, no lid
@@ -56,8 +57,15 @@ def reach_action(action: np.ndarray) -> np.ndarray:
 
 def reach_robot(robot_id: str = "robot-0", env=None, robot=robots.GymRobot) -> robots.GymRobot:
     """A GymRobot over ReachEnv (or `env`) with the mappings above: what a user connecting it writes."""
-    return robot(env or ReachEnv(), robot_id=robot_id, task="pick_place", prompt="pick",
-                 observation_fn=reach_observation, action_fn=reach_action, success="succeed")  # fmt: skip
+    return robot(
+        env or ReachEnv(),
+        robot_id=robot_id,
+        task="pick_place",
+        prompt="pick",
+        observation_fn=reach_observation,
+        action_fn=reach_action,
+        success="succeed",
+    )
 
 
 def stored(server: Server) -> list[dict]:
@@ -90,7 +98,7 @@ def test_without_a_learner_the_robot_shows_why_and_jaxvla_publish_fills_the_regi
     srv.start()
     try:
         with pytest.raises(SystemExit, match="no params published yet.*jaxvla publish FILE"):
-            actor_tool.run(reach_robot(), fleet_client(srv), tmp_path / "robot", episodes=1, hz=0, wait_s=5)
+            loop.run(reach_robot(), fleet_client(srv), tmp_path / "robot", episodes=1, hz=0, wait_s=5)
 
         root = ["--root", str(srv.root)]
         assert cli.main(["publish", str(write_policy(tmp_path / "v3.msgpack", 3)), *root]) == 0
@@ -115,7 +123,7 @@ def test_without_a_learner_the_robot_shows_why_and_jaxvla_publish_fills_the_regi
             "manual": True,
         }
 
-        result = actor_tool.run(reach_robot(), fleet_client(srv), tmp_path / "robot", episodes=2, hz=0)
+        result = loop.run(reach_robot(), fleet_client(srv), tmp_path / "robot", episodes=2, hz=0)
         assert [r["policy_version"] for r in result.records] == [4, 4]
         episodes = stored(srv)
         assert len(episodes) == 2 and {e["episode_metadata"]["policy_version"] for e in episodes} == {"4"}
@@ -130,10 +138,13 @@ def test_a_restarted_robot_with_cached_params_starts_without_waiting_for_a_downl
     (tmp_path / "robot" / "params.msgpack").write_bytes(ParamsRegistry(server.root / "params").read(1))
     done = {}
     thread = threading.Thread(
-        target=lambda: done.update(result=actor_tool.run(
-            reach_robot(), fleet_client(server), tmp_path / "robot", episodes=1, hz=0, wait_s=3_600)),
+        target=lambda: done.update(
+            result=loop.run(
+                reach_robot(), fleet_client(server), tmp_path / "robot", episodes=1, hz=0, wait_s=3_600
+            )
+        ),
         daemon=True,
-    )  # fmt: skip
+    )
     thread.start()
     thread.join(timeout=120)  # a wait for `swapped` would last wait_s = an hour: far past this bound
     assert not thread.is_alive(), "the robot waited for a download although it had cached params"
@@ -146,10 +157,10 @@ def test_a_token_of_another_robot_or_an_unknown_one_stops_the_robot_before_it_mo
     with pytest.raises(
         SystemExit, match="the token belongs to robot 'robot-0', but this robot's id is 'gym-0'"
     ):
-        actor_tool.run(robot, fleet_client(server), tmp_path, episodes=1, hz=0)
+        loop.run(robot, fleet_client(server), tmp_path, episodes=1, hz=0)
     unknown = fleet.FleetClient(server.url, "not-a-token-of-this-fleet", timeout=10)
     with pytest.raises(SystemExit, match="refuses this robot's token.*401"):
-        actor_tool.run(reach_robot(), unknown, tmp_path, episodes=1, hz=0)
+        loop.run(reach_robot(), unknown, tmp_path, episodes=1, hz=0)
     assert robot.env.resets == 0, "the env was reset: the robot started before the check"
 
 
@@ -158,11 +169,11 @@ def test_an_episode_the_service_refuses_is_logged_counted_and_fails_the_exit_sta
     robot = reach_robot(env=ReachEnv(steps=301))
     before = len(stored(server))
     with caplog.at_level(logging.ERROR, logger="jaxvla.actor"):
-        result = actor_tool.run(robot, fleet_client(server), tmp_path, episodes=1, hz=0)
+        result = loop.run(robot, fleet_client(server), tmp_path, episodes=1, hz=0)
     assert result.records[0]["steps"] == 301
     assert result.uploads["rejected"] == 1 and "301 steps, over the limit of 300" in result.last_rejection
     assert any("refused" in r.message and "over the limit" in r.message for r in caplog.records)
-    assert "1 rejected" in actor_tool.summary(result) and actor_tool.exit_status(result) == 1
+    assert "1 rejected" in loop.summary(result) and loop.exit_status(result) == 1
     assert len(stored(server)) == before
     assert len(list((tmp_path / "spool" / "rejected").glob("*.reason"))) == 1
 
@@ -182,7 +193,7 @@ class FakeTime:
 def test_lateness_and_overruns_are_recorded_per_episode(server, tmp_path, monkeypatch):
     t = FakeTime()
     fake_clock = lambda hz: runner.RateClock(hz, clock=t.clock, sleep=t.sleep)  # noqa: E731
-    monkeypatch.setattr(actor_tool, "RateClock", fake_clock)
+    monkeypatch.setattr(loop, "RateClock", fake_clock)
     step_cost = iter([0.25] * 5 + [0.0] * 5)  # the first episode's 5 steps overrun a 10 Hz period
 
     class Timed(robots.GymRobot):
@@ -191,7 +202,7 @@ def test_lateness_and_overruns_are_recorded_per_episode(server, tmp_path, monkey
             return super().act(action)
 
     robot = reach_robot(env=ReachEnv(steps=5), robot=Timed)
-    first, second = actor_tool.run(robot, fleet_client(server), tmp_path, episodes=2, hz=10).records
+    first, second = loop.run(robot, fleet_client(server), tmp_path, episodes=2, hz=10).records
     assert first["steps"] == second["steps"] == 5
     assert first["overruns"] == 4 and first["p99_ms"] > 0
     assert second["overruns"] == 0 and second["p99_ms"] < 1e-9  # 0 up to the fake clock's rounding
@@ -201,7 +212,7 @@ def test_lateness_and_overruns_are_recorded_per_episode(server, tmp_path, monkey
 BLOCKED_LEARNER = """
 import importlib.abc, importlib.util, sys
 BLOCKED = ("jax", "jaxlib", "flax", "mujoco", "tensorflow_datasets", "tensorflow", "aiohttp", "envs",
-           "learner", "configs")
+           "learner", "configs", "tools")
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.partition(".")[0] in BLOCKED:
@@ -219,16 +230,30 @@ sys.exit(example.main(sys.argv[1:]))
 
 def run_example(server: Server, folder, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
-    command = [sys.executable, "-c", BLOCKED_LEARNER, "--env", f"reach_env:{ENV_ID}", "--url", server.url,
-               "--token-file", str(server.root / "tokens.json"), "--folder", str(folder), "--hz", "0",
-               *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        BLOCKED_LEARNER,
+        "--env",
+        f"reach_env:{ENV_ID}",
+        "--url",
+        server.url,
+        "--token-file",
+        str(server.root / "tokens.json"),
+        "--folder",
+        str(folder),
+        "--hz",
+        "0",
+        *args,
+    ]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_the_example_runs_a_gymnasium_env_on_the_fleet_with_no_learner_extras(server, tmp_path):
     before = len(stored(server))
-    out = run_example(server, tmp_path / "ok", "--robot-id", "robot-1", "--episodes", "3", "--success-key",
-                      "succeed")  # fmt: skip
+    out = run_example(
+        server, tmp_path / "ok", "--robot-id", "robot-1", "--episodes", "3", "--success-key", "succeed"
+    )
     assert out.returncode == 0, out.stderr
     assert "3 stored, 0 duplicates, 0 rejected" in out.stdout
     episodes = stored(server)[before:]
@@ -262,12 +287,19 @@ def test_docs_robot_md_states_every_field_and_the_simulators_numbers():
     config = tasks.CellConfig()
     (x_lo, y_lo, _), (x_hi, y_hi, z_hi) = scene.WORKSPACE_LO, scene.WORKSPACE_HI
     facts = [
-        f"v_max = {config.v_max} m/s", f"control_hz = {config.control_hz:g}", f"{config.p_max_kpa:g} kPa",
-        f"{config.cup_radius} m below", f"{config.collision_force:g} N",
+        f"v_max = {config.v_max} m/s",
+        f"control_hz = {config.control_hz:g}",
+        f"{config.p_max_kpa:g} kPa",
+        f"{config.cup_radius} m below",
+        f"{config.collision_force:g} N",
         f"{config.obs_noise * 1e3:g} mm noise",
-        f"x in [{x_lo}, {x_hi}] m", f"y in [{y_lo}, {y_hi}] m", f"z in [{config.cup_radius}, {z_hi}] m",
-        f"{config.max_steps} steps", ", ".join(cell.FAILURE_MODES), ", ".join(cell.EVENTS),
-    ]  # fmt: skip
+        f"x in [{x_lo}, {x_hi}] m",
+        f"y in [{y_lo}, {y_hi}] m",
+        f"z in [{config.cup_radius}, {z_hi}] m",
+        f"{config.max_steps} steps",
+        ", ".join(cell.FAILURE_MODES),
+        ", ".join(cell.EVENTS),
+    ]
     for spec in tasks.TASKS.values():
         facts += [f"| `{spec.name}` |", *(f"({cx}, {cy})" for cx, cy, _, _ in spec.bins)]
         facts += [f"{scene.lid_travel(spec):g} m towards -x"] if spec.has_lid else []

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import operator
 import os
 import pathlib
 import socket
@@ -162,6 +163,44 @@ def test_update_on_four_devices_equals_the_single_device_update():
         assert new.actor["head"]["kernel"][...].sharding.is_fully_replicated
         results.append(jax.device_get((new, metrics)))
     assert_trees_close(*results)
+
+
+def test_draw_batches_are_the_batches_of_each_key_drawn_alone():
+    """The vectorised draw of a train step's batches, on four devices, against one `sample_mixed` per key."""
+    config = configs.get_config("debug")
+    mc, sc = config.model, configs.SACConfig(batch_size=16, utd=2)
+    mesh = sharding.make_mesh()
+    rows, steps = 4, 12
+    obs = mc.fake_observation(jax.random.key(0), rows * steps)
+    stats = normalization.compute(jax.device_get(obs))
+    block = {
+        "obs": {k: v.reshape(rows, steps, *v.shape[1:]) for k, v in obs.items()},
+        "action": jax.random.uniform(jax.random.key(1), (rows, steps, mc.action_size)),
+        "reward": jax.random.normal(jax.random.key(2), (rows, steps)),
+        "terminal": jnp.zeros((rows, steps), bool).at[:, 7].set(True),
+        "valid": jnp.ones((rows, steps), bool),
+        "is_first": jnp.zeros((rows, steps), bool).at[:, [0, 8]].set(True),
+        "intervention": jnp.zeros((rows, steps), bool),
+        "version": jnp.zeros((rows, steps), jnp.int32),
+        "reward_source": jnp.zeros((rows, steps), jnp.int8),
+    }
+    spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in obs.items()}
+    buffers = {
+        name: replay.insert(replay.create(spec, mc.action_size, 64, mesh), block, source=i, n_step=mc.chunk)
+        for i, name in enumerate(replay.SOURCES)
+    }
+    draw = jax.jit(functools.partial(sac.draw_batches, config=sc, chunk=mc.chunk, stats=stats,
+                                     batch_sharding=sharding.batch_sharded(mesh)))  # fmt: skip
+    key = jax.random.key(3)
+    got = draw(buffers, key)
+    assert jax.tree.leaves(got)[0].shape[:2] == (sc.utd + 1, sc.batch_size)
+    alone = jax.jit(lambda buffers, key: sac.normalize_batch(replay.sample_mixed(
+        buffers, sac.mix_ratios(sc), key, sc.batch_size, n_step=mc.chunk, chunk=mc.chunk, gamma=sc.gamma,
+    ), stats))  # fmt: skip
+    for i, key_batch in enumerate(jax.random.split(key, sc.utd + 1)):
+        assert_trees_close(jax.tree.map(operator.itemgetter(i), got), alone(buffers, key_batch))
+    hlo = draw.lower(buffers, key).compile().as_text()
+    assert not [c for c in ("all-gather", "all-to-all", "collective-permute", "all-reduce") if c in hlo]
 
 
 def free_port() -> int:

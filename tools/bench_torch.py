@@ -10,7 +10,9 @@ n-step transitions, one store per source, mixed by the same counts.
 
 `tools.bench` runs this module in its own process, `python -m tools.bench_torch --spec JSON`, so torch's
 thread pool never competes with XLA's; the sizes and hyperparameters come in the spec (built from
-`configs` by the bench), and the result is one JSON line on stdout. torch is an optional install
+`configs` by the bench), and the result is one JSON line on stdout. With `--serve` the process builds the
+learner, warms up, prints one JSON line and then times one repetition per line read from stdin, answering
+each with its seconds: the bench interleaves these repetitions with its JAX ones. torch is an optional install
 (tools/bench-requirements.txt), never a dependency of the project.
 """
 
@@ -266,41 +268,66 @@ class Learner:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def run(spec: dict) -> dict:
-    """Train steps per second: `steps` per repetition after WARMUP_STEPS untimed ones, median of `reps`."""
+def warmed_up(spec: dict) -> tuple[Learner, dict]:
+    """The learner after WARMUP_STEPS untimed train steps, and what describes the run."""
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     generator = torch.Generator().manual_seed(spec["seed"])
     replays = [TensorReplay(spec, capacity, source, generator)
                for source, capacity in enumerate(spec["capacities"])]  # fmt: skip
     learner = Learner(spec, replays, spec["counts"])
-    steps = spec["steps"]
     t0 = time.perf_counter()  # eager torch's analogue of a compile: first-call allocations and dispatch
     for _ in range(WARMUP_STEPS):
         learner.train_step()
     warmup_s = time.perf_counter() - t0
-    times = []
-    for _ in range(spec["reps"]):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            learner.train_step()
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
     params = sum(p.numel() for p in (*learner.actor.parameters(), *learner.critic.parameters()))
-    return {
+    return learner, {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "interop_threads":
-        torch.get_num_interop_threads(), "params": params, "steps_per_call": steps,
-        "train_steps_per_s": steps / seconds, "critic_updates_per_s": steps * spec["utd"] / seconds,
-        "call_s": times, "warmup_steps": WARMUP_STEPS, "warmup_s": warmup_s,
+        torch.get_num_interop_threads(), "params": params, "steps_per_call": spec["steps"],
+        "warmup_steps": WARMUP_STEPS, "warmup_s": warmup_s,
     }  # fmt: skip
+
+
+def timed_repetition(learner: Learner, steps: int) -> float:
+    """Seconds for `steps` train steps."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        learner.train_step()
+    return time.perf_counter() - t0
+
+
+def run(spec: dict) -> dict:
+    """Train steps per second: `steps` per repetition after WARMUP_STEPS untimed ones, median of `reps`."""
+    learner, info = warmed_up(spec)
+    times = [timed_repetition(learner, spec["steps"]) for _ in range(spec["reps"])]
+    return {**info, **rates(times, spec)}
+
+
+def rates(times: list[float], spec: dict) -> dict:
+    seconds = statistics.median(times)
+    return {"train_steps_per_s": spec["steps"] / seconds,
+            "critic_updates_per_s": spec["steps"] * spec["utd"] / seconds, "call_s": times}  # fmt: skip
+
+
+def serve(spec: dict) -> None:
+    """One timed repetition per stdin line, its seconds as one JSON line each; the run's info first."""
+    learner, info = warmed_up(spec)
+    print(json.dumps(info), flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(timed_repetition(learner, spec["steps"])), flush=True)
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_torch", description=__doc__.splitlines()[0])
     p.add_argument("--spec", required=True, help="JSON sizes and hyperparameters (tools.bench builds it)")
-    spec = json.loads(p.parse_args(argv).spec)
+    p.add_argument("--serve", action="store_true", help="time one repetition per line read from stdin")
+    args = p.parse_args(argv)
+    spec = json.loads(args.spec)
     spec.setdefault("threads", os.cpu_count() or 1)
-    print(json.dumps(run(spec)))
+    if args.serve:
+        serve(spec)
+    else:
+        print(json.dumps(run(spec)))
     return 0
 
 

@@ -116,12 +116,25 @@ def to_episode(record: dict, task: str) -> dict:
     """One env's record (numpy leaves [T, ...], ending at its last step) as an operator episode."""
     command = record["action"][:, :ACTION_SIZE]  # the executed, noisy half is not kept
     n = len(command)
-    return episode_from_record(record, task, action=command, policy_action=command.copy(),
-                               is_intervention=np.ones(n, bool), metadata=METADATA)  # fmt: skip
+    return episode_from_record(
+        record,
+        task,
+        action=command,
+        policy_action=command.copy(),
+        is_intervention=np.ones(n, bool),
+        metadata=METADATA,
+    )
 
 
-def episode_from_record(record: dict, task: str, *, action: np.ndarray, policy_action: np.ndarray,
-                        is_intervention: np.ndarray, metadata: dict) -> dict:  # fmt: skip
+def episode_from_record(
+    record: dict,
+    task: str,
+    *,
+    action: np.ndarray,
+    policy_action: np.ndarray,
+    is_intervention: np.ndarray,
+    metadata: dict,
+) -> dict:
     """One env's rollout record (numpy leaves [T, ...], ending at its last step) as an RLDS episode;
     `metadata` gives robot_id, policy_version and source."""
     n = len(record["reward"])
@@ -154,8 +167,17 @@ def episode_from_record(record: dict, task: str, *, action: np.ndarray, policy_a
     return {"steps": steps, "episode_metadata": meta}
 
 
-def generate(task: str, split: str, episodes: int, *, num_envs: int = 64, seed: int = 0, noise: float = NOISE,
-             bursts: float = BURSTS, progress: bool = False) -> list[dict]:  # fmt: skip
+def generate(
+    task: str,
+    split: str,
+    episodes: int,
+    *,
+    num_envs: int = 64,
+    seed: int = 0,
+    noise: float = NOISE,
+    bursts: float = BURSTS,
+    progress: bool = False,
+) -> list[dict]:
     """`episodes` noisy scripted-operator episodes of `task` on `split`, in the `jaxvla.episodes` schema.
 
     Runs ceil(episodes / B) batches of B = min(num_envs, episodes) envs, batch i from fold_in(key(seed), i),
@@ -176,16 +198,32 @@ def generate(task: str, split: str, episodes: int, *, num_envs: int = 64, seed: 
     return out[:episodes]
 
 
-def load_or_generate(data_dir: str | Path, task: str, split: str, episodes: int, *, seed: int = 0,
-                     noise: float = NOISE, bursts: float = BURSTS) -> list[dict]:  # fmt: skip
+def load_or_generate(
+    data_dir: str | Path,
+    task: str,
+    split: str,
+    episodes: int,
+    *,
+    seed: int = 0,
+    noise: float = NOISE,
+    bursts: float = BURSTS,
+) -> list[dict]:
     """The first `episodes` demonstrations of `<data_dir>/<task>_<split>`, generated (and written) first
     when the dataset holds fewer."""
     directory = Path(data_dir) / f"{task}_{split}"
     found = rlds.read_episodes(directory) if directory.exists() else []
     if len(found) < episodes:
         print(f"{directory}: {len(found)} episodes, need {episodes}; generating them")
-        found = generate(task, split, episodes, num_envs=min(episodes, 128), seed=seed, noise=noise,
-                         bursts=bursts, progress=True)  # fmt: skip
+        found = generate(
+            task,
+            split,
+            episodes,
+            num_envs=min(episodes, 128),
+            seed=seed,
+            noise=noise,
+            bursts=bursts,
+            progress=True,
+        )
         rlds.write_episodes(directory, found, overwrite=True)
     return found[:episodes]
 
@@ -246,7 +284,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--num-envs",
         type=_at_least(1, int),
         default=64,
-        help="envs stepped at once (64 and 128 are clear of the MJX hang in notes/mjx-on-cpu.md)",
+        help="envs stepped at once (64 and 128 are clear of the MJX hang in docs/mjx-on-cpu.md)",
     )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--noise", type=_at_least(0.0, float), default=NOISE, help=NOISE_HELP)
@@ -265,12 +303,22 @@ def main(argv: list[str]) -> int:
         )
         return 2
     batch = min(args.num_envs, args.episodes)
-    print(f"{PROG}: {args.episodes} operator episodes of {args.task}/{args.split}, {batch} at a time, "
-          f"actuation noise {args.noise}, pushes {args.bursts} per step")  # fmt: skip
+    print(
+        f"{PROG}: {args.episodes} operator episodes of {args.task}/{args.split}, {batch} at a time, "
+        f"actuation noise {args.noise}, pushes {args.bursts} per step"
+    )
     print(f"The first batch includes the compile (10-25 s; reruns hit the cache in {COMPILE_CACHE}).")
     start = time.perf_counter()
-    episodes = generate(args.task, args.split, args.episodes, num_envs=args.num_envs, seed=args.seed,
-                        noise=args.noise, bursts=args.bursts, progress=True)  # fmt: skip
+    episodes = generate(
+        args.task,
+        args.split,
+        args.episodes,
+        num_envs=args.num_envs,
+        seed=args.seed,
+        noise=args.noise,
+        bursts=args.bursts,
+        progress=True,
+    )
     path = rlds.write_episodes(directory, episodes, overwrite=args.overwrite)
     print(format_summary(summarize(episodes), time.perf_counter() - start))
     print(f"wrote {path}")

@@ -57,7 +57,7 @@ METHODS = {  # stage -> row label, in the table's order
     "recap": "Recap",
     "ript": "RIPT (from a few-shot SFT)",
 }
-# The seeds' claims the report measures against (shared/research/seed_methods.md).
+# The seeds' claims the report measures against (their sources: docs/seeds.md).
 CLAIMS = {
     "patch": "Cortex 1.5: patching reaches >= 95% on the failure configurations with >= 4x fewer operator "
     "interventions than full SFT retraining",
@@ -227,7 +227,7 @@ def sft(config: configs.Config, prior: pretrain.Prior, offline: list[dict]) -> d
     pc, pre = config.patch, config.pretrain
     demos = data.load_or_generate(pre.data_dir, pc.task, pc.split, max(pc.sft_demos), seed=pre.seed + 1,
                                   noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
-    return {"seeds": {seed: patch.run_sft(config, prior, demos, offline, seed=seed) for seed in pc.seeds}}
+    return {"seeds": {seed: patch.run_sft(config, prior, demos, offline, seed=seed)[0] for seed in pc.seeds}}
 
 
 def patching(config: configs.Config, prior: pretrain.Prior, offline: list[dict], out: pathlib.Path) -> dict:

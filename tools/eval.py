@@ -14,7 +14,9 @@ import pathlib
 import jax
 
 import envs
+from envs.operator import Trigger
 from learner import evaluate
+from learner import patch
 from learner import pretrain
 
 
@@ -30,6 +32,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         choices=("test", "validation"),
         help="which fixed context set to draw the episodes from",
     )
+    parser.add_argument(
+        "--operator",
+        action="store_true",
+        help="run the contexts with the scripted operator ready to take over (patching's protocol) and "
+        "again without it: assisted success, effort, segments and false alarms",
+    )
+    parser.add_argument("--lookahead", type=int, default=0, help="with --operator: look-ahead trigger steps")
     parser.add_argument("--json", type=pathlib.Path, help="also write the report here")
     parser.add_argument("--compile-cache", default=".cache/jax", help="persistent compilation cache folder")
     args = parser.parse_args(argv)
@@ -52,6 +61,8 @@ def main(argv: list[str]) -> int:
     splits = envs.SPLITS if args.split == "all" else (args.split,)
     named = {"test": evaluate.TEST, "validation": evaluate.VALIDATION}
     contexts = named[args.contexts].with_episodes(args.episodes)
+    if args.operator:
+        return operator_protocol(args, prior, actor, tasks, splits, contexts)
     report = {}
     for task, split in ((t, s) for t in tasks for s in splits):
         evaluator = evaluate.Evaluator(task, split, args.episodes, actor, camera_res=camera_res)
@@ -76,3 +87,61 @@ def main(argv: list[str]) -> int:
             )
         )
     return 0
+
+
+def operator_protocol(args, prior, actor, tasks, splits, contexts) -> int:
+    """`--operator`: the takeover protocol on the fixed contexts, with and without the operator."""
+    trigger = Trigger(lookahead=args.lookahead)
+    rows = {}
+    for task, split in ((t, s) for t in tasks for s in splits):
+        collector = patch.Collector(
+            task, split, args.episodes, trigger, actor, solo=True, lookahead_actor=actor
+        )
+        rolled = collector(prior.params, contexts.key, 0)
+        rows[task, split] = patch.protocol_report(rolled, envs.get_task(task).split(split).component_names)
+    print(f"\n{args.policy} (step {prior.step}); {contexts.episodes} {contexts.name} contexts, {trigger}")
+    print(format_protocol(rows))
+    if args.json:
+        payload = [{"task": t, "split": s, **r} for (t, s), r in rows.items()]
+        args.json.write_text(
+            json.dumps(
+                {"policy": str(args.policy), "trigger": dataclasses.asdict(trigger), "protocol": payload},
+                indent=2,
+            )
+        )
+    return 0
+
+
+def format_protocol(rows: dict) -> str:
+    header = (
+        "task/split",
+        "n",
+        "assisted",
+        "alone",
+        "corrective",
+        "segments",
+        "op steps",
+        "median seg",
+        "false alarms",
+    )
+    lines = ["  ".join(f"{h:>12}" for h in header)]
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    for (task, split), r in rows.items():
+        for name, f in [
+            (f"{task}/{split}", r),
+            *((f"- {k}", v) for k, v in r.get("by_component", {}).items()),
+        ]:
+            median = "-" if f["median_segment_steps"] is None else f"{f['median_segment_steps']:.0f}"
+            cells = (
+                name,
+                f["episodes"],
+                pct(f["assisted_success"]),
+                pct(f["solo_success"]),
+                f["corrective_episodes"],
+                f["takeover_segments"],
+                f["takeover_steps"],
+                median,
+                pct(f["false_alarm_rate"]),
+            )
+            lines.append("  ".join(f"{c:>12}" for c in cells))
+    return "\n".join(lines)

@@ -38,10 +38,15 @@ def main(argv: list[str]) -> int:
     out = args.out or args.policy / "export"
     out.mkdir(parents=True, exist_ok=True)
     path = export.write(
-        out, prior.config.model, prior.params, prior.stats,
-        version=prior.step if args.version is None else args.version, parent_version=args.parent,
-        config_hash=config_hash(prior.config), extra={"run": str(args.policy), "step": prior.step},
-    )  # fmt: skip
+        out,
+        prior.config.model,
+        prior.params,
+        prior.stats,
+        version=prior.step if args.version is None else args.version,
+        parent_version=args.parent,
+        config_hash=config_hash(prior.config),
+        extra={"run": str(args.policy), "step": prior.step},
+    )
     manifest = export.read_manifest(path)
     print(
         f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), version {manifest['version']}, "

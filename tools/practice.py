@@ -12,7 +12,7 @@ import pathlib
 import numpy as np
 
 # Policy patching on pick_place/novel from the same prior (`jaxvla patch default --patch.prior
-# runs/long/default`, 3 seeds; README "Patching against full SFT retraining"): the comparison row.
+# runs/long/default`, 3 seeds; docs/learner.md "Patching against full SFT retraining"): the comparison row.
 PATCHING_REFERENCE = {
     "task": "pick_place",
     "split": "novel",

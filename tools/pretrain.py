@@ -25,8 +25,17 @@ def demonstrations(config: configs.Config) -> list[dict]:
     pc = config.pretrain
     out = []
     for task in pc.tasks:
-        out.extend(data.load_or_generate(pc.data_dir, task, "train", pc.demos_per_task, seed=pc.seed,
-                                         noise=pc.demo_noise, bursts=pc.demo_bursts))  # fmt: skip
+        out.extend(
+            data.load_or_generate(
+                pc.data_dir,
+                task,
+                "train",
+                pc.demos_per_task,
+                seed=pc.seed,
+                noise=pc.demo_noise,
+                bursts=pc.demo_bursts,
+            )
+        )
     return out
 
 

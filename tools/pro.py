@@ -76,11 +76,16 @@ def record_episodes(record: dict, task: str, version: str) -> list[dict]:
     for r in data.env_records(record):
         info = r["info"]
         source = "patch" if info["is_intervention"].any() else "online"
-        out.append(data.episode_from_record(
-            r, task, action=info["action"], policy_action=info["policy_action"],
-            is_intervention=info["is_intervention"],
-            metadata={"robot_id": "sim-0", "policy_version": version, "source": source},
-        ))  # fmt: skip
+        out.append(
+            data.episode_from_record(
+                r,
+                task,
+                action=info["action"],
+                policy_action=info["policy_action"],
+                is_intervention=info["is_intervention"],
+                metadata={"robot_id": "sim-0", "policy_version": version, "source": source},
+            )
+        )
     return out
 
 
@@ -88,11 +93,21 @@ def collect(config: configs.Config) -> int:
     pc, pre = config.pro, config.pretrain
     prior = patch_tool.load_prior(pc.prior)
     data.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
-    data.load_or_generate(pre.data_dir, pc.task, "novel", max(config.patch.sft_demos), seed=pre.seed + 1,
-                          noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
+    data.load_or_generate(
+        pre.data_dir,
+        pc.task,
+        "novel",
+        max(config.patch.sft_demos),
+        seed=pre.seed + 1,
+        noise=pre.demo_noise,
+        bursts=pre.demo_bursts,
+    )
     sampled = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=True)
-    kinds = {"prior_train": ("train", NEVER), "prior_novel": ("novel", NEVER),
-             "takeover_novel": ("novel", patch.trigger_of(config))}  # fmt: skip
+    kinds = {
+        "prior_train": ("train", NEVER),
+        "prior_novel": ("novel", NEVER),
+        "takeover_novel": ("novel", patch.trigger_of(config)),
+    }
     batch = min(64, pc.collect_episodes)
     for i, (kind, (split, trigger)) in enumerate(kinds.items()):
         run = deployment_batch(pc.task, split, batch, trigger, sampled)
@@ -125,8 +140,12 @@ def train(config: configs.Config) -> int:
     out = run_dir(config)
     train_eps, held = pro.split_heldout(load_store(config), pc.heldout)
     print(f"{len(train_eps)} training episodes, {len(held)} held out")
-    stats = normalization.compute({k: np.concatenate([ep["steps"]["observation"][k] for ep in train_eps])
-                                   for k in train_eps[0]["steps"]["observation"]})  # fmt: skip
+    stats = normalization.compute(
+        {
+            k: np.concatenate([ep["steps"]["observation"][k] for ep in train_eps])
+            for k in train_eps[0]["steps"]["observation"]
+        }
+    )
     mesh = sharding.make_mesh()
     dataset = jax.device_put(pro.build_dataset(train_eps, pc), sharding.replicated(mesh))
     graphdef, params = nnx.split(pc.net.create(pc.seed), nnx.Param)
@@ -144,8 +163,11 @@ def train(config: configs.Config) -> int:
     tic = time.perf_counter()
     while int(state.step) < pc.steps:
         state, metrics = train_block(state, dataset, key)
-        record = {"step": int(state.step), "wall_s": time.perf_counter() - tic,
-                  **{k: float(v) for k, v in jax.device_get(metrics).items()}}  # fmt: skip
+        record = {
+            "step": int(state.step),
+            "wall_s": time.perf_counter() - tic,
+            **{k: float(v) for k, v in jax.device_get(metrics).items()},
+        }
         log.write(record)
         checkpoints.save(int(state.step), state, meta)
         bar.update(pc.log_every)
@@ -158,8 +180,9 @@ def train(config: configs.Config) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- eval
-def ranking_evaluations(config: configs.Config, policy, split: str, seed: int = 0, *,
-                        pro_dir: str | None = None) -> dict:  # fmt: skip
+def ranking_evaluations(
+    config: configs.Config, policy, split: str, seed: int = 0, *, pro_dir: str | None = None
+) -> dict:
     """Success of `policy` (a Prior-like: graphdef, params, stats) on `split`: its deterministic chunk,
     one sampled chunk, and the best of K sampled chunks by the PRO in `pro_dir` (default: this run's)."""
     pc = config.pro
@@ -173,7 +196,7 @@ def ranking_evaluations(config: configs.Config, policy, split: str, seed: int = 
                 policy.graphdef, policy.stats, model, samples=pc.rank_samples, risk_weight=pc.risk_weight
             ),
             "wrap": lambda env: History(env, pc.net.window),
-        },  # fmt: skip
+        },
     }
     out = {}
     for name, kwargs in actors.items():
@@ -213,8 +236,16 @@ def plot_episode(episode: dict, readouts: dict, path: pathlib.Path, title: str) 
             for s in np.flatnonzero(events[:, EVENTS.index(name)]):
                 ax.axvline(s, color=f"C{k + 3}", lw=1, ls="--", label=name if ax is axes[0] else None)
         operator = "operator" if ax is axes[0] and intervention.any() else None
-        ax.fill_between(t, 0, 1, where=intervention, transform=ax.get_xaxis_transform(), color="grey",
-                        alpha=0.15, label=operator)  # fmt: skip
+        ax.fill_between(
+            t,
+            0,
+            1,
+            where=intervention,
+            transform=ax.get_xaxis_transform(),
+            color="grey",
+            alpha=0.15,
+            label=operator,
+        )
     axes[0].legend(loc="lower right", fontsize=7, ncol=4)
     fig.suptitle(title)
     fig.tight_layout()
@@ -286,8 +317,10 @@ def eval_markdown(result: dict) -> str:
     for split, rows in result.get("ranking", {}).items():
         for name, r in rows.items():
             recovery = f"{r['recovery_rate']:.0%}" if r["recovery_rate"] is not None else "-"
-            lines.append(f"| {name} | {split} | {r['success_rate']:.1%} | {r['retries_per_episode']:.2f} | "
-                         f"{recovery} | {r['throughput_per_hour']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {split} | {r['success_rate']:.1%} | {r['retries_per_episode']:.2f} | "
+                f"{recovery} | {r['throughput_per_hour']:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -299,9 +332,13 @@ def heldout_evaluation(
     result = {"heldout": pro.evaluation(held, readouts, pc), "gating": gating_summary(held, readouts, pc)}
     i = example_episode(held)
     meta = held[i]["episode_metadata"]
-    plot_episode(held[i], readouts[i], plot_path,
-                 f"PRO over a held-out episode: {meta['task']}, success {meta['success']}, "
-                 f"retries {meta['retries']}, source {meta['source']}")  # fmt: skip
+    plot_episode(
+        held[i],
+        readouts[i],
+        plot_path,
+        f"PRO over a held-out episode: {meta['task']}, success {meta['success']}, "
+        f"retries {meta['retries']}, source {meta['source']}",
+    )
     return result
 
 
@@ -351,8 +388,10 @@ def compare(sparse: dict, dense: dict, levels: tuple[float, ...]) -> dict:
 
 def report(config: configs.Config) -> int:
     base = pathlib.Path(config.out_dir)
-    paths = {"sparse": base / f"patch-{config.patch.task}" / "report.json",
-             "pro": base / f"patch-{config.patch.task}-pro" / "report.json"}  # fmt: skip
+    paths = {
+        "sparse": base / f"patch-{config.patch.task}" / "report.json",
+        "pro": base / f"patch-{config.patch.task}-pro" / "report.json",
+    }
     for name, path in paths.items():
         if not path.exists():
             flag = " --patch.reward pro" if name == "pro" else ""
@@ -378,17 +417,19 @@ def report(config: configs.Config) -> int:
 
 def compare_markdown(result: dict, ranking: dict, rounds: int) -> str:
     measures = (
-        ("env_steps_to_level", "env steps to reach it"), ("wall_s_to_level", "wall-clock to reach it [s]"),
+        ("env_steps_to_level", "env steps to reach it"),
+        ("wall_s_to_level", "wall-clock to reach it [s]"),
         ("corrective_episodes_to_level", "corrective episodes to reach it"),
         ("takeover_steps_to_level", "operator takeover steps to reach it"),
-    )  # fmt: skip
+    )
     finals = (
-        ("best_success", "best success"), ("final_success", "final success"),
+        ("best_success", "best success"),
+        ("final_success", "final success"),
         ("final_recovery", "recovery after a first failure (final)"),
         ("final_retries", "retries per episode (final)"),
         ("final_corrective_episodes", "operator interventions: corrective episodes (all rounds)"),
         ("final_takeover_steps", "operator takeover steps (all rounds)"),
-    )  # fmt: skip
+    )
     lines = [
         "# Patching with the sparse operator reward vs the PRO reward",
         "",
@@ -397,8 +438,13 @@ def compare_markdown(result: dict, ranking: dict, rounds: int) -> str:
     ]
     for level, arms in result.items():
         reached = {n: sum(v["env_steps_to_level"] is not None for v in a.values()) for n, a in arms.items()}
-        lines += [f"## success >= {float(level):.0%} (seeds reaching it: sparse {reached['sparse']}, "
-                  f"PRO {reached['pro']})", "", "| measure | sparse | PRO |", "|---|---:|---:|"]  # fmt: skip
+        lines += [
+            f"## success >= {float(level):.0%} (seeds reaching it: sparse {reached['sparse']}, "
+            f"PRO {reached['pro']})",
+            "",
+            "| measure | sparse | PRO |",
+            "|---|---:|---:|",
+        ]
         for key, name in measures:
             row = [patch_tool.over_seeds([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
             lines.append(f"| {name} | {row[0]} | {row[1]} |")
@@ -409,8 +455,13 @@ def compare_markdown(result: dict, ranking: dict, rounds: int) -> str:
         row = [patch_tool.over_seeds([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
         lines.append(f"| {name} | {row[0]} | {row[1]} |")
     if any(ranking.values()):
-        lines += ["", "## Ranking K chunks with PRO (final PRO-patched policies)", "",
-                  "| seed | mode | one sample | best of K |", "|---|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            "## Ranking K chunks with PRO (final PRO-patched policies)",
+            "",
+            "| seed | mode | one sample | best of K |",
+            "|---|---:|---:|---:|",
+        ]
         for seed, rows in ranking.items():
             if rows:
                 cells = [f"{r['success_rate']:.1%}" for r in rows.values()]
@@ -425,13 +476,21 @@ def compare_plot(sparse: dict, dense: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for color, (name, report_) in zip(("C0", "C2"), (("sparse reward", sparse), ("PRO reward", dense)),
-                                      strict=True):  # fmt: skip
+    for color, (name, report_) in zip(
+        ("C0", "C2"), (("sparse reward", sparse), ("PRO reward", dense)), strict=True
+    ):
         for i, result in enumerate(report_["seeds"].values()):
             records = result["patch"]
             for ax, key in zip(axes, ("env_steps", "wall_s", "takeover_steps"), strict=True):
-                ax.plot([r[key] for r in records], [r["success_rate"] for r in records], "-o", ms=3,
-                        alpha=0.7, color=color, label=name if i == 0 else None)  # fmt: skip
+                ax.plot(
+                    [r[key] for r in records],
+                    [r["success_rate"] for r in records],
+                    "-o",
+                    ms=3,
+                    alpha=0.7,
+                    color=color,
+                    label=name if i == 0 else None,
+                )
     for ax, label in zip(
         axes, ("environment steps", "wall-clock [s]", "operator takeover steps"), strict=True
     ):

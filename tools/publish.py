@@ -37,15 +37,19 @@ def publish(registry: ParamsRegistry, data: bytes, gate=None) -> dict:
         raise NotPublished(f"the file is not a policy a robot can run: {err}") from None
     current = registry.latest()
     if current is not None and version <= current["version"]:
-        raise NotPublished(f"the file holds version {version}, not above the published {current['version']}; "
-                           "export it with `jaxvla export --version N` for a larger N")  # fmt: skip
+        raise NotPublished(
+            f"the file holds version {version}, not above the published {current['version']}; "
+            "export it with `jaxvla export --version N` for a larger N"
+        )
     verdict = {"manual": True}
     if gate is not None and current is not None:
         verdict = {**gate.check(data, registry.read(current["version"])), **verdict}
         if not verdict["passed"]:
-            raise NotPublished(f"the gate refused version {version}: score {verdict['candidate']:.3f} "
-                               f"against {verdict['current']:.3f} for version {current['version']}, margin "
-                               f"{verdict['margin']}")  # fmt: skip
+            raise NotPublished(
+                f"the gate refused version {version}: score {verdict['candidate']:.3f} "
+                f"against {verdict['current']:.3f} for version {current['version']}, margin "
+                f"{verdict['margin']}"
+            )
     return registry.publish(data, verdict)
 
 
@@ -56,8 +60,13 @@ def make_gate(args: argparse.Namespace):
     import configs
     from learner import gate as gates
 
-    given = {"gate": args.gate, "task": args.task, "split": args.split, "gate_episodes": args.gate_episodes,
-             "gate_margin": args.gate_margin}  # fmt: skip
+    given = {
+        "gate": args.gate,
+        "task": args.task,
+        "split": args.split,
+        "gate_episodes": args.gate_episodes,
+        "gate_margin": args.gate_margin,
+    }
     fleet = dataclasses.replace(configs.FleetConfig(), **{k: v for k, v in given.items() if v is not None})
     return gates.make_gate(fleet)
 
@@ -65,8 +74,12 @@ def make_gate(args: argparse.Namespace):
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("file", type=pathlib.Path, help="an exported policy file (`jaxvla export`)")
-    p.add_argument("--root", type=pathlib.Path, default=pathlib.Path("runs/fleet"),
-                   help="the fleet's folder (serve's --fleet.root); the registry is ROOT/params")  # fmt: skip
+    p.add_argument(
+        "--root",
+        type=pathlib.Path,
+        default=pathlib.Path("runs/fleet"),
+        help="the fleet's folder (serve's --fleet.root); the registry is ROOT/params",
+    )
     p.add_argument("--gate", default="", help="score against the published version first (e.g. sim)")
     p.add_argument("--task", help="the gate's task (default: the fleet config's)")
     p.add_argument("--split", help="the gate's item distribution (default: the fleet config's)")

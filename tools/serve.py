@@ -15,18 +15,25 @@ import subprocess
 import sys
 import threading
 
+from etils import epath
+
 import configs
 from learner.service import Service
 from learner.service import load_tokens
 from learner.service import serve
 from learner.store import EpisodeStore
 from learner.store import ParamsRegistry
+from learner.store import is_local
 
 PROG = "jaxvla serve"
 
 
 def tokens_file(fleet: configs.FleetConfig) -> pathlib.Path:
     """The tokens file, created (readable by its owner only) with one random token per robot if absent."""
+    if not fleet.tokens and not is_local(epath.Path(fleet.root)):
+        raise SystemExit(
+            f"{PROG}: fleet.root {fleet.root} is not local; give the tokens file with --fleet.tokens"
+        )
     path = pathlib.Path(fleet.tokens) if fleet.tokens else pathlib.Path(fleet.root) / "tokens.json"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,20 +82,22 @@ class Supervisor(threading.Thread):
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
     fc = config.fleet
-    root = pathlib.Path(fc.root)
+    root = epath.Path(fc.root)
     service = Service(
         EpisodeStore(root / "store"), ParamsRegistry(root / "params"), load_tokens(tokens_file(fc)),
         max_body_bytes=fc.max_body_mb << 20, max_episodes=fc.max_episodes_per_push, max_steps=fc.max_steps,
-        compact_every=fc.compact_every,
+        compact_every=fc.compact_every, part_episodes=fc.part_episodes, max_infer_batch=fc.max_infer_batch,
     )  # fmt: skip
     supervisor = None
     if fc.learner:
         command = [sys.executable, "-m", "tools.fleet_learner", *argv]
-        supervisor = Supervisor(command, root / "learner" / "stdout.log")
+        supervisor = Supervisor(command, pathlib.Path(fc.root) / "learner" / "stdout.log")
         supervisor.start()
     print(f"{PROG}: http://{fc.host}:{fc.port}  store {root / 'store'}  params {root / 'params'}", flush=True)
+    if fc.page_port:
+        print(f"{PROG}: fleet page http://{fc.page_host}:{fc.page_port}/", flush=True)
     try:
-        serve(service, fc.host, fc.port)
+        serve(service, fc.host, fc.port, fc.page_host, fc.page_port)
     finally:
         if supervisor is not None:
             supervisor.stop()

@@ -8,7 +8,8 @@
 
 This package imports the standard library, numpy, msgpack and the numpy-only `jaxvla.tokenizer` and
 `jaxvla.normalization`, nothing else (tests/test_actor.py runs it in a bare virtualenv). The file format
-is in `fileformat`, the forward pass in `forward`.
+is in `fileformat`, the forward pass in `forward`. On the fleet, a robot runs `loop.run`: params pulled
+and verified, episodes run at a fixed rate (`runner`), spooled and pushed (`client`).
 
 Run robots with `OPENBLAS_NUM_THREADS=1` in the environment (it must be set before numpy is imported):
 one observation's matmuls are too small to gain from BLAS threads, and on a busy CPU the threads wait on
@@ -28,6 +29,14 @@ from jaxvla.actor.policy import load
 from jaxvla.actor.policy import loads
 
 __all__ = [
-    "FORMAT_VERSION", "INDICATOR_NEGATIVE", "INDICATOR_NONE", "INDICATOR_POSITIVE", "ActionChunkBroker",
-    "Policy", "PolicyFileError", "load", "loads", "read_manifest",
-]  # fmt: skip
+    "FORMAT_VERSION",
+    "INDICATOR_NEGATIVE",
+    "INDICATOR_NONE",
+    "INDICATOR_POSITIVE",
+    "ActionChunkBroker",
+    "Policy",
+    "PolicyFileError",
+    "load",
+    "loads",
+    "read_manifest",
+]

@@ -200,8 +200,13 @@ class Uploader(threading.Thread):
 class ParamsPuller(threading.Thread):
     """Keeps `policy` at the newest published params that verify; never replaces it with a bad file."""
 
-    def __init__(self, client: FleetClient, cache: str | os.PathLike, poll_s: float = 2.0,
-                 backoff: Backoff | None = None):  # fmt: skip
+    def __init__(
+        self,
+        client: FleetClient,
+        cache: str | os.PathLike,
+        poll_s: float = 2.0,
+        backoff: Backoff | None = None,
+    ):
         super().__init__(name="fleet-params", daemon=True)
         self.client, self.cache, self.poll_s = client, pathlib.Path(cache), poll_s
         self.backoff = backoff or Backoff()

@@ -85,12 +85,18 @@ class ProcessReward:
 
     def __call__(self, obs: dict, chunks: np.ndarray, steps: np.ndarray, valid: np.ndarray) -> dict:
         """Raw obs {k: [B, T, ...]} (as the simulator or robot gives them) -> readouts per step."""
-        inputs = {"state": np.concatenate([np.asarray(obs[k], F32) for k in STATE_KEYS], axis=-1),
-                  "prompt": np.asarray(obs["prompt"])}  # fmt: skip
+        inputs = {
+            "state": np.concatenate([np.asarray(obs[k], F32) for k in STATE_KEYS], axis=-1),
+            "prompt": np.asarray(obs["prompt"]),
+        }
         if "image" in self._stats:
             inputs["image"] = np.asarray(obs["image"], F32)
-        return self._forward(normalization.normalize(inputs, self._stats), np.asarray(chunks, F32),
-                             np.asarray(steps), np.asarray(valid, bool))  # fmt: skip
+        return self._forward(
+            normalization.normalize(inputs, self._stats),
+            np.asarray(chunks, F32),
+            np.asarray(steps),
+            np.asarray(valid, bool),
+        )
 
 
 def load(path: str | os.PathLike) -> ProcessReward:
@@ -104,8 +110,15 @@ class RankedPolicy:
     chunk it returns as executed. When a teleoperator overrides that action, call `executed(action)`.
     """
 
-    def __init__(self, policy: Policy, pro: ProcessReward, *, samples: int = 8, risk_weight: float = 0.5,
-                 rng: np.random.Generator | None = None):  # fmt: skip
+    def __init__(
+        self,
+        policy: Policy,
+        pro: ProcessReward,
+        *,
+        samples: int = 8,
+        risk_weight: float = 0.5,
+        rng: np.random.Generator | None = None,
+    ):
         if pro.chunk != policy.chunk:
             raise ValueError(f"PRO embeds chunks of {pro.chunk} actions, the policy makes {policy.chunk}")
         self.policy, self.pro, self.samples, self.risk_weight = policy, pro, samples, risk_weight
@@ -133,8 +146,12 @@ class RankedPolicy:
         chunks = np.stack([sequence[:, i : i + w] for i in range(self.pro.chunk)], axis=2)  # [K, W, H, A]
         valid = np.arange(w) >= pad
         steps = self.step - (w - 1) + np.arange(w)
-        out = self.pro({key: np.broadcast_to(v[None], (k, *v.shape)) for key, v in stacked.items()}, chunks,
-                       np.broadcast_to(steps, (k, w)), np.broadcast_to(valid, (k, w)))  # fmt: skip
+        out = self.pro(
+            {key: np.broadcast_to(v[None], (k, *v.shape)) for key, v in stacked.items()},
+            chunks,
+            np.broadcast_to(steps, (k, w)),
+            np.broadcast_to(valid, (k, w)),
+        )
         scores = out["value"][:, -1] - self.risk_weight * out["rho"][:, -1]
         best = int(np.argmax(scores))
         self._obs = [*past, obs]

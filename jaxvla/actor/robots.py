@@ -139,14 +139,23 @@ class GymRobot(RobotInterface):
     - `teleop(obs, policy_action)`: the intervention source; an action [4] in [-1, 1], or None.
     """
 
-    def __init__(self, env, *, robot_id: str, task: str, prompt: str, control_hz: float = 10.0,
-                 observation_fn: Callable[[object], dict] | None = None,
-                 action_fn: Callable[[np.ndarray], object] | None = None,
-                 success: str | Callable[[dict], bool] | None = None,
-                 teleop: Callable[[dict, np.ndarray], np.ndarray | None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        env,
+        *,
+        robot_id: str,
+        task: str,
+        prompt: str,
+        control_hz: float = 10.0,
+        observation_fn: Callable[[object], dict] | None = None,
+        action_fn: Callable[[np.ndarray], object] | None = None,
+        success: str | Callable[[dict], bool] | None = None,
+        teleop: Callable[[dict, np.ndarray], np.ndarray | None] | None = None,
+    ):
         if observation_fn is None and (why := _identity_observation_error(env.observation_space)):
-            raise TypeError(f"{why}; pass observation_fn mapping the env's observation onto the schema "
-                            "(docs/robot.md)")  # fmt: skip
+            raise TypeError(
+                f"{why}; pass observation_fn mapping the env's observation onto the schema (docs/robot.md)"
+            )
         self.env, self.task, self.robot_id, self.control_hz = env, task, robot_id, control_hz
         self.prompt, self._tokens = prompt, tokenizer.encode(prompt)
         self._map = observation_fn or dict
@@ -187,13 +196,19 @@ class GymRobot(RobotInterface):
         if callable(self._success):
             return bool(self._success(self._info))
         if self._success not in self._info:
-            raise KeyError(f"success key {self._success!r} is not in the env's last info; its keys are "
-                           f"{sorted(self._info)}")  # fmt: skip
+            raise KeyError(
+                f"success key {self._success!r} is not in the env's last info; its keys are "
+                f"{sorted(self._info)}"
+            )
         return bool(self._info[self._success])
 
     def outcome(self) -> dict:
-        return {"success": self.succeeded(), "retries": 0, "cycle_time": self._steps / self.control_hz,
-                "prompt": self.prompt}  # fmt: skip
+        return {
+            "success": self.succeeded(),
+            "retries": 0,
+            "cycle_time": self._steps / self.control_hz,
+            "prompt": self.prompt,
+        }
 
 
 # ------------------------------------------------------------------------------------------- real arm

@@ -72,8 +72,15 @@ def checked(obs: dict, step: int) -> dict:
     return obs
 
 
-def run_episode(robot: RobotInterface, policy: Policy, *, clock: RateClock, replan: int = 1,
-                seed: int | None = None, max_steps: int = 2_000) -> dict:  # fmt: skip
+def run_episode(
+    robot: RobotInterface,
+    policy: Policy,
+    *,
+    clock: RateClock,
+    replan: int = 1,
+    seed: int | None = None,
+    max_steps: int = 2_000,
+) -> dict:
     """One episode: the RLDS episode dict (jaxvla.episodes' schema) ready to push."""
     broker = ActionChunkBroker(policy, replan=replan)
     obs = checked(robot.reset(seed), 0)
@@ -87,13 +94,21 @@ def run_episode(robot: RobotInterface, policy: Policy, *, clock: RateClock, repl
         teleop = robot.intervention(obs, policy_action)
         action = policy_action if teleop is None else np.asarray(teleop, np.float32)
         feedback = robot.act(action)
-        steps.append({
-            "observation": schema.as_schema_dtypes(obs),
-            "action": action, "policy_action": policy_action, "reward": np.float32(feedback.reward),
-            "discount": np.float32(0.0 if feedback.terminal else 1.0), "is_first": t == 0, "is_last": False,
-            "is_terminal": bool(feedback.terminal), "is_intervention": teleop is not None,
-            "failure_mode": np.int32(feedback.failure_mode), "events": np.asarray(feedback.events, bool),
-        })  # fmt: skip
+        steps.append(
+            {
+                "observation": schema.as_schema_dtypes(obs),
+                "action": action,
+                "policy_action": policy_action,
+                "reward": np.float32(feedback.reward),
+                "discount": np.float32(0.0 if feedback.terminal else 1.0),
+                "is_first": t == 0,
+                "is_last": False,
+                "is_terminal": bool(feedback.terminal),
+                "is_intervention": teleop is not None,
+                "failure_mode": np.int32(feedback.failure_mode),
+                "events": np.asarray(feedback.events, bool),
+            }
+        )
         if feedback.terminal or feedback.truncated:
             break
     steps[-1]["is_last"] = True

@@ -17,9 +17,17 @@ from jaxvla.models.heads import Policy
 from jaxvla.models.heads import expected_value
 
 __all__ = [
-    "INDICATOR_NEGATIVE", "INDICATOR_NONE", "INDICATOR_POSITIVE", "CriticEnsemble", "DistributionalValue",
-    "ModelConfig", "Policy", "apply", "count_params", "expected_value",
-]  # fmt: skip
+    "INDICATOR_NEGATIVE",
+    "INDICATOR_NONE",
+    "INDICATOR_POSITIVE",
+    "CriticEnsemble",
+    "DistributionalValue",
+    "ModelConfig",
+    "Policy",
+    "apply",
+    "count_params",
+    "expected_value",
+]
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, *args, **kwargs):

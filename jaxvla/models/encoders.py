@@ -64,8 +64,16 @@ class DepthCNN(nnx.Module):
 class StateEncoder(nnx.Module):
     """The default encoder: obs -> [B, width]."""
 
-    def __init__(self, state_size: int, width: int, prompt_dim: int, cnn_channels: tuple[int, ...] | None,
-                 *, dtype, rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        state_size: int,
+        width: int,
+        prompt_dim: int,
+        cnn_channels: tuple[int, ...] | None,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.state = MLP(state_size, (width, width), dtype=dtype, rngs=rngs)
         self.prompt = PromptEmbedding(prompt_dim, dtype=dtype, rngs=rngs)
         self.depth = DepthCNN(cnn_channels, dtype=dtype, rngs=rngs) if cnn_channels else None
@@ -82,8 +90,19 @@ class StateEncoder(nnx.Module):
 class TransformerEncoder(nnx.Module):
     """The VLA-scale encoder: [readout, state, prompt words, RGB-D patches] tokens -> readout [B, width]."""
 
-    def __init__(self, state_size: int, width: int, layers: int, heads: int, mlp_ratio: int,
-                 image_res: int | None, patch: int, *, dtype, rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        state_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: int,
+        image_res: int | None,
+        patch: int,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.patch = patch
         self.num_patches = (image_res // patch) ** 2 if image_res else 0
         if image_res and image_res % patch:

@@ -97,8 +97,9 @@ class ProcessRewardModel(nnx.Module):
         self.encoder = encoders.StateEncoder(
             STATE_SIZE, w, config.prompt_dim, channels, dtype=jnp.float32, rngs=rngs
         )
-        self.action = layers.MLP(config.chunk * config.action_size, (config.action_width,), dtype=None,
-                                 rngs=rngs)  # fmt: skip
+        self.action = layers.MLP(
+            config.chunk * config.action_size, (config.action_width,), dtype=None, rngs=rngs
+        )
         self.fuse = nnx.Linear(w + config.action_width + 1, w, rngs=rngs)
         self.temporal = layers.TransformerBlock(w, config.heads, config.mlp_ratio, dtype=None, rngs=rngs)
         self.norm = nnx.LayerNorm(w, epsilon=layers.LAYER_NORM_EPS, rngs=rngs)
