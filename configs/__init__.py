@@ -112,7 +112,7 @@ class SACConfig:
     """Discount per control step; an H-step chunk backs up with gamma^H."""
     tau: float = 0.005
     """Target critic EMA rate."""
-    target_subset: int = 0
+    target_subset: int = 2
     """Critic ensemble members in the target's min: 0 (or >= ensemble size) takes the min over all of
     them, 2 with an ensemble of 10 is REDQ's random-subset min."""
     init_alpha: float = 0.01
@@ -132,6 +132,29 @@ class SACConfig:
     """Likelihood weight inside the BC term (as in pretraining)."""
     critic_warmup: int = 1000
     """Critic updates before the actor starts moving: a random critic would drag the prior anywhere."""
+    actor: Literal["residual", "full"] = "residual"
+    """What patching trains. "residual": a one-step correction on the frozen prior, executed action =
+    prior + residual_scale x residual, scored by a critic of the executed step with an n-step return
+    (`learner/residual.py`). "full": the whole chunk policy against a chunk critic (`learner/sac.py`, the
+    earlier learner, kept for the ablation). The fleet learner exports whole policies and runs "full"."""
+    residual_scale: float = 0.4
+    """Residual: the largest correction per action dimension, in units of the action range's half-width
+    (a held item needs about 0.4 of v_max to slow down)."""
+    ensemble: int = 10
+    """Residual: critic ensemble size (RLPD / REDQ: 10, targets from the min over `target_subset`)."""
+    pessimism: float = 1.0
+    """Residual: the actor maximises mean - pessimism x std over the critic ensemble, not its mean."""
+    residual_actor_lr: float = 1e-4
+    """Residual: the actor's learning rate (below the critic's: the actor follows a settled critic)."""
+    residual_target_entropy_per_dim: float = -2.0
+    """Residual: entropy target per action dimension of the residual (its initial std is e^-2)."""
+    residual_bc_weight: float = 1.0
+    """Residual: weight of the BC term, which fits the residual to (operator - prior) / scale."""
+    actor_polyak: float = 0.01
+    """Residual: EMA rate of the averaged actor that is evaluated, gated and deployed."""
+    critic_pretrain_steps: int = 2000
+    """Residual: Monte-Carlo regression steps of the critic on the offline data and the first round,
+    before any TD update or actor step."""
 
     def __post_init__(self) -> None:
         if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
@@ -206,6 +229,11 @@ class PatchConfig:
     shaping β(γΦ(s') - Φ(s)) (`pro`; `pro.shaping` is β, `pro.shaping_risk` the λ in Φ = V - λρ)."""
     pro: str = "runs/pro"
     """Run folder of the trained process-reward model (`jaxvla pro train`), read when reward is "pro"."""
+    gate: bool = True
+    """Publish (deploy and report) a round's params only if their validation success is not below the
+    published params' by more than `gate_margin`; otherwise the published params stay."""
+    gate_margin: float = 0.02
+    """Tolerated validation drop of the gate (about one binomial standard error at 128 contexts)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.goal <= 1:

@@ -46,6 +46,7 @@ from learner import dataset
 from learner import evaluate
 from learner import pro
 from learner import replay
+from learner import residual
 from learner import sac
 from learner import sharding
 from learner.checkpoints import Checkpoints
@@ -217,35 +218,40 @@ class PairedEvaluation:
         self._test = evaluate.Evaluator(task, split, test, actor)
         self._validation = evaluate.Evaluator(task, split, validation, actor) if validation != test else None
 
+    def on_validation(self, params) -> dict:
+        """{"validation_success", "validation_ci"} on the validation contexts."""
+        validation = (self._validation or self._test).on(params, self.validation)
+        return {"validation_success": validation["success_rate"], "validation_ci": validation["success_ci"]}
+
     def __call__(self, params) -> dict:
         """The test report, with the validation success beside it."""
-        validation_evaluator = self._validation or self._test
-        validation = validation_evaluator.on(params, self.validation)
-        return {
-            **self._test.on(params, self.test),
-            "validation_success": validation["success_rate"],
-            "validation_ci": validation["success_ci"],
-        }
+        return {**self._test.on(params, self.test), **self.on_validation(params)}
 
 
-def paired_evaluation(config: Config, prior: Prior) -> PairedEvaluation:
+def paired_evaluation(config: Config, prior: Prior, actor: evaluate.Actor | None = None) -> PairedEvaluation:
+    """The paired evaluation of `config.patch`, for the prior's chunk policy unless `actor` is given."""
     pc = config.patch
-    actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
+    actor = actor or evaluate.chunk_actor(prior.graphdef, prior.stats)
     return PairedEvaluation(pc.task, pc.split, actor, pc.eval_episodes, pc.validation_episodes)
 
 
 # ------------------------------------------------------------------------------------------ patching
 @dataclasses.dataclass
 class Learner:
-    """Everything a patching run updates between rounds; `checkpointed` is what orbax saves."""
+    """Everything a patching run updates between rounds; `checkpointed` is what orbax saves.
 
-    state: sac.SACState
+    `published`: the params the gate last let through, which the deployment runs and the records score
+    (None where no gate runs, as in the fleet learner, which gates its exports itself)."""
+
+    state: sac.SACState | residual.ResidualState
     buffers: dict
     round: int
     totals: dict
+    published: object = None
 
     def checkpointed(self) -> dict:
-        return {"sac": self.state, "replay": self.buffers}
+        saved = {"sac": self.state, "replay": self.buffers}
+        return saved if self.published is None else {**saved, "published": self.published}
 
 
 def make_insert():
@@ -299,20 +305,35 @@ def observation_spec(model) -> dict:
     return {k: jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for k, s in model.observation_spec(1).items()}
 
 
-def new_learner(config: Config, prior: Prior, offline: list[dict], mesh, seed: int) -> Learner:
-    pc, sc, mc = config.patch, config.sac, prior.config.model
-    replicated = sharding.replicated(mesh)
+def new_state(config: Config, prior: Prior, seed: int, actor: str = "full"):
+    """A fresh learner state: "full" fine-tunes a copy of the prior's chunk policy (`learner.sac`),
+    "residual" trains a zero-initialised residual on the frozen prior (`learner.residual`)."""
+    sc, mc = config.sac, prior.config.model
+    # The learner's state is donated; the prior's params stay intact.
+    prior_params = jax.tree.map(jnp.copy, prior.params)
+    if actor == "residual":
+        _, residual_params, critic = residual.create_networks(prior, sc, seed)
+        return residual.init_state(prior_params, residual_params, critic, sc.init_alpha,
+                                   residual.make_optimizers(sc))  # fmt: skip
     _, critic = nnx.split(mc.create_critic(seed + 1), nnx.Param)
     optimizers = sac.make_optimizers(sc)
-    actor = jax.tree.map(jnp.copy, prior.params)  # the learner's state is donated; the prior stays intact
-    state = sac.init_state(
-        actor,
+    return sac.init_state(
+        prior_params,
         critic,
         sc.init_alpha,
         actor_opt=optimizers["actor"],
         critic_opt=optimizers["critic"],
         alpha_opt=optimizers["alpha"],
     )
+
+
+def new_learner(
+    config: Config, prior: Prior, offline: list[dict], mesh, seed: int, actor: str = "full"
+) -> Learner:
+    """A fresh learner (state of the `actor` kind, see `new_state`) with the offline data in its replay."""
+    pc, mc = config.patch, prior.config.model
+    replicated = sharding.replicated(mesh)
+    state = new_state(config, prior, seed, actor)
     spec = observation_spec(mc)
     buffers = {
         name: replay.create(spec, mc.action_size, capacity, mesh)
@@ -332,6 +353,64 @@ def critic_graphdef(model) -> nnx.GraphDef:
     return nnx.split(model.create_critic(0), nnx.Param)[0]
 
 
+class PatchLearner:
+    """The learner kind `config.sac.actor` names, bound once: its jitted train block, the actors that
+    run its params (exploring and deterministic), what it deploys, and its critic pretraining."""
+
+    def __init__(self, config: Config, prior: Prior, mesh):
+        sc, mc = config.sac, prior.config.model
+        self.kind, self.prior = sc.actor, prior
+        if self.kind == "residual":
+            nets, _, _ = residual.create_networks(prior, sc, 0)
+            optimizers = residual.make_optimizers(sc)
+            self.train = residual.make_train_steps(
+                sc, mc, nets, optimizers, num_steps=config.patch.updates_per_round, mesh=mesh
+            )
+            self.explore = residual.actor_fn(nets, explore=config.patch.explore)
+            self.deterministic = residual.actor_fn(nets)
+            self.pretrain = (
+                residual.make_critic_pretrain(sc, nets, optimizers) if sc.critic_pretrain_steps else None
+            )
+        else:
+            nets = sac.Networks(actor=prior.graphdef, critic=critic_graphdef(mc), stats=prior.stats)
+            self.train = sac.make_train_steps(
+                sc, mc, nets, sac.make_optimizers(sc), num_steps=config.patch.updates_per_round, mesh=mesh
+            )
+            self.explore = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=config.patch.explore)
+            self.deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
+            self.pretrain = None
+
+    def deployable(self, state):
+        """The params the actors run: the Polyak-averaged residual on the prior, or the fine-tuned policy.
+        A copy: the state is donated to the next train block, published params outlive it."""
+        params = residual.deployable(state) if self.kind == "residual" else state.actor
+        return jax.tree.map(jnp.copy, params)
+
+
+def policy_actor(config: Config, prior: Prior) -> evaluate.Actor:
+    """The deterministic actor that runs the params `run_patching` returns."""
+    if config.sac.actor == "residual":
+        nets, _, _ = residual.create_networks(prior, config.sac, 0)
+        return residual.actor_fn(nets)
+    return evaluate.chunk_actor(prior.graphdef, prior.stats)
+
+
+def pretrain_critic(learner_kind: PatchLearner, state, offline: list[dict], block: dict, config: Config, mesh,
+                    key: jax.Array):  # fmt: skip
+    """Monte-Carlo regression of the residual's critic on the offline data and the first round's block."""
+    keys = list(observation_spec(learner_kind.prior.config.model))
+    data = residual.returns_dataset(offline, [block], config.sac.gamma, keys)
+    data = residual.pad_dataset(data, dataset.bucket(len(data["return"])))
+    data = jax.device_put(data, sharding.replicated(mesh))
+    return learner_kind.pretrain(state, data, key)
+
+
+def gate_passes(candidate_validation: float, published_validation: float, margin: float) -> bool:
+    """The safety net: a candidate is published unless its validation success falls below the published
+    params' by more than `margin`."""
+    return candidate_validation >= published_validation - margin
+
+
 def run_patching(
     config: Config,
     prior: Prior,
@@ -341,11 +420,14 @@ def run_patching(
     seed: int,
     mesh=None,
     progress: bool = True,
-) -> tuple[list[dict], nnx.State]:
+) -> tuple[list[dict], object]:
     """Patches `prior` on `config.patch.task`/`split`: one record per round (round 0 is the prior) and the
-    patched policy's params.
+    published params (run them with `policy_actor`).
 
-    Resumes from `run_dir/checkpoints` if a previous run left one.
+    Each round: roll out the published params under the operator, update the learner, score the
+    candidate on the validation contexts and, if the gate lets it through, publish it; the record scores
+    the published params on the test contexts. Resumes from `run_dir/checkpoints` if a previous run left
+    one.
     """
     pc, sc, mc = config.patch, config.sac, prior.config.model
     mesh = mesh or sharding.make_mesh()
@@ -355,11 +437,7 @@ def run_patching(
             f"patch.envs_per_round={pc.envs_per_round} must be a multiple of the {mesh.size} "
             "devices: each device's replay shard takes whole episodes"
         )
-    nets = sac.Networks(actor=prior.graphdef, critic=critic_graphdef(mc), stats=prior.stats)
-    train_block = sac.make_train_steps(
-        sc, mc, nets, sac.make_optimizers(sc), num_steps=pc.updates_per_round, mesh=mesh
-    )
-    explore = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=pc.explore)
+    kind = PatchLearner(config, prior, mesh)
     relabel = None
     if pc.reward == "pro":
         rewards = {
@@ -370,44 +448,37 @@ def run_patching(
         model = pro.load(pc.pro)
         relabel = functools.partial(pro.relabel, model, **rewards)
         offline = pro.relabel_episodes(model, offline, **rewards)
-    deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
     takeover = pro.risk_takeover(pro.load(pc.pro), pc.risk_trigger) if pc.risk_trigger else Takeover
     collector = Collector(
         pc.task,
         pc.split,
         pc.envs_per_round,
         trigger_of(config),
-        explore,
+        kind.explore,
         relabel,
         solo=pc.false_alarms,
-        lookahead_actor=deterministic,
+        lookahead_actor=kind.deterministic,
         takeover=takeover,
     )
-    evaluation_on = paired_evaluation(config, prior)
+    evaluation_on = paired_evaluation(config, prior, kind.deterministic)
     insert_online = make_insert()
 
-    learner = new_learner(config, prior, offline, mesh, seed)
+    learner = new_learner(config, prior, offline, mesh, seed, sc.actor)
+    learner.published = kind.deployable(learner.state)
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=2)
     log = MetricsLog(run_dir / "metrics.jsonl")
     records = []
     if checkpoints.latest_step() is not None:
         saved, meta = checkpoints.restore(learner.checkpointed())
-        learner = Learner(saved["sac"], saved["replay"], meta["round"], meta["totals"])
+        learner = Learner(saved["sac"], saved["replay"], meta["round"], meta["totals"], saved["published"])
         records = meta["records"]
         print(f"resumed {run_dir} after round {learner.round}")
     key = jax.random.key(seed)
     key_roll, key_train = jax.random.split(key)
 
-    def evaluation(round_: int) -> dict:
-        return {
-            "kind": "patch",
-            "round": round_,
-            **effort_record(learner.totals),
-            **evaluation_on(learner.state.actor),
-        }
-
     if not records:
-        records.append(evaluation(0))
+        records.append({"kind": "patch", "round": 0, **effort_record(learner.totals),
+                        **evaluation_on(learner.published), "published": True})  # fmt: skip
         log.write(records[-1])
     bar = tqdm(
         total=pc.rounds,
@@ -419,10 +490,15 @@ def run_patching(
     while learner.round < pc.rounds:
         tic = time.perf_counter()
         round_ = learner.round + 1
-        rolled = collector(learner.state.actor, jax.random.fold_in(key_roll, round_), round_)
+        rolled = collector(learner.published, jax.random.fold_in(key_roll, round_), round_)
         block = rolled["block"]
         buffers = insert_experience(insert_online, learner.buffers, block, mc.chunk)
-        state, metrics = train_block(learner.state, buffers, jax.random.fold_in(key_train, round_))
+        state, extra = learner.state, {}
+        if round_ == 1 and kind.pretrain is not None:
+            state, extra = pretrain_critic(
+                kind, state, offline, block, config, mesh, jax.random.fold_in(key_train, 0)
+            )
+        state, metrics = kind.train(state, buffers, jax.random.fold_in(key_train, round_))
         jax.block_until_ready(state)
         totals = add_effort(
             learner.totals,
@@ -430,12 +506,18 @@ def run_patching(
             takeover_segments(np.asarray(block["intervention"])),
         )
         totals["wall_s"] = learner.totals["wall_s"] + time.perf_counter() - tic
-        learner = Learner(state, buffers, round_, totals)
-        record = evaluation(round_)
-        record.update(
-            assisted_success=float(np.mean(np.asarray(rolled["success"]))),
-            **{k: float(v) for k, v in jax.device_get(metrics).items()},
-        )
+        candidate = kind.deployable(state)
+        checked = evaluation_on.on_validation(candidate)
+        passed = not pc.gate or gate_passes(checked["validation_success"], records[-1]["validation_success"],
+                                            pc.gate_margin)  # fmt: skip
+        published = candidate if passed else learner.published
+        # Unpublished: the published params, scored on the same contexts, score as they did last round.
+        scored = evaluation_on(published) if passed else {k: v for k, v in records[-1].items() if k in SCORES}
+        learner = Learner(state, buffers, round_, totals, published)
+        record = {"kind": "patch", "round": round_, **effort_record(totals), **scored, "published": passed,
+                  "candidate_validation": checked["validation_success"],
+                  "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
+                  **{k: float(v) for k, v in jax.device_get({**extra, **metrics}).items()}}  # fmt: skip
         records.append(record)
         log.write(record)
         checkpoints.save(
@@ -445,7 +527,26 @@ def run_patching(
         bar.set_postfix(success=f"{record['success_rate']:.0%}", corrective=totals["corrective_episodes"])
     bar.close()
     checkpoints.close()
-    return records, learner.state.actor
+    return records, learner.published
+
+
+# The fields of a record that score its params (a `PairedEvaluation` report).
+SCORES = (
+    "contexts",
+    "contexts_seed",
+    "episodes",
+    "success_rate",
+    "success_ci",
+    "failure_modes",
+    "retries_per_episode",
+    "cycle_time_s",
+    "recovery_rate",
+    "episodes_with_failure",
+    "throughput_per_hour",
+    "by_component",
+    "validation_success",
+    "validation_ci",
+)
 
 
 def false_alarm_rate(counts: dict) -> float | None:

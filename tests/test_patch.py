@@ -163,6 +163,12 @@ def test_seed_summary_reads_effort_on_validation_and_headlines_the_final_test_fi
     assert summary["patch"]["train_component"] == 0.97
 
 
+def test_the_gate_publishes_unless_validation_drops_by_more_than_the_margin():
+    assert patch.gate_passes(0.88, 0.90, margin=0.02)
+    assert patch.gate_passes(0.95, 0.90, margin=0.0)
+    assert not patch.gate_passes(0.87, 0.90, margin=0.02)
+
+
 def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
     """An untrained debug policy with statistics from fake observations: enough to drive the loop."""
     model = config.model
@@ -183,7 +189,7 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         validation_episodes=2,
         capacity=(64, 256, 64),
     )
-    sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2)
+    sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
     config = dataclasses.replace(base, patch=patching, sac=sac)
     prior = tiny_prior(config, tmp_path / "prior")
     straight, params = patch.run_patching(config, prior, [], tmp_path, seed=0, progress=False)
@@ -199,6 +205,8 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         assert a["corrective_episodes"] == b["corrective_episodes"] and a["env_steps"] == b["env_steps"]
         assert a["success_rate"] == b["success_rate"]
     assert straight[-1]["critic_loss"] == pytest.approx(resumed[-1]["critic_loss"], rel=1e-6)
+    assert straight[1]["critic_pretrain_loss_last"] == resumed[1]["critic_pretrain_loss_last"]
+    assert [r["published"] for r in straight] == [r["published"] for r in resumed]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(resumed_params))
 
 
@@ -216,7 +224,8 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
         "--patch.offline-episodes", "4", "--patch.capacity", "64", "256", "64", "--patch.sft-demos", "2",
         "--patch.sft-steps", "10", "--patch.hg-dagger-rounds", "1", "--patch.seeds", "0",
         "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2",
-        "--pretrain.data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"),
+        "--sac.critic-pretrain-steps", "3", "--pretrain.data-dir", str(tmp_path / "data"),
+        "--out-dir", str(tmp_path / "runs"),
         "--compile-cache", str(REPO_ROOT / ".cache" / "jax"),
     ]  # fmt: skip
     assert tools_patch.main(["debug", *overrides]) == 0

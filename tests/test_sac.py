@@ -17,9 +17,12 @@ from flax import nnx
 
 import configs
 from jaxvla import normalization
+from learner import evaluate
 from learner import replay
+from learner import residual
 from learner import sac
 from learner import sharding
+from learner.pretrain import Prior
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -244,3 +247,173 @@ def test_one_update_across_two_processes_equals_the_single_process_update(tmp_pa
     for i, leaf in enumerate(want):
         np.testing.assert_allclose(got[f"leaf{i}"], np.asarray(leaf), rtol=2e-5, atol=1e-6)
     assert not math.isnan(float(got["critic_loss"]))
+
+
+# ------------------------------------------------------------------------------- the residual learner
+def tiny_prior(seed: int = 0) -> Prior:
+    """An untrained debug chunk policy with statistics of fake observations, as a frozen prior."""
+    config = configs.get_config("debug")
+    graphdef, params = nnx.split(config.model.create_policy(seed), nnx.Param)
+    stats = normalization.compute(jax.device_get(config.model.fake_observation(jax.random.key(0), 256)))
+    return Prior(config, graphdef, params, stats, 0, pathlib.Path("unused"))
+
+
+def residual_setup(**sac_overrides):
+    prior = tiny_prior()
+    sc = configs.SACConfig(batch_size=8, utd=2, critic_warmup=0, ensemble=4, **sac_overrides)
+    nets, actor, critic = residual.create_networks(prior, sc, seed=0)
+    optimizers = residual.make_optimizers(sc)
+    state = residual.init_state(prior.params, actor, critic, sc.init_alpha, optimizers)
+    return prior, sc, nets, optimizers, state
+
+
+def test_the_residual_actor_at_initialisation_executes_exactly_the_priors_actions():
+    prior, sc, nets, _, state = residual_setup()
+    obs = prior.config.model.fake_observation(jax.random.key(5), 32)
+    want = evaluate.chunk_actor(prior.graphdef, prior.stats)(prior.params, obs, jax.random.key(0))
+    got = residual.actor_fn(nets)(residual.deployable(state), obs, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Exploring, the residual's noise moves the action by at most the scale.
+    explored = residual.actor_fn(nets, explore=True)(residual.deployable(state), obs, jax.random.key(1))
+    gap = np.abs(np.asarray(explored) - np.asarray(want))
+    assert gap.max() <= sc.residual_scale + 1e-6 and gap.max() > 0
+
+
+def test_compose_and_the_bc_target_invert_each_other_within_the_scale():
+    base = jnp.array([[0.5, -0.9, 0.0]])
+    executed = jnp.array([[0.7, -1.0, 1.0]])
+    target = residual.residual_target(executed, base, 0.4)
+    # (0.7 - 0.5) / 0.4 = 0.5; (-1 + 0.9) / 0.4 = -0.25; (1 - 0) / 0.4 = 2.5, clipped to the range: 1.
+    np.testing.assert_allclose(target, [[0.5, -0.25, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(residual.compose(base, target, 0.4), [[0.7, -1.0, 0.4]], rtol=1e-6)
+
+
+def test_the_actor_follows_a_lower_confidence_bound_over_the_ensemble():
+    q = jnp.array([[1.0, 2.0], [3.0, 2.0]])  # member means 2 and 2; stds 1 and 0
+    np.testing.assert_allclose(residual.pessimistic_value(q, 1.0), [1.0, 2.0])
+    np.testing.assert_allclose(residual.pessimistic_value(q, 0.0), [2.0, 2.0])
+
+
+def test_monte_carlo_returns_discount_to_the_end_of_each_episode():
+    reward = np.array([[0.0, 0.0, 1.0, 9.0], [0.0, 0.0, 0.0, 0.0]])
+    valid = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    # Row 0 succeeds at step 2: 0.5^2, 0.5, 1; the invalid step after it gets 0. Row 1 fails: all 0.
+    np.testing.assert_allclose(
+        residual.monte_carlo_returns(reward, valid, 0.5), [[0.25, 0.5, 1.0, 0.0], [0.0] * 4]
+    )
+
+
+def hand_episode(key: jax.Array, length: int, success: bool, model) -> dict:
+    obs = jax.device_get(model.fake_observation(key, length))
+    reward = np.zeros(length, np.float32)
+    reward[-1] = float(success)
+    action = np.asarray(jax.random.uniform(key, (length, model.action_size), minval=-1, maxval=1))
+    return {"steps": {"observation": obs, "action": action, "reward": reward}}
+
+
+def test_critic_pretraining_regresses_every_member_onto_the_monte_carlo_returns():
+    prior, sc, nets, optimizers, state = residual_setup(critic_lr=1e-3)
+    model = prior.config.model
+    episodes = [hand_episode(jax.random.key(i), 5, success=i == 0, model=model) for i in range(2)]
+    keys = list(model.observation_spec(1))
+    data = residual.returns_dataset(episodes, [], 0.9, keys)
+    # The success episode's returns are 0.9^4 .. 1; the failure's are all 0.
+    np.testing.assert_allclose(data["return"], [0.9**4, 0.9**3, 0.81, 0.9, 1.0, 0, 0, 0, 0, 0], rtol=1e-6)
+    padded = residual.pad_dataset(data, 16)
+    pretrain = jax.jit(
+        functools.partial(
+            residual.critic_pretrain_steps,
+            num_steps=600,
+            batch_size=16,
+            nets=nets,
+            optimizer=optimizers["critic"],
+        )
+    )
+    state, metrics = pretrain(state, padded, jax.random.key(0))
+    assert float(metrics["critic_pretrain_loss_last"]) < 0.01 * float(metrics["critic_pretrain_loss_first"])
+    obs = normalization.normalize(data["obs"], nets.stats)
+    base = residual.base_action(nets, state.prior, obs)
+    q = residual.q_values(nets, state.critic, obs, jnp.asarray(data["action"]), base)  # [E, 10]
+    np.testing.assert_allclose(np.asarray(q), np.broadcast_to(data["return"], q.shape), atol=0.05)
+    # TD starts from the pretrained values.
+    jax.tree.map(np.testing.assert_array_equal, state.target_critic, state.critic)
+
+
+def constant_critic(critic, value: float):
+    """Critic params whose every member outputs `value` whatever the input (output kernel zeroed)."""
+    critic = jax.tree.map(jnp.copy, critic)
+    critic["q"]["out"]["kernel"] = nnx.Param(jnp.zeros_like(critic["q"]["out"]["kernel"][...]))
+    critic["q"]["out"]["bias"] = nnx.Param(jnp.full_like(critic["q"]["out"]["bias"][...], value))
+    return critic
+
+
+def test_the_td_target_is_the_n_step_return_of_the_executed_steps_bootstrapped_at_t_plus_n():
+    prior, sc, nets, _, state = residual_setup(gamma=0.9)
+    model = prior.config.model
+    state = state.replace(target_critic=constant_critic(state.target_critic, 2.0))
+    # One episode of 6 steps that succeeds at its last step (reward 1, terminal).
+    steps = 6
+    obs = jax.tree.map(lambda x: x[None], model.fake_observation(jax.random.key(1), steps))
+    block = {
+        "obs": obs,
+        "action": jnp.zeros((1, steps, model.action_size)),
+        "reward": jnp.zeros((1, steps)).at[0, -1].set(1.0),
+        "terminal": jnp.zeros((1, steps), bool).at[0, -1].set(True),
+        "valid": jnp.ones((1, steps), bool),
+        "is_first": jnp.zeros((1, steps), bool).at[0, 0].set(True),
+        "intervention": jnp.zeros((1, steps), bool),
+        "version": jnp.zeros((1, steps), jnp.int32),
+        "reward_source": jnp.zeros((1, steps), jnp.int8),
+    }
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in obs.items()}
+    buffer = replay.insert(
+        replay.create(spec, model.action_size, 16, mesh), block, source=1, n_step=model.chunk
+    )
+    local = replay.shard_view(buffer, 0)
+    batch = replay.gather(local, jnp.arange(steps), n_step=model.chunk, chunk=model.chunk, gamma=0.9)
+    target = residual.critic_target(
+        state, sac.normalize_batch(batch, nets.stats), jax.random.key(0), nets=nets, target_subset=2
+    )
+    # n = H = 4, gamma = 0.9, Q' = 2 everywhere:
+    # t=0, 1: no reward within 4 steps, bootstrap 0.9^4 * 2 = 1.3122;
+    # t=2: the success is 3 steps on: 0.9^3 = 0.729 and the terminal stops the bootstrap;
+    # t=3, 4, 5: 0.9^2, 0.9, 1.
+    np.testing.assert_allclose(np.asarray(target), [1.3122, 1.3122, 0.729, 0.81, 0.9, 1.0], rtol=1e-5)
+
+
+def test_the_residual_actor_is_held_during_warmup_and_its_average_moves_by_polyak():
+    prior, sc, nets, optimizers, state = residual_setup()
+    _, _, _, _, _, batches = small_setup()
+    batch = jax.tree.map(lambda x: x[0], batches)
+    kwargs = dict(nets=nets, actor_optimizer=optimizers["actor"], alpha_optimizer=optimizers["alpha"],
+                  target_entropy=-8.0, pessimism=1.0, bc_weight=1.0,
+                  bc_sources=(replay.SOURCES.index("patch"),), polyak=0.5)  # fmt: skip
+    actor_update = jax.jit(functools.partial(residual.actor_update, **kwargs))
+    held, _ = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(False))
+    for name in ("actor", "actor_average", "log_alpha"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(held, name), getattr(state, name))
+    moved, metrics = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(True))
+    head = lambda params: np.asarray(params["head"]["kernel"][...])  # noqa: E731
+    action_size = prior.config.model.action_size
+    assert np.abs(head(moved.actor)[:, :action_size]).max() > 0
+    # The exploration std stays at its initial value: its half of the zero head gets no gradient.
+    np.testing.assert_array_equal(head(moved.actor)[:, action_size:], 0.0)
+    np.testing.assert_allclose(
+        head(moved.actor_average), 0.5 * head(state.actor_average) + 0.5 * head(moved.actor)
+    )
+    assert float(metrics["bc"]) > 0
+    offline_only = {**batch, "source": jnp.zeros_like(batch["source"])}
+    _, metrics = actor_update(state, offline_only, jax.random.key(0), enabled=jnp.bool_(True))
+    assert float(metrics["bc"]) == 0.0
+
+
+def test_the_fused_residual_update_runs_the_critic_and_actor_steps():
+    prior, sc, nets, optimizers, state = residual_setup()
+    _, _, _, _, _, batches = small_setup()
+    update = jax.jit(functools.partial(residual.update, config=sc, action_size=prior.config.model.action_size,
+                                       nets=nets, optimizers=optimizers))  # fmt: skip
+    new, metrics = update(state, batches, jax.random.key(0))
+    assert int(new.step) == sc.utd
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    jax.tree.map(np.testing.assert_array_equal, new.prior, state.prior)  # the prior stays frozen

@@ -227,9 +227,14 @@ def main(argv: list[str]) -> int:
         for arm, split in (("sft", pc.split), ("targeted_sft", "tail"))
         if arm in pc.baselines
     }
-    stress = evaluate.Evaluator(
-        pc.task, "novel", pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
-    )
+    # The patched params run on the patching learner's actor (a residual on the prior by default), every
+    # other arm's on the prior's chunk policy.
+    stress = {
+        "patch": evaluate.Evaluator(pc.task, "novel", pc.eval_episodes, patch.policy_actor(config, prior)),
+        "retrained": evaluate.Evaluator(
+            pc.task, "novel", pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
+        ),
+    }
     stress_contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
     results, summaries, novel = {}, {}, {}
     for seed in pc.seeds:
@@ -241,9 +246,13 @@ def main(argv: list[str]) -> int:
                 arms[arm], finals[arm] = demo_run
         if "hg_dagger" in pc.baselines:
             arms["hg_dagger"], finals["hg_dagger"] = patch.run_hg_dagger(config, prior, offline, seed=seed)
-        novel[seed] = {arm: stress.on(p, stress_contexts)["success_rate"] for arm, p in finals.items()}
+        novel[seed] = {
+            arm: stress["patch" if arm == "patch" else "retrained"].on(p, stress_contexts)["success_rate"]
+            for arm, p in finals.items()
+        }
         results[seed] = dict(arms)  # a copy: the ranking figures below are not an arm
-        if pc.reward == "pro":  # PRO's other use: rank K sampled chunks of the patched policy
+        # PRO's other use: rank K sampled chunks of the patched policy (a whole chunk policy: "full" only)
+        if pc.reward == "pro" and config.sac.actor == "full":
             patched = dataclasses.replace(prior, params=actor)
             results[seed]["ranking"] = pro_tool.ranking_evaluations(
                 config, patched, pc.split, seed, pro_dir=pc.pro

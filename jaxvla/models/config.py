@@ -92,6 +92,12 @@ class ModelConfig:
     def create_critic(self, seed: int = 0) -> heads.CriticEnsemble:
         return heads.CriticEnsemble(self, rngs=nnx.Rngs(seed))
 
+    def create_residual_policy(self, seed: int = 0) -> heads.ResidualPolicy:
+        return heads.ResidualPolicy(self, rngs=nnx.Rngs(seed))
+
+    def create_action_critic(self, seed: int = 0) -> heads.ActionCritic:
+        return heads.ActionCritic(self, rngs=nnx.Rngs(seed))
+
     def create_value(self, seed: int = 0) -> heads.DistributionalValue:
         return heads.DistributionalValue(self, rngs=nnx.Rngs(seed))
 

@@ -54,6 +54,50 @@ class CriticEnsemble(nnx.Module):
         return self.q(x).astype(jnp.float32)
 
 
+class ResidualPolicy(nnx.Module):
+    """(obs, base action [B, A]) -> tanh-Gaussian over a one-step residual: mean, log_std [B, A].
+
+    The head starts at zero, so the residual's mode tanh(0) = 0 and the executed action prior + scale x
+    residual is exactly the prior's until the learner moves it (and log_std sits mid-range).
+    """
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        dtype = config.compute_dtype
+        self.action_size = config.action_size
+        self.log_std_min, self.log_std_max = config.log_std_range
+        self.encoder = config.create_encoder(rngs)
+        widths = (config.width,) * config.depth
+        self.trunk = MLP(config.feature_size + config.action_size, widths, dtype=dtype, rngs=rngs)
+        zeros = nnx.initializers.zeros_init()
+        self.head = nnx.Linear(config.width, 2 * config.action_size, kernel_init=zeros, bias_init=zeros,
+                               dtype=dtype, rngs=rngs)  # fmt: skip
+
+    def __call__(self, obs: dict, base: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = self.encoder(obs)
+        x = jnp.concatenate([x, base.astype(x.dtype)], axis=-1)
+        out = self.head(self.trunk(x)).astype(jnp.float32).reshape(-1, 2, self.action_size)
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (jnp.tanh(out[:, 1]) + 1)
+        return out[:, 0], log_std
+
+
+class ActionCritic(nnx.Module):
+    """(obs, executed action [B, A], base action [B, A]) -> Q [E, B]: the critic of one executed step.
+
+    It sees the prior's action beside the executed one, so it can tell a correction from the prior's
+    behaviour (ResFiT's critic input)."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.encoder = config.create_encoder(rngs)
+        in_features = config.feature_size + 2 * config.action_size
+        widths = (config.width,) * config.depth
+        self.q = EnsembleMLP(config.ensemble, in_features, widths, dtype=config.compute_dtype, rngs=rngs)
+
+    def __call__(self, obs: dict, action: jax.Array, base: jax.Array) -> jax.Array:
+        x = self.encoder(obs)
+        x = jnp.concatenate([x, action.astype(x.dtype), base.astype(x.dtype)], axis=-1)
+        return self.q(x).astype(jnp.float32)
+
+
 class DistributionalValue(nnx.Module):
     """obs -> logits [B, bins] over `config.value_support()` (Recap's value, PRO's progress)."""
 
