@@ -1,7 +1,6 @@
 """The patching loop: effort accounting, and a run that stops and resumes continues exactly."""
 
 import dataclasses
-import json
 import pathlib
 import shutil
 
@@ -19,7 +18,6 @@ from envs.operator import takeover_start
 from jaxvla import normalization
 from learner import patch
 from learner.pretrain import Prior
-from tools import patch as tools_patch
 from tools.patch import seed_summary
 
 
@@ -208,36 +206,3 @@ def test_a_resumed_run_continues_exactly(tmp_path):
     assert straight[1]["critic_pretrain_loss_last"] == resumed[1]["critic_pretrain_loss_last"]
     assert [r["published"] for r in straight] == [r["published"] for r in resumed]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(resumed_params))
-
-
-@pytest.mark.slow
-def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
-    """`jaxvla patch debug` with tiny budgets: patching, full SFT, targeted SFT and HG-DAgger on deploy,
-    each scored on the same test contexts; the report, JSON and plot are written."""
-    from conftest import REPO_ROOT
-    from conftest import write_tiny_prior
-
-    write_tiny_prior(tmp_path / "prior")
-    overrides = [
-        "--patch.prior", str(tmp_path / "prior"), "--patch.rounds", "1", "--patch.envs-per-round", "4",
-        "--patch.updates-per-round", "2", "--patch.eval-episodes", "2", "--patch.validation-episodes", "2",
-        "--patch.offline-episodes", "4", "--patch.capacity", "64", "256", "64", "--patch.sft-demos", "2",
-        "--patch.sft-steps", "10", "--patch.hg-dagger-rounds", "1", "--patch.seeds", "0",
-        "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2",
-        "--sac.critic-pretrain-steps", "3", "--pretrain.data-dir", str(tmp_path / "data"),
-        "--out-dir", str(tmp_path / "runs"),
-        "--compile-cache", str(REPO_ROOT / ".cache" / "jax"),
-    ]  # fmt: skip
-    assert tools_patch.main(["debug", *overrides]) == 0
-    out = tmp_path / "runs" / "patch-pick_place-deploy"
-    report = json.loads((out / "report.json").read_text())
-    arms = report["seeds"]["0"]
-    assert set(arms) == {"patch", "sft", "targeted_sft", "hg_dagger"}
-    firsts = [records[0] for records in arms.values()]
-    assert {(r["contexts"], r["contexts_seed"], r["episodes"]) for r in firsts} == {("test", 20_261_129, 2)}
-    assert all(set(r["by_component"]) == {"train", "physics", "layout"} for r in firsts)
-    assert arms["hg_dagger"][-1]["round"] == 1 and arms["sft"][-1]["corrective_episodes"] == 2
-    text = (out / "report.md").read_text()
-    for title in tools_patch.ARMS.values():
-        assert title in text
-    assert (out / "patch.png").stat().st_size > 0 and "novel" in text
