@@ -34,6 +34,19 @@ def fewest_successes(trials: int, rate: float, failure_probability: float = 1e-3
     return int(scipy.stats.binom.ppf(failure_probability, trials, rate))
 
 
+class FakeTime:
+    """A clock that advances only when slept on: the runner's `clock` and `sleep`, with no real waiting."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class CompiledEnv:
     """An env with its reset, step and operator step jitted once per test session (compiles are slow)."""
 

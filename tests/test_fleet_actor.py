@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import FakeTime
 
 from jaxvla import episodes as E
 from jaxvla import tokenizer
@@ -41,19 +42,6 @@ def test_client_modules_import_nothing_but_numpy_msgpack_and_the_standard_librar
     assert out.returncode == 0, out.stderr
     loaded = {m for m in json.loads(out.stdout) if m != "cython_runtime" and not m.startswith("_cython_")}
     assert loaded <= {"jaxvla", "numpy", "msgpack"}
-
-
-class FakeTime:
-    """A clock that advances only when slept on, plus a step cost per tick to simulate slow steps."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_rate_clock_keeps_the_schedule_and_skips_after_an_overrun():

@@ -135,43 +135,33 @@ def test_cli_hints_at_a_module_that_a_command_imports_only_when_it_runs(tmp_path
     assert "needs 'no_such_third_party_package' from the learner extras" in err and err.count("\n") == 1
 
 
-MUJOCO_MISSING = """
+WITHOUT_PACKAGE = """
 import importlib.abc, sys
 class Missing(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.partition(".")[0] == "mujoco":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        if name.partition(".")[0] == {package!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 sys.meta_path.insert(0, Missing())
 from jaxvla import cli
-sys.exit(cli.main(["actor", "--robot-id", "robot-0"]))
+sys.exit(cli.main({argv!r}))
 """
 
 
+def cli_without(package: str, *argv: str) -> subprocess.CompletedProcess:
+    """`jaxvla ARGV` in a fresh interpreter where importing `package` fails, as if it were not installed."""
+    script = WITHOUT_PACKAGE.format(package=package, argv=list(argv))
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+
+
 def test_jaxvla_actor_without_mujoco_says_what_to_install_in_one_line():
-    result = subprocess.run(
-        [sys.executable, "-c", MUJOCO_MISSING], cwd=REPO_ROOT, capture_output=True, text=True
-    )
+    result = cli_without("mujoco", "actor", "--robot-id", "robot-0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("jaxvla actor needs 'mujoco' from the learner extras: pip install -e")
 
 
-TOOLS_MISSING = """
-import importlib.abc, sys
-class Missing(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.partition(".")[0] == "tools":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Missing())
-from jaxvla import cli
-sys.exit(cli.main(["demo"]))
-"""
-
-
 def test_a_learner_command_without_the_checkout_says_how_to_install_it_in_one_line():
     # What `pip install jaxvla` (the robot wheel, `jaxvla` alone) gives: the learner side is not there.
-    result = subprocess.run(
-        [sys.executable, "-c", TOOLS_MISSING], cwd=REPO_ROOT, capture_output=True, text=True
-    )
+    result = cli_without("tools", "demo")
     assert result.returncode == 2
     assert result.stderr == (
         "jaxvla demo runs from a checkout of the repository ('tools' is not installed: the jaxvla wheel "

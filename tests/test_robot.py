@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import FakeTime
 from reach_env import ENV_ID
 from reach_env import ReachEnv
 from test_fleet_service import TOKENS
@@ -179,17 +180,6 @@ def test_an_episode_the_service_refuses_is_logged_counted_and_fails_the_exit_sta
 
 
 # ------------------------------------------------------------------------- 9: lateness per episode
-class FakeTime:
-    def __init__(self):
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def test_lateness_and_overruns_are_recorded_per_episode(server, tmp_path, monkeypatch):
     t = FakeTime()
     fake_clock = lambda hz: runner.RateClock(hz, clock=t.clock, sleep=t.sleep)  # noqa: E731

@@ -162,6 +162,11 @@ def markdown(config: configs.Config, summaries: dict, prior: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_success(ax, records: list[dict], key: str, **style) -> None:
+    """One run's success against `key` (operator steps, environment steps, ...) on `ax`."""
+    ax.plot([r[key] for r in records], [r["success_rate"] for r in records], "-o", ms=3, alpha=0.7, **style)
+
+
 def plot(results: dict, path: pathlib.Path, goal: float) -> None:
     import matplotlib
 
@@ -178,15 +183,7 @@ def plot(results: dict, path: pathlib.Path, goal: float) -> None:
         for colour, (arm, title) in enumerate(ARMS.items()):
             records = result.get(arm) or []
             for ax, (key, label) in zip(axes, axes_keys, strict=True):
-                ax.plot(
-                    [r[key] for r in records],
-                    [r["success_rate"] for r in records],
-                    "-o",
-                    ms=3,
-                    alpha=0.7,
-                    color=f"C{colour}",
-                    label=title if i == 0 else None,
-                )
+                plot_success(ax, records, key, color=f"C{colour}", label=title if i == 0 else None)
                 ax.set_xlabel(label)
     for ax in axes:
         ax.axhline(goal, color="grey", lw=0.8, ls=":")

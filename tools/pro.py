@@ -193,6 +193,19 @@ def train(config: configs.Config) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- eval
+def ranked_arm(pc, policy, model) -> dict:
+    """The `Evaluator` arguments of `policy` ranking K chunks by `model`: a state actor over a window."""
+    actor = pro.ranking_actor(
+        policy.graphdef,
+        policy.stats,
+        model,
+        samples=pc.rank_samples,
+        risk_weight=pc.risk_weight,
+        margin=pc.rank_margin,
+    )
+    return {"state_actor": actor, "wrap": lambda env: History(env, model.net.window)}
+
+
 def ranking_evaluations(
     config: configs.Config, policy, split: str, seed: int = 0, *, pro_dir: str | None = None
 ) -> dict:
@@ -207,17 +220,7 @@ def ranking_evaluations(
         "sampled": {"actor": evaluate.chunk_actor(policy.graphdef, policy.stats, explore=True)},
     }
     if model.net.action_input:
-        actors[f"ranked_k{pc.rank_samples}"] = {
-            "state_actor": pro.ranking_actor(
-                policy.graphdef,
-                policy.stats,
-                model,
-                samples=pc.rank_samples,
-                risk_weight=pc.risk_weight,
-                margin=pc.rank_margin,
-            ),
-            "wrap": lambda env: History(env, model.net.window),
-        }
+        actors[f"ranked_k{pc.rank_samples}"] = ranked_arm(pc, policy, model)
     out = {}
     for name, kwargs in actors.items():
         evaluator = evaluate.Evaluator(pc.task, split, pc.eval_episodes, **kwargs)
@@ -512,17 +515,7 @@ def rank(config: configs.Config) -> int:
     contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
     arms = {
         "deterministic": {"actor": evaluate.chunk_actor(prior.graphdef, prior.stats)},
-        f"ranked_k{pc.rank_samples}": {
-            "state_actor": pro.ranking_actor(
-                prior.graphdef,
-                prior.stats,
-                model,
-                samples=pc.rank_samples,
-                risk_weight=pc.risk_weight,
-                margin=pc.rank_margin,
-            ),
-            "wrap": lambda env: History(env, model.net.window),
-        },
+        f"ranked_k{pc.rank_samples}": ranked_arm(pc, prior, model),
     }
     report = {}
     for split in dict.fromkeys(("train", config.patch.split)):
@@ -661,15 +654,7 @@ def compare_plot(sparse: dict, dense: dict, path: pathlib.Path) -> None:
         for i, result in enumerate(report_["seeds"].values()):
             records = result["patch"]
             for ax, key in zip(axes, ("env_steps", "wall_s", "takeover_steps"), strict=True):
-                ax.plot(
-                    [r[key] for r in records],
-                    [r["success_rate"] for r in records],
-                    "-o",
-                    ms=3,
-                    alpha=0.7,
-                    color=color,
-                    label=name if i == 0 else None,
-                )
+                patch_tool.plot_success(ax, records, key, color=color, label=name if i == 0 else None)
     for ax, label in zip(
         axes, ("environment steps", "wall-clock [s]", "operator takeover steps"), strict=True
     ):
