@@ -131,7 +131,8 @@ class SACConfig:
     nll_weight: float = 0.01
     """Likelihood weight inside the BC term (as in pretraining)."""
     critic_warmup: int = 1000
-    """Critic updates before the actor starts moving: a random critic would drag the prior anywhere."""
+    """The full actor: critic updates before it starts moving (a random critic would drag the prior
+    anywhere). The residual has its own, `residual_critic_warmup`."""
     actor: Literal["residual", "full"] = "residual"
     """What patching trains. "residual": a one-step correction on the frozen prior, executed action =
     prior + residual_scale x residual, scored by a critic of the executed step with an n-step return
@@ -144,12 +145,16 @@ class SACConfig:
     """Residual: critic ensemble size (RLPD / REDQ: 10, targets from the min over `target_subset`)."""
     pessimism: float = 1.0
     """Residual: the actor maximises mean - pessimism x std over the critic ensemble, not its mean."""
-    residual_actor_lr: float = 1e-4
-    """Residual: the actor's learning rate (below the critic's: the actor follows a settled critic)."""
+    residual_actor_lr: float = 3e-4
+    """Residual: the actor's learning rate (1e-4 moved the residual by 0.04 of the action range in 1,000
+    steps, too little to change an outcome)."""
     residual_target_entropy_per_dim: float = -2.0
     """Residual: entropy target per action dimension of the residual (its initial std is e^-2)."""
-    residual_bc_weight: float = 1.0
+    residual_bc_weight: float = 10.0
     """Residual: weight of the BC term, which fits the residual to (operator - prior) / scale."""
+    residual_critic_warmup: int = 0
+    """Residual: TD critic updates before the actor moves. The Monte-Carlo pretraining already gives the
+    actor a settled critic; 1,000 warm-up updates held the actor until round 2."""
     actor_polyak: float = 0.01
     """Residual: EMA rate of the averaged actor that is evaluated, gated and deployed."""
     critic_pretrain_steps: int = 2000

@@ -374,7 +374,7 @@ def update(
         bc_weight=config.residual_bc_weight,
         bc_sources=tuple(replay.SOURCES.index(s) for s in config.bc_sources),
         polyak=config.actor_polyak,
-        enabled=state.step > config.critic_warmup,
+        enabled=state.step > config.residual_critic_warmup,
     )
     return state, {**jax.tree.map(jnp.mean, critic_metrics), **actor_metrics}
 

@@ -94,6 +94,9 @@ def arm_table(summaries: dict, goal: float) -> list[str]:
         ("last-3 mean (%)", "last3_mean", True),
         ("train component (%)", "train_component", True),
         ("novel, final (%)", "novel", True),
+        ("recovery after a failure, final (%)", "final_recovery_rate", True),
+        ("retries per episode, final", "final_retries_per_episode", False),
+        ("cycle time, final (s)", "final_cycle_time_s", False),
         ("corrective episodes to goal", "corrective_episodes_to_goal", False),
         ("operator steps to goal", "takeover_steps_to_goal", False),
         ("env steps to goal", "env_steps_to_goal", False),
@@ -123,7 +126,14 @@ def prior_table(prior: dict) -> list[str]:
         failures = ", ".join(f"{k} {v}" for k, v in r["failure_modes"].items()) or "-"
         rate = "-" if r["success_rate"] is None else f"{100 * r['success_rate']:.1f}"
         lines.append(f"| {name} | {r['episodes']} | {rate} | {ci_text} | {failures} |")
-    return lines
+    recovery = prior["recovery_rate"]
+    return [
+        *lines,
+        "",
+        f"Recovery after a first failure {'-' if recovery is None else f'{100 * recovery:.1f}'}% "
+        f"({prior['episodes_with_failure']} episodes with a failure), {prior['retries_per_episode']:.2f} "
+        f"retries per episode, cycle time {prior['cycle_time_s']:.2f} s.",
+    ]
 
 
 def markdown(config: configs.Config, summaries: dict, prior: dict) -> str:
