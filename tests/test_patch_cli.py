@@ -16,7 +16,8 @@ from tools import patch as tools_patch
 @pytest.mark.slow
 def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
     """`jaxvla patch debug` with tiny budgets: patching, full SFT, targeted SFT and HG-DAgger on deploy,
-    each scored on the same test contexts; the report, JSON and plot are written."""
+    each scored on the same test contexts; the report, JSON and plot are written. A rerun reads the
+    finished seed back; a rerun under other settings refuses to mix them in."""
     write_tiny_prior(tmp_path / "prior")
     overrides = [
         "--patch.prior", str(tmp_path / "prior"), "--patch.rounds", "1", "--patch.envs-per-round", "4",
@@ -41,3 +42,12 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
     for title in tools_patch.ARMS.values():
         assert title in text
     assert (out / "patch.png").stat().st_size > 0 and "novel" in text
+
+    (out / "report.json").unlink()
+    seed_result = out / "seed0" / tools_patch.SEED_RESULT
+    before = seed_result.stat().st_mtime_ns
+    assert tools_patch.main(["debug", *overrides]) == 0
+    assert seed_result.stat().st_mtime_ns == before
+    assert json.loads((out / "report.json").read_text())["seeds"] == report["seeds"]
+    with pytest.raises(SystemExit, match="other settings"):
+        tools_patch.main(["debug", *overrides, "--patch.sft-steps", "11"])

@@ -218,6 +218,58 @@ def load_prior(path: str) -> pretrain.Prior:
         ) from None
 
 
+SEED_RESULT = "arms.json"  # a seed's finished arms, read back by a rerun
+
+
+def run_settings(config: configs.Config) -> dict:
+    """What a seed's results depend on: the patch and learner settings (all but the seed list) and the
+    fixed contexts."""
+    return {
+        "patch": {k: v for k, v in dataclasses.asdict(config.patch).items() if k != "seeds"},
+        "sac": dataclasses.asdict(config.sac),
+        "test_seed": evaluate.TEST.seed,
+        "validation_seed": evaluate.VALIDATION.seed,
+    }
+
+
+def finished_seed(folder: pathlib.Path, settings: dict) -> dict | None:
+    """A seed's arms from an earlier run of the same settings, None if it has not finished. A finished
+    seed run under other settings is an error: mixing them would compare different experiments."""
+    path = folder / SEED_RESULT
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    # Through JSON, so tuples and lists compare equal.
+    if saved["settings"] != json.loads(json.dumps(settings)):
+        raise SystemExit(
+            f"{path} holds a seed finished under other settings; use another --out-dir or delete it"
+        )
+    return saved
+
+
+def run_seed(config: configs.Config, prior, offline: list[dict], demos: dict, stress: dict,
+             out: pathlib.Path, seed: int) -> dict:  # fmt: skip
+    """Every arm of one seed: {"arms": arm -> records, "novel": arm -> the final policy's novel success}."""
+    pc = config.patch
+    records, actor = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
+    arms, finals = {"patch": records}, {"patch": actor}
+    for arm in ("sft", "targeted_sft"):
+        if arm in demos:
+            arms[arm], finals[arm] = patch.run_sft(config, prior, demos[arm], offline, seed=seed, kind=arm)
+    if "hg_dagger" in pc.baselines:
+        arms["hg_dagger"], finals["hg_dagger"] = patch.run_hg_dagger(config, prior, offline, seed=seed)
+    contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
+    novel = {
+        arm: stress["patch" if arm == "patch" else "retrained"].on(params, contexts)["success_rate"]
+        for arm, params in finals.items()
+    }
+    # PRO's other use: rank K sampled chunks of the patched policy (a whole chunk policy: "full" only).
+    if pc.reward == "pro" and config.sac.actor == "full":
+        patched = dataclasses.replace(prior, params=actor)
+        arms["ranking"] = pro_tool.ranking_evaluations(config, patched, pc.split, seed, pro_dir=pc.pro)
+    return {"arms": arms, "novel": novel}
+
+
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
     jax.config.update("jax_compilation_cache_dir", config.compile_cache)
@@ -242,39 +294,21 @@ def main(argv: list[str]) -> int:
             pc.task, "novel", pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
         ),
     }
-    stress_contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
+    settings = run_settings(config)
     results, summaries, novel = {}, {}, {}
     for seed in pc.seeds:
-        records, actor = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
-        arms, finals = {"patch": records}, {"patch": actor}
-        for arm in ("sft", "targeted_sft"):
-            if arm in demos:
-                demo_run = patch.run_sft(config, prior, demos[arm], offline, seed=seed, kind=arm)
-                arms[arm], finals[arm] = demo_run
-        if "hg_dagger" in pc.baselines:
-            arms["hg_dagger"], finals["hg_dagger"] = patch.run_hg_dagger(config, prior, offline, seed=seed)
-        novel[seed] = {
-            arm: stress["patch" if arm == "patch" else "retrained"].on(p, stress_contexts)["success_rate"]
-            for arm, p in finals.items()
-        }
-        results[seed] = dict(arms)  # a copy: the ranking figures below are not an arm
-        # PRO's other use: rank K sampled chunks of the patched policy (a whole chunk policy: "full" only)
-        if pc.reward == "pro" and config.sac.actor == "full":
-            patched = dataclasses.replace(prior, params=actor)
-            results[seed]["ranking"] = pro_tool.ranking_evaluations(
-                config, patched, pc.split, seed, pro_dir=pc.pro
-            )
-        summaries[seed] = seed_summary(arms, pc.goal)
+        done = finished_seed(out / f"seed{seed}", settings)
+        if done is None:
+            done = run_seed(config, prior, offline, demos, stress, out, seed)
+            patch.save_json(out / f"seed{seed}" / SEED_RESULT, {"settings": settings, **done})
+        else:
+            print(f"seed {seed}: every arm finished in an earlier run ({out / f'seed{seed}' / SEED_RESULT})")
+        results[seed], novel[seed] = done["arms"], done["novel"]
+        summaries[seed] = seed_summary({k: v for k, v in done["arms"].items() if k != "ranking"}, pc.goal)
         for arm, success in novel[seed].items():
             summaries[seed][arm]["novel"] = success
         print(json.dumps({"seed": seed, **summaries[seed]}, default=str))
     prior_report = results[pc.seeds[0]]["patch"][0]
-    settings = {
-        "patch": dataclasses.asdict(config.patch),
-        "sac": dataclasses.asdict(config.sac),
-        "test_seed": evaluate.TEST.seed,
-        "validation_seed": evaluate.VALIDATION.seed,
-    }
     payload = {
         "config": settings,
         "prior": prior_report,
