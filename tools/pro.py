@@ -160,7 +160,7 @@ def train(config: configs.Config) -> int:
         }
     )
     mesh = sharding.make_mesh()
-    dataset = jax.device_put(pro.build_dataset(train_eps, pc), sharding.replicated(mesh))
+    buffer = pro.fill_replay(train_eps, pc, mesh)
     graphdef, params = nnx.split(pc.net.create(pc.seed), nnx.Param)
     optimizer = bc.make_optimizer(pc.learning_rate, pc.steps, pc.warmup_steps, pc.weight_decay)
     state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
@@ -175,7 +175,7 @@ def train(config: configs.Config) -> int:
     bar = tqdm(total=pc.steps, initial=int(state.step), desc="PRO train", unit="step")
     tic = time.perf_counter()
     while int(state.step) < pc.steps:
-        state, metrics = train_block(state, dataset, key)
+        state, metrics = train_block(state, buffer, key)
         record = {
             "step": int(state.step),
             "wall_s": time.perf_counter() - tic,
