@@ -18,9 +18,9 @@ import configs
 from envs.cell import EVENTS
 from jaxvla import normalization
 from learner import bc
-from learner import dataset
 from learner import pro
 from learner import recap
+from learner import replay
 from learner import sharding
 from learner.pretrain import Prior
 
@@ -70,7 +70,7 @@ def bench_pro(config: configs.Config, steps: int, reps: int) -> dict:
     episodes = fake_episodes(config.model, EPISODES, LENGTH)
     stats = normalization.compute({k: np.concatenate([ep["steps"]["observation"][k] for ep in episodes])
                                    for k in episodes[0]["steps"]["observation"]})  # fmt: skip
-    data = jax.device_put(pro.build_dataset(episodes, pc), sharding.replicated(mesh))
+    buffer = pro.fill_replay(episodes, pc, mesh)
     graphdef, params = nnx.split(pc.net.create(0), nnx.Param)
     optimizer = bc.make_optimizer(pc.learning_rate, 1000, 10, pc.weight_decay)
     train = pro.make_train_steps(graphdef, stats, optimizer, pc, mesh)
@@ -78,7 +78,7 @@ def bench_pro(config: configs.Config, steps: int, reps: int) -> dict:
     key = jax.random.key(0)
 
     def call():
-        holder["state"], metrics = train(holder["state"], data, key)  # the state is donated
+        holder["state"], metrics = train(holder["state"], buffer, key)  # the state is donated
         return metrics
 
     seconds = timed(call, reps)
@@ -98,21 +98,30 @@ def bench_recap(config: configs.Config, steps: int, reps: int) -> dict:
                                    for k in demos[0]["steps"]["observation"]})  # fmt: skip
     prior = Prior(config, graphdef, params, stats, 0, None)
     policy_graphdef, policy_init = recap.conditioned_policy(prior)
-    fit = recap.make_policy_fit(config, prior, policy_graphdef, mesh)
-    data = recap_data(demos, fake_episodes(mc, EPISODES, LENGTH, seed=2), mc.chunk)
-    seconds = timed(lambda: fit(policy_init, data, 0)[0], reps)
+    ratios = recap.batch_ratios(recap.source_shares(rc, demonstrations=True), rc.batch_size, mesh.size)
+    fit = recap.make_policy_fit(config, prior, policy_graphdef, mesh, ratios)
+    buffers = recap_buffers(config, demos, fake_episodes(mc, EPISODES, LENGTH, seed=2), mesh)
+    seconds = timed(lambda: fit(policy_init, buffers, 0)[0], reps)
     return {"batch": rc.batch_size, "steps_per_call": steps, "devices": mesh.size,
             "steps_per_s": steps / seconds, "examples_per_s": steps * rc.batch_size / seconds}  # fmt: skip
 
 
-def recap_data(demos: list[dict], collected: list[dict], chunk: int) -> dict:
-    """The padded two-source data set `recap.run_recap` trains on: demonstrations first, then the rest."""
-    examples = dataset.concatenate(dataset.flatten(demos, chunk), dataset.flatten(collected, chunk))
-    size = len(examples["chunk"])
-    examples["value_target"] = np.zeros(size, np.float32)
-    examples["indicator"] = np.ones(size, np.int32)
-    demo_size = sum(len(ep["steps"]["action"]) for ep in demos)
-    return {**dataset.pad(examples, size), "demo_size": np.int32(demo_size)}
+def recap_buffers(config: configs.Config, demos: list[dict], collected: list[dict], mesh) -> dict:
+    """The replay `recap.run_recap` trains from: the demonstrations, and the collected episodes split
+    between the autonomous and the corrected sources."""
+    mc, rc = config.model, config.recap
+    targets = recap.Targets(LENGTH, rc.c_fail, rc.advantage_steps, mc.value_range)
+    keys = tuple(mc.observation_spec(1))
+    half = len(collected) // 2
+    buffers = {}
+    for name, episodes in ((recap.DEMONSTRATIONS, demos), (recap.AUTONOMOUS, collected[:half]),
+                           (recap.CORRECTED, collected[half:])):  # fmt: skip
+        block = replay.from_episodes(episodes, rows=len(episodes), obs_keys=keys)
+        block = recap.recap_block(block, [ep["episode_metadata"]["success"] for ep in episodes], targets)
+        spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in block["obs"].items()}
+        buffer = replay.create(spec, mc.action_size, block["valid"].size, mesh, recap.extras_spec())
+        buffers[name] = replay.insert(buffer, block, source=replay.SOURCES.index(name), n_step=mc.chunk)
+    return buffers
 
 
 def run(steps: int, reps: int) -> dict:
