@@ -4,7 +4,8 @@
   prior on train and on novel (chunks sampled from it, so they vary), and on novel with the scripted
   operator taking over (patched and recovered episodes); the operator's demonstrations on both splits are
   made too if missing. These plus the demonstrations are the episode store PRO trains from.
-- `train`: train PRO on every dataset in `pro.datasets` except the held-out episodes; checkpoints,
+- `train`: train PRO on every dataset in `pro.datasets` except the held-out episodes, loaded into the
+  sharded replay with their labels (`pro.fill_replay`) and drawn from it shard by shard; checkpoints,
   `metrics.jsonl` and the numpy export (`pro.msgpack`) go to `<out_dir>/pro/`; rerun to resume.
 - `eval`: held-out figures (value-order correlation, risk AUROC, calibration, drop lead time, termination
   accuracy, episode score), retry gating, ranking K chunks in MJX with and without PRO, and `episode.png`:
