@@ -384,8 +384,10 @@ class RecapConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     """One run per seed."""
     demo_share: float = 0.5
-    """Share of each policy batch drawn from the demonstrations, the rest from the collected episodes, so
-    corrections are not drowned in `train` demonstrations (uniform over D when either part is empty)."""
+    """Share of each value and policy batch drawn from the demonstrations' replay source, so corrections
+    are not drowned in `train` demonstrations. The rest comes from the autonomous and the corrected
+    rollouts' sources, in proportion to `autonomous_per_iteration` and `corrected_per_iteration` (all of
+    it when there are no demonstrations)."""
     guidance_sweep: tuple[float, ...] = (1.0, 1.5, 2.5)
     """Classifier-free guidance weights beta the final policy is evaluated at on the test contexts."""
 

@@ -11,7 +11,9 @@ Labels (per step, from an RLDS episode; `episode_labels`):
 Comparisons (per pair of episodes, `preference`): success beats failure; between successes a stable
 one (no slip, drop or missed grasp) beats a recovered one, then fewer retries, then faster by a margin.
 A training example is a window of W steps ending at step t, plus a partner window at the same fraction
-of another episode; the losses read the window's last step.
+of another episode; the losses read the window's last step. Both are drawn from a sharded replay
+(`fill_replay`: RLDS -> `replay.from_episodes` -> buffers, the labels stored per step at insertion), each
+shard drawing its own pairs from its own slots.
 
 Uses: `shaped_reward` (the operator's sparse reward plus potential-based shaping β(γΦ(s') - Φ(s)) from a
 state-only PRO, for the patching learner; `refresh` fine-tunes PRO on the current policy's episodes),
@@ -50,6 +52,7 @@ from jaxvla.models import distributions
 from jaxvla.models import heads
 from jaxvla.models import pro as pro_model
 from learner import bc
+from learner import replay
 from learner import sharding
 from learner.checkpoints import Checkpoints
 from learner.replay import LEARNED_REWARD
@@ -140,31 +143,99 @@ def preference(a: jax.Array, b: jax.Array, faster_margin: float) -> jax.Array:
     return out
 
 
-# ------------------------------------------------------------------------------------------- dataset
-def executed_chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
-    """[T, A] executed actions -> [T, H, A]: the H actions from each step on, zeros past the end."""
-    padded = np.concatenate([actions, np.zeros((chunk - 1, actions.shape[1]), actions.dtype)])
-    return np.stack([padded[i : i + len(actions)] for i in range(chunk)], axis=1)
-
-
-def build_dataset(episodes: list[dict], pc: ProConfig) -> dict:
-    """Every step of `episodes` flat, with its labels and where its episode starts: numpy, device-ready."""
-    if not episodes:
-        raise ValueError("no episodes to build a PRO dataset from")
-    lengths = np.array([len(ep["steps"]["action"]) for ep in episodes])
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    labels = [episode_labels(ep, pc) for ep in episodes]
-    obs_keys = episodes[0]["steps"]["observation"].keys()
+# -------------------------------------------------------------------------------------------- replay
+def step_extras(episode: dict, pc: ProConfig) -> dict[str, np.ndarray]:
+    """What the replay stores per step for PRO, computed once at insertion: the labels, the step's place
+    in its episode (step, length) and its episode's quality row (for comparisons). All [T, ...]."""
+    labels = episode_labels(episode, pc)
+    steps = len(labels["return"])
     return {
-        "obs": {k: np.concatenate([ep["steps"]["observation"][k] for ep in episodes]) for k in obs_keys},
-        "chunk": np.concatenate([executed_chunks(ep["steps"]["action"], pc.net.chunk) for ep in episodes]),
-        "step": np.concatenate([np.arange(n) for n in lengths]).astype(np.int32),
-        "episode": np.repeat(np.arange(len(episodes)), lengths).astype(np.int32),
-        **{k: np.concatenate([lab[k] for lab in labels]) for k in labels[0]},
-        "start": starts.astype(np.int32),
-        "length": lengths.astype(np.int32),
-        "quality": np.stack([episode_quality(ep) for ep in episodes]),
+        **labels,
+        "risk": labels["risk"].astype(np.int32),
+        "step": np.arange(steps, dtype=np.int32),
+        "length": np.full(steps, steps, np.int32),
+        "quality": np.broadcast_to(episode_quality(episode), (steps, len(QUALITY))).astype(np.float32),
     }
+
+
+def extras_spec() -> dict[str, jax.ShapeDtypeStruct]:
+    """`step_extras`' shapes and dtypes for one step, as `replay.create` takes them."""
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
+    return {"return": scalar(jnp.float32), "done": scalar(jnp.float32), "success": scalar(jnp.float32),
+            "risk": scalar(jnp.int32), "step": scalar(jnp.int32), "length": scalar(jnp.int32),
+            "quality": jax.ShapeDtypeStruct((len(QUALITY),), jnp.float32)}  # fmt: skip
+
+
+def fill_replay(episodes: list[dict], pc: ProConfig, mesh, episodes_per_row: int = 8) -> replay.Buffer:
+    """The episodes in one sharded replay buffer with their labels, as PRO trains from it.
+
+    Rows of about `episodes_per_row` episodes each, a multiple of the devices: every shard holds whole
+    episodes, and the buffer is just large enough for the block, so nothing is overwritten.
+    """
+    shards = mesh.shape[sharding.DATA]
+    if len(episodes) < shards:
+        raise ValueError(f"{len(episodes)} episodes cannot fill the {shards} shards of the replay")
+    rows = shards * max(1, len(episodes) // (shards * episodes_per_row))
+    keys = list(episodes[0]["steps"]["observation"])
+    block = replay.from_episodes(episodes, rows, keys, [step_extras(ep, pc) for ep in episodes])
+    obs_spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in block["obs"].items()}
+    buffer = replay.create(obs_spec, block["action"].shape[-1], block["valid"].size, mesh, extras_spec())
+    # n_step 1: windows are drawn among all written slots; the n-step flags are for the critic's samples.
+    return replay.insert(buffer, block, source=replay.SOURCES.index("offline"), n_step=1)
+
+
+def replay_windows(local: replay.Buffer, index: jax.Array, window: int, chunk: int) -> dict:
+    """The model's windows of `window` steps ending at one shard's slots index [b], with t's labels.
+
+    Returns obs {k: [b, W, ...]}, chunk [b, W, H, A] (each step's executed actions from it on, zeros past
+    its episode's end), step [b, W], valid [b, W], and return, done, success, risk, quality of t.
+    """
+    steps = replay.gather_windows(local, index, window)
+    # The chunks of the window's last steps reach up to chunk - 1 steps past t, within t's segment.
+    later = jnp.arange(1, chunk)
+    slots = (index[:, None] + later) % local.segment.shape[0]
+    linked = later <= local.ahead[index][:, None].astype(jnp.int32)
+    ahead = jnp.where(linked[..., None], local.action[slots], 0.0)  # [b, H-1, A]
+    actions = jnp.concatenate([steps["action"], ahead], axis=1)  # [b, W+H-1, A]
+    chunks = jnp.stack([actions[:, h : h + window] for h in range(chunk)], axis=2)
+    return {
+        "obs": steps["obs"],
+        "chunk": chunks,
+        "step": steps["step"],
+        "valid": steps["mask"],
+        **{k: steps[k][:, -1] for k in ("return", "done", "success", "risk", "quality")},
+    }
+
+
+def draw_pairs(local: replay.Buffer, key: jax.Array, pairs: int, *, window: int, chunk: int,
+               faster_margin: float) -> dict:  # fmt: skip
+    """One shard's `pairs` comparisons: anchors ending at uniform slots, each followed by its partner, the
+    step at the same fraction of the episode of another uniform slot (so partner episodes are drawn in
+    proportion to their length). Windows [2 * pairs, ...] interleaved anchor, partner; preference [pairs]."""
+    key_anchor, key_partner = jax.random.split(key)
+    anchor = jax.random.randint(key_anchor, (pairs,), 0, jnp.maximum(local.count, 1))
+    other = jax.random.randint(key_partner, (pairs,), 0, jnp.maximum(local.count, 1))
+    extras = local.extras
+    fraction = (extras["step"][anchor] + 0.5) / extras["length"][anchor]
+    length = extras["length"][other]
+    at = jnp.minimum(jnp.floor(fraction * length).astype(jnp.int32), length - 1)
+    partner, stored = replay.step_in_segment(local, other, at - extras["step"][other])
+    partner = jnp.where(stored, partner, other)  # that step was overwritten: the drawn one stands in
+    windows = replay_windows(local, jnp.stack([anchor, partner], axis=1).reshape(-1), window, chunk)
+    quality = windows.pop("quality").reshape(pairs, 2, len(QUALITY))
+    windows["preference"] = preference(quality[:, 0], quality[:, 1], faster_margin)
+    return windows
+
+
+def sample_pairs(buffer: replay.Buffer, key: jax.Array, batch_size: int, *, window: int, chunk: int,
+                 faster_margin: float) -> dict:  # fmt: skip
+    """batch_size windows, half anchors and half partners, drawn shard-locally (`draw_pairs`): P("data").
+    Pair i is rows 2i (anchor) and 2i + 1 (partner) on every shard, so also in the whole batch."""
+    pairs = batch_size // 2 // buffer.shards
+    if pairs * 2 * buffer.shards != batch_size:
+        raise ValueError(f"batch size {batch_size} must be a multiple of twice the {buffer.shards} devices")
+    draw = functools.partial(draw_pairs, pairs=pairs, window=window, chunk=chunk, faster_margin=faster_margin)
+    return replay.on_every_shard(draw, buffer, key)
 
 
 def is_heldout(episode_id: str, fraction: float) -> bool:
@@ -176,43 +247,6 @@ def split_heldout(episodes: list[dict], fraction: float) -> tuple[list[dict], li
     """(train, held-out)."""
     held = {i for i, ep in enumerate(episodes) if is_heldout(ep["episode_metadata"]["episode_id"], fraction)}
     return [e for i, e in enumerate(episodes) if i not in held], [episodes[i] for i in sorted(held)]
-
-
-def gather_windows(data: dict, t: jax.Array, window: int) -> dict:
-    """Windows of `window` steps ending at steps t [B]; steps before their episode's start are padding.
-
-    Returns obs {k: [B, W, ...]}, chunk [B, W, H, A], step [B, W], valid [B, W], and the labels of t.
-    """
-    start = data["start"][data["episode"][t]]
-    index = t[:, None] - (window - 1) + jnp.arange(window)
-    valid = index >= start[:, None]
-    index = jnp.maximum(index, start[:, None])
-    take = lambda x: x[index]  # noqa: E731
-    return {
-        "obs": jax.tree.map(take, data["obs"]),
-        "chunk": take(data["chunk"]),
-        "step": take(data["step"]),
-        "valid": valid,
-        "index": t,
-        **{k: data[k][t] for k in ("return", "done", "success", "risk")},
-    }
-
-
-def sample_pairs(data: dict, key: jax.Array, batch_size: int, *, window: int, faster_margin: float) -> dict:
-    """batch_size/2 windows ending at uniform steps, then as many partners: a uniform other episode at the
-    same fraction of its length. `preference` [batch_size/2] compares anchor i with partner i."""
-    half = batch_size // 2
-    key_t, key_e = jax.random.split(key)
-    t = jax.random.randint(key_t, (half,), 0, data["step"].shape[0])
-    episode = data["episode"][t]
-    fraction = (data["step"][t] + 0.5) / data["length"][episode]
-    partner = jax.random.randint(key_e, (half,), 0, data["length"].shape[0])
-    offset = jnp.minimum(jnp.floor(fraction * data["length"][partner]).astype(jnp.int32),
-                         data["length"][partner] - 1)  # fmt: skip
-    both = jnp.concatenate([t, data["start"][partner] + offset])
-    batch = gather_windows(data, both, window)
-    batch["preference"] = preference(data["quality"][episode], data["quality"][partner], faster_margin)
-    return batch
 
 
 # -------------------------------------------------------------------------------------------- losses
@@ -233,11 +267,13 @@ def two_hot(x: jax.Array, support: jax.Array) -> jax.Array:
 
 
 def losses(logits: dict, batch: dict, support: jax.Array, pc: ProConfig) -> dict:
-    """Every loss on the windows' last step: {name: scalar}. `logits` leaves are [B, W, ...]."""
+    """Every loss on the windows' last step: {name: scalar}. `logits` leaves are [B, W, ...]; rows 2i and
+    2i + 1 are comparison pair i (anchor, partner), as `sample_pairs` lays them out."""
     last = {k: v[:, -1] for k, v in logits.items()}
     value_ce = optax.softmax_cross_entropy(last["value"], two_hot(batch["return"], support))
     value = heads.expected_value(last["value"], support)
-    anchor, partner = jnp.split(value, 2)
+    # A reshape, not a split in halves: each shard holds whole pairs, so no row crosses devices.
+    anchor, partner = jnp.moveaxis(value.reshape(-1, 2), 1, 0)
     pref = batch["preference"]
     ranked = optax.sigmoid_binary_cross_entropy(pref * (anchor - partner) / pc.comparison_temperature, 1.0)
     decided = (pref != 0).astype(jnp.float32)
@@ -323,11 +359,23 @@ class Pro:
         return pro_model.readouts(apply(self.graphdef, self.params, self.stats, batch), self.net.support())
 
 
-def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
-    """The jitted block of `pc.log_every` updates (state donated; data replicated, batch sharded)."""
+def make_update(graphdef, stats, optimizer, pc: ProConfig, mesh):
+    """One update on a given batch, jitted for a mesh: state replicated and donated, batch split along B.
+    The pure update the data-parallel test compares across meshes; `make_train_steps` feeds it."""
     loss_fn = functools.partial(pro_loss, graphdef=graphdef, stats=stats, support=pc.net.support(), pc=pc)
     update_fn = functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer)
-    sample = functools.partial(sample_pairs, window=pc.net.window, faster_margin=pc.faster_margin_s)
+    replicated = sharding.replicated(mesh)
+    return jax.jit(update_fn, donate_argnums=0, in_shardings=(replicated, sharding.batch_sharded(mesh)),
+                   out_shardings=replicated)  # fmt: skip
+
+
+def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
+    """The jitted block of `pc.log_every` updates on windows drawn from the replay (`fill_replay`): state
+    replicated and donated, the buffer sharded as it is, every batch drawn shard-locally."""
+    loss_fn = functools.partial(pro_loss, graphdef=graphdef, stats=stats, support=pc.net.support(), pc=pc)
+    update_fn = functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer)
+    sample = functools.partial(sample_pairs, window=pc.net.window, chunk=pc.net.chunk,
+                               faster_margin=pc.faster_margin_s)  # fmt: skip
     mesh = mesh or sharding.make_mesh()
     sharding.check_batch_size(pc.batch_size, mesh)
     replicated = sharding.replicated(mesh)
@@ -342,7 +390,9 @@ def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
         bc.train_steps, num_steps=pc.log_every, batch_size=pc.batch_size,
         batch_sharding=sharding.batch_sharded(mesh), update_fn=update_fn, sample_fn=sample, prepare=prepare,
     )  # fmt: skip
-    return jax.jit(fn, donate_argnums=0, in_shardings=(replicated,) * 3, out_shardings=replicated)
+    # The buffer keeps its own sharding (None): each shard's slots stay on their device.
+    return jax.jit(fn, donate_argnums=0, in_shardings=(replicated, None, replicated),
+                   out_shardings=replicated)  # fmt: skip
 
 
 def checkpoint_meta(pc: ProConfig, stats: dict) -> dict:
@@ -634,15 +684,16 @@ def relabel_episodes(pro_: Pro, episodes: list[dict], *, gamma: float, beta: flo
 
 def refresh(pro_: Pro, episodes: list[dict], pc: ProConfig, key: jax.Array, *, steps: int, mesh=None) -> Pro:
     """PRO fine-tuned on-policy: `steps` gradient steps (a bounded budget) on `episodes`, RLDS episodes of
-    the current policy, from its current params, at `pc.learning_rate` without warm-up. The normalisation
-    statistics stay those PRO was trained with, so its inputs keep their meaning."""
+    the current policy in a replay of their own (`fill_replay`), from its current params, at
+    `pc.learning_rate` without warm-up. The normalisation statistics stay those PRO was trained with, so
+    its inputs keep their meaning."""
     pc = dataclasses.replace(pc, net=pro_.net, steps=steps, log_every=steps)
     mesh = mesh or sharding.make_mesh()
     optimizer = bc.make_optimizer(pc.learning_rate, steps, 0, pc.weight_decay)
     replicated = sharding.replicated(mesh)
-    data = jax.device_put(build_dataset(episodes, pc), replicated)
+    buffer = fill_replay(episodes, pc, mesh)
     state = jax.device_put(bc.init_state(jax.tree.map(jnp.copy, pro_.params), optimizer), replicated)
-    state, _ = make_train_steps(pro_.graphdef, pro_.stats, optimizer, pc, mesh)(state, data, key)
+    state, _ = make_train_steps(pro_.graphdef, pro_.stats, optimizer, pc, mesh)(state, buffer, key)
     return dataclasses.replace(pro_, params=state.params)
 
 

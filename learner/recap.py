@@ -3,18 +3,22 @@
 One iteration, Algorithm 1 of the paper:
 1. collect: the current policy (indicator positive) runs episodes on its own and with the scripted
    operator ready to take over; everything joins the dataset D (which starts with the task's
-   demonstrations);
+   demonstrations). D is the sharded replay, one source each: demonstrations ("offline"), autonomous
+   rollouts ("online") and corrected rollouts ("patch"); each step is stored with its value target and
+   its episode's success, computed at insertion;
 2. value: a distributional value over 201 bins is trained by cross-entropy on D's Monte-Carlo returns:
    -1 per step until success, 0 at the success step, -C_fail at the end of a failure, all divided by the
    task's maximum episode length and clipped to [-1, 0] (a time-limit truncation is a failure: success
    means success within the limit);
-3. advantages: A_t = sum_{k<N} r_{t+k} + V(o_{t+N}) - V(o_t) (Monte-Carlo past the episode's end); the
-   indicator is positive where A_t exceeds a per-task threshold set by quantile (about 40% of the
-   rollout steps positive, 30% of the demonstration steps), and on every operator correction;
+3. advantages: A_t = sum_{k<N} r_{t+k} + V(o_{t+N}) - V(o_t) (Monte-Carlo past the episode's end),
+   computed on device at every stored step; the indicator is positive where A_t exceeds a per-task
+   threshold set by quantile (about 40% of the rollout steps positive, 30% of the demonstration steps),
+   and on every operator correction; it is written back to the replay beside each step;
 4. policy: behaviour cloning of every step of D given its indicator, replaced by "none" 30% of the time,
-   so one network learns both pi(a|o) and pi(a|I, o). Value and policy batches draw demonstrations and
-   collected steps in fixed shares (50:50 by default), so the rollouts and their corrections are not
-   drowned in `train` demonstrations;
+   so one network learns both pi(a|o) and pi(a|I, o). Value and policy batches are drawn shard-locally
+   from the replay's sources in fixed shares (`replay.sample_mixed`; 50:50 demonstrations and collected
+   steps by default, the collected half split as autonomous and corrected episodes are collected), so
+   the rollouts and their corrections are not drowned in `train` demonstrations;
 5. evaluate with the indicator positive (optionally classifier-free guided by beta).
 Each iteration also reports how well the advantage separates steps of successful episodes from steps of
 failed ones (AUROC): on the steps its indicators were set from, and on the new episodes before the value
@@ -39,7 +43,6 @@ from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
 from learner import bc
-from learner import dataset
 from learner import evaluate
 from learner import patch
 from learner import replay
@@ -71,19 +74,6 @@ def returns_to_go(rewards: jax.Array) -> jax.Array:
 def value_targets(rewards: jax.Array, value_range: tuple[float, float]) -> jax.Array:
     """Monte-Carlo returns clipped to the value's support [E, T]: failures sit at the bottom."""
     return jnp.clip(returns_to_go(rewards), *value_range)
-
-
-def n_step_advantage(rewards: jax.Array, values: jax.Array, valid: jax.Array, n: int,
-                     value_range: tuple[float, float]) -> jax.Array:  # fmt: skip
-    """A_t = clip(sum_{k<n} r_{t+k} + V(o_{t+n})) - V(o_t), all [E, T]; past the end the bootstrap is 0,
-    which leaves the Monte-Carlo return (the paper is silent on episode ends; this is its N = T case)."""
-    steps = rewards.shape[1]
-    cumulative = jnp.concatenate([jnp.zeros_like(rewards[:, :1]), jnp.cumsum(rewards, axis=1)], axis=1)
-    ahead = jnp.minimum(jnp.arange(steps) + n, steps)  # [T]
-    partial = cumulative[:, ahead] - cumulative[:, :steps]
-    bootstrap_index = jnp.minimum(ahead, steps - 1)
-    bootstrap = jnp.where((ahead < steps) & valid[:, bootstrap_index], values[:, bootstrap_index], 0.0)
-    return jnp.clip(partial + bootstrap, *value_range) - values
 
 
 def two_hot(x: jax.Array, support: jax.Array) -> jax.Array:
@@ -134,23 +124,6 @@ def indicator_dropout(batch: dict, key: jax.Array, *, rate: float) -> dict:
     return {**batch, "indicator": jnp.where(dropped, models.INDICATOR_NONE, batch["indicator"])}
 
 
-def two_source_batch(data: dict, key: jax.Array, batch_size: int, *, demo_share: float) -> dict:
-    """`batch_size` examples, each from the demonstrations (rows [0, demo_size)) with probability
-    `demo_share`, else from the collected steps (rows [demo_size, size)), uniform within its source; uniform
-    over [0, size) while either source is empty. data: padded (`dataset.pad`) with `size` and `demo_size`."""
-    size, demo_size = data["size"], data["demo_size"]
-    key_source, key_demo, key_collected, key_any = jax.random.split(key, 4)
-    from_demos = jax.random.bernoulli(key_source, demo_share, (batch_size,))
-    demo_row = jax.random.randint(key_demo, (batch_size,), 0, jnp.maximum(demo_size, 1))
-    collected_row = jax.random.randint(
-        key_collected, (batch_size,), demo_size, jnp.maximum(size, demo_size + 1)
-    )
-    any_row = jax.random.randint(key_any, (batch_size,), 0, size)
-    both = (demo_size > 0) & (size > demo_size)
-    index = jnp.where(both, jnp.where(from_demos, demo_row, collected_row), any_row)
-    return jax.tree.map(lambda x: x[index], {k: v for k, v in data.items() if k not in ("size", "demo_size")})
-
-
 def auroc(score: np.ndarray, label: np.ndarray) -> float | None:
     """The probability that a random positive scores above a random negative (ties count half): the area
     under the ROC curve, by the Mann-Whitney rank sum. score, label [N]; None without both classes."""
@@ -196,62 +169,9 @@ def conditioned_policy(prior: Prior, seed: int = 0) -> tuple[nnx.GraphDef, nnx.S
 
 
 # --------------------------------------------------------------------------------------- the data
-@dataclasses.dataclass
-class Block:
-    """Episodes as padded rows [E, T, ...] (one episode a row) with what Recap needs of them."""
-
-    obs: dict
-    action: np.ndarray  # [E, T, A] executed
-    valid: np.ndarray  # [E, T]
-    forced: np.ndarray  # [E, T] operator corrections during rollouts: indicator forced positive
-    success: np.ndarray  # [E]
-    group: int  # threshold group
-
-    @classmethod
-    def from_insert_block(cls, block: dict, success, group: int, obs_keys) -> "Block":
-        """From `patch.episode_block` / `replay.from_episodes` output (one episode per row). Takeover steps
-        of rollouts are corrections; a demonstration's steps are all the operator's but are not: they get
-        the quantile threshold like any other data (the paper's pretraining stage)."""
-        b = jax.device_get(block)
-        obs = {k: np.asarray(b["obs"][k]) for k in obs_keys}
-        forced = np.asarray(b["intervention"]) & (group == ROLLOUTS)
-        return cls(obs, np.asarray(b["action"]), np.asarray(b["valid"]), forced, np.asarray(success, bool),
-                   group)  # fmt: skip
-
-    def episodes(self) -> list[dict]:
-        """The rows as in-memory episodes, in row order, for `dataset.flatten`."""
-        lengths = self.valid.sum(axis=1)
-        return [
-            {
-                "steps": {
-                    "observation": {k: v[e, :n] for k, v in self.obs.items()},
-                    "action": self.action[e, :n],
-                }
-            }
-            for e, n in enumerate(lengths)
-        ]
-
-
-def block_rewards(block: Block, config: "Targets") -> jax.Array:
-    return step_rewards(jnp.asarray(block.valid), jnp.asarray(block.success), config.max_steps, config.c_fail)
-
-
-def block_value_targets(block: Block, config: "Targets") -> np.ndarray:
-    """[E, T] clipped Monte-Carlo returns of one block."""
-    return np.asarray(value_targets(block_rewards(block, config), config.value_range))
-
-
-def block_advantages(block: Block, values: np.ndarray, config: "Targets") -> np.ndarray:
-    """[E, T] N-step advantages of one block given V at every step [E, T]."""
-    valid = jnp.asarray(block.valid)
-    advantage = n_step_advantage(block_rewards(block, config), jnp.asarray(values), valid, config.n,
-                                 config.value_range)  # fmt: skip
-    return np.asarray(advantage)
-
-
 @dataclasses.dataclass(frozen=True)
 class Targets:
-    """The constants `block_advantages` needs."""
+    """The constants of Recap's reward, value targets and advantages."""
 
     max_steps: int
     c_fail: float
@@ -259,33 +179,142 @@ class Targets:
     value_range: tuple[float, float]
 
 
-def flat_examples(blocks: list[Block], chunk: int) -> dict:
-    """Every valid step of every block as one BC example (obs, chunk, mask), row-major over blocks."""
-    return dataset.flatten([ep for b in blocks for ep in b.episodes()], chunk)
+# Where each kind of data lives in the replay: demonstrations, autonomous rollouts, corrected rollouts.
+DEMONSTRATIONS, AUTONOMOUS, CORRECTED = "offline", "online", "patch"
 
 
-def flat_steps(per_block: list[np.ndarray], blocks: list[Block]) -> np.ndarray:
-    """Per-step arrays [E, T] of each block -> [N] in `flat_examples` order."""
-    return np.concatenate([x[b.valid] for x, b in zip(per_block, blocks, strict=True)])
+def extras_spec() -> dict[str, jax.ShapeDtypeStruct]:
+    """What the replay stores per step for Recap besides the step itself (`replay.create`'s extras)."""
+    return {
+        "value_target": jax.ShapeDtypeStruct((), jnp.float32),
+        "success": jax.ShapeDtypeStruct((), jnp.bool_),
+        "indicator": jax.ShapeDtypeStruct((), jnp.int32),
+    }
 
 
-def unflatten(flat: np.ndarray, blocks: list[Block]) -> list[np.ndarray]:
-    """[N] in `flat_examples` order -> per block [E, T] (0 past each episode's end)."""
-    out, start = [], 0
-    for b in blocks:
-        per_step = np.zeros(b.valid.shape, flat.dtype)
-        count = int(b.valid.sum())
-        per_step[b.valid] = flat[start : start + count]
-        out.append(per_step)
-        start += count
+def recap_block(block: dict, success, targets: Targets) -> dict:
+    """An insert block [E, T] with one episode a row (`patch.episode_block`, or `replay.from_episodes` with
+    a row per episode) and its episodes' success [E] -> the block with Recap's reward and the extras:
+    clipped Monte-Carlo value target, the episode's success, and a negative indicator until the first
+    advantages are set (`with_indicators`)."""
+    valid = jnp.asarray(block["valid"], bool)
+    success = jnp.broadcast_to(jnp.asarray(success, bool)[:, None], valid.shape)
+    rewards = step_rewards(valid, success[:, 0], targets.max_steps, targets.c_fail)
+    extras = {
+        "value_target": value_targets(rewards, targets.value_range),
+        "success": success,
+        "indicator": jnp.full(valid.shape, models.INDICATOR_NEGATIVE, jnp.int32),
+    }
+    return {**block, "reward": rewards, "extras": extras}
+
+
+def source_shares(rc, demonstrations: bool) -> dict[str, float]:
+    """Each source's share of a value or policy batch: `demo_share` from the demonstrations, the rest split
+    between autonomous and corrected rollouts as they are collected (episodes per iteration); sources that
+    never hold data are left out."""
+    demo = rc.demo_share if demonstrations else 0.0
+    collected = {AUTONOMOUS: rc.autonomous_per_iteration, CORRECTED: rc.corrected_per_iteration}
+    total = sum(collected.values())
+    shares = {DEMONSTRATIONS: demo, **{k: (1.0 - demo) * n / total for k, n in collected.items()}}
+    return {k: v for k, v in shares.items() if v > 0}
+
+
+def batch_ratios(shares: dict[str, float], batch_size: int, shards: int) -> dict[str, float]:
+    """`shares` rounded so each source takes a whole number of draws on every shard (`replay.sample_mixed`
+    draws every shard's part of every source), as ratios `replay.mix_counts` accepts."""
+    per_shard = batch_size // shards
+    names = list(shares)
+    total = sum(shares.values())
+    counts = {k: round(shares[k] / total * per_shard) for k in names[:-1]}
+    counts[names[-1]] = per_shard - sum(counts.values())
+    return {k: c / per_shard for k, c in counts.items()}
+
+
+def draw_batch(buffers: dict, key: jax.Array, batch_size: int, *, ratios: dict[str, float],
+               chunk: int) -> dict:  # fmt: skip
+    """A value or policy batch drawn shard-locally from the replay's sources by `ratios`: obs, chunk
+    [B, H, A], mask [B, H], the stored value_target and indicator [B], and source [B]. P("data")."""
+    batch = replay.sample_mixed(buffers, ratios, key, batch_size, n_step=chunk, chunk=chunk, gamma=1.0)
+    return {"obs": batch["obs"], "chunk": batch["chunk"], "mask": batch["chunk_mask"],
+            "value_target": batch["value_target"], "indicator": batch["indicator"],
+            "source": batch["source"]}  # fmt: skip
+
+
+def slot_advantages(buffer: replay.Buffer, value_params, *, predict, targets: Targets) -> dict:
+    """On device, at every slot of one source: V(o_t) and A_t = clip(sum_{k<N} r_{t+k} + V(o_{t+N})) - V(o_t),
+    [D, C] each. Past the episode's end the bootstrap is 0, which leaves the Monte-Carlo return (the paper
+    is silent on episode ends; this is its N = T case). Unwritten slots hold junk."""
+
+    def per_shard(local: replay.Buffer, params) -> dict:
+        capacity = local.segment.shape[0]
+        slots = jnp.arange(capacity)
+        values = predict(params, local.obs)
+        # gamma 1: Recap's return is undiscounted; discount 0 where the episode ends within the N steps.
+        ahead = replay.gather(local, slots, n_step=targets.n, chunk=1, gamma=1.0)
+        bootstrap = jnp.where(ahead["discount"] > 0, values[(slots + targets.n) % capacity], 0.0)
+        advantage = jnp.clip(ahead["reward"] + bootstrap, *targets.value_range) - values
+        return {"value": values, "advantage": advantage}
+
+    return replay.map_slots(per_shard, buffer, value_params)
+
+
+def step_table(buffers: dict, advantages: dict) -> dict[str, np.ndarray]:
+    """Every stored step of every source, flat [N] on the host, source after source: advantage, threshold
+    group, forced (an operator correction during a rollout), success, version (the iteration that
+    collected it)."""
+    columns = {k: [] for k in ("advantage", "group", "forced", "success", "version")}
+    for name, buffer in buffers.items():
+        written = np.asarray(replay.written(buffer))
+        rollout = name != DEMONSTRATIONS
+        columns["advantage"].append(np.asarray(advantages[name]["advantage"])[written])
+        columns["group"].append(np.full(int(written.sum()), ROLLOUTS if rollout else DEMOS))
+        columns["forced"].append(np.asarray(buffer.intervention)[written] & rollout)
+        columns["success"].append(np.asarray(buffer.extras["success"])[written])
+        columns["version"].append(np.asarray(buffer.version)[written])
+    return {k: np.concatenate(v) for k, v in columns.items()}
+
+
+def with_indicators(buffers: dict, indicator: np.ndarray) -> dict:
+    """The buffers with `indicator` [N] (in `step_table` order) stored at their written slots."""
+    out, start = {}, 0
+    for name, buffer in buffers.items():
+        written = np.asarray(replay.written(buffer))
+        per_slot = np.full(written.shape, models.INDICATOR_NEGATIVE, np.int32)
+        per_slot[written] = indicator[start : start + int(written.sum())]
+        start += int(written.sum())
+        stored = jax.device_put(per_slot, buffer.extras["indicator"].sharding)
+        out[name] = buffer.replace(extras={**buffer.extras, "indicator": stored})
     return out
 
 
+def create_buffers(config: Config, offline: list[dict], collectors: dict, mesh, targets: Targets) -> dict:
+    """One replay buffer per source that will hold data, sized for the whole run so nothing is ever
+    overwritten and every fit compiles once; the demonstrations are inserted, one episode a row."""
+    mc, shards = config.model, mesh.shape[sharding.DATA]
+    obs_spec = {k: jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for k, s in mc.observation_spec(1).items()}
+    capacities = {source: config.recap.iterations * c.num_envs * c.length for source, c in collectors.items()
+                  if c.num_envs}  # fmt: skip
+    block = None
+    if offline:
+        rows = -(-len(offline) // shards) * shards
+        block = replay.from_episodes(offline, rows=rows, obs_keys=obs_spec)
+        success = [ep["episode_metadata"]["success"] for ep in offline] + [False] * (rows - len(offline))
+        block = recap_block(block, np.asarray(success, bool), targets)
+        capacities[DEMONSTRATIONS] = block["valid"].size
+    buffers = {k: replay.create(obs_spec, mc.action_size, capacities[k], mesh, extras_spec())
+               for k in replay.SOURCES if k in capacities}  # fmt: skip
+    if block is not None:
+        demos = buffers[DEMONSTRATIONS]
+        buffers[DEMONSTRATIONS] = replay.insert(demos, block, source=replay.SOURCES.index(DEMONSTRATIONS),
+                                                n_step=mc.chunk)  # fmt: skip
+    return buffers
+
+
 # --------------------------------------------------------------------------------------- training
-def make_fit(loss_fn, steps: int, rc, *, mesh, prepare=None):
-    """`fit(init_params, data, seed) -> (params, metrics)`: `steps` AdamW steps (pretraining's schedule
-    shape) from a copy of `init_params` on batches drawn by `two_source_batch`, jitted once for every
-    iteration and seed. data: padded, with `size` and `demo_size`."""
+def make_fit(loss_fn, steps: int, rc, *, mesh, ratios: dict[str, float], chunk: int, prepare=None):
+    """`fit(init_params, buffers, seed) -> (params, metrics)`: `steps` AdamW steps (pretraining's schedule
+    shape) from a copy of `init_params` on batches drawn from the replay by `draw_batch`, jitted once for
+    every iteration and seed."""
     block = min(steps, 250)
     steps -= steps % block
     optimizer = bc.make_optimizer(rc.learning_rate, steps, steps // 10, 1e-4)
@@ -295,34 +324,55 @@ def make_fit(loss_fn, steps: int, rc, *, mesh, prepare=None):
         bc.train_steps, num_steps=block, batch_size=rc.batch_size,
         batch_sharding=sharding.batch_sharded(mesh),
         update_fn=functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer),
-        sample_fn=functools.partial(two_source_batch, demo_share=rc.demo_share), prepare=prepare,
-    ), donate_argnums=0, in_shardings=(replicated,) * 3, out_shardings=replicated)  # fmt: skip
+        sample_fn=functools.partial(draw_batch, ratios=ratios, chunk=chunk), prepare=prepare,
+    ), donate_argnums=0, in_shardings=(replicated, None, replicated), out_shardings=replicated)  # fmt: skip
 
-    def fit(init_params, data: dict, seed: int):
+    def fit(init_params, buffers: dict, seed: int):
         params = jax.tree.map(jnp.copy, init_params)  # the train step donates its state
         state = jax.device_put(bc.init_state(params, optimizer), replicated)
-        data = jax.device_put(data, replicated)
         metrics = {}
         for _ in range(steps // block):
-            state, metrics = train(state, data, jax.random.key(seed))
+            state, metrics = train(state, buffers, jax.random.key(seed))
         return state.params, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     return fit
 
 
-def make_value_fit(config: Config, prior: Prior, value_graphdef, mesh):
-    """Cross-entropy fitting of the value on data with obs and value_target."""
-    support = prior.config.model.value_support()
-    loss_fn = functools.partial(value_loss, graphdef=value_graphdef, stats=prior.stats, support=support)
-    return make_fit(loss_fn, config.recap.value_steps, config.recap, mesh=mesh)
+def make_update(loss_fn, optimizer, mesh, prepare=None):
+    """One value or policy update on a given batch, jitted for a mesh: state replicated and donated, batch
+    split along B (`prepare(batch, key)`, if given, first). The pure update the data-parallel test
+    compares across meshes; `make_fit` runs the same one on batches from the replay."""
+    update_fn = functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer)
+
+    def update(state, batch, key):
+        return update_fn(state, prepare(batch, key) if prepare is not None else batch)
+
+    replicated = sharding.replicated(mesh)
+    in_shardings = (replicated, sharding.batch_sharded(mesh), replicated)
+    return jax.jit(update, donate_argnums=0, in_shardings=in_shardings, out_shardings=replicated)
 
 
-def make_policy_fit(config: Config, prior: Prior, graphdef, mesh):
-    """BC conditioned on data["indicator"], dropped out at the configured rate."""
-    rc, pre = config.recap, config.pretrain
-    loss_fn = functools.partial(bc.bc_loss, graphdef=graphdef, stats=prior.stats, nll_weight=pre.nll_weight)
-    prepare = functools.partial(indicator_dropout, rate=rc.indicator_dropout)
-    return make_fit(loss_fn, rc.policy_steps, rc, mesh=mesh, prepare=prepare)
+def value_loss_fn(prior: Prior, value_graphdef):
+    return functools.partial(value_loss, graphdef=value_graphdef, stats=prior.stats,
+                             support=prior.config.model.value_support())  # fmt: skip
+
+
+def policy_loss_fn(config: Config, prior: Prior, graphdef):
+    return functools.partial(bc.bc_loss, graphdef=graphdef, stats=prior.stats,
+                             nll_weight=config.pretrain.nll_weight)  # fmt: skip
+
+
+def make_value_fit(config: Config, prior: Prior, value_graphdef, mesh, ratios: dict[str, float]):
+    """Cross-entropy fitting of the value on the stored value targets."""
+    return make_fit(value_loss_fn(prior, value_graphdef), config.recap.value_steps, config.recap, mesh=mesh,
+                    ratios=ratios, chunk=config.model.chunk)  # fmt: skip
+
+
+def make_policy_fit(config: Config, prior: Prior, graphdef, mesh, ratios: dict[str, float]):
+    """BC conditioned on the stored indicators, dropped out at the configured rate."""
+    prepare = functools.partial(indicator_dropout, rate=config.recap.indicator_dropout)
+    return make_fit(policy_loss_fn(config, prior, graphdef), config.recap.policy_steps, config.recap,
+                    mesh=mesh, ratios=ratios, chunk=config.model.chunk, prepare=prepare)  # fmt: skip
 
 
 def predict_values(value_graphdef, params, obs: dict, stats: dict, support: jax.Array) -> jax.Array:
@@ -332,20 +382,33 @@ def predict_values(value_graphdef, params, obs: dict, stats: dict, support: jax.
 
 
 # -------------------------------------------------------------------------------------------- loop
-def step_success(blocks: list[Block]) -> np.ndarray:
-    """[N] in `flat_examples` order: whether each step's episode succeeded."""
-    return flat_steps([np.broadcast_to(b.success[:, None], b.valid.shape) for b in blocks], blocks)
+def set_indicators(buffers: dict, advantages: dict, rc) -> tuple[dict, dict]:
+    """Thresholds per group by quantile over the stored advantages (corrections left out, they are forced
+    positive), every stored step's indicator written back to the replay, and the figures to log."""
+    table = step_table(buffers, advantages)
+    fractions = {DEMOS: rc.demo_positive_fraction, ROLLOUTS: rc.positive_fraction}
+    threshold = thresholds(table["advantage"], table["group"], ~table["forced"], fractions)
+    indicator = indicators(table["advantage"], table["group"], table["forced"], threshold)
+    rollout = table["group"] == ROLLOUTS
+    positive = indicator == models.INDICATOR_POSITIVE
+    figures = {
+        "dataset_steps": int(len(indicator)),
+        "demo_steps": int(np.sum(~rollout)),
+        "positive_share": float(np.mean(positive)),
+        "rollout_positive_share": float(np.mean(positive[rollout])),
+        "forced_positive_steps": int(table["forced"].sum()),
+        "thresholds": {str(k): v for k, v in threshold.items()},
+        "advantage_auroc": auroc(table["advantage"][rollout], table["success"][rollout]),
+    }
+    return with_indicators(buffers, indicator), figures
 
 
-def heldout_advantages(predict, value_params, blocks: list[Block], targets: Targets) -> list[np.ndarray]:
-    """Per block [E, T]: advantages from a value that has not been fitted on these blocks' episodes."""
-    out = []
-    for b in blocks:
-        rows, steps = b.valid.shape
-        flat_obs = {k: v.reshape(rows * steps, *v.shape[2:]) for k, v in b.obs.items()}
-        values = np.asarray(predict(value_params, flat_obs)).reshape(rows, steps)
-        out.append(block_advantages(b, values, targets))
-    return out
+def heldout_auroc(buffers: dict, advantages: dict, iteration: int) -> float | None:
+    """The advantage's AUROC for episode success on the steps collected in `iteration`, from a value that
+    was fitted before they were collected."""
+    table = step_table(buffers, advantages)
+    new = (table["group"] == ROLLOUTS) & (table["version"] == iteration)
+    return auroc(table["advantage"][new], table["success"][new])
 
 
 def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, autonomous: patch.Collector,
@@ -355,27 +418,27 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
 
     The collectors run the conditioned policy with the indicator positive; the evaluator runs
     `guided_actor` (its params: `with_beta(params, recap.guidance)`). The caller builds them once (compiles
-    are slow) and shares them across seeds.
+    are slow) and shares them across seeds. Every episode goes into the sharded replay (demonstrations,
+    autonomous and corrected rollouts, one source each); value and policy batches are drawn from it.
     """
     rc, mc = config.recap, prior.config.model
     mesh = mesh or sharding.make_mesh()
-    obs_keys = tuple(mc.observation_spec(1))
+    collectors = {AUTONOMOUS: autonomous, CORRECTED: corrected}
+    uneven = {k: c.num_envs for k, c in collectors.items() if c.num_envs % mesh.size}
+    if uneven:
+        raise ValueError(f"episodes per iteration {uneven} must be multiples of the {mesh.size} devices: "
+                         "each device's replay shard takes whole episodes")  # fmt: skip
     targets = Targets(autonomous.length, rc.c_fail, rc.advantage_steps, mc.value_range)
     graphdef, policy_init = conditioned_policy(prior, seed)
     value_graphdef, value_init = nnx.split(mc.create_value(seed + 1), nnx.Param)
-    predict = jax.jit(functools.partial(predict_values, value_graphdef, stats=prior.stats,
-                                        support=mc.value_support()))  # fmt: skip
-    fit_value = make_value_fit(config, prior, value_graphdef, mesh)
-    fit_policy = make_policy_fit(config, prior, graphdef, mesh)
-    blocks = []
-    if offline:
-        demo_block = replay.from_episodes(offline, rows=len(offline), obs_keys=obs_keys)
-        success = [ep["episode_metadata"]["success"] for ep in offline]
-        blocks.append(Block.from_insert_block(demo_block, success, DEMOS, obs_keys))
-    demo_size = sum(int(b.valid.sum()) for b in blocks)  # demonstrations come first in every dataset
-    # One dataset shape for the whole run: everything the iterations can collect, at most.
-    per_iteration = autonomous.num_envs * autonomous.length + corrected.num_envs * corrected.length
-    capacity = demo_size + rc.iterations * per_iteration
+    predict = functools.partial(predict_values, value_graphdef, stats=prior.stats, support=mc.value_support())
+    advantages_of = jax.jit(lambda buffers, params: {
+        k: slot_advantages(b, params, predict=predict, targets=targets) for k, b in buffers.items()
+    })  # fmt: skip
+    buffers = create_buffers(config, offline, collectors, mesh, targets)
+    ratios = batch_ratios(source_shares(rc, bool(offline)), rc.batch_size, mesh.size)
+    fit_value = make_value_fit(config, prior, value_graphdef, mesh, ratios)
+    fit_policy = make_policy_fit(config, prior, graphdef, mesh, ratios)
     # Placed as the fits' outputs are, so the collectors and the evaluator see one input sharding and
     # compile once (an unplaced start recompiled all three in the second iteration).
     policy_init, value_init = jax.device_put((policy_init, value_init), sharding.replicated(mesh))
@@ -395,51 +458,30 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
                disable=not progress)  # fmt: skip
     for iteration in bar:
         tic = time.perf_counter()
-        collected, new_blocks = {}, []
-        for name, collector in (("autonomous", autonomous), ("corrected", corrected)):
+        collected = {}
+        for (source, collector), name in zip(collectors.items(), ("autonomous", "corrected"), strict=True):
             if collector.num_envs == 0:
                 continue
             key = jax.random.fold_in(jax.random.fold_in(key_collect, iteration), len(collected))
-            out = collector(params, key, iteration)
-            block, success = out["block"], out["success"]
-            for k, v in patch.effort(block).items():
+            out = collector(params, key, iteration)  # the block's version is the iteration
+            for k, v in patch.effort(out["block"]).items():
                 totals[k] += v
             totals["collected_episodes"] += collector.num_envs
-            collected[name] = float(np.mean(np.asarray(success)))
-            new_blocks.append(Block.from_insert_block(block, success, ROLLOUTS, obs_keys))
+            collected[name] = float(np.mean(np.asarray(out["success"])))
+            block = recap_block(out["block"], out["success"], targets)
+            buffers[source] = replay.insert(buffers[source], block, source=replay.SOURCES.index(source),
+                                            n_step=mc.chunk)  # fmt: skip
         heldout = None
         if iteration > 1:  # the value fitted last iteration has not seen these episodes
-            advantage_new = heldout_advantages(predict, value_params, new_blocks, targets)
-            heldout = auroc(flat_steps(advantage_new, new_blocks), step_success(new_blocks))
-        blocks += new_blocks
-
-        examples = flat_examples(blocks, mc.chunk)
-        examples["value_target"] = flat_steps([block_value_targets(b, targets) for b in blocks], blocks)
-        examples["indicator"] = np.zeros(len(examples["chunk"]), np.int32)
-        data = {**dataset.pad(examples, capacity), "demo_size": np.int32(demo_size)}
-        value_params, value_metrics = fit_value(value_init if rc.from_prior else value_params, data, seed)
-        values = unflatten(np.asarray(predict(value_params, data["obs"]))[: data["size"]], blocks)
-        advantage = flat_steps([block_advantages(b, v, targets) for b, v in zip(blocks, values, strict=True)],
-                               blocks)  # fmt: skip
-        group = np.concatenate([np.full(int(b.valid.sum()), b.group) for b in blocks])
-        forced = flat_steps([b.forced for b in blocks], blocks)
-        fractions = {DEMOS: rc.demo_positive_fraction, ROLLOUTS: rc.positive_fraction}
-        threshold = thresholds(advantage, group, ~forced, fractions)
-        indicator = indicators(advantage, group, forced, threshold)
-        data["indicator"][: data["size"]] = indicator
-        params, policy_metrics = fit_policy(policy_init if rc.from_prior else params, data, seed)
+            heldout = heldout_auroc(buffers, advantages_of(buffers, value_params), iteration)
+        value_params, value_metrics = fit_value(value_init if rc.from_prior else value_params, buffers, seed)
+        buffers, figures = set_indicators(buffers, advantages_of(buffers, value_params), rc)
+        params, policy_metrics = fit_policy(policy_init if rc.from_prior else params, buffers, seed)
         jax.block_until_ready(params)
         totals["wall_s"] += time.perf_counter() - tic
-        rollout_steps = group == ROLLOUTS
         extra = {
             **{f"{k}_success": v for k, v in collected.items()},
-            "dataset_steps": int(len(advantage)),
-            "demo_steps": demo_size,
-            "positive_share": float(np.mean(indicator == models.INDICATOR_POSITIVE)),
-            "rollout_positive_share": float(np.mean(indicator[rollout_steps] == models.INDICATOR_POSITIVE)),
-            "forced_positive_steps": int(forced.sum()),
-            "thresholds": {str(k): v for k, v in threshold.items()},
-            "advantage_auroc": auroc(advantage[rollout_steps], step_success(blocks)[rollout_steps]),
+            **figures,
             "advantage_auroc_heldout": heldout,
             **value_metrics,
             **policy_metrics,

@@ -12,6 +12,11 @@ of one episode; an n-step window or an action chunk never crosses a segment boun
 truncation is stored as terminal on purpose: in the workcell the time limit is the failure mode "timeout",
 so the value after it is 0 and no observation after the last step is needed.
 
+`extras` are per-step fields a learner names at `create` and fills at `insert`: labels computed when the
+episode is inserted (PRO's progress return and risk class, Recap's value target) or written back later for
+every slot at once (Recap's advantage indicator, `map_slots`). Samples and windows carry them beside the
+fixed fields.
+
 `sampleable[t]` is decided at insert: the n-step window from t is complete, either because a terminal step
 ends it or because the observation n steps later is stored in the same segment. Sampling draws only such
 slots, so a target never bootstraps from a step that was not recorded.
@@ -40,6 +45,11 @@ SOURCES = ("offline", "online", "patch")
 # `ahead` is stored in int8: a sample may look at most this many steps past its start.
 AHEAD_CAP = 127
 OPERATOR_REWARD, LEARNED_REWARD = 0, 1  # values of `reward_source`: sparse env / operator label, PRO model
+
+# What `gather` and `gather_windows` return besides extras: an extra may not take one of these names.
+SAMPLE_FIELDS = frozenset(("obs", "chunk", "chunk_mask", "reward", "discount", "next_obs", "version",
+                           "intervention", "reward_source", "source", "weight"))  # fmt: skip
+WINDOW_FIELDS = frozenset(("obs", "action", "reward", "terminal", "intervention", "mask", "weight"))
 
 BLOCK_FIELDS = (
     "action",
@@ -72,6 +82,7 @@ class Buffer:
     intervention: jax.Array  # [D, C] bool, the operator's action was executed
     reward_source: jax.Array  # [D, C] int8, OPERATOR_REWARD or LEARNED_REWARD
     source: jax.Array  # [D, C] int8, index into SOURCES
+    extras: dict[str, jax.Array]  # {name: [D, C, ...]}, per-step fields named at `create`
     pos: jax.Array  # [D] int32, next slot to write
     count: jax.Array  # [D] int32, slots written, saturating at C (written slots are 0 .. count-1)
     next_segment: jax.Array  # [D] int32; one id per segment, 2^31 segments is far beyond any run
@@ -90,8 +101,14 @@ class Buffer:
 
 
 # ---------------------------------------------------------------------------------------------- create
-def create(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacity: int, mesh: Mesh) -> Buffer:
-    """An empty buffer of `capacity` slots over the mesh. obs_spec: key -> shape and dtype of ONE step."""
+def create(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacity: int, mesh: Mesh,
+           extras_spec: dict[str, jax.ShapeDtypeStruct] | None = None) -> Buffer:  # fmt: skip
+    """An empty buffer of `capacity` slots over the mesh. obs_spec and extras_spec: name -> shape and dtype
+    of ONE step."""
+    extras_spec = extras_spec or {}
+    taken = set(extras_spec) & (SAMPLE_FIELDS | WINDOW_FIELDS)
+    if taken:
+        raise ValueError(f"extras {sorted(taken)} would shadow fields that samples and windows already have")
     shards = mesh.shape[DATA]
     if capacity <= 0 or capacity % shards:
         raise ValueError(
@@ -117,6 +134,7 @@ def create(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacity
             intervention=zeros((), jnp.bool_),
             reward_source=zeros((), jnp.int8),
             source=zeros((), jnp.int8),
+            extras={k: zeros(s.shape, s.dtype) for k, s in extras_spec.items()},
             pos=counter,
             count=counter,
             next_segment=counter,
@@ -290,6 +308,7 @@ def _insert_local(
         intervention=put(local.intervention, intervention),
         reward_source=put(local.reward_source, flat(block["reward_source"])),
         source=put(local.source, jnp.full(keep.shape, source)),
+        extras={k: put(v, flat(block["extras"][k])) for k, v in local.extras.items()},
         pos=(local.pos + kept) % capacity,
         count=jnp.minimum(local.count + kept, capacity),
         next_segment=local.next_segment + jnp.sum(start, dtype=jnp.int32),
@@ -302,7 +321,8 @@ def insert(
     """Appends a rollout block. Every field [B, T, ...], B a multiple of D, sharded P("data") or replicated.
 
     block: obs {key: [B, T, ...]} (keys beyond the buffer's are not stored), action [B, T, A], reward,
-    terminal, valid (the step happened), is_first, intervention, version, reward_source, all [B, T].
+    terminal, valid (the step happened), is_first, intervention, version, reward_source, all [B, T], and
+    extras {name: [B, T, ...]} for every extra the buffer was created with.
     Each shard takes its B / D rows, row after row. Kept steps: valid ones; with `interventions_only` (the
     patch source) only intervention steps and the n_step steps after each, and only intervention steps are
     sampleable. n_step must be the one `sample` uses.
@@ -313,12 +333,17 @@ def insert(
         raise ValueError(f"n_step must be at least 1, got {n_step}")
     missing = [k for k in ("obs", *BLOCK_FIELDS) if k not in block]
     missing += [f"obs/{k}" for k in buffer.obs if k not in block.get("obs", {})]
+    missing += [f"extras/{k}" for k in buffer.extras if k not in block.get("extras", {})]
     if missing:
         raise ValueError(f"block is missing fields {missing}")
     rows = block["valid"].shape[0]
     if rows % buffer.shards:
         raise ValueError(f"block has {rows} rows; it must be a multiple of the {buffer.shards} devices")
-    block = {"obs": {k: block["obs"][k] for k in buffer.obs}, **{k: block[k] for k in BLOCK_FIELDS}}
+    block = {
+        "obs": {k: block["obs"][k] for k in buffer.obs},
+        "extras": {k: block["extras"][k] for k in buffer.extras},
+        **{k: block[k] for k in BLOCK_FIELDS},
+    }
     fn = functools.partial(_insert_local, source=source, n_step=n_step, interventions_only=interventions_only)
     return jax.shard_map(
         lambda buf, blk: _global(fn(_local(buf), blk)),
@@ -351,7 +376,7 @@ def gather(local: Buffer, index: jax.Array, *, n_step: int, chunk: int, gamma: f
 
     Returns obs {k: [b, ...]}, chunk [b, H, A], chunk_mask [b, H], reward [b] (discounted sum up to and
     including a terminal step), discount [b] (gamma^n, or 0 after a terminal), next_obs (at t + n; its value
-    does not matter where discount is 0) and the provenance of t.
+    does not matter where discount is 0), the provenance of t and t's extras.
     """
     capacity = local.segment.shape[0]
     offsets = jnp.arange(_span(n_step, chunk))
@@ -373,6 +398,7 @@ def gather(local: Buffer, index: jax.Array, *, n_step: int, chunk: int, gamma: f
         "intervention": local.intervention[index],
         "reward_source": local.reward_source[index],
         "source": local.source[index],
+        **{k: v[index] for k, v in local.extras.items()},
     }
 
 
@@ -413,10 +439,10 @@ def sample(buffer: Buffer, key: jax.Array, batch_size: int, *, n_step: int, chun
     """
     per_shard = _per_shard(batch_size, buffer.shards)
     draw = functools.partial(_draw, batch_size=per_shard, n_step=n_step, chunk=chunk, gamma=gamma)
-    return _on_every_shard(draw, buffer, key)
+    return on_every_shard(draw, buffer, key)
 
 
-def _on_every_shard(draw, buffer: Buffer, key: jax.Array) -> dict:
+def on_every_shard(draw, buffer: Buffer, key: jax.Array) -> dict:
     """`draw(local_buffer, shard_key)` on every shard at once; the results concatenate along P("data")."""
     return jax.shard_map(
         lambda buf, key: draw(_local(buf), _shard_key(key)),
@@ -430,6 +456,7 @@ def gather_windows(local: Buffer, index: jax.Array, window: int) -> dict:
     """The `window` steps ending at one shard's slots index [b]: fields [b, W, ...], the last one is t.
 
     mask [b, W] is True where the step is linked to t (same segment, still stored); masked values are 0.
+    Extras come windowed too, under their own names.
     """
     capacity = local.segment.shape[0]
     back = jnp.arange(window - 1, -1, -1)  # [W]: how far before t each position is
@@ -450,6 +477,7 @@ def gather_windows(local: Buffer, index: jax.Array, window: int) -> dict:
         "terminal": take(local.terminal),
         "intervention": take(local.intervention),
         "mask": mask,
+        **{k: take(v) for k, v in local.extras.items()},
     }
 
 
@@ -467,7 +495,30 @@ def sample_windows(buffer: Buffer, key: jax.Array, batch_size: int, window: int)
         windows["weight"] = jnp.where(local.count > 0, jnp.ones((per_shard,), jnp.float32), 0.0)
         return windows
 
-    return _on_every_shard(draw, buffer, key)
+    return on_every_shard(draw, buffer, key)
+
+
+def step_in_segment(local: Buffer, index: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The slots `offset` [b] steps from one shard's slots index [b] (negative: earlier), and [b] whether
+    each holds a step of index's run of consecutive steps (same segment, still stored)."""
+    linked = _linked(local, index, offset[:, None])[:, 0]
+    return (index + offset) % local.segment.shape[0], linked
+
+
+def written(buffer: Buffer) -> jax.Array:
+    """[D, C] bool: the slots that hold a step (written slots are 0 .. count-1 of each shard)."""
+    return jnp.arange(buffer.segment.shape[-1]) < buffer.count[:, None]
+
+
+def map_slots(fn, buffer: Buffer, *args) -> dict:
+    """`fn(local_buffer, *args)` -> {name: [C, ...]} on every shard at once, args replicated: a value for
+    every slot, [D, C, ...] sharded like the buffer (Recap's advantages, from a value over the slots)."""
+    return jax.shard_map(
+        lambda buf, *a: _global(fn(_local(buf), *a)),
+        mesh=buffer.mesh,
+        in_specs=(P(DATA), *(P() for _ in args)),
+        out_specs=P(DATA),
+    )(buffer, *args)
 
 
 def mix_counts(ratios: dict[str, float], batch_size: int, shards: int) -> dict[str, int]:
@@ -534,13 +585,15 @@ def _version(text: str) -> int:
         return 0
 
 
-def from_episodes(episodes: Sequence[dict], rows: int = 16, obs_keys: Iterable[str] | None = None) -> dict:
+def from_episodes(episodes: Sequence[dict], rows: int = 16, obs_keys: Iterable[str] | None = None,
+                  extras: Sequence[dict] | None = None) -> dict:  # fmt: skip
     """RLDS episodes (jaxvla.episodes' in-memory format) -> one numpy `insert` block [rows, T, ...].
 
     Each episode goes to the row that is shortest so far, so rows stay in episode order and T (the longest
     row) stays small. Steps past a row's episodes are valid=False. rows must be a multiple of the devices
     of the mesh the block goes to; a store larger than the buffer should be inserted oldest-first in
-    several blocks, since within a block the order across rows is not chronological.
+    several blocks, since within a block the order across rows is not chronological. `extras`, one
+    {name: [T_e, ...]} per episode, are placed as its steps are (block["extras"]).
     """
     if not episodes:
         raise ValueError("no episodes to turn into a block")
@@ -568,6 +621,7 @@ def from_episodes(episodes: Sequence[dict], rows: int = 16, obs_keys: Iterable[s
         "intervention": np.zeros((rows, steps), bool),
         "version": np.zeros((rows, steps), np.int32),
         "reward_source": np.full((rows, steps), OPERATOR_REWARD, np.int8),
+        "extras": {k: empty(np.asarray(v)) for k, v in (extras[0] if extras else {}).items()},
     }
     for episode, length, (row, offset) in zip(episodes, lengths, places, strict=True):
         at = (row, slice(offset, offset + length))
@@ -581,4 +635,7 @@ def from_episodes(episodes: Sequence[dict], rows: int = 16, obs_keys: Iterable[s
         block["is_first"][row, offset] = True
         block["intervention"][at] = ep["is_intervention"]
         block["version"][at] = _version(episode["episode_metadata"]["policy_version"])
+    for per_step, (row, offset), length in zip(extras or [{}] * len(episodes), places, lengths, strict=True):
+        for k, v in per_step.items():
+            block["extras"][k][row, offset : offset + length] = v
     return block

@@ -282,6 +282,11 @@ def ppo_epochs(params, opt_state, data: dict, key: jax.Array, ref_params, *, gra
 
     The sampling policy's log-probabilities are those of `params` as given (pi_psi <- pi_theta), so the
     first step's ratio is 1; `ref_params` is the policy the KL term holds the run near.
+
+    The decisions stay a batch of this iteration's rollouts, not a draw from the sharded replay that PRO,
+    Recap and patching read: PPO's ratio and leave-one-out advantage are only valid for rollouts of the
+    policy that just sampled them (RIPT-VLA discards them after the update), so a replay would hold
+    nothing that could be drawn again.
     """
     n = data["weight"].shape[0]
     size = n // minibatches

@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import compiled_env
 from flax import nnx
@@ -25,6 +26,8 @@ from jaxvla.models import ModelConfig
 from jaxvla.models.pro import ProNetConfig
 from jaxvla.models.pro import band_mask
 from learner import pro
+from learner import replay
+from learner import sharding
 
 NET = ProNetConfig(width=16, prompt_dim=4, action_width=8, window=4, heads=2, value_bins=11)
 PC = ProConfig(
@@ -60,6 +63,8 @@ def fake_episode(
             "action": rng.uniform(-1, 1, (n, 4)).astype(np.float32),
             "events": flags,
             "failure_mode": np.full(n, failure_mode, np.int32),
+            "reward": np.zeros(n, np.float32),
+            "is_first": np.arange(n) == 0,
             "is_last": np.arange(n) == n - 1,
             "is_intervention": np.zeros(n, bool),
         },
@@ -68,6 +73,7 @@ def fake_episode(
             "retries": retries,
             "cycle_time": n / 10.0,
             "episode_id": f"ep-{seed}",
+            "policy_version": "0",
         },
     }
 
@@ -134,10 +140,10 @@ def test_preference_ranks_success_then_stability_retries_and_speed():
 
 def test_windows_pad_before_the_episode_start_and_partners_match_the_fraction():
     episodes = [fake_episode(3, success=True, seed=0), fake_episode(6, success=False, seed=1)]
-    data = jax.tree.map(jnp.asarray, pro.build_dataset(episodes, PC))
-    np.testing.assert_array_equal(data["start"], [0, 3])
-    # Step 4 is the second episode's step 1: a window of 4 holds two padding steps, then steps 0 and 1.
-    batch = pro.gather_windows(data, jnp.array([4, 8]), 4)
+    buffer = pro.fill_replay(episodes, PC, sharding.make_mesh(jax.devices()[:1]))
+    local = replay.shard_view(buffer, 0)  # one row: the episodes at slots 0-2 and 3-8
+    # Slot 4 is the second episode's step 1: a window of 4 holds two padding steps, then steps 0 and 1.
+    batch = pro.replay_windows(local, jnp.array([4, 8]), 4, NET.chunk)
     np.testing.assert_array_equal(batch["valid"], [[0, 0, 1, 1], [1, 1, 1, 1]])
     np.testing.assert_array_equal(batch["step"], [[0, 0, 0, 1], [2, 3, 4, 5]])
     np.testing.assert_allclose(
@@ -148,17 +154,20 @@ def test_windows_pad_before_the_episode_start_and_partners_match_the_fraction():
     np.testing.assert_allclose(batch["chunk"][1, -1, 0], actions[5])
     np.testing.assert_allclose(batch["chunk"][1, -1, 1:], 0.0)
     np.testing.assert_allclose(batch["chunk"][1, -2, :2], actions[4:6])
-    pairs = pro.sample_pairs(data, jax.random.key(0), 64, window=4, faster_margin=0.5)
-    anchor, partner = np.split(np.asarray(pairs["index"]), 2)
-    episode, start, length = (np.asarray(data[k]) for k in ("episode", "start", "length"))
-    fraction = (anchor - start[episode[anchor]] + 0.5) / length[episode[anchor]]
-    p = episode[partner]
+    pairs = pro.sample_pairs(buffer, jax.random.key(0), 64, window=4, chunk=NET.chunk, faster_margin=0.5)
+    # Which episode each window ends in, from its last step's observation.
+    owner = {r.tobytes(): e for e, ep in enumerate(episodes) for r in ep["steps"]["observation"]["proprio"]}
+    episode = np.array([owner[row.tobytes()] for row in np.asarray(pairs["obs"]["proprio"])[:, -1]])
+    step = np.asarray(pairs["step"])[:, -1]
+    length = np.array([3, 6])[episode]
+    anchor, partner = slice(0, None, 2), slice(1, None, 2)  # pairs are interleaved rows
+    fraction = (step[anchor] + 0.5) / length[anchor]
     np.testing.assert_array_equal(
-        partner - start[p], np.minimum(np.floor(fraction * length[p]), length[p] - 1)
+        step[partner], np.minimum(np.floor(fraction * length[partner]), length[partner] - 1)
     )
+    assert set(episode[partner]) == {0, 1}
     # Episode 0 succeeded, episode 1 failed: the anchor is preferred exactly when it is from episode 0.
-    expected = np.sign(np.asarray(p, int) - episode[anchor])
-    np.testing.assert_array_equal(pairs["preference"], expected)
+    np.testing.assert_array_equal(pairs["preference"], np.sign(episode[partner] - episode[anchor]))
 
 
 def test_two_hot_and_losses_by_hand():
@@ -175,17 +184,17 @@ def test_two_hot_and_losses_by_hand():
         "success": jnp.zeros((2 * b, w)),
         "risk": jnp.zeros((2 * b, w, 7)),
     }
-    # Anchor 0's value puts all its mass on 1.0 at the last step; partner 0's on -1.0.
+    # Rows 0 and 1 are pair 0: anchor 0's value puts all its mass on 1.0 at the last step, partner 0's on -1.
     value = (
         logits["value"]
         .at[0, -1]
         .set(jnp.array([0, 0, 0, 0, 50.0]))
-        .at[2, -1]
+        .at[1, -1]
         .set(jnp.array([50.0, 0, 0, 0, 0]))
     )
     logits["value"] = value
     batch = {
-        "return": jnp.array([1.0, 0.0, -1.0, 0.25]),
+        "return": jnp.array([1.0, -1.0, 0.0, 0.25]),
         "done": jnp.array([1.0, 0, 0, 0]),
         "success": jnp.ones(4),
         "risk": jnp.array([0, 3, 0, 6]),
@@ -193,7 +202,7 @@ def test_two_hot_and_losses_by_hand():
     }
     out = pro.losses(logits, batch, support, dataclasses.replace(PC, comparison_temperature=0.5))
     uniform = np.log(5.0)
-    expected_value = np.mean([0.0, uniform, 0.0, uniform - 0.0])  # two-hot of 0.25 is {0, 0.5}: CE = log 5
+    expected_value = np.mean([0.0, 0.0, uniform, uniform])  # two-hot of 0.25 is {0, 0.5}: CE = log 5
     np.testing.assert_allclose(out["value"], expected_value, atol=1e-4)
     np.testing.assert_allclose(out["done"], np.log(2.0), rtol=1e-6)
     np.testing.assert_allclose(out["risk"], np.log(7.0), rtol=1e-6)
@@ -259,7 +268,7 @@ def test_substituted_chunk_matches_the_ranking_window():
     # last step on, the candidate's actions replace the logged ones, as window_from_history builds them.
     w, h = 4, 3
     logged = np.arange(10, dtype=np.float32)[:, None]  # [T, 1]: action t is t
-    chunks = pro.executed_chunks(logged, h)[2:6][None]  # steps 2..5: [1, W, H, 1]
+    chunks = (np.arange(2, 6)[:, None] + np.arange(h)).astype(np.float32)[None, :, :, None]  # steps 2..5
     candidate = -np.arange(1, h + 1, dtype=np.float32)[None, :, None]  # actions -1, -2, -3 from step 5
     out = np.asarray(pro.substitute_chunk(jnp.asarray(chunks), jnp.asarray(candidate)))[0, :, :, 0]
     np.testing.assert_array_equal(out, [[2, 3, 4], [3, 4, -1], [4, -1, -2], [-1, -2, -3]])
@@ -294,6 +303,88 @@ def test_metrics_by_hand():
     assert pro.gate(readouts, events, 0.2) == 2
 
 
+def reference_windows(episodes: list[dict], t: np.ndarray, window: int, chunk: int) -> dict:
+    """The windows of the padded-dataset path that the replay replaced, kept as the reference: every step
+    flat, t [B] a flat index, steps before the episode's start repeat its first step and are not valid."""
+    lengths = np.array([len(ep["steps"]["action"]) for ep in episodes])
+    start = np.repeat(np.cumsum(lengths) - lengths, lengths)[t]
+    index = t[:, None] - (window - 1) + np.arange(window)
+    valid = index >= start[:, None]
+    index = np.maximum(index, start[:, None])
+
+    def executed_chunks(actions):  # [T, A] -> [T, H, A]: the actions from each step on, zeros past the end
+        padded = np.concatenate([actions, np.zeros((chunk - 1, actions.shape[1]), actions.dtype)])
+        return np.stack([padded[i : i + len(actions)] for i in range(chunk)], axis=1)
+
+    flat = lambda per_episode: np.concatenate([per_episode(ep) for ep in episodes])  # noqa: E731
+    keys = episodes[0]["steps"]["observation"]
+    obs = {k: flat(lambda ep, k=k: ep["steps"]["observation"][k])[index] for k in keys}
+    labels = [pro.episode_labels(ep, PC) for ep in episodes]
+    return {
+        "obs": obs,
+        "chunk": flat(lambda ep: executed_chunks(ep["steps"]["action"]))[index],
+        "step": np.concatenate([np.arange(n) for n in lengths])[index],
+        "valid": valid,
+        **{k: np.concatenate([lab[k] for lab in labels])[t] for k in ("return", "done", "success", "risk")},
+    }
+
+
+def written_windows(buffer: replay.Buffer, window: int, chunk: int) -> dict:
+    """`pro.replay_windows` ending at every written slot of every shard: fields [N, ...] (numpy)."""
+    every = replay.map_slots(
+        lambda local: pro.replay_windows(local, jnp.arange(local.segment.shape[0]), window, chunk), buffer
+    )
+    written = np.asarray(replay.written(buffer))
+    return jax.tree.map(lambda x: np.asarray(x)[written], every)
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_replay_windows_equal_the_padded_dataset_windows(devices, model):
+    lengths = [3, 6, 9, 5, 7, 4, 8, 2]
+    episodes = [fake_episode(n, success=i % 3 > 0, events={n - 1: "slip"} if i % 2 else (), retries=i % 2,
+                             seed=i) for i, n in enumerate(lengths)]  # fmt: skip
+    buffer = pro.fill_replay(episodes, PC, sharding.make_mesh(jax.devices()[:devices]))
+    got = written_windows(buffer, NET.window, NET.chunk)
+    # Every step once: find each window's step t among the flat steps by its (unique, random) observation.
+    flat = np.concatenate([ep["steps"]["observation"]["proprio"] for ep in episodes])
+    where = {row.tobytes(): i for i, row in enumerate(flat)}
+    t = np.array([where[row.tobytes()] for row in got["obs"]["proprio"][:, -1]])
+    assert sorted(t) == list(range(sum(lengths)))
+    want = reference_windows(episodes, t, NET.window, NET.chunk)
+    np.testing.assert_array_equal(got["valid"], want["valid"])
+    valid = want["valid"]
+    for k in want["obs"]:
+        np.testing.assert_array_equal(got["obs"][k][valid], want["obs"][k][valid])
+    np.testing.assert_array_equal(got["chunk"][valid], want["chunk"][valid])
+    np.testing.assert_array_equal(got["step"][valid], want["step"][valid])
+    for k in ("return", "done", "success", "risk"):
+        np.testing.assert_array_equal(got[k], want[k])
+    # Padding differs (zeros here, the first step there) but is masked: the model reads the same windows.
+    outputs = jax.jit(model.outputs)
+    mine, theirs = outputs(got), outputs(want)
+    for k in ("value", "rho", "done", "success"):
+        np.testing.assert_allclose(mine[k][:, -1], theirs[k][:, -1], atol=1e-5)
+
+
+def test_a_pro_update_on_four_devices_equals_the_single_device_update(model):
+    episodes = [fake_episode(n, success=i % 2 == 0, retries=i, seed=i) for i, n in enumerate([5, 7, 6, 9])]
+    buffer = pro.fill_replay(episodes, PC, sharding.make_mesh(jax.devices()[:1]))
+    sample = jax.jit(pro.sample_pairs, static_argnums=2, static_argnames=("window", "chunk", "faster_margin"))
+    batch = jax.device_get(sample(buffer, jax.random.key(0), 16, window=NET.window, chunk=NET.chunk,
+                                  faster_margin=0.5))  # fmt: skip
+    assert np.any(batch["preference"] != 0)  # the comparison loss takes part
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:4]):
+        mesh = sharding.make_mesh(devices)
+        # Plain SGD: a first Adam step divides by |g| and amplifies float noise in gradients near zero.
+        optimizer = optax.sgd(0.1)
+        state = pro.bc.init_state(jax.tree.map(jnp.copy, model.params), optimizer)
+        new, metrics = pro.make_update(model.graphdef, model.stats, optimizer, PC, mesh)(state, batch)
+        results.append(jax.device_get((new.params, metrics)))
+    for one, four in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(one), np.asarray(four), rtol=2e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def model():
     graphdef, params = nnx.split(NET.create(0), nnx.Param)
@@ -312,8 +403,8 @@ def model():
 def test_one_pass_over_an_episode_equals_each_window_alone(model):
     episodes = [fake_episode(7, success=True, seed=3)]
     whole = pro.score_episodes(model, episodes, length=8, batch=1)[0]
-    data = jax.tree.map(jnp.asarray, pro.build_dataset(episodes, PC))
-    windows = jax.jit(model.outputs)(pro.gather_windows(data, jnp.arange(7), NET.window))
+    local = replay.shard_view(pro.fill_replay(episodes, PC, sharding.make_mesh(jax.devices()[:1])), 0)
+    windows = jax.jit(model.outputs)(pro.replay_windows(local, jnp.arange(7), NET.window, NET.chunk))
     np.testing.assert_allclose(whole["value"], windows["value"][:, -1], atol=1e-5)
     np.testing.assert_allclose(whole["rho"], windows["rho"][:, -1], atol=1e-5)
 
@@ -412,12 +503,12 @@ def test_relabel_shapes_the_sparse_reward_with_a_state_only_pro(state_model, mod
 
 def test_conservative_training_runs_and_refresh_moves_only_the_params(state_model, model):
     episodes = [fake_episode(9, success=s, seed=i) for i, s in enumerate([True, False, True, False])]
-    data = jax.tree.map(jnp.asarray, pro.build_dataset(episodes, PC))
     pc = dataclasses.replace(PC, conservative=5.0, conservative_samples=2)
+    buffer = pro.fill_replay(episodes, pc, sharding.make_mesh())
     optimizer = pro.bc.make_optimizer(1e-3, pc.steps, 0, 0.0)
     state = pro.bc.init_state(jax.tree.map(jnp.copy, model.params), optimizer)
     train = pro.make_train_steps(model.graphdef, model.stats, optimizer, pc)
-    _, metrics = train(state, data, jax.random.key(0))
+    _, metrics = train(state, buffer, jax.random.key(0))
     assert np.isfinite(float(metrics["conservative"]))
     with pytest.raises(ValueError, match="action-conditioned"):
         state_pc = dataclasses.replace(pc, net=STATE_NET)

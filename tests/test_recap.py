@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import fewest_successes
 from flax import nnx
@@ -19,6 +20,8 @@ from learner import bc
 from learner import dataset
 from learner import evaluate
 from learner import recap
+from learner import replay
+from learner import sharding
 from learner.pretrain import Prior
 
 POS, NEG, NONE = models.INDICATOR_POSITIVE, models.INDICATOR_NEGATIVE, models.INDICATOR_NONE
@@ -45,21 +48,34 @@ def test_value_targets_are_steps_to_success_and_failures_sit_at_the_bottom():
     )
 
 
+def n_step_advantage(rewards: jax.Array, values: jax.Array, valid: jax.Array, n: int,
+                     value_range: tuple[float, float]) -> jax.Array:  # fmt: skip
+    """The reference: A_t = clip(sum_{k<n} r_{t+k} + V(o_{t+n})) - V(o_t) over padded episode rows [E, T],
+    the bootstrap 0 past the end (as Recap computed it before its data moved into the replay)."""
+    steps = rewards.shape[1]
+    cumulative = jnp.concatenate([jnp.zeros_like(rewards[:, :1]), jnp.cumsum(rewards, axis=1)], axis=1)
+    ahead = jnp.minimum(jnp.arange(steps) + n, steps)  # [T]
+    partial = cumulative[:, ahead] - cumulative[:, :steps]
+    bootstrap_index = jnp.minimum(ahead, steps - 1)
+    bootstrap = jnp.where((ahead < steps) & valid[:, bootstrap_index], values[:, bootstrap_index], 0.0)
+    return jnp.clip(partial + bootstrap, *value_range) - values
+
+
 def test_n_step_advantage_bootstraps_inside_the_episode_and_is_monte_carlo_past_its_end():
     rewards = recap.step_rewards(VALID, SUCCESS, max_steps=10, c_fail=1.0)
     values = jnp.array([[-0.3, -0.1, -0.05, 0.7], [-0.5, -0.9, 0.4, 0.4]])  # values past the end are junk
-    one = recap.n_step_advantage(rewards, values, VALID, 1, (-1.0, 0.0))
+    one = n_step_advantage(rewards, values, VALID, 1, (-1.0, 0.0))
     # Row 0: t0 -0.1 + V1 - V0 = -0.1 - 0.1 + 0.3 = 0.1; t1 -0.1 - 0.05 + 0.1 = -0.05; t2 (last) 0 + 0.05.
     # Row 1: t0 -0.1 - 0.9 + 0.5 = -0.5; t1 (last) clip(-1) + 0.9 = -0.1.
     np.testing.assert_allclose(one[0, :3], [0.1, -0.05, 0.05], atol=1e-6)
     np.testing.assert_allclose(one[1, :2], [-0.5, -0.1], atol=1e-6)
-    two = recap.n_step_advantage(rewards, values, VALID, 2, (-1.0, 0.0))
+    two = n_step_advantage(rewards, values, VALID, 2, (-1.0, 0.0))
     # Row 0: t0 -0.2 + V2 + 0.3 = 0.05; t1 -0.1 + 0 (t+2 is past the end) + 0.1 = 0.
     # Row 1: t0 clip(-1.1) = -1, + 0.5 = -0.5.
     np.testing.assert_allclose(two[0, :2], [0.05, 0.0], atol=1e-6)
     np.testing.assert_allclose(two[1, 0], -0.5, atol=1e-6)
     # N at least T: the Monte-Carlo advantage, clipped return minus V.
-    mc = recap.n_step_advantage(rewards, values, VALID, 4, (-1.0, 0.0))
+    mc = n_step_advantage(rewards, values, VALID, 4, (-1.0, 0.0))
     targets = recap.value_targets(rewards, (-1.0, 0.0))
     np.testing.assert_allclose(mc * VALID, (targets - values) * VALID, atol=1e-6)
 
@@ -135,30 +151,165 @@ def test_the_conditioned_policy_starts_as_the_prior_for_every_indicator():
     )
 
 
-def test_flattened_steps_follow_the_example_order_and_unflatten_back():
-    obs = {"proprio": np.arange(8, dtype=np.float32).reshape(2, 4, 1)}
-    block = recap.Block(obs, np.zeros((2, 4, 2), np.float32), np.asarray(VALID), np.zeros((2, 4), bool),
-                        np.asarray(SUCCESS), recap.ROLLOUTS)  # fmt: skip
-    examples = recap.flat_examples([block], chunk=2)
-    np.testing.assert_array_equal(examples["obs"]["proprio"][:, 0], [0, 1, 2, 4, 5])  # valid steps, by row
-    np.testing.assert_array_equal(examples["mask"], [[1, 1], [1, 1], [1, 0], [1, 1], [1, 0]])
-    per_step = np.arange(8, dtype=np.float32).reshape(2, 4) * 10
-    flat = recap.flat_steps([per_step], [block])
-    np.testing.assert_array_equal(flat, [0, 10, 20, 40, 50])
-    np.testing.assert_array_equal(recap.unflatten(flat, [block])[0], per_step * np.asarray(VALID))
+# ------------------------------------------------------------------------------------------ the replay
+TARGETS = recap.Targets(max_steps=10, c_fail=1.0, n=3, value_range=(-1.0, 0.0))
+SPEC = {"proprio": jax.ShapeDtypeStruct((7,), jnp.float32)}
 
 
-def test_only_rollout_takeovers_are_forced_positive_not_demonstrations():
-    insert_block = {
-        "obs": {"proprio": np.zeros((1, 3, 7), np.float32)},
-        "action": np.zeros((1, 3, 4), np.float32),
-        "valid": np.ones((1, 3), bool),
-        "intervention": np.array([[False, True, True]]),
+def id_block(lengths: list[int], success: list[bool], intervention: dict | None = None) -> dict:
+    """Recap's insert block of episodes of these lengths, one a row: proprio[..., 0] is a step's id
+    (100 * row + t), proprio[..., 1] a fake value in [-1, 0] for a `predict` that reads it."""
+    rows, steps = len(lengths), max(lengths)
+    t = np.arange(steps)
+    valid = t[None] < np.asarray(lengths)[:, None]
+    proprio = np.zeros((rows, steps, 7), np.float32)
+    proprio[..., 0] = 100 * np.arange(rows)[:, None] + t[None]
+    proprio[..., 1] = -np.random.default_rng(0).random((rows, steps))
+    flags = np.zeros((rows, steps), bool)
+    for row, at in (intervention or {}).items():
+        flags[row, at] = True
+    block = {
+        "obs": {"proprio": proprio},
+        "action": np.zeros((rows, steps, 4), np.float32),
+        "reward": np.zeros((rows, steps), np.float32),
+        "terminal": valid & (t[None] == np.asarray(lengths)[:, None] - 1),
+        "valid": valid,
+        "is_first": valid & (t[None] == 0),
+        "intervention": flags & valid,
+        "version": np.ones((rows, steps), np.int32),
+        "reward_source": np.zeros((rows, steps), np.int8),
     }
-    rollout = recap.Block.from_insert_block(insert_block, [True], recap.ROLLOUTS, ("proprio",))
-    demo = recap.Block.from_insert_block(insert_block, [True], recap.DEMOS, ("proprio",))
-    np.testing.assert_array_equal(rollout.forced, [[False, True, True]])
-    assert not demo.forced.any()
+    return recap.recap_block(block, np.asarray(success), TARGETS)
+
+
+def filled(block: dict, source: str, mesh, capacity: int = 64) -> replay.Buffer:
+    buffer = replay.create(SPEC, 4, capacity, mesh, recap.extras_spec())
+    return replay.insert(buffer, block, source=replay.SOURCES.index(source), n_step=2)
+
+
+def step_ids(buffer: replay.Buffer) -> np.ndarray:
+    return np.asarray(buffer.obs["proprio"][..., 0])[np.asarray(replay.written(buffer))].astype(int)
+
+
+def fake_value(scale, obs):
+    """A `predict` that reads the value written into the observation (`id_block`)."""
+    return scale * obs["proprio"][:, 1]
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_advantages_on_the_replay_equal_those_of_the_padded_rows(devices):
+    lengths, success = [3, 6, 2, 5], [True, False, True, False]
+    block = id_block(lengths, success)
+    buffer = filled(block, recap.AUTONOMOUS, sharding.make_mesh(jax.devices()[:devices]))
+    advantages = functools.partial(recap.slot_advantages, predict=fake_value, targets=TARGETS)
+    got = jax.jit(advantages)(buffer, jnp.float32(1.0))
+    written = np.asarray(replay.written(buffer))
+    ids = step_ids(buffer)
+    values = block["obs"]["proprio"][..., 1]
+    valid = jnp.asarray(block["valid"])
+    want = n_step_advantage(block["reward"], values, valid, TARGETS.n, TARGETS.value_range)
+    np.testing.assert_allclose(np.asarray(got["advantage"])[written], np.asarray(want)[ids // 100, ids % 100],
+                               atol=1e-6)  # fmt: skip
+    # Stored per step at insertion: the value target and the episode's success.
+    targets = recap.value_targets(block["reward"], TARGETS.value_range)
+    np.testing.assert_allclose(np.asarray(buffer.extras["value_target"])[written],
+                               np.asarray(targets)[ids // 100, ids % 100], atol=1e-6)  # fmt: skip
+    stored_success = np.asarray(buffer.extras["success"])[written]
+    np.testing.assert_array_equal(stored_success, np.asarray(success)[ids // 100])
+
+
+def test_only_rollout_corrections_are_forced_and_indicators_go_back_to_their_steps():
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    # Demonstrations are all the operator's steps, yet not corrections; in a corrected rollout they are.
+    buffers = {
+        recap.DEMONSTRATIONS: filled(id_block([3], [True], {0: [0, 1, 2]}), recap.DEMONSTRATIONS, mesh),
+        recap.CORRECTED: filled(id_block([4], [True], {0: [1, 2]}), recap.CORRECTED, mesh),
+    }
+    advantages = {k: {"advantage": b.obs["proprio"][..., 0] / 100.0} for k, b in buffers.items()}
+    table = recap.step_table(buffers, advantages)
+    np.testing.assert_array_equal(table["group"], [recap.DEMOS] * 3 + [recap.ROLLOUTS] * 4)
+    np.testing.assert_array_equal(table["forced"], [0, 0, 0, 0, 1, 1, 0])
+    np.testing.assert_allclose(table["advantage"], [0, 0.01, 0.02, 0, 0.01, 0.02, 0.03])
+    indicator = np.array([POS, NEG, POS, NEG, NEG, POS, POS], np.int32)
+    stored = recap.with_indicators(buffers, indicator)
+    back = [np.asarray(b.extras["indicator"])[np.asarray(replay.written(b))] for b in stored.values()]
+    np.testing.assert_array_equal(np.concatenate(back), indicator)
+
+
+def test_batches_take_each_source_at_its_configured_share_and_each_shard_draws_its_own_steps():
+    rc = configs.RecapConfig(demo_share=0.5, autonomous_per_iteration=8, corrected_per_iteration=16)
+    shares = recap.source_shares(rc, demonstrations=True)
+    want = {recap.DEMONSTRATIONS: 0.5, recap.AUTONOMOUS: 1 / 6, recap.CORRECTED: 1 / 3}
+    assert shares == pytest.approx(want)
+    assert recap.source_shares(rc, demonstrations=False) == pytest.approx(
+        {recap.AUTONOMOUS: 1 / 3, recap.CORRECTED: 2 / 3}
+    )
+    mesh = sharding.make_mesh()
+    lengths = [8, 12, 6, 10]  # one row, so one episode, per shard
+    buffers = {name: filled(id_block(lengths, [True] * 4), name, mesh) for name in shares}
+    batch_size, shards = 4096, 4
+    ratios = recap.batch_ratios(shares, batch_size, shards)
+    draw = functools.partial(recap.draw_batch, batch_size=batch_size, ratios=ratios, chunk=2)
+    batch = jax.tree.map(np.asarray, jax.jit(draw)(buffers, jax.random.key(0)))
+    assert set(batch) == {"obs", "chunk", "mask", "value_target", "indicator", "source"}
+    source = batch["source"]
+    # Every batch holds each source's share to within one draw per shard (whole draws on every shard).
+    for name, share in shares.items():
+        count = int(np.sum(source == replay.SOURCES.index(name)))
+        assert abs(count / batch_size - share) <= shards / batch_size, (name, count)
+    # Within a source each shard draws uniformly among its own steps: the first half of its episode takes
+    # each draw with probability 1/2. A correct sampler fails one of the 2 x 4 x 3 one-sided bounds with
+    # probability at most 1e-3 in all.
+    ids = batch["obs"]["proprio"][:, 0].astype(int)
+    per_shard = batch_size // shards
+    for shard in range(shards):
+        rows = slice(shard * per_shard, (shard + 1) * per_shard)
+        assert np.all(ids[rows] // 100 == shard)  # shard-local: never a step of another shard
+        for name in shares:
+            mine = ids[rows][source[rows] == replay.SOURCES.index(name)] % 100
+            low = fewest_successes(len(mine), 0.5, 1e-3 / 24)
+            assert low <= int(np.sum(mine < lengths[shard] // 2)) <= len(mine) - low, (shard, name)
+
+
+def tiny_prior() -> Prior:
+    config = configs.get_config("debug")
+    graphdef, params = nnx.split(config.model.create_policy(0), nnx.Param)
+    stats = normalization.compute(jax.device_get(config.model.fake_observation(jax.random.key(9), 64)))
+    return Prior(config, graphdef, params, stats, 0, None)
+
+
+@pytest.mark.parametrize("network", ["policy", "value"])
+def test_a_recap_update_on_four_devices_equals_the_single_device_update(network):
+    prior = tiny_prior()
+    config, model = prior.config, prior.config.model
+    keys = jax.random.split(jax.random.key(1), 4)
+    batch = {
+        "obs": model.fake_observation(keys[0], 16),
+        "chunk": model.fake_chunk(keys[1], 16),
+        "mask": jnp.ones((16, model.chunk), bool),
+        "indicator": jax.random.randint(keys[2], (16,), 0, 3),
+        "value_target": -jax.random.uniform(keys[3], (16,)),
+    }
+    if network == "policy":
+        graphdef, params = recap.conditioned_policy(prior)
+        embedding = params["indicator"]["embedding"]  # zero at the start: give the indicator a gradient path
+        params["indicator"]["embedding"] = nnx.Param(jax.random.normal(keys[3], embedding.shape))
+        loss_fn = recap.policy_loss_fn(config, prior, graphdef)
+        prepare = functools.partial(recap.indicator_dropout, rate=0.3)
+    else:
+        graphdef, params = nnx.split(model.create_value(1), nnx.Param)
+        loss_fn, prepare = recap.value_loss_fn(prior, graphdef), None
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:4]):
+        # Plain SGD: a first Adam step divides by |g| and amplifies float noise in gradients near zero.
+        optimizer = optax.sgd(0.1)
+        state = bc.init_state(jax.tree.map(jnp.copy, params), optimizer)
+        update = recap.make_update(loss_fn, optimizer, sharding.make_mesh(devices), prepare)
+        new, metrics = update(state, batch, jax.random.key(2))
+        results.append(jax.device_get((new.params, metrics)))
+    for one, four in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(one), np.asarray(four), rtol=2e-5, atol=1e-6)
+    assert float(results[0][1]["grad_norm"]) > 0  # the update moved the params
 
 
 def test_a_padded_dataset_is_drawn_from_its_filled_rows_only():
@@ -169,35 +320,6 @@ def test_a_padded_dataset_is_drawn_from_its_filled_rows_only():
     assert "size" not in batch and set(np.unique(batch["obs"]["proprio"])) == {0.0, 1.0, 2.0}
     with pytest.raises(ValueError, match="capacity"):
         dataset.pad(examples, capacity=2)
-
-
-def test_the_two_source_sampler_draws_demonstrations_and_collected_steps_half_and_half():
-    # 1,000 demonstration rows, 50 collected rows, padding up to 1,100: a uniform draw would take the
-    # collected rows 50 / 1,050 of the time.
-    demo_size, size, capacity, draws = 1_000, 1_050, 1_100, 20_000
-    data = {"row": jnp.arange(capacity), "size": jnp.int32(size), "demo_size": jnp.int32(demo_size)}
-    batch = recap.two_source_batch(data, jax.random.key(0), draws, demo_share=0.5)
-    assert set(batch) == {"row"}
-    rows = np.asarray(batch["row"])
-    assert rows.min() >= 0 and rows.max() < size  # never the padding
-    collected = int(np.sum(rows >= demo_size))
-    # Each draw is collected with probability 1/2: a correct sampler lands below `low` with probability at
-    # most 5e-4, and above `draws - low` (the mirror image) with at most 5e-4.
-    low = fewest_successes(draws, 0.5, 5e-4)
-    assert low <= collected <= draws - low, collected
-    # Within a source the draw is uniform: the first half of the demonstrations takes half of its draws.
-    demo_rows = rows[rows < demo_size]
-    low = fewest_successes(len(demo_rows), 0.5, 5e-4)
-    assert low <= int(np.sum(demo_rows < demo_size // 2)) <= len(demo_rows) - low
-
-
-def test_the_two_source_sampler_is_uniform_while_a_source_is_empty():
-    data = {"row": jnp.arange(8), "size": jnp.int32(5), "demo_size": jnp.int32(5)}
-    rows = np.asarray(recap.two_source_batch(data, jax.random.key(1), 4_000, demo_share=0.5)["row"])
-    assert set(np.unique(rows)) == {0, 1, 2, 3, 4}
-    data = {**data, "demo_size": jnp.int32(0)}
-    rows = np.asarray(recap.two_source_batch(data, jax.random.key(1), 4_000, demo_share=0.5)["row"])
-    assert set(np.unique(rows)) == {0, 1, 2, 3, 4}
 
 
 def test_auroc_by_hand():

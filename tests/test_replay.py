@@ -1,5 +1,5 @@
 """Replay: insert layout and n-step targets by hand, local sampling without collectives, mixing, restore
-from episodes, checkpoints, and a 1M-transition buffer."""
+from episodes, per-step extras, checkpoints, and a 1M-transition buffer."""
 
 import functools
 import math
@@ -425,6 +425,32 @@ def test_from_episodes_packs_rows(mesh1):
     buffer = insert_fn(n_step=2, source=0)(replay.create(OBS_SPEC, 2, 16, mesh1), block)
     np.testing.assert_array_equal(buffer.segment[0, :10], [0, 0, 0, 1, 1, 2, 2, 2, 2, -1])
     np.testing.assert_array_equal(buffer.sampleable[0, :9], T)  # every episode ends in a (terminal) is_last
+
+
+def test_extras_are_placed_like_their_steps_and_come_with_samples_and_windows(mesh1):
+    # Lengths 3, 2, 4 into 2 rows as above; each episode's extra "label" is 2 * its step ids.
+    episodes = [episode(3, 0, "7"), episode(2, 10, "operator"), episode(4, 20, "12")]
+    extras = [{"label": 2 * ep["steps"]["observation"]["x"][:, 0]} for ep in episodes]
+    block = replay.from_episodes(episodes, rows=2, obs_keys=["x"], extras=extras)
+    np.testing.assert_array_equal(block["extras"]["label"], 2 * block["obs"]["x"][..., 0] * block["valid"])
+    spec = {"label": jax.ShapeDtypeStruct((), jnp.float32)}
+    buffer = insert_fn(n_step=1, source=0)(replay.create(OBS_SPEC, 2, 16, mesh1, spec), block)
+    local = replay.shard_view(buffer, 0)
+    sample = replay.gather(local, jnp.arange(9), n_step=1, chunk=1, gamma=1.0)
+    np.testing.assert_array_equal(sample["label"], 2 * sample["obs"]["x"][:, 0])
+    # Slot 8 holds x = 23, the last step of the third episode (slots 5-8): a window of 5 masks slot 4.
+    windows = replay.gather_windows(local, jnp.array([8]), 5)
+    np.testing.assert_array_equal(windows["label"][0], [0, 40, 42, 44, 46])
+    # The step two back from x = 23 is x = 21 in the same episode; five back is another episode's.
+    slot, linked = replay.step_in_segment(local, jnp.array([8, 8]), jnp.array([-2, -5]))
+    np.testing.assert_array_equal(local.obs["x"][slot[0], 0], 21)
+    np.testing.assert_array_equal(linked, [True, False])
+    with pytest.raises(ValueError, match="extras/label"):
+        replay.insert(buffer, {k: v for k, v in block.items() if k != "extras"}, source=0, n_step=1)
+    with pytest.raises(ValueError, match="shadow"):
+        replay.create(OBS_SPEC, 2, 16, mesh1, {"reward": spec["label"]})
+    filled = replay.map_slots(lambda local: {"twice": 2 * local.obs["x"][:, 0]}, buffer)
+    np.testing.assert_array_equal(filled["twice"][replay.written(buffer)], sample["label"])
 
 
 def test_checkpoint_round_trip(tmp_path, mesh4):

@@ -54,6 +54,7 @@ from learner import replay  # noqa: E402
 from learner import sac  # noqa: E402
 from learner import sharding  # noqa: E402
 from tools import bench_fleet  # noqa: E402
+from tools import bench_updates  # noqa: E402
 
 CACHE_DIR = ".cache/jax"
 
@@ -1160,6 +1161,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="add the SAC learner and replay section (vs PyTorch and flashbax where installed)",
     )
     p.add_argument("--learner-steps", type=int, default=20, help="SAC train steps per timed call")
+    p.add_argument("--updates", action="store_true", help="add the PRO and Recap update section")
+    p.add_argument("--updates-steps", type=int, default=10, help="PRO and Recap updates per timed call")
     p.add_argument("--fleet", action="store_true", help="add the fleet section (ingest, params, jitter)")
     p.add_argument("--fleet-episodes", type=int, default=16, help="episodes pushed per concurrent actor")
     p.add_argument("--fleet-steps", type=int, default=300, help="control steps per jitter rate")
@@ -1172,7 +1175,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.all:
-        args.no_sim, args.latency, args.learner, args.fleet = False, True, True, True
+        args.no_sim, args.latency, args.learner, args.fleet, args.updates = False, True, True, True, True
         args.pretrain = args.pretrain or []
         args.json = args.json or args.report / "report.json"
     lines: list[str] = []
@@ -1212,6 +1215,10 @@ def main(argv: list[str]) -> int:
         print(f"  learner: fused {learner['jax_fused']['train_steps_per_s']:.1f} train steps/s", flush=True)
         learner["replay"] = bench_replay(args.replay_capacity, args.reps, args.limit, cache)
         learner["ratios"] = learner_ratios(learner, learner["replay"], args.reps)
+    updates = {}
+    if args.updates:
+        updates = bench_updates.run(args.updates_steps, args.reps)
+        print(f"  updates: PRO {updates['pro']['steps_per_s']:.2f} steps/s", flush=True)
     fleet = {}
     if args.fleet:
         fleet = bench_fleet.run(fleet_policy_file(), args.fleet_episodes, args.fleet_steps)
@@ -1247,6 +1254,10 @@ def main(argv: list[str]) -> int:
               f"{default['numpy_p50_us']:.0f} us against a bound of {default['bound_us']:.0f} us = "
               f"{ratio:.2f}x the stream ({'met' if ratio <= CLIENT_BOUND else 'missed'}); p99 <= 2 ms: "
               f"{p99_ms:.3f} ms ({'met' if p99_ms <= 2 else 'missed'})")  # fmt: skip
+    if updates:
+        emit(f"\nPRO and Recap updates on the data path their commands run, {args.updates_steps} per timed "
+             f"call, median of {args.reps} after one untimed; default model, fake episodes\n")  # fmt: skip
+        emit(bench_updates.table(updates))
     if learner:
         emit(f"\nSAC learner, default model ({learner['params']:,} params), batch {learner['batch']}, utd "
               f"{learner['utd']}; one train step = {learner['utd']} critic updates + 1 actor update; "
@@ -1279,6 +1290,8 @@ def main(argv: list[str]) -> int:
             result["learner"] = learner
         if fleet:
             result["fleet"] = fleet
+        if updates:
+            result["updates"] = updates
         args.json.write_text(json.dumps(result, indent=2))
     if args.all:
         args.report.mkdir(parents=True, exist_ok=True)

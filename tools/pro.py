@@ -4,7 +4,8 @@
   prior on train and on novel (chunks sampled from it, so they vary), and on novel with the scripted
   operator taking over (patched and recovered episodes); the operator's demonstrations on both splits are
   made too if missing. These plus the demonstrations are the episode store PRO trains from.
-- `train`: train PRO on every dataset in `pro.datasets` except the held-out episodes; checkpoints,
+- `train`: train PRO on every dataset in `pro.datasets` except the held-out episodes, loaded into the
+  sharded replay with their labels (`pro.fill_replay`) and drawn from it shard by shard; checkpoints,
   `metrics.jsonl` and the numpy export (`pro.msgpack`) go to `<out_dir>/pro/`; rerun to resume.
 - `eval`: held-out figures (value-order correlation, risk AUROC, calibration, drop lead time, termination
   accuracy, episode score), retry gating, ranking K chunks in MJX with and without PRO, and `episode.png`:
@@ -160,7 +161,7 @@ def train(config: configs.Config) -> int:
         }
     )
     mesh = sharding.make_mesh()
-    dataset = jax.device_put(pro.build_dataset(train_eps, pc), sharding.replicated(mesh))
+    buffer = pro.fill_replay(train_eps, pc, mesh)
     graphdef, params = nnx.split(pc.net.create(pc.seed), nnx.Param)
     optimizer = bc.make_optimizer(pc.learning_rate, pc.steps, pc.warmup_steps, pc.weight_decay)
     state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
@@ -175,7 +176,7 @@ def train(config: configs.Config) -> int:
     bar = tqdm(total=pc.steps, initial=int(state.step), desc="PRO train", unit="step")
     tic = time.perf_counter()
     while int(state.step) < pc.steps:
-        state, metrics = train_block(state, dataset, key)
+        state, metrics = train_block(state, buffer, key)
         record = {
             "step": int(state.step),
             "wall_s": time.perf_counter() - tic,

@@ -3,9 +3,10 @@ succeed and the value can tell good from bad.
 
 Loads the prior from `recap.prior` and the task's `train` demonstrations, then for every seed in
 `recap.seeds` runs `learner.recap.run_recap`: iterations of autonomous episodes and operator-corrected
-episodes (the `patch.*` takeover trigger), value training, advantages, indicator-conditioned policy
-training on batches drawn 50:50 from demonstrations and collected steps, evaluation with the indicator
-positive on the fixed test contexts. The final policy is then evaluated at every guidance weight beta in
+episodes (the `patch.*` takeover trigger), each into its own source of the sharded replay, value
+training, advantages, indicator-conditioned policy training on batches drawn from the replay 50:50 from
+demonstrations and collected steps (`recap.demo_share`), evaluation with the indicator positive on the
+fixed test contexts. The final policy is then evaluated at every guidance weight beta in
 `recap.guidance_sweep`, and on `novel`. Writes to `out_dir/recap-<task>/`: `report.json`, `report.md`
 (headline with intervals, each seed, the iterations with the advantage's AUROC for episode success, the
 beta sweep, throughput and tail failures against the targets), `recap.png` and one `seed<N>/metrics.jsonl`
