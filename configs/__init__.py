@@ -523,7 +523,7 @@ class FleetConfig:
     """Learner rounds before it exits (0: until stopped)."""
     gate: str = "sim"
     """Regression gate: "sim" (success in the C twin on held-out seeds), or one registered in
-    `learner.gate.GATES`."""
+    `learner.fleet.gate.GATES`."""
     gate_margin: float = 0.05
     """A candidate is published unless its score is below the current params' by more than this."""
     gate_episodes: int = 32

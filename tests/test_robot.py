@@ -33,9 +33,9 @@ from jaxvla.actor import loop
 from jaxvla.actor import policy as actor_policy
 from jaxvla.actor import robots
 from jaxvla.actor import runner
-from learner import gate as gates
-from learner.store import EpisodeStore
-from learner.store import ParamsRegistry
+from learner.fleet import gate as gates
+from learner.fleet.store import EpisodeStore
+from learner.fleet.store import ParamsRegistry
 from tools import publish as publish_tool
 
 SCENE = np.array([0.45, 0.0, 1.0, 0, 0, 0, 0, 0, 0, 1.0], np.float32)  # pick_place's one bin, no lid

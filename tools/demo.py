@@ -40,8 +40,8 @@ from jaxvla import export
 from learner import patch
 from learner import pretrain
 from learner import pro
-from learner.store import EpisodeStore
-from learner.store import ParamsRegistry
+from learner.fleet.store import EpisodeStore
+from learner.fleet.store import ParamsRegistry
 from tools import data
 from tools import pro as pro_tool
 from tools import recap as recap_tool

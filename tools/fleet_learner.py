@@ -6,7 +6,7 @@ import sys
 import jax
 
 import configs
-from learner.fleet import FleetLearner
+from learner.fleet.loop import FleetLearner
 
 
 def main(argv: list[str]) -> int:
