@@ -20,6 +20,8 @@ from jaxvla.models.pro import ProNetConfig
 
 Split = Literal["train", "deploy", "tail", "novel"]
 SPLITS: tuple[str, ...] = typing.get_args(Split)
+# Where compiled programs are kept between runs (`learner.compile_cache`), relative to the working folder.
+COMPILE_CACHE = ".cache/jax"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -589,7 +591,7 @@ class Config:
     """The main job: every method compared."""
     out_dir: str = "runs"
     """Folder for checkpoints, logs and plots."""
-    compile_cache: str = ".cache/jax"
+    compile_cache: str = COMPILE_CACHE
     """Folder for JAX's persistent compilation cache, so reruns skip compiling."""
 
 

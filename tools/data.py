@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+import configs
 from envs import cell
 from envs.rollout import rollout
 from envs.tasks import SPLITS
@@ -35,9 +36,9 @@ from envs.tasks import TASKS
 from envs.workcell import Workcell
 from jaxvla import episodes as rlds
 from jaxvla import tokenizer
+from learner import compile_cache
 
 PROG = "jaxvla data"
-COMPILE_CACHE = ".cache/jax"  # the folder `jaxvla sim` caches its compiles in
 ACTION_SIZE = rlds.STEP_SPEC["action"].shape[0]
 METADATA = {"robot_id": "sim-0", "policy_version": "operator", "source": "offline"}
 # Action units are fractions of v_max per control step: sigma 0.1 jitters the setpoint by 8 mm a step,
@@ -295,7 +296,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
+    compile_cache.enable()
     directory = Path(args.out) / f"{args.task}_{args.split}"
     if rlds.dataset_path(directory).exists() and not args.overwrite:
         print(
@@ -307,7 +308,7 @@ def main(argv: list[str]) -> int:
         f"{PROG}: {args.episodes} operator episodes of {args.task}/{args.split}, {batch} at a time, "
         f"actuation noise {args.noise}, pushes {args.bursts} per step"
     )
-    print(f"The first batch includes the compile (10-25 s; reruns hit the cache in {COMPILE_CACHE}).")
+    print(f"The first batch includes the compile (10-25 s; reruns hit the cache in {configs.COMPILE_CACHE}).")
     start = time.perf_counter()
     episodes = generate(
         args.task,

@@ -37,6 +37,7 @@ import numpy as np
 import configs
 from jaxvla import episodes as rlds
 from jaxvla import export
+from learner import compile_cache
 from learner import patch
 from learner import pretrain
 from learner import pro
@@ -530,7 +531,7 @@ def run(config: configs.Config) -> str:
 def main(argv: list[str]) -> int:
     full = "--full" in argv
     config = configs.cli(["demo_full" if full else "demo", *(a for a in argv if a != "--full")], prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     tic = time.perf_counter()
     summary = run(config)
     out = pathlib.Path(config.out_dir)

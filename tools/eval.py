@@ -11,10 +11,10 @@ import dataclasses
 import json
 import pathlib
 
-import jax
-
+import configs
 import envs
 from envs.operator import Trigger
+from learner import compile_cache
 from learner import evaluate
 from learner import patch
 from learner import pretrain
@@ -40,7 +40,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--lookahead", type=int, default=0, help="with --operator: look-ahead trigger steps")
     parser.add_argument("--json", type=pathlib.Path, help="also write the report here")
-    parser.add_argument("--compile-cache", default=".cache/jax", help="persistent compilation cache folder")
+    parser.add_argument(
+        "--compile-cache", default=configs.COMPILE_CACHE, help="persistent compilation cache folder"
+    )
     args = parser.parse_args(argv)
     if args.task != "all" and args.task not in envs.TASKS:
         parser.error(f"unknown task {args.task!r}; choose from {', '.join(envs.TASKS)} or 'all'")
@@ -53,7 +55,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    compile_cache.enable(args.compile_cache)
     prior = pretrain.load(args.policy)
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
     camera_res = prior.config.model.image_res if prior.config.model.image else None

@@ -20,10 +20,10 @@ import json
 import pathlib
 import sys
 
-import jax
 import numpy as np
 
 import configs
+from learner import compile_cache
 from learner import evaluate
 from learner import patch
 from learner import pretrain
@@ -210,7 +210,7 @@ def load_prior(path: str) -> pretrain.Prior:
 
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     pc, pre = config.patch, config.pretrain
     suffix = "-pro" if pc.reward == "pro" else ""
     out = pathlib.Path(config.out_dir) / f"patch-{pc.task}-{pc.split}{suffix}"

@@ -12,6 +12,7 @@ import pathlib
 import jax
 
 import configs
+from learner import compile_cache
 from learner import evaluate
 from learner import pretrain
 
@@ -41,7 +42,7 @@ def demonstrations(config: configs.Config) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     run_dir = pathlib.Path(config.out_dir) / config.name
     prior = pretrain.train(config, demonstrations(config), run_dir)
     print(f"trained {prior.step} steps; plot: {pretrain.plot(run_dir)}")

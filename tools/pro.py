@@ -47,6 +47,7 @@ from jaxvla import episodes as rlds
 from jaxvla import export
 from jaxvla import normalization
 from learner import bc
+from learner import compile_cache
 from learner import evaluate
 from learner import patch
 from learner import pro
@@ -674,7 +675,7 @@ def main(argv: list[str]) -> int:
         return 2
     action, rest = argv[0], argv[1:]
     config = configs.cli(rest, prog=f"{PROG} {action}")
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     actions = {
         "collect": collect,
         "train": train,

@@ -16,12 +16,12 @@ import dataclasses
 import pathlib
 import sys
 
-import jax
 import numpy as np
 
 import configs
 from envs.wrappers import Trigger
 from jaxvla import models
+from learner import compile_cache
 from learner import evaluate
 from learner import patch
 from learner import recap
@@ -163,7 +163,7 @@ def sweep_table(summaries: dict, betas: tuple[float, ...]) -> str:
 
 def main(argv: list[str]) -> int:
     config = practice.cli(argv, PROG, "recap", DEFAULTS)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     rc, pre = config.recap, config.pretrain
     out = pathlib.Path(config.out_dir) / f"recap-{rc.task}"
     prior = load_prior(rc.prior)

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 import configs
+from learner import compile_cache
 from learner import dataset
 from learner import evaluate
 from learner import patch
@@ -195,7 +196,7 @@ def overview(lines: dict[str, dict]) -> str:
 
 def main(argv: list[str]) -> int:
     config = practice.cli(argv, PROG, "ript", DEFAULTS)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     root = pathlib.Path(config.out_dir) / f"ript-{config.ript.task}"
     prior = load_prior(config.ript.prior)
     if config.ript.probe_stds:  # at the first start

@@ -26,6 +26,7 @@ from envs import operator  # noqa: E402
 from envs.rollout import rollout  # noqa: E402
 from envs.tasks import get_task  # noqa: E402
 from envs.workcell import Workcell  # noqa: E402
+from learner import compile_cache  # noqa: E402
 
 PROG = "jaxvla sim"
 SHOWCASE_RES = 64  # camera pixels per side for the showcase episode
@@ -192,7 +193,7 @@ def showcase(env: Workcell, key: jax.Array, out: Path, title: str) -> dict:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(argv)
-    jax.config.update("jax_compilation_cache_dir", cfg.compile_cache)
+    compile_cache.enable(cfg.compile_cache)
     task, split = cfg.env.task, cfg.env.split
     out = Path(cfg.out_dir) / "sim" / f"{task}_{split}"
     out.mkdir(parents=True, exist_ok=True)
