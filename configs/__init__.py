@@ -17,9 +17,10 @@ import tyro
 
 from jaxvla.models import ModelConfig
 from jaxvla.models.pro import ProNetConfig
+from jaxvla.schema import SPLITS
 
-Split = Literal["train", "deploy", "tail", "novel"]
-SPLITS: tuple[str, ...] = typing.get_args(Split)
+# Literal of a tuple is the Literal of its items: tyro offers the splits as choices.
+Split = Literal[SPLITS]
 # Where compiled programs are kept between runs (`learner.compile_cache`), relative to the working folder.
 COMPILE_CACHE = ".cache/jax"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import COMPILE_CACHE
 
-from envs.cell import FAILURE_MODES
+from jaxvla.schema import FAILURE_MODES
 from learner import evaluate
 
 DROP, MISSED = FAILURE_MODES.index("drop"), FAILURE_MODES.index("missed_grasp")

@@ -31,11 +31,12 @@ from tqdm import tqdm
 import configs
 from envs import cell
 from envs.rollout import rollout
-from envs.tasks import SPLITS
 from envs.tasks import TASKS
 from envs.workcell import Workcell
 from jaxvla import episodes as rlds
+from jaxvla import schema
 from jaxvla import tokenizer
+from jaxvla.schema import SPLITS
 from learner import compile_cache
 
 PROG = "jaxvla data"
@@ -234,13 +235,13 @@ def summarize(episodes: list[dict]) -> dict:
     """Counts over generated episodes: steps, success rate, mean length, final failure modes."""
     lengths = np.array([len(e["steps"]["reward"]) for e in episodes])
     final_modes = np.array([e["steps"]["failure_mode"][-1] for e in episodes])
-    counts = np.bincount(final_modes, minlength=len(cell.FAILURE_MODES))
+    counts = np.bincount(final_modes, minlength=len(schema.FAILURE_MODES))
     return {
         "episodes": len(episodes),
         "steps": int(lengths.sum()),
         "success_rate": float(np.mean([e["episode_metadata"]["success"] for e in episodes])),
         "mean_length": float(lengths.mean()),
-        "failure_modes": {name: int(n) for name, n in zip(cell.FAILURE_MODES, counts, strict=True) if n},
+        "failure_modes": {name: int(n) for name, n in zip(schema.FAILURE_MODES, counts, strict=True) if n},
     }
 
 

@@ -14,6 +14,7 @@ import pathlib
 import configs
 import envs
 from envs.operator import Trigger
+from jaxvla import schema
 from learner import compile_cache
 from learner import evaluate
 from learner import patch
@@ -24,7 +25,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jaxvla eval", description=__doc__.splitlines()[0])
     parser.add_argument("--policy", required=True, type=pathlib.Path, help="run folder with checkpoints/")
     parser.add_argument("--task", default="all", help=f"one of {', '.join(envs.TASKS)}, or 'all'")
-    parser.add_argument("--split", default="all", choices=(*envs.SPLITS, "all"))
+    parser.add_argument("--split", default="all", choices=(*schema.SPLITS, "all"))
     parser.add_argument("--episodes", type=int, default=256, help="episodes per task and split")
     parser.add_argument(
         "--contexts",
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> int:
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
     camera_res = prior.config.model.image_res if prior.config.model.image else None
     tasks = envs.TASKS if args.task == "all" else (args.task,)
-    splits = envs.SPLITS if args.split == "all" else (args.split,)
+    splits = schema.SPLITS if args.split == "all" else (args.split,)
     named = {"test": evaluate.TEST, "validation": evaluate.VALIDATION}
     contexts = named[args.contexts].with_episodes(args.episodes)
     if args.operator:
