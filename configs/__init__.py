@@ -61,9 +61,9 @@ class PretrainConfig:
     """Folder of RLDS datasets, one per task and split."""
     demo_noise: float = 0.02
     """Actuation noise std while recording demonstrations (DART): the data then shows recoveries.
-    0.1 stops the operator from ever grasping (it centres within 4 mm); see tools/data.py NOISE."""
+    0.1 stops the operator from ever grasping (it centres within 4 mm); see envs/demos.py NOISE."""
     demo_bursts: float = 0.03
-    """Probability per step of a random push during demonstrations (recovery data; tools/data.py)."""
+    """Probability per step of a random push during demonstrations (recovery data; envs/demos.py)."""
     steps: int = 40_000
     """Gradient steps."""
     batch_size: int = 256

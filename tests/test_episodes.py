@@ -10,7 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from envs import cell
+from envs import demos as operator_demos
 from jaxvla import episodes as E
+from jaxvla import schema
 from jaxvla import tokenizer
 from tools import data
 
@@ -218,7 +220,7 @@ def fake_batch_record(lengths_and_ends: list[tuple[int | None, str]], horizon: i
     }
     return {
         "obs": obs,
-        "action": rng.uniform(-1, 1, (horizon, batch, 2 * data.ACTION_SIZE)).astype(np.float32),
+        "action": rng.uniform(-1, 1, (horizon, batch, 2 * schema.ACTION_SIZE)).astype(np.float32),
         "reward": done.astype(np.float32),
         "done": done,
         "truncated": truncated,
@@ -229,7 +231,7 @@ def fake_batch_record(lengths_and_ends: list[tuple[int | None, str]], horizon: i
 def test_to_episodes_cuts_each_env_at_its_end_and_labels_it():
     horizon = 8
     record = fake_batch_record([(3, "done"), (8, "truncated"), (None, "")], horizon)
-    episodes = data.to_episodes(record, "sort")
+    episodes = operator_demos.to_episodes(record, "sort")
     for episode in episodes:
         E.check_episode(episode)
 

@@ -23,11 +23,11 @@ import sys
 import numpy as np
 
 import configs
+from envs import demos as operator_demos
 from learner import compile_cache
 from learner import evaluate
 from learner import patch
 from learner import pretrain
-from tools import data
 from tools import pro as pro_tool
 
 PROG = "jaxvla patch"
@@ -215,10 +215,11 @@ def main(argv: list[str]) -> int:
     suffix = "-pro" if pc.reward == "pro" else ""
     out = pathlib.Path(config.out_dir) / f"patch-{pc.task}-{pc.split}{suffix}"
     prior = load_prior(pc.prior)
-    offline = data.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes, seed=pre.seed)
+    offline = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes,
+                                              seed=pre.seed)  # fmt: skip
     noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
     demos = {
-        arm: data.load_or_generate(
+        arm: operator_demos.load_or_generate(
             pre.data_dir, pc.task, split, max(pc.sft_demos), seed=pre.seed + 1, **noise
         )
         for arm, split in (("sft", pc.split), ("targeted_sft", "tail"))

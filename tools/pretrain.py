@@ -21,13 +21,13 @@ PROG = "jaxvla pretrain"
 
 def demonstrations(config: configs.Config) -> list[dict]:
     """Every task's `train` demonstrations, read from disk, generated first where too few exist."""
-    from tools import data
+    from envs import demos as operator_demos
 
     pc = config.pretrain
     out = []
     for task in pc.tasks:
         out.extend(
-            data.load_or_generate(
+            operator_demos.load_or_generate(
                 pc.data_dir,
                 task,
                 "train",

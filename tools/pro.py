@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import configs
 import envs
+from envs import demos as operator_demos
 from envs.cell import EVENTS
 from envs.cell import FAILURE_MODES
 from envs.rollout import rollout
@@ -54,7 +55,6 @@ from learner import pro
 from learner import sharding
 from learner.checkpoints import Checkpoints
 from learner.pretrain import MetricsLog
-from tools import data
 from tools import eval as eval_tool
 from tools import patch as patch_tool
 
@@ -85,11 +85,11 @@ def deployment_batch(task: str, split: str, num_envs: int, trigger: Trigger, act
 def record_episodes(record: dict, task: str, version: str) -> list[dict]:
     """One RLDS episode per env of a deployment record (numpy [T, B]); "patch" if the operator acted."""
     out = []
-    for r in data.env_records(record):
+    for r in operator_demos.env_records(record):
         info = r["info"]
         source = "patch" if info["is_intervention"].any() else "online"
         out.append(
-            data.episode_from_record(
+            operator_demos.episode_from_record(
                 r,
                 task,
                 action=info["action"],
@@ -104,9 +104,9 @@ def record_episodes(record: dict, task: str, version: str) -> list[dict]:
 def collect(config: configs.Config) -> int:
     pc, pre = config.pro, config.pretrain
     prior = patch_tool.load_prior(pc.prior)
-    data.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
+    operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
     if f"{pc.task}_novel" in pc.dataset_names():
-        data.load_or_generate(
+        operator_demos.load_or_generate(
             pre.data_dir,
             pc.task,
             "novel",

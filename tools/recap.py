@@ -19,13 +19,13 @@ import sys
 import numpy as np
 
 import configs
+from envs import demos as operator_demos
 from envs.wrappers import Trigger
 from jaxvla import models
 from learner import compile_cache
 from learner import evaluate
 from learner import patch
 from learner import recap
-from tools import data
 from tools import practice
 from tools.patch import load_prior
 
@@ -167,7 +167,8 @@ def main(argv: list[str]) -> int:
     rc, pre = config.recap, config.pretrain
     out = pathlib.Path(config.out_dir) / f"recap-{rc.task}"
     prior = load_prior(rc.prior)
-    offline = data.load_or_generate(pre.data_dir, rc.task, "train", rc.offline_episodes, seed=pre.seed)
+    offline = operator_demos.load_or_generate(pre.data_dir, rc.task, "train", rc.offline_episodes,
+                                              seed=pre.seed)  # fmt: skip
     results, summaries = run_seeds(config, prior, offline, out)
     report = practice.write(out, "recap", "Recap", {"recap": dataclasses.asdict(rc)}, describe(config), ROWS,
                             COLUMNS, results, summaries, f"Recap on {rc.task}/{rc.split}")  # fmt: skip

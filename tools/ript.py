@@ -21,12 +21,12 @@ import jax
 import numpy as np
 
 import configs
+from envs import demos as operator_demos
 from learner import compile_cache
 from learner import dataset
 from learner import evaluate
 from learner import patch
 from learner import ript
-from tools import data
 from tools import practice
 from tools.patch import load_prior
 
@@ -74,10 +74,10 @@ def few_shot_demos(config: configs.Config) -> tuple[list[dict], list[dict]]:
     rc, pre = config.ript, config.pretrain
     if not rc.sft_demos:
         return [], []
-    offline = data.load_or_generate(pre.data_dir, rc.task, "train", config.patch.offline_episodes,
-                                    seed=pre.seed)  # fmt: skip
-    demos = data.load_or_generate(pre.data_dir, rc.task, rc.split, rc.sft_demos, seed=pre.seed + 1,
-                                  noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
+    offline = operator_demos.load_or_generate(pre.data_dir, rc.task, "train", config.patch.offline_episodes,
+                                              seed=pre.seed)  # fmt: skip
+    demos = operator_demos.load_or_generate(pre.data_dir, rc.task, rc.split, rc.sft_demos, seed=pre.seed + 1,
+                                            noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
     return demos, offline
 
 
