@@ -785,3 +785,15 @@ def cli(argv: Sequence[str], prog: str | None = None) -> Config:
     """Parses `<config name> [--section.field value ...]` into a Config; exits with help on bad input."""
     choices = {config.name: (config.description, config) for config in _CONFIGS}
     return tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)
+
+
+def cli_with_defaults(argv: Sequence[str], prog: str, section: str, defaults: dict) -> Config:
+    """`cli` with `defaults` replacing fields of `section` in every named config, so `--help` shows them
+    and the command line still overrides them."""
+
+    def replaced(config: Config) -> Config:
+        fields = dataclasses.replace(getattr(config, section), **defaults)
+        return dataclasses.replace(config, **{section: fields})
+
+    choices = {config.name: (config.description, replaced(config)) for config in _CONFIGS}
+    return tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)
