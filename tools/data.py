@@ -3,16 +3,8 @@
     jaxvla data generate --task pick_place --split train --episodes 512 [--out data] [--num-envs 64]
                          [--seed 0] [--noise 0.1] [--overwrite]
 
-Each batch of `num_envs` episodes is one jitted, vmapped `envs.rollout.rollout` scan of the task's full
-episode length; each env's record is then cut at its first done or truncated step. Actuation noise
-(DART): the env executes clip(command + N(0, noise^2), -1, 1) while the episode records the operator's
-command, as a real robot's log records commands and the noise plays actuation error. Pushes: with
-probability `bursts` per step, the next BURST_STEPS steps execute random moves (the valve still follows
-the operator), knocking the cup centimetres off its path; the operator's recovery commands are what a
-cloned policy needs to see once its own errors compound. Neither is applied while the cup drags a lid.
-The dataset goes to
-`<out>/<task>_<split>/` (see `jaxvla.episodes`). The generator is `envs.demos`: from Python,
-`demos.generate(...)` returns the episodes without writing them.
+The episodes come from `envs.demos` (how they are made, with actuation noise and pushes, is in its
+docstring, which `--help` shows too). The dataset goes to `<out>/<task>_<split>/` (see `jaxvla.episodes`).
 """
 
 import argparse
@@ -33,6 +25,8 @@ from learner import compile_cache
 PROG = "jaxvla data"
 NOISE_HELP = "actuation noise std in action units (1 = v_max for one step); 0 turns it off"
 BURSTS_HELP = "probability per step that a random push starts (0 turns pushes off)"
+# `generate --help`: how the generator makes episodes, then where this command writes them.
+HELP = operator_demos.__doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n", 2)[2]
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -80,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     gen = commands.add_parser(
         "generate",
         help="scripted-operator episodes in the MJX workcell",
-        description=__doc__.split("\n\n", 2)[2],
+        description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("--task", required=True, choices=sorted(TASKS))
