@@ -17,9 +17,12 @@ import tyro
 
 from jaxvla.models import ModelConfig
 from jaxvla.models.pro import ProNetConfig
+from jaxvla.schema import SPLITS
 
-Split = Literal["train", "deploy", "tail", "novel"]
-SPLITS: tuple[str, ...] = typing.get_args(Split)
+# Literal of a tuple is the Literal of its items: tyro offers the splits as choices.
+Split = Literal[SPLITS]
+# Where compiled programs are kept between runs (`learner.compile_cache`), relative to the working folder.
+COMPILE_CACHE = ".cache/jax"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +61,9 @@ class PretrainConfig:
     """Folder of RLDS datasets, one per task and split."""
     demo_noise: float = 0.02
     """Actuation noise std while recording demonstrations (DART): the data then shows recoveries.
-    0.1 stops the operator from ever grasping (it centres within 4 mm); see tools/data.py NOISE."""
+    0.1 stops the operator from ever grasping (it centres within 4 mm); see envs/demos.py NOISE."""
     demo_bursts: float = 0.03
-    """Probability per step of a random push during demonstrations (recovery data; tools/data.py)."""
+    """Probability per step of a random push during demonstrations (recovery data; envs/demos.py)."""
     steps: int = 40_000
     """Gradient steps."""
     batch_size: int = 256
@@ -530,7 +533,7 @@ class FleetConfig:
     """Learner rounds before it exits (0: until stopped)."""
     gate: str = "sim"
     """Regression gate: "sim" (success in the C twin on held-out seeds), or one registered in
-    `learner.gate.GATES`."""
+    `learner.fleet.gate.GATES`."""
     gate_margin: float = 0.05
     """A candidate is published unless its score is below the current params' by more than this."""
     gate_episodes: int = 32
@@ -596,7 +599,7 @@ class Config:
     """The main job: every method compared."""
     out_dir: str = "runs"
     """Folder for checkpoints, logs and plots."""
-    compile_cache: str = ".cache/jax"
+    compile_cache: str = COMPILE_CACHE
     """Folder for JAX's persistent compilation cache, so reruns skip compiling."""
 
 
@@ -788,4 +791,16 @@ def from_dict(fields: dict) -> Config:
 def cli(argv: Sequence[str], prog: str | None = None) -> Config:
     """Parses `<config name> [--section.field value ...]` into a Config; exits with help on bad input."""
     choices = {config.name: (config.description, config) for config in _CONFIGS}
+    return tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)
+
+
+def cli_with_defaults(argv: Sequence[str], prog: str, section: str, defaults: dict) -> Config:
+    """`cli` with `defaults` replacing fields of `section` in every named config, so `--help` shows them
+    and the command line still overrides them."""
+
+    def replaced(config: Config) -> Config:
+        fields = dataclasses.replace(getattr(config, section), **defaults)
+        return dataclasses.replace(config, **{section: fields})
+
+    choices = {config.name: (config.description, replaced(config)) for config in _CONFIGS}
     return tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)

@@ -26,11 +26,11 @@ from envs.tasks import CellConfig
 from envs.tasks import Split
 from envs.tasks import SplitRanges
 from envs.tasks import TaskSpec
+from jaxvla.schema import EVENTS as EVENTS  # re-exported: learner/pro.py and tools/pro.py read it here
+from jaxvla.schema import FAILURE_MODES
 
 GRAVITY = 9.81
-FAILURE_MODES = ("none", "drop", "slip", "missed_grasp", "wrong_bin", "collision", "timeout")
 NONE, DROP, SLIP, MISSED_GRASP, WRONG_BIN, COLLISION, TIMEOUT = range(len(FAILURE_MODES))
-EVENTS = ("grasp", "release", "slip", "drop", "retry", "collision", "missed_grasp")
 GRIP_NONE, GRIP_ITEM, GRIP_LID = 0, 1, 2
 N_UNIFORMS = 12  # uniforms that `sample_params` maps onto one episode's parameters
 N_OBS_NOISE = 6
@@ -548,6 +548,7 @@ def finish_step(xp, cell: Cell, kin: Kin, params: Params, flags: Flags, layout: 
         lid_open=lid_open,
         step=step.astype(xp.int32),
     )
+    # In the order of jaxvla.schema.EVENTS.
     events = xp.stack([flags.grasp, flags.release, flags.slip, drop, flags.retry, collision, flags.missed])
     info = {
         "pressure": cell.pressure,

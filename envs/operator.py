@@ -13,6 +13,7 @@ import numpy as np
 
 from envs import cell as C
 from envs.tasks import CellConfig
+from jaxvla import schema
 
 LID_LEAD = 0.05  # [m] how far ahead of the lid the cup leads it
 ALIGN_TOL = 0.004  # [m] lateral error at which the cup starts its descent
@@ -121,7 +122,7 @@ def label(info: dict) -> dict:
     mode = int(np.asarray(info["failure_mode"]))
     return {
         "success": bool(np.asarray(info["success"])),
-        "failure_mode": C.FAILURE_MODES[mode],
+        "failure_mode": schema.FAILURE_MODES[mode],
         "retries": int(np.asarray(info["retries"])),
         "cycle_time": float(np.asarray(info["cycle_time"])),
         "operator_reward": float(bool(np.asarray(info["success"]))),

@@ -19,8 +19,8 @@ import difflib
 import numpy as np
 
 from jaxvla import tokenizer
+from jaxvla.schema import SPLITS
 
-SPLITS = ("train", "deploy", "tail", "novel")
 COLOURS = ("red", "green", "blue", "yellow")
 COLOUR_RGBA = np.array(
     [[0.85, 0.15, 0.15, 1], [0.2, 0.7, 0.25, 1], [0.15, 0.3, 0.85, 1], [0.9, 0.8, 0.1, 1]], np.float32

@@ -6,8 +6,10 @@ jax arrays too because it uses array operators alone), so train/deploy normalisa
 
 import numpy as np
 
-# Observations that are normalised; the prompt (token ids) is not.
-FLOAT_KEYS = ("proprio", "telemetry", "item", "scene", "image")
+from jaxvla.schema import STATE_KEYS
+
+# Observations that are normalised (the camera image, for models that read it); the prompt's ids are not.
+FLOAT_KEYS = (*STATE_KEYS, "image")
 # A feature that never varied in the data (a lid that is always open, an unused bin) gets this std,
 # so an unseen value at deployment stays finite instead of exploding.
 MIN_STD = 1e-2

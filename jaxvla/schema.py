@@ -5,7 +5,9 @@ Three tables: OBSERVATION_SPEC (what a robot observes each step), STEP_SPEC (the
 METADATA_SPEC (one per episode). Units and frames of every field are in docs/robot.md. `check_episode`
 names the first field of a whole episode that breaks the schema; `check_observation` does the same for
 one observation, so a robot can refuse a bad sensor mapping before its first step rather than after the
-service rejects the episode. Standard library and numpy only.
+service rejects the episode. The names that index a step's fields (FAILURE_MODES, EVENTS), the data
+sources and splits, and the policy's advantage-indicator values are defined here too, once, for the
+simulator, the learner and the robot alike. Standard library and numpy only.
 """
 
 import math
@@ -15,7 +17,19 @@ from typing import NamedTuple
 
 import numpy as np
 
-SOURCES = ("offline", "online", "patch")
+SOURCES = ("offline", "online", "patch")  # where an episode came from: replay keeps one buffer per source
+# Item distributions of the workcell (envs/tasks.py says what each one draws).
+SPLITS = ("train", "deploy", "tail", "novel")
+# A step's `failure_mode` indexes FAILURE_MODES (0: none so far); its `events` flag EVENTS, one bool each.
+# envs/cell.py computes both, in the MJX env and in the C-MuJoCo twin.
+FAILURE_MODES = ("none", "drop", "slip", "missed_grasp", "wrong_bin", "collision", "timeout")
+EVENTS = ("grasp", "release", "slip", "drop", "retry", "collision", "missed_grasp")
+N_FAILURE_MODES, N_EVENTS = len(FAILURE_MODES), len(EVENTS)
+# Recap's advantage indicator, an input of advantage-conditioned policies: NONE is what indicator dropout
+# and unconditioned inference feed, so classifier-free guidance contrasts against it.
+INDICATOR_NONE, INDICATOR_POSITIVE, INDICATOR_NEGATIVE = 0, 1, 2
+INDICATOR_VALUES = 3  # rows of the policy's indicator embedding
+PROMPT_LENGTH = 12  # token ids per goal prompt (jaxvla.tokenizer pads or cuts to it)
 
 
 class Spec(NamedTuple):
@@ -31,13 +45,11 @@ OBSERVATION_SPEC: dict[str, Spec] = {
     "telemetry": Spec((3,), np.float32, "vacuum / p_max, wrist force / 50 N, slip ratio (load / hold, <= 3)"),
     "item": Spec((6,), np.float32, "estimated item position [m] (3, noisy), item half size [m] (3)"),
     "scene": Spec((10,), np.float32, "per target bin (x, y, present) [m] (3 x 3), lid open fraction"),
-    "prompt": Spec((12,), np.int32, "goal prompt token ids (jaxvla.tokenizer), PAD-filled"),
+    "prompt": Spec((PROMPT_LENGTH,), np.int32, "goal prompt token ids (jaxvla.tokenizer), PAD-filled"),
 }
-
-# Sizes of EVENTS and FAILURE_MODES in envs/cell.py (not imported: reading episodes must not need mujoco;
-# tests/test_episodes.py checks they agree).
-N_EVENTS = 7
-N_FAILURE_MODES = 7
+# The float observation vectors a policy's state encoder reads, in the order it concatenates them.
+STATE_KEYS = ("proprio", "telemetry", "item", "scene")
+STATE_SIZE = sum(OBSERVATION_SPEC[key].shape[0] for key in STATE_KEYS)
 
 STEP_SPEC: dict[str, Spec] = {
     "action": Spec((4,), np.float32, "command sent to the robot: [dx, dy, dz, suction] in [-1, 1]"),
@@ -48,8 +60,8 @@ STEP_SPEC: dict[str, Spec] = {
     "is_last": Spec((), np.bool_, "last step of the episode (terminal or truncated)"),
     "is_terminal": Spec((), np.bool_, "this transition ended the episode in a terminal state"),
     "is_intervention": Spec((), np.bool_, "a human or scripted operator chose the action"),
-    "failure_mode": Spec((), np.int32, "failure so far, an index into envs.cell.FAILURE_MODES (0: none)"),
-    "events": Spec((N_EVENTS,), np.bool_, "events of this step, flags over envs.cell.EVENTS"),
+    "failure_mode": Spec((), np.int32, "failure so far, an index into FAILURE_MODES (0: none)"),
+    "events": Spec((N_EVENTS,), np.bool_, "events of this step, one flag per name in EVENTS"),
 }
 
 METADATA_SPEC: dict[str, Spec] = {
@@ -212,7 +224,7 @@ def check_episode(episode: dict, observation_spec: dict[str, Spec] = OBSERVATION
     if not np.array_equal(np.stack([steps["is_first"], steps["is_last"]]), first_last):
         raise ValueError("steps: is_first must be set at step 0 only and is_last at the last step only")
     if not 0 <= np.min(steps["failure_mode"]) <= np.max(steps["failure_mode"]) < N_FAILURE_MODES:
-        raise ValueError(f"steps/failure_mode must index envs.cell.FAILURE_MODES (0..{N_FAILURE_MODES - 1})")
+        raise ValueError(f"steps/failure_mode must index FAILURE_MODES (0..{N_FAILURE_MODES - 1})")
     canonical_metadata(episode["episode_metadata"])
     return length
 

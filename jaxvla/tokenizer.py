@@ -1,16 +1,17 @@
 """A word-level prompt tokenizer whose vocabulary lives in the repository (no download).
 
 The simulator encodes its goal prompts with it, the learner embeds the ids, and the numpy robot client
-encodes an operator's prompt with the same table, so all three agree by construction. Standard library
-and numpy only.
+encodes an operator's prompt with the same table, so all three agree by construction. Standard library,
+numpy and `jaxvla.schema`.
 """
 
 import re
 
 import numpy as np
 
+from jaxvla.schema import PROMPT_LENGTH
+
 PAD, UNK = 0, 1
-PROMPT_LENGTH = 12
 
 # Order is part of the format: an id names a row of every trained embedding table. Append, never reorder.
 VOCABULARY = (

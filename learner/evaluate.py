@@ -19,11 +19,11 @@ import numpy as np
 import scipy.stats
 
 import envs
-from envs.cell import FAILURE_MODES
 from envs.rollout import rollout
 from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
+from jaxvla.schema import FAILURE_MODES
 
 # (params, obs {k: [B, ...]}, key) -> action [B, A]
 Actor = Callable[[object, dict, jax.Array], jax.Array]

@@ -168,6 +168,17 @@ def load(run_dir: pathlib.Path, step: int | None = None) -> Prior:
     return Prior(config, graphdef, state.params, stats, int(state.step), pathlib.Path(run_dir))
 
 
+def load_prior(path: str, prog: str) -> Prior:
+    """`load(path)` for a command named `prog`: where `path` holds no prior, exit saying how to make one."""
+    try:
+        return load(pathlib.Path(path))
+    except FileNotFoundError:
+        raise SystemExit(
+            f"{prog}: no prior in {path}; train one with `jaxvla pretrain default` or point the command's "
+            "`prior` setting (--patch.prior, --recap.prior, ...) at a run folder"
+        ) from None
+
+
 def plot(run_dir: pathlib.Path) -> pathlib.Path:
     """training.png: loss per step and evaluation success per task and split."""
     import matplotlib

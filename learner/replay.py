@@ -39,9 +39,9 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxvla.schema import SOURCES
 from learner.sharding import DATA
 
-SOURCES = ("offline", "online", "patch")
 # `ahead` is stored in int8: a sample may look at most this many steps past its start.
 AHEAD_CAP = 127
 OPERATOR_REWARD, LEARNED_REWARD = 0, 1  # values of `reward_source`: sparse env / operator label, PRO model

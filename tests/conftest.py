@@ -17,11 +17,14 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402  (must follow the environment set-up above)
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+import configs  # noqa: E402
+from learner import compile_cache  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax"))
-# Cache anything that took a second to compile: MJX steps take many, tiny test jits are not worth a file.
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1)
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The repository's cache, wherever pytest runs from; the commands the tests start are pointed at it too.
+COMPILE_CACHE = REPO_ROOT / configs.COMPILE_CACHE
+
+compile_cache.enable(COMPILE_CACHE)
 
 
 def fewest_successes(trials: int, rate: float, failure_probability: float = 1e-3) -> int:

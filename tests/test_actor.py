@@ -34,7 +34,6 @@ from jaxvla.actor import forward
 from jaxvla.actor import policy as actor_policy
 from jaxvla.models import ModelConfig
 from jaxvla.models import distributions
-from jaxvla.models import encoders
 from jaxvla.models import layers
 from jaxvla.normalization import normalize
 from tools import twin as twin_tool
@@ -160,14 +159,8 @@ def test_absent_indicator_means_none(exported):
     assert not np.allclose(absent["mean"], positive["mean"])
 
 
-def test_copied_constants_agree_with_the_models():
-    assert forward.STATE_KEYS == encoders.STATE_KEYS
+def test_the_copied_layer_norm_epsilon_agrees_with_the_models():
     assert forward.LAYER_NORM_EPS == layers.LAYER_NORM_EPS
-    assert (actor.INDICATOR_NONE, actor.INDICATOR_POSITIVE, actor.INDICATOR_NEGATIVE) == (
-        models.INDICATOR_NONE,
-        models.INDICATOR_POSITIVE,
-        models.INDICATOR_NEGATIVE,
-    )
 
 
 # ------------------------------------------------------------------------------------------ inputs

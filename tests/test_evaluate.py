@@ -8,8 +8,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import COMPILE_CACHE
 
-from envs.cell import FAILURE_MODES
+from jaxvla.schema import FAILURE_MODES
 from learner import evaluate
 
 DROP, MISSED = FAILURE_MODES.index("drop"), FAILURE_MODES.index("missed_grasp")
@@ -57,7 +58,7 @@ def test_pretrain_eval_export_twin_from_the_command_line(tmp_path):
         "--out-dir",
         str(tmp_path / "runs"),
         "--compile-cache",
-        str(repo / ".cache" / "jax"),
+        str(COMPILE_CACHE),
     ]
     out = run("pretrain", "debug", *overrides, cwd=repo)
     run_dir = tmp_path / "runs" / "debug"

@@ -8,8 +8,9 @@ import numpy as np
 from conftest import compiled_env
 
 from envs import cell as C
+from jaxvla import schema
 
-EVENT = {name: i for i, name in enumerate(C.EVENTS)}
+EVENT = {name: i for i, name in enumerate(schema.EVENTS)}
 HOLD_STILL = jnp.array([0.0, 0.0, 0.0, 1.0])
 
 

@@ -32,8 +32,8 @@ from test_fleet_service import stored_ids
 
 from jaxvla import episodes as E
 from jaxvla.actor import wire
-from learner.store import EpisodeStore
-from learner.store import ParamsRegistry
+from learner.fleet.store import EpisodeStore
+from learner.fleet.store import ParamsRegistry
 
 
 def openpi_pack(obj) -> bytes:

@@ -23,8 +23,8 @@ from conftest import write_tiny_prior
 import configs
 from jaxvla import episodes as E
 from jaxvla.actor import policy as actor_policy
-from learner.fleet import FleetLearner
-from learner.store import EpisodeStore
+from learner.fleet.loop import FleetLearner
+from learner.fleet.store import EpisodeStore
 
 LEARNER_ARGS = [
     "--fleet.offline-data",

@@ -22,8 +22,8 @@ from test_fleet_service import free_port
 from test_fleet_service import policy_file
 
 from jaxvla.actor import wire
-from learner import fleet_page
-from learner.store import ParamsRegistry
+from learner.fleet import page as fleet_page
+from learner.fleet.store import ParamsRegistry
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)

@@ -36,9 +36,9 @@ from jaxvla import normalization
 from jaxvla.actor import client as fleet
 from jaxvla.actor import wire
 from jaxvla.models import ModelConfig
-from learner import service as service_module
-from learner.store import EpisodeStore
-from learner.store import ParamsRegistry
+from learner.fleet import service as service_module
+from learner.fleet.store import EpisodeStore
+from learner.fleet.store import ParamsRegistry
 
 TOKENS = {"robot-0": "token-robot-0-0123456789", "robot-1": "token-robot-1-0123456789"}
 MODEL = ModelConfig(width=16, prompt_dim=8, ensemble=2, value_bins=11)

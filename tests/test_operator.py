@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import fewest_successes
 
-from envs import cell as C
 from envs import rollout
 from envs.tasks import TASKS
 from envs.workcell import Workcell
+from jaxvla import schema
 
 EPISODES = int(os.environ.get("JAXVLA_OPERATOR_EPISODES", 64))
 # The success rate the operator is held to. A 64-episode count of an operator at 97% falls under 95% often,
@@ -40,7 +40,7 @@ def operator_outcomes(env: Workcell, key: jax.Array, episodes: int) -> dict:
 def test_operator_solves_the_task(task, split):
     info = operator_outcomes(Workcell(task, split), jax.random.PRNGKey(2026), EPISODES)
     successes = int(info["success"].sum())
-    counts = np.bincount(info["failure_mode"], minlength=len(C.FAILURE_MODES)).tolist()
-    modes = dict(zip(C.FAILURE_MODES, counts, strict=True))
+    counts = np.bincount(info["failure_mode"], minlength=len(schema.FAILURE_MODES)).tolist()
+    modes = dict(zip(schema.FAILURE_MODES, counts, strict=True))
     print(f"{task}/{split}: operator success {successes}/{EPISODES}; failure modes {modes}")
     assert successes >= fewest_successes(EPISODES, TARGET[split]), modes

@@ -7,7 +7,7 @@ the patching programs, and together they are the suite's longest stretch.
 import json
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import COMPILE_CACHE
 from conftest import write_tiny_prior
 
 from tools import patch as tools_patch
@@ -27,7 +27,7 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
         "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2",
         "--sac.critic-pretrain-steps", "3", "--pretrain.data-dir", str(tmp_path / "data"),
         "--out-dir", str(tmp_path / "runs"),
-        "--compile-cache", str(REPO_ROOT / ".cache" / "jax"),
+        "--compile-cache", str(COMPILE_CACHE),
     ]  # fmt: skip
     assert tools_patch.main(["debug", *overrides]) == 0
     out = tmp_path / "runs" / "patch-pick_place-deploy"

@@ -15,7 +15,6 @@ from configs import ProConfig
 from envs import rollout
 from envs.cell import COLLISION
 from envs.cell import DROP
-from envs.cell import EVENTS
 from envs.cell import SLIP
 from envs.cell import TIMEOUT
 from envs.cell import WRONG_BIN
@@ -25,6 +24,7 @@ from jaxvla.actor import pro as actor_pro
 from jaxvla.models import ModelConfig
 from jaxvla.models.pro import ProNetConfig
 from jaxvla.models.pro import band_mask
+from jaxvla.schema import EVENTS
 from learner import pro
 from learner import replay
 from learner import sharding

@@ -350,12 +350,11 @@ def test_the_guided_actor_takes_beta_as_an_input_and_is_the_conditioned_policy_a
 
 
 def test_jaxvla_recap_defaults_to_deploy_and_the_command_line_overrides_it():
-    from tools import practice
     from tools import recap as recap_command
 
-    config = practice.cli(["debug"], recap_command.PROG, "recap", recap_command.DEFAULTS)
+    config = configs.cli_with_defaults(["debug"], recap_command.PROG, "recap", recap_command.DEFAULTS)
     assert config.recap.split == "deploy" and config.recap.demo_share == 0.5
     assert configs.get_config("debug").recap.split == "novel"  # the registry itself is untouched
     argv = ["debug", "--recap.split", "novel", "--recap.guidance-sweep", "1", "2"]
-    config = practice.cli(argv, recap_command.PROG, "recap", recap_command.DEFAULTS)
+    config = configs.cli_with_defaults(argv, recap_command.PROG, "recap", recap_command.DEFAULTS)
     assert config.recap.split == "novel" and config.recap.guidance_sweep == (1.0, 2.0)

@@ -217,13 +217,13 @@ def test_a_ppo_step_raises_the_advantage_weighted_likelihood_and_ignores_rejecte
 
 
 def test_jaxvla_ript_defaults_to_deploy_and_the_command_line_overrides_it():
-    from tools import practice
     from tools import ript as ript_command
 
-    config = practice.cli(["debug"], ript_command.PROG, "ript", ript_command.DEFAULTS)
+    config = configs.cli_with_defaults(["debug"], ript_command.PROG, "ript", ript_command.DEFAULTS)
     assert config.ript.split == "deploy" and config.ript.starts == (0, 1, 4)
     assert config.model == configs.get_config("debug").model  # only the ript section changes
-    config = practice.cli(["debug", "--ript.split", "tail"], ript_command.PROG, "ript", ript_command.DEFAULTS)
+    argv = ["debug", "--ript.split", "tail"]
+    config = configs.cli_with_defaults(argv, ript_command.PROG, "ript", ript_command.DEFAULTS)
     assert config.ript.split == "tail"
     few_shot = ript_command.start_config(config, 4)
     assert (few_shot.ript.split, few_shot.ript.sft_demos) == ("novel", 4)

@@ -23,7 +23,6 @@ from test_fleet_service import TOKENS
 from test_fleet_service import Server
 from test_fleet_service import policy_file
 
-from envs import cell
 from envs import scene
 from envs import tasks
 from jaxvla import cli
@@ -33,9 +32,9 @@ from jaxvla.actor import loop
 from jaxvla.actor import policy as actor_policy
 from jaxvla.actor import robots
 from jaxvla.actor import runner
-from learner import gate as gates
-from learner.store import EpisodeStore
-from learner.store import ParamsRegistry
+from learner.fleet import gate as gates
+from learner.fleet.store import EpisodeStore
+from learner.fleet.store import ParamsRegistry
 from tools import publish as publish_tool
 
 SCENE = np.array([0.45, 0.0, 1.0, 0, 0, 0, 0, 0, 0, 1.0], np.float32)  # pick_place's one bin, no lid
@@ -287,8 +286,8 @@ def test_docs_robot_md_states_every_field_and_the_simulators_numbers():
         f"y in [{y_lo}, {y_hi}] m",
         f"z in [{config.cup_radius}, {z_hi}] m",
         f"{config.max_steps} steps",
-        ", ".join(cell.FAILURE_MODES),
-        ", ".join(cell.EVENTS),
+        ", ".join(schema.FAILURE_MODES),
+        ", ".join(schema.EVENTS),
     ]
     for spec in tasks.TASKS.values():
         facts += [f"| `{spec.name}` |", *(f"({cx}, {cy})" for cx, cy, _, _ in spec.bins)]

@@ -11,11 +11,11 @@ import pytest
 import scipy.stats
 
 from envs import cell as C
-from envs.tasks import SPLITS
 from envs.tasks import TASKS
 from envs.tasks import TRAIN
 from envs.tasks import Component
 from envs.tasks import Split
+from jaxvla.schema import SPLITS
 
 DRAWS = 20_000
 

@@ -8,9 +8,9 @@ from conftest import compiled_env
 
 import envs
 from envs import camera
-from envs import cell as C
 from envs import rollout
 from envs.tasks import TASKS
+from jaxvla import schema
 
 OBS_SIZES = {"proprio": 7, "telemetry": 3, "item": 6, "scene": 10, "prompt": 12}
 
@@ -23,8 +23,8 @@ def test_jit_smoke(task):
         state = env.step(state, env.operator_action(state))
     assert {k: v.shape[0] for k, v in state.obs.items()} == OBS_SIZES
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(state.obs))
-    assert state.info["events"].shape == (len(C.EVENTS),)
-    assert 0 <= int(state.info["failure_mode"]) < len(C.FAILURE_MODES)
+    assert state.info["events"].shape == (len(schema.EVENTS),)
+    assert 0 <= int(state.info["failure_mode"]) < len(schema.FAILURE_MODES)
     assert state.obs["prompt"].dtype == jnp.int32
 
 

@@ -30,7 +30,7 @@ from jaxvla.actor import policy as actor_policy
 from jaxvla.actor import wire
 from jaxvla.actor.runner import RateClock
 from jaxvla.actor.runner import run_episode
-from learner.store import ParamsRegistry
+from learner.fleet.store import ParamsRegistry
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPISODE_STEPS = 120  # the workcell's time limit

@@ -35,14 +35,15 @@ import jax
 import numpy as np
 
 import configs
+from envs import demos as operator_demos
 from jaxvla import episodes as rlds
 from jaxvla import export
+from learner import compile_cache
 from learner import patch
 from learner import pretrain
 from learner import pro
-from learner.store import EpisodeStore
-from learner.store import ParamsRegistry
-from tools import data
+from learner.fleet.store import EpisodeStore
+from learner.fleet.store import ParamsRegistry
 from tools import pro as pro_tool
 from tools import recap as recap_tool
 from tools import ript as ript_tool
@@ -97,15 +98,17 @@ def demonstrations(config: configs.Config) -> dict:
     noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
     train_count = max(pre.demos_per_task, pc.offline_episodes)
     split_count = max(*pc.sft_demos, config.ript.sft_demos)
-    train = data.load_or_generate(pre.data_dir, pc.task, "train", train_count, seed=pre.seed, **noise)
-    split = data.load_or_generate(pre.data_dir, pc.task, pc.split, split_count, seed=pre.seed + 1, **noise)
+    train = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", train_count, seed=pre.seed,
+                                            **noise)  # fmt: skip
+    split = operator_demos.load_or_generate(pre.data_dir, pc.task, pc.split, split_count, seed=pre.seed + 1,
+                                            **noise)  # fmt: skip
     return {"train": len(train), pc.split: len(split),
             "train_success": float(np.mean([ep["episode_metadata"]["success"] for ep in train]))}  # fmt: skip
 
 
 def train_prior(config: configs.Config, out: pathlib.Path) -> dict:
     pc, pre = config.patch, config.pretrain
-    demos = data.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
+    demos = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
     return {"step": pretrain.train(config, demos, out / "prior").step}
 
 
@@ -225,8 +228,9 @@ def fleet_summary(episodes: list[dict], roles: list[tuple[str, bool]]) -> dict:
 # ------------------------------------------------------------------------------------------ methods
 def sft(config: configs.Config, prior: pretrain.Prior, offline: list[dict]) -> dict:
     pc, pre = config.patch, config.pretrain
-    demos = data.load_or_generate(pre.data_dir, pc.task, pc.split, max(pc.sft_demos), seed=pre.seed + 1,
-                                  noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
+    demos = operator_demos.load_or_generate(pre.data_dir, pc.task, pc.split, max(pc.sft_demos),
+                                            seed=pre.seed + 1, noise=pre.demo_noise,
+                                            bursts=pre.demo_bursts)  # fmt: skip
     return {"seeds": {seed: patch.run_sft(config, prior, demos, offline, seed=seed)[0] for seed in pc.seeds}}
 
 
@@ -503,7 +507,8 @@ def run(config: configs.Config) -> str:
     results = {"data": stage("data", "scripted demonstrations", lambda: demonstrations(config))}
     results["prior"] = stage("prior", f"pretraining, {pre.steps} BC steps", lambda: train_prior(config, out))
     prior = pretrain.load(out / "prior")
-    offline = data.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes, seed=pre.seed)
+    offline = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes,
+                                              seed=pre.seed)  # fmt: skip
     results["fleet"] = stage("fleet", f"the prior on {pc.split} through the fleet service",
                              lambda: deploy(config, prior, out))  # fmt: skip
     results["sft"] = stage("sft", "full SFT retraining", lambda: sft(config, prior, offline))
@@ -530,7 +535,7 @@ def run(config: configs.Config) -> str:
 def main(argv: list[str]) -> int:
     full = "--full" in argv
     config = configs.cli(["demo_full" if full else "demo", *(a for a in argv if a != "--full")], prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     tic = time.perf_counter()
     summary = run(config)
     out = pathlib.Path(config.out_dir)

@@ -11,10 +11,11 @@ import dataclasses
 import json
 import pathlib
 
-import jax
-
+import configs
 import envs
 from envs.operator import Trigger
+from jaxvla import schema
+from learner import compile_cache
 from learner import evaluate
 from learner import patch
 from learner import pretrain
@@ -24,7 +25,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jaxvla eval", description=__doc__.splitlines()[0])
     parser.add_argument("--policy", required=True, type=pathlib.Path, help="run folder with checkpoints/")
     parser.add_argument("--task", default="all", help=f"one of {', '.join(envs.TASKS)}, or 'all'")
-    parser.add_argument("--split", default="all", choices=(*envs.SPLITS, "all"))
+    parser.add_argument("--split", default="all", choices=(*schema.SPLITS, "all"))
     parser.add_argument("--episodes", type=int, default=256, help="episodes per task and split")
     parser.add_argument(
         "--contexts",
@@ -40,7 +41,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--lookahead", type=int, default=0, help="with --operator: look-ahead trigger steps")
     parser.add_argument("--json", type=pathlib.Path, help="also write the report here")
-    parser.add_argument("--compile-cache", default=".cache/jax", help="persistent compilation cache folder")
+    parser.add_argument(
+        "--compile-cache", default=configs.COMPILE_CACHE, help="persistent compilation cache folder"
+    )
     args = parser.parse_args(argv)
     if args.task != "all" and args.task not in envs.TASKS:
         parser.error(f"unknown task {args.task!r}; choose from {', '.join(envs.TASKS)} or 'all'")
@@ -53,12 +56,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    compile_cache.enable(args.compile_cache)
     prior = pretrain.load(args.policy)
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
     camera_res = prior.config.model.image_res if prior.config.model.image else None
     tasks = envs.TASKS if args.task == "all" else (args.task,)
-    splits = envs.SPLITS if args.split == "all" else (args.split,)
+    splits = schema.SPLITS if args.split == "all" else (args.split,)
     named = {"test": evaluate.TEST, "validation": evaluate.VALIDATION}
     contexts = named[args.contexts].with_episodes(args.episodes)
     if args.operator:

@@ -3,15 +3,14 @@ arguments): ingests the episode store into replay, patches with SAC, gates and p
 
 import sys
 
-import jax
-
 import configs
-from learner.fleet import FleetLearner
+from learner import compile_cache
+from learner.fleet.loop import FleetLearner
 
 
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog="jaxvla serve (learner)")
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     learner = FleetLearner(config)
     print(f"learner: round {learner.learner.round}, cursor {learner.cursor}", flush=True)
     learner.run(config.fleet.rounds, config.fleet.poll_s)

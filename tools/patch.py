@@ -20,15 +20,14 @@ import json
 import pathlib
 import sys
 
-import jax
-import numpy as np
-
 import configs
+from envs import demos as operator_demos
+from learner import compile_cache
 from learner import evaluate
 from learner import patch
 from learner import pretrain
-from tools import data
 from tools import pro as pro_tool
+from tools import reporting
 
 PROG = "jaxvla patch"
 ARMS = {
@@ -40,14 +39,9 @@ ARMS = {
 EFFORT = ("corrective_episodes", "takeover_segments", "takeover_steps", "env_steps", "wall_s")
 
 
-def first_reaching(records: list[dict], target: float, key: str = "success_rate") -> dict | None:
-    """The first record whose `key` is at least `target`."""
-    return next((r for r in records if r[key] is not None and r[key] >= target), None)
-
-
 def arm_summary(records: list[dict], goal: float) -> dict:
     """One arm of one seed: its headline on the test contexts and its effort to `goal` on validation."""
-    reached = first_reaching(records, goal, "validation_success")
+    reached = reporting.first_reaching(records, goal, "validation_success")
     final = records[-1]
     return {
         **evaluate.headline(records),
@@ -75,19 +69,6 @@ def seed_summary(arms: dict[str, list[dict]], goal: float) -> dict:
     return summary
 
 
-def over_seeds(values: list, percent: bool = False) -> str:
-    """Mean over seeds with a bootstrap 95% interval, and how many seeds got there when not all did."""
-    reached = [v for v in values if v is not None]
-    if not reached:
-        return "not reached"
-    fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3g}")  # noqa: E731
-    text = fmt(np.mean(reached))
-    if len(reached) > 1:
-        lo, hi = evaluate.bootstrap_interval(reached)
-        text += f" [{fmt(lo)}, {fmt(hi)}]"
-    return text + (f" ({len(reached)}/{len(values)} seeds)" if len(reached) < len(values) else "")
-
-
 def arm_table(summaries: dict, goal: float) -> list[str]:
     columns = [
         ("final success (%)", "final", True),
@@ -107,7 +88,7 @@ def arm_table(summaries: dict, goal: float) -> list[str]:
     for arm, title in ARMS.items():
         per_seed = [s[arm] for s in summaries.values() if arm in s]
         if per_seed:
-            cells = [over_seeds([s.get(key) for s in per_seed], pct) for _, key, pct in columns]
+            cells = [reporting.over_seeds([s.get(key) for s in per_seed], pct) for _, key, pct in columns]
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return [
         f"Goal: {goal:.0%} on the validation contexts. Mean over seeds [bootstrap 95% interval].",
@@ -165,16 +146,11 @@ def markdown(config: configs.Config, summaries: dict, prior: dict) -> str:
         "| measure | mean over seeds |",
         "|---|---:|",
         f"| false-alarm rate (takeovers in episodes the policy won alone) | "
-        f"{over_seeds([s['patch'].get('false_alarm_rate') for s in summaries.values()], True)} % |",
+        f"{reporting.over_seeds([s['patch'].get('false_alarm_rate') for s in summaries.values()], True)} % |",
         f"| median takeover segment (steps) | "
-        f"{over_seeds([s['patch'].get('median_segment_steps') for s in summaries.values()])} |",
+        f"{reporting.over_seeds([s['patch'].get('median_segment_steps') for s in summaries.values()])} |",
     ]
     return "\n".join(lines) + "\n"
-
-
-def plot_success(ax, records: list[dict], key: str, **style) -> None:
-    """One run's success against `key` (operator steps, environment steps, ...) on `ax`."""
-    ax.plot([r[key] for r in records], [r["success_rate"] for r in records], "-o", ms=3, alpha=0.7, **style)
 
 
 def plot(results: dict, path: pathlib.Path, goal: float) -> None:
@@ -193,7 +169,7 @@ def plot(results: dict, path: pathlib.Path, goal: float) -> None:
         for colour, (arm, title) in enumerate(ARMS.items()):
             records = result.get(arm) or []
             for ax, (key, label) in zip(axes, axes_keys, strict=True):
-                plot_success(ax, records, key, color=f"C{colour}", label=title if i == 0 else None)
+                reporting.plot_success(ax, records, key, color=f"C{colour}", label=title if i == 0 else None)
                 ax.set_xlabel(label)
     for ax in axes:
         ax.axhline(goal, color="grey", lw=0.8, ls=":")
@@ -206,16 +182,6 @@ def plot(results: dict, path: pathlib.Path, goal: float) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def load_prior(path: str) -> pretrain.Prior:
-    try:
-        return pretrain.load(pathlib.Path(path))
-    except FileNotFoundError:
-        raise SystemExit(
-            f"{PROG}: no prior in {path}; train one with `jaxvla pretrain default` or point "
-            "--patch.prior at a run folder"
-        ) from None
 
 
 SEED_RESULT = "arms.json"  # a seed's finished arms, read back by a rerun
@@ -272,15 +238,16 @@ def run_seed(config: configs.Config, prior, offline: list[dict], demos: dict, st
 
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     pc, pre = config.patch, config.pretrain
     suffix = "-pro" if pc.reward == "pro" else ""
     out = pathlib.Path(config.out_dir) / f"patch-{pc.task}-{pc.split}{suffix}"
-    prior = load_prior(pc.prior)
-    offline = data.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes, seed=pre.seed)
+    prior = pretrain.load_prior(pc.prior, PROG)
+    offline = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes,
+                                              seed=pre.seed)  # fmt: skip
     noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
     demos = {
-        arm: data.load_or_generate(
+        arm: operator_demos.load_or_generate(
             pre.data_dir, pc.task, split, max(pc.sft_demos), seed=pre.seed + 1, **noise
         )
         for arm, split in (("sft", pc.split), ("targeted_sft", "tail"))

@@ -12,6 +12,7 @@ import pathlib
 import jax
 
 import configs
+from learner import compile_cache
 from learner import evaluate
 from learner import pretrain
 
@@ -20,13 +21,13 @@ PROG = "jaxvla pretrain"
 
 def demonstrations(config: configs.Config) -> list[dict]:
     """Every task's `train` demonstrations, read from disk, generated first where too few exist."""
-    from tools import data
+    from envs import demos as operator_demos
 
     pc = config.pretrain
     out = []
     for task in pc.tasks:
         out.extend(
-            data.load_or_generate(
+            operator_demos.load_or_generate(
                 pc.data_dir,
                 task,
                 "train",
@@ -41,7 +42,7 @@ def demonstrations(config: configs.Config) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     config = configs.cli(argv, prog=PROG)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     run_dir = pathlib.Path(config.out_dir) / config.name
     prior = pretrain.train(config, demonstrations(config), run_dir)
     print(f"trained {prior.step} steps; plot: {pretrain.plot(run_dir)}")

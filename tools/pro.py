@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import configs
 import envs
+from envs import demos as operator_demos
 from envs.cell import EVENTS
 from envs.cell import FAILURE_MODES
 from envs.rollout import rollout
@@ -48,15 +49,16 @@ from jaxvla import episodes as rlds
 from jaxvla import export
 from jaxvla import normalization
 from learner import bc
+from learner import compile_cache
 from learner import evaluate
 from learner import patch
+from learner import pretrain
 from learner import pro
 from learner import sharding
 from learner.checkpoints import Checkpoints
 from learner.pretrain import MetricsLog
-from tools import data
 from tools import eval as eval_tool
-from tools import patch as patch_tool
+from tools import reporting
 
 PROG = "jaxvla pro"
 ACTIONS = ("collect", "train", "eval", "report", "trigger", "rank")
@@ -85,11 +87,11 @@ def deployment_batch(task: str, split: str, num_envs: int, trigger: Trigger, act
 def record_episodes(record: dict, task: str, version: str) -> list[dict]:
     """One RLDS episode per env of a deployment record (numpy [T, B]); "patch" if the operator acted."""
     out = []
-    for r in data.env_records(record):
+    for r in operator_demos.env_records(record):
         info = r["info"]
         source = "patch" if info["is_intervention"].any() else "online"
         out.append(
-            data.episode_from_record(
+            operator_demos.episode_from_record(
                 r,
                 task,
                 action=info["action"],
@@ -103,10 +105,10 @@ def record_episodes(record: dict, task: str, version: str) -> list[dict]:
 
 def collect(config: configs.Config) -> int:
     pc, pre = config.pro, config.pretrain
-    prior = patch_tool.load_prior(pc.prior)
-    data.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
+    prior = pretrain.load_prior(pc.prior, PROG)
+    operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
     if f"{pc.task}_novel" in pc.dataset_names():
-        data.load_or_generate(
+        operator_demos.load_or_generate(
             pre.data_dir,
             pc.task,
             "novel",
@@ -371,7 +373,7 @@ def evaluate_pro(config: configs.Config) -> int:
     out = run_dir(config)
     _, held = pro.split_heldout(load_store(config), pc.heldout)
     result = heldout_evaluation(pro.load(out), held, pc, out / "episode.png")
-    prior = patch_tool.load_prior(pc.prior)
+    prior = pretrain.load_prior(pc.prior, PROG)
     # On novel the prior fails every episode; the patched policies are ranked there by `jaxvla patch`.
     result["ranking"] = {"train": ranking_evaluations(config, prior, "train")}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
@@ -458,7 +460,7 @@ def trigger(config: configs.Config) -> int:
     pc, split = config.pro, config.patch.split
     out = run_dir(config)
     model = pro.load(out)
-    prior = patch_tool.load_prior(pc.prior)
+    prior = pretrain.load_prior(pc.prior, PROG)
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
     contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
     components = get_task(pc.task).split(split).component_names
@@ -512,7 +514,7 @@ def rank(config: configs.Config) -> int:
     pc = config.pro
     out = run_dir(config)
     model = pro.load(out)
-    prior = patch_tool.load_prior(pc.prior)
+    prior = pretrain.load_prior(pc.prior, PROG)
     contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
     arms = {
         "deterministic": {"actor": evaluate.chunk_actor(prior.graphdef, prior.stats)},
@@ -534,7 +536,7 @@ def rank(config: configs.Config) -> int:
 # -------------------------------------------------------------------------------------------- report
 def arm_summary(records: list[dict], level: float) -> dict:
     """One seed of one arm: effort to reach `level` and the final figures."""
-    hit, final = patch_tool.first_reaching(records, level), records[-1]
+    hit, final = reporting.first_reaching(records, level), records[-1]
     return {
         "env_steps_to_level": hit["env_steps"] if hit else None,
         "wall_s_to_level": hit["wall_s"] if hit else None,
@@ -619,13 +621,13 @@ def compare_markdown(result: dict, ranking: dict, rounds: int) -> str:
             "|---|---:|---:|",
         ]
         for key, name in measures:
-            row = [patch_tool.over_seeds([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
+            row = [reporting.over_seeds([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
             lines.append(f"| {name} | {row[0]} | {row[1]} |")
         lines.append("")
     arms = next(iter(result.values()))
     lines += ["## Final figures", "", "| measure | sparse | PRO |", "|---|---:|---:|"]
     for key, name in finals:
-        row = [patch_tool.over_seeds([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
+        row = [reporting.over_seeds([s[key] for s in arms[a].values()]) for a in ("sparse", "pro")]
         lines.append(f"| {name} | {row[0]} | {row[1]} |")
     if any(ranking.values()):
         lines += [
@@ -655,7 +657,7 @@ def compare_plot(sparse: dict, dense: dict, path: pathlib.Path) -> None:
         for i, result in enumerate(report_["seeds"].values()):
             records = result["patch"]
             for ax, key in zip(axes, ("env_steps", "wall_s", "takeover_steps"), strict=True):
-                patch_tool.plot_success(ax, records, key, color=color, label=name if i == 0 else None)
+                reporting.plot_success(ax, records, key, color=color, label=name if i == 0 else None)
     for ax, label in zip(
         axes, ("environment steps", "wall-clock [s]", "operator takeover steps"), strict=True
     ):
@@ -675,7 +677,7 @@ def main(argv: list[str]) -> int:
         return 2
     action, rest = argv[0], argv[1:]
     config = configs.cli(rest, prog=f"{PROG} {action}")
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    compile_cache.enable(config.compile_cache)
     actions = {
         "collect": collect,
         "train": train,

@@ -4,7 +4,7 @@ For a fleet served without a learner (`jaxvla serve --fleet.no-learner`), or to 
 elsewhere: robots pull it at their next manifest poll. The file must run on a robot (format, checksums and
 manifest verified as `jaxvla.actor.loads` does) and carry a version above the latest published one
 (`jaxvla export --version N`). With `--gate NAME` it is first scored against the latest published version
-by that regression gate (`learner.gate.GATES`; "sim": success in the C-MuJoCo twin on held-out episodes)
+by that regression gate (`learner.fleet.gate.GATES`; "sim": success in the C-MuJoCo twin on held-out episodes)
 and published only if it passes; without, it is published as given (its gate verdict says "manual").
 The registry has one writer at a time: do not publish into a root whose learner is running.
 """
@@ -16,7 +16,7 @@ import sys
 
 from jaxvla.actor import fileformat
 from jaxvla.actor import policy as actor_policy
-from learner.store import ParamsRegistry
+from learner.fleet.store import ParamsRegistry
 
 PROG = "jaxvla publish"
 
@@ -28,7 +28,7 @@ class NotPublished(Exception):
 def publish(registry: ParamsRegistry, data: bytes, gate=None) -> dict:
     """Publishes `data` as the latest version and returns its registry entry; NotPublished naming why not.
 
-    `gate` (a `learner.gate.Gate` or None) compares the file with the latest published one; the first
+    `gate` (a `learner.fleet.gate.Gate` or None) compares the file with the latest published one; the first
     version has nothing to be compared with and is published ungated.
     """
     try:
@@ -58,7 +58,7 @@ def make_gate(args: argparse.Namespace):
     if not args.gate:
         return None
     import configs
-    from learner import gate as gates
+    from learner.fleet import gate as gates
 
     given = {
         "gate": args.gate,

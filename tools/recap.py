@@ -17,18 +17,18 @@ import dataclasses
 import pathlib
 import sys
 
-import jax
 import numpy as np
 
 import configs
+from envs import demos as operator_demos
 from envs.wrappers import Trigger
 from jaxvla import models
+from learner import compile_cache
 from learner import evaluate
 from learner import patch
+from learner import pretrain
 from learner import recap
-from tools import data
-from tools import practice
-from tools.patch import load_prior
+from tools import reporting
 
 PROG = "jaxvla recap"
 # This command's defaults where they differ from `RecapConfig`'s (which `jaxvla demo` also reads).
@@ -113,7 +113,7 @@ def run_seeds(config: configs.Config, prior, offline: list[dict], out: pathlib.P
                                           corrected=corrected, evaluator=evaluator,
                                           run_dir=out / f"seed{seed}")  # fmt: skip
         results[seed] = records
-        summary = practice.seed_summary(
+        summary = reporting.seed_summary(
             records, ("collected_episodes", "corrective_episodes", "takeover_steps")
         )
         sweep = recap.guidance_sweep(evaluator, params, rc.guidance_sweep)
@@ -133,7 +133,7 @@ def run_seeds(config: configs.Config, prior, offline: list[dict], out: pathlib.P
             "tail_failure_ratio": final_tail / start_tail if start_tail else None,
             "guidance_sweep": {
                 beta: {k: r[k] for k in ("success_rate", "success_ci", "throughput_per_hour")}
-                | {"tail_failures": tail_failures(practice.component_failures(r))}
+                | {"tail_failures": tail_failures(reporting.component_failures(r))}
                 for beta, r in sweep.items()
             },
             "train_success": on_train.on(recap.with_beta(params, rc.guidance), test)["success_rate"]
@@ -156,22 +156,23 @@ def sweep_table(summaries: dict, betas: tuple[float, ...]) -> str:
                  if s["start_throughput_per_hour"]]  # fmt: skip
         tails = [r["tail_failures"] / s["start_tail_failures"] for r, s in at if s["start_tail_failures"]]
         lines.append(
-            f"| {beta} | {practice.figure([r['success_rate'] for r, _ in at], 'percent')} | "
-            f"{practice.figure(ratio)} | {practice.figure(tails)} |"
+            f"| {beta} | {reporting.figure([r['success_rate'] for r, _ in at], 'percent')} | "
+            f"{reporting.figure(ratio)} | {reporting.figure(tails)} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
-    config = practice.cli(argv, PROG, "recap", DEFAULTS)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    config = configs.cli_with_defaults(argv, PROG, "recap", DEFAULTS)
+    compile_cache.enable(config.compile_cache)
     rc, pre = config.recap, config.pretrain
     out = pathlib.Path(config.out_dir) / f"recap-{rc.task}"
-    prior = load_prior(rc.prior)
-    offline = data.load_or_generate(pre.data_dir, rc.task, "train", rc.offline_episodes, seed=pre.seed)
+    prior = pretrain.load_prior(rc.prior, PROG)
+    offline = operator_demos.load_or_generate(pre.data_dir, rc.task, "train", rc.offline_episodes,
+                                              seed=pre.seed)  # fmt: skip
     results, summaries = run_seeds(config, prior, offline, out)
-    report = practice.write(out, "recap", "Recap", {"recap": dataclasses.asdict(rc)}, describe(config), ROWS,
-                            COLUMNS, results, summaries, f"Recap on {rc.task}/{rc.split}")  # fmt: skip
+    report = reporting.write(out, "recap", "Recap", {"recap": dataclasses.asdict(rc)}, describe(config),
+                             ROWS, COLUMNS, results, summaries, f"Recap on {rc.task}/{rc.split}")  # fmt: skip
     sweep = "\n## Classifier-free guidance at evaluation (final policies)\n\n" + sweep_table(
         summaries, rc.guidance_sweep
     )

@@ -21,13 +21,14 @@ import jax
 import numpy as np
 
 import configs
+from envs import demos as operator_demos
+from learner import compile_cache
 from learner import dataset
 from learner import evaluate
 from learner import patch
+from learner import pretrain
 from learner import ript
-from tools import data
-from tools import practice
-from tools.patch import load_prior
+from tools import reporting
 
 PROG = "jaxvla ript"
 # This command's defaults where they differ from `RiptConfig`'s (which `jaxvla demo` also reads): the
@@ -73,10 +74,10 @@ def few_shot_demos(config: configs.Config) -> tuple[list[dict], list[dict]]:
     rc, pre = config.ript, config.pretrain
     if not rc.sft_demos:
         return [], []
-    offline = data.load_or_generate(pre.data_dir, rc.task, "train", config.patch.offline_episodes,
-                                    seed=pre.seed)  # fmt: skip
-    demos = data.load_or_generate(pre.data_dir, rc.task, rc.split, rc.sft_demos, seed=pre.seed + 1,
-                                  noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
+    offline = operator_demos.load_or_generate(pre.data_dir, rc.task, "train", config.patch.offline_episodes,
+                                              seed=pre.seed)  # fmt: skip
+    demos = operator_demos.load_or_generate(pre.data_dir, rc.task, rc.split, rc.sft_demos, seed=pre.seed + 1,
+                                            noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
     return demos, offline
 
 
@@ -128,7 +129,7 @@ def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: b
         results[seed] = records
         updated = [r for r in records[1:] if "clip_fraction" in r]
         summaries[seed] = {
-            **practice.seed_summary(records, ("rollouts", "kept_groups", "groups", "updates")),
+            **reporting.seed_summary(records, ("rollouts", "kept_groups", "groups", "updates")),
             "kept_share": records[-1]["kept_groups"] / max(records[-1]["groups"], 1),
             "clip_fraction": sum(r["clip_fraction"] for r in updated) / len(updated) if updated else None,
             "sft_wall_s": sft_s,
@@ -188,16 +189,16 @@ def overview(lines: dict[str, dict]) -> str:
             ("gain", "percent"), ("kept_share", "percent"), ("clip_fraction", "value"),
             ("novel_success", "percent")]  # fmt: skip
     for name, (split, summaries) in lines.items():
-        cells = [practice.figure([s.get(key) for s in summaries.values()], kind) for key, kind in keys]
+        cells = [reporting.figure([s.get(key) for s in summaries.values()], kind) for key, kind in keys]
         rows.append(f"| {name} | {split} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
 def main(argv: list[str]) -> int:
-    config = practice.cli(argv, PROG, "ript", DEFAULTS)
-    jax.config.update("jax_compilation_cache_dir", config.compile_cache)
+    config = configs.cli_with_defaults(argv, PROG, "ript", DEFAULTS)
+    compile_cache.enable(config.compile_cache)
     root = pathlib.Path(config.out_dir) / f"ript-{config.ript.task}"
-    prior = load_prior(config.ript.prior)
+    prior = pretrain.load_prior(config.ript.prior, PROG)
     if config.ript.probe_stds:  # at the first start
         run_config = start_config(config, config.ript.starts[0]) if config.ript.starts else config
         rows = probe_stds(run_config, prior, config.ript.probe_stds)
@@ -211,9 +212,9 @@ def main(argv: list[str]) -> int:
         rc = run_config.ript
         out = root / start_name(run_config) if config.ript.starts else root
         results, summaries = run_seeds(run_config, prior, out)
-        practice.write(out, "ript", "RIPT-VLA", {"ript": dataclasses.asdict(rc)}, describe(run_config),
-                       ROWS if rc.sft_demos else ROWS[:-1], COLUMNS, results, summaries,
-                       f"RIPT on {rc.task}/{rc.split} from {start_name(run_config)}")  # fmt: skip
+        reporting.write(out, "ript", "RIPT-VLA", {"ript": dataclasses.asdict(rc)}, describe(run_config),
+                        ROWS if rc.sft_demos else ROWS[:-1], COLUMNS, results, summaries,
+                        f"RIPT on {rc.task}/{rc.split} from {start_name(run_config)}")  # fmt: skip
         lines[start_name(run_config)] = (rc.split, summaries)
     if len(lines) > 1:
         text = "# RIPT-VLA from every start\n\n" + overview(lines)

@@ -1,6 +1,6 @@
 """`jaxvla serve [config] [--fleet.field value ...]`: the fleet service, and the learner behind it.
 
-Serves the protocol of `learner/service.py` on `fleet.host:fleet.port` over `<fleet.root>/store` (the
+Serves the protocol of `learner/fleet/service.py` on `fleet.host:fleet.port` over `<fleet.root>/store` (the
 episode store) and `<fleet.root>/params` (the params registry). Unless `--fleet.no-learner`, it also
 starts the learner (`tools/fleet_learner.py`) as a child process and restarts it with backoff whenever
 it dies: the service never waits on the learner, so a learner crash never stalls a robot. The robots'
@@ -18,12 +18,12 @@ import threading
 from etils import epath
 
 import configs
-from learner.service import Service
-from learner.service import load_tokens
-from learner.service import serve
-from learner.store import EpisodeStore
-from learner.store import ParamsRegistry
-from learner.store import is_local
+from learner.fleet.service import Service
+from learner.fleet.service import load_tokens
+from learner.fleet.service import serve
+from learner.fleet.store import EpisodeStore
+from learner.fleet.store import ParamsRegistry
+from learner.fleet.store import is_local
 
 PROG = "jaxvla serve"
 

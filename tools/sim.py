@@ -21,11 +21,12 @@ matplotlib.use("Agg")  # files only; no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 
 import configs  # noqa: E402
-from envs import cell  # noqa: E402
 from envs import operator  # noqa: E402
 from envs.rollout import rollout  # noqa: E402
 from envs.tasks import get_task  # noqa: E402
 from envs.workcell import Workcell  # noqa: E402
+from jaxvla import schema  # noqa: E402
+from learner import compile_cache  # noqa: E402
 
 PROG = "jaxvla sim"
 SHOWCASE_RES = 64  # camera pixels per side for the showcase episode
@@ -95,7 +96,7 @@ def summarize(info: dict) -> dict:
     return {
         "episodes": int(success.size),
         "success_rate": float(success.mean()),
-        "failure_modes": {name: int((modes == k).sum()) for k, name in enumerate(cell.FAILURE_MODES)},
+        "failure_modes": {name: int((modes == k).sum()) for k, name in enumerate(schema.FAILURE_MODES)},
         "mean_retries": float(np.asarray(info["retries"]).mean()),
         "mean_cycle_time_success": float(cycle.mean()) if cycle.size else None,
     }
@@ -148,8 +149,8 @@ def plot_telemetry(path: Path, info: dict, hz: float, stages: Sequence[str], tit
     events = np.asarray(info["events"])  # [T, len(EVENTS)]
     for k in range(events.shape[1]):
         ax_e.plot(t[events[:, k]], np.full(events[:, k].sum(), k), "|", markersize=12, markeredgewidth=2)
-    ax_e.set_yticks(range(len(cell.EVENTS)), cell.EVENTS)
-    ax_e.set_ylim(-0.5, len(cell.EVENTS) - 0.5)
+    ax_e.set_yticks(range(len(schema.EVENTS)), schema.EVENTS)
+    ax_e.set_ylim(-0.5, len(schema.EVENTS) - 0.5)
     ax_e.set_xlabel("time [s]")
     ax_e.set_xlim(0, t[-1] + 0.5 / hz)
 
@@ -192,7 +193,7 @@ def showcase(env: Workcell, key: jax.Array, out: Path, title: str) -> dict:
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(argv)
-    jax.config.update("jax_compilation_cache_dir", cfg.compile_cache)
+    compile_cache.enable(cfg.compile_cache)
     task, split = cfg.env.task, cfg.env.split
     out = Path(cfg.out_dir) / "sim" / f"{task}_{split}"
     out.mkdir(parents=True, exist_ok=True)

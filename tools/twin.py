@@ -23,11 +23,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from envs import cell  # noqa: E402
-from envs.tasks import SPLITS  # noqa: E402
 from envs.tasks import TASKS  # noqa: E402
 from envs.twin import Twin  # noqa: E402
 from jaxvla import actor  # noqa: E402
+from jaxvla import schema  # noqa: E402
 
 PROG = "jaxvla twin"
 
@@ -48,7 +47,7 @@ def run_episode(twin: Twin, broker: actor.ActionChunkBroker, seed: int) -> dict:
     return {
         "seed": seed,
         "success": success,
-        "failure_mode": cell.FAILURE_MODES[int(info["failure_mode"])],
+        "failure_mode": schema.FAILURE_MODES[int(info["failure_mode"])],
         "recovered": success and had_failure,
         "retries": int(info["retries"]),
         "cycle_time_s": float(info["cycle_time"]),
@@ -68,7 +67,7 @@ def summarize(episodes: list[dict]) -> dict:
         "successes": len(successes),
         "success_rate": len(successes) / len(episodes),
         "recovered": sum(e["recovered"] for e in episodes),
-        "failure_modes": {mode: failures[mode] for mode in cell.FAILURE_MODES if failures[mode]},
+        "failure_modes": {mode: failures[mode] for mode in schema.FAILURE_MODES if failures[mode]},
         "retries_per_episode": statistics.fmean(e["retries"] for e in episodes),
         # Cycle time is the time to a completed pick; a failed episode has none.
         "cycle_time_s": statistics.fmean(e["cycle_time_s"] for e in successes) if successes else None,
@@ -99,7 +98,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--policy", type=Path, required=True, help="exported policy file (jaxvla.export)")
     p.add_argument("--task", default="pick_place", choices=list(TASKS))
-    p.add_argument("--split", default="train", choices=list(SPLITS))
+    p.add_argument("--split", default="train", choices=list(schema.SPLITS))
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="episode i starts from seed + i")
     p.add_argument(

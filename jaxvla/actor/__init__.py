@@ -6,10 +6,11 @@
     broker = jaxvla.actor.ActionChunkBroker(policy, replan=2)
     action = broker.infer(obs)["actions"]                   # [A]: one step of the current chunk
 
-This package imports the standard library, numpy, msgpack and the numpy-only `jaxvla.tokenizer` and
-`jaxvla.normalization`, nothing else (tests/test_actor.py runs it in a bare virtualenv). The file format
-is in `fileformat`, the forward pass in `forward`. On the fleet, a robot runs `loop.run`: params pulled
-and verified, episodes run at a fixed rate (`runner`), spooled and pushed (`client`).
+This package imports the standard library, numpy, msgpack and the numpy-only `jaxvla.schema`,
+`jaxvla.tokenizer` and `jaxvla.normalization`, nothing else (tests/test_actor.py runs it in a bare
+virtualenv). The file format is in `fileformat`, the forward pass in `forward`. On the fleet, a robot runs
+`loop.run`: params pulled and verified, episodes run at a fixed rate (`runner`), spooled and pushed
+(`client`).
 
 Run robots with `OPENBLAS_NUM_THREADS=1` in the environment (it must be set before numpy is imported):
 one observation's matmuls are too small to gain from BLAS threads, and on a busy CPU the threads wait on

@@ -47,7 +47,7 @@ class Refused(Exception):
 
 
 class FleetClient:
-    """One robot's authenticated connection to the fleet service (`learner.service`)."""
+    """One robot's authenticated connection to the fleet service (`learner.fleet.service`)."""
 
     def __init__(self, url: str, token: str, timeout: float = 10.0):
         self.url, self.timeout = url.rstrip("/"), timeout

@@ -13,19 +13,18 @@ Weights are looked up by their flat NNX path once, when the pass is built, and t
 against the spec, so a file that does not match its spec fails at load rather than mid-episode.
 A spec with `dtype` "bfloat16" still runs here in float32 (it then agrees with JAX to bfloat16 rounding).
 
-numpy and `jaxvla.tokenizer` only.
+numpy, `jaxvla.schema` and `jaxvla.tokenizer` only.
 """
 
 import numpy as np
 
 from jaxvla import tokenizer
 from jaxvla.actor.fileformat import PolicyFileError
+from jaxvla.schema import INDICATOR_VALUES
 
-# Copies of constants in `jaxvla.models`, which this module must not import (it pulls in jax);
-# tests/test_actor.py checks they agree.
-STATE_KEYS = ("proprio", "telemetry", "item", "scene")  # encoders.STATE_KEYS: concatenation order
-LAYER_NORM_EPS = 1e-6  # layers.LAYER_NORM_EPS
-INDICATOR_VALUES = 3  # rows of the policy's advantage-indicator embedding
+# A copy of `jaxvla.models.layers.LAYER_NORM_EPS`: that module pulls in jax, which this one must not
+# import; tests/test_actor.py checks they agree.
+LAYER_NORM_EPS = 1e-6
 # jax.nn.dot_product_attention's fill for masked logits.
 MASKED_LOGIT = np.float32(-0.7 * np.finfo(np.float32).max)
 
@@ -245,8 +244,8 @@ class TransformerEncoder:
 class PolicyForward:
     """(normalised obs, indicator or None) -> (mean, log_std), float32.
 
-    obs: "state" [S] (the STATE_KEYS vectors concatenated), "prompt" [L] int, "image" [H, W, 4] if the
-    model reads it; indicator []; outputs [H, A]. Or a batch: a leading [B] on all of them.
+    obs: "state" [S] (the schema's STATE_KEYS vectors concatenated), "prompt" [L] int, "image" [H, W, 4]
+    if the model reads it; indicator []; outputs [H, A]. Or a batch: a leading [B] on all of them.
     """
 
     def __init__(self, model: dict, state_size: int, arrays: dict[str, np.ndarray]):

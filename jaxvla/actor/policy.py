@@ -12,11 +12,12 @@ import numpy as np
 from jaxvla import normalization
 from jaxvla import tokenizer
 from jaxvla.actor import fileformat
-from jaxvla.actor.forward import STATE_KEYS
 from jaxvla.actor.forward import PolicyForward
+from jaxvla.schema import INDICATOR_NEGATIVE as INDICATOR_NEGATIVE
+from jaxvla.schema import INDICATOR_NONE as INDICATOR_NONE
+from jaxvla.schema import INDICATOR_POSITIVE as INDICATOR_POSITIVE
+from jaxvla.schema import STATE_KEYS
 
-# Recap's advantage-indicator values (jaxvla.models.heads); NONE is what an unconditioned call feeds.
-INDICATOR_NONE, INDICATOR_POSITIVE, INDICATOR_NEGATIVE = 0, 1, 2
 _DTYPES = {"float32": np.float32, "int32": np.int32}
 
 

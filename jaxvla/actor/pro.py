@@ -15,13 +15,13 @@ import numpy as np
 
 from jaxvla import normalization
 from jaxvla.actor import fileformat
-from jaxvla.actor.forward import STATE_KEYS
 from jaxvla.actor.forward import StateEncoder
 from jaxvla.actor.forward import TransformerBlock
 from jaxvla.actor.forward import Weights
 from jaxvla.actor.forward import softmax
 from jaxvla.actor.policy import Policy
 from jaxvla.actor.policy import state_stats
+from jaxvla.schema import STATE_KEYS
 
 F32 = np.float32
 

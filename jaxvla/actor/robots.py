@@ -30,8 +30,8 @@ class Feedback(NamedTuple):
     reward: float
     terminal: bool  # ended in a terminal state (success, drop, wrong bin, collision)
     truncated: bool  # ended by a time limit
-    failure_mode: int = 0  # index into envs.cell.FAILURE_MODES (0: none)
-    events: np.ndarray = np.zeros(schema.N_EVENTS, bool)  # grasp, release, slip, drop, retry, collision, miss
+    failure_mode: int = 0  # index into schema.FAILURE_MODES (0: none)
+    events: np.ndarray = np.zeros(schema.N_EVENTS, bool)  # one flag per name in schema.EVENTS
 
 
 class RobotInterface(abc.ABC):

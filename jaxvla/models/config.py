@@ -15,10 +15,12 @@ from flax import nnx
 from jaxvla import tokenizer
 from jaxvla.models import encoders
 from jaxvla.models import heads
+from jaxvla.schema import OBSERVATION_SPEC
+from jaxvla.schema import STATE_KEYS
+from jaxvla.schema import STATE_SIZE
 
-# The workcell's observation: key -> (shape, dtype). The image appears only for camera models.
-STATE_SHAPES = {"proprio": (7,), "telemetry": (3,), "item": (6,), "scene": (10,)}
-STATE_SIZE = sum(shape[0] for shape in STATE_SHAPES.values())
+# The float vectors the networks read: key -> shape. The image appears only for camera models.
+STATE_SHAPES = {key: OBSERVATION_SPEC[key].shape for key in STATE_KEYS}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,7 @@ from jaxvla.models.layers import ACTIVATION
 from jaxvla.models.layers import LAYER_NORM_EPS
 from jaxvla.models.layers import MLP
 from jaxvla.models.layers import TransformerBlock
-
-# Observation keys holding float vectors, in the order they are concatenated.
-STATE_KEYS = ("proprio", "telemetry", "item", "scene")
+from jaxvla.schema import STATE_KEYS
 
 
 def state_vector(obs: dict) -> jax.Array:

@@ -10,9 +10,10 @@ from flax import nnx
 
 from jaxvla.models.layers import MLP
 from jaxvla.models.layers import EnsembleMLP
-
-# Advantage indicator values (Recap). NONE is what dropout and unconditioned inference feed.
-INDICATOR_NONE, INDICATOR_POSITIVE, INDICATOR_NEGATIVE = 0, 1, 2
+from jaxvla.schema import INDICATOR_NEGATIVE as INDICATOR_NEGATIVE
+from jaxvla.schema import INDICATOR_NONE as INDICATOR_NONE
+from jaxvla.schema import INDICATOR_POSITIVE as INDICATOR_POSITIVE
+from jaxvla.schema import INDICATOR_VALUES
 
 
 class Policy(nnx.Module):
@@ -24,7 +25,8 @@ class Policy(nnx.Module):
         self.log_std_min, self.log_std_max = config.log_std_range
         self.encoder = config.create_encoder(rngs)
         width = config.feature_size
-        self.indicator = nnx.Embed(3, width, dtype=dtype, rngs=rngs) if config.advantage_conditioned else None
+        conditioned = config.advantage_conditioned
+        self.indicator = nnx.Embed(INDICATOR_VALUES, width, dtype=dtype, rngs=rngs) if conditioned else None
         self.trunk = MLP(width, (config.width,) * config.depth, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(config.width, 2 * config.chunk * config.action_size, dtype=dtype, rngs=rngs)
 

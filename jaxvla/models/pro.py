@@ -25,9 +25,9 @@ from flax import nnx
 
 from jaxvla.models import encoders
 from jaxvla.models import layers
-from jaxvla.models.config import STATE_SIZE
 from jaxvla.models.config import fields_from_dict
 from jaxvla.models.config import fields_to_dict
+from jaxvla.schema import STATE_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ProNetConfig:
     value_range: tuple[float, float] = (-1.5, 1.5)
     """Support of the progress value, in units of the implicit reward (success +1, failure -1)."""
     risk_classes: int = 7
-    """"none" plus each failure mode (envs.cell.FAILURE_MODES, in its order)."""
+    """"none" plus each failure mode (jaxvla.schema.FAILURE_MODES, in its order)."""
     time_scale: float = 100.0
     """Steps per unit of the elapsed-time feature."""
     image: bool = False

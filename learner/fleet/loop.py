@@ -31,15 +31,15 @@ from configs import Config
 from jaxvla import episodes as rlds
 from jaxvla import export
 from jaxvla.actor import fileformat
-from learner import gate as gates
 from learner import patch
 from learner import pretrain
 from learner import replay
 from learner import sac
 from learner import sharding
 from learner.checkpoints import Checkpoints
-from learner.store import EpisodeStore
-from learner.store import ParamsRegistry
+from learner.fleet import gate as gates
+from learner.fleet.store import EpisodeStore
+from learner.fleet.store import ParamsRegistry
 
 PAD = 128  # block lengths are padded to a multiple of this: a handful of insert compiles, not one per T
 

@@ -29,7 +29,7 @@ non-canonical UUIDs, too many episodes or steps; the message names the field). E
 Validation is `jaxvla.episodes.canonical_episode`: what it accepts, the store writes into RLDS and reads
 back, so one accepted episode can never stop compaction (and an episode in the store that the RLDS
 writer's check refuses, one an older service accepted, is quarantined while the others go on). The
-fleet page (`page_app`, `learner.fleet_page`) is a separate read-only listener, bound to loopback by
+fleet page (`page_app`, `learner.fleet.page`) is a separate read-only listener, bound to loopback by
 default, with no token.
 
 Nothing here runs jax. Disk I/O, decoding, validation and inference run in a thread pool, never on the
@@ -56,9 +56,9 @@ from aiohttp import web
 from jaxvla import episodes as rlds
 from jaxvla.actor import policy as actor_policy
 from jaxvla.actor import wire
-from learner.store import CompactionStopped
-from learner.store import EpisodeStore
-from learner.store import ParamsRegistry
+from learner.fleet.store import CompactionStopped
+from learner.fleet.store import EpisodeStore
+from learner.fleet.store import ParamsRegistry
 
 ROBOT_ID = web.RequestKey("robot_id", str)
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/octet-stream")
@@ -392,8 +392,9 @@ class Service:
         return web.json_response(self.robots)
 
     async def page(self, _request: web.Request) -> web.Response:
-        """The read-only fleet page (`learner.fleet_page`)."""
-        from learner import fleet_page  # matplotlib: imported only by a service whose page is opened
+        """The read-only fleet page (`learner.fleet.page`)."""
+        # matplotlib: imported only by a service whose page is opened
+        from learner.fleet import page as fleet_page
 
         status, robots = self.store_status(), dict(self.robots)
 

@@ -1,4 +1,5 @@
-"""The report both learning-from-practice commands write (`jaxvla recap`, `jaxvla ript`).
+"""Report helpers of the commands: what a run reached and when, figures over seeds, and the report both
+learning-from-practice commands write (`jaxvla recap`, `jaxvla ript`).
 
 Per seed, a method's run is a list of records, one per iteration (iteration 0: the starting policy), each
 with the evaluation figures of `learner.evaluate.summarize` on the fixed test contexts (`evaluate.TEST`)
@@ -11,15 +12,36 @@ biased upwards), with a 95% Wilson interval per seed and a bootstrap interval of
 final policy's success on `novel` is the stress column.
 """
 
-import dataclasses
 import json
 import pathlib
 
 import numpy as np
-import tyro
 
-import configs
 from learner import evaluate
+
+
+def first_reaching(records: list[dict], target: float, key: str = "success_rate") -> dict | None:
+    """The first record whose `key` is at least `target`."""
+    return next((r for r in records if r[key] is not None and r[key] >= target), None)
+
+
+def over_seeds(values: list, percent: bool = False) -> str:
+    """Mean over seeds with a bootstrap 95% interval, and how many seeds got there when not all did."""
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "not reached"
+    fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3g}")  # noqa: E731
+    text = fmt(np.mean(reached))
+    if len(reached) > 1:
+        lo, hi = evaluate.bootstrap_interval(reached)
+        text += f" [{fmt(lo)}, {fmt(hi)}]"
+    return text + (f" ({len(reached)}/{len(values)} seeds)" if len(reached) < len(values) else "")
+
+
+def plot_success(ax, records: list[dict], key: str, **style) -> None:
+    """One run's success against `key` (operator steps, environment steps, ...) on `ax`."""
+    ax.plot([r[key] for r in records], [r["success_rate"] for r in records], "-o", ms=3, alpha=0.7, **style)
+
 
 FIGURES = ("success_rate", "throughput_per_hour", "cycle_time_s", "retries_per_episode", "recovery_rate")
 
@@ -162,17 +184,3 @@ def write(out: pathlib.Path, name: str, title: str, settings_section: dict, sett
     print(report)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / f'{name}.png'}")
     return report
-
-
-def cli(argv: list[str], prog: str, section: str, defaults: dict):
-    """`configs.cli` with `defaults` replacing fields of `section` in every named config, so `--help` shows
-    them and the command line still overrides them."""
-
-    def replaced(config):
-        return dataclasses.replace(
-            config, **{section: dataclasses.replace(getattr(config, section), **defaults)}
-        )
-
-    choices = {name: (configs.get_config(name).description, replaced(configs.get_config(name)))
-               for name in configs.list_configs()}  # fmt: skip
-    return tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)
