@@ -555,6 +555,8 @@ class DemoConfig:
     operator as its teleop device."""
     episodes_per_robot: int = 16
     """Episodes each robot runs with the prior; their logs are PRO's deployment data."""
+    trigger_rounds: int = 2
+    """Rounds of patching with PRO-triggered takeovers (the other patching arms run `patch.rounds`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -632,6 +634,7 @@ _CONFIGS = (
             sft_demos=(32,),
             sft_steps=1000,
             hg_dagger_rounds=2,
+            false_alarms=False,  # not in the demo's table: saves replaying every round without the operator
             seeds=(0,),
         ),
         pro=ProConfig(
@@ -678,7 +681,7 @@ _CONFIGS = (
         ),
         recap=RecapConfig(iterations=2, value_steps=500, policy_steps=1000),
         ript=RiptConfig(sft_demos=4, iterations=3, rollouts_per_iteration=128),
-        demo=DemoConfig(robots=4, episodes_per_robot=48),
+        demo=DemoConfig(robots=4, episodes_per_robot=48, trigger_rounds=6),
         out_dir="runs/demo_full",
     ),
     Config(

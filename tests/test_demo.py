@@ -135,29 +135,29 @@ def test_the_prior_deployed_through_the_fleet_reaches_the_store_whole(tmp_path):
     json.dumps(result)  # a stage's result is kept as JSON
 
 
-# The `demo` config at tiny shapes and budgets: 4 test and validation contexts, one round or iteration.
+# The `demo` config at tiny shapes and budgets: 2 test and validation contexts, one round or iteration,
+# the shapes tests/test_patch_cli.py compiles (with the same tiny prior, so one compiles for the other).
 TINY = [
     "--model.width", "32", "--model.prompt-dim", "8", "--model.ensemble", "2", "--model.value-bins", "11",
     "--pretrain.demos-per-task", "4", "--pretrain.steps", "10", "--pretrain.batch-size", "16",
     "--pretrain.warmup-steps", "2", "--pretrain.log-every", "10", "--pretrain.checkpoint-every", "10",
-    "--pretrain.eval-episodes", "4",
     "--patch.rounds", "1", "--patch.envs-per-round", "4", "--patch.updates-per-round", "2",
-    "--patch.eval-episodes", "4", "--patch.validation-episodes", "4", "--patch.offline-episodes", "4",
+    "--patch.eval-episodes", "2", "--patch.validation-episodes", "2", "--patch.offline-episodes", "4",
     "--patch.capacity", "64", "256", "64", "--patch.sft-demos", "2", "--patch.sft-steps", "10",
-    "--patch.hg-dagger-rounds", "1", "--patch.seeds", "0",
+    "--patch.hg-dagger-rounds", "1", "--patch.seeds", "0", "--patch.false-alarms",
     "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2",
     "--sac.critic-pretrain-steps", "3",
     "--pro.net.width", "32", "--pro.steps", "10", "--pro.log-every", "10", "--pro.batch-size", "16",
-    "--pro.warmup-steps", "2", "--pro.rank-samples", "2",
+    "--pro.warmup-steps", "2", "--pro.rank-samples", "2", "--pro.heldout", "0.5",
     "--recap.iterations", "1", "--recap.autonomous-per-iteration", "4",
     "--recap.corrected-per-iteration", "4", "--recap.offline-episodes", "4", "--recap.value-steps", "5",
-    "--recap.policy-steps", "5", "--recap.batch-size", "16", "--recap.eval-episodes", "4",
+    "--recap.policy-steps", "5", "--recap.batch-size", "16", "--recap.eval-episodes", "2",
     "--recap.guidance-sweep", "1", "--recap.seeds", "0",
     "--ript.sft-demos", "2", "--ript.iterations", "1", "--ript.group-size", "2",
     "--ript.groups-per-call", "2", "--ript.rollouts-per-iteration", "4", "--ript.contexts", "2",
     "--ript.epochs", "1", "--ript.minibatches", "1",
-    "--ript.eval-episodes", "4", "--ript.seeds", "0",
-    "--demo.robots", "2", "--demo.episodes-per-robot", "2",
+    "--ript.eval-episodes", "2", "--ript.seeds", "0",
+    "--demo.robots", "2", "--demo.episodes-per-robot", "3", "--demo.trigger-rounds", "1",
     "--compile-cache", str(REPO_ROOT / ".cache" / "jax"),
 ]  # fmt: skip
 
@@ -176,8 +176,11 @@ def table_cells(text: str, first_column: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # compiling ~20 MJX programs from a cold cache, on 2 shared cores
 def test_the_demo_fills_every_row_and_column_from_one_tiny_run(tmp_path, capsys):
     out = tmp_path / "runs"
+    # The prior stage resumes this untrained prior (the tiny one other tests share) for its 10 BC steps.
+    write_tiny_prior(out / "prior")
     argv = [*TINY, "--pretrain.data-dir", str(tmp_path / "data"), "--out-dir", str(out)]
     assert demo.main(argv) == 0
     payload = json.loads((out / "report.json").read_text())

@@ -320,8 +320,10 @@ def with_pro_reward(config: configs.Config, pro_dir: str) -> configs.Config:
 
 
 def with_risk_trigger(config: configs.Config, pro_dir: str) -> configs.Config:
-    """Sparse-reward patching whose operator also takes over when PRO's ρ passes `pro.risk_threshold`."""
-    pc = dataclasses.replace(config.patch, risk_trigger=config.pro.risk_threshold, pro=pro_dir)
+    """Sparse-reward patching for `demo.trigger_rounds` rounds, its operator also taking over when PRO's ρ
+    passes `pro.risk_threshold`."""
+    pc = dataclasses.replace(config.patch, risk_trigger=config.pro.risk_threshold, pro=pro_dir,
+                             rounds=config.demo.trigger_rounds)  # fmt: skip
     return dataclasses.replace(config, patch=pc)
 
 
@@ -358,8 +360,8 @@ COLUMNS = [  # (header, row key, kind)
     ("corrective episodes", "corrective_episodes", "count"),
     ("takeover segments", "takeover_segments", "count"),
     ("operator steps", "takeover_steps", "count"),
-    ("env steps to goal", "env_steps_to_goal", "count"),
-    ("wall-clock to goal (s)", "wall_s_to_goal", "seconds"),
+    ("env steps to {goal} (validation)", "env_steps_to_goal", "count"),
+    ("wall-clock to {goal} (s)", "wall_s_to_goal", "seconds"),
     ("novel success (%)", "novel", "percent"),
 ]
 NOT_APPLICABLE = "-"
@@ -386,7 +388,7 @@ def method_records(stages: dict) -> dict[str, dict[str, list[dict]]]:
                                    ript["summaries"][seed]["sft_wall_s"])
         for seed, recs in ript["seeds"].items()
     }  # fmt: skip
-    return runs
+    return {arm: runs[arm] for arm in ARMS}  # the table's order
 
 
 def seed_row(records: list[dict], goal: float, novel: float, *, trained: bool) -> dict:
@@ -455,8 +457,9 @@ def cell(seeds: list[dict], key: str, kind: str) -> str:
     return text + (f" ({len(values)} of {len(seeds)} seeds)" if len(values) < len(seeds) else "")
 
 
-def table(rows: dict[str, list[dict]]) -> str:
-    lines = ["| method | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+def table(rows: dict[str, list[dict]], goal: float) -> str:
+    headers = [h.format(goal=f"{goal:.0%}") for h, _, _ in COLUMNS]
+    lines = ["| method | " + " | ".join(headers) + " |",
              "|---|" + "---:|" * len(COLUMNS)]  # fmt: skip
     for arm, seeds in rows.items():
         lines.append(
@@ -553,7 +556,7 @@ def claims(rows: dict[str, list[dict]]) -> list[dict]:
 
 def claims_table(results: list[dict]) -> str:
     lines = [
-        "| seed | claim | theirs | ours | ours / theirs | | source |",
+        "| seed | claim | theirs | ours | ours / theirs | verdict | source |",
         "|---|---|---:|---:|---:|---|---|",
     ]
     for r in results:
@@ -593,11 +596,10 @@ def plot_learning(runs: dict, path: pathlib.Path, title: str) -> None:
                     ax.plot([0], [recs[-1]["success_rate"]], "D" if arm == "rank" else "*", ms=9, **style)
                 else:
                     # SFT's points are independent retrainings by demo count, joined for reading only.
-                    patch_tool.plot_success(ax, recs, key, ls="--" if arm in ("sft", "targeted_sft") else "-",
-                                            **style)  # fmt: skip
+                    patch_tool.plot_success(ax, recs, key, **style)
         ax.set_xlabel(label)
         ax.set_xscale("symlog", linthresh=100)
-        ax.set_xlim(left=-1)
+        ax.set_xlim(left=0)
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("success on the test contexts (no operator)")
     axes[0].legend(fontsize=7, loc="lower right")
@@ -607,16 +609,17 @@ def plot_learning(runs: dict, path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-def component_failures(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+def component_failures(rows: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]:
     """arm -> component -> the share of the component's test episodes the final policy failed, mean over
-    seeds."""
+    seeds (None where the test contexts hold none of the component)."""
     shares = {}
     for arm, seeds in rows.items():
-        per_seed = [
-            {name: c["failures"] / c["episodes"] for name, c in s["by_component"].items() if c["episodes"]}
-            for s in seeds
-        ]
-        shares[arm] = {name: float(np.mean([p[name] for p in per_seed if name in p])) for name in per_seed[0]}
+        shares[arm] = {}
+        for name in seeds[0]["by_component"]:
+            parts = [s["by_component"][name] for s in seeds if s["by_component"][name]["episodes"]]
+            shares[arm][name] = (
+                float(np.mean([p["failures"] / p["episodes"] for p in parts])) if parts else None
+            )
     return shares
 
 
@@ -630,15 +633,15 @@ def plot_components(shares: dict[str, dict[str, float]], path: pathlib.Path, tit
 
     components = list(shares["prior"])
     width = 0.8 / len(shares)
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     for k, (arm, share) in enumerate(shares.items()):
         x = np.arange(len(components)) + (k - (len(shares) - 1) / 2) * width
-        ax.bar(x, [share.get(c, 0.0) for c in components], width, color=f"C{k % 10}", label=ARMS[arm],
+        ax.bar(x, [share.get(c) or 0.0 for c in components], width, color=f"C{k % 10}", label=ARMS[arm],
                hatch="//" if arm == "prior" else None)  # fmt: skip
     ax.set_xticks(np.arange(len(components)), components)
     ax.set_ylabel("failed test episodes of the component")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -659,7 +662,9 @@ def component_table(shares: dict[str, dict[str, float]], rows: dict[str, list[di
             f"{name}: " + (", ".join(f"{m} {n}" for m, n in c["failure_modes"].items()) or "none")
             for name, c in rows[arm][0]["by_component"].items()
         )
-        cells = [number(share[c], "percent") if c in share else NOT_APPLICABLE for c in components]
+        cells = [
+            number(share[c], "percent") if share.get(c) is not None else "no episodes" for c in components
+        ]
         lines.append(f"| {ARMS[arm]} | " + " | ".join(cells) + f" | {modes} |")
     return lines
 
@@ -674,19 +679,19 @@ def machine() -> str:
 
 def budgets(config: configs.Config) -> str:
     """What each arm was given, in one paragraph."""
-    pc, rc, ri = config.patch, config.recap, config.ript
+    pc, rc, ri, prc = config.patch, config.recap, config.ript, config.pro
     return (
         f"Full SFT: the prior retrained by BC ({pc.sft_steps} steps) on {list(pc.sft_demos)} operator "
         f"demonstrations of the split; targeted SFT: the same on demonstrations of its tails. HG-DAgger: "
         f"{pc.hg_dagger_rounds} rounds of {pc.envs_per_round} operator-watched episodes, BC on every "
-        f"takeover step. Patching (all three kinds): {pc.rounds} rounds of {pc.envs_per_round} episodes "
-        f"with operator takeovers, {pc.updates_per_round} fused updates each ({config.sac.actor} "
-        f"learner), gated on the validation contexts; PRO-triggered: the operator also takes over when ρ > "
-        f"{config.pro.risk_threshold}. Ranking: the prior's deterministic chunk and "
-        f"{config.pro.rank_samples - 1} samples, the best by PRO (V - {config.pro.risk_weight}ρ). Recap: "
-        f"{rc.iterations} iterations of {rc.autonomous_per_iteration} autonomous + "
-        f"{rc.corrected_per_iteration} corrected episodes. RIPT: {ri.iterations} iterations of "
-        f"{ri.rollouts_per_iteration} rollouts after BC on {ri.sft_demos} demonstrations (its operator "
+        f"takeover step. Patching (sparse and PRO reward): {pc.rounds} rounds of {pc.envs_per_round} "
+        f"episodes with operator takeovers, {pc.updates_per_round} fused updates each ({config.sac.actor} "
+        f"learner), gated on the validation contexts; PRO-triggered: {config.demo.trigger_rounds} such "
+        f"rounds, the operator also taking over when ρ > {prc.risk_threshold}. Ranking: the prior's "
+        f"deterministic chunk and {prc.rank_samples - 1} samples, the best by PRO "
+        f"(V - {prc.risk_weight}ρ). Recap: {rc.iterations} iterations of {rc.autonomous_per_iteration} "
+        f"autonomous + {rc.corrected_per_iteration} corrected episodes. RIPT: {ri.iterations} iterations "
+        f"of {ri.rollouts_per_iteration} rollouts after BC on {ri.sft_demos} demonstrations (its operator "
         f"effort)."
     )
 
@@ -725,7 +730,7 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
         if len(pc.seeds) == 1
         else f"seeds {list(pc.seeds)}: mean [bootstrap 95% interval] for success, mean ± std otherwise"
     )
-    tables = f"{table(rows)}\n\n{claims_table(checked)}"
+    tables = f"{table(rows, pc.goal)}\n\n{claims_table(checked)}"
     text = "\n".join([
         f"# jaxvla demo: the seeds' methods on {where}",
         "",
@@ -735,7 +740,7 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
         f"({pc.goal:.0%}) is read on {pc.validation_episodes} validation contexts (seed "
         f"{evaluate.VALIDATION.seed}); `novel` is the stress split, the same test contexts there.",
         "",
-        table(rows),
+        table(rows, pc.goal),
         "",
         "\"-\": the column does not apply (the prior and ranking are not trained, so they spend no effort). "
         "Corrective episodes, segments and operator steps are the run's totals; environment steps and "
