@@ -565,8 +565,8 @@ class DemoConfig:
     operator as its teleop device."""
     episodes_per_robot: int = 16
     """Episodes each robot runs with the prior; their logs are PRO's deployment data."""
-    converged: float = 0.9
-    """A run has converged at its first evaluation within this fraction of its best success."""
+    trigger_rounds: int = 2
+    """Rounds of patching with PRO-triggered takeovers (the other patching arms run `patch.rounds`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -640,14 +640,15 @@ _CONFIGS = (
             rounds=3,
             eval_episodes=32,
             validation_episodes=32,
-            baselines=("sft",),
             offline_episodes=200,
             sft_demos=(32,),
             sft_steps=1000,
+            hg_dagger_rounds=2,
+            false_alarms=False,  # not in the demo's table: saves replaying every round without the operator
             seeds=(0,),
         ),
         pro=ProConfig(
-            datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"),
+            datasets=("{task}_train", "{task}_{split}", "pro/{task}_fleet"),
             steps=400,
             batch_size=128,
             warmup_steps=50,
@@ -684,13 +685,13 @@ _CONFIGS = (
             eval_every=0,
             checkpoint_every=2500,
         ),
-        patch=PatchConfig(rounds=6, sft_demos=(16, 32, 64), sft_steps=1500),
+        patch=PatchConfig(rounds=6, sft_demos=(16, 32, 64), sft_steps=1500, hg_dagger_rounds=6),
         pro=ProConfig(
-            datasets=("{task}_train", "{task}_novel", "pro/{task}_fleet"), steps=750, batch_size=128
+            datasets=("{task}_train", "{task}_{split}", "pro/{task}_fleet"), steps=750, batch_size=128
         ),
         recap=RecapConfig(iterations=2, value_steps=500, policy_steps=1000),
         ript=RiptConfig(sft_demos=4, iterations=3, rollouts_per_iteration=128),
-        demo=DemoConfig(robots=4, episodes_per_robot=48),
+        demo=DemoConfig(robots=4, episodes_per_robot=48, trigger_rounds=6),
         out_dir="runs/demo_full",
     ),
     Config(

@@ -59,12 +59,14 @@ class MetricsLog:
 
 class IterationLog:
     """An iterative method's progress: after each iteration, evaluate the params on the fixed test
-    contexts and log one record with the run's running totals (`env_steps`, `wall_s`, ...). Iteration 0
-    is the starting policy."""
+    contexts (and their success on the validation contexts, which effort-to-goal reads) and log one
+    record with the run's running totals (`env_steps`, `wall_s`, ...). Iteration 0 is the starting
+    policy."""
 
     def __init__(self, kind: str, evaluator: evaluate.Evaluator, path: pathlib.Path):
         self.kind, self.evaluator = kind, evaluator
         self.contexts = evaluate.TEST.with_episodes(evaluator.episodes)
+        self.validation = evaluate.VALIDATION.with_episodes(evaluator.episodes)
         self.log = MetricsLog(path)
         self.records: list[dict] = []
         self.report: dict = {}
@@ -73,7 +75,13 @@ class IterationLog:
                  changed: bool = True) -> dict:  # fmt: skip
         """`changed` False: the params are those evaluated last, so their figures are reused."""
         if changed or not self.report:
-            self.report = self.evaluator.on(params, self.contexts)
+            # The same compiled evaluator: the contexts are only its key.
+            validation = self.evaluator.on(params, self.validation)
+            self.report = {
+                **self.evaluator.on(params, self.contexts),
+                "validation_success": validation["success_rate"],
+                "validation_ci": validation["success_ci"],
+            }
         record = {"kind": self.kind, "iteration": iteration, **totals, **(extra or {}), **self.report}
         self.log.write(record)
         self.records.append(record)

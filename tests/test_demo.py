@@ -1,14 +1,14 @@
-"""`jaxvla demo`: the comparison's figures by hand, stages that run once, and the fleet stage for real
-(the service and numpy actors as processes on loopback, a tiny untrained prior).
-
-The method stages call the learners the other test files cover; the whole command is measured by running
-it (README, "The main job").
+"""`jaxvla demo`: the table's cells and the seeds' claims by hand, stages that run once, the fleet stage for
+real (the service and numpy actors as processes on loopback, a tiny untrained prior), and the whole command
+on tiny budgets: every stage for real, every row and column filled from that run.
 """
 
+import copy
 import dataclasses
 import json
 
 import pytest
+from conftest import REPO_ROOT
 from conftest import write_tiny_prior
 
 import configs
@@ -17,34 +17,88 @@ from learner import pretrain
 from tools import demo
 
 
-def record(success: float, env_steps: int, wall_s: float, **extra) -> dict:
-    return {"success_rate": success, "recovery_rate": 0.5, "retries_per_episode": 1.0, "cycle_time_s": 3.0,
-            "throughput_per_hour": 100.0, "env_steps": env_steps, "wall_s": wall_s, **extra}  # fmt: skip
+def record(success: float, validation: float, env_steps: int, **extra) -> dict:
+    return {"success_rate": success, "success_ci": (0.1, 0.9), "validation_success": validation,
+            "recovery_rate": 0.5, "retries_per_episode": 1.0, "cycle_time_s": 3.0,
+            "throughput_per_hour": 100.0,
+            "env_steps": env_steps, "wall_s": env_steps / 10, "corrective_episodes": env_steps // 100,
+            "takeover_segments": env_steps // 50, "takeover_steps": env_steps // 10, **extra}  # fmt: skip
 
 
-def test_convergence_is_the_first_evaluation_near_the_best_and_absent_without_a_gain():
-    run = [record(0.0, 0, 0.0), record(0.5, 100, 10.0), record(0.85, 200, 20.0), record(0.9, 300, 30.0)]
-    assert demo.converged_at(run, 0.9) is run[2]  # 0.85 >= 0.9 * 0.9
-    assert demo.converged_at(run, 1.0) is run[3]
-    assert demo.converged_at([record(0.2, 0, 0.0), record(0.1, 50, 5.0)], 0.9) is None
+def test_a_trained_arm_reports_its_effort_to_the_goal_on_validation_and_an_untrained_one_none():
+    # Test success peaks in round 1, but validation first reaches 0.9 in round 2: the goal reads validation.
+    run = [record(0.5, 0.5, 0), record(0.95, 0.85, 400), record(0.9, 0.92, 800), record(0.8, 0.95, 1200)]
+    row = demo.seed_row(run, 0.9, novel=0.25, trained=True)
+    assert row["success"] == 0.8 and row["novel"] == 0.25
+    assert row["env_steps_to_goal"] == 800 and row["wall_s_to_goal"] == 80.0
+    assert row["corrective_episodes_to_goal"] == 8 and row["corrective_episodes"] == 12
+    assert row["takeover_segments"] == 24 and row["takeover_steps"] == 120
+    assert demo.seed_row(run[:2], 0.9, novel=0.0, trained=True)["env_steps_to_goal"] is None
 
-    effort = {"corrective_episodes": 7, "takeover_steps": 90}
-    row = demo.method_row([record(0.0, 0, 0.0), record(0.6, 400, 40.0, **effort)], 0.9)
-    assert row["success"] == 0.6 and row["interventions"] == 7 and row["takeover_steps"] == 90
-    assert row["env_steps_to_converge"] == 400 and row["wall_s_to_converge"] == 40.0
-    assert demo.method_row([record(0.1, 0, 0.0)], 0.9)["env_steps_to_converge"] is None
+    untrained = demo.seed_row(run[:1], 0.9, novel=0.0, trained=False)
+    assert not {"corrective_episodes", "env_steps_to_goal", "wall_s_to_goal"} & set(untrained)
 
 
-def test_table_cells_are_mean_and_std_over_seeds():
-    assert demo.fmt([0.5, 0.7], "percent") == "60.0 ± 10.0"
-    assert demo.fmt([1200, None], "count") == "1,200 (1 of 2 seeds)"
-    assert demo.fmt([1200, None, 1400], "count") == "1,300 ± 100 (2 of 3 seeds)"
-    assert demo.fmt([None], "value") == "-"
-    seeds = [demo.method_row([record(0.0, 0, 0.0), record(s, 100, 1.0)], 0.9) for s in (0.2, 0.4)]
-    table = demo.table({"patch": seeds, "prior": seeds[:1]})
-    lines = table.splitlines()
-    assert len(lines) == 4 and lines[2].startswith("| policy patching | 30.0 ± 10.0 |")
-    assert lines[3].startswith("| prior | 20.0 |")
+def test_cells_say_not_applicable_not_reached_or_the_value_with_its_interval():
+    trained = demo.seed_row([record(0.5, 0.5, 0)], 0.9, novel=0.0, trained=True)
+    untrained = demo.seed_row([record(0.5, 0.5, 0)], 0.9, novel=0.0, trained=False)
+    assert demo.cell([untrained], "takeover_steps", "count") == "-"
+    assert demo.cell([trained], "takeover_steps", "count") == "0"
+    assert demo.cell([trained], "env_steps_to_goal", "count") == "not reached"
+    assert demo.cell([{**trained, "cycle_time_s": None}], "cycle_time_s", "value") == "no successes"
+    # One seed: the run's own Wilson interval; several: a bootstrap interval over seeds (here its ends are
+    # the two values: every resampled mean lies in {0.2, 0.3, 0.4}).
+    assert demo.cell([trained], "success", "percent") == "50.0 [10.0, 90.0]"
+    seeds = [{**trained, "success": 0.2}, {**trained, "success": 0.4}]
+    assert demo.cell(seeds, "success", "percent") == "30.0 [20.0, 40.0]"
+    seeds = [{**trained, "env_steps_to_goal": v} for v in (1200, 1400, None)]
+    assert demo.cell(seeds, "env_steps_to_goal", "count") == "1,300 ± 100 (2 of 3 seeds)"
+
+
+def rows_for_claims() -> dict:
+    def one(success, recovery, retries, throughput, corrective=None, steps=None):
+        return [{"success": success, "recovery": recovery, "retries": retries, "throughput": throughput,
+                 "corrective_episodes_to_goal": corrective, "env_steps_to_goal": steps}]  # fmt: skip
+
+    rows = {arm: one(0.5, 0.5, 1.0, 100.0) for arm in demo.ARMS}
+    rows["prior"] = one(0.78, 0.40, 2.0, 100.0)
+    rows["sft"] = one(0.90, 0.5, 1.0, 150.0, corrective=40)
+    rows["patch"] = one(0.96, 0.70, 1.0, 200.0, corrective=10, steps=3000)
+    rows["patch_pro"] = one(0.97, 0.6, 1.5, 200.0, corrective=10, steps=None)
+    rows["recap"] = one(0.9, 0.5, 1.0, 150.0)
+    return rows
+
+
+def test_the_seed_claims_read_our_measured_rows_and_say_whether_each_holds():
+    rows = rows_for_claims()
+    results = {(r["seed"], r["claim"]): r for r in demo.claims(rows)}
+    by_measure = {c.measure: results[c.seed, c.claim] for c in demo.SEED_CLAIMS}
+    baseline = by_measure["value", "prior", "success"]
+    assert baseline["ours"] == 0.78 and baseline["verdict"] == "reproduced"  # 0.78 / 0.80 within ±10%
+    assert by_measure["value", "patch", "success"]["verdict"] == "reproduced"  # 0.96 >= 0.9 * 0.95
+    fewer = by_measure["ratio", "sft", "patch", "corrective_episodes_to_goal"]
+    assert fewer["ours"] == 4.0 and fewer["ratio"] == 1.0 and fewer["verdict"] == "reproduced"
+    faster = by_measure["ratio", "patch", "patch_pro", "env_steps_to_goal"]
+    assert faster["ours"] is None and faster["verdict"] == "not measured"  # PRO never reached the goal
+    assert by_measure["ratio", "recap", "prior", "throughput"]["ours"] == 1.5
+    assert by_measure["ratio", "recap", "prior", "throughput"]["verdict"] == "not reproduced"
+    assert by_measure["drop", "patch_pro", "prior", "retries"]["ours"] == 0.25  # 1 - 1.5 / 2.0
+    # A changed measurement changes the claim's figure: nothing in the seed table is typed in.
+    changed = copy.deepcopy(rows)
+    changed["prior"][0]["success"] = 0.5
+    again = {c.measure: r for c, r in zip(demo.SEED_CLAIMS, demo.claims(changed), strict=True)}
+    assert again["value", "prior", "success"]["ours"] == 0.5
+    assert again["value", "prior", "success"]["verdict"] == "not reproduced"
+    summary = demo.claims_summary(demo.claims(rows))
+    assert "**Not measured** (" in summary and "converges ~2x faster" in summary
+
+
+def test_ript_counts_its_few_shot_demonstrations_as_operator_effort():
+    records = [{"env_steps": 0, "wall_s": 0.0}, {"env_steps": 500, "wall_s": 9.0}]
+    counted = demo.with_few_shot_effort(records, demos=4, demo_steps=300, sft_wall_s=2.0)
+    assert counted[0] == {"env_steps": 300, "wall_s": 2.0, "corrective_episodes": 4, "takeover_segments": 4,
+                          "takeover_steps": 300}  # fmt: skip
+    assert counted[1]["env_steps"] == 800 and counted[1]["wall_s"] == 11.0
 
 
 def test_a_finished_stage_is_read_back_not_run_again(tmp_path):
@@ -79,3 +133,91 @@ def test_the_prior_deployed_through_the_fleet_reaches_the_store_whole(tmp_path):
     logged = rlds.read_episodes(tmp_path / "data" / "pro" / "pick_place_fleet")
     assert sorted(ep["episode_metadata"]["robot_id"] for ep in logged) == ["robot-0"] * 3 + ["robot-1"] * 3
     json.dumps(result)  # a stage's result is kept as JSON
+
+
+# The `demo` config at tiny shapes and budgets: 2 test and validation contexts, one round or iteration,
+# the shapes tests/test_patch_cli.py compiles (with the same tiny prior, so one compiles for the other).
+TINY = [
+    "--model.width", "32", "--model.prompt-dim", "8", "--model.ensemble", "2", "--model.value-bins", "11",
+    "--pretrain.demos-per-task", "4", "--pretrain.steps", "10", "--pretrain.batch-size", "16",
+    "--pretrain.warmup-steps", "2", "--pretrain.log-every", "10", "--pretrain.checkpoint-every", "10",
+    "--patch.rounds", "1", "--patch.envs-per-round", "4", "--patch.updates-per-round", "2",
+    "--patch.eval-episodes", "2", "--patch.validation-episodes", "2", "--patch.offline-episodes", "4",
+    "--patch.capacity", "64", "256", "64", "--patch.sft-demos", "2", "--patch.sft-steps", "10",
+    "--patch.hg-dagger-rounds", "1", "--patch.seeds", "0", "--patch.false-alarms",
+    "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2",
+    "--sac.critic-pretrain-steps", "3",
+    "--pro.net.width", "32", "--pro.steps", "10", "--pro.log-every", "10", "--pro.batch-size", "16",
+    "--pro.warmup-steps", "2", "--pro.rank-samples", "2", "--pro.heldout", "0.5",
+    "--recap.iterations", "1", "--recap.autonomous-per-iteration", "4",
+    "--recap.corrected-per-iteration", "4", "--recap.offline-episodes", "4", "--recap.value-steps", "5",
+    "--recap.policy-steps", "5", "--recap.batch-size", "16", "--recap.eval-episodes", "2",
+    "--recap.guidance-sweep", "1", "--recap.seeds", "0",
+    "--ript.sft-demos", "2", "--ript.iterations", "1", "--ript.group-size", "2",
+    "--ript.groups-per-call", "2", "--ript.rollouts-per-iteration", "4", "--ript.contexts", "2",
+    "--ript.epochs", "1", "--ript.minibatches", "1",
+    "--ript.eval-episodes", "2", "--ript.seeds", "0",
+    "--demo.robots", "2", "--demo.episodes-per-robot", "3", "--demo.trigger-rounds", "1",
+    "--compile-cache", str(REPO_ROOT / ".cache" / "jax"),
+]  # fmt: skip
+
+
+def table_cells(text: str, first_column: str) -> dict[str, list[str]]:
+    """The rows of the markdown table whose header starts with `first_column`: label -> cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        label, *cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[label] = cells
+    return rows
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(3600)  # compiling ~20 MJX programs from a cold cache, on 2 shared cores
+def test_the_demo_fills_every_row_and_column_from_one_tiny_run(tmp_path, capsys):
+    out = tmp_path / "runs"
+    # The prior stage resumes this untrained prior (the tiny one other tests share) for its 10 BC steps.
+    write_tiny_prior(out / "prior")
+    argv = [*TINY, "--pretrain.data-dir", str(tmp_path / "data"), "--out-dir", str(out)]
+    assert demo.main(argv) == 0
+    payload = json.loads((out / "report.json").read_text())
+    rows, stages, text = payload["rows"], payload["stages"], (out / "report.md").read_text()
+    assert list(rows) == list(demo.ARMS)
+
+    table = table_cells(text, "method")
+    assert list(table) == list(demo.ARMS.values())
+    for arm, label in demo.ARMS.items():
+        cells = table[label]
+        assert len(cells) == len(demo.COLUMNS) and all(cells)
+        for (_, key, kind), text_cell in zip(demo.COLUMNS, cells, strict=True):
+            assert text_cell == demo.cell(rows[arm], key, kind)  # the cell is the run's row, formatted
+            effort = key in (*demo.EFFORT, "env_steps_to_goal", "wall_s_to_goal")
+            if arm in demo.UNTRAINED and effort:
+                assert text_cell == "-"
+            elif key in ("success", "retries", "throughput", "novel", *demo.EFFORT):
+                assert text_cell[0].isdigit(), (arm, key, text_cell)  # always measured
+    # The rows are the stages' final evaluations.
+    for arm in ("targeted_sft", "hg_dagger", "patch_risk", "recap"):
+        final = stages[arm]["seeds"]["0"][-1]
+        assert rows[arm][0]["success"] == final["success_rate"]
+        assert rows[arm][0]["novel"] == stages[arm]["novel"]["0"]
+    assert rows["rank"][0]["success"] == stages["rank"]["seeds"]["-"][0]["success_rate"]
+    assert rows["ript"][0]["corrective_episodes"] == 2  # its two few-shot demonstrations
+    assert rows["hg_dagger"][0]["takeover_steps"] == stages["hg_dagger"]["seeds"]["0"][-1]["takeover_steps"]
+
+    claims = table_cells(text, "seed")
+    assert len(claims) == len(payload["claims"]) == len(demo.SEED_CLAIMS)
+    for claim, result in zip(demo.SEED_CLAIMS, payload["claims"], strict=True):
+        assert result["ours"] == demo.ours(claim, rows)
+        how, *arms, column = claim.measure
+        if how == "value":  # the figure beside the claim is the measured row's
+            assert result["ours"] == demo.measured(rows[arms[0]], column)
+    assert "Reproduced** (" in text and "Not reproduced** (" in text
+
+    for name in ("report.md", "report.json", *demo.PLOTS):
+        assert (out / name).stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "| method | success (%)" in printed and "| seed | claim |" in printed

@@ -280,7 +280,13 @@ def plot_episode(episode: dict, readouts: dict, path: pathlib.Path, title: str) 
 
 
 def example_episode(episodes: list[dict]) -> int:
-    """A held-out episode worth plotting: one with a drop, else a failure, else the first."""
+    """A held-out episode worth plotting: one where the operator took over part of the way (the plot marks
+    the takeover against PRO's risk; a demonstration is the operator's throughout), else one with a drop,
+    else a slip, else a failure, else the first."""
+    for i, ep in enumerate(episodes):
+        operator = np.asarray(ep["steps"]["is_intervention"])
+        if operator.any() and not operator.all():
+            return i
     for wanted in ("drop", "slip"):
         for i, ep in enumerate(episodes):
             if np.asarray(ep["steps"]["events"])[:, EVENTS.index(wanted)].any():
