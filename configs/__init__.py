@@ -144,6 +144,10 @@ class SACConfig:
     residual_scale: float = 0.4
     """Residual: the largest correction per action dimension, in units of the action range's half-width
     (a held item needs about 0.4 of v_max to slow down)."""
+    residual_valve_scale: float = 2.0
+    """Residual: the largest correction of the suction valve's command (the action's last dimension). Its
+    command is a sign, so 2 (the whole range) lets the residual open or close it wherever the prior holds
+    it; at 0.4 the residual could never change the valve."""
     ensemble: int = 10
     """Residual: critic ensemble size (RLPD / REDQ: 10, targets from the min over `target_subset`)."""
     pessimism: float = 1.0

@@ -41,6 +41,7 @@ from configs import Config
 from envs.rollout import rollout
 from envs.wrappers import Takeover
 from envs.wrappers import Trigger
+from jaxvla import normalization
 from learner import bc
 from learner import dataset
 from learner import evaluate
@@ -353,6 +354,15 @@ def critic_graphdef(model) -> nnx.GraphDef:
     return nnx.split(model.create_critic(0), nnx.Param)[0]
 
 
+def operator_reach(nets: residual.Networks, prior_params, block: dict) -> dict:
+    """`residual.correction_reach` over a rollout block's operator steps: how much of what the operator
+    did the residual could express at its scale (the prior's action read on the block's observations)."""
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    obs = normalization.normalize(jax.tree.map(flat, block["obs"]), nets.stats)
+    base = residual.base_action(nets, prior_params, obs)
+    return residual.correction_reach(flat(block["action"]), base, nets.scale, flat(block["intervention"]))
+
+
 class PatchLearner:
     """The learner kind `config.sac.actor` names, bound once: its jitted train block, the actors that
     run its params (exploring and deterministic), what it deploys, and its critic pretraining."""
@@ -371,6 +381,9 @@ class PatchLearner:
             self.pretrain = (
                 residual.make_critic_pretrain(sc, nets, optimizers) if sc.critic_pretrain_steps else None
             )
+            reach = jax.jit(functools.partial(operator_reach, nets))
+            # On the host's numbers, so neither the replicated params nor the block's devices constrain it.
+            self.reach = lambda block: reach(*jax.device_get((prior.params, block)))
         else:
             nets = sac.Networks(actor=prior.graphdef, critic=critic_graphdef(mc), stats=prior.stats)
             self.train = sac.make_train_steps(
@@ -379,6 +392,7 @@ class PatchLearner:
             self.explore = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=config.patch.explore)
             self.deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
             self.pretrain = None
+            self.reach = None
 
     def deployable(self, state):
         """The params the actors run: the Polyak-averaged residual on the prior, or the fine-tuned policy.
@@ -499,6 +513,8 @@ def run_patching(
                 kind, state, offline, block, config, mesh, jax.random.fold_in(key_train, 0)
             )
         state, metrics = kind.train(state, buffers, jax.random.fold_in(key_train, round_))
+        if kind.reach is not None:
+            extra = {**extra, **{f"operator_{k}": v for k, v in kind.reach(block).items()}}
         jax.block_until_ready(state)
         totals = add_effort(
             learner.totals,

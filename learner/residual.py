@@ -65,7 +65,7 @@ class Networks:
     actor: nnx.GraphDef = struct.field(pytree_node=False)
     critic: nnx.GraphDef = struct.field(pytree_node=False)
     stats: dict = struct.field(pytree_node=False)
-    scale: float = struct.field(pytree_node=False)
+    scale: tuple[float, ...] = struct.field(pytree_node=False)  # per action dimension
 
 
 def critic_model(model, config):
@@ -83,9 +83,17 @@ def create_networks(prior, config, seed: int) -> tuple[Networks, nnx.State, nnx.
         actor=actor_graphdef,
         critic=critic_graphdef,
         stats=prior.stats,
-        scale=config.residual_scale,
+        scale=action_scale(config, model.action_size),
     )
     return nets, actor, critic
+
+
+def action_scale(config, action_size: int) -> tuple[float, ...]:
+    """The residual's largest correction per action dimension: `residual_scale` on the motion, and
+    `residual_valve_scale` on the last one, the suction valve. The valve's command is a sign (on above 0):
+    a correction of 0.4 cannot open a valve the prior holds near -1, which 29% of the operator's takeover
+    steps on `deploy` need (docs/learner.md)."""
+    return (config.residual_scale,) * (action_size - 1) + (config.residual_valve_scale,)
 
 
 def make_optimizers(config) -> dict[str, optax.GradientTransformation]:
@@ -119,14 +127,15 @@ def base_action(nets: Networks, prior: nnx.State, obs: dict) -> jax.Array:
     return jax.lax.stop_gradient(distributions.mode(mean)[:, 0])
 
 
-def compose(base: jax.Array, residual: jax.Array, scale: float) -> jax.Array:
-    """The executed action: base + scale * residual, kept in the action range. All [B, A]."""
-    return jnp.clip(base + scale * residual, -1.0, 1.0)
+def compose(base: jax.Array, residual: jax.Array, scale) -> jax.Array:
+    """The executed action: base + scale * residual, kept in the action range. All [B, A]; scale [A] or
+    a number."""
+    return jnp.clip(base + jnp.asarray(scale) * residual, -1.0, 1.0)
 
 
-def residual_target(executed: jax.Array, base: jax.Array, scale: float) -> jax.Array:
+def residual_target(executed: jax.Array, base: jax.Array, scale) -> jax.Array:
     """The residual that reproduces an executed action from the base, within the residual's range."""
-    return jnp.clip((executed - base) / scale, -1.0, 1.0)
+    return jnp.clip((executed - base) / jnp.asarray(scale), -1.0, 1.0)
 
 
 def residual_sample(nets: Networks, actor, obs: dict, base: jax.Array, key: jax.Array):
@@ -172,6 +181,25 @@ def actor_fn(nets: Networks, *, explore: bool = False):
 def deployable(state: ResidualState) -> dict:
     """The params an actor runs: the prior and the Polyak-averaged residual."""
     return {"prior": state.prior, "residual": state.actor_average}
+
+
+def correction_reach(executed: jax.Array, base: jax.Array, scale, mask: jax.Array) -> dict:
+    """How much of the operator's correction a residual of `scale` can express, over masked steps.
+
+    executed, base [N, A]; mask [N] (the operator's steps). Returns the share of steps whose correction
+    (executed - base) / scale leaves [-1, 1] in some dimension, and the mean share of the correction's
+    size that is lost to that clip: what no amount of training can teach the residual."""
+    needed = (executed - base) / jnp.asarray(scale)
+    reachable = jnp.clip(needed, -1.0, 1.0)
+    weight = mask.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    outside = jnp.any(jnp.abs(needed) > 1.0, axis=-1)
+    size = jnp.linalg.norm(needed, axis=-1)
+    lost = jnp.linalg.norm(needed - reachable, axis=-1) / jnp.maximum(size, 1e-6)
+    return {
+        "share_outside": jnp.sum(weight * outside) / count,
+        "lost_fraction": jnp.sum(weight * lost) / count,
+    }
 
 
 # ------------------------------------------------------------------------------------------- losses

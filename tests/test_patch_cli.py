@@ -38,6 +38,8 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
     assert {(r["contexts"], r["contexts_seed"], r["episodes"]) for r in firsts} == {("test", 20_261_129, 2)}
     assert all(set(r["by_component"]) == {"train", "physics", "layout"} for r in firsts)
     assert arms["hg_dagger"][-1]["round"] == 1 and arms["sft"][-1]["corrective_episodes"] == 2
+    # The residual's reach over the round's operator steps is recorded (shares, so within [0, 1]).
+    assert 0 <= arms["patch"][-1]["operator_share_outside"] <= 1
     text = (out / "report.md").read_text()
     for title in tools_patch.ARMS.values():
         assert title in text

@@ -273,10 +273,11 @@ def test_the_residual_actor_at_initialisation_executes_exactly_the_priors_action
     want = evaluate.chunk_actor(prior.graphdef, prior.stats)(prior.params, obs, jax.random.key(0))
     got = residual.actor_fn(nets)(residual.deployable(state), obs, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # Exploring, the residual's noise moves the action by at most the scale.
+    # Exploring, the residual's noise moves each dimension by at most its scale: the motion's, the valve's.
     explored = residual.actor_fn(nets, explore=True)(residual.deployable(state), obs, jax.random.key(1))
-    gap = np.abs(np.asarray(explored) - np.asarray(want))
-    assert gap.max() <= sc.residual_scale + 1e-6 and gap.max() > 0
+    gap = np.abs(np.asarray(explored) - np.asarray(want)).max(axis=0)
+    assert nets.scale == (sc.residual_scale,) * 3 + (sc.residual_valve_scale,)
+    assert np.all(gap <= np.asarray(nets.scale) + 1e-6) and gap.max() > 0
 
 
 def test_compose_and_the_bc_target_invert_each_other_within_the_scale():
@@ -286,12 +287,27 @@ def test_compose_and_the_bc_target_invert_each_other_within_the_scale():
     # (0.7 - 0.5) / 0.4 = 0.5; (-1 + 0.9) / 0.4 = -0.25; (1 - 0) / 0.4 = 2.5, clipped to the range: 1.
     np.testing.assert_allclose(target, [[0.5, -0.25, 1.0]], rtol=1e-6)
     np.testing.assert_allclose(residual.compose(base, target, 0.4), [[0.7, -1.0, 0.4]], rtol=1e-6)
+    # Per dimension: a valve scale of 2 reaches a command of +1 from -0.9 (a motion scale of 0.4 cannot).
+    scale = (0.4, 0.4, 2.0)
+    valve = residual.residual_target(jnp.array([[0.5, -0.9, 1.0]]), jnp.array([[0.5, -0.9, -0.9]]), scale)
+    np.testing.assert_allclose(valve, [[0.0, 0.0, 0.95]], rtol=1e-6)
+    np.testing.assert_allclose(residual.compose(jnp.array([[0.5, -0.9, -0.9]]), valve, scale),
+                               [[0.5, -0.9, 1.0]], rtol=1e-6)  # fmt: skip
 
 
 def test_the_actor_follows_a_lower_confidence_bound_over_the_ensemble():
     q = jnp.array([[1.0, 2.0], [3.0, 2.0]])  # member means 2 and 2; stds 1 and 0
     np.testing.assert_allclose(residual.pessimistic_value(q, 1.0), [1.0, 2.0])
     np.testing.assert_allclose(residual.pessimistic_value(q, 0.0), [2.0, 2.0])
+
+
+def test_correction_reach_counts_the_operator_steps_a_bounded_residual_cannot_express():
+    base = jnp.zeros((3, 2))
+    executed = jnp.array([[0.2, 0.0], [0.8, 0.0], [0.0, -0.8]])  # needs residuals 0.5, 2 and -2 at scale 0.4
+    mask = jnp.array([True, True, False])
+    reach = residual.correction_reach(executed, base, 0.4, mask)
+    assert float(reach["share_outside"]) == pytest.approx(0.5)
+    assert float(reach["lost_fraction"]) == pytest.approx(0.25)  # half of step 2's size, none of step 1's
 
 
 def test_monte_carlo_returns_discount_to_the_end_of_each_episode():

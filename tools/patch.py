@@ -107,14 +107,22 @@ def prior_table(prior: dict) -> list[str]:
         failures = ", ".join(f"{k} {v}" for k, v in r["failure_modes"].items()) or "-"
         rate = "-" if r["success_rate"] is None else f"{100 * r['success_rate']:.1f}"
         lines.append(f"| {name} | {r['episodes']} | {rate} | {ci_text} | {failures} |")
-    recovery = prior["recovery_rate"]
+    figure = lambda key, scale, digits: "-" if prior[key] is None else f"{scale * prior[key]:.{digits}f}"  # noqa: E731
     return [
         *lines,
         "",
-        f"Recovery after a first failure {'-' if recovery is None else f'{100 * recovery:.1f}'}% "
-        f"({prior['episodes_with_failure']} episodes with a failure), {prior['retries_per_episode']:.2f} "
-        f"retries per episode, cycle time {prior['cycle_time_s']:.2f} s.",
+        f"Recovery after a first failure {figure('recovery_rate', 100, 1)}% "
+        f"({prior['episodes_with_failure']} episodes with a failure), "
+        f"{figure('retries_per_episode', 1, 2)} retries per episode, cycle time "
+        f"{figure('cycle_time_s', 1, 2)} s.",
     ]
+
+
+def false_alarms_cell(pc: configs.PatchConfig, summaries: dict) -> str:
+    """Counted only when each round's contexts are replayed without the operator (`patch.false_alarms`)."""
+    if not pc.false_alarms:
+        return "not measured (--patch.no-false-alarms)"
+    return reporting.over_seeds([s["patch"].get("false_alarm_rate") for s in summaries.values()], True) + " %"
 
 
 def markdown(config: configs.Config, summaries: dict, prior: dict) -> str:
@@ -146,7 +154,7 @@ def markdown(config: configs.Config, summaries: dict, prior: dict) -> str:
         "| measure | mean over seeds |",
         "|---|---:|",
         f"| false-alarm rate (takeovers in episodes the policy won alone) | "
-        f"{reporting.over_seeds([s['patch'].get('false_alarm_rate') for s in summaries.values()], True)} % |",
+        f"{false_alarms_cell(pc, summaries)} |",
         f"| median takeover segment (steps) | "
         f"{reporting.over_seeds([s['patch'].get('median_segment_steps') for s in summaries.values()])} |",
     ]
