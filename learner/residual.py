@@ -91,8 +91,9 @@ def create_networks(prior, config, seed: int) -> tuple[Networks, nnx.State, nnx.
 def action_scale(config, action_size: int) -> tuple[float, ...]:
     """The residual's largest correction per action dimension: `residual_scale` on the motion, and
     `residual_valve_scale` on the last one, the suction valve. The valve's command is a sign (on above 0):
-    a correction of 0.4 cannot open a valve the prior holds near -1, which 29% of the operator's takeover
-    steps on `deploy` need (docs/learner.md)."""
+    a correction of 0.4 cannot open a valve the prior holds near -1. With 0.4 everywhere, 27% of the
+    operator's takeover steps on `deploy` lie outside the residual's range; with 2 on the valve, 11%
+    (`jaxvla reach`, docs/learner.md)."""
     return (config.residual_scale,) * (action_size - 1) + (config.residual_valve_scale,)
 
 
@@ -141,7 +142,7 @@ def residual_target(executed: jax.Array, base: jax.Array, scale) -> jax.Array:
 def residual_sample(nets: Networks, actor, obs: dict, base: jax.Array, key: jax.Array):
     """A reparameterised residual [B, A], its log-probability [B] and the policy's (mean, log_std).
 
-    The exploration std is held at its initial e^-2 (x scale: 0.05 of the action range): learned, Adam
+    The exploration std is held at its initial e^-2 (x scale: 0.05 of the motion range): learned, Adam
     scales the entropy bonus's tiny gradients up to full steps and the std grew about e^1.2 per round in
     a pilot (entropy -2.4 -> +2.6 in two rounds), making the rollouts noisier and the train component
     worse, while only the mean is ever executed in evaluation."""
