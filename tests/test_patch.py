@@ -16,7 +16,11 @@ from envs.operator import takeover_alarm
 from envs.operator import takeover_flags
 from envs.operator import takeover_start
 from jaxvla import normalization
+from jaxvla.models.pro import ProNetConfig
+from learner import bc
 from learner import patch
+from learner import pro
+from learner.checkpoints import Checkpoints
 from learner.pretrain import Prior
 from tools.patch import seed_summary
 
@@ -175,8 +179,18 @@ def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
     return Prior(config, graphdef, params, stats, 0, run_dir)
 
 
+def save_tiny_state_pro(config: configs.Config, prior: Prior, folder: pathlib.Path) -> None:
+    """An untrained state-only PRO saved as `jaxvla pro train` saves one: a potential to shape with."""
+    pc = config.pro
+    graphdef, params = nnx.split(pc.net.create(0), nnx.Param)
+    state = bc.init_state(params, bc.make_optimizer(1e-3, 1, 0, 0.0))
+    saver = Checkpoints(folder / "checkpoints")
+    saver.save(0, state, pro.checkpoint_meta(pc, prior.stats))
+    saver.close()
+
+
 @pytest.mark.slow
-def test_a_resumed_run_continues_exactly(tmp_path):
+def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
     base = configs.get_config("debug")
     patching = dataclasses.replace(
         base.patch,
@@ -186,11 +200,20 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         eval_episodes=2,
         validation_episodes=2,
         capacity=(64, 256, 64),
+        reward="pro",
+        pro=str(tmp_path / "pro"),
     )
+    net = ProNetConfig(width=16, prompt_dim=4, action_width=8, window=4, heads=2, value_bins=11,
+                       action_input=False)  # fmt: skip
+    pro_config = dataclasses.replace(base.pro, net=net, batch_size=8, refresh_steps=2)
     sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
-    config = dataclasses.replace(base, patch=patching, sac=sac)
+    config = dataclasses.replace(base, patch=patching, sac=sac, pro=pro_config)
     prior = tiny_prior(config, tmp_path / "prior")
+    save_tiny_state_pro(config, prior, tmp_path / "pro")
     straight, params = patch.run_patching(config, prior, [], tmp_path, seed=0, progress=False)
+    # PRO was refreshed on each round's episodes; the resumed run must restore the refreshed PRO, or
+    # round 2's shaped rewards, and so its critic loss, would differ.
+    assert all(np.isfinite(r["pro_refresh_loss"]) for r in straight[1:])
 
     # As if the learner had died before saving round 2: it resumes from round 1 and redoes round 2.
     shutil.rmtree(tmp_path / "checkpoints" / "2")
@@ -203,6 +226,7 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         assert a["corrective_episodes"] == b["corrective_episodes"] and a["env_steps"] == b["env_steps"]
         assert a["success_rate"] == b["success_rate"]
     assert straight[-1]["critic_loss"] == pytest.approx(resumed[-1]["critic_loss"], rel=1e-6)
+    assert straight[-1]["pro_refresh_loss"] == pytest.approx(resumed[-1]["pro_refresh_loss"], rel=1e-6)
     assert straight[1]["critic_pretrain_loss_last"] == resumed[1]["critic_pretrain_loss_last"]
     assert [r["published"] for r in straight] == [r["published"] for r in resumed]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(resumed_params))

@@ -198,12 +198,16 @@ SEED_RESULT = "arms.json"  # a seed's finished arms, read back by a rerun
 def run_settings(config: configs.Config) -> dict:
     """What a seed's results depend on: the patch and learner settings (all but the seed list) and the
     fixed contexts."""
-    return {
+    settings = {
         "patch": {k: v for k, v in dataclasses.asdict(config.patch).items() if k != "seeds"},
         "sac": dataclasses.asdict(config.sac),
         "test_seed": evaluate.TEST.seed,
         "validation_seed": evaluate.VALIDATION.seed,
     }
+    if config.patch.reward == "pro":  # how PRO's reward is shaped and refreshed
+        keys = ("shaping", "shaping_risk", "refresh_steps", "learning_rate")
+        settings["pro"] = {k: getattr(config.pro, k) for k in keys}
+    return settings
 
 
 def finished_seed(folder: pathlib.Path, settings: dict) -> dict | None:
