@@ -701,10 +701,12 @@ class Shaping:
     def __init__(self, model: Pro, *, gamma: float, beta: float, risk_weight: float):
         check_state_only(model, "shaping")
         self.model = model
-        weights = {"gamma": gamma, "beta": beta, "risk_weight": risk_weight}
-        self.weights = weights
-        self._relabel = jax.jit(lambda params, block: relabel(dataclasses.replace(model, params=params), block,
-                                                              None, **weights))  # fmt: skip
+        self.weights = {"gamma": gamma, "beta": beta, "risk_weight": risk_weight}
+
+        def with_params(params, block):
+            return relabel(dataclasses.replace(model, params=params), block, None, **self.weights)
+
+        self._relabel = jax.jit(with_params)
 
     def __call__(self, block: dict) -> dict:
         return self._relabel(self.model.params, block)

@@ -514,7 +514,7 @@ def test_conservative_training_runs_and_refresh_moves_only_the_params(state_mode
         state_pc = dataclasses.replace(pc, net=STATE_NET)
         pro.make_train_steps(state_model.graphdef, model.stats, optimizer, state_pc)
     # In a replay sized for any round (the patching loop's), so every round trains with one program.
-    refreshed, metrics = pro.refresh(state_model, episodes, PC, jax.random.key(1), steps=4, capacity=2 * 4 * 9)
+    refreshed, metrics = pro.refresh(state_model, episodes, PC, jax.random.key(1), steps=4, capacity=72)
     assert np.isfinite(float(metrics["loss"]))
     assert refreshed.stats is state_model.stats
     before, after = jax.tree.leaves(state_model.params), jax.tree.leaves(refreshed.params)

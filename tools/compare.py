@@ -134,7 +134,8 @@ def plot(reports: dict[str, dict], arm: str, goal: float, path: pathlib.Path) ->
         runs = [arms[arm] for _, arms in sorted(report["seeds"].items())]
         for ax, (x, y, xlabel, ylabel) in zip(axes, panels, strict=True):
             for records in runs:
-                ax.plot([r[x] for r in records], [r[y] for r in records], color=f"C{colour}", lw=0.8, alpha=0.4)
+                xs, ys = [r[x] for r in records], [r[y] for r in records]
+                ax.plot(xs, ys, color=f"C{colour}", lw=0.8, alpha=0.4)
             rounds = min(len(r) for r in runs)
             mean_x = np.mean([[r[x] for r in records[:rounds]] for records in runs], axis=0)
             mean_y = np.mean([[r[y] for r in records[:rounds]] for records in runs], axis=0)
