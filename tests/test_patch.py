@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_tiny_state_pro
 from flax import nnx
 
 import configs
@@ -16,11 +17,7 @@ from envs.operator import takeover_alarm
 from envs.operator import takeover_flags
 from envs.operator import takeover_start
 from jaxvla import normalization
-from jaxvla.models.pro import ProNetConfig
-from learner import bc
 from learner import patch
-from learner import pro
-from learner.checkpoints import Checkpoints
 from learner.pretrain import Prior
 from tools.patch import seed_summary
 
@@ -179,16 +176,6 @@ def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
     return Prior(config, graphdef, params, stats, 0, run_dir)
 
 
-def save_tiny_state_pro(config: configs.Config, prior: Prior, folder: pathlib.Path) -> None:
-    """An untrained state-only PRO saved as `jaxvla pro train` saves one: a potential to shape with."""
-    pc = config.pro
-    graphdef, params = nnx.split(pc.net.create(0), nnx.Param)
-    state = bc.init_state(params, bc.make_optimizer(1e-3, 1, 0, 0.0))
-    saver = Checkpoints(folder / "checkpoints")
-    saver.save(0, state, pro.checkpoint_meta(pc, prior.stats))
-    saver.close()
-
-
 @pytest.mark.slow
 def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
     base = configs.get_config("debug")
@@ -203,13 +190,11 @@ def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
         reward="pro",
         pro=str(tmp_path / "pro"),
     )
-    net = ProNetConfig(width=16, prompt_dim=4, action_width=8, window=4, heads=2, value_bins=11,
-                       action_input=False)  # fmt: skip
-    pro_config = dataclasses.replace(base.pro, net=net, batch_size=8, refresh_steps=2)
+    pro_config = dataclasses.replace(base.pro, batch_size=8, refresh_steps=2)
     sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
     config = dataclasses.replace(base, patch=patching, sac=sac, pro=pro_config)
     prior = tiny_prior(config, tmp_path / "prior")
-    save_tiny_state_pro(config, prior, tmp_path / "pro")
+    write_tiny_state_pro(tmp_path / "pro", prior.stats)  # the run reads its net from the checkpoint
     straight, params = patch.run_patching(config, prior, [], tmp_path, seed=0, progress=False)
     # PRO was refreshed on each round's episodes; the resumed run must restore the refreshed PRO, or
     # round 2's shaped rewards, and so its critic loss, would differ.
