@@ -49,7 +49,7 @@ def test_runs_are_compared_seed_by_seed_with_their_effort_to_the_goal(tmp_path):
     out = tmp_path / "out"
     assert compare.main([f"fast={fast}", f"slow={slow}", "--out", str(out), "--goal", "0.9"]) == 0
     text = (out / "compare.md").read_text()
-    assert "| fast | 70.0 / 70.0 |" in text  # every seed's final success
+    assert "| fast | 0, 1 | 70.0 / 70.0 |" in text  # every seed's final success
     # fast reaches the goal at 600 and 1,200 env steps; slow's seed 0 never does.
     fast_row = [line for line in text.splitlines() if line.startswith("| fast | 70.0 [")][0]
     assert "| 900 [600, 1,200] |" in fast_row

@@ -4,10 +4,11 @@
         [--arm patch] [--goal 0.9] [--out runs/compare]
 
 Each LABEL=FOLDER is a `jaxvla patch` output folder (its report.json). The runs must share the fixed test
-and validation contexts, the task, split, seeds and evaluation sizes, or the comparison is refused: their
-numbers would not be paired. Writes compare.md (one row per run: mean over seeds [bootstrap 95%
-interval], then every seed's final success) and compare.png (test and validation success against
-environment and operator steps, one thin line per seed, the mean over seeds thick).
+and validation contexts, the task, split and evaluation sizes, or the comparison is refused: their
+numbers would not be paired. Their seeds may differ (each row says which it has). Writes compare.md (one
+row per run: mean over seeds [bootstrap 95% interval], then every seed's final success) and compare.png
+(test and validation success against environment and operator steps, one thin line per seed, the mean
+over seeds thick).
 """
 
 import argparse
@@ -63,14 +64,13 @@ def pairing_key(report: dict) -> dict:
     config = report["config"]
     return {
         **{k: config["patch"][k] for k in PAIRED},
-        "seeds": sorted(report["seeds"]),
         "test_seed": config["test_seed"],
         "validation_seed": config["validation_seed"],
     }
 
 
 def check_paired(reports: dict[str, dict]) -> None:
-    """Refuses runs whose figures are not on the same contexts and seeds, naming what differs."""
+    """Refuses runs whose figures are not on the same contexts, naming what differs."""
     keys = {label: pairing_key(r) for label, r in reports.items()}
     first_label, first = next(iter(keys.items()))
     for label, key in keys.items():
@@ -99,7 +99,7 @@ def markdown(summaries: dict[str, list[dict]], reports: dict[str, dict], folders
              goal: float) -> str:  # fmt: skip
     key = pairing_key(next(iter(reports.values())))
     lines = [
-        f"# Patching runs compared: {key['task']}/{key['split']}, arm {arm!r}, seeds {key['seeds']}",
+        f"# Patching runs compared: {key['task']}/{key['split']}, arm {arm!r}",
         "",
         f"Test contexts: {key['eval_episodes']} (seed {key['test_seed']}); validation contexts: "
         f"{key['validation_episodes']} (seed {key['validation_seed']}); goal {goal:.0%} on validation. "
@@ -111,10 +111,11 @@ def markdown(summaries: dict[str, list[dict]], reports: dict[str, dict], folders
     for label, per_seed in summaries.items():
         cells = [cell([s.get(k) for s in per_seed], kind) for _, k, kind in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | final success per seed (%) | folder |", "|---|---|---|"]
+    lines += ["", "| run | seeds | final success per seed (%) | folder |", "|---|---|---|---|"]
     for label, per_seed in summaries.items():
         finals = " / ".join(f"{100 * s['final']:.1f}" for s in per_seed)
-        lines.append(f"| {label} | {finals} | `{folders[label]}` |")
+        seeds = ", ".join(sorted(reports[label]["seeds"]))
+        lines.append(f"| {label} | {seeds} | {finals} | `{folders[label]}` |")
     return "\n".join(lines) + "\n"
 
 
