@@ -58,9 +58,9 @@ COLUMNS = [
 def describe(config: configs.Config) -> str:
     """The run's settings in one paragraph, for the report."""
     rc = config.ript
-    start = "the prior" if not rc.sft_demos else (
-        f"the prior after BC on {rc.sft_demos} demonstrations ({rc.sft_share:.0%} of the SFT examples)"
-    )
+    start = "the prior"
+    if rc.sft_demos:
+        start = f"the prior after BC on {rc.sft_demos} demonstrations ({rc.sft_share:.0%} of SFT examples)"
     return (
         f"RIPT on {rc.task}/{rc.split} from {start}, seeds {list(rc.seeds)}: {rc.iterations} iterations of "
         f"{rc.rollouts_per_iteration} rollouts ({rc.contexts} contexts, K = {rc.group_size} per context, "
