@@ -242,3 +242,17 @@ def test_few_shot_demonstrations_are_repeated_to_their_share_of_the_sft_data():
     assert ript_command.few_shot_copies(5_000, 100, 0.5) == 1
     with pytest.raises(ValueError, match="sft_share"):
         configs.RiptConfig(sft_share=1.0)
+
+
+def test_the_std_probe_counts_success_kept_and_all_failed_groups():
+    from tools import ript as ript_command
+
+    rewards = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], np.float32)
+    # 6 of 12 rollouts succeed; only the first group's outcomes differ; only the second all fails.
+    assert ript_command.group_figures(rewards) == {
+        "contexts": 3,
+        "rollout_success": 0.5,
+        "kept_fraction": pytest.approx(1 / 3),
+        "all_fail_fraction": pytest.approx(1 / 3),
+    }
+    assert ript_command.group_figures(rewards[:0]) == {"contexts": 0}

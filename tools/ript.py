@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 import configs
+import envs
 from envs import demos as operator_demos
 from learner import compile_cache
 from learner import dataset
@@ -156,7 +157,7 @@ def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: b
 def probe_stds(config: configs.Config, prior, stds: tuple[float, ...]) -> list[dict]:
     """The start (the prior, or its few-shot SFT, seed 0), sampled at each RL std (one compiled collector:
     the std is a param): per std, the share of sampled rollouts that succeed and of groups whose outcomes
-    differ (those dynamic sampling keeps)."""
+    differ (those dynamic sampling keeps), overall and per component of the split's mixture."""
     rc = config.ript
     retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
     start = few_shot_start(config, prior, retrain, few_shot_demos(config), seed=0)
@@ -164,6 +165,9 @@ def probe_stds(config: configs.Config, prior, stds: tuple[float, ...]) -> list[d
                                     prior.stats, execute=rc.execute,
                                     likelihood=ript.likelihood_of(config))  # fmt: skip
     contexts = jax.vmap(collector.env.sample_params)(jax.random.split(jax.random.key(0), rc.contexts))
+    used = rc.contexts // rc.groups_per_call * rc.groups_per_call
+    component = np.asarray(contexts.component)[:used]
+    names = envs.get_task(rc.task).split(rc.split).component_names
     rows = []
     for std in stds:
         params = ript.rl_params(start, prior.config.model.action_size, std)
@@ -172,13 +176,25 @@ def probe_stds(config: configs.Config, prior, stds: tuple[float, ...]) -> list[d
             index = np.arange(call * rc.groups_per_call, (call + 1) * rc.groups_per_call)
             out = collector(params, ript.select(contexts, index), jax.random.key(call))
             rewards.append(np.asarray(out["success"]).reshape(rc.groups_per_call, rc.group_size))
-        rewards = np.concatenate(rewards).astype(np.float32)
-        kept = np.asarray(ript.informative_groups(rewards))
-        rows.append(
-            {"std": std, "rollout_success": float(rewards.mean()), "kept_fraction": float(kept.mean())}
-        )
+        rewards = np.concatenate(rewards).astype(np.float32)  # [C, K]
+        rows.append({"std": std, **group_figures(rewards), "by_component": {
+            name: group_figures(rewards[component == i]) for i, name in enumerate(names)
+        }})  # fmt: skip
         print(rows[-1], flush=True)
     return rows
+
+
+def group_figures(rewards: np.ndarray) -> dict:
+    """rewards [C, K] of C groups: the share of rollouts that succeed, of groups dynamic sampling keeps
+    (outcomes differ) and of groups that all fail."""
+    if not len(rewards):
+        return {"contexts": 0}
+    return {
+        "contexts": len(rewards),
+        "rollout_success": float(rewards.mean()),
+        "kept_fraction": float(np.mean(ript.informative_groups(rewards))),
+        "all_fail_fraction": float(np.mean(np.all(rewards == 0, axis=1))),
+    }
 
 
 def start_config(config: configs.Config, demos: int) -> configs.Config:
