@@ -419,6 +419,10 @@ class RiptConfig:
     sft_demos: int = 0
     """0: start from the prior. N > 0: first retrain it by BC on N operator demonstrations of the split
     (plus the offline ones), the paper's few-shot SFT stage that RIPT then improves."""
+    sft_share: float = 0.0
+    """Share of the few-shot SFT examples that come from those N demonstrations, which are repeated to reach
+    it; the rest are the `train` demonstrations. 0: both simply concatenated, so that one demonstration is
+    about 0.5% of the examples and BC barely sees it."""
     iterations: int = 10
     """Iterations of rollouts -> PPO epochs -> evaluation."""
     group_size: int = 16
@@ -486,6 +490,8 @@ class RiptConfig:
             )
         if self.contexts < self.groups_per_call:
             raise ValueError("RiptConfig.contexts must be at least groups_per_call")
+        if not 0.0 <= self.sft_share < 1.0:
+            raise ValueError(f"RiptConfig.sft_share must lie in [0, 1), got {self.sft_share}")
         if not 0.0 < self.rl_std_floor <= self.rl_std <= 1.0:
             raise ValueError(f"RiptConfig: need 0 < rl_std_floor <= rl_std <= 1, got {self.rl_std_floor}, "
                              f"{self.rl_std}")  # fmt: skip

@@ -228,3 +228,31 @@ def test_jaxvla_ript_defaults_to_deploy_and_the_command_line_overrides_it():
     few_shot = ript_command.start_config(config, 4)
     assert (few_shot.ript.split, few_shot.ript.sft_demos) == ("novel", 4)
     assert ript_command.start_config(config, 0).ript.split == "tail"
+
+
+def test_few_shot_demonstrations_are_repeated_to_their_share_of_the_sft_data():
+    from tools import ript as ript_command
+
+    # 50 few-shot examples beside 10,000 offline ones at share 0.5: 0.5 / 0.5 * 10000 / 50 = 200 copies,
+    # 10,000 of 20,000 examples; at 0.8: 4 * 200 = 800 copies, 40,000 of 50,000.
+    assert ript_command.few_shot_copies(50, 10_000, 0.5) == 200
+    assert ript_command.few_shot_copies(50, 10_000, 0.8) == 800
+    # Share 0, or a share already exceeded by a single copy: the demonstrations appear once.
+    assert ript_command.few_shot_copies(50, 10_000, 0.0) == 1
+    assert ript_command.few_shot_copies(5_000, 100, 0.5) == 1
+    with pytest.raises(ValueError, match="sft_share"):
+        configs.RiptConfig(sft_share=1.0)
+
+
+def test_the_std_probe_counts_success_kept_and_all_failed_groups():
+    from tools import ript as ript_command
+
+    rewards = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], np.float32)
+    # 6 of 12 rollouts succeed; only the first group's outcomes differ; only the second all fails.
+    assert ript_command.group_figures(rewards) == {
+        "contexts": 3,
+        "rollout_success": 0.5,
+        "kept_fraction": pytest.approx(1 / 3),
+        "all_fail_fraction": pytest.approx(1 / 3),
+    }
+    assert ript_command.group_figures(rewards[:0]) == {"contexts": 0}
