@@ -231,9 +231,9 @@ class PairedEvaluation:
 
 def paired_evaluation(config: Config, prior: Prior, actor: evaluate.Actor | None = None) -> PairedEvaluation:
     """The paired evaluation of `config.patch`, for the prior's chunk policy unless `actor` is given."""
-    pc = config.patch
+    pc, tc = config.patch, config.target
     actor = actor or evaluate.chunk_actor(prior.graphdef, prior.stats)
-    return PairedEvaluation(pc.task, pc.split, actor, pc.eval_episodes, pc.validation_episodes)
+    return PairedEvaluation(tc.task, tc.split, actor, tc.eval_episodes, pc.validation_episodes)
 
 
 # ------------------------------------------------------------------------------------------ patching
@@ -272,19 +272,6 @@ def insert_experience(insert, buffers: dict, block: dict, chunk: int) -> dict:
     return buffers
 
 
-def trigger_of(config: Config) -> Trigger:
-    pc = config.patch
-    return Trigger(
-        slip=pc.slip,
-        force=pc.force,
-        stall_steps=pc.stall_steps,
-        disagreement=pc.disagreement,
-        lookahead=pc.lookahead,
-        calm_steps=pc.calm_steps,
-        max_segment=pc.max_segment,
-    )
-
-
 ZERO_EFFORT = {
     "corrective_episodes": 0,
     "takeover_segments": 0,
@@ -309,7 +296,7 @@ def observation_spec(model) -> dict:
 def new_state(config: Config, prior: Prior, seed: int, actor: str = "full"):
     """A fresh learner state: "full" fine-tunes a copy of the prior's chunk policy (`learner.sac`),
     "residual" trains a zero-initialised residual on the frozen prior (`learner.residual`)."""
-    sc, mc = config.sac, prior.config.model
+    sc, mc = config.sac, prior.model
     # The learner's state is donated; the prior's params stay intact.
     prior_params = jax.tree.map(jnp.copy, prior.params)
     if actor == "residual":
@@ -332,7 +319,7 @@ def new_learner(
     config: Config, prior: Prior, offline: list[dict], mesh, seed: int, actor: str = "full"
 ) -> Learner:
     """A fresh learner (state of the `actor` kind, see `new_state`) with the offline data in its replay."""
-    pc, mc = config.patch, prior.config.model
+    pc, mc = config.patch, prior.model
     replicated = sharding.replicated(mesh)
     state = new_state(config, prior, seed, actor)
     spec = observation_spec(mc)
@@ -368,7 +355,7 @@ class PatchLearner:
     run its params (exploring and deterministic), what it deploys, and its critic pretraining."""
 
     def __init__(self, config: Config, prior: Prior, mesh):
-        sc, mc = config.sac, prior.config.model
+        sc, mc = config.sac, prior.model
         self.kind, self.prior = sc.actor, prior
         if self.kind == "residual":
             nets, _, _ = residual.create_networks(prior, sc, 0)
@@ -412,7 +399,7 @@ def policy_actor(config: Config, prior: Prior) -> evaluate.Actor:
 def pretrain_critic(learner_kind: PatchLearner, state, offline: list[dict], block: dict, config: Config, mesh,
                     key: jax.Array):  # fmt: skip
     """Monte-Carlo regression of the residual's critic on the offline data and the first round's block."""
-    keys = list(observation_spec(learner_kind.prior.config.model))
+    keys = list(observation_spec(learner_kind.prior.model))
     data = residual.returns_dataset(offline, [block], config.sac.gamma, keys)
     data = residual.pad_dataset(data, dataset.bucket(len(data["return"])))
     data = jax.device_put(data, sharding.replicated(mesh))
@@ -435,7 +422,7 @@ def run_patching(
     mesh=None,
     progress: bool = True,
 ) -> tuple[list[dict], object]:
-    """Patches `prior` on `config.patch.task`/`split`: one record per round (round 0 is the prior) and the
+    """Patches `prior` on `config.target.task`/`split`: one record per round (round 0 is the prior) and the
     published params (run them with `policy_actor`).
 
     Each round: roll out the published params under the operator, update the learner, score the
@@ -443,7 +430,7 @@ def run_patching(
     the published params on the test contexts. Resumes from `run_dir/checkpoints` if a previous run left
     one.
     """
-    pc, sc, mc = config.patch, config.sac, prior.config.model
+    pc, tc, sc, mc = config.patch, config.target, config.sac, prior.model
     mesh = mesh or sharding.make_mesh()
     # Fail now, not after minutes of compiling (make_train_steps below checks the batch and its mix).
     if pc.envs_per_round % mesh.size:
@@ -464,10 +451,10 @@ def run_patching(
         offline = pro.relabel_episodes(model, offline, **rewards)
     takeover = pro.risk_takeover(pro.load(pc.pro), pc.risk_trigger) if pc.risk_trigger else Takeover
     collector = Collector(
-        pc.task,
-        pc.split,
+        tc.task,
+        tc.split,
         pc.envs_per_round,
-        trigger_of(config),
+        config.operator,
         kind.explore,
         relabel,
         solo=pc.false_alarms,
@@ -497,7 +484,7 @@ def run_patching(
     bar = tqdm(
         total=pc.rounds,
         initial=learner.round,
-        desc=f"patch {pc.task}/{pc.split}",
+        desc=f"patch {tc.task}/{tc.split}",
         unit="round",
         disable=not progress,
     )
@@ -593,8 +580,9 @@ class Retrainer:
         block = pre.log_every
         self.blocks = max(1, pc.sft_steps // block)
         steps = self.blocks * block
+        opt = pre.optimizer
         self.optimizer = bc.make_optimizer(
-            pre.learning_rate, steps, min(pre.warmup_steps, steps // 10), pre.weight_decay
+            opt.learning_rate, steps, min(opt.warmup_steps, steps // 10), opt.weight_decay
         )
         self.train = bc.make_train_steps(
             prior.graphdef,
@@ -644,12 +632,12 @@ def run_sft(
     """SFT retraining from the prior on the first N of `demos` plus the offline data, once per count in
     `config.patch.sft_demos`: full SFT (demonstrations of the split) or targeted SFT (of its tails). Returns
     one record per count and the params retrained on the most demonstrations."""
-    pc, chunk = config.patch, prior.config.model.chunk
+    pc, tc, chunk = config.patch, config.target, prior.model.chunk
     retrain, evaluation_on = Retrainer(config, prior, mesh), paired_evaluation(config, prior)
     offline_data = dataset.flatten(offline, chunk)
     records = []
     for count in tqdm(
-        pc.sft_demos, desc=f"{kind} {pc.task}/{pc.split}", unit="retrain", disable=not progress
+        pc.sft_demos, desc=f"{kind} {tc.task}/{tc.split}", unit="retrain", disable=not progress
     ):
         tic = time.perf_counter()
         used = demos[:count]
@@ -672,13 +660,13 @@ def run_hg_dagger(
     """HG-DAgger: each round the current BC policy runs `envs_per_round` episodes under the same operator
     triggers as patching; every operator step joins the aggregate, and the prior is retrained by BC on it
     plus the offline data. One record per round (round 0 is the prior) and the last round's params."""
-    pc, chunk = config.patch, prior.config.model.chunk
+    pc, tc, chunk = config.patch, config.target, prior.model.chunk
     deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
     collector = Collector(
-        pc.task,
-        pc.split,
+        tc.task,
+        tc.split,
         pc.envs_per_round,
-        trigger_of(config),
+        config.operator,
         deterministic,
         solo=pc.false_alarms,
         lookahead_actor=deterministic,
@@ -689,7 +677,7 @@ def run_hg_dagger(
     records = [{"kind": "hg_dagger", "round": 0, **effort_record(totals), **evaluation_on(params)}]
     for round_ in tqdm(
         range(1, pc.hg_dagger_rounds + 1),
-        desc=f"HG-DAgger {pc.task}/{pc.split}",
+        desc=f"HG-DAgger {tc.task}/{tc.split}",
         unit="round",
         disable=not progress,
     ):

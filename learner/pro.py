@@ -685,11 +685,11 @@ def relabel_episodes(pro_: Pro, episodes: list[dict], *, gamma: float, beta: flo
 def refresh(pro_: Pro, episodes: list[dict], pc: ProConfig, key: jax.Array, *, steps: int, mesh=None) -> Pro:
     """PRO fine-tuned on-policy: `steps` gradient steps (a bounded budget) on `episodes`, RLDS episodes of
     the current policy in a replay of their own (`fill_replay`), from its current params, at
-    `pc.learning_rate` without warm-up. The normalisation statistics stay those PRO was trained with, so
-    its inputs keep their meaning."""
+    `pc.optimizer.learning_rate` without warm-up. The normalisation statistics stay those PRO was trained
+    with, so its inputs keep their meaning."""
     pc = dataclasses.replace(pc, net=pro_.net, steps=steps, log_every=steps)
     mesh = mesh or sharding.make_mesh()
-    optimizer = bc.make_optimizer(pc.learning_rate, steps, 0, pc.weight_decay)
+    optimizer = bc.make_optimizer(pc.optimizer.learning_rate, steps, 0, pc.optimizer.weight_decay)
     replicated = sharding.replicated(mesh)
     buffer = fill_replay(episodes, pc, mesh)
     state = jax.device_put(bc.init_state(jax.tree.map(jnp.copy, pro_.params), optimizer), replicated)

@@ -66,7 +66,7 @@ def fleet_root(tmp_path_factory) -> pathlib.Path:
 
 
 def learner_process(root: pathlib.Path, prior: pathlib.Path) -> subprocess.Popen:
-    args = ["debug", "--fleet.prior", str(prior), "--fleet.root", str(root), *LEARNER_ARGS]
+    args = ["debug", "--target.prior", str(prior), "--fleet.root", str(root), *LEARNER_ARGS]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.Popen(
         [sys.executable, "-m", "tools.fleet_learner", *args],
@@ -125,10 +125,9 @@ def test_a_planted_bad_policy_is_stopped_by_the_gate(fleet_root, tmp_path):
         return float(np.mean(np.sign(actor_policy.loads(data).infer(obs)["actions"]) == np.sign(reference)))
 
     base = configs.get_config("debug")
-    fleet_config = configs.FleetConfig(
-        prior=str(fleet_root / "prior"), root=str(tmp_path), offline_data="", gate_margin=0.1
-    )
-    config = configs.dataclasses.replace(base, fleet=fleet_config)
+    fleet_config = configs.FleetConfig(root=str(tmp_path), offline_data="", gate_margin=0.1)
+    target = configs.TargetConfig(prior=str(fleet_root / "prior"))
+    config = configs.dataclasses.replace(base, fleet=fleet_config, target=target)
     learner = FleetLearner(config, evaluation=agreement)
     params = learner.prior.params
     key = jax.random.key(1)

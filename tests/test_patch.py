@@ -172,7 +172,7 @@ def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
     model = config.model
     graphdef, params = nnx.split(model.create_policy(0), nnx.Param)
     stats = normalization.compute(jax.device_get(model.fake_observation(jax.random.key(0), 256)))
-    return Prior(config, graphdef, params, stats, 0, run_dir)
+    return Prior(model, "test", graphdef, params, stats, 0, run_dir)
 
 
 @pytest.mark.slow
@@ -183,12 +183,12 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         rounds=2,
         envs_per_round=4,
         updates_per_round=2,
-        eval_episodes=2,
         validation_episodes=2,
         capacity=(64, 256, 64),
     )
     sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
-    config = dataclasses.replace(base, patch=patching, sac=sac)
+    target = dataclasses.replace(base.target, eval_episodes=2)
+    config = dataclasses.replace(base, target=target, patch=patching, sac=sac)
     prior = tiny_prior(config, tmp_path / "prior")
     straight, params = patch.run_patching(config, prior, [], tmp_path, seed=0, progress=False)
 

@@ -216,15 +216,18 @@ def test_a_ppo_step_raises_the_advantage_weighted_likelihood_and_ignores_rejecte
     np.testing.assert_allclose(change(jnp.where(kept, data["advantage"], 100.0)), delta, rtol=1e-4, atol=1e-5)
 
 
-def test_jaxvla_ript_defaults_to_deploy_and_the_command_line_overrides_it():
+def test_jaxvla_ript_has_its_own_defaults_and_the_command_line_overrides_them():
     from tools import ript as ript_command
 
-    config = configs.cli_with_defaults(["debug"], ript_command.PROG, "ript", ript_command.DEFAULTS)
-    assert config.ript.split == "deploy" and config.ript.starts == (0, 1, 4)
-    assert config.model == configs.get_config("debug").model  # only the ript section changes
-    argv = ["debug", "--ript.split", "tail"]
-    config = configs.cli_with_defaults(argv, ript_command.PROG, "ript", ript_command.DEFAULTS)
-    assert config.ript.split == "tail"
+    def parse(*flags):
+        argv = ["debug", *flags]
+        return configs.cli(argv, ript_command.PROG, ript_command.SECTIONS, ript_command.DEFAULTS)
+
+    config = parse()
+    assert config.target.split == "deploy" and config.ript.starts == (0, 1, 4)
+    assert config.model == configs.get_config("debug").model  # only the sections in DEFAULTS change
+    config = parse("--target.split", "tail")
+    assert config.target.split == "tail"
     few_shot = ript_command.start_config(config, 4)
-    assert (few_shot.ript.split, few_shot.ript.sft_demos) == ("novel", 4)
-    assert ript_command.start_config(config, 0).ript.split == "tail"
+    assert (few_shot.target.split, few_shot.ript.sft_demos) == ("novel", 4)
+    assert ript_command.start_config(config, 0).target.split == "tail"

@@ -255,7 +255,7 @@ def tiny_prior(seed: int = 0) -> Prior:
     config = configs.get_config("debug")
     graphdef, params = nnx.split(config.model.create_policy(seed), nnx.Param)
     stats = normalization.compute(jax.device_get(config.model.fake_observation(jax.random.key(0), 256)))
-    return Prior(config, graphdef, params, stats, 0, pathlib.Path("unused"))
+    return Prior(config.model, "test", graphdef, params, stats, 0, pathlib.Path("unused"))
 
 
 def residual_setup(**sac_overrides):
@@ -269,7 +269,7 @@ def residual_setup(**sac_overrides):
 
 def test_the_residual_actor_at_initialisation_executes_exactly_the_priors_actions():
     prior, sc, nets, _, state = residual_setup()
-    obs = prior.config.model.fake_observation(jax.random.key(5), 32)
+    obs = prior.model.fake_observation(jax.random.key(5), 32)
     want = evaluate.chunk_actor(prior.graphdef, prior.stats)(prior.params, obs, jax.random.key(0))
     got = residual.actor_fn(nets)(residual.deployable(state), obs, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -329,7 +329,7 @@ def hand_episode(key: jax.Array, length: int, success: bool, model) -> dict:
 
 def test_critic_pretraining_regresses_every_member_onto_the_monte_carlo_returns():
     prior, sc, nets, optimizers, state = residual_setup(critic_lr=1e-3)
-    model = prior.config.model
+    model = prior.model
     episodes = [hand_episode(jax.random.key(i), 5, success=i == 0, model=model) for i in range(2)]
     keys = list(model.observation_spec(1))
     data = residual.returns_dataset(episodes, [], 0.9, keys)
@@ -365,7 +365,7 @@ def constant_critic(critic, value: float):
 
 def test_the_td_target_is_the_n_step_return_of_the_executed_steps_bootstrapped_at_t_plus_n():
     prior, sc, nets, _, state = residual_setup(gamma=0.9)
-    model = prior.config.model
+    model = prior.model
     state = state.replace(target_critic=constant_critic(state.target_critic, 2.0))
     # One episode of 6 steps that succeeds at its last step (reward 1, terminal).
     steps = 6
@@ -411,7 +411,7 @@ def test_the_residual_actor_is_held_during_warmup_and_its_average_moves_by_polya
         jax.tree.map(np.testing.assert_array_equal, getattr(held, name), getattr(state, name))
     moved, metrics = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(True))
     head = lambda params: np.asarray(params["head"]["kernel"][...])  # noqa: E731
-    action_size = prior.config.model.action_size
+    action_size = prior.model.action_size
     assert np.abs(head(moved.actor)[:, :action_size]).max() > 0
     # The exploration std stays at its initial value: its half of the zero head gets no gradient.
     np.testing.assert_array_equal(head(moved.actor)[:, action_size:], 0.0)
@@ -427,7 +427,7 @@ def test_the_residual_actor_is_held_during_warmup_and_its_average_moves_by_polya
 def test_the_fused_residual_update_runs_the_critic_and_actor_steps():
     prior, sc, nets, optimizers, state = residual_setup()
     _, _, _, _, _, batches = small_setup()
-    update = jax.jit(functools.partial(residual.update, config=sc, action_size=prior.config.model.action_size,
+    update = jax.jit(functools.partial(residual.update, config=sc, action_size=prior.model.action_size,
                                        nets=nets, optimizers=optimizers))  # fmt: skip
     new, metrics = update(state, batches, jax.random.key(0))
     assert int(new.step) == sc.utd

@@ -1,6 +1,6 @@
 """`jaxvla demo [--full] [--section.field value ...]`: the main job, every method compared end to end.
 
-From nothing but this repository, on `patch.task` / `patch.split` (`deploy`: the prior mostly works, a
+From nothing but this repository, on `target.task` / `target.split` (`deploy`: the prior mostly works, a
 tail fails), every arm scored as `jaxvla patch` scores them: the fixed test contexts
 (`learner.evaluate.TEST`) for the headline, the disjoint validation contexts (`VALIDATION`) for effort to
 `patch.goal`, and each arm's final policy on the test contexts of the `novel` stress split.
@@ -62,6 +62,8 @@ from tools import ript as ript_tool
 from tools import serve as serve_tool
 
 PROG = "jaxvla demo"
+# Every section but `env`, which only `jaxvla sim` reads (the demo pretrains its own prior: it reads `model`).
+SECTIONS = tuple(section for section in configs.SECTIONS if section != "env")
 ARMS = {  # stage -> row label, in the table's order
     "prior": "prior",
     "sft": "full SFT retraining",
@@ -104,15 +106,15 @@ class Stages:
 
 
 def demonstrations(config: configs.Config) -> dict:
-    pc, pre = config.patch, config.pretrain
+    tc, pc, pre = config.target, config.patch, config.pretrain
     noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
     train_count = max(pre.demos_per_task, pc.offline_episodes)
     split_count = max(*pc.sft_demos, config.ript.sft_demos)
-    generate = functools.partial(operator_demos.load_or_generate, pre.data_dir, pc.task, **noise)
+    generate = functools.partial(operator_demos.load_or_generate, pre.data_dir, tc.task, **noise)
     train = generate("train", train_count, seed=pre.seed)
-    split = generate(pc.split, split_count, seed=pre.seed + 1)
+    split = generate(tc.split, split_count, seed=pre.seed + 1)
     tail = generate("tail", max(pc.sft_demos), seed=pre.seed + 1)
-    return {"train": len(train), pc.split: len(split), "tail": len(tail),
+    return {"train": len(train), tc.split: len(split), "tail": len(tail),
             "train_success": float(np.mean([ep["episode_metadata"]["success"] for ep in train]))}  # fmt: skip
 
 
@@ -121,9 +123,9 @@ class NovelScore:
     compiled evaluator per kind of actor ("chunk": the chunk policy, "patch": the patching learner's)."""
 
     def __init__(self, config: configs.Config, prior: pretrain.Prior):
-        pc = config.patch
-        self.task, self.episodes = pc.task, pc.eval_episodes
-        self.contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
+        tc = config.target
+        self.task, self.episodes = tc.task, tc.eval_episodes
+        self.contexts = evaluate.TEST.with_episodes(tc.eval_episodes)
         self.actors = {
             "chunk": lambda: evaluate.chunk_actor(prior.graphdef, prior.stats),
             "patch": lambda: patch.policy_actor(config, prior),
@@ -140,8 +142,8 @@ class NovelScore:
 
 def train_prior(config: configs.Config, out: pathlib.Path) -> dict:
     """The prior trained, then scored like every arm: test and validation contexts, and `novel`."""
-    pc, pre = config.patch, config.pretrain
-    demos = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
+    tc, pre = config.target, config.pretrain
+    demos = operator_demos.load_or_generate(pre.data_dir, tc.task, "train", pre.demos_per_task, seed=pre.seed)
     step = pretrain.train(config, demos, out / "prior").step
     prior = pretrain.load(out / "prior")
     record = {"kind": "prior", **patch.paired_evaluation(config, prior)(prior.params)}
@@ -176,15 +178,17 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 120.0) 
 def deploy(config: configs.Config, prior: pretrain.Prior, out: pathlib.Path) -> dict:
     """The prior published to a fresh fleet; `demo.robots` numpy actors run it on the split and push their
     episodes to the service over loopback HTTP. Returns what reached the store, per robot."""
-    dc, pc = config.demo, config.patch
+    tc, dc = config.target, config.demo
     root = out / "fleet"
     fleet = dataclasses.replace(
         config.fleet, root=str(root), robots=dc.robots, port=free_port(), learner=False
     )
     registry = ParamsRegistry(root / "params")
     if registry.latest() is None:
-        path = export.write(root / "prior.msgpack", prior.config.model, prior.params, prior.stats,
-                            version=prior.step, parent_version=None, config_hash="demo")  # fmt: skip
+        path = export.write(
+            root / "prior.msgpack", prior.model, prior.params, prior.stats, version=prior.step,
+            parent_version=None, config_hash=prior.config_hash,
+        )  # fmt: skip
         registry.publish(path.read_bytes(), {"initial": True})
     tokens = serve_tool.tokens_file(fleet)
     url = f"http://{fleet.host}:{fleet.port}"
@@ -205,9 +209,9 @@ def deploy(config: configs.Config, prior: pretrain.Prior, out: pathlib.Path) -> 
     try:
         wait_healthy(url, service)
         actors = []
-        for i, (split, operator) in enumerate(robot_roles(dc.robots, pc.split)):
+        for i, (split, operator) in enumerate(robot_roles(dc.robots, tc.split)):
             command = [sys.executable, "-m", "tools.actor", "--url", url, "--robot-id", f"robot-{i}",
-                       "--token-file", str(tokens), "--task", pc.task, "--split", split,
+                       "--token-file", str(tokens), "--task", tc.task, "--split", split,
                        "--episodes", str(dc.episodes_per_robot), "--hz", "0", "--seed", str(100_000 * i),
                        "--folder", str(root / f"robot-{i}"), "--log", str(logs / f"robot-{i}.jsonl"),
                        *(["--operator"] if operator else [])]  # fmt: skip
@@ -218,12 +222,12 @@ def deploy(config: configs.Config, prior: pretrain.Prior, out: pathlib.Path) -> 
         service.terminate()
         service.wait(timeout=60)
     episodes = [episode for _, episode in EpisodeStore(root / "store").read_since(-1)]
-    logged = pathlib.Path(config.pretrain.data_dir) / "pro" / f"{pc.task}_fleet"
+    logged = pathlib.Path(config.pretrain.data_dir) / "pro" / f"{tc.task}_fleet"
     rlds.write_episodes(logged, episodes, overwrite=True)
     expected = dc.robots * dc.episodes_per_robot
     return {
         "url": url,
-        "robots": fleet_summary(episodes, robot_roles(dc.robots, pc.split)),
+        "robots": fleet_summary(episodes, robot_roles(dc.robots, tc.split)),
         "expected": expected,
         "stored": len(episodes),
     }
@@ -270,12 +274,12 @@ def fleet_summary(episodes: list[dict], roles: list[tuple[str, bool]]) -> dict:
 def sft_arm(config: configs.Config, prior: pretrain.Prior, offline: list[dict], novel: NovelScore, *,
             split: str, kind: str) -> dict:  # fmt: skip
     """Full SFT (demonstrations of `split`) or targeted SFT (of `tail`), one retraining per demo count."""
-    pc, pre = config.patch, config.pretrain
-    demos = operator_demos.load_or_generate(pre.data_dir, pc.task, split, max(pc.sft_demos),
+    tc, pc, pre = config.target, config.patch, config.pretrain
+    demos = operator_demos.load_or_generate(pre.data_dir, tc.task, split, max(pc.sft_demos),
                                             seed=pre.seed + 1, noise=pre.demo_noise,
                                             bursts=pre.demo_bursts)  # fmt: skip
     seeds, finals = {}, {}
-    for seed in pc.seeds:
+    for seed in tc.seeds:
         seeds[seed], params = patch.run_sft(config, prior, demos, offline, seed=seed, kind=kind)
         finals[seed] = novel(params)
     return {"seeds": seeds, "novel": finals}
@@ -283,7 +287,7 @@ def sft_arm(config: configs.Config, prior: pretrain.Prior, offline: list[dict], 
 
 def hg_dagger(config: configs.Config, prior: pretrain.Prior, offline: list[dict], novel: NovelScore) -> dict:
     seeds, finals = {}, {}
-    for seed in config.patch.seeds:
+    for seed in config.target.seeds:
         seeds[seed], params = patch.run_hg_dagger(config, prior, offline, seed=seed)
         finals[seed] = novel(params)
     return {"seeds": seeds, "novel": finals}
@@ -292,7 +296,7 @@ def hg_dagger(config: configs.Config, prior: pretrain.Prior, offline: list[dict]
 def patching(config: configs.Config, prior: pretrain.Prior, offline: list[dict], out: pathlib.Path,
              novel: NovelScore) -> dict:  # fmt: skip
     seeds, finals = {}, {}
-    for seed in config.patch.seeds:
+    for seed in config.target.seeds:
         seeds[seed], params = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
         finals[seed] = novel(params, "patch")
     return {"seeds": seeds, "novel": finals}
@@ -314,7 +318,8 @@ def train_pros(config: configs.Config, out: pathlib.Path) -> dict:
         pro_tool.train(settings)
     pro_dir = pro_tool.run_dir(shaping)
     _, held = pro.split_heldout(pro_tool.load_store(shaping), config.pro.heldout)
-    heldout = pro_tool.heldout_evaluation(pro.load(pro_dir), held, shaping.pro, out / "pro_episode.png")
+    heldout = pro_tool.heldout_evaluation(pro.load(pro_dir), held, shaping.pro, shaping.target.task,
+                                          out / "pro_episode.png")
     (pro_dir / "eval.md").write_text(pro_tool.eval_markdown(heldout))
     return {"pro": heldout, "shaping": str(pro_dir), "ranking": str(pro_tool.run_dir(ranking))}
 
@@ -334,14 +339,15 @@ def with_risk_trigger(config: configs.Config, pro_dir: str) -> configs.Config:
 def ranking(config: configs.Config, prior: pretrain.Prior, pro_dir: str) -> dict:
     """The prior with PRO choosing among its deterministic chunk and K - 1 samples: one evaluation on the
     split's test contexts and one on `novel`'s."""
-    pc = config.patch
+    tc = config.target
     arm = pro_tool.ranked_arm(config.pro, prior, pro.load(pro_dir))
-    test = evaluate.TEST.with_episodes(pc.eval_episodes)
+    test = evaluate.TEST.with_episodes(tc.eval_episodes)
 
     def on(split: str) -> dict:
-        return evaluate.Evaluator(pc.task, split, pc.eval_episodes, **arm).on(prior.params, test)
+        tc = config.target
+        return evaluate.Evaluator(tc.task, split, tc.eval_episodes, **arm).on(prior.params, test)
 
-    record = {"kind": "rank", **on(pc.split)}
+    record = {"kind": "rank", **on(tc.split)}
     return {"seeds": {ONE_EVALUATION: [record]}, "novel": {ONE_EVALUATION: on("novel")["success_rate"]}}
 
 
@@ -717,13 +723,13 @@ PLOTS = ("learning.png", "components.png", "pro_episode.png")
 
 def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: float) -> str:
     """Writes report.md, report.json and the plots; returns both tables."""
-    pc, dc = config.patch, config.demo
+    tc, pc, dc = config.target, config.patch, config.demo
     rows = comparison(stages, pc.goal)
     checked = claims(rows)
     shares = component_failures(rows)
-    where = f"{pc.task}/{pc.split}"
+    where = f"{tc.task}/{tc.split}"
     plot_learning(method_records(stages), out / "learning.png",
-                  f"{where}: success against operator effort and data, seeds {list(pc.seeds)}")  # fmt: skip
+                  f"{where}: success against operator effort and data, seeds {list(tc.seeds)}")  # fmt: skip
     after = "each arm's final policy (after)"
     plot_components(shares, out / "components.png",
                     f"{where}: failures by component, the prior (before), {after}")  # fmt: skip
@@ -731,15 +737,15 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
     command = "jaxvla demo --full" if config.name == "demo_full" else "jaxvla demo"
     seeds_text = (
         "one seed, a Wilson 95% interval per run"
-        if len(pc.seeds) == 1
-        else f"seeds {list(pc.seeds)}: mean [bootstrap 95% interval] for success, mean ± std otherwise"
+        if len(tc.seeds) == 1
+        else f"seeds {list(tc.seeds)}: mean [bootstrap 95% interval] for success, mean ± std otherwise"
     )
     tables = f"{table(rows, pc.goal)}\n\n{claims_table(checked)}"
     text = "\n".join([
         f"# jaxvla demo: the seeds' methods on {where}",
         "",
         f"`{command}` on {machine()}; {wall_s / 60:.1f} min in this invocation (stages finished by an "
-        f"earlier one are read back). Every figure is the final policy on the {pc.eval_episodes} fixed test "
+        f"earlier one are read back). Every figure is the final policy on the {tc.eval_episodes} fixed test "
         f"contexts (seed {evaluate.TEST.seed}) without the operator, {seeds_text}; effort to the goal "
         f"({pc.goal:.0%}) is read on {pc.validation_episodes} validation contexts (seed "
         f"{evaluate.VALIDATION.seed}); `novel` is the stress split, the same test contexts there.",
@@ -796,18 +802,15 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
 
 # ------------------------------------------------------------------------------------------ command
 def with_outputs(config: configs.Config, out: pathlib.Path) -> configs.Config:
-    """Points every method at the demo's prior, data and folders, on `patch.task` / `patch.split`."""
-    pc = config.patch
-    prior = str(out / "prior")
+    """Points every method at the demo's prior, data and folders, on `target.task` / `target.split`."""
+    tc = config.target
     data_dir = str(out / "data") if config.pretrain.data_dir == "data" else config.pretrain.data_dir
     return dataclasses.replace(
         config,
         out_dir=str(out),
-        pretrain=dataclasses.replace(config.pretrain, tasks=(pc.task,), data_dir=data_dir),
-        patch=dataclasses.replace(pc, prior=prior),
-        pro=dataclasses.replace(config.pro, prior=prior, task=pc.task, collect_split=pc.split),
-        recap=dataclasses.replace(config.recap, prior=prior, task=pc.task, split=pc.split),
-        ript=dataclasses.replace(config.ript, prior=prior, task=pc.task, split=pc.split),
+        target=dataclasses.replace(tc, prior=str(out / "prior")),
+        pretrain=dataclasses.replace(config.pretrain, tasks=(tc.task,), data_dir=data_dir),
+        pro=dataclasses.replace(config.pro, collect_split=tc.split),
     )
 
 
@@ -815,7 +818,7 @@ def run(config: configs.Config) -> str:
     """Every stage; returns the two tables (the report is written to `out_dir`)."""
     out = pathlib.Path(config.out_dir)
     config = with_outputs(config, out)
-    pc, pre = config.patch, config.pretrain
+    tc, pc, pre = config.target, config.patch, config.pretrain
     tic = time.perf_counter()
     stage = Stages(out, total=14)
     results = {"data": stage("data", "scripted demonstrations", lambda: demonstrations(config))}
@@ -823,12 +826,12 @@ def run(config: configs.Config) -> str:
                              lambda: train_prior(config, out))  # fmt: skip
     prior = pretrain.load(out / "prior")
     novel = NovelScore(config, prior)
-    offline = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes,
+    offline = operator_demos.load_or_generate(pre.data_dir, tc.task, "train", pc.offline_episodes,
                                               seed=pre.seed)  # fmt: skip
-    results["fleet"] = stage("fleet", f"the prior on {pc.split} through the fleet service",
+    results["fleet"] = stage("fleet", f"the prior on {tc.split} through the fleet service",
                              lambda: deploy(config, prior, out))  # fmt: skip
     results["sft"] = stage("sft", "full SFT retraining",
-                           lambda: sft_arm(config, prior, offline, novel, split=pc.split,
+                           lambda: sft_arm(config, prior, offline, novel, split=tc.split,
                                            kind="sft"))  # fmt: skip
     results["targeted_sft"] = stage("targeted_sft", "targeted SFT on the tails' demonstrations",
                                     lambda: sft_arm(config, prior, offline, novel, split="tail",
@@ -868,7 +871,8 @@ def run(config: configs.Config) -> str:
 
 def main(argv: list[str]) -> int:
     full = "--full" in argv
-    config = configs.cli(["demo_full" if full else "demo", *(a for a in argv if a != "--full")], prog=PROG)
+    argv = ["demo_full" if full else "demo", *(a for a in argv if a != "--full")]
+    config = configs.cli(argv, PROG, sections=SECTIONS)
     compile_cache.enable(config.compile_cache)
     tic = time.perf_counter()
     tables = run(config)

@@ -4,9 +4,9 @@ An `Evaluation` scores an exported policy file (higher is better). The gate scor
 current params the same way and passes the candidate unless its score is below the current score by more
 than `margin`. Scores of files already seen are cached by sha256, so the current params are evaluated once.
 
-`GATES` maps `fleet.gate` names to evaluation builders. "sim" is the success rate in the C-MuJoCo twin on
-held-out episodes (seeds the actors never draw), through the same numpy client the robots run. A PRO
-score on held-out episodes can be registered here beside it (`GATES["pro"] = ...`).
+`GATES` maps `fleet.gate` names to evaluation builders of a fleet and a target config. "sim" is the success
+rate in the C-MuJoCo twin on held-out episodes (seeds the actors never draw), through the same numpy client
+the robots run. A PRO score on held-out episodes can be registered here beside it (`GATES["pro"] = ...`).
 """
 
 import hashlib
@@ -32,14 +32,14 @@ def twin_success(task: str, split: str, seeds: range, replan: int = 1) -> Evalua
     return evaluate
 
 
-def simulated(fleet) -> Evaluation:
-    """The "sim" gate of a `configs.FleetConfig`."""
+def simulated(fleet, target) -> Evaluation:
+    """The "sim" gate of a `configs.FleetConfig` on `target.task` / `target.split`."""
     return twin_success(
-        fleet.task, fleet.split, range(fleet.gate_seed, fleet.gate_seed + fleet.gate_episodes)
+        target.task, target.split, range(fleet.gate_seed, fleet.gate_seed + fleet.gate_episodes)
     )
 
 
-GATES: dict[str, Callable[[object], Evaluation]] = {"sim": simulated}
+GATES: dict[str, Callable[[object, object], Evaluation]] = {"sim": simulated}
 
 
 class Gate:
@@ -62,8 +62,8 @@ class Gate:
                 "passed": ours >= theirs - self.margin}  # fmt: skip
 
 
-def make_gate(fleet) -> Gate:
-    """The gate `fleet.gate` names, with `fleet.gate_margin`."""
+def make_gate(fleet, target) -> Gate:
+    """The gate `fleet.gate` names, with `fleet.gate_margin`, on the task and split of `target`."""
     if fleet.gate not in GATES:
         raise KeyError(f"unknown gate {fleet.gate!r}; registered: {sorted(GATES)}")
-    return Gate(GATES[fleet.gate](fleet), fleet.gate_margin)
+    return Gate(GATES[fleet.gate](fleet, target), fleet.gate_margin)

@@ -77,7 +77,7 @@ class FleetLearner:
 
     def __init__(self, config: Config, *, evaluation: gates.Evaluation | None = None, mesh=None,
                  progress: bool = False):  # fmt: skip
-        fc, pc = config.fleet, config.patch
+        fc, pc, tc = config.fleet, config.patch, config.target
         self.config, self.root = config, pathlib.Path(fc.root)
         self.mesh = mesh or sharding.make_mesh()
         # The store and registry are shared with the service and may be object storage (gs://...);
@@ -87,11 +87,11 @@ class FleetLearner:
         self.candidates = self.root / "candidates"
         self.log_path = self.root / "learner" / "log.jsonl"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.gate = gates.Gate(evaluation, fc.gate_margin) if evaluation else gates.make_gate(fc)
-        self.prior = pretrain.load(pathlib.Path(fc.prior))
-        mc = self.prior.config.model
+        self.gate = gates.Gate(evaluation, fc.gate_margin) if evaluation else gates.make_gate(fc, tc)
+        self.prior = pretrain.load(pathlib.Path(tc.prior))
+        mc = self.prior.model
         config = dataclasses.replace(config, model=mc)  # the learner's networks are the prior's
-        offline = self._offline(fc.offline_data, pc.offline_episodes)
+        offline = self._offline(fc.offline_data.format(task=tc.task), pc.offline_episodes)
         self.learner = patch.new_learner(config, self.prior, offline, self.mesh, fc.seed)
         nets = sac.Networks(
             actor=self.prior.graphdef, critic=patch.critic_graphdef(mc), stats=self.prior.stats
@@ -130,15 +130,10 @@ class FleetLearner:
         self.log({"event": "published", "version": entry["version"], "initial": True})
 
     def _export(self, params, version: int, parent: int | None, extra: dict) -> bytes:
-        path = export.write(self.candidates, self.prior.config.model, params, self.prior.stats,
-                            version=version, parent_version=parent, config_hash=self.config_hash,
+        path = export.write(self.candidates, self.prior.model, params, self.prior.stats,
+                            version=version, parent_version=parent, config_hash=self.prior.config_hash,
                             extra=extra)  # fmt: skip
         return path.read_bytes()
-
-    @property
-    def config_hash(self) -> str:
-        text = json.dumps(dataclasses.asdict(self.prior.config), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
 
     def log(self, record: dict) -> None:
         with self.log_path.open("a") as f:
@@ -158,7 +153,7 @@ class FleetLearner:
             episodes = [labelled(ep, labels.get(ep["episode_metadata"]["episode_id"])) for _, ep in chunk]
             block = padded_block(episodes, rows=self.mesh.size)
             buffers = patch.insert_experience(
-                self.insert, self.learner.buffers, block, self.prior.config.model.chunk
+                self.insert, self.learner.buffers, block, self.prior.model.chunk
             )
             self.learner = dataclasses.replace(self.learner, buffers=buffers)
             self.cursor = chunk[-1][0]
