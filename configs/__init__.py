@@ -467,8 +467,9 @@ class RiptConfig:
         if self.contexts < self.groups_per_call:
             raise ValueError("RiptConfig.contexts must be at least groups_per_call")
         if not 0.0 < self.rl_std_floor <= self.rl_std <= 1.0:
-            raise ValueError(f"RiptConfig: need 0 < rl_std_floor <= rl_std <= 1, got {self.rl_std_floor}, "
-                             f"{self.rl_std}")  # fmt: skip
+            raise ValueError(
+                f"RiptConfig: need 0 < rl_std_floor <= rl_std <= 1, got {self.rl_std_floor}, {self.rl_std}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

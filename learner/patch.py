@@ -301,8 +301,9 @@ def new_state(config: Config, prior: Prior, seed: int, actor: str = "full"):
     prior_params = jax.tree.map(jnp.copy, prior.params)
     if actor == "residual":
         _, residual_params, critic = residual.create_networks(prior, sc, seed)
-        return residual.init_state(prior_params, residual_params, critic, sc.init_alpha,
-                                   residual.make_optimizers(sc))  # fmt: skip
+        return residual.init_state(
+            prior_params, residual_params, critic, sc.init_alpha, residual.make_optimizers(sc)
+        )
     _, critic = nnx.split(mc.create_critic(seed + 1), nnx.Param)
     optimizers = sac.make_optimizers(sc)
     return sac.init_state(
@@ -396,8 +397,9 @@ def policy_actor(config: Config, prior: Prior) -> evaluate.Actor:
     return evaluate.chunk_actor(prior.graphdef, prior.stats)
 
 
-def pretrain_critic(learner_kind: PatchLearner, state, offline: list[dict], block: dict, config: Config, mesh,
-                    key: jax.Array):  # fmt: skip
+def pretrain_critic(
+    learner_kind: PatchLearner, state, offline: list[dict], block: dict, config: Config, mesh, key: jax.Array
+):
     """Monte-Carlo regression of the residual's critic on the offline data and the first round's block."""
     keys = list(observation_spec(learner_kind.prior.model))
     data = residual.returns_dataset(offline, [block], config.sac.gamma, keys)
@@ -478,8 +480,15 @@ def run_patching(
     key_roll, key_train = jax.random.split(key)
 
     if not records:
-        records.append({"kind": "patch", "round": 0, **effort_record(learner.totals),
-                        **evaluation_on(learner.published), "published": True})  # fmt: skip
+        records.append(
+            {
+                "kind": "patch",
+                "round": 0,
+                **effort_record(learner.totals),
+                **evaluation_on(learner.published),
+                "published": True,
+            }
+        )
         log.write(records[-1])
     bar = tqdm(
         total=pc.rounds,
@@ -511,16 +520,23 @@ def run_patching(
         totals["wall_s"] = learner.totals["wall_s"] + time.perf_counter() - tic
         candidate = kind.deployable(state)
         checked = evaluation_on.on_validation(candidate)
-        passed = not pc.gate or gate_passes(checked["validation_success"], records[-1]["validation_success"],
-                                            pc.gate_margin)  # fmt: skip
+        passed = not pc.gate or gate_passes(
+            checked["validation_success"], records[-1]["validation_success"], pc.gate_margin
+        )
         published = candidate if passed else learner.published
         # Unpublished: the published params, scored on the same contexts, score as they did last round.
         scored = evaluation_on(published) if passed else {k: v for k, v in records[-1].items() if k in SCORES}
         learner = Learner(state, buffers, round_, totals, published)
-        record = {"kind": "patch", "round": round_, **effort_record(totals), **scored, "published": passed,
-                  "candidate_validation": checked["validation_success"],
-                  "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
-                  **{k: float(v) for k, v in jax.device_get({**extra, **metrics}).items()}}  # fmt: skip
+        record = {
+            "kind": "patch",
+            "round": round_,
+            **effort_record(totals),
+            **scored,
+            "published": passed,
+            "candidate_validation": checked["validation_success"],
+            "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
+            **{k: float(v) for k, v in jax.device_get({**extra, **metrics}).items()},
+        }
         records.append(record)
         log.write(record)
         checkpoints.save(

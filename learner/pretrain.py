@@ -79,8 +79,9 @@ class IterationLog:
         self.records: list[dict] = []
         self.report: dict = {}
 
-    def __call__(self, params, iteration: int, totals: dict, extra: dict | None = None, *,
-                 changed: bool = True) -> dict:  # fmt: skip
+    def __call__(
+        self, params, iteration: int, totals: dict, extra: dict | None = None, *, changed: bool = True
+    ) -> dict:
         """`changed` False: the params are those evaluated last, so their figures are reused."""
         if changed or not self.report:
             # The same compiled evaluator: the contexts are only its key.
@@ -133,9 +134,14 @@ def train(
         stats = normalization.from_lists(meta["stats"])  # the run's own statistics, not today's data
         print(f"resumed {run_dir} at step {int(state.step)}")
     train_block = bc.make_train_steps(
-        graphdef, stats, optimizer, num_steps=pc.log_every, batch_size=pc.batch_size,
-        nll_weight=pc.nll_weight, mesh=mesh,
-    )  # fmt: skip
+        graphdef,
+        stats,
+        optimizer,
+        num_steps=pc.log_every,
+        batch_size=pc.batch_size,
+        nll_weight=pc.nll_weight,
+        mesh=mesh,
+    )
     key_train, key_eval = jax.random.split(jax.random.key(pc.seed))
     evals = (
         evaluators(config, evaluate.chunk_actor(graphdef, stats), pc.eval_episodes) if pc.eval_every else {}
@@ -183,8 +189,15 @@ def load(run_dir: pathlib.Path, step: int | None = None) -> Prior:
     state, _ = checkpoints.restore(target, step)
     checkpoints.close()
     stats = normalization.from_lists(meta["stats"])
-    return Prior(model, config_hash(meta["config"]), graphdef, state.params, stats, int(state.step),
-                 pathlib.Path(run_dir))
+    return Prior(
+        model,
+        config_hash(meta["config"]),
+        graphdef,
+        state.params,
+        stats,
+        int(state.step),
+        pathlib.Path(run_dir),
+    )
 
 
 def load_target(config: Config, prog: str) -> tuple[Config, Prior]:

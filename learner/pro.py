@@ -61,8 +61,12 @@ EVENT = {name: i for i, name in enumerate(EVENTS)}
 SAFETY_EVENTS = [EVENT["slip"], EVENT["drop"], EVENT["collision"]]
 UNSTABLE_EVENTS = [EVENT["slip"], EVENT["drop"], EVENT["missed_grasp"]]
 # Failure classes a step's events announce; when one step has several, the first listed wins.
-EVENT_FAILURES = ((DROP, EVENT["drop"]), (SLIP, EVENT["slip"]), (COLLISION, EVENT["collision"]),
-                  (MISSED_GRASP, EVENT["missed_grasp"]))  # fmt: skip
+EVENT_FAILURES = (
+    (DROP, EVENT["drop"]),
+    (SLIP, EVENT["slip"]),
+    (COLLISION, EVENT["collision"]),
+    (MISSED_GRASP, EVENT["missed_grasp"]),
+)
 QUALITY = ("success", "stable", "retries", "cycle_time")  # columns of the per-episode quality table
 
 
@@ -161,9 +165,15 @@ def step_extras(episode: dict, pc: ProConfig) -> dict[str, np.ndarray]:
 def extras_spec() -> dict[str, jax.ShapeDtypeStruct]:
     """`step_extras`' shapes and dtypes for one step, as `replay.create` takes them."""
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
-    return {"return": scalar(jnp.float32), "done": scalar(jnp.float32), "success": scalar(jnp.float32),
-            "risk": scalar(jnp.int32), "step": scalar(jnp.int32), "length": scalar(jnp.int32),
-            "quality": jax.ShapeDtypeStruct((len(QUALITY),), jnp.float32)}  # fmt: skip
+    return {
+        "return": scalar(jnp.float32),
+        "done": scalar(jnp.float32),
+        "success": scalar(jnp.float32),
+        "risk": scalar(jnp.int32),
+        "step": scalar(jnp.int32),
+        "length": scalar(jnp.int32),
+        "quality": jax.ShapeDtypeStruct((len(QUALITY),), jnp.float32),
+    }
 
 
 def fill_replay(episodes: list[dict], pc: ProConfig, mesh, episodes_per_row: int = 8) -> replay.Buffer:
@@ -207,8 +217,9 @@ def replay_windows(local: replay.Buffer, index: jax.Array, window: int, chunk: i
     }
 
 
-def draw_pairs(local: replay.Buffer, key: jax.Array, pairs: int, *, window: int, chunk: int,
-               faster_margin: float) -> dict:  # fmt: skip
+def draw_pairs(
+    local: replay.Buffer, key: jax.Array, pairs: int, *, window: int, chunk: int, faster_margin: float
+) -> dict:
     """One shard's `pairs` comparisons: anchors ending at uniform slots, each followed by its partner, the
     step at the same fraction of the episode of another uniform slot (so partner episodes are drawn in
     proportion to their length). Windows [2 * pairs, ...] interleaved anchor, partner; preference [pairs]."""
@@ -227,8 +238,9 @@ def draw_pairs(local: replay.Buffer, key: jax.Array, pairs: int, *, window: int,
     return windows
 
 
-def sample_pairs(buffer: replay.Buffer, key: jax.Array, batch_size: int, *, window: int, chunk: int,
-                 faster_margin: float) -> dict:  # fmt: skip
+def sample_pairs(
+    buffer: replay.Buffer, key: jax.Array, batch_size: int, *, window: int, chunk: int, faster_margin: float
+) -> dict:
     """batch_size windows, half anchors and half partners, drawn shard-locally (`draw_pairs`): P("data").
     Pair i is rows 2i (anchor) and 2i + 1 (partner) on every shard, so also in the whole batch."""
     pairs = batch_size // 2 // buffer.shards
@@ -365,8 +377,12 @@ def make_update(graphdef, stats, optimizer, pc: ProConfig, mesh):
     loss_fn = functools.partial(pro_loss, graphdef=graphdef, stats=stats, support=pc.net.support(), pc=pc)
     update_fn = functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer)
     replicated = sharding.replicated(mesh)
-    return jax.jit(update_fn, donate_argnums=0, in_shardings=(replicated, sharding.batch_sharded(mesh)),
-                   out_shardings=replicated)  # fmt: skip
+    return jax.jit(
+        update_fn,
+        donate_argnums=0,
+        in_shardings=(replicated, sharding.batch_sharded(mesh)),
+        out_shardings=replicated,
+    )
 
 
 def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
@@ -374,8 +390,9 @@ def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
     replicated and donated, the buffer sharded as it is, every batch drawn shard-locally."""
     loss_fn = functools.partial(pro_loss, graphdef=graphdef, stats=stats, support=pc.net.support(), pc=pc)
     update_fn = functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer)
-    sample = functools.partial(sample_pairs, window=pc.net.window, chunk=pc.net.chunk,
-                               faster_margin=pc.faster_margin_s)  # fmt: skip
+    sample = functools.partial(
+        sample_pairs, window=pc.net.window, chunk=pc.net.chunk, faster_margin=pc.faster_margin_s
+    )
     mesh = mesh or sharding.make_mesh()
     sharding.check_batch_size(pc.batch_size, mesh)
     replicated = sharding.replicated(mesh)
@@ -387,12 +404,18 @@ def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
             with_out_of_data_chunks, count=pc.conservative_samples, noise=pc.conservative_noise
         )
     fn = functools.partial(
-        bc.train_steps, num_steps=pc.log_every, batch_size=pc.batch_size,
-        batch_sharding=sharding.batch_sharded(mesh), update_fn=update_fn, sample_fn=sample, prepare=prepare,
-    )  # fmt: skip
+        bc.train_steps,
+        num_steps=pc.log_every,
+        batch_size=pc.batch_size,
+        batch_sharding=sharding.batch_sharded(mesh),
+        update_fn=update_fn,
+        sample_fn=sample,
+        prepare=prepare,
+    )
     # The buffer keeps its own sharding (None): each shard's slots stay on their device.
-    return jax.jit(fn, donate_argnums=0, in_shardings=(replicated, None, replicated),
-                   out_shardings=replicated)  # fmt: skip
+    return jax.jit(
+        fn, donate_argnums=0, in_shardings=(replicated, None, replicated), out_shardings=replicated
+    )
 
 
 def checkpoint_meta(pc: ProConfig, stats: dict) -> dict:
@@ -462,8 +485,9 @@ def potential(readouts: dict, risk_weight: float) -> jax.Array:
     return readouts["value"] - risk_weight * readouts["rho"]
 
 
-def shaped_reward(sparse: jax.Array, phi: jax.Array, valid: jax.Array, terminal: jax.Array, *, gamma: float,
-                  beta: float) -> jax.Array:  # fmt: skip
+def shaped_reward(
+    sparse: jax.Array, phi: jax.Array, valid: jax.Array, terminal: jax.Array, *, gamma: float, beta: float
+) -> jax.Array:
     """r'_t = r_t + β(γ Φ(s_{t+1}) - Φ(s_t)) over [B, T]; zero on padding.
 
     Φ is 0 after a step that ends its episode (`terminal`: the replay stores every end, time limits
@@ -487,8 +511,9 @@ def window_from_history(history: dict, obs: dict, step: jax.Array, candidates: j
     """
     k, b, h, a = candidates.shape
     w = history["valid"].shape[1]
-    window_obs = jax.tree.map(lambda past, now: jnp.concatenate([past[:, 1:], now[:, None]], axis=1),
-                              history["obs"], obs)  # fmt: skip
+    window_obs = jax.tree.map(
+        lambda past, now: jnp.concatenate([past[:, 1:], now[:, None]], axis=1), history["obs"], obs
+    )
     past = jnp.broadcast_to(history["action"][None, :, 1:], (k, b, w - 1, a))
     sequence = jnp.concatenate([past, candidates], axis=2)  # [K, B, W-1+H, A]
     chunks = jnp.stack([sequence[:, :, i : i + w] for i in range(h)], axis=3)  # [K, B, W, H, A]
@@ -517,8 +542,9 @@ def ranking_scores(value: jax.Array, rho: jax.Array, *, risk_weight: float, marg
     return (value - risk_weight * rho).at[0].add(margin)
 
 
-def ranking_actor(policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float,
-                  margin: float = 0.0):  # fmt: skip
+def ranking_actor(
+    policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float, margin: float = 0.0
+):
     """(policy params, env state, key) -> action [B, A]: the deterministic chunk and K - 1 sampled ones,
     scored by an action-conditioned PRO's V - λ rho at the current step (train it with `conservative` > 0:
     Cal-QL keeps chunks off the data from scoring high); executes the first action of the best (the env
@@ -616,7 +642,7 @@ def evaluation(episodes: list[dict], readouts: list[dict], pc: ProConfig) -> dic
             "mean": float(np.nanmean(voc)),
             "median": float(np.nanmedian(voc)),
             "episodes": len(voc),
-        },  # fmt: skip
+        },
         "risk_auroc": auroc(rho, at_risk),
         "risk_positive_rate": float(at_risk.mean()),
         "risk_calibration_error": calibration_error(rho, at_risk),
@@ -625,7 +651,7 @@ def evaluation(episodes: list[dict], readouts: list[dict], pc: ProConfig) -> dic
             "median": float(np.median(leads)) if leads else None,
             "mean": float(np.mean(leads)) if leads else None,
             "warned": float(np.mean(np.array(leads) >= 2)) if leads else None,
-        },  # fmt: skip
+        },
         "termination_accuracy": float(np.mean((d > 0.5) == done)),
         "termination_balanced_accuracy": float(0.5 * (np.mean(d[done] > 0.5) + np.mean(d[~done] <= 0.5))),
         "outcome_accuracy_at_end": float(np.mean((final_q > 0.5) == success)),
@@ -655,8 +681,9 @@ def check_state_only(pro_: Pro, use: str) -> None:
         )
 
 
-def relabel(pro_: Pro, block: dict, success: jax.Array, *, gamma: float, beta: float,
-            risk_weight: float) -> dict:  # fmt: skip
+def relabel(
+    pro_: Pro, block: dict, success: jax.Array, *, gamma: float, beta: float, risk_weight: float
+) -> dict:
     """A replay insert block [B, T] (learner.patch.episode_block) with the operator's sparse reward shaped
     by a state-only PRO's potential, marked as a learned reward."""
     del success  # the block's sparse reward already carries the verified outcome
@@ -667,8 +694,9 @@ def relabel(pro_: Pro, block: dict, success: jax.Array, *, gamma: float, beta: f
     return {**block, "reward": reward, "reward_source": jnp.full_like(block["reward_source"], LEARNED_REWARD)}
 
 
-def relabel_episodes(pro_: Pro, episodes: list[dict], *, gamma: float, beta: float,
-                     risk_weight: float) -> list[dict]:  # fmt: skip
+def relabel_episodes(
+    pro_: Pro, episodes: list[dict], *, gamma: float, beta: float, risk_weight: float
+) -> list[dict]:
     """RLDS episodes with their sparse `steps.reward` shaped the same way (the offline source, once)."""
     check_state_only(pro_, "shaping")
     out = []
@@ -722,8 +750,12 @@ class RiskTakeover(Takeover):
 
     def step(self, state, policy_action: jax.Array):
         one = lambda x: jnp.asarray(x)[None]  # noqa: E731
-        rho = state_risk(self.pro, jax.tree.map(one, state.info["history"]), jax.tree.map(one, state.obs),
-                         one(state.cell.step))[0]  # fmt: skip
+        rho = state_risk(
+            self.pro,
+            jax.tree.map(one, state.info["history"]),
+            jax.tree.map(one, state.obs),
+            one(state.cell.step),
+        )[0]
         predicted = rho > self.threshold
         if self.trigger.lookahead:
             predicted = predicted | self.predicted_failure(state)

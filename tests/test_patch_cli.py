@@ -22,15 +22,16 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
     finished seed back; a rerun under other settings refuses to mix them in."""
     write_tiny_prior(tmp_path / "prior")
     overrides = [
-        "--target.prior", str(tmp_path / "prior"), "--patch.rounds", "1", "--patch.envs-per-round", "4",
-        "--patch.updates-per-round", "2", "--target.eval-episodes", "2", "--patch.validation-episodes", "2",
-        "--patch.offline-episodes", "4", "--patch.capacity", "64", "256", "64", "--patch.sft-demos", "2",
-        "--patch.sft-steps", "10", "--patch.hg-dagger-rounds", "1", "--target.seeds", "0",
-        "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2",
-        "--sac.critic-pretrain-steps", "3", "--pretrain.data-dir", str(tmp_path / "data"),
-        "--out-dir", str(tmp_path / "runs"),
-        "--compile-cache", str(COMPILE_CACHE),
-    ]  # fmt: skip
+        *(
+            "--patch.rounds 1 --patch.envs-per-round 4 --patch.updates-per-round 2 "
+            "--target.eval-episodes 2 --patch.validation-episodes 2 --patch.offline-episodes 4 "
+            "--patch.capacity 64 256 64 --patch.sft-demos 2 --patch.sft-steps 10 "
+            "--patch.hg-dagger-rounds 1 --target.seeds 0 "
+            "--sac.batch-size 16 --sac.utd 2 --sac.critic-warmup 2 --sac.critic-pretrain-steps 3"
+        ).split(),
+        *("--target.prior", str(tmp_path / "prior"), "--pretrain.data-dir", str(tmp_path / "data")),
+        *("--out-dir", str(tmp_path / "runs"), "--compile-cache", str(COMPILE_CACHE)),
+    ]
     assert tools_patch.main(["debug", *overrides]) == 0
     out = tmp_path / "runs" / "patch-pick_place-deploy"
     report = json.loads((out / "report.json").read_text())

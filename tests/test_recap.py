@@ -48,8 +48,9 @@ def test_value_targets_are_steps_to_success_and_failures_sit_at_the_bottom():
     )
 
 
-def n_step_advantage(rewards: jax.Array, values: jax.Array, valid: jax.Array, n: int,
-                     value_range: tuple[float, float]) -> jax.Array:  # fmt: skip
+def n_step_advantage(
+    rewards: jax.Array, values: jax.Array, valid: jax.Array, n: int, value_range: tuple[float, float]
+) -> jax.Array:
     """The reference: A_t = clip(sum_{k<n} r_{t+k} + V(o_{t+n})) - V(o_t) over padded episode rows [E, T],
     the bootstrap 0 past the end (as Recap computed it before its data moved into the replay)."""
     steps = rewards.shape[1]
@@ -208,12 +209,16 @@ def test_advantages_on_the_replay_equal_those_of_the_padded_rows(devices):
     values = block["obs"]["proprio"][..., 1]
     valid = jnp.asarray(block["valid"])
     want = n_step_advantage(block["reward"], values, valid, TARGETS.n, TARGETS.value_range)
-    np.testing.assert_allclose(np.asarray(got["advantage"])[written], np.asarray(want)[ids // 100, ids % 100],
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(got["advantage"])[written], np.asarray(want)[ids // 100, ids % 100], atol=1e-6
+    )
     # Stored per step at insertion: the value target and the episode's success.
     targets = recap.value_targets(block["reward"], TARGETS.value_range)
-    np.testing.assert_allclose(np.asarray(buffer.extras["value_target"])[written],
-                               np.asarray(targets)[ids // 100, ids % 100], atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(buffer.extras["value_target"])[written],
+        np.asarray(targets)[ids // 100, ids % 100],
+        atol=1e-6,
+    )
     stored_success = np.asarray(buffer.extras["success"])[written]
     np.testing.assert_array_equal(stored_success, np.asarray(success)[ids // 100])
 

@@ -61,11 +61,25 @@ def test_every_relative_link_resolves(doc):
         assert resolved.exists() or pending, f"{doc} links to {target}, which does not exist"
 
 
-def test_ruff_finds_nothing_to_fix():
-    """CI lints: the ruff rules in pyproject.toml hold over the whole tree."""
-    done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO_ROOT, capture_output=True,
-                          text=True)  # fmt: skip
+@pytest.mark.parametrize("command", [("check", "."), ("format", "--check", ".")], ids=["lint", "format"])
+def test_ruff_finds_nothing_to_fix(command):
+    """CI runs ruff: its rules and its format (pyproject.toml) hold over the whole tree."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", *command], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_no_statement_is_exempt_from_the_formatter():
+    markers = ("fmt: " + "skip", "fmt: " + "off")  # split, so this file does not carry them
+    folders = ("configs", "envs", "examples", "jaxvla", "learner", "tests", "tools")
+    exempt = [
+        path.relative_to(REPO_ROOT).as_posix()
+        for folder in folders
+        for path in sorted((REPO_ROOT / folder).rglob("*.py"))
+        if any(marker in path.read_text() for marker in markers)
+    ]
+    assert not exempt
 
 
 def test_conftest_gives_four_cpu_devices():

@@ -247,8 +247,15 @@ def finished_seed(folder: pathlib.Path, settings: dict) -> dict | None:
     return saved
 
 
-def run_seed(config: configs.Config, prior, offline: list[dict], demos: dict, stress: dict,
-             out: pathlib.Path, seed: int) -> dict:  # fmt: skip
+def run_seed(
+    config: configs.Config,
+    prior,
+    offline: list[dict],
+    demos: dict,
+    stress: dict,
+    out: pathlib.Path,
+    seed: int,
+) -> dict:
     """Every arm of one seed: {"arms": arm -> records, "novel": arm -> the final policy's novel success}."""
     tc, pc = config.target, config.patch
     records, actor = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
@@ -277,8 +284,9 @@ def main(argv: list[str]) -> int:
     tc, pc, pre = config.target, config.patch, config.pretrain
     suffix = "-pro" if pc.reward == "pro" else ""
     out = pathlib.Path(config.out_dir) / f"patch-{tc.task}-{tc.split}{suffix}"
-    offline = operator_demos.load_or_generate(pre.data_dir, tc.task, "train", pc.offline_episodes,
-                                              seed=pre.seed)  # fmt: skip
+    offline = operator_demos.load_or_generate(
+        pre.data_dir, tc.task, "train", pc.offline_episodes, seed=pre.seed
+    )
     noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
     demos = {
         arm: operator_demos.load_or_generate(

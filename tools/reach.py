@@ -44,8 +44,10 @@ def main(argv: list[str]) -> int:
     names = get_task(tc.task).split(tc.split).component_names
     valve_flips = np.mean((np.asarray(executed)[:, -1] > 0) != (np.asarray(base)[:, -1] > 0))
     episodes = int(operator.any(1).sum())
-    print(f"{int(operator.sum())} operator steps in {episodes} of {tc.eval_episodes} episodes of "
-          f"{tc.task}/{tc.split}; the valve's sign changed on {valve_flips:.1%} of them")  # fmt: skip
+    print(
+        f"{int(operator.sum())} operator steps in {episodes} of {tc.eval_episodes} episodes of "
+        f"{tc.task}/{tc.split}; the valve's sign changed on {valve_flips:.1%} of them"
+    )
     print("| scale | " + " | ".join(f"{n}: outside / lost" for n in ("all", *names)) + " |")
     print("|---|" + "---:|" * (len(names) + 1))
     size = prior.model.action_size

@@ -88,10 +88,16 @@ def main(argv: list[str]) -> int:
     fc = config.fleet
     root = epath.Path(fc.root)
     service = Service(
-        EpisodeStore(root / "store"), ParamsRegistry(root / "params"), load_tokens(tokens_file(fc)),
-        max_body_bytes=fc.max_body_mb << 20, max_episodes=fc.max_episodes_per_push, max_steps=fc.max_steps,
-        compact_every=fc.compact_every, part_episodes=fc.part_episodes, max_infer_batch=fc.max_infer_batch,
-    )  # fmt: skip
+        EpisodeStore(root / "store"),
+        ParamsRegistry(root / "params"),
+        load_tokens(tokens_file(fc)),
+        max_body_bytes=fc.max_body_mb << 20,
+        max_episodes=fc.max_episodes_per_push,
+        max_steps=fc.max_steps,
+        compact_every=fc.compact_every,
+        part_episodes=fc.part_episodes,
+        max_infer_batch=fc.max_infer_batch,
+    )
     supervisor = None
     if fc.learner:
         command = [sys.executable, "-m", "tools.fleet_learner", *argv]

@@ -83,9 +83,16 @@ class ModelConfig:
             )
         if self.encoder == "transformer":
             return encoders.TransformerEncoder(
-                STATE_SIZE, self.width, self.layers, self.attention_heads, self.mlp_ratio,
-                self.image_res if self.image else None, self.patch_size, dtype=self.compute_dtype, rngs=rngs,
-            )  # fmt: skip
+                STATE_SIZE,
+                self.width,
+                self.layers,
+                self.attention_heads,
+                self.mlp_ratio,
+                self.image_res if self.image else None,
+                self.patch_size,
+                dtype=self.compute_dtype,
+                rngs=rngs,
+            )
         raise ValueError(f"unknown encoder {self.encoder!r}; choose 'state' or 'transformer'")
 
     def create_policy(self, seed: int = 0) -> heads.Policy:

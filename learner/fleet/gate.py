@@ -25,8 +25,10 @@ def twin_success(task: str, split: str, seeds: range, replan: int = 1) -> Evalua
         from jaxvla.actor.runner import run_episode
 
         policy, robot, clock = actor_policy.loads(data), TwinRobot(task, split), RateClock(0)
-        wins = [run_episode(robot, policy, clock=clock, replan=replan, seed=s)["episode_metadata"]["success"]
-                for s in seeds]  # fmt: skip
+        wins = [
+            run_episode(robot, policy, clock=clock, replan=replan, seed=s)["episode_metadata"]["success"]
+            for s in seeds
+        ]
         return sum(wins) / len(wins)
 
     return evaluate
@@ -58,8 +60,12 @@ class Gate:
     def check(self, candidate: bytes, current: bytes) -> dict:
         """The verdict: both scores, the margin and whether the candidate may be published."""
         ours, theirs = self.score(candidate), self.score(current)
-        return {"candidate": ours, "current": theirs, "margin": self.margin,
-                "passed": ours >= theirs - self.margin}  # fmt: skip
+        return {
+            "candidate": ours,
+            "current": theirs,
+            "margin": self.margin,
+            "passed": ours >= theirs - self.margin,
+        }
 
 
 def make_gate(fleet, target) -> Gate:

@@ -75,8 +75,9 @@ def padded_block(episodes: list[dict], rows: int) -> dict:
 class FleetLearner:
     """One learner over `<fleet.root>`: call `run()` (or `ingest` / `train_round` step by step)."""
 
-    def __init__(self, config: Config, *, evaluation: gates.Evaluation | None = None, mesh=None,
-                 progress: bool = False):  # fmt: skip
+    def __init__(
+        self, config: Config, *, evaluation: gates.Evaluation | None = None, mesh=None, progress: bool = False
+    ):
         fc, pc, tc = config.fleet, config.patch, config.target
         self.config, self.root = config, pathlib.Path(fc.root)
         self.mesh = mesh or sharding.make_mesh()
@@ -96,8 +97,14 @@ class FleetLearner:
         nets = sac.Networks(
             actor=self.prior.graphdef, critic=patch.critic_graphdef(mc), stats=self.prior.stats
         )
-        self.train = sac.make_train_steps(config.sac, mc, nets, sac.make_optimizers(config.sac),
-                                          num_steps=pc.updates_per_round, mesh=self.mesh)  # fmt: skip
+        self.train = sac.make_train_steps(
+            config.sac,
+            mc,
+            nets,
+            sac.make_optimizers(config.sac),
+            num_steps=pc.updates_per_round,
+            mesh=self.mesh,
+        )
         self.insert = patch.make_insert()
         self.checkpoints = Checkpoints(self.root / "learner" / "checkpoints", keep=2)
         self.cursor, self.pending = -1, 0  # last ingested seq; episodes ingested since the last round
@@ -118,8 +125,15 @@ class FleetLearner:
         self.learner = patch.Learner(saved["sac"], saved["replay"], meta["round"], meta["totals"])
         self.cursor, self.pending = meta["cursor"], meta["pending"]
         digest = tree_digest(self.learner.buffers)
-        self.log({"event": "resumed", "round": meta["round"], "cursor": self.cursor, "replay_digest": digest,
-                  "saved_digest": meta["replay_digest"]})  # fmt: skip
+        self.log(
+            {
+                "event": "resumed",
+                "round": meta["round"],
+                "cursor": self.cursor,
+                "replay_digest": digest,
+                "saved_digest": meta["replay_digest"],
+            }
+        )
 
     def _publish_prior(self) -> None:
         """The prior's policy is the first published version (its training step), if none is yet."""
@@ -130,9 +144,16 @@ class FleetLearner:
         self.log({"event": "published", "version": entry["version"], "initial": True})
 
     def _export(self, params, version: int, parent: int | None, extra: dict) -> bytes:
-        path = export.write(self.candidates, self.prior.model, params, self.prior.stats,
-                            version=version, parent_version=parent, config_hash=self.prior.config_hash,
-                            extra=extra)  # fmt: skip
+        path = export.write(
+            self.candidates,
+            self.prior.model,
+            params,
+            self.prior.stats,
+            version=version,
+            parent_version=parent,
+            config_hash=self.prior.config_hash,
+            extra=extra,
+        )
         return path.read_bytes()
 
     def log(self, record: dict) -> None:
@@ -172,12 +193,23 @@ class FleetLearner:
         train_s = time.perf_counter() - tic
         proposal = self.propose(state.actor, round_)
         self.pending = 0
-        record = {"event": "round", "round": round_, "cursor": self.cursor, "train_s": train_s,
-                  "gate_s": time.perf_counter() - tic - train_s, **proposal,
-                  **{k: float(v) for k, v in jax.device_get(metrics).items()}}  # fmt: skip
+        record = {
+            "event": "round",
+            "round": round_,
+            "cursor": self.cursor,
+            "train_s": train_s,
+            "gate_s": time.perf_counter() - tic - train_s,
+            **proposal,
+            **{k: float(v) for k, v in jax.device_get(metrics).items()},
+        }
         digest = tree_digest(self.learner.buffers)
-        meta = {"round": round_, "totals": self.learner.totals, "cursor": self.cursor, "pending": 0,
-                "replay_digest": digest}  # fmt: skip
+        meta = {
+            "round": round_,
+            "totals": self.learner.totals,
+            "cursor": self.cursor,
+            "pending": 0,
+            "replay_digest": digest,
+        }
         self.checkpoints.save(round_, self.learner.checkpointed(), meta)
         self.checkpoints.manager.wait_until_finished()  # the log below claims the round is saved
         self.log({**record, "replay_digest": digest, "params_digest": tree_digest(state.actor)})
