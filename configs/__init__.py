@@ -748,10 +748,9 @@ def get_config(name: str) -> Config:
     raise KeyError(f"No config named {name!r}; {hint}")
 
 
-# The sections of `Config`, and the plain fields every command reads (the name only picks a config).
+# The sections of `Config`; a command reads some of them, and always `out_dir` and `compile_cache`.
 _HINTS = typing.get_type_hints(Config)
 SECTIONS = tuple(name for name, hint in _HINTS.items() if dataclasses.is_dataclass(hint))
-_COMMON = ("out_dir", "compile_cache")
 
 
 def with_defaults(config: Config, defaults: dict[str, dict]) -> Config:
@@ -777,18 +776,22 @@ def cli(
     if unknown:
         raise ValueError(f"unknown config sections {sorted(unknown)}; choose from {SECTIONS}")
     reject_unread(argv, sections, prog or "jaxvla")
-    read = (*sections, *_COMMON)
-    fields = [("name", typing.Annotated[str, tyro.conf.Suppress])]
-    fields += [(name, _HINTS[name]) for name in read]
-    view = dataclasses.make_dataclass("Config", fields, frozen=True)
+    # A subclass whose unread fields tyro neither parses nor shows; the rest keep Config's docstrings. Each
+    # named config is passed whole, so the subclass gives every field a placeholder default.
+    names = [field.name for field in dataclasses.fields(Config)]
+    shown = (*sections, "out_dir", "compile_cache")
+    fields = [
+        (name, _HINTS[name] if name in shown else typing.Annotated[_HINTS[name], tyro.conf.Suppress], None)
+        for name in names
+    ]
+    view = dataclasses.make_dataclass("Config", fields, bases=(Config,), frozen=True)
     view.__doc__ = Config.__doc__
     choices = {}
     for config in _CONFIGS:
         config = with_defaults(config, defaults or {})
-        choices[config.name] = (config.description, view(config.name, *(getattr(config, n) for n in read)))
+        choices[config.name] = (config.description, view(**{name: getattr(config, name) for name in names}))
     parsed = tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)
-    base = with_defaults(get_config(parsed.name), defaults or {})
-    return dataclasses.replace(base, **{name: getattr(parsed, name) for name in read})
+    return Config(**{name: getattr(parsed, name) for name in names})
 
 
 def reject_unread(argv: Sequence[str], sections: Sequence[str], prog: str) -> None:
