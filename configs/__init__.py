@@ -513,10 +513,16 @@ class FleetConfig:
     rounds: int = 0
     """Learner rounds before it exits (0: until stopped)."""
     gate: str = "sim"
-    """Regression gate: "sim" (success in the C twin on held-out seeds), or one registered in
-    `learner.fleet.gate.GATES`."""
+    """Regression gate: "sim" (success in the C twin on held-out seeds), "sim+pro" (and PRO's episode score
+    of the same episodes), or one registered in `learner.fleet.gate.GATES`."""
     gate_margin: float = 0.05
     """A candidate is published unless its score is below the current params' by more than this."""
+    pro: str = ""
+    """Run folder of the PRO (`jaxvla pro train`) whose episode score the "sim+pro" gate monitors."""
+    pro_margin: float = 0.05
+    """Tolerated drop of the mean PRO episode score (V - λρ, in units of the value's return)."""
+    pro_risk_weight: float = 0.5
+    """λ of the PRO episode score."""
     gate_episodes: int = 32
     """Held-out episodes of the simulated gate."""
     gate_seed: int = 1_000_000_000

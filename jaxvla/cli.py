@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "export": ("tools.export", "Write a trained policy as one checksummed file for the numpy robot client."),
     "eval": ("tools.eval", "Evaluate a policy in MJX: success, failure modes, retries, cycle time."),
     "patch": ("tools.patch", "Patch the prior on deploy: operator takeovers, residual actor-critic; vs SFT."),
+    "compare": ("tools.compare", "Patching runs side by side, on the same axes, with every seed."),
     "reach": ("tools.reach", "How much of the operator's takeovers a residual of each scale can express."),
     "pro": ("tools.pro", "Process-Reward Operator: collect logs, train, evaluate, compare rewards."),
     "recap": ("tools.recap", "Recap: advantage-conditioned retraining from rollouts and corrections."),

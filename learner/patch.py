@@ -138,15 +138,15 @@ class Collector:
         num_envs: int,
         trigger: Trigger,
         actor: evaluate.Actor,
-        relabel=None,
         *,
         solo: bool = False,
         lookahead_actor: evaluate.Actor | None = None,
         takeover=Takeover,
+        keep_record: bool = False,
     ):
-        """`relabel(block, success) -> block` replaces the operator's sparse reward (PRO's dense one). It is
-        jitted on its own, so the rollout program is the same with or without it (compiled once, cached).
-        `takeover(env, trigger, policy=...)` wraps the env (PRO's risk trigger: `pro.risk_takeover`)."""
+        """`takeover(env, trigger, policy=...)` wraps the env (PRO's risk trigger: `pro.risk_takeover`).
+        `keep_record`: also return the raw rollout record [T, B] (`pro.rollout_episodes` makes RLDS episodes
+        of it, for PRO's on-policy refresh)."""
         if trigger.lookahead and lookahead_actor is None:
             raise ValueError("a look-ahead trigger needs the deterministic policy (lookahead_actor)")
         base = envs.make(task, split)
@@ -166,6 +166,8 @@ class Collector:
                 "success": last.info["success"],
                 "component": last.params.component,
             }
+            if keep_record:
+                out["record"] = record
             if solo:
                 alone, _ = rollout(
                     jax.vmap(base.step), policy, jax.vmap(base.reset)(keys), key_act, self.length
@@ -174,14 +176,11 @@ class Collector:
             return out
 
         self._run = jax.jit(run)
-        self._relabel = jax.jit(relabel) if relabel is not None else None
 
     def __call__(self, params, key: jax.Array, version: int) -> dict:
-        """{"block": the replay's insert block, "success": [B], "component": [B], "solo_success": [B]}."""
-        out = self._run(params, key, jnp.int32(version))
-        if self._relabel is not None:
-            out["block"] = self._relabel(out["block"], out["success"])
-        return out
+        """{"block": the replay's insert block, "success": [B], "component": [B], "solo_success": [B],
+        "record": [T, B] leaves}."""
+        return self._run(params, key, jnp.int32(version))
 
 
 def protocol_report(rolled: dict, components: tuple[str, ...]) -> dict:
@@ -249,10 +248,17 @@ class Learner:
     round: int
     totals: dict
     published: object = None
+    reward_model: object = None
+    """PRO's params as refreshed so far, when the reward is PRO's and it is refreshed on-policy."""
 
     def checkpointed(self) -> dict:
-        saved = {"sac": self.state, "replay": self.buffers}
-        return saved if self.published is None else {**saved, "published": self.published}
+        saved = {
+            "sac": self.state,
+            "replay": self.buffers,
+            "published": self.published,
+            "reward_model": self.reward_model,
+        }
+        return {k: v for k, v in saved.items() if v is not None}
 
 
 def make_insert():
@@ -441,16 +447,13 @@ def run_patching(
             "devices: each device's replay shard takes whole episodes"
         )
     kind = PatchLearner(config, prior, mesh)
-    relabel = None
+    shaping = None
     if pc.reward == "pro":
-        rewards = {
-            "gamma": sc.gamma,
-            "beta": config.pro.shaping,
-            "risk_weight": config.pro.shaping_risk,
-        }
-        model = pro.load(pc.pro)
-        relabel = functools.partial(pro.relabel, model, **rewards)
-        offline = pro.relabel_episodes(model, offline, **rewards)
+        shaping = pro.Shaping(
+            pro.load(pc.pro), gamma=sc.gamma, beta=config.pro.shaping, risk_weight=config.pro.shaping_risk
+        )
+        offline = shaping.episodes(offline)
+    refreshing = shaping is not None and config.pro.refresh_steps > 0
     takeover = pro.risk_takeover(pro.load(pc.pro), pc.risk_trigger) if pc.risk_trigger else Takeover
     collector = Collector(
         tc.task,
@@ -458,26 +461,37 @@ def run_patching(
         pc.envs_per_round,
         config.operator,
         kind.explore,
-        relabel,
         solo=pc.false_alarms,
         lookahead_actor=kind.deterministic,
         takeover=takeover,
+        keep_record=refreshing,
     )
     evaluation_on = paired_evaluation(config, prior, kind.deterministic)
     insert_online = make_insert()
 
     learner = new_learner(config, prior, offline, mesh, seed, sc.actor)
     learner.published = kind.deployable(learner.state)
+    learner.reward_model = shaping.model.params if refreshing else None
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=2)
     log = MetricsLog(run_dir / "metrics.jsonl")
     records = []
     if checkpoints.latest_step() is not None:
         saved, meta = checkpoints.restore(learner.checkpointed())
-        learner = Learner(saved["sac"], saved["replay"], meta["round"], meta["totals"], saved["published"])
+        learner = Learner(
+            saved["sac"],
+            saved["replay"],
+            meta["round"],
+            meta["totals"],
+            saved["published"],
+            saved.get("reward_model"),
+        )
         records = meta["records"]
         print(f"resumed {run_dir} after round {learner.round}")
     key = jax.random.key(seed)
     key_roll, key_train = jax.random.split(key)
+    key_reward = jax.random.fold_in(key, 1)
+    if refreshing:
+        shaping.model = dataclasses.replace(shaping.model, params=learner.reward_model)
 
     if not records:
         records.append(
@@ -501,13 +515,25 @@ def run_patching(
         tic = time.perf_counter()
         round_ = learner.round + 1
         rolled = collector(learner.published, jax.random.fold_in(key_roll, round_), round_)
-        block = rolled["block"]
+        block, extra = rolled["block"], {}
+        if refreshing:  # on-policy: PRO first learns what this round's episodes did, then labels them
+            extra = shaping.refresh(
+                jax.device_get(rolled.pop("record")),
+                tc.task,
+                round_,
+                config.pro,
+                jax.random.fold_in(key_reward, round_),
+                mesh=mesh,
+            )
+        if shaping is not None:
+            block = shaping(block)
         buffers = insert_experience(insert_online, learner.buffers, block, mc.chunk)
-        state, extra = learner.state, {}
+        state = learner.state
         if round_ == 1 and kind.pretrain is not None:
-            state, extra = pretrain_critic(
+            state, pretrained = pretrain_critic(
                 kind, state, offline, block, config, mesh, jax.random.fold_in(key_train, 0)
             )
+            extra = {**extra, **pretrained}
         state, metrics = kind.train(state, buffers, jax.random.fold_in(key_train, round_))
         if kind.reach is not None:
             extra = {**extra, **{f"operator_{k}": v for k, v in kind.reach(block).items()}}
@@ -526,7 +552,8 @@ def run_patching(
         published = candidate if passed else learner.published
         # Unpublished: the published params, scored on the same contexts, score as they did last round.
         scored = evaluation_on(published) if passed else {k: v for k, v in records[-1].items() if k in SCORES}
-        learner = Learner(state, buffers, round_, totals, published)
+        reward_model = shaping.model.params if refreshing else None
+        learner = Learner(state, buffers, round_, totals, published, reward_model)
         record = {
             "kind": "patch",
             "round": round_,

@@ -36,6 +36,7 @@ import scipy.stats
 from flax import nnx
 
 from configs import ProConfig
+from envs import demos as operator_demos
 from envs.cell import COLLISION
 from envs.cell import DROP
 from envs.cell import EVENTS
@@ -176,11 +177,14 @@ def extras_spec() -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
-def fill_replay(episodes: list[dict], pc: ProConfig, mesh, episodes_per_row: int = 8) -> replay.Buffer:
+def fill_replay(
+    episodes: list[dict], pc: ProConfig, mesh, episodes_per_row: int = 8, capacity: int | None = None
+) -> replay.Buffer:
     """The episodes in one sharded replay buffer with their labels, as PRO trains from it.
 
     Rows of about `episodes_per_row` episodes each, a multiple of the devices: every shard holds whole
-    episodes, and the buffer is just large enough for the block, so nothing is overwritten.
+    episodes. The buffer is just large enough for the block, so nothing is overwritten, or holds
+    `capacity` slots, so that batches of episodes of any length train with one compiled program.
     """
     shards = mesh.shape[sharding.DATA]
     if len(episodes) < shards:
@@ -189,7 +193,11 @@ def fill_replay(episodes: list[dict], pc: ProConfig, mesh, episodes_per_row: int
     keys = list(episodes[0]["steps"]["observation"])
     block = replay.from_episodes(episodes, rows, keys, [step_extras(ep, pc) for ep in episodes])
     obs_spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in block["obs"].items()}
-    buffer = replay.create(obs_spec, block["action"].shape[-1], block["valid"].size, mesh, extras_spec())
+    if capacity is not None and capacity < block["valid"].size:
+        raise ValueError(f"{block['valid'].size} steps do not fit a replay of {capacity}")
+    buffer = replay.create(
+        obs_spec, block["action"].shape[-1], capacity or block["valid"].size, mesh, extras_spec()
+    )
     # n_step 1: windows are drawn among all written slots; the n-step flags are for the critic's samples.
     return replay.insert(buffer, block, source=replay.SOURCES.index("offline"), n_step=1)
 
@@ -710,19 +718,89 @@ def relabel_episodes(
     return out
 
 
-def refresh(pro_: Pro, episodes: list[dict], pc: ProConfig, key: jax.Array, *, steps: int, mesh=None) -> Pro:
+class Shaping:
+    """PRO's dense reward for a patching run: relabels each round's insert block with a state-only PRO's
+    potential (`relabel`), and refreshes PRO on the episodes the current policy produced. The params are an
+    argument of the compiled relabelling, so a refreshed PRO reuses it.
+
+    Transitions already in the replay keep the potential they were labelled with. Each episode is shaped by
+    one potential throughout, so its shaped return is still its sparse return minus βΦ(s₀); a mix of
+    potentials is again a potential of the state alone, so the mix keeps the optimal policy too.
+    """
+
+    def __init__(self, model: Pro, *, gamma: float, beta: float, risk_weight: float):
+        check_state_only(model, "shaping")
+        self.model = model
+        self.weights = {"gamma": gamma, "beta": beta, "risk_weight": risk_weight}
+
+        def with_params(params, block):
+            return relabel(dataclasses.replace(model, params=params), block, None, **self.weights)
+
+        self._relabel = jax.jit(with_params)
+
+    def __call__(self, block: dict) -> dict:
+        return self._relabel(self.model.params, block)
+
+    def episodes(self, episodes: list[dict]) -> list[dict]:
+        """RLDS episodes (the offline source) shaped by the current PRO."""
+        return relabel_episodes(self.model, episodes, **self.weights)
+
+    def refresh(
+        self, record: dict, task: str, version: int, pc: ProConfig, key: jax.Array, *, mesh=None
+    ) -> dict:
+        """Fine-tunes PRO on one round's rollout record (numpy [T, B]) for `pc.refresh_steps` steps, in a
+        replay sized for a whole round, so every round trains with the same program. Returns its loss."""
+        episodes = rollout_episodes(record, task, str(version))
+        length, envs_ = np.asarray(record["done"]).shape
+        self.model, metrics = refresh(
+            self.model, episodes, pc, key, steps=pc.refresh_steps, mesh=mesh, capacity=2 * envs_ * length
+        )
+        return {"pro_refresh_loss": metrics["loss"]}
+
+
+def rollout_episodes(record: dict, task: str, version: str) -> list[dict]:
+    """One RLDS episode per env of a rollout record (numpy [T, B]) of policy `version`; its source is "patch"
+    if the operator acted in it, else "online"."""
+    out = []
+    for r in operator_demos.env_records(record):
+        info = r["info"]
+        source = "patch" if info["is_intervention"].any() else "online"
+        out.append(
+            operator_demos.episode_from_record(
+                r,
+                task,
+                action=info["action"],
+                policy_action=info["policy_action"],
+                is_intervention=info["is_intervention"],
+                metadata={"robot_id": "sim-0", "policy_version": version, "source": source},
+            )
+        )
+    return out
+
+
+def refresh(
+    pro_: Pro,
+    episodes: list[dict],
+    pc: ProConfig,
+    key: jax.Array,
+    *,
+    steps: int,
+    mesh=None,
+    capacity: int | None = None,
+) -> tuple[Pro, dict]:
     """PRO fine-tuned on-policy: `steps` gradient steps (a bounded budget) on `episodes`, RLDS episodes of
-    the current policy in a replay of their own (`fill_replay`), from its current params, at
-    `pc.optimizer.learning_rate` without warm-up. The normalisation statistics stay those PRO was trained
-    with, so its inputs keep their meaning."""
+    the current policy in a replay of their own (`fill_replay`, of `capacity` slots if given), from its
+    current params, at `pc.optimizer.learning_rate` without warm-up. The normalisation statistics stay
+    those PRO was trained with, so its inputs keep their meaning. Returns the refreshed PRO and its
+    training metrics."""
     pc = dataclasses.replace(pc, net=pro_.net, steps=steps, log_every=steps)
     mesh = mesh or sharding.make_mesh()
     optimizer = bc.make_optimizer(pc.optimizer.learning_rate, steps, 0, pc.optimizer.weight_decay)
     replicated = sharding.replicated(mesh)
-    buffer = fill_replay(episodes, pc, mesh)
+    buffer = fill_replay(episodes, pc, mesh, capacity=capacity)
     state = jax.device_put(bc.init_state(jax.tree.map(jnp.copy, pro_.params), optimizer), replicated)
-    state, _ = make_train_steps(pro_.graphdef, pro_.stats, optimizer, pc, mesh)(state, buffer, key)
-    return dataclasses.replace(pro_, params=state.params)
+    state, metrics = make_train_steps(pro_.graphdef, pro_.stats, optimizer, pc, mesh)(state, buffer, key)
+    return dataclasses.replace(pro_, params=state.params), metrics
 
 
 # ------------------------------------------------------------------------------------ risk trigger

@@ -3,6 +3,7 @@
 The environment variables must be set before jax is imported anywhere, so they come first.
 """
 
+import dataclasses
 import os
 import pathlib
 
@@ -89,4 +90,25 @@ def write_tiny_prior(run_dir: pathlib.Path) -> None:
     checkpoints.save(
         0, bc.init_state(params, bc.make_optimizer(1.0, 1, 0, 0.0)), pretrain.config_meta(config, stats)
     )
+    checkpoints.close()
+
+
+def write_tiny_state_pro(run_dir: pathlib.Path, stats: dict) -> None:
+    """A `jaxvla pro train` run folder holding an untrained, tiny state-only PRO (a potential and a risk
+    to read, as the shaping reward, the risk trigger and the fleet's monitor need), normalised by `stats`."""
+    from flax import nnx
+
+    from jaxvla.models.pro import ProNetConfig
+    from learner import bc
+    from learner import pro
+    from learner.checkpoints import Checkpoints
+
+    net = ProNetConfig(
+        width=16, prompt_dim=4, action_width=8, window=4, heads=2, value_bins=11, action_input=False
+    )
+    pc = dataclasses.replace(configs.ProConfig(), net=net)
+    _, params = nnx.split(net.create(0), nnx.Param)
+    checkpoints = Checkpoints(run_dir / "checkpoints")
+    state = bc.init_state(params, bc.make_optimizer(1e-3, 1, 0, 0.0))
+    checkpoints.save(0, state, pro.checkpoint_meta(pc, stats))
     checkpoints.close()

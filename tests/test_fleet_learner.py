@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 from conftest import write_tiny_prior
+from conftest import write_tiny_state_pro
 
 import configs
 from jaxvla import episodes as E
 from jaxvla.actor import policy as actor_policy
+from learner.fleet import gate as gates
 from learner.fleet.loop import FleetLearner
 from learner.fleet.store import EpisodeStore
 
@@ -144,3 +146,38 @@ def test_a_planted_bad_policy_is_stopped_by_the_gate(fleet_root, tmp_path):
     assert fine["gate"]["passed"] and fine["published"] == 2
     latest = learner.registry.latest()
     assert latest["version"] == 2 and latest["parent_version"] == 0 and latest["gate"]["passed"]
+
+
+def test_a_monitor_stops_a_candidate_whose_primary_score_passes():
+    scores = {b"current": (0.8, 0.30), b"candidate": (0.8, 0.10), b"slower": (0.8, 0.27)}
+    calls = []
+
+    def success(data):
+        calls.append(data)
+        return scores[data][0]
+
+    gate = gates.Gate(success, 0.05, monitors={"pro": (lambda data: scores[data][1], 0.05)})
+    stopped = gate.check(b"candidate", b"current")
+    assert stopped["candidate"] == stopped["current"] == 0.8 and not stopped["passed"]
+    assert stopped["monitors"]["pro"] == {"candidate": 0.10, "current": 0.30, "margin": 0.05, "passed": False}
+    assert gate.check(b"slower", b"current")["passed"]  # within the monitor's margin
+    assert calls.count(b"current") == 1  # scores of files already seen are cached, per evaluation
+
+
+def test_the_pro_gate_scores_the_twin_episodes_of_the_success_gate(fleet_root, tmp_path):
+    """The real "sim+pro" gate: the C twin runs the prior's file through the numpy client once, and
+    PRO scores those very episodes."""
+    base = configs.get_config("debug")
+    target = configs.TargetConfig(prior=str(fleet_root / "prior"))
+    fleet = configs.FleetConfig(root=str(tmp_path), offline_data="")
+    learner = FleetLearner(configs.dataclasses.replace(base, fleet=fleet, target=target))
+    write_tiny_state_pro(tmp_path / "pro", learner.prior.stats)
+    fleet = configs.FleetConfig(gate="sim+pro", pro=str(tmp_path / "pro"), gate_episodes=1)
+    gate = gates.make_gate(fleet, target)
+    data = learner.registry.read(0)
+    verdict = gate.check(data, data)
+    assert verdict["passed"] and verdict["candidate"] == verdict["current"]
+    pro_verdict = verdict["monitors"]["pro"]
+    assert np.isfinite(pro_verdict["candidate"]) and pro_verdict["candidate"] == pro_verdict["current"]
+    with pytest.raises(ValueError, match="needs a trained PRO"):
+        gates.make_gate(configs.FleetConfig(gate="sim+pro"), target)

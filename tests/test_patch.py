@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_tiny_state_pro
 from flax import nnx
 
 import configs
@@ -176,7 +177,7 @@ def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_exactly(tmp_path):
+def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
     base = configs.get_config("debug")
     patching = dataclasses.replace(
         base.patch,
@@ -185,12 +186,19 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         updates_per_round=2,
         validation_episodes=2,
         capacity=(64, 256, 64),
+        reward="pro",
+        pro=str(tmp_path / "pro"),
     )
+    pro_config = dataclasses.replace(base.pro, batch_size=8, refresh_steps=2)
     sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
     target = dataclasses.replace(base.target, eval_episodes=2)
-    config = dataclasses.replace(base, target=target, patch=patching, sac=sac)
+    config = dataclasses.replace(base, target=target, patch=patching, sac=sac, pro=pro_config)
     prior = tiny_prior(config, tmp_path / "prior")
+    write_tiny_state_pro(tmp_path / "pro", prior.stats)  # the run reads its net from the checkpoint
     straight, params = patch.run_patching(config, prior, [], tmp_path, seed=0, progress=False)
+    # PRO was refreshed on each round's episodes; the resumed run must restore the refreshed PRO, or
+    # round 2's shaped rewards, and so its critic loss, would differ.
+    assert all(np.isfinite(r["pro_refresh_loss"]) for r in straight[1:])
 
     # As if the learner had died before saving round 2: it resumes from round 1 and redoes round 2.
     shutil.rmtree(tmp_path / "checkpoints" / "2")
@@ -203,6 +211,7 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         assert a["corrective_episodes"] == b["corrective_episodes"] and a["env_steps"] == b["env_steps"]
         assert a["success_rate"] == b["success_rate"]
     assert straight[-1]["critic_loss"] == pytest.approx(resumed[-1]["critic_loss"], rel=1e-6)
+    assert straight[-1]["pro_refresh_loss"] == pytest.approx(resumed[-1]["pro_refresh_loss"], rel=1e-6)
     assert straight[1]["critic_pretrain_loss_last"] == resumed[1]["critic_pretrain_loss_last"]
     assert [r["published"] for r in straight] == [r["published"] for r in resumed]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(resumed_params))

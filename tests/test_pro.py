@@ -522,10 +522,18 @@ def test_conservative_training_runs_and_refresh_moves_only_the_params(state_mode
     with pytest.raises(ValueError, match="action-conditioned"):
         state_pc = dataclasses.replace(pc, net=STATE_NET)
         pro.make_train_steps(state_model.graphdef, model.stats, optimizer, state_pc)
-    refreshed = pro.refresh(state_model, episodes, PC, jax.random.key(1), steps=4)
+    # In a replay sized for any round (the patching loop's), so every round trains with one program.
+    refreshed, metrics = pro.refresh(state_model, episodes, PC, jax.random.key(1), steps=4, capacity=72)
+    assert np.isfinite(float(metrics["loss"]))
     assert refreshed.stats is state_model.stats
     before, after = jax.tree.leaves(state_model.params), jax.tree.leaves(refreshed.params)
     assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_a_refresh_replay_too_small_for_the_episodes_is_refused(state_model):
+    episodes = [fake_episode(9, success=True, seed=i) for i in range(2)]
+    with pytest.raises(ValueError, match="do not fit"):
+        pro.fill_replay(episodes, PC, sharding.make_mesh(), capacity=8)
 
 
 def test_risk_takeover_calls_the_operator_when_rho_passes_the_threshold(state_model):

@@ -207,8 +207,8 @@ MOVED = {
 
 def run_settings(config: configs.Config) -> dict:
     """What a seed's results depend on: the target (all but the seed list), patch, operator and learner
-    settings, and the fixed contexts."""
-    return {
+    settings, the fixed contexts, and PRO's when it shapes the reward."""
+    settings = {
         "target": {k: v for k, v in dataclasses.asdict(config.target).items() if k != "seeds"},
         "patch": dataclasses.asdict(config.patch),
         "operator": dataclasses.asdict(config.operator),
@@ -216,6 +216,11 @@ def run_settings(config: configs.Config) -> dict:
         "test_seed": evaluate.TEST.seed,
         "validation_seed": evaluate.VALIDATION.seed,
     }
+    if config.patch.reward == "pro":  # how PRO's reward is shaped and refreshed
+        keys = ("shaping", "shaping_risk", "refresh_steps")
+        settings["pro"] = {k: getattr(config.pro, k) for k in keys}
+        settings["pro"]["learning_rate"] = config.pro.optimizer.learning_rate
+    return settings
 
 
 def upgraded(settings: dict) -> dict:

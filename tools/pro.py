@@ -88,25 +88,6 @@ def deployment_batch(task: str, split: str, num_envs: int, trigger: Trigger, act
     return jax.jit(run)
 
 
-def record_episodes(record: dict, task: str, version: str) -> list[dict]:
-    """One RLDS episode per env of a deployment record (numpy [T, B]); "patch" if the operator acted."""
-    out = []
-    for r in operator_demos.env_records(record):
-        info = r["info"]
-        source = "patch" if info["is_intervention"].any() else "online"
-        out.append(
-            operator_demos.episode_from_record(
-                r,
-                task,
-                action=info["action"],
-                policy_action=info["policy_action"],
-                is_intervention=info["is_intervention"],
-                metadata={"robot_id": "sim-0", "policy_version": version, "source": source},
-            )
-        )
-    return out
-
-
 def collect(config: configs.Config) -> int:
     tc, pc, pre = config.target, config.pro, config.pretrain
     prior = pretrain.load_prior(tc.prior, PROG)
@@ -134,7 +115,7 @@ def collect(config: configs.Config) -> int:
         episodes = []
         for j in tqdm(range(math.ceil(pc.collect_episodes / batch)), desc=f"collect {kind}", unit="batch"):
             key = jax.random.fold_in(jax.random.key(pc.seed), 1000 * i + j)
-            episodes += record_episodes(jax.device_get(run(prior.params, key)), tc.task, str(prior.step))
+            episodes += pro.rollout_episodes(jax.device_get(run(prior.params, key)), tc.task, str(prior.step))
         episodes = episodes[: pc.collect_episodes]
         path = pathlib.Path(pre.data_dir) / "pro" / f"{tc.task}_{kind}"
         rlds.write_episodes(path, episodes, overwrite=True)
@@ -511,7 +492,7 @@ def deployment_scores(config: configs.Config, prior, model: pro.Pro, split: str)
     sampled = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=True)
     run = deployment_batch(tc.task, split, tc.eval_episodes, NEVER, sampled)
     record = jax.device_get(run(prior.params, jax.random.fold_in(evaluate.VALIDATION.key, 7)))
-    episodes = record_episodes(record, tc.task, str(prior.step))
+    episodes = pro.rollout_episodes(record, tc.task, str(prior.step))
     readouts = pro.score_episodes(model, episodes, length=get_task(tc.task).default_config.max_steps)
     success = np.array([ep["episode_metadata"]["success"] for ep in episodes], bool)
     scores = np.array([pro.quality(r, pc.risk_weight) for r in readouts])

@@ -25,12 +25,15 @@ def first_reaching(records: list[dict], target: float, key: str = "success_rate"
     return next((r for r in records if r[key] is not None and r[key] >= target), None)
 
 
-def over_seeds(values: list, percent: bool = False) -> str:
+def over_seeds(values: list, percent: bool = False, count: bool = False) -> str:
     """Mean over seeds with a bootstrap 95% interval, and how many seeds got there when not all did."""
     reached = [v for v in values if v is not None]
     if not reached:
         return "not reached"
-    fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3g}")  # noqa: E731
+    if percent:
+        fmt = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    else:
+        fmt = (lambda v: f"{v:,.0f}") if count else (lambda v: f"{v:.3g}")  # noqa: E731
     text = fmt(np.mean(reached))
     if len(reached) > 1:
         lo, hi = evaluate.bootstrap_interval(reached)

@@ -66,6 +66,8 @@ def version_rows(entries: list[dict]) -> list[list]:
                 f"{'passed' if gate['passed'] else 'failed'}: candidate {gate['candidate']:.3f} vs "
                 f"current {gate['current']:.3f}, margin {gate['margin']:.3f}"
             )
+            for name, m in gate.get("monitors", {}).items():
+                verdict += f"; {name} {m['candidate']:.3f} vs {m['current']:.3f} (margin {m['margin']:.3f})"
         else:
             verdict = "published without a gate"
         parent = "-" if entry.get("parent_version") is None else entry["parent_version"]
