@@ -1,9 +1,13 @@
 """Experiment configs: frozen dataclasses, a registry of named configs, and the tyro CLI over them.
 
 A run starts from a named config (`get_config("debug")`, or `jaxvla <command> debug` on the command line)
-and overrides fields by path (`--env.num-envs 8`). To add a config, append it to `_CONFIGS`; to add a
+and overrides fields by path (`--target.task sort`). To add a config, append it to `_CONFIGS`; to add a
 section (model, learner, ...), add a frozen dataclass and a field on `Config`. Field docstrings are the
 CLI help. Modelled on openpi `training/config.py`.
+
+Every job reads `target` (the prior, task, split, seeds and test contexts it works on) and its own
+sections; `cli(argv, prog, sections=...)` parses and documents only those, so a command's `--help` lists
+what it reads and a flag it would ignore is an error.
 """
 
 import dataclasses
@@ -15,6 +19,7 @@ from typing import Literal
 
 import tyro
 
+from envs.operator import Trigger
 from jaxvla.models import ModelConfig
 from jaxvla.models.pro import ProNetConfig
 from jaxvla.schema import SPLITS
@@ -26,14 +31,48 @@ COMPILE_CACHE = ".cache/jax"
 
 
 @dataclasses.dataclass(frozen=True)
-class EnvConfig:
-    """The simulated workcell: which task, which item distribution, how many copies at once."""
+class TargetConfig:
+    """What a job works on: the prior it starts from, the task and split, its seeds and its test contexts.
+    One section for every command, so `--target.task sort` moves patching, Recap, RIPT, PRO and the fleet
+    together."""
 
+    prior: str = "runs/default"
+    """Run folder of the pretrained prior (`jaxvla pretrain`); the model comes from it."""
     task: str = "pick_place"
     """Registered task name in `envs/`."""
-    split: Split = "train"
+    split: Split = "deploy"
     """Item distribution: "train" (the pretraining one), "deploy" (mostly train, plus tails the prior fails
-    on), "tail" (those tails alone) or "novel" (the stress split: heavier, porous, displaced, new)."""
+    on; where every method is compared), "tail" (those tails alone) or "novel" (the stress split: heavier,
+    porous, displaced, new)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One run of every arm per seed."""
+    eval_episodes: int = 256
+    """Fixed test contexts every round, iteration and arm is scored on (no operator); headline figures."""
+
+    def __post_init__(self) -> None:
+        # Literal is only checked by tyro; configs built in Python are checked here.
+        if self.split not in SPLITS:
+            raise ValueError(f"TargetConfig.split must be one of {SPLITS}, got {self.split!r}")
+        if not self.seeds or self.eval_episodes < 1:
+            raise ValueError("TargetConfig needs at least one seed and one evaluation episode")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamW:
+    """AdamW with a linear warm-up and a cosine decay (`learner.bc.make_optimizer`)."""
+
+    learning_rate: float = 3e-4
+    """Peak learning rate."""
+    warmup_steps: int = 500
+    """Linear warm-up length."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """The simulated workcell (`target.task` on `target.split`): how many copies at once, with a camera."""
+
     num_envs: int = 64
     """Environments stepped in parallel (the vmapped batch size)."""
     camera: bool = False
@@ -42,9 +81,6 @@ class EnvConfig:
     """Seed of the root PRNG key that resets the environments."""
 
     def __post_init__(self) -> None:
-        # Literal is only checked by tyro; configs built in Python are checked here.
-        if self.split not in SPLITS:
-            raise ValueError(f"EnvConfig.split must be one of {SPLITS}, got {self.split!r}")
         if self.num_envs < 1:
             raise ValueError(f"EnvConfig.num_envs must be at least 1, got {self.num_envs}")
 
@@ -68,12 +104,8 @@ class PretrainConfig:
     """Gradient steps."""
     batch_size: int = 256
     """Examples per step, split across devices."""
-    learning_rate: float = 3e-4
-    """Peak AdamW learning rate (linear warm-up, cosine decay)."""
-    warmup_steps: int = 500
-    """Linear warm-up length."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay."""
+    optimizer: AdamW = AdamW()
+    """The optimizer (its decay runs over `steps`)."""
     nll_weight: float = 0.01
     """Weight of the likelihood term that calibrates the policy's std."""
     log_every: int = 250
@@ -180,20 +212,12 @@ class SACConfig:
 class PatchConfig:
     """Interactive policy patching (Cortex 1.5): the prior deployed, operator takeovers, SAC updates."""
 
-    prior: str = "runs/default"
-    """Run folder of the pretrained prior (`jaxvla pretrain`)."""
-    task: str = "pick_place"
-    """Task to patch."""
-    split: Split = "deploy"
-    """Item distribution deployed on: "deploy" (the prior mostly works, a tail fails) is the seeds' regime."""
     rounds: int = 16
     """Rounds of rollout -> learner updates -> evaluation."""
     envs_per_round: int = 16
     """Episodes rolled out (with operator takeover) per round."""
     updates_per_round: int = 200
     """Fused train steps per round (each: `sac.utd` critic updates and one actor update)."""
-    eval_episodes: int = 256
-    """Fixed test contexts every round and every arm is scored on (no operator); headline figures."""
     validation_episodes: int = 128
     """Fixed validation contexts, disjoint from the test ones: what "rounds to reach X" reads."""
     goal: float = 0.9
@@ -204,25 +228,9 @@ class PatchConfig:
     """Transitions held by the offline, online and patch buffers."""
     explore: bool = True
     """Sample chunks from the policy during rollouts (False: its deterministic mode)."""
-    slip: float = 0.85
-    """Operator trigger: load-to-hold ratio at which a slip is judged imminent."""
-    force: float = 45.0
-    """Operator trigger: wrist force [N] judged a near collision."""
-    stall_steps: int = 30
-    """Operator trigger: control steps without task progress."""
-    disagreement: float = 0.0
-    """Operator trigger: max gap between the policy's and the operator's motion in any axis (0: off; it
-    measures style, not failure)."""
-    lookahead: int = 0
-    """Operator trigger: shadow-roll the policy this many steps ahead and take over before a predicted
-    failure (0: off; each step then simulates 1 + lookahead steps)."""
     risk_trigger: float = 0.0
-    """Operator trigger: take over when the state-only PRO in `pro` predicts a failure within Δ steps with
-    probability over this (0: off)."""
-    calm_steps: int = 5
-    """Operator hand back: steps without an alarm before control returns to the policy."""
-    max_segment: int = 40
-    """Operator hand back: the longest takeover segment [control steps]."""
+    """Operator trigger besides `operator.*`: take over when the state-only PRO in `pro` predicts a failure
+    within Δ steps with probability over this (0: off)."""
     false_alarms: bool = True
     """Replay each round's contexts without the operator to count takeovers the policy did not need."""
     baselines: tuple[Literal["sft", "targeted_sft", "hg_dagger"], ...] = ("sft", "targeted_sft", "hg_dagger")
@@ -234,8 +242,6 @@ class PatchConfig:
     """BC steps of each SFT retraining and of each HG-DAgger round (from the prior)."""
     hg_dagger_rounds: int = 8
     """HG-DAgger: rounds of `envs_per_round` operator-watched episodes of the current BC policy."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """One run of every arm per seed."""
     reward: Literal["operator", "pro"] = "operator"
     """The learner's reward: the operator's sparse success label, or that label plus PRO's potential-based
     shaping β(γΦ(s') - Φ(s)) (`pro`; `pro.shaping` is β, `pro.shaping_risk` the λ in Φ = V - λρ)."""
@@ -258,10 +264,6 @@ class ProConfig:
 
     net: ProNetConfig = ProNetConfig()
     """The network."""
-    task: str = "pick_place"
-    """Task whose logged episodes `jaxvla pro collect` records and the uses run on."""
-    prior: str = "runs/default"
-    """Policy whose deployments `jaxvla pro collect` logs (pretrained prior run folder)."""
     collect_episodes: int = 256
     """Episodes per kind of deployment `collect` logs: the prior on train, on novel (sampled chunks),
     and on novel with operator takeovers."""
@@ -300,9 +302,8 @@ class ProConfig:
     """Gradient steps."""
     batch_size: int = 256
     """Windows per step (half anchors, half partners)."""
-    learning_rate: float = 3e-4
-    warmup_steps: int = 200
-    weight_decay: float = 1e-4
+    optimizer: AdamW = AdamW(warmup_steps=200)
+    """The optimizer (its decay runs over `steps`; an on-policy refresh runs its peak rate, no warm-up)."""
     log_every: int = 250
     """Steps per jitted block; metrics are logged once per block."""
     risk_threshold: float = 0.5
@@ -330,34 +331,27 @@ class ProConfig:
     """Gradient steps of each on-policy refresh of PRO on the current policy's episodes (`pro.refresh`)."""
     gate_success: float = 0.2
     """A retry is stopped when q_t, the predicted success, is below this."""
-    eval_episodes: int = 128
-    """Episodes per evaluation of the ranking (with and without)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size % 2 or self.steps % self.log_every:
             raise ValueError("ProConfig: batch_size must be even and steps a multiple of log_every")
 
-    def dataset_names(self) -> tuple[str, ...]:
-        return tuple(name.format(task=self.task, split=self.collect_split) for name in self.datasets)
+    def dataset_names(self, task: str) -> tuple[str, ...]:
+        """`datasets` for `task` (`target.task`)."""
+        return tuple(name.format(task=task, split=self.collect_split) for name in self.datasets)
 
 
 @dataclasses.dataclass(frozen=True)
 class RecapConfig:
     """Recap (pi*0.6): advantage-conditioned retraining from autonomous rollouts and operator corrections."""
 
-    prior: str = "runs/default"
-    """Run folder of the pretrained prior (`jaxvla pretrain`)."""
-    task: str = "pick_place"
-    """Task to improve."""
-    split: Split = "novel"
-    """Item distribution the prior fails on."""
     iterations: int = 4
     """Iterations of collect -> value -> advantages -> policy -> evaluate."""
     autonomous_per_iteration: int = 32
     """Episodes per iteration run by the policy alone (indicator positive)."""
     corrected_per_iteration: int = 32
-    """Episodes per iteration with the scripted operator ready to take over (the `patch.*` trigger)."""
+    """Episodes per iteration with the scripted operator ready to take over (`operator.*`)."""
     offline_episodes: int = 200
     """The task's `train` demonstrations in the dataset from the start (the paper's D_demo)."""
     explore: bool = True
@@ -386,10 +380,6 @@ class RecapConfig:
     """Examples per value or policy step."""
     learning_rate: float = 3e-4
     """Peak AdamW learning rate of both networks."""
-    eval_episodes: int = 64
-    """Evaluation episodes per iteration (no operator)."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """One run per seed."""
     demo_share: float = 0.5
     """Share of each value and policy batch drawn from the demonstrations' replay source, so corrections
     are not drowned in `train` demonstrations. The rest comes from the autonomous and the corrected
@@ -410,12 +400,6 @@ class RecapConfig:
 class RiptConfig:
     """RIPT-VLA: group policy gradient from binary success, K rollouts per initial state."""
 
-    prior: str = "runs/default"
-    """Run folder of the pretrained prior (`jaxvla pretrain`)."""
-    task: str = "pick_place"
-    """Task to improve."""
-    split: Split = "novel"
-    """Item distribution the prior fails on."""
     sft_demos: int = 0
     """0: start from the prior. N > 0: first retrain it by BC on N operator demonstrations of the split
     (plus the offline ones), the paper's few-shot SFT stage that RIPT then improves."""
@@ -453,10 +437,6 @@ class RiptConfig:
     """PPO clip below 1 (epsilon)."""
     clip_high: float = 0.2
     """PPO clip above 1."""
-    eval_episodes: int = 64
-    """Evaluation episodes per iteration."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """One run per seed."""
     rl_std: float = 0.06
     """Initial std of RIPT's own likelihood: a state-independent std per action dimension (pre-tanh),
     beside the network, which samples rollouts and scores the PPO ratio. BC leaves the network's own std at
@@ -470,8 +450,8 @@ class RiptConfig:
     kl_coef: float = 0.05
     """Weight of KL(pi || pi_start), the likelihood's KL to the run's starting policy (QueST's RIPT: 0.05)."""
     starts: tuple[int, ...] = ()
-    """`jaxvla ript`: run from each of these starts, demonstration counts: 0 is the prior on `split`, N > 0
-    few-shot SFT on N demonstrations of `few_shot_split`, then RIPT there. Empty: one start, `sft_demos`
+    """`jaxvla ript`: run from each of these starts, demonstration counts: 0 is the prior on `target.split`,
+    N > 0 few-shot SFT on N demonstrations of `few_shot_split`, then RIPT there. Empty: one start, `sft_demos`
     on `split`."""
     few_shot_split: Split = "novel"
     """Split of the few-shot starts in `starts`."""
@@ -493,18 +473,18 @@ class RiptConfig:
         if not 0.0 <= self.sft_share < 1.0:
             raise ValueError(f"RiptConfig.sft_share must lie in [0, 1), got {self.sft_share}")
         if not 0.0 < self.rl_std_floor <= self.rl_std <= 1.0:
-            raise ValueError(f"RiptConfig: need 0 < rl_std_floor <= rl_std <= 1, got {self.rl_std_floor}, "
-                             f"{self.rl_std}")  # fmt: skip
+            raise ValueError(
+                f"RiptConfig: need 0 < rl_std_floor <= rl_std <= 1, got {self.rl_std_floor}, {self.rl_std}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class FleetConfig:
     """The fleet (`jaxvla serve`): the service robots push episodes to, and the learner behind it that
     ingests them into replay, patches the prior with SAC (`sac.*`, `patch.capacity`,
-    `patch.updates_per_round`) and publishes gated params."""
+    `patch.updates_per_round`) and publishes gated params. The prior (`target.prior`) is the first
+    published version; `target.task` and `target.split` are the task and the gate's item distribution."""
 
-    prior: str = "runs/default"
-    """Run folder of the pretrained prior; its policy is the first published version."""
     root: str = "runs/fleet"
     """Folder of the episode store, the params registry, the learner's checkpoints and logs: a local path
     or an `etils.epath` URL such as gs://bucket/fleet (README, "Beyond one machine")."""
@@ -529,12 +509,9 @@ class FleetConfig:
     """Address of the read-only fleet page (no token: keep it on loopback unless a proxy guards it)."""
     page_port: int = 8766
     """Port of the fleet page; 0: no page."""
-    task: str = "pick_place"
-    """The fleet's task (offline data and the gate's evaluation)."""
-    split: Split = "novel"
-    """Item distribution the gate evaluates on."""
-    offline_data: str = "data/pick_place_train"
-    """RLDS dataset loaded into the offline source (`patch.offline_episodes` of it); empty: none."""
+    offline_data: str = "data/{task}_train"
+    """RLDS dataset loaded into the offline source (`patch.offline_episodes` of it; {task} is
+    `target.task`); empty: none."""
     ingest_episodes: int = 4
     """Episodes per replay insert: a fixed group size makes the replay a function of the store's order."""
     episodes_per_round: int = 16
@@ -564,8 +541,6 @@ class FleetConfig:
     """Seed of the learner's keys."""
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"FleetConfig.split must be one of {SPLITS}, got {self.split!r}")
         if self.part_episodes < 1 or self.max_infer_batch < 1:
             raise ValueError("FleetConfig.part_episodes and max_infer_batch must be at least 1")
         if self.ingest_episodes < 1 or self.episodes_per_round % self.ingest_episodes:
@@ -574,7 +549,7 @@ class FleetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """`jaxvla demo`: the seeds' methods compared end to end on `patch.task` / `patch.split`."""
+    """`jaxvla demo`: the seeds' methods compared end to end on `target.task` / `target.split`."""
 
     robots: int = 3
     """Numpy robots (C-MuJoCo twins) that deploy the prior through the fleet service; the last one has the
@@ -595,6 +570,11 @@ class Config:
     """One line shown in `--help` next to the name."""
     env: EnvConfig
     """The simulated workcell."""
+    target: TargetConfig = TargetConfig()
+    """The prior, task, split, seeds and test contexts every job works on."""
+    operator: Trigger = Trigger()
+    """When the scripted operator takes over and hands back (patching, Recap's corrected episodes, PRO's
+    logged takeovers)."""
     model: ModelConfig = ModelConfig()
     """Policy, critic and value networks."""
     pretrain: PretrainConfig = PretrainConfig()
@@ -634,7 +614,7 @@ _CONFIGS = (
             demos_per_task=4,
             steps=40,
             batch_size=16,
-            warmup_steps=5,
+            optimizer=AdamW(warmup_steps=5),
             log_every=10,
             eval_every=20,
             eval_episodes=4,
@@ -645,6 +625,7 @@ _CONFIGS = (
         name="demo",
         description="`jaxvla demo`: every method on small budgets, one seed; under 15 min on a 2-core CPU.",
         env=EnvConfig(num_envs=64),
+        target=TargetConfig(seeds=(0,), eval_episodes=32),
         pretrain=PretrainConfig(
             tasks=("pick_place",),
             demos_per_task=200,
@@ -654,20 +635,18 @@ _CONFIGS = (
         ),
         patch=PatchConfig(
             rounds=3,
-            eval_episodes=32,
             validation_episodes=32,
             offline_episodes=200,
             sft_demos=(32,),
             sft_steps=1000,
             hg_dagger_rounds=2,
             false_alarms=False,  # not in the demo's table: saves replaying every round without the operator
-            seeds=(0,),
         ),
         pro=ProConfig(
             datasets=("{task}_train", "{task}_{split}", "pro/{task}_fleet"),
             steps=400,
             batch_size=128,
-            warmup_steps=50,
+            optimizer=AdamW(warmup_steps=50),
             log_every=200,
         ),
         recap=RecapConfig(
@@ -677,16 +656,12 @@ _CONFIGS = (
             offline_episodes=200,
             value_steps=300,
             policy_steps=600,
-            eval_episodes=32,
-            seeds=(0,),
         ),
         ript=RiptConfig(
             sft_demos=4,
             iterations=2,
             rollouts_per_iteration=128,
             contexts=32,
-            eval_episodes=32,
-            seeds=(0,),
         ),
         out_dir="runs/demo",
     ),
@@ -721,10 +696,10 @@ _CONFIGS = (
             attention_heads=12,
             image=True,
             image_res=64,
-            patch=8,
+            patch_size=8,
             dtype="bfloat16",
         ),
-        pretrain=PretrainConfig(batch_size=256, learning_rate=1e-4, nll_weight=0.01),
+        pretrain=PretrainConfig(batch_size=256, optimizer=AdamW(learning_rate=1e-4), nll_weight=0.01),
     ),
     Config(
         name="vla_tiny",
@@ -737,14 +712,14 @@ _CONFIGS = (
             attention_heads=4,
             image=True,
             image_res=16,
-            patch=8,
+            patch_size=8,
         ),
         pretrain=PretrainConfig(
             tasks=("pick_place",),
             demos_per_task=4,
             steps=20,
             batch_size=8,
-            warmup_steps=2,
+            optimizer=AdamW(warmup_steps=2),
             log_every=10,
             eval_every=0,
             eval_episodes=2,
@@ -785,39 +760,63 @@ def get_config(name: str) -> Config:
     raise KeyError(f"No config named {name!r}; {hint}")
 
 
-def from_dict(fields: dict) -> Config:
-    """Rebuilds a Config from `dataclasses.asdict` output (as stored in checkpoints); lists become tuples."""
-
-    def build(cls, values: dict):
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in values:
-                continue  # a field added after the checkpoint was written keeps its default
-            value = values[field.name]
-            if dataclasses.is_dataclass(hints[field.name]):
-                value = build(hints[field.name], value)
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[field.name] = value
-        return cls(**kwargs)
-
-    return build(Config, fields)
+# The sections of `Config`; a command reads some of them, and always `out_dir` and `compile_cache`.
+_HINTS = typing.get_type_hints(Config)
+SECTIONS = tuple(name for name, hint in _HINTS.items() if dataclasses.is_dataclass(hint))
 
 
-def cli(argv: Sequence[str], prog: str | None = None) -> Config:
-    """Parses `<config name> [--section.field value ...]` into a Config; exits with help on bad input."""
-    choices = {config.name: (config.description, config) for config in _CONFIGS}
-    return tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)
+def with_defaults(config: Config, defaults: dict[str, dict]) -> Config:
+    """`config` with fields of its sections replaced: `{section: {field: value}}`."""
+    sections = {name: dataclasses.replace(getattr(config, name), **new) for name, new in defaults.items()}
+    return dataclasses.replace(config, **sections)
 
 
-def cli_with_defaults(argv: Sequence[str], prog: str, section: str, defaults: dict) -> Config:
-    """`cli` with `defaults` replacing fields of `section` in every named config, so `--help` shows them
-    and the command line still overrides them."""
+def cli(
+    argv: Sequence[str],
+    prog: str | None = None,
+    sections: Sequence[str] = SECTIONS,
+    defaults: dict[str, dict] | None = None,
+) -> Config:
+    """Parses `<config name> [--section.field value ...]` into a Config; exits with help on bad input.
 
-    def replaced(config: Config) -> Config:
-        fields = dataclasses.replace(getattr(config, section), **defaults)
-        return dataclasses.replace(config, **{section: fields})
+    Only `sections`, the ones the command reads, are parsed and listed by `--help`; a flag of any other
+    section exits with an error instead of being ignored. `defaults` (`{section: {field: value}}`) replace
+    fields in every named config, so `--help` shows the command's own defaults and the command line still
+    overrides them. The sections not read keep the named config's values.
+    """
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown config sections {sorted(unknown)}; choose from {SECTIONS}")
+    reject_unread(argv, sections, prog or "jaxvla")
+    # A subclass whose unread fields tyro neither parses nor shows; the rest keep Config's docstrings. Each
+    # named config is passed whole, so the subclass gives every field a placeholder default.
+    names = [field.name for field in dataclasses.fields(Config)]
+    shown = (*sections, "out_dir", "compile_cache")
+    fields = [
+        (name, _HINTS[name] if name in shown else typing.Annotated[_HINTS[name], tyro.conf.Suppress], None)
+        for name in names
+    ]
+    view = dataclasses.make_dataclass("Config", fields, bases=(Config,), frozen=True)
+    view.__doc__ = Config.__doc__
+    choices = {}
+    for config in _CONFIGS:
+        config = with_defaults(config, defaults or {})
+        choices[config.name] = (config.description, view(**{name: getattr(config, name) for name in names}))
+    parsed = tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)
+    return Config(**{name: getattr(parsed, name) for name in names})
 
-    choices = {config.name: (config.description, replaced(config)) for config in _CONFIGS}
-    return tyro.extras.overridable_config_cli(choices, prog=prog, args=argv)
+
+def reject_unread(argv: Sequence[str], sections: Sequence[str], prog: str) -> None:
+    """Exits naming the first `--section.field` flag of a section the command does not read."""
+    for arg in argv:
+        section = arg.removeprefix("--").partition("=")[0].partition(".")[0].replace("-", "_")
+        if not arg.startswith("--") or section not in SECTIONS or section in sections:
+            continue
+        if section == "model":
+            raise SystemExit(
+                f"{prog}: the model comes from the prior (`--target.prior`), so {arg} would change nothing; "
+                "set it when pretraining (`jaxvla pretrain --model.*`)"
+            )
+        raise SystemExit(
+            f"{prog} does not read the {section} section ({arg}); it reads {', '.join(sections)}."
+        )

@@ -20,8 +20,15 @@ def freeze_when_done(old: State, new: State) -> State:
     return jax.tree.map(pick, old, new)
 
 
-def rollout(step: Callable[[State, jax.Array], State], policy: Policy, state: State, key: jax.Array,
-            length: int, *, freeze: bool = True) -> tuple[State, dict]:  # fmt: skip
+def rollout(
+    step: Callable[[State, jax.Array], State],
+    policy: Policy,
+    state: State,
+    key: jax.Array,
+    length: int,
+    *,
+    freeze: bool = True,
+) -> tuple[State, dict]:
     """Runs `length` steps of `policy` in one scan. Works for a single env or a vmapped batch.
 
     Returns the last state and the per-step record {obs, action, reward, done, truncated, info}, each
@@ -33,8 +40,14 @@ def rollout(step: Callable[[State, jax.Array], State], policy: Policy, state: St
         new = step(state, action)
         if freeze:
             new = freeze_when_done(state, new)
-        record = {"obs": state.obs, "action": action, "reward": new.reward, "done": new.done,
-                  "truncated": new.truncated, "info": new.info}  # fmt: skip
+        record = {
+            "obs": state.obs,
+            "action": action,
+            "reward": new.reward,
+            "done": new.done,
+            "truncated": new.truncated,
+            "info": new.info,
+        }
         return new, record
 
     return jax.lax.scan(body, state, jax.random.split(key, length))

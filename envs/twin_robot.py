@@ -23,8 +23,14 @@ def prompt_text(spec, tokens: np.ndarray) -> str:
 class TwinRobot(RobotInterface):
     """One twin cell. `trigger` None: no operator (the policy alone)."""
 
-    def __init__(self, task: str = "pick_place", split: str = "train", *, robot_id: str = "twin-0",
-                 trigger: Trigger | None = None):  # fmt: skip
+    def __init__(
+        self,
+        task: str = "pick_place",
+        split: str = "train",
+        *,
+        robot_id: str = "twin-0",
+        trigger: Trigger | None = None,
+    ):
         self.twin = Twin(task, split)
         self.task, self.robot_id, self.trigger = task, robot_id, trigger
         self.control_hz = float(self.twin.config.control_hz)
@@ -60,8 +66,13 @@ class TwinRobot(RobotInterface):
             self._takeover = {k: flags[k] for k in self._takeover}
             self._alarm = np.bool_(False)
         info = state.info
-        return Feedback(float(state.reward), bool(state.done), bool(state.truncated) and not bool(state.done),
-                        int(info["failure_mode"]), np.asarray(info["events"], bool))  # fmt: skip
+        return Feedback(
+            float(state.reward),
+            bool(state.done),
+            bool(state.truncated) and not bool(state.done),
+            int(info["failure_mode"]),
+            np.asarray(info["events"], bool),
+        )
 
     def outcome(self) -> dict:
         return {**operator.label(self.twin.state.info), "prompt": self._prompt}

@@ -99,17 +99,23 @@ def check_observation(obs, spec: dict[str, Spec] = OBSERVATION_SPEC) -> None:
     missing, extra = sorted(set(spec) - set(obs)), sorted(set(obs) - set(spec))
     if missing or extra:
         wanted = ", ".join(f"{k} {describe(s)}" for k, s in spec.items())
-        raise ValueError(f"observation: missing fields {missing}, unexpected fields {extra}; the schema is "
-                         f"{{{wanted}}} (docs/robot.md)")  # fmt: skip
+        raise ValueError(
+            f"observation: missing fields {missing}, unexpected fields {extra}; the schema is "
+            f"{{{wanted}}} (docs/robot.md)"
+        )
     for name, field in spec.items():
         value = np.asarray(obs[name])
         hint = " (encode text with jaxvla.tokenizer.encode)" if name == "prompt" else ""
         if value.dtype.kind not in _CONVERTIBLE_KINDS[field.dtype]:
-            raise ValueError(f"observation {name!r} is a {value.dtype} array; the schema wants "
-                             f"{describe(field)}: {field.doc}{hint}")  # fmt: skip
+            raise ValueError(
+                f"observation {name!r} is a {value.dtype} array; the schema wants "
+                f"{describe(field)}: {field.doc}{hint}"
+            )
         if value.shape != field.shape:
-            raise ValueError(f"observation {name!r} has shape {list(value.shape)}; the schema wants "
-                             f"{describe(field)}: {field.doc}")  # fmt: skip
+            raise ValueError(
+                f"observation {name!r} has shape {list(value.shape)}; the schema wants "
+                f"{describe(field)}: {field.doc}"
+            )
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
             raise ValueError(f"observation {name!r} has non-finite values (NaN or inf): {value}")
 
@@ -194,8 +200,9 @@ def canonical_metadata(metadata: dict, where: str = "episode_metadata") -> dict:
     """The metadata with every value a plain Python scalar of its spec, checked: kinds, ranges, source,
     canonical episode_id. ValueError naming the first field that breaks the schema."""
     _check_keys(where, metadata, METADATA_SPEC)
-    values = {name: _metadata_value(f"{where}/{name}", metadata[name], spec)
-              for name, spec in METADATA_SPEC.items()}  # fmt: skip
+    values = {
+        name: _metadata_value(f"{where}/{name}", metadata[name], spec) for name, spec in METADATA_SPEC.items()
+    }
     for name, bounds in METADATA_RANGES.items():
         _check_range(f"{where}/{name}", values[name], bounds)
     if values["source"] not in SOURCES:
@@ -251,5 +258,3 @@ def canonical_episode(episode: dict, observation_spec: dict[str, Spec] = OBSERVA
     if found:
         raise ValueError(f"{found} has non-finite values (NaN or inf)")
     return {"steps": episode["steps"], "episode_metadata": canonical_metadata(episode["episode_metadata"])}
-
-

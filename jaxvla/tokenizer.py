@@ -15,14 +15,15 @@ PAD, UNK = 0, 1
 
 # Order is part of the format: an id names a row of every trained embedding table. Append, never reorder.
 VOCABULARY = (
-    "<pad>", "<unk>",
-    "pick", "place", "put", "the", "a", "part", "in", "into", "bin", "compartment", "and", "it", "then",
-    "open", "box", "lid", "remove", "sort", "by", "colour", "from", "tote",
-    "red", "green", "blue", "yellow",
-    "cylinder", "block",
-    "1", "2", "3",
-    "advantage", "positive", "negative",
-)  # fmt: skip
+    "<pad>",
+    "<unk>",
+    *"pick place put the a part in into bin compartment and it then".split(),
+    *"open box lid remove sort by colour from tote".split(),
+    *"red green blue yellow".split(),
+    *"cylinder block".split(),
+    *"1 2 3".split(),
+    *"advantage positive negative".split(),
+)
 _IDS = {word: i for i, word in enumerate(VOCABULARY)}
 
 

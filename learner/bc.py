@@ -27,8 +27,9 @@ class BCState:
     step: jax.Array  # [] int32; 2^31 updates is far beyond any run here
 
 
-def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int, weight_decay: float,
-                   clip_norm: float = 1.0) -> optax.GradientTransformation:  # fmt: skip
+def make_optimizer(
+    learning_rate: float, total_steps: int, warmup_steps: int, weight_decay: float, clip_norm: float = 1.0
+) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), learning_rate * 0.05
     )
@@ -39,8 +40,9 @@ def init_state(params: nnx.State, optimizer: optax.GradientTransformation) -> BC
     return BCState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
 
-def chunk_loss(mean: jax.Array, log_std: jax.Array, chunk: jax.Array, mask: jax.Array,
-               nll_weight: float) -> tuple[jax.Array, dict]:  # fmt: skip
+def chunk_loss(
+    mean: jax.Array, log_std: jax.Array, chunk: jax.Array, mask: jax.Array, nll_weight: float
+) -> tuple[jax.Array, dict]:
     """Masked chunk regression plus a likelihood term. mean, log_std, chunk [B, H, A]; mask [B, H].
 
     The squared error fits tanh(mean), the action the robot executes; the small negative log-likelihood
@@ -55,8 +57,9 @@ def chunk_loss(mean: jax.Array, log_std: jax.Array, chunk: jax.Array, mask: jax.
     return loss, {"loss": loss, "mse": mse, "nll": nll, "std": jnp.mean(jnp.exp(log_std))}
 
 
-def bc_loss(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef, stats: dict,
-            nll_weight: float) -> tuple[jax.Array, dict]:  # fmt: skip
+def bc_loss(
+    params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef, stats: dict, nll_weight: float
+) -> tuple[jax.Array, dict]:
     """batch: obs {k: [B, ...]} (raw; normalised here), chunk [B, H, A], mask [B, H], and for an
     advantage-conditioned policy (Recap) optionally indicator [B] int32."""
     obs = normalization.normalize(batch["obs"], stats)
@@ -85,9 +88,18 @@ def update(
     return BCState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
-def train_steps(state: BCState, data: dict, key: jax.Array, *, num_steps: int, batch_size: int,
-                batch_sharding: NamedSharding | None, update_fn,
-                sample_fn=sample_batch, prepare=None) -> tuple[BCState, dict]:  # fmt: skip
+def train_steps(
+    state: BCState,
+    data: dict,
+    key: jax.Array,
+    *,
+    num_steps: int,
+    batch_size: int,
+    batch_sharding: NamedSharding | None,
+    update_fn,
+    sample_fn=sample_batch,
+    prepare=None,
+) -> tuple[BCState, dict]:
     """`num_steps` updates in one scan; returns the new state and the metrics averaged over the block.
 
     `sample_fn(data, key, batch_size)` draws each step's batch. `prepare(batch, key)`, if given,
@@ -110,12 +122,14 @@ def train_steps(state: BCState, data: dict, key: jax.Array, *, num_steps: int, b
     return state, jax.tree.map(jnp.mean, metrics)
 
 
-def make_train_steps(graphdef, stats, optimizer, *, num_steps: int, batch_size: int, nll_weight: float,
-                     mesh=None, prepare=None):  # fmt: skip
+def make_train_steps(
+    graphdef, stats, optimizer, *, num_steps: int, batch_size: int, nll_weight: float, mesh=None, prepare=None
+):
     """The jitted block of BC updates, with the state donated and (given a mesh) the batch sharded."""
     loss_fn = functools.partial(bc_loss, graphdef=graphdef, stats=stats, nll_weight=nll_weight)
-    return make_loss_steps(loss_fn, optimizer, num_steps=num_steps, batch_size=batch_size, mesh=mesh,
-                           prepare=prepare)  # fmt: skip
+    return make_loss_steps(
+        loss_fn, optimizer, num_steps=num_steps, batch_size=batch_size, mesh=mesh, prepare=prepare
+    )
 
 
 def make_loss_steps(loss_fn, optimizer, *, num_steps: int, batch_size: int, mesh=None, prepare=None):
@@ -130,7 +144,11 @@ def make_loss_steps(loss_fn, optimizer, *, num_steps: int, batch_size: int, mesh
         replicated = sharding.replicated(mesh)
         jit_kwargs = {"in_shardings": (replicated, replicated, replicated), "out_shardings": replicated}
     fn = functools.partial(
-        train_steps, num_steps=num_steps, batch_size=batch_size, batch_sharding=batch_sharding,
-        update_fn=update_fn, prepare=prepare,
-    )  # fmt: skip
+        train_steps,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        batch_sharding=batch_sharding,
+        update_fn=update_fn,
+        prepare=prepare,
+    )
     return jax.jit(fn, donate_argnums=0, **jit_kwargs)

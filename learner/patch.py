@@ -231,9 +231,9 @@ class PairedEvaluation:
 
 def paired_evaluation(config: Config, prior: Prior, actor: evaluate.Actor | None = None) -> PairedEvaluation:
     """The paired evaluation of `config.patch`, for the prior's chunk policy unless `actor` is given."""
-    pc = config.patch
+    pc, tc = config.patch, config.target
     actor = actor or evaluate.chunk_actor(prior.graphdef, prior.stats)
-    return PairedEvaluation(pc.task, pc.split, actor, pc.eval_episodes, pc.validation_episodes)
+    return PairedEvaluation(tc.task, tc.split, actor, tc.eval_episodes, pc.validation_episodes)
 
 
 # ------------------------------------------------------------------------------------------ patching
@@ -253,8 +253,12 @@ class Learner:
     """PRO's params as refreshed so far, when the reward is PRO's and it is refreshed on-policy."""
 
     def checkpointed(self) -> dict:
-        saved = {"sac": self.state, "replay": self.buffers, "published": self.published,
-                 "reward_model": self.reward_model}  # fmt: skip
+        saved = {
+            "sac": self.state,
+            "replay": self.buffers,
+            "published": self.published,
+            "reward_model": self.reward_model,
+        }
         return {k: v for k, v in saved.items() if v is not None}
 
 
@@ -273,19 +277,6 @@ def insert_experience(insert, buffers: dict, block: dict, chunk: int) -> dict:
             buffers[name], block, source=replay.SOURCES.index(name), n_step=chunk, interventions_only=only
         )
     return buffers
-
-
-def trigger_of(config: Config) -> Trigger:
-    pc = config.patch
-    return Trigger(
-        slip=pc.slip,
-        force=pc.force,
-        stall_steps=pc.stall_steps,
-        disagreement=pc.disagreement,
-        lookahead=pc.lookahead,
-        calm_steps=pc.calm_steps,
-        max_segment=pc.max_segment,
-    )
 
 
 ZERO_EFFORT = {
@@ -312,13 +303,14 @@ def observation_spec(model) -> dict:
 def new_state(config: Config, prior: Prior, seed: int, actor: str = "full"):
     """A fresh learner state: "full" fine-tunes a copy of the prior's chunk policy (`learner.sac`),
     "residual" trains a zero-initialised residual on the frozen prior (`learner.residual`)."""
-    sc, mc = config.sac, prior.config.model
+    sc, mc = config.sac, prior.model
     # The learner's state is donated; the prior's params stay intact.
     prior_params = jax.tree.map(jnp.copy, prior.params)
     if actor == "residual":
         _, residual_params, critic = residual.create_networks(prior, sc, seed)
-        return residual.init_state(prior_params, residual_params, critic, sc.init_alpha,
-                                   residual.make_optimizers(sc))  # fmt: skip
+        return residual.init_state(
+            prior_params, residual_params, critic, sc.init_alpha, residual.make_optimizers(sc)
+        )
     _, critic = nnx.split(mc.create_critic(seed + 1), nnx.Param)
     optimizers = sac.make_optimizers(sc)
     return sac.init_state(
@@ -335,7 +327,7 @@ def new_learner(
     config: Config, prior: Prior, offline: list[dict], mesh, seed: int, actor: str = "full"
 ) -> Learner:
     """A fresh learner (state of the `actor` kind, see `new_state`) with the offline data in its replay."""
-    pc, mc = config.patch, prior.config.model
+    pc, mc = config.patch, prior.model
     replicated = sharding.replicated(mesh)
     state = new_state(config, prior, seed, actor)
     spec = observation_spec(mc)
@@ -371,7 +363,7 @@ class PatchLearner:
     run its params (exploring and deterministic), what it deploys, and its critic pretraining."""
 
     def __init__(self, config: Config, prior: Prior, mesh):
-        sc, mc = config.sac, prior.config.model
+        sc, mc = config.sac, prior.model
         self.kind, self.prior = sc.actor, prior
         if self.kind == "residual":
             nets, _, _ = residual.create_networks(prior, sc, 0)
@@ -412,10 +404,11 @@ def policy_actor(config: Config, prior: Prior) -> evaluate.Actor:
     return evaluate.chunk_actor(prior.graphdef, prior.stats)
 
 
-def pretrain_critic(learner_kind: PatchLearner, state, offline: list[dict], block: dict, config: Config, mesh,
-                    key: jax.Array):  # fmt: skip
+def pretrain_critic(
+    learner_kind: PatchLearner, state, offline: list[dict], block: dict, config: Config, mesh, key: jax.Array
+):
     """Monte-Carlo regression of the residual's critic on the offline data and the first round's block."""
-    keys = list(observation_spec(learner_kind.prior.config.model))
+    keys = list(observation_spec(learner_kind.prior.model))
     data = residual.returns_dataset(offline, [block], config.sac.gamma, keys)
     data = residual.pad_dataset(data, dataset.bucket(len(data["return"])))
     data = jax.device_put(data, sharding.replicated(mesh))
@@ -438,7 +431,7 @@ def run_patching(
     mesh=None,
     progress: bool = True,
 ) -> tuple[list[dict], object]:
-    """Patches `prior` on `config.patch.task`/`split`: one record per round (round 0 is the prior) and the
+    """Patches `prior` on `config.target.task`/`split`: one record per round (round 0 is the prior) and the
     published params (run them with `policy_actor`).
 
     Each round: roll out the published params under the operator, update the learner, score the
@@ -446,7 +439,7 @@ def run_patching(
     the published params on the test contexts. Resumes from `run_dir/checkpoints` if a previous run left
     one.
     """
-    pc, sc, mc = config.patch, config.sac, prior.config.model
+    pc, tc, sc, mc = config.patch, config.target, config.sac, prior.model
     mesh = mesh or sharding.make_mesh()
     # Fail now, not after minutes of compiling (make_train_steps below checks the batch and its mix).
     if pc.envs_per_round % mesh.size:
@@ -457,16 +450,17 @@ def run_patching(
     kind = PatchLearner(config, prior, mesh)
     shaping = None
     if pc.reward == "pro":
-        shaping = pro.Shaping(pro.load(pc.pro), gamma=sc.gamma, beta=config.pro.shaping,
-                              risk_weight=config.pro.shaping_risk)  # fmt: skip
+        shaping = pro.Shaping(
+            pro.load(pc.pro), gamma=sc.gamma, beta=config.pro.shaping, risk_weight=config.pro.shaping_risk
+        )
         offline = shaping.episodes(offline)
     refreshing = shaping is not None and config.pro.refresh_steps > 0
     takeover = pro.risk_takeover(pro.load(pc.pro), pc.risk_trigger) if pc.risk_trigger else Takeover
     collector = Collector(
-        pc.task,
-        pc.split,
+        tc.task,
+        tc.split,
         pc.envs_per_round,
-        trigger_of(config),
+        config.operator,
         kind.explore,
         solo=pc.false_alarms,
         lookahead_actor=kind.deterministic,
@@ -484,8 +478,14 @@ def run_patching(
     records = []
     if checkpoints.latest_step() is not None:
         saved, meta = checkpoints.restore(learner.checkpointed())
-        learner = Learner(saved["sac"], saved["replay"], meta["round"], meta["totals"], saved["published"],
-                          saved.get("reward_model"))  # fmt: skip
+        learner = Learner(
+            saved["sac"],
+            saved["replay"],
+            meta["round"],
+            meta["totals"],
+            saved["published"],
+            saved.get("reward_model"),
+        )
         records = meta["records"]
         print(f"resumed {run_dir} after round {learner.round}")
     key = jax.random.key(seed)
@@ -495,13 +495,20 @@ def run_patching(
         shaping.model = dataclasses.replace(shaping.model, params=learner.reward_model)
 
     if not records:
-        records.append({"kind": "patch", "round": 0, **effort_record(learner.totals),
-                        **evaluation_on(learner.published), "published": True})  # fmt: skip
+        records.append(
+            {
+                "kind": "patch",
+                "round": 0,
+                **effort_record(learner.totals),
+                **evaluation_on(learner.published),
+                "published": True,
+            }
+        )
         log.write(records[-1])
     bar = tqdm(
         total=pc.rounds,
         initial=learner.round,
-        desc=f"patch {pc.task}/{pc.split}",
+        desc=f"patch {tc.task}/{tc.split}",
         unit="round",
         disable=not progress,
     )
@@ -511,8 +518,14 @@ def run_patching(
         rolled = collector(learner.published, jax.random.fold_in(key_roll, round_), round_)
         block, extra = rolled["block"], {}
         if refreshing:  # on-policy: PRO first learns what this round's episodes did, then labels them
-            extra = shaping.refresh(jax.device_get(rolled.pop("record")), pc.task, round_, config.pro,
-                                    jax.random.fold_in(key_reward, round_), mesh=mesh)  # fmt: skip
+            extra = shaping.refresh(
+                jax.device_get(rolled.pop("record")),
+                tc.task,
+                round_,
+                config.pro,
+                jax.random.fold_in(key_reward, round_),
+                mesh=mesh,
+            )
         if shaping is not None:
             block = shaping(block)
         buffers = insert_experience(insert_online, learner.buffers, block, mc.chunk)
@@ -534,17 +547,24 @@ def run_patching(
         totals["wall_s"] = learner.totals["wall_s"] + time.perf_counter() - tic
         candidate = kind.deployable(state)
         checked = evaluation_on.on_validation(candidate)
-        passed = not pc.gate or gate_passes(checked["validation_success"], records[-1]["validation_success"],
-                                            pc.gate_margin)  # fmt: skip
+        passed = not pc.gate or gate_passes(
+            checked["validation_success"], records[-1]["validation_success"], pc.gate_margin
+        )
         published = candidate if passed else learner.published
         # Unpublished: the published params, scored on the same contexts, score as they did last round.
         scored = evaluation_on(published) if passed else {k: v for k, v in records[-1].items() if k in SCORES}
         reward_model = shaping.model.params if refreshing else None
         learner = Learner(state, buffers, round_, totals, published, reward_model)
-        record = {"kind": "patch", "round": round_, **effort_record(totals), **scored, "published": passed,
-                  "candidate_validation": checked["validation_success"],
-                  "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
-                  **{k: float(v) for k, v in jax.device_get({**extra, **metrics}).items()}}  # fmt: skip
+        record = {
+            "kind": "patch",
+            "round": round_,
+            **effort_record(totals),
+            **scored,
+            "published": passed,
+            "candidate_validation": checked["validation_success"],
+            "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
+            **{k: float(v) for k, v in jax.device_get({**extra, **metrics}).items()},
+        }
         records.append(record)
         log.write(record)
         checkpoints.save(
@@ -604,8 +624,9 @@ class Retrainer:
         block = pre.log_every
         self.blocks = max(1, pc.sft_steps // block)
         steps = self.blocks * block
+        opt = pre.optimizer
         self.optimizer = bc.make_optimizer(
-            pre.learning_rate, steps, min(pre.warmup_steps, steps // 10), pre.weight_decay
+            opt.learning_rate, steps, min(opt.warmup_steps, steps // 10), opt.weight_decay
         )
         self.train = bc.make_train_steps(
             prior.graphdef,
@@ -655,12 +676,12 @@ def run_sft(
     """SFT retraining from the prior on the first N of `demos` plus the offline data, once per count in
     `config.patch.sft_demos`: full SFT (demonstrations of the split) or targeted SFT (of its tails). Returns
     one record per count and the params retrained on the most demonstrations."""
-    pc, chunk = config.patch, prior.config.model.chunk
+    pc, tc, chunk = config.patch, config.target, prior.model.chunk
     retrain, evaluation_on = Retrainer(config, prior, mesh), paired_evaluation(config, prior)
     offline_data = dataset.flatten(offline, chunk)
     records = []
     for count in tqdm(
-        pc.sft_demos, desc=f"{kind} {pc.task}/{pc.split}", unit="retrain", disable=not progress
+        pc.sft_demos, desc=f"{kind} {tc.task}/{tc.split}", unit="retrain", disable=not progress
     ):
         tic = time.perf_counter()
         used = demos[:count]
@@ -683,13 +704,13 @@ def run_hg_dagger(
     """HG-DAgger: each round the current BC policy runs `envs_per_round` episodes under the same operator
     triggers as patching; every operator step joins the aggregate, and the prior is retrained by BC on it
     plus the offline data. One record per round (round 0 is the prior) and the last round's params."""
-    pc, chunk = config.patch, prior.config.model.chunk
+    pc, tc, chunk = config.patch, config.target, prior.model.chunk
     deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
     collector = Collector(
-        pc.task,
-        pc.split,
+        tc.task,
+        tc.split,
         pc.envs_per_round,
-        trigger_of(config),
+        config.operator,
         deterministic,
         solo=pc.false_alarms,
         lookahead_actor=deterministic,
@@ -700,7 +721,7 @@ def run_hg_dagger(
     records = [{"kind": "hg_dagger", "round": 0, **effort_record(totals), **evaluation_on(params)}]
     for round_ in tqdm(
         range(1, pc.hg_dagger_rounds + 1),
-        desc=f"HG-DAgger {pc.task}/{pc.split}",
+        desc=f"HG-DAgger {tc.task}/{tc.split}",
         unit="round",
         disable=not progress,
     ):

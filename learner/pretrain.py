@@ -6,6 +6,7 @@ end, `training.png`. Starting a run whose folder has checkpoints resumes from th
 """
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import time
@@ -15,8 +16,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from configs import Config
-from configs import from_dict
 from jaxvla import normalization
+from jaxvla.models import ModelConfig
 from learner import bc
 from learner import dataset
 from learner import evaluate
@@ -26,14 +27,21 @@ from learner.checkpoints import Checkpoints
 
 @dataclasses.dataclass
 class Prior:
-    """What pretraining produced: enough to act, evaluate, export or fine-tune."""
+    """What pretraining produced: enough to act, evaluate, export or fine-tune. Its `model` is what every
+    later job builds on; `config_hash` names the whole pretraining config, which the prior does not carry."""
 
-    config: Config
+    model: ModelConfig
+    config_hash: str
     graphdef: nnx.GraphDef
     params: nnx.State
     stats: dict
     step: int
     run_dir: pathlib.Path
+
+
+def config_hash(fields: dict) -> str:
+    """sha256 of a run's config as its checkpoint stores it, so a deployed file names what produced it."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def config_meta(config: Config, stats: dict) -> dict:
@@ -71,8 +79,9 @@ class IterationLog:
         self.records: list[dict] = []
         self.report: dict = {}
 
-    def __call__(self, params, iteration: int, totals: dict, extra: dict | None = None, *,
-                 changed: bool = True) -> dict:  # fmt: skip
+    def __call__(
+        self, params, iteration: int, totals: dict, extra: dict | None = None, *, changed: bool = True
+    ) -> dict:
         """`changed` False: the params are those evaluated last, so their figures are reused."""
         if changed or not self.report:
             # The same compiled evaluator: the contexts are only its key.
@@ -116,7 +125,8 @@ def train(
     data = jax.device_put(data, replicated)
 
     graphdef, params = nnx.split(mc.create_policy(pc.seed), nnx.Param)
-    optimizer = bc.make_optimizer(pc.learning_rate, pc.steps, pc.warmup_steps, pc.weight_decay)
+    opt = pc.optimizer
+    optimizer = bc.make_optimizer(opt.learning_rate, pc.steps, opt.warmup_steps, opt.weight_decay)
     state = jax.device_put(bc.init_state(params, optimizer), replicated)
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=pc.keep_checkpoints)
     if checkpoints.latest_step() is not None:
@@ -124,9 +134,14 @@ def train(
         stats = normalization.from_lists(meta["stats"])  # the run's own statistics, not today's data
         print(f"resumed {run_dir} at step {int(state.step)}")
     train_block = bc.make_train_steps(
-        graphdef, stats, optimizer, num_steps=pc.log_every, batch_size=pc.batch_size,
-        nll_weight=pc.nll_weight, mesh=mesh,
-    )  # fmt: skip
+        graphdef,
+        stats,
+        optimizer,
+        num_steps=pc.log_every,
+        batch_size=pc.batch_size,
+        nll_weight=pc.nll_weight,
+        mesh=mesh,
+    )
     key_train, key_eval = jax.random.split(jax.random.key(pc.seed))
     evals = (
         evaluators(config, evaluate.chunk_actor(graphdef, stats), pc.eval_episodes) if pc.eval_every else {}
@@ -159,21 +174,37 @@ def train(
             checkpoints.save(step, state, meta)
     bar.close()
     checkpoints.close()
-    return Prior(config, graphdef, state.params, stats, int(state.step), run_dir)
+    return Prior(mc, config_hash(meta["config"]), graphdef, state.params, stats, int(state.step), run_dir)
 
 
 def load(run_dir: pathlib.Path, step: int | None = None) -> Prior:
-    """The prior saved in `run_dir` (latest step by default), without its optimiser state."""
+    """The prior saved in `run_dir` (latest step by default), without its optimiser state. Only the model
+    is rebuilt from the stored config, so checkpoints written under older configs keep loading."""
     checkpoints = Checkpoints(pathlib.Path(run_dir) / "checkpoints")
     meta = checkpoints.restore_meta(step)
-    config = from_dict(meta["config"])
-    graphdef, params = nnx.split(config.model.create_policy(0), nnx.Param)
+    model = ModelConfig.from_dict(meta["model"])
+    graphdef, params = nnx.split(model.create_policy(0), nnx.Param)
     optimizer = bc.make_optimizer(1.0, 1, 0, 0.0)
     target = bc.init_state(params, optimizer)
     state, _ = checkpoints.restore(target, step)
     checkpoints.close()
     stats = normalization.from_lists(meta["stats"])
-    return Prior(config, graphdef, state.params, stats, int(state.step), pathlib.Path(run_dir))
+    return Prior(
+        model,
+        config_hash(meta["config"]),
+        graphdef,
+        state.params,
+        stats,
+        int(state.step),
+        pathlib.Path(run_dir),
+    )
+
+
+def load_target(config: Config, prog: str) -> tuple[Config, Prior]:
+    """The prior of `config.target` (`load_prior`), and `config` with the prior's model: a job that starts
+    from a prior builds every network from the model the prior was trained with."""
+    prior = load_prior(config.target.prior, prog)
+    return dataclasses.replace(config, model=prior.model), prior
 
 
 def load_prior(path: str, prog: str) -> Prior:
@@ -182,8 +213,8 @@ def load_prior(path: str, prog: str) -> Prior:
         return load(pathlib.Path(path))
     except FileNotFoundError:
         raise SystemExit(
-            f"{prog}: no prior in {path}; train one with `jaxvla pretrain default` or point the command's "
-            "`prior` setting (--patch.prior, --recap.prior, ...) at a run folder"
+            f"{prog}: no prior in {path}; train one with `jaxvla pretrain default` or point "
+            "--target.prior at a run folder"
         ) from None
 
 

@@ -62,8 +62,12 @@ EVENT = {name: i for i, name in enumerate(EVENTS)}
 SAFETY_EVENTS = [EVENT["slip"], EVENT["drop"], EVENT["collision"]]
 UNSTABLE_EVENTS = [EVENT["slip"], EVENT["drop"], EVENT["missed_grasp"]]
 # Failure classes a step's events announce; when one step has several, the first listed wins.
-EVENT_FAILURES = ((DROP, EVENT["drop"]), (SLIP, EVENT["slip"]), (COLLISION, EVENT["collision"]),
-                  (MISSED_GRASP, EVENT["missed_grasp"]))  # fmt: skip
+EVENT_FAILURES = (
+    (DROP, EVENT["drop"]),
+    (SLIP, EVENT["slip"]),
+    (COLLISION, EVENT["collision"]),
+    (MISSED_GRASP, EVENT["missed_grasp"]),
+)
 QUALITY = ("success", "stable", "retries", "cycle_time")  # columns of the per-episode quality table
 
 
@@ -162,13 +166,20 @@ def step_extras(episode: dict, pc: ProConfig) -> dict[str, np.ndarray]:
 def extras_spec() -> dict[str, jax.ShapeDtypeStruct]:
     """`step_extras`' shapes and dtypes for one step, as `replay.create` takes them."""
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
-    return {"return": scalar(jnp.float32), "done": scalar(jnp.float32), "success": scalar(jnp.float32),
-            "risk": scalar(jnp.int32), "step": scalar(jnp.int32), "length": scalar(jnp.int32),
-            "quality": jax.ShapeDtypeStruct((len(QUALITY),), jnp.float32)}  # fmt: skip
+    return {
+        "return": scalar(jnp.float32),
+        "done": scalar(jnp.float32),
+        "success": scalar(jnp.float32),
+        "risk": scalar(jnp.int32),
+        "step": scalar(jnp.int32),
+        "length": scalar(jnp.int32),
+        "quality": jax.ShapeDtypeStruct((len(QUALITY),), jnp.float32),
+    }
 
 
-def fill_replay(episodes: list[dict], pc: ProConfig, mesh, episodes_per_row: int = 8,
-                capacity: int | None = None) -> replay.Buffer:  # fmt: skip
+def fill_replay(
+    episodes: list[dict], pc: ProConfig, mesh, episodes_per_row: int = 8, capacity: int | None = None
+) -> replay.Buffer:
     """The episodes in one sharded replay buffer with their labels, as PRO trains from it.
 
     Rows of about `episodes_per_row` episodes each, a multiple of the devices: every shard holds whole
@@ -184,8 +195,9 @@ def fill_replay(episodes: list[dict], pc: ProConfig, mesh, episodes_per_row: int
     obs_spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in block["obs"].items()}
     if capacity is not None and capacity < block["valid"].size:
         raise ValueError(f"{block['valid'].size} steps do not fit a replay of {capacity}")
-    buffer = replay.create(obs_spec, block["action"].shape[-1], capacity or block["valid"].size, mesh,
-                           extras_spec())  # fmt: skip
+    buffer = replay.create(
+        obs_spec, block["action"].shape[-1], capacity or block["valid"].size, mesh, extras_spec()
+    )
     # n_step 1: windows are drawn among all written slots; the n-step flags are for the critic's samples.
     return replay.insert(buffer, block, source=replay.SOURCES.index("offline"), n_step=1)
 
@@ -213,8 +225,9 @@ def replay_windows(local: replay.Buffer, index: jax.Array, window: int, chunk: i
     }
 
 
-def draw_pairs(local: replay.Buffer, key: jax.Array, pairs: int, *, window: int, chunk: int,
-               faster_margin: float) -> dict:  # fmt: skip
+def draw_pairs(
+    local: replay.Buffer, key: jax.Array, pairs: int, *, window: int, chunk: int, faster_margin: float
+) -> dict:
     """One shard's `pairs` comparisons: anchors ending at uniform slots, each followed by its partner, the
     step at the same fraction of the episode of another uniform slot (so partner episodes are drawn in
     proportion to their length). Windows [2 * pairs, ...] interleaved anchor, partner; preference [pairs]."""
@@ -233,8 +246,9 @@ def draw_pairs(local: replay.Buffer, key: jax.Array, pairs: int, *, window: int,
     return windows
 
 
-def sample_pairs(buffer: replay.Buffer, key: jax.Array, batch_size: int, *, window: int, chunk: int,
-                 faster_margin: float) -> dict:  # fmt: skip
+def sample_pairs(
+    buffer: replay.Buffer, key: jax.Array, batch_size: int, *, window: int, chunk: int, faster_margin: float
+) -> dict:
     """batch_size windows, half anchors and half partners, drawn shard-locally (`draw_pairs`): P("data").
     Pair i is rows 2i (anchor) and 2i + 1 (partner) on every shard, so also in the whole batch."""
     pairs = batch_size // 2 // buffer.shards
@@ -371,8 +385,12 @@ def make_update(graphdef, stats, optimizer, pc: ProConfig, mesh):
     loss_fn = functools.partial(pro_loss, graphdef=graphdef, stats=stats, support=pc.net.support(), pc=pc)
     update_fn = functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer)
     replicated = sharding.replicated(mesh)
-    return jax.jit(update_fn, donate_argnums=0, in_shardings=(replicated, sharding.batch_sharded(mesh)),
-                   out_shardings=replicated)  # fmt: skip
+    return jax.jit(
+        update_fn,
+        donate_argnums=0,
+        in_shardings=(replicated, sharding.batch_sharded(mesh)),
+        out_shardings=replicated,
+    )
 
 
 def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
@@ -380,8 +398,9 @@ def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
     replicated and donated, the buffer sharded as it is, every batch drawn shard-locally."""
     loss_fn = functools.partial(pro_loss, graphdef=graphdef, stats=stats, support=pc.net.support(), pc=pc)
     update_fn = functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer)
-    sample = functools.partial(sample_pairs, window=pc.net.window, chunk=pc.net.chunk,
-                               faster_margin=pc.faster_margin_s)  # fmt: skip
+    sample = functools.partial(
+        sample_pairs, window=pc.net.window, chunk=pc.net.chunk, faster_margin=pc.faster_margin_s
+    )
     mesh = mesh or sharding.make_mesh()
     sharding.check_batch_size(pc.batch_size, mesh)
     replicated = sharding.replicated(mesh)
@@ -393,12 +412,18 @@ def make_train_steps(graphdef, stats, optimizer, pc: ProConfig, mesh=None):
             with_out_of_data_chunks, count=pc.conservative_samples, noise=pc.conservative_noise
         )
     fn = functools.partial(
-        bc.train_steps, num_steps=pc.log_every, batch_size=pc.batch_size,
-        batch_sharding=sharding.batch_sharded(mesh), update_fn=update_fn, sample_fn=sample, prepare=prepare,
-    )  # fmt: skip
+        bc.train_steps,
+        num_steps=pc.log_every,
+        batch_size=pc.batch_size,
+        batch_sharding=sharding.batch_sharded(mesh),
+        update_fn=update_fn,
+        sample_fn=sample,
+        prepare=prepare,
+    )
     # The buffer keeps its own sharding (None): each shard's slots stay on their device.
-    return jax.jit(fn, donate_argnums=0, in_shardings=(replicated, None, replicated),
-                   out_shardings=replicated)  # fmt: skip
+    return jax.jit(
+        fn, donate_argnums=0, in_shardings=(replicated, None, replicated), out_shardings=replicated
+    )
 
 
 def checkpoint_meta(pc: ProConfig, stats: dict) -> dict:
@@ -468,8 +493,9 @@ def potential(readouts: dict, risk_weight: float) -> jax.Array:
     return readouts["value"] - risk_weight * readouts["rho"]
 
 
-def shaped_reward(sparse: jax.Array, phi: jax.Array, valid: jax.Array, terminal: jax.Array, *, gamma: float,
-                  beta: float) -> jax.Array:  # fmt: skip
+def shaped_reward(
+    sparse: jax.Array, phi: jax.Array, valid: jax.Array, terminal: jax.Array, *, gamma: float, beta: float
+) -> jax.Array:
     """r'_t = r_t + β(γ Φ(s_{t+1}) - Φ(s_t)) over [B, T]; zero on padding.
 
     Φ is 0 after a step that ends its episode (`terminal`: the replay stores every end, time limits
@@ -493,8 +519,9 @@ def window_from_history(history: dict, obs: dict, step: jax.Array, candidates: j
     """
     k, b, h, a = candidates.shape
     w = history["valid"].shape[1]
-    window_obs = jax.tree.map(lambda past, now: jnp.concatenate([past[:, 1:], now[:, None]], axis=1),
-                              history["obs"], obs)  # fmt: skip
+    window_obs = jax.tree.map(
+        lambda past, now: jnp.concatenate([past[:, 1:], now[:, None]], axis=1), history["obs"], obs
+    )
     past = jnp.broadcast_to(history["action"][None, :, 1:], (k, b, w - 1, a))
     sequence = jnp.concatenate([past, candidates], axis=2)  # [K, B, W-1+H, A]
     chunks = jnp.stack([sequence[:, :, i : i + w] for i in range(h)], axis=3)  # [K, B, W, H, A]
@@ -523,8 +550,9 @@ def ranking_scores(value: jax.Array, rho: jax.Array, *, risk_weight: float, marg
     return (value - risk_weight * rho).at[0].add(margin)
 
 
-def ranking_actor(policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float,
-                  margin: float = 0.0):  # fmt: skip
+def ranking_actor(
+    policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float, margin: float = 0.0
+):
     """(policy params, env state, key) -> action [B, A]: the deterministic chunk and K - 1 sampled ones,
     scored by an action-conditioned PRO's V - λ rho at the current step (train it with `conservative` > 0:
     Cal-QL keeps chunks off the data from scoring high); executes the first action of the best (the env
@@ -622,7 +650,7 @@ def evaluation(episodes: list[dict], readouts: list[dict], pc: ProConfig) -> dic
             "mean": float(np.nanmean(voc)),
             "median": float(np.nanmedian(voc)),
             "episodes": len(voc),
-        },  # fmt: skip
+        },
         "risk_auroc": auroc(rho, at_risk),
         "risk_positive_rate": float(at_risk.mean()),
         "risk_calibration_error": calibration_error(rho, at_risk),
@@ -631,7 +659,7 @@ def evaluation(episodes: list[dict], readouts: list[dict], pc: ProConfig) -> dic
             "median": float(np.median(leads)) if leads else None,
             "mean": float(np.mean(leads)) if leads else None,
             "warned": float(np.mean(np.array(leads) >= 2)) if leads else None,
-        },  # fmt: skip
+        },
         "termination_accuracy": float(np.mean((d > 0.5) == done)),
         "termination_balanced_accuracy": float(0.5 * (np.mean(d[done] > 0.5) + np.mean(d[~done] <= 0.5))),
         "outcome_accuracy_at_end": float(np.mean((final_q > 0.5) == success)),
@@ -661,8 +689,9 @@ def check_state_only(pro_: Pro, use: str) -> None:
         )
 
 
-def relabel(pro_: Pro, block: dict, success: jax.Array, *, gamma: float, beta: float,
-            risk_weight: float) -> dict:  # fmt: skip
+def relabel(
+    pro_: Pro, block: dict, success: jax.Array, *, gamma: float, beta: float, risk_weight: float
+) -> dict:
     """A replay insert block [B, T] (learner.patch.episode_block) with the operator's sparse reward shaped
     by a state-only PRO's potential, marked as a learned reward."""
     del success  # the block's sparse reward already carries the verified outcome
@@ -673,8 +702,9 @@ def relabel(pro_: Pro, block: dict, success: jax.Array, *, gamma: float, beta: f
     return {**block, "reward": reward, "reward_source": jnp.full_like(block["reward_source"], LEARNED_REWARD)}
 
 
-def relabel_episodes(pro_: Pro, episodes: list[dict], *, gamma: float, beta: float,
-                     risk_weight: float) -> list[dict]:  # fmt: skip
+def relabel_episodes(
+    pro_: Pro, episodes: list[dict], *, gamma: float, beta: float, risk_weight: float
+) -> list[dict]:
     """RLDS episodes with their sparse `steps.reward` shaped the same way (the offline source, once)."""
     check_state_only(pro_, "shaping")
     out = []
@@ -715,14 +745,16 @@ class Shaping:
         """RLDS episodes (the offline source) shaped by the current PRO."""
         return relabel_episodes(self.model, episodes, **self.weights)
 
-    def refresh(self, record: dict, task: str, version: int, pc: ProConfig, key: jax.Array, *,
-                mesh=None) -> dict:  # fmt: skip
+    def refresh(
+        self, record: dict, task: str, version: int, pc: ProConfig, key: jax.Array, *, mesh=None
+    ) -> dict:
         """Fine-tunes PRO on one round's rollout record (numpy [T, B]) for `pc.refresh_steps` steps, in a
         replay sized for a whole round, so every round trains with the same program. Returns its loss."""
         episodes = rollout_episodes(record, task, str(version))
         length, envs_ = np.asarray(record["done"]).shape
-        self.model, metrics = refresh(self.model, episodes, pc, key, steps=pc.refresh_steps, mesh=mesh,
-                                      capacity=2 * envs_ * length)  # fmt: skip
+        self.model, metrics = refresh(
+            self.model, episodes, pc, key, steps=pc.refresh_steps, mesh=mesh, capacity=2 * envs_ * length
+        )
         return {"pro_refresh_loss": metrics["loss"]}
 
 
@@ -746,15 +778,24 @@ def rollout_episodes(record: dict, task: str, version: str) -> list[dict]:
     return out
 
 
-def refresh(pro_: Pro, episodes: list[dict], pc: ProConfig, key: jax.Array, *, steps: int, mesh=None,
-            capacity: int | None = None) -> tuple[Pro, dict]:  # fmt: skip
+def refresh(
+    pro_: Pro,
+    episodes: list[dict],
+    pc: ProConfig,
+    key: jax.Array,
+    *,
+    steps: int,
+    mesh=None,
+    capacity: int | None = None,
+) -> tuple[Pro, dict]:
     """PRO fine-tuned on-policy: `steps` gradient steps (a bounded budget) on `episodes`, RLDS episodes of
     the current policy in a replay of their own (`fill_replay`, of `capacity` slots if given), from its
-    current params, at `pc.learning_rate` without warm-up. The normalisation statistics stay those PRO was
-    trained with, so its inputs keep their meaning. Returns the refreshed PRO and its training metrics."""
+    current params, at `pc.optimizer.learning_rate` without warm-up. The normalisation statistics stay
+    those PRO was trained with, so its inputs keep their meaning. Returns the refreshed PRO and its
+    training metrics."""
     pc = dataclasses.replace(pc, net=pro_.net, steps=steps, log_every=steps)
     mesh = mesh or sharding.make_mesh()
-    optimizer = bc.make_optimizer(pc.learning_rate, steps, 0, pc.weight_decay)
+    optimizer = bc.make_optimizer(pc.optimizer.learning_rate, steps, 0, pc.optimizer.weight_decay)
     replicated = sharding.replicated(mesh)
     buffer = fill_replay(episodes, pc, mesh, capacity=capacity)
     state = jax.device_put(bc.init_state(jax.tree.map(jnp.copy, pro_.params), optimizer), replicated)
@@ -787,8 +828,12 @@ class RiskTakeover(Takeover):
 
     def step(self, state, policy_action: jax.Array):
         one = lambda x: jnp.asarray(x)[None]  # noqa: E731
-        rho = state_risk(self.pro, jax.tree.map(one, state.info["history"]), jax.tree.map(one, state.obs),
-                         one(state.cell.step))[0]  # fmt: skip
+        rho = state_risk(
+            self.pro,
+            jax.tree.map(one, state.info["history"]),
+            jax.tree.map(one, state.obs),
+            one(state.cell.step),
+        )[0]
         predicted = rho > self.threshold
         if self.trigger.lookahead:
             predicted = predicted | self.predicted_failure(state)

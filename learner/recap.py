@@ -162,7 +162,7 @@ def with_beta(params, beta: float) -> dict:
 def conditioned_policy(prior: Prior, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
     """The prior with an advantage-indicator input whose embedding starts at zero: it acts as the prior
     for every indicator value until training separates them."""
-    model = dataclasses.replace(prior.config.model, advantage_conditioned=True).create_policy(seed)
+    model = dataclasses.replace(prior.model, advantage_conditioned=True).create_policy(seed)
     nnx.update(model, prior.params)
     model.indicator.embedding[...] = jnp.zeros_like(model.indicator.embedding[...])
     return nnx.split(model, nnx.Param)
@@ -354,7 +354,7 @@ def make_update(loss_fn, optimizer, mesh, prepare=None):
 
 def value_loss_fn(prior: Prior, value_graphdef):
     return functools.partial(value_loss, graphdef=value_graphdef, stats=prior.stats,
-                             support=prior.config.model.value_support())  # fmt: skip
+                             support=prior.model.value_support())  # fmt: skip
 
 
 def policy_loss_fn(config: Config, prior: Prior, graphdef):
@@ -421,7 +421,7 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
     are slow) and shares them across seeds. Every episode goes into the sharded replay (demonstrations,
     autonomous and corrected rollouts, one source each); value and policy batches are drawn from it.
     """
-    rc, mc = config.recap, prior.config.model
+    rc, mc = config.recap, prior.model
     mesh = mesh or sharding.make_mesh()
     collectors = {AUTONOMOUS: autonomous, CORRECTED: corrected}
     uneven = {k: c.num_envs for k, c in collectors.items() if c.num_envs % mesh.size}
@@ -454,7 +454,8 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
     }
     progress_log = IterationLog("recap", evaluator, run_dir / "metrics.jsonl")
     progress_log(with_beta(params, rc.guidance), 0, totals)
-    bar = tqdm(range(1, rc.iterations + 1), desc=f"Recap {rc.task}/{rc.split} seed {seed}", unit="iter",
+    where = f"{config.target.task}/{config.target.split}"
+    bar = tqdm(range(1, rc.iterations + 1), desc=f"Recap {where} seed {seed}", unit="iter",
                disable=not progress)  # fmt: skip
     for iteration in bar:
         tic = time.perf_counter()

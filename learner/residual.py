@@ -75,7 +75,7 @@ def critic_model(model, config):
 
 def create_networks(prior, config, seed: int) -> tuple[Networks, nnx.State, nnx.State]:
     """Networks, fresh residual params and fresh critic params for a prior (`learner.pretrain.Prior`)."""
-    model = prior.config.model
+    model = prior.model
     actor_graphdef, actor = nnx.split(model.create_residual_policy(seed + 2), nnx.Param)
     critic_graphdef, critic = nnx.split(critic_model(model, config).create_action_critic(seed + 1), nnx.Param)
     nets = Networks(

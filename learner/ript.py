@@ -350,7 +350,7 @@ def likelihood_of(config: Config) -> Likelihood:
 def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector: GroupCollector,
              evaluator: evaluate.Evaluator, contexts, run_dir: pathlib.Path,
              progress: bool = True) -> tuple[list[dict], nnx.State]:  # fmt: skip
-    """RIPT from the network params `start_params` on `config.ript.task`/`split`: one record per
+    """RIPT from the network params `start_params` on `config.target.task`/`split`: one record per
     iteration (0: the start) and the final network params.
 
     `contexts` are the run's initial states (Params with a leading [C] axis); the collector (built with
@@ -366,7 +366,7 @@ def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector
         likelihood=likelihood_of(config), execute=rc.execute, epochs=rc.epochs, minibatches=rc.minibatches,
         clip=(rc.clip_low, rc.clip_high), kl_coef=rc.kl_coef,
     ), donate_argnums=(0, 1))  # fmt: skip
-    reference = rl_params(start_params, prior.config.model.action_size, rc.rl_std)
+    reference = rl_params(start_params, prior.model.action_size, rc.rl_std)
     params = jax.tree.map(jnp.copy, reference)  # the update donates params; the reference stays
     opt_state = optimizer.init(params)
     pool = ContextPool(jax.tree.leaves(contexts)[0].shape[0], rc.skip_rounds, seed)
@@ -374,7 +374,8 @@ def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector
     totals = {"env_steps": 0, "rollouts": 0, "kept_groups": 0, "groups": 0, "updates": 0, "wall_s": 0.0}
     progress_log = IterationLog("ript", evaluator, run_dir / "metrics.jsonl")
     progress_log(params["policy"], 0, totals)
-    bar = tqdm(range(1, rc.iterations + 1), desc=f"RIPT {rc.task}/{rc.split} seed {seed}", unit="iter",
+    where = f"{config.target.task}/{config.target.split}"
+    bar = tqdm(range(1, rc.iterations + 1), desc=f"RIPT {where} seed {seed}", unit="iter",
                disable=not progress)  # fmt: skip
     for iteration in bar:
         tic = time.perf_counter()

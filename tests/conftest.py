@@ -103,8 +103,9 @@ def write_tiny_state_pro(run_dir: pathlib.Path, stats: dict) -> None:
     from learner import pro
     from learner.checkpoints import Checkpoints
 
-    net = ProNetConfig(width=16, prompt_dim=4, action_width=8, window=4, heads=2, value_bins=11,
-                       action_input=False)  # fmt: skip
+    net = ProNetConfig(
+        width=16, prompt_dim=4, action_width=8, window=4, heads=2, value_bins=11, action_input=False
+    )
     pc = dataclasses.replace(configs.ProConfig(), net=net)
     _, params = nnx.split(net.create(0), nnx.Param)
     checkpoints = Checkpoints(run_dir / "checkpoints")

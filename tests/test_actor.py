@@ -42,7 +42,7 @@ CONFIGS = {
     "state": ModelConfig(),
     "state_image_indicator": ModelConfig(image=True, advantage_conditioned=True),
     "transformer_image": ModelConfig(
-        encoder="transformer", width=32, layers=2, attention_heads=4, image=True, image_res=16, patch=8
+        encoder="transformer", width=32, layers=2, attention_heads=4, image=True, image_res=16, patch_size=8
     ),
     "transformer": ModelConfig(encoder="transformer", width=32, layers=2, attention_heads=4),
 }
@@ -132,6 +132,17 @@ def test_numpy_forward_matches_jax(exported, name):
     norm_errors = {k: norm_relative_error(out[k], v) for k, v in (("mean", mean), ("log_std", log_std))}
     assert max(norm_errors.values()) <= PARITY_TOL, norm_errors
     assert out["actions"].shape == (BATCH, e.config.chunk, e.config.action_size)
+
+
+def test_a_file_exported_before_patch_size_was_named_still_runs(exported):
+    """Manifests written before `ModelConfig.patch` became `patch_size` name the field `patch`."""
+    e = exported("transformer_image")
+    manifest, arrays = fileformat.read(e.path)
+    model = dict(manifest["model"])
+    model["patch"] = model.pop("patch_size")
+    assert ModelConfig.from_dict(model) == e.config
+    old = actor_policy.Policy({**manifest, "model": model}, arrays)
+    np.testing.assert_array_equal(old.infer(e.obs)["mean"], actor.load(e.path).infer(e.obs)["mean"])
 
 
 @pytest.mark.parametrize("name", ["state", "transformer_image"])

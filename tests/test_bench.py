@@ -59,8 +59,10 @@ def test_torch_reference_train_step_moves_every_network():
     torch = pytest.importorskip("torch")
     config = configs.get_config("debug")
     counts = replay.mix_counts(dict(zip(replay.SOURCES, config.sac.mix, strict=True)), 16, 1)
-    spec = {**bench.torch_spec(config.model, config.sac, counts, dict.fromkeys(replay.SOURCES, 64), 1, 1),
-            "seed": 0}  # fmt: skip
+    spec = {
+        **bench.torch_spec(config.model, config.sac, counts, dict.fromkeys(replay.SOURCES, 64), 1, 1),
+        "seed": 0,
+    }
     generator = torch.Generator().manual_seed(0)
     replays = [torch_bench.TensorReplay(spec, 64, source, generator) for source in range(len(counts))]
     learner = torch_bench.Learner(spec, replays, list(counts.values()))
@@ -97,13 +99,27 @@ def test_learner_ratios_carry_their_spread():
         "jax_fused": {"train_steps_per_s": 10.0, "call_s": [1.0, 1.0]},
         "jax_unfused": {"train_steps_per_s": 5.0, "call_s": [2.0, 2.0]},
         "jax_flashbax": {"status": "missing"},
-        "torch": {"train_steps_per_s": 4.0, "call_s": [2.0, 3.0], "same_threads": {"train_steps_per_s": 2.0,
-                                                                               "call_s": [5.0, 5.0]}},
-    }  # fmt: skip
-    replay_row = {"ours": {"add_items_per_s": 2.0, "add_s": [1.0] * 4, "sample_items_per_s": 1.0,
-                           "sample_s": [1.0, 1.0]},
-                  "flashbax": {"add_items_per_s": 1.0, "add_s": [2.0] * 4, "sample_items_per_s": 1.0,
-                               "sample_s": [1.0, 2.0]}, "flashbax_nstep": {"status": "missing"}}  # fmt: skip
+        "torch": {
+            "train_steps_per_s": 4.0,
+            "call_s": [2.0, 3.0],
+            "same_threads": {"train_steps_per_s": 2.0, "call_s": [5.0, 5.0]},
+        },
+    }
+    replay_row = {
+        "ours": {
+            "add_items_per_s": 2.0,
+            "add_s": [1.0] * 4,
+            "sample_items_per_s": 1.0,
+            "sample_s": [1.0, 1.0],
+        },
+        "flashbax": {
+            "add_items_per_s": 1.0,
+            "add_s": [2.0] * 4,
+            "sample_items_per_s": 1.0,
+            "sample_s": [1.0, 2.0],
+        },
+        "flashbax_nstep": {"status": "missing"},
+    }
     ratios = bench.learner_ratios(learner, replay_row, reps=2)
     assert ratios["fused_over_torch"] == {"value": 2.5, "spread": [2.0, 3.0]}
     assert ratios["fused_over_torch_same_threads"]["value"] == 5.0

@@ -68,3 +68,12 @@ def test_runs_on_other_contexts_are_refused(tmp_path):
 def test_a_folder_without_a_report_is_named(tmp_path):
     with pytest.raises(SystemExit, match="report.json does not exist"):
         compare.main([f"x={tmp_path}", "--out", str(tmp_path / "out")])
+
+
+def test_a_report_from_before_the_target_section_pairs_with_a_new_one(tmp_path):
+    old = json.loads((write_run(tmp_path / "old", {"0": [0.5]}) / "report.json").read_text())
+    target = {k: old["config"]["patch"].pop(k) for k in ("task", "split", "eval_episodes")}
+    new = {**old, "config": {**old["config"], "target": target, "operator": {}}}
+    assert compare.pairing_key(new) == compare.pairing_key(
+        json.loads((tmp_path / "old" / "report.json").read_text())
+    )

@@ -18,11 +18,21 @@ from tools import demo
 
 
 def record(success: float, validation: float, env_steps: int, **extra) -> dict:
-    return {"success_rate": success, "success_ci": (0.1, 0.9), "validation_success": validation,
-            "recovery_rate": 0.5, "retries_per_episode": 1.0, "cycle_time_s": 3.0,
-            "throughput_per_hour": 100.0,
-            "env_steps": env_steps, "wall_s": env_steps / 10, "corrective_episodes": env_steps // 100,
-            "takeover_segments": env_steps // 50, "takeover_steps": env_steps // 10, **extra}  # fmt: skip
+    return {
+        "success_rate": success,
+        "success_ci": (0.1, 0.9),
+        "validation_success": validation,
+        "recovery_rate": 0.5,
+        "retries_per_episode": 1.0,
+        "cycle_time_s": 3.0,
+        "throughput_per_hour": 100.0,
+        "env_steps": env_steps,
+        "wall_s": env_steps / 10,
+        "corrective_episodes": env_steps // 100,
+        "takeover_segments": env_steps // 50,
+        "takeover_steps": env_steps // 10,
+        **extra,
+    }
 
 
 def test_a_trained_arm_reports_its_effort_to_the_goal_on_validation_and_an_untrained_one_none():
@@ -57,8 +67,16 @@ def test_cells_say_not_applicable_not_reached_or_the_value_with_its_interval():
 
 def rows_for_claims() -> dict:
     def one(success, recovery, retries, throughput, corrective=None, steps=None):
-        return [{"success": success, "recovery": recovery, "retries": retries, "throughput": throughput,
-                 "corrective_episodes_to_goal": corrective, "env_steps_to_goal": steps}]  # fmt: skip
+        return [
+            {
+                "success": success,
+                "recovery": recovery,
+                "retries": retries,
+                "throughput": throughput,
+                "corrective_episodes_to_goal": corrective,
+                "env_steps_to_goal": steps,
+            }
+        ]
 
     rows = {arm: one(0.5, 0.5, 1.0, 100.0) for arm in demo.ARMS}
     rows["prior"] = one(0.78, 0.40, 2.0, 100.0)
@@ -96,8 +114,13 @@ def test_the_seed_claims_read_our_measured_rows_and_say_whether_each_holds():
 def test_ript_counts_its_few_shot_demonstrations_as_operator_effort():
     records = [{"env_steps": 0, "wall_s": 0.0}, {"env_steps": 500, "wall_s": 9.0}]
     counted = demo.with_few_shot_effort(records, demos=4, demo_steps=300, sft_wall_s=2.0)
-    assert counted[0] == {"env_steps": 300, "wall_s": 2.0, "corrective_episodes": 4, "takeover_segments": 4,
-                          "takeover_steps": 300}  # fmt: skip
+    assert counted[0] == {
+        "env_steps": 300,
+        "wall_s": 2.0,
+        "corrective_episodes": 4,
+        "takeover_segments": 4,
+        "takeover_steps": 300,
+    }
     assert counted[1]["env_steps"] == 800 and counted[1]["wall_s"] == 11.0
 
 
@@ -138,28 +161,28 @@ def test_the_prior_deployed_through_the_fleet_reaches_the_store_whole(tmp_path):
 # The `demo` config at tiny shapes and budgets: 2 test and validation contexts, one round or iteration,
 # the shapes tests/test_patch_cli.py compiles (with the same tiny prior, so one compiles for the other).
 TINY = [
-    "--model.width", "32", "--model.prompt-dim", "8", "--model.ensemble", "2", "--model.value-bins", "11",
-    "--pretrain.demos-per-task", "4", "--pretrain.steps", "10", "--pretrain.batch-size", "16",
-    "--pretrain.warmup-steps", "2", "--pretrain.log-every", "10", "--pretrain.checkpoint-every", "10",
-    "--patch.rounds", "1", "--patch.envs-per-round", "4", "--patch.updates-per-round", "2",
-    "--patch.eval-episodes", "2", "--patch.validation-episodes", "2", "--patch.offline-episodes", "4",
-    "--patch.capacity", "64", "256", "64", "--patch.sft-demos", "2", "--patch.sft-steps", "10",
-    "--patch.hg-dagger-rounds", "1", "--patch.seeds", "0", "--patch.false-alarms",
-    "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2",
-    "--sac.critic-pretrain-steps", "3",
-    "--pro.net.width", "32", "--pro.steps", "10", "--pro.log-every", "10", "--pro.batch-size", "16",
-    "--pro.warmup-steps", "2", "--pro.rank-samples", "2", "--pro.heldout", "0.5",
-    "--recap.iterations", "1", "--recap.autonomous-per-iteration", "4",
-    "--recap.corrected-per-iteration", "4", "--recap.offline-episodes", "4", "--recap.value-steps", "5",
-    "--recap.policy-steps", "5", "--recap.batch-size", "16", "--recap.eval-episodes", "2",
-    "--recap.guidance-sweep", "1", "--recap.seeds", "0",
-    "--ript.sft-demos", "2", "--ript.iterations", "1", "--ript.group-size", "2",
-    "--ript.groups-per-call", "2", "--ript.rollouts-per-iteration", "4", "--ript.contexts", "2",
-    "--ript.epochs", "1", "--ript.minibatches", "1",
-    "--ript.eval-episodes", "2", "--ript.seeds", "0",
-    "--demo.robots", "2", "--demo.episodes-per-robot", "3", "--demo.trigger-rounds", "1",
-    "--compile-cache", str(REPO_ROOT / ".cache" / "jax"),
-]  # fmt: skip
+    *(
+        "--model.width 32 --model.prompt-dim 8 --model.ensemble 2 --model.value-bins 11 "
+        "--pretrain.demos-per-task 4 --pretrain.steps 10 --pretrain.batch-size 16 "
+        "--pretrain.optimizer.warmup-steps 2 --pretrain.log-every 10 --pretrain.checkpoint-every 10 "
+        "--patch.rounds 1 --patch.envs-per-round 4 --patch.updates-per-round 2 "
+        "--target.eval-episodes 2 --patch.validation-episodes 2 --patch.offline-episodes 4 "
+        "--patch.capacity 64 256 64 --patch.sft-demos 2 --patch.sft-steps 10 "
+        "--patch.hg-dagger-rounds 1 --target.seeds 0 --patch.false-alarms "
+        "--sac.batch-size 16 --sac.utd 2 --sac.critic-warmup 2 --sac.critic-pretrain-steps 3 "
+        "--pro.net.width 32 --pro.steps 10 --pro.log-every 10 --pro.batch-size 16 "
+        "--pro.optimizer.warmup-steps 2 --pro.rank-samples 2 --pro.heldout 0.5 "
+        "--recap.iterations 1 --recap.autonomous-per-iteration 4 "
+        "--recap.corrected-per-iteration 4 --recap.offline-episodes 4 --recap.value-steps 5 "
+        "--recap.policy-steps 5 --recap.batch-size 16 --recap.guidance-sweep 1 "
+        "--ript.sft-demos 2 --ript.iterations 1 --ript.group-size 2 "
+        "--ript.groups-per-call 2 --ript.rollouts-per-iteration 4 --ript.contexts 2 "
+        "--ript.epochs 1 --ript.minibatches 1 "
+        "--demo.robots 2 --demo.episodes-per-robot 3 --demo.trigger-rounds 1"
+    ).split(),
+    "--compile-cache",
+    str(REPO_ROOT / ".cache" / "jax"),
+]
 
 
 def table_cells(text: str, first_column: str) -> dict[str, list[str]]:

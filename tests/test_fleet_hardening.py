@@ -42,8 +42,12 @@ def openpi_pack(obj) -> bytes:
 
     def encode(value):
         if isinstance(value, np.ndarray):
-            return {b"__ndarray__": True, b"data": value.tobytes(), b"dtype": value.dtype.str,
-                    b"shape": list(value.shape)}  # fmt: skip
+            return {
+                b"__ndarray__": True,
+                b"data": value.tobytes(),
+                b"dtype": value.dtype.str,
+                b"shape": list(value.shape),
+            }
         if isinstance(value, np.generic):
             return {b"__npgeneric__": True, b"data": value.item(), b"dtype": value.dtype.str}
         raise TypeError(type(value))
@@ -51,9 +55,16 @@ def openpi_pack(obj) -> bytes:
     return msgpack.packb(obj, default=encode, use_bin_type=True)
 
 
-def request(srv: Server, method: str, path: str, body: bytes | None = None, *,
-            token: str | None = "robot-0", auth: str = "Bearer",
-            content_type: str | None = "application/msgpack") -> tuple[int, dict]:  # fmt: skip
+def request(
+    srv: Server,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    *,
+    token: str | None = "robot-0",
+    auth: str = "Bearer",
+    content_type: str | None = "application/msgpack",
+) -> tuple[int, dict]:
     """(status, JSON answer) of one raw HTTP request; `token` a robot name, or None for no header."""
     headers = {}
     if token is not None:
@@ -109,8 +120,9 @@ def test_zero_d_metadata_in_openpi_encoding_is_stored_and_compacted(server):
     """Finding 1: np.array(True) in openpi's encoding (shape []) got 200, then stopped compaction for good."""
     batch = episodes(4, seed=100)
     for ep in batch:
-        ep["episode_metadata"].update(success=np.array(True), operator_reward=np.array(0.5, np.float32),
-                                      retries=np.array(2, np.int64))  # fmt: skip
+        ep["episode_metadata"].update(
+            success=np.array(True), operator_reward=np.array(0.5, np.float32), retries=np.array(2, np.int64)
+        )
     status, answer = push(server, batch, pack=openpi_pack)
     assert status == 200 and answer["stored"] == ids_of(batch)
     wait_for(lambda: set(ids_of(batch)) <= set(part_ids(server.root)), "the 0-d episodes to be compacted")
@@ -157,10 +169,14 @@ def schema_valid_episodes(draw):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    batch=st.lists(schema_valid_episodes(), min_size=1, max_size=3,
-                   unique_by=lambda episode: episode["episode_metadata"]["episode_id"]),
+    batch=st.lists(
+        schema_valid_episodes(),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda episode: episode["episode_metadata"]["episode_id"],
+    ),
     openpi=st.booleans(),
-)  # fmt: skip
+)
 def test_every_accepted_episode_compacts_and_reads_back(tmp_path_factory, batch, openpi):
     """The property behind finding 1: whatever the validation accepts, through either encoder, the store
     writes into RLDS and reads back with the same values."""
@@ -181,9 +197,16 @@ def test_every_accepted_episode_compacts_and_reads_back(tmp_path_factory, batch,
 # ------------------------------------------------------------------------- 7. ranges that fit RLDS
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("retries", 2**40), ("retries", -(2**63)), ("retries", -1), ("operator_reward", 1e300),
-     ("cycle_time", -1e39), ("cycle_time", float("inf")), ("operator_reward", float("nan"))],
-)  # fmt: skip
+    [
+        ("retries", 2**40),
+        ("retries", -(2**63)),
+        ("retries", -1),
+        ("operator_reward", 1e300),
+        ("cycle_time", -1e39),
+        ("cycle_time", float("inf")),
+        ("operator_reward", float("nan")),
+    ],
+)
 def test_out_of_range_metadata_is_refused_naming_the_field(server, field, value):
     batch = episodes(1, seed=200)
     batch[0]["episode_metadata"][field] = value
@@ -202,9 +225,14 @@ def test_an_error_quotes_a_huge_bad_value_briefly(server):
 # -------------------------------------------------------------------------- 2. canonical UUIDs only
 def spellings(canonical: str) -> dict[str, str]:
     fullwidth = canonical.translate({ord(d): ord(d) - ord("0") + ord("０") for d in "0123456789"})
-    return {"upper case": canonical.upper(), "braces": "{" + canonical + "}", "urn": "urn:uuid:" + canonical,
-            "no dashes": canonical.replace("-", ""), "newline for a digit": canonical[:-1] + "\n",
-            "fullwidth digits": fullwidth}  # fmt: skip
+    return {
+        "upper case": canonical.upper(),
+        "braces": "{" + canonical + "}",
+        "urn": "urn:uuid:" + canonical,
+        "no dashes": canonical.replace("-", ""),
+        "newline for a digit": canonical[:-1] + "\n",
+        "fullwidth digits": fullwidth,
+    }
 
 
 @pytest.mark.parametrize("spelling", sorted(spellings(str(uuid.uuid4()))))
@@ -272,14 +300,27 @@ def test_params_versions_are_ascii_digits_only(server, version):
 
 @pytest.mark.parametrize(
     "body",
-    [msgpack.packb({b"policy_version": 1}), msgpack.packb({"policy_version": 1, "loop_p99_ms": float("nan")}),
-     msgpack.packb({"policy_version": "v1"}), msgpack.packb({"spool_episodes": -1}),
-     msgpack.packb({"note": "x" * 1000}), msgpack.packb([1, 2])],
+    [
+        msgpack.packb({b"policy_version": 1}),
+        msgpack.packb({"policy_version": 1, "loop_p99_ms": float("nan")}),
+        msgpack.packb({"policy_version": "v1"}),
+        msgpack.packb({"spool_episodes": -1}),
+        msgpack.packb({"note": "x" * 1000}),
+        msgpack.packb([1, 2]),
+    ],
     ids=["bytes key", "NaN value", "text version", "negative spool", "long text", "not a map"],
-)  # fmt: skip
+)
 def test_bad_heartbeats_are_refused_and_the_robot_table_stays_json(server, body):
-    assert request(server, "POST", "/v1/heartbeat", wire.packb({"policy_version": 1, "spool_episodes": 2}),
-                   token="robot-1")[0] == 200  # fmt: skip
+    assert (
+        request(
+            server,
+            "POST",
+            "/v1/heartbeat",
+            wire.packb({"policy_version": 1, "spool_episodes": 2}),
+            token="robot-1",
+        )[0]
+        == 200
+    )
     status, answer = request(server, "POST", "/v1/heartbeat", body, token="robot-1")
     assert status == 422, answer
     status, robots = request(server, "GET", "/v1/robots")  # strict JSON: NaN would not parse

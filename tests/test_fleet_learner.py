@@ -68,7 +68,7 @@ def fleet_root(tmp_path_factory) -> pathlib.Path:
 
 
 def learner_process(root: pathlib.Path, prior: pathlib.Path) -> subprocess.Popen:
-    args = ["debug", "--fleet.prior", str(prior), "--fleet.root", str(root), *LEARNER_ARGS]
+    args = ["debug", "--target.prior", str(prior), "--fleet.root", str(root), *LEARNER_ARGS]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.Popen(
         [sys.executable, "-m", "tools.fleet_learner", *args],
@@ -127,10 +127,9 @@ def test_a_planted_bad_policy_is_stopped_by_the_gate(fleet_root, tmp_path):
         return float(np.mean(np.sign(actor_policy.loads(data).infer(obs)["actions"]) == np.sign(reference)))
 
     base = configs.get_config("debug")
-    fleet_config = configs.FleetConfig(
-        prior=str(fleet_root / "prior"), root=str(tmp_path), offline_data="", gate_margin=0.1
-    )
-    config = configs.dataclasses.replace(base, fleet=fleet_config)
+    fleet_config = configs.FleetConfig(root=str(tmp_path), offline_data="", gate_margin=0.1)
+    target = configs.TargetConfig(prior=str(fleet_root / "prior"))
+    config = configs.dataclasses.replace(base, fleet=fleet_config, target=target)
     learner = FleetLearner(config, evaluation=agreement)
     params = learner.prior.params
     key = jax.random.key(1)
@@ -169,15 +168,16 @@ def test_the_pro_gate_scores_the_twin_episodes_of_the_success_gate(fleet_root, t
     """The real "sim+pro" gate: the C twin runs the prior's file through the numpy client once, and
     PRO scores those very episodes."""
     base = configs.get_config("debug")
-    learner = FleetLearner(configs.dataclasses.replace(base, fleet=configs.FleetConfig(
-        prior=str(fleet_root / "prior"), root=str(tmp_path), offline_data="")))  # fmt: skip
+    target = configs.TargetConfig(prior=str(fleet_root / "prior"))
+    fleet = configs.FleetConfig(root=str(tmp_path), offline_data="")
+    learner = FleetLearner(configs.dataclasses.replace(base, fleet=fleet, target=target))
     write_tiny_state_pro(tmp_path / "pro", learner.prior.stats)
     fleet = configs.FleetConfig(gate="sim+pro", pro=str(tmp_path / "pro"), gate_episodes=1)
-    gate = gates.make_gate(fleet)
+    gate = gates.make_gate(fleet, target)
     data = learner.registry.read(0)
     verdict = gate.check(data, data)
     assert verdict["passed"] and verdict["candidate"] == verdict["current"]
     pro_verdict = verdict["monitors"]["pro"]
     assert np.isfinite(pro_verdict["candidate"]) and pro_verdict["candidate"] == pro_verdict["current"]
     with pytest.raises(ValueError, match="needs a trained PRO"):
-        gates.make_gate(configs.FleetConfig(gate="sim+pro"))
+        gates.make_gate(configs.FleetConfig(gate="sim+pro"), target)

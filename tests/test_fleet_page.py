@@ -86,18 +86,22 @@ def fleet(tmp_path_factory):
     """A live service: 2 versions (the second gated), robot-0 runs v1 then v2, robot-1 runs v2 with the
     operator taking over in some episodes; one heartbeat. Returns (server, page url, what was pushed)."""
     page_port = free_port()
-    srv = Server(tmp_path_factory.mktemp("page"), "--fleet.compact-every", "1000", "--fleet.page-port",
-                 str(page_port))  # fmt: skip
+    srv = Server(
+        tmp_path_factory.mktemp("page"), "--fleet.compact-every", "1000", "--fleet.page-port", str(page_port)
+    )
     srv.start()
     registry = ParamsRegistry(srv.root / "params")
     registry.publish(policy_file(1, None), {"initial": True})
-    registry.publish(policy_file(2, 1, seed=1), {"candidate": 0.625, "current": 0.5, "margin": 0.05,
-                                                   "passed": True})  # fmt: skip
+    registry.publish(
+        policy_file(2, 1, seed=1), {"candidate": 0.625, "current": 0.5, "margin": 0.05, "passed": True}
+    )
     # (robot, version): (episodes, success of each, operator takeover in each)
     yes, no = True, False
-    plan = {("robot-0", "1"): (4, [yes, no, no, no], [no] * 4),
-            ("robot-0", "2"): (4, [yes, yes, yes, no], [no] * 4),
-            ("robot-1", "2"): (5, [yes, yes, no, no, no], [yes, yes, no, yes, no])}  # fmt: skip
+    plan = {
+        ("robot-0", "1"): (4, [yes, no, no, no], [no] * 4),
+        ("robot-0", "2"): (4, [yes, yes, yes, no], [no] * 4),
+        ("robot-1", "2"): (5, [yes, yes, no, no, no], [yes, yes, no, yes, no]),
+    }
     pushed = []
     for seed, ((robot, version), (n, wins, takeovers)) in enumerate(plan.items()):
         batch = episodes(n, robot=robot, seed=2000 + seed)
@@ -119,8 +123,13 @@ def rate(flags: list[bool]) -> str:
 def test_the_fleet_page_shows_robots_versions_outcomes_and_backlog_in_chromium(fleet):
     srv, url, pushed = fleet
     # --dump-dom prints the document as the browser built it after load; no token is sent.
-    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
-                            capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     shown = parse(result.stdout)
 
     robots = rows(shown, "robots")
@@ -157,8 +166,17 @@ def test_the_page_has_its_own_listener_and_the_api_keeps_its_tokens(fleet):
 
 def test_what_robots_send_is_escaped_on_the_page():
     hostile = "<script>alert(1)</script>"
-    summaries = [{"seq": 0, "episode_id": "x", "robot_id": "robot-0", "policy_version": hostile + "$x$",
-                  "success": True, "takeover": False, "time": 1.0e9}]  # fmt: skip
+    summaries = [
+        {
+            "seq": 0,
+            "episode_id": "x",
+            "robot_id": "robot-0",
+            "policy_version": hostile + "$x$",
+            "success": True,
+            "takeover": False,
+            "time": 1.0e9,
+        }
+    ]
     robots = {"robot-0": {"policy_version": 1, "spool_episodes": 0, "note": hostile, "last_seen": 1.0e9}}
     store = {"episodes": 1, "compaction_backlog": 1, "quarantined": 0, "compacting": False}
     document = fleet_page.render(robots, [], summaries, store, now=1.0e9 + 5)

@@ -56,8 +56,9 @@ def policy_file(version: int, parent: int | None, seed: int = 0) -> bytes:
     obs = MODEL.fake_observation(jax.random.key(0), 64)
     stats = normalization.compute(jax.device_get(obs))
     target = pathlib.Path(tempfile.gettempdir()) / f"fleet-policy-{os.getpid()}-{version}-{seed}.msgpack"
-    path = export.write(target, MODEL, params,
-                        stats, version=version, parent_version=parent, config_hash="test")  # fmt: skip
+    path = export.write(
+        target, MODEL, params, stats, version=version, parent_version=parent, config_hash="test"
+    )
     data = path.read_bytes()
     path.unlink()
     return data
@@ -75,14 +76,17 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        args = ["debug", "--fleet.no-learner", "--fleet.root", str(self.root), "--fleet.port", str(self.port),
-                "--fleet.tokens", str(self.root / "tokens.json"), "--fleet.compact-every", "8",
-                "--fleet.max-body-mb", "4", "--fleet.max-steps", "300", "--fleet.page-port", "0",
-                *self.extra]  # fmt: skip
+        args = [
+            *("debug", "--fleet.no-learner", "--fleet.root", str(self.root), "--fleet.port", str(self.port)),
+            *("--fleet.tokens", str(self.root / "tokens.json"), "--fleet.compact-every", "8"),
+            *("--fleet.max-body-mb", "4", "--fleet.max-steps", "300", "--fleet.page-port", "0"),
+            *self.extra,
+        ]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         command = [sys.executable, "-m", "jaxvla.cli", "serve", *args]
-        self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)  # fmt: skip
+        self.process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -204,14 +208,14 @@ def malformed_bodies():
             ),
             400,
             "bytes",
-        ),  # fmt: skip
+        ),
         "object dtype": (
             lambda seed: msgpack.packb(
                 {"protocol": 1, "episodes": [{"__ndarray__": True, "data": b"", "dtype": "|O", "shape": [0]}]}
             ),
             400,
             "dtype",
-        ),  # fmt: skip
+        ),
         "not a map": (lambda seed: msgpack.packb([1, 2, seed]), 422, "map"),
         "wrong protocol": (lambda seed: msgpack.packb({"protocol": 99, "episodes": []}), 422, "protocol"),
         "no episodes": (lambda seed: wire.packb({"protocol": 1, "episodes": []}), 422, "episodes"),
@@ -227,14 +231,14 @@ def malformed_bodies():
             set_step("reward", lambda r: np.where(np.arange(len(r)) == 1, np.nan, r).astype(np.float32)),
             422,
             "non-finite",
-        ),  # fmt: skip
+        ),
         "inf": (set_obs("telemetry", lambda a: np.full_like(a, np.inf)), 422, "non-finite"),
         "too many steps": (lambda seed: wire.episodes_body(episodes(1, seed=seed, length=301)), 422, "limit"),
         "oversized body": (
             lambda seed: wire.packb({"protocol": 1, "episodes": [], "pad": b"x" * (5 << 20)}),
             413,
             "limit",
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -382,8 +386,9 @@ def test_slow_disk_does_not_block_the_event_loop(tmp_path):
             time.sleep(1.0)
             return super().commit(episode)
 
-    service = service_module.Service(SlowStore(tmp_path / "store"), ParamsRegistry(tmp_path / "params"),
-                                     {TOKENS["robot-0"]: "robot-0"})  # fmt: skip
+    service = service_module.Service(
+        SlowStore(tmp_path / "store"), ParamsRegistry(tmp_path / "params"), {TOKENS["robot-0"]: "robot-0"}
+    )
     order = []
 
     async def run():

@@ -173,7 +173,7 @@ def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
     model = config.model
     graphdef, params = nnx.split(model.create_policy(0), nnx.Param)
     stats = normalization.compute(jax.device_get(model.fake_observation(jax.random.key(0), 256)))
-    return Prior(config, graphdef, params, stats, 0, run_dir)
+    return Prior(model, "test", graphdef, params, stats, 0, run_dir)
 
 
 @pytest.mark.slow
@@ -184,7 +184,6 @@ def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
         rounds=2,
         envs_per_round=4,
         updates_per_round=2,
-        eval_episodes=2,
         validation_episodes=2,
         capacity=(64, 256, 64),
         reward="pro",
@@ -192,7 +191,8 @@ def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
     )
     pro_config = dataclasses.replace(base.pro, batch_size=8, refresh_steps=2)
     sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
-    config = dataclasses.replace(base, patch=patching, sac=sac, pro=pro_config)
+    target = dataclasses.replace(base.target, eval_episodes=2)
+    config = dataclasses.replace(base, target=target, patch=patching, sac=sac, pro=pro_config)
     prior = tiny_prior(config, tmp_path / "prior")
     write_tiny_state_pro(tmp_path / "pro", prior.stats)  # the run reads its net from the checkpoint
     straight, params = patch.run_patching(config, prior, [], tmp_path, seed=0, progress=False)

@@ -4,12 +4,14 @@ Its own file so that pytest-xdist runs it beside tests/test_patch.py rather than
 the patching programs, and together they are the suite's longest stretch.
 """
 
+import dataclasses
 import json
 
 import pytest
 from conftest import COMPILE_CACHE
 from conftest import write_tiny_prior
 
+import configs
 from tools import patch as tools_patch
 
 
@@ -20,15 +22,16 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
     finished seed back; a rerun under other settings refuses to mix them in."""
     write_tiny_prior(tmp_path / "prior")
     overrides = [
-        "--patch.prior", str(tmp_path / "prior"), "--patch.rounds", "1", "--patch.envs-per-round", "4",
-        "--patch.updates-per-round", "2", "--patch.eval-episodes", "2", "--patch.validation-episodes", "2",
-        "--patch.offline-episodes", "4", "--patch.capacity", "64", "256", "64", "--patch.sft-demos", "2",
-        "--patch.sft-steps", "10", "--patch.hg-dagger-rounds", "1", "--patch.seeds", "0",
-        "--sac.batch-size", "16", "--sac.utd", "2", "--sac.critic-warmup", "2",
-        "--sac.critic-pretrain-steps", "3", "--pretrain.data-dir", str(tmp_path / "data"),
-        "--out-dir", str(tmp_path / "runs"),
-        "--compile-cache", str(COMPILE_CACHE),
-    ]  # fmt: skip
+        *(
+            "--patch.rounds 1 --patch.envs-per-round 4 --patch.updates-per-round 2 "
+            "--target.eval-episodes 2 --patch.validation-episodes 2 --patch.offline-episodes 4 "
+            "--patch.capacity 64 256 64 --patch.sft-demos 2 --patch.sft-steps 10 "
+            "--patch.hg-dagger-rounds 1 --target.seeds 0 "
+            "--sac.batch-size 16 --sac.utd 2 --sac.critic-warmup 2 --sac.critic-pretrain-steps 3"
+        ).split(),
+        *("--target.prior", str(tmp_path / "prior"), "--pretrain.data-dir", str(tmp_path / "data")),
+        *("--out-dir", str(tmp_path / "runs"), "--compile-cache", str(COMPILE_CACHE)),
+    ]
     assert tools_patch.main(["debug", *overrides]) == 0
     out = tmp_path / "runs" / "patch-pick_place-deploy"
     report = json.loads((out / "report.json").read_text())
@@ -53,3 +56,26 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
     assert json.loads((out / "report.json").read_text())["seeds"] == report["seeds"]
     with pytest.raises(SystemExit, match="other settings"):
         tools_patch.main(["debug", *overrides, "--patch.sft-steps", "11"])
+
+
+def test_a_seed_finished_before_the_target_and_operator_sections_is_still_read_back(tmp_path):
+    """arms.json written when the prior, task, split, test contexts and operator triggers were `patch`
+    settings (and the operator's other fields were not settings) matches a rerun of the same settings, and
+    still refuses a rerun under other ones."""
+    config = configs.get_config("debug")
+    settings = json.loads(json.dumps(tools_patch.run_settings(config)))
+    moved = {"prior", "task", "split", "eval_episodes"}
+    triggers = {"slip", "force", "stall_steps", "disagreement", "lookahead", "calm_steps", "max_segment"}
+    old_patch = {
+        **settings["patch"],
+        "seeds": [0, 1, 2],
+        **{k: v for k, v in settings["target"].items() if k in moved},
+        **{k: v for k, v in settings["operator"].items() if k in triggers},
+    }
+    old = {k: v for k, v in settings.items() if k not in ("target", "operator")} | {"patch": old_patch}
+    assert tools_patch.upgraded(old) == settings
+    (tmp_path / tools_patch.SEED_RESULT).write_text(json.dumps({"settings": old, "arms": {}}))
+    assert tools_patch.finished_seed(tmp_path, tools_patch.run_settings(config))["arms"] == {}
+    other = dataclasses.replace(config, operator=dataclasses.replace(config.operator, slip=0.9))
+    with pytest.raises(SystemExit, match="other settings"):
+        tools_patch.finished_seed(tmp_path, tools_patch.run_settings(other))

@@ -16,6 +16,7 @@ from learner import bc
 from learner import dataset
 from learner import pretrain
 from learner import sharding
+from learner.checkpoints import Checkpoints
 
 
 def fake_episodes(count: int, steps: int, seed: int = 0) -> list[dict]:
@@ -107,7 +108,28 @@ def test_resume_gives_the_same_next_step(tmp_path):
     assert _losses(tmp_path / "resumed")[3] == _losses(tmp_path / "straight")[3]
     jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
     loaded = pretrain.load(tmp_path / "resumed")
-    assert loaded.step == 3 and loaded.config == _config(3)
+    assert loaded.step == 3 and loaded.model == _config(3).model
+    assert loaded.config_hash == resumed.config_hash == pretrain.config_hash(dataclasses.asdict(_config(3)))
     jax.tree.map(np.testing.assert_array_equal, loaded.params, straight.params)
     for key in loaded.stats:
         np.testing.assert_array_equal(loaded.stats[key]["mean"], straight.stats[key]["mean"])
+
+
+def test_a_prior_saved_under_an_older_config_still_loads(tmp_path):
+    """Only the model is rebuilt from a checkpoint, so one written before the `target` section and the
+    `patch_size` name (its config held `patch.prior`, its model `patch`) loads, hashed as stored."""
+    model = configs.get_config("debug").model
+    graphdef, params = nnx.split(model.create_policy(0), nnx.Param)
+    state = bc.init_state(params, bc.make_optimizer(1.0, 1, 0, 0.0))
+    old_model = model.to_dict()
+    old_model["patch"] = old_model.pop("patch_size")
+    old_config = {"name": "debug", "patch": {"prior": "runs/default"}, "model": old_model}
+    stats = normalization.compute(jax.device_get(model.fake_observation(jax.random.key(0), 8)))
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    meta = {"config": old_config, "model": old_model, "stats": normalization.to_lists(stats)}
+    checkpoints.save(7, state, meta)
+    checkpoints.close()
+    prior = pretrain.load(tmp_path)
+    assert prior.model == model
+    assert prior.config_hash == pretrain.config_hash(old_config)
+    jax.tree.map(np.testing.assert_array_equal, prior.params, params)

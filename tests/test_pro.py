@@ -341,8 +341,10 @@ def written_windows(buffer: replay.Buffer, window: int, chunk: int) -> dict:
 @pytest.mark.parametrize("devices", [1, 4])
 def test_replay_windows_equal_the_padded_dataset_windows(devices, model):
     lengths = [3, 6, 9, 5, 7, 4, 8, 2]
-    episodes = [fake_episode(n, success=i % 3 > 0, events={n - 1: "slip"} if i % 2 else (), retries=i % 2,
-                             seed=i) for i, n in enumerate(lengths)]  # fmt: skip
+    episodes = [
+        fake_episode(n, success=i % 3 > 0, events={n - 1: "slip"} if i % 2 else (), retries=i % 2, seed=i)
+        for i, n in enumerate(lengths)
+    ]
     buffer = pro.fill_replay(episodes, PC, sharding.make_mesh(jax.devices()[:devices]))
     got = written_windows(buffer, NET.window, NET.chunk)
     # Every step once: find each window's step t among the flat steps by its (unique, random) observation.
@@ -370,8 +372,9 @@ def test_a_pro_update_on_four_devices_equals_the_single_device_update(model):
     episodes = [fake_episode(n, success=i % 2 == 0, retries=i, seed=i) for i, n in enumerate([5, 7, 6, 9])]
     buffer = pro.fill_replay(episodes, PC, sharding.make_mesh(jax.devices()[:1]))
     sample = jax.jit(pro.sample_pairs, static_argnums=2, static_argnames=("window", "chunk", "faster_margin"))
-    batch = jax.device_get(sample(buffer, jax.random.key(0), 16, window=NET.window, chunk=NET.chunk,
-                                  faster_margin=0.5))  # fmt: skip
+    batch = jax.device_get(
+        sample(buffer, jax.random.key(0), 16, window=NET.window, chunk=NET.chunk, faster_margin=0.5)
+    )
     assert np.any(batch["preference"] != 0)  # the comparison loss takes part
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:4]):
@@ -489,8 +492,14 @@ def test_relabel_shapes_the_sparse_reward_with_a_state_only_pro(state_model, mod
     sparse[0, 4] = 1.0
     terminal = np.zeros((2, 5), bool)
     terminal[0, 4] = terminal[1, 2] = True
-    block = {"obs": obs, "action": jnp.asarray(actions), "valid": jnp.asarray(valid), "reward": sparse,
-             "terminal": terminal, "reward_source": jnp.zeros((2, 5), jnp.int8)}  # fmt: skip
+    block = {
+        "obs": obs,
+        "action": jnp.asarray(actions),
+        "valid": jnp.asarray(valid),
+        "reward": sparse,
+        "terminal": terminal,
+        "reward_source": jnp.zeros((2, 5), jnp.int8),
+    }
     out = pro.relabel(state_model, block, jnp.array([True, False]), gamma=0.9, beta=1.0, risk_weight=0.0)
     phi = pro.score_episodes(state_model, episodes, length=5, batch=2)
     for b, n in ((0, 5), (1, 3)):

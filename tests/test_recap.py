@@ -48,8 +48,9 @@ def test_value_targets_are_steps_to_success_and_failures_sit_at_the_bottom():
     )
 
 
-def n_step_advantage(rewards: jax.Array, values: jax.Array, valid: jax.Array, n: int,
-                     value_range: tuple[float, float]) -> jax.Array:  # fmt: skip
+def n_step_advantage(
+    rewards: jax.Array, values: jax.Array, valid: jax.Array, n: int, value_range: tuple[float, float]
+) -> jax.Array:
     """The reference: A_t = clip(sum_{k<n} r_{t+k} + V(o_{t+n})) - V(o_t) over padded episode rows [E, T],
     the bootstrap 0 past the end (as Recap computed it before its data moved into the replay)."""
     steps = rewards.shape[1]
@@ -139,7 +140,7 @@ def test_classifier_free_guidance_extrapolates_the_mean():
 def test_the_conditioned_policy_starts_as_the_prior_for_every_indicator():
     config = configs.get_config("debug")
     graphdef, params = nnx.split(config.model.create_policy(0), nnx.Param)
-    prior = Prior(config, graphdef, params, {}, 0, None)
+    prior = Prior(config.model, "test", graphdef, params, {}, 0, None)
     conditioned_graphdef, conditioned = recap.conditioned_policy(prior, seed=3)
     obs = config.model.fake_observation(jax.random.key(0), 3)
     want = models.apply(graphdef, params, obs)
@@ -208,12 +209,16 @@ def test_advantages_on_the_replay_equal_those_of_the_padded_rows(devices):
     values = block["obs"]["proprio"][..., 1]
     valid = jnp.asarray(block["valid"])
     want = n_step_advantage(block["reward"], values, valid, TARGETS.n, TARGETS.value_range)
-    np.testing.assert_allclose(np.asarray(got["advantage"])[written], np.asarray(want)[ids // 100, ids % 100],
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(got["advantage"])[written], np.asarray(want)[ids // 100, ids % 100], atol=1e-6
+    )
     # Stored per step at insertion: the value target and the episode's success.
     targets = recap.value_targets(block["reward"], TARGETS.value_range)
-    np.testing.assert_allclose(np.asarray(buffer.extras["value_target"])[written],
-                               np.asarray(targets)[ids // 100, ids % 100], atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(buffer.extras["value_target"])[written],
+        np.asarray(targets)[ids // 100, ids % 100],
+        atol=1e-6,
+    )
     stored_success = np.asarray(buffer.extras["success"])[written]
     np.testing.assert_array_equal(stored_success, np.asarray(success)[ids // 100])
 
@@ -275,13 +280,13 @@ def tiny_prior() -> Prior:
     config = configs.get_config("debug")
     graphdef, params = nnx.split(config.model.create_policy(0), nnx.Param)
     stats = normalization.compute(jax.device_get(config.model.fake_observation(jax.random.key(9), 64)))
-    return Prior(config, graphdef, params, stats, 0, None)
+    return Prior(config.model, "test", graphdef, params, stats, 0, None)
 
 
 @pytest.mark.parametrize("network", ["policy", "value"])
 def test_a_recap_update_on_four_devices_equals_the_single_device_update(network):
     prior = tiny_prior()
-    config, model = prior.config, prior.config.model
+    config, model = configs.get_config("debug"), prior.model
     keys = jax.random.split(jax.random.key(1), 4)
     batch = {
         "obs": model.fake_observation(keys[0], 16),
@@ -349,12 +354,15 @@ def test_the_guided_actor_takes_beta_as_an_input_and_is_the_conditioned_policy_a
     assert act._cache_size() == 1  # one compile for every beta
 
 
-def test_jaxvla_recap_defaults_to_deploy_and_the_command_line_overrides_it():
+def test_jaxvla_recap_has_its_own_defaults_and_the_command_line_overrides_them():
     from tools import recap as recap_command
 
-    config = configs.cli_with_defaults(["debug"], recap_command.PROG, "recap", recap_command.DEFAULTS)
-    assert config.recap.split == "deploy" and config.recap.demo_share == 0.5
-    assert configs.get_config("debug").recap.split == "novel"  # the registry itself is untouched
-    argv = ["debug", "--recap.split", "novel", "--recap.guidance-sweep", "1", "2"]
-    config = configs.cli_with_defaults(argv, recap_command.PROG, "recap", recap_command.DEFAULTS)
-    assert config.recap.split == "novel" and config.recap.guidance_sweep == (1.0, 2.0)
+    def parse(*flags):
+        argv = ["debug", *flags]
+        return configs.cli(argv, recap_command.PROG, recap_command.SECTIONS, recap_command.DEFAULTS)
+
+    config = parse()
+    assert (config.target.split, config.target.eval_episodes, config.recap.demo_share) == ("deploy", 64, 0.5)
+    assert configs.get_config("debug").target.eval_episodes == 256  # the registry itself is untouched
+    config = parse("--target.split", "novel", "--recap.guidance-sweep", "1", "2")
+    assert config.target.split == "novel" and config.recap.guidance_sweep == (1.0, 2.0)

@@ -61,11 +61,25 @@ def test_every_relative_link_resolves(doc):
         assert resolved.exists() or pending, f"{doc} links to {target}, which does not exist"
 
 
-def test_ruff_finds_nothing_to_fix():
-    """CI lints: the ruff rules in pyproject.toml hold over the whole tree."""
-    done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO_ROOT, capture_output=True,
-                          text=True)  # fmt: skip
+@pytest.mark.parametrize("command", [("check", "."), ("format", "--check", ".")], ids=["lint", "format"])
+def test_ruff_finds_nothing_to_fix(command):
+    """CI runs ruff: its rules and its format (pyproject.toml) hold over the whole tree."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", *command], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_no_statement_is_exempt_from_the_formatter():
+    markers = ("fmt: " + "skip", "fmt: " + "off")  # split, so this file does not carry them
+    folders = ("configs", "envs", "examples", "jaxvla", "learner", "tests", "tools")
+    exempt = [
+        path.relative_to(REPO_ROOT).as_posix()
+        for folder in folders
+        for path in sorted((REPO_ROOT / folder).rglob("*.py"))
+        if any(marker in path.read_text() for marker in markers)
+    ]
+    assert not exempt
 
 
 def test_conftest_gives_four_cpu_devices():
@@ -204,7 +218,7 @@ def test_configs_are_frozen():
 
 def test_bad_split_is_rejected():
     with pytest.raises(ValueError, match="split"):
-        configs.EnvConfig(split="test")  # type: ignore[arg-type]
+        configs.TargetConfig(split="test")  # type: ignore[arg-type]
 
 
 def test_cli_overrides_a_nested_field():
@@ -216,4 +230,63 @@ def test_cli_overrides_a_nested_field():
 
 def test_cli_rejects_an_unknown_split():
     with pytest.raises(SystemExit):
-        configs.cli(["debug", "--env.split", "test"])
+        configs.cli(["debug", "--target.split", "test"])
+
+
+def test_the_target_section_alone_names_the_prior_task_split_seeds_and_test_contexts():
+    """One place per setting, so `--target.task sort` moves patching, Recap, RIPT, PRO and the fleet
+    together. Pretraining has no target: it makes the prior, over every task in `pretrain.tasks`, and its
+    `eval_episodes` are its periodic evaluations'."""
+    shared = {"prior", "task", "split", "seeds", "eval_episodes"}
+    assert shared == {field.name for field in dataclasses.fields(configs.TargetConfig)}
+    for section in configs.SECTIONS:
+        if section in ("target", "pretrain"):
+            continue
+        names = {field.name for field in dataclasses.fields(getattr(configs.get_config("debug"), section))}
+        assert not names & shared, section
+    config = configs.cli(["debug", "--target.task", "sort", "--target.seeds", "4"])
+    assert (config.target.task, config.target.seeds) == ("sort", (4,))
+
+
+def command_sections() -> dict[str, tuple[str, ...]]:
+    """The sections each command that starts from a prior reads."""
+    from tools import patch
+    from tools import pro
+    from tools import recap
+    from tools import ript
+    from tools import serve
+
+    return {
+        "patch": patch.SECTIONS,
+        "pro": pro.SECTIONS,
+        "recap": recap.SECTIONS,
+        "ript": ript.SECTIONS,
+        "serve": serve.SECTIONS,
+    }
+
+
+@pytest.mark.parametrize("command", ["patch", "pro", "recap", "ript", "serve"])
+def test_a_command_that_takes_its_model_from_the_prior_rejects_model_flags(command):
+    sections = command_sections()[command]
+    assert "model" not in sections
+    with pytest.raises(SystemExit, match="the model comes from the prior"):
+        configs.cli(["debug", "--model.width", "8"], f"jaxvla {command}", sections)
+    with pytest.raises(SystemExit, match="does not read the demo section"):
+        configs.cli(["debug", "--demo.robots=2"], f"jaxvla {command}", sections)
+
+
+def test_a_command_help_lists_only_the_sections_it_reads(capsys):
+    with pytest.raises(SystemExit):
+        configs.cli(["debug", "--help"], "jaxvla recap", command_sections()["recap"])
+    text = capsys.readouterr().out
+    for read in ("--target.prior", "--recap.iterations", "--operator.slip", "--out-dir"):
+        assert read in text
+    for unread in ("--model.", "--patch.", "--sac.", "--fleet.", "--ript.", "--demo."):
+        assert unread not in text
+    assert "--name" not in text  # the config's name is the positional choice
+
+
+def test_a_command_parse_keeps_the_named_config_in_the_sections_it_does_not_read():
+    config = configs.cli(["demo", "--patch.rounds", "5"], "jaxvla patch", ("target", "patch"))
+    demo = configs.get_config("demo")
+    assert config == dataclasses.replace(demo, patch=dataclasses.replace(demo.patch, rounds=5))

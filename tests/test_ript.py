@@ -96,8 +96,9 @@ def test_the_loss_is_the_mean_over_rollouts_of_each_rollouts_mean():
 
 def test_gaussian_kl_by_hand():
     # KL(N(1, 1) || N(0, 2^2)) = log 2 + (1 + 1) / 8 - 1/2 = 0.693147 - 0.25; KL(p || p) = 0.
-    got = ript.gaussian_kl(jnp.array([1.0, 0.3]), jnp.array([0.0, -1.0]), jnp.array([0.0, 0.3]),
-                           jnp.array([jnp.log(2.0), -1.0]))  # fmt: skip
+    got = ript.gaussian_kl(
+        jnp.array([1.0, 0.3]), jnp.array([0.0, -1.0]), jnp.array([0.0, 0.3]), jnp.array([jnp.log(2.0), -1.0])
+    )
     np.testing.assert_allclose(got, [np.log(2.0) - 0.25, 0.0], atol=1e-6)
 
 
@@ -144,9 +145,19 @@ def test_the_rl_std_is_independent_of_the_bc_fit():
     np.testing.assert_allclose(jnp.exp(low), 2 * 0.05, rtol=1e-6)
     # Nor does the PPO loss reach the BC std through its gradient.
     batch = {**data, "old_log_prob": jnp.zeros(64)}
-    grads = jax.grad(lambda p: ript.ppo_loss(p, batch, params, graphdef=graphdef, stats=stats,
-                                             likelihood=likelihood, execute=2, clip=(0.2, 0.2),
-                                             kl_coef=0.1)[0])(params)  # fmt: skip
+    grads = jax.grad(
+        lambda p: ript.ppo_loss(
+            p,
+            batch,
+            params,
+            graphdef=graphdef,
+            stats=stats,
+            likelihood=likelihood,
+            execute=2,
+            clip=(0.2, 0.2),
+            kl_coef=0.1,
+        )[0]
+    )(params)
     assert float(jnp.max(jnp.abs(grads["policy"]["head"]["kernel"][...][:, half:]))) == 0.0
     assert float(jnp.max(jnp.abs(grads["log_std"]))) > 0.0
 
@@ -176,9 +187,20 @@ def test_the_kl_term_is_added_to_the_surrogate_and_vanishes_at_the_reference():
 def ppo_run(params, data, *, epochs: int, learning_rate: float = 1e-3):
     graphdef, _, stats, likelihood, _ = small_problem()
     optimizer = ript.make_optimizer(learning_rate, 1e-2)
-    step = jax.jit(functools.partial(ript.ppo_epochs, graphdef=graphdef, stats=stats, optimizer=optimizer,
-                                     likelihood=likelihood, execute=2, epochs=epochs, minibatches=1,
-                                     clip=(0.2, 0.2), kl_coef=0.0))  # fmt: skip
+    step = jax.jit(
+        functools.partial(
+            ript.ppo_epochs,
+            graphdef=graphdef,
+            stats=stats,
+            optimizer=optimizer,
+            likelihood=likelihood,
+            execute=2,
+            epochs=epochs,
+            minibatches=1,
+            clip=(0.2, 0.2),
+            kl_coef=0.0,
+        )
+    )
     copy = jax.tree.map(jnp.copy, params)
     return step(copy, optimizer.init(copy), data, jax.random.key(2), params)
 
@@ -216,18 +238,21 @@ def test_a_ppo_step_raises_the_advantage_weighted_likelihood_and_ignores_rejecte
     np.testing.assert_allclose(change(jnp.where(kept, data["advantage"], 100.0)), delta, rtol=1e-4, atol=1e-5)
 
 
-def test_jaxvla_ript_defaults_to_deploy_and_the_command_line_overrides_it():
+def test_jaxvla_ript_has_its_own_defaults_and_the_command_line_overrides_them():
     from tools import ript as ript_command
 
-    config = configs.cli_with_defaults(["debug"], ript_command.PROG, "ript", ript_command.DEFAULTS)
-    assert config.ript.split == "deploy" and config.ript.starts == (0, 1, 4)
-    assert config.model == configs.get_config("debug").model  # only the ript section changes
-    argv = ["debug", "--ript.split", "tail"]
-    config = configs.cli_with_defaults(argv, ript_command.PROG, "ript", ript_command.DEFAULTS)
-    assert config.ript.split == "tail"
+    def parse(*flags):
+        argv = ["debug", *flags]
+        return configs.cli(argv, ript_command.PROG, ript_command.SECTIONS, ript_command.DEFAULTS)
+
+    config = parse()
+    assert config.target.split == "deploy" and config.ript.starts == (0, 1, 4)
+    assert config.model == configs.get_config("debug").model  # only the sections in DEFAULTS change
+    config = parse("--target.split", "tail")
+    assert config.target.split == "tail"
     few_shot = ript_command.start_config(config, 4)
-    assert (few_shot.ript.split, few_shot.ript.sft_demos) == ("novel", 4)
-    assert ript_command.start_config(config, 0).ript.split == "tail"
+    assert (few_shot.target.split, few_shot.ript.sft_demos) == ("novel", 4)
+    assert ript_command.start_config(config, 0).target.split == "tail"
 
 
 def test_few_shot_demonstrations_are_repeated_to_their_share_of_the_sft_data():

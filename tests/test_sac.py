@@ -89,8 +89,14 @@ def small_setup(utd: int = 2, batch: int = 8, **sac_overrides):
     graphdef, actor = nnx.split(mc.create_policy(0), nnx.Param)
     critic_graphdef, critic = nnx.split(mc.create_critic(1), nnx.Param)
     optimizers = sac.make_optimizers(sc)
-    state = sac.init_state(actor, critic, sc.init_alpha, actor_opt=optimizers["actor"],
-                           critic_opt=optimizers["critic"], alpha_opt=optimizers["alpha"])  # fmt: skip
+    state = sac.init_state(
+        actor,
+        critic,
+        sc.init_alpha,
+        actor_opt=optimizers["actor"],
+        critic_opt=optimizers["critic"],
+        alpha_opt=optimizers["alpha"],
+    )
     keys = jax.random.split(jax.random.key(2), 6)
     n = (utd + 1) * batch
     obs = mc.fake_observation(keys[0], n)
@@ -118,8 +124,11 @@ def test_critic_regresses_onto_a_fixed_target():
         "reward": jnp.full_like(batch["reward"], 0.7),
         "discount": jnp.zeros_like(batch["discount"]),
     }
-    step = jax.jit(lambda s, k: sac.critic_update(s, batch, k, nets=nets, optimizer=optimizers["critic"],
-                                                  target_subset=0, tau=sc.tau))  # fmt: skip
+    step = jax.jit(
+        lambda s, k: sac.critic_update(
+            s, batch, k, nets=nets, optimizer=optimizers["critic"], target_subset=0, tau=sc.tau
+        )
+    )
     first = None
     for i in range(300):
         state, metrics = step(state, jax.random.key(i))
@@ -131,16 +140,23 @@ def test_critic_regresses_onto_a_fixed_target():
 def test_actor_update_is_held_during_warmup_and_bc_only_sees_the_bc_sources():
     sc, mc, nets, optimizers, state, batches = small_setup()
     batch = jax.tree.map(lambda x: x[0], batches)
-    kwargs = dict(nets=nets, actor_optimizer=optimizers["actor"], alpha_optimizer=optimizers["alpha"],
-                  target_entropy=-8.0, bc_weight=1.0, bc_sources=(replay.SOURCES.index("patch"),),
-                  nll_weight=0.01)  # fmt: skip
+    kwargs = dict(
+        nets=nets,
+        actor_optimizer=optimizers["actor"],
+        alpha_optimizer=optimizers["alpha"],
+        target_entropy=-8.0,
+        bc_weight=1.0,
+        bc_sources=(replay.SOURCES.index("patch"),),
+        nll_weight=0.01,
+    )
     actor_update = jax.jit(functools.partial(sac.actor_update, **kwargs))  # compiled once, called thrice
     held, _ = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(False))
     chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), held.actor, state.actor)
     assert all(jax.tree.leaves(chex_equal))
     moved, metrics = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(True))
-    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), moved.actor,
-                                                state.actor)))  # fmt: skip
+    assert not all(
+        jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), moved.actor, state.actor))
+    )
     assert float(metrics["bc"]) > 0
     offline_only = {**batch, "source": jnp.zeros_like(batch["source"])}
     _, metrics = actor_update(state, offline_only, jax.random.key(0), enabled=jnp.bool_(True))
@@ -189,14 +205,32 @@ def test_draw_batches_are_the_batches_of_each_key_drawn_alone():
         name: replay.insert(replay.create(spec, mc.action_size, 64, mesh), block, source=i, n_step=mc.chunk)
         for i, name in enumerate(replay.SOURCES)
     }
-    draw = jax.jit(functools.partial(sac.draw_batches, config=sc, chunk=mc.chunk, stats=stats,
-                                     batch_sharding=sharding.batch_sharded(mesh)))  # fmt: skip
+    draw = jax.jit(
+        functools.partial(
+            sac.draw_batches,
+            config=sc,
+            chunk=mc.chunk,
+            stats=stats,
+            batch_sharding=sharding.batch_sharded(mesh),
+        )
+    )
     key = jax.random.key(3)
     got = draw(buffers, key)
     assert jax.tree.leaves(got)[0].shape[:2] == (sc.utd + 1, sc.batch_size)
-    alone = jax.jit(lambda buffers, key: sac.normalize_batch(replay.sample_mixed(
-        buffers, sac.mix_ratios(sc), key, sc.batch_size, n_step=mc.chunk, chunk=mc.chunk, gamma=sc.gamma,
-    ), stats))  # fmt: skip
+    alone = jax.jit(
+        lambda buffers, key: sac.normalize_batch(
+            replay.sample_mixed(
+                buffers,
+                sac.mix_ratios(sc),
+                key,
+                sc.batch_size,
+                n_step=mc.chunk,
+                chunk=mc.chunk,
+                gamma=sc.gamma,
+            ),
+            stats,
+        )
+    )
     for i, key_batch in enumerate(jax.random.split(key, sc.utd + 1)):
         assert_trees_close(jax.tree.map(operator.itemgetter(i), got), alone(buffers, key_batch))
     hlo = draw.lower(buffers, key).compile().as_text()
@@ -213,8 +247,12 @@ def free_port() -> int:
 def test_one_update_across_two_processes_equals_the_single_process_update(tmp_path):
     """Two `jax.distributed` processes on loopback, two CPU devices each, one sharded update."""
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(HERE.parent)}  # fmt: skip
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(HERE.parent),
+    }
     worker = HERE / "sac_distributed_worker.py"
     procs = [
         subprocess.Popen(
@@ -223,7 +261,7 @@ def test_one_update_across_two_processes_equals_the_single_process_update(tmp_pa
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outputs = []
@@ -255,7 +293,7 @@ def tiny_prior(seed: int = 0) -> Prior:
     config = configs.get_config("debug")
     graphdef, params = nnx.split(config.model.create_policy(seed), nnx.Param)
     stats = normalization.compute(jax.device_get(config.model.fake_observation(jax.random.key(0), 256)))
-    return Prior(config, graphdef, params, stats, 0, pathlib.Path("unused"))
+    return Prior(config.model, "test", graphdef, params, stats, 0, pathlib.Path("unused"))
 
 
 def residual_setup(**sac_overrides):
@@ -269,7 +307,7 @@ def residual_setup(**sac_overrides):
 
 def test_the_residual_actor_at_initialisation_executes_exactly_the_priors_actions():
     prior, sc, nets, _, state = residual_setup()
-    obs = prior.config.model.fake_observation(jax.random.key(5), 32)
+    obs = prior.model.fake_observation(jax.random.key(5), 32)
     want = evaluate.chunk_actor(prior.graphdef, prior.stats)(prior.params, obs, jax.random.key(0))
     got = residual.actor_fn(nets)(residual.deployable(state), obs, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -291,8 +329,9 @@ def test_compose_and_the_bc_target_invert_each_other_within_the_scale():
     scale = (0.4, 0.4, 2.0)
     valve = residual.residual_target(jnp.array([[0.5, -0.9, 1.0]]), jnp.array([[0.5, -0.9, -0.9]]), scale)
     np.testing.assert_allclose(valve, [[0.0, 0.0, 0.95]], rtol=1e-6)
-    np.testing.assert_allclose(residual.compose(jnp.array([[0.5, -0.9, -0.9]]), valve, scale),
-                               [[0.5, -0.9, 1.0]], rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        residual.compose(jnp.array([[0.5, -0.9, -0.9]]), valve, scale), [[0.5, -0.9, 1.0]], rtol=1e-6
+    )
 
 
 def test_the_actor_follows_a_lower_confidence_bound_over_the_ensemble():
@@ -329,7 +368,7 @@ def hand_episode(key: jax.Array, length: int, success: bool, model) -> dict:
 
 def test_critic_pretraining_regresses_every_member_onto_the_monte_carlo_returns():
     prior, sc, nets, optimizers, state = residual_setup(critic_lr=1e-3)
-    model = prior.config.model
+    model = prior.model
     episodes = [hand_episode(jax.random.key(i), 5, success=i == 0, model=model) for i in range(2)]
     keys = list(model.observation_spec(1))
     data = residual.returns_dataset(episodes, [], 0.9, keys)
@@ -365,7 +404,7 @@ def constant_critic(critic, value: float):
 
 def test_the_td_target_is_the_n_step_return_of_the_executed_steps_bootstrapped_at_t_plus_n():
     prior, sc, nets, _, state = residual_setup(gamma=0.9)
-    model = prior.config.model
+    model = prior.model
     state = state.replace(target_critic=constant_critic(state.target_critic, 2.0))
     # One episode of 6 steps that succeeds at its last step (reward 1, terminal).
     steps = 6
@@ -402,16 +441,23 @@ def test_the_residual_actor_is_held_during_warmup_and_its_average_moves_by_polya
     prior, sc, nets, optimizers, state = residual_setup()
     _, _, _, _, _, batches = small_setup()
     batch = jax.tree.map(lambda x: x[0], batches)
-    kwargs = dict(nets=nets, actor_optimizer=optimizers["actor"], alpha_optimizer=optimizers["alpha"],
-                  target_entropy=-8.0, pessimism=1.0, bc_weight=1.0,
-                  bc_sources=(replay.SOURCES.index("patch"),), polyak=0.5)  # fmt: skip
+    kwargs = dict(
+        nets=nets,
+        actor_optimizer=optimizers["actor"],
+        alpha_optimizer=optimizers["alpha"],
+        target_entropy=-8.0,
+        pessimism=1.0,
+        bc_weight=1.0,
+        bc_sources=(replay.SOURCES.index("patch"),),
+        polyak=0.5,
+    )
     actor_update = jax.jit(functools.partial(residual.actor_update, **kwargs))
     held, _ = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(False))
     for name in ("actor", "actor_average", "log_alpha"):
         jax.tree.map(np.testing.assert_array_equal, getattr(held, name), getattr(state, name))
     moved, metrics = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(True))
     head = lambda params: np.asarray(params["head"]["kernel"][...])  # noqa: E731
-    action_size = prior.config.model.action_size
+    action_size = prior.model.action_size
     assert np.abs(head(moved.actor)[:, :action_size]).max() > 0
     # The exploration std stays at its initial value: its half of the zero head gets no gradient.
     np.testing.assert_array_equal(head(moved.actor)[:, action_size:], 0.0)
@@ -427,8 +473,11 @@ def test_the_residual_actor_is_held_during_warmup_and_its_average_moves_by_polya
 def test_the_fused_residual_update_runs_the_critic_and_actor_steps():
     prior, sc, nets, optimizers, state = residual_setup()
     _, _, _, _, _, batches = small_setup()
-    update = jax.jit(functools.partial(residual.update, config=sc, action_size=prior.config.model.action_size,
-                                       nets=nets, optimizers=optimizers))  # fmt: skip
+    update = jax.jit(
+        functools.partial(
+            residual.update, config=sc, action_size=prior.model.action_size, nets=nets, optimizers=optimizers
+        )
+    )
     new, metrics = update(state, batches, jax.random.key(0))
     assert int(new.step) == sc.utd
     assert all(np.isfinite(float(v)) for v in metrics.values())

@@ -311,7 +311,7 @@ def bench_pretrain(name: str, steps: int, reps: int, limit: float, cache: CacheE
     }
     stats = normalization.compute(jax.device_get(data["obs"]))
     graphdef, params = nnx.split(mc.create_policy(0), nnx.Param)
-    optimizer = bc.make_optimizer(pc.learning_rate, 1000, 10, pc.weight_decay)
+    optimizer = bc.make_optimizer(pc.optimizer.learning_rate, 1000, 10, pc.optimizer.weight_decay)
     train = bc.make_train_steps(graphdef, stats, optimizer, num_steps=steps, batch_size=batch,
                                 nll_weight=pc.nll_weight, mesh=mesh)  # fmt: skip
     state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))

@@ -72,7 +72,7 @@ def bench_pro(config: configs.Config, steps: int, reps: int) -> dict:
                                    for k in episodes[0]["steps"]["observation"]})  # fmt: skip
     buffer = pro.fill_replay(episodes, pc, mesh)
     graphdef, params = nnx.split(pc.net.create(0), nnx.Param)
-    optimizer = bc.make_optimizer(pc.learning_rate, 1000, 10, pc.weight_decay)
+    optimizer = bc.make_optimizer(pc.optimizer.learning_rate, 1000, 10, pc.optimizer.weight_decay)
     train = pro.make_train_steps(graphdef, stats, optimizer, pc, mesh)
     holder = {"state": jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))}
     key = jax.random.key(0)
@@ -96,7 +96,7 @@ def bench_recap(config: configs.Config, steps: int, reps: int) -> dict:
     demos = fake_episodes(mc, EPISODES, LENGTH, seed=1)
     stats = normalization.compute({k: np.concatenate([ep["steps"]["observation"][k] for ep in demos])
                                    for k in demos[0]["steps"]["observation"]})  # fmt: skip
-    prior = Prior(config, graphdef, params, stats, 0, None)
+    prior = Prior(mc, "bench", graphdef, params, stats, 0, None)
     policy_graphdef, policy_init = recap.conditioned_policy(prior)
     ratios = recap.batch_ratios(recap.source_shares(rc, demonstrations=True), rc.batch_size, mesh.size)
     fit = recap.make_policy_fit(config, prior, policy_graphdef, mesh, ratios)

@@ -20,9 +20,15 @@ import numpy as np
 
 from tools import reporting
 from tools.patch import arm_summary
+from tools.patch import upgraded
 
-# What must be equal for two runs' figures to be paired.
-PAIRED = ("task", "split", "eval_episodes", "validation_episodes")
+# What must be equal for two runs' figures to be paired: (settings section, field).
+PAIRED = (
+    ("target", "task"),
+    ("target", "split"),
+    ("target", "eval_episodes"),
+    ("patch", "validation_episodes"),
+)
 
 # (heading, summary key, kind): "percent" and "count" are means over seeds; "reached" is an effort to the
 # goal, which some seeds may not reach.
@@ -61,9 +67,9 @@ def parse_runs(specs: list[str]) -> dict[str, pathlib.Path]:
 
 
 def pairing_key(report: dict) -> dict:
-    config = report["config"]
+    config = upgraded(report["config"])  # reports written before the target section too
     return {
-        **{k: config["patch"][k] for k in PAIRED},
+        **{field: config[section][field] for section, field in PAIRED},
         "test_seed": config["test_seed"],
         "validation_seed": config["validation_seed"],
     }
@@ -95,8 +101,9 @@ def run_summaries(report: dict, arm: str, goal: float) -> list[dict]:
     return out
 
 
-def markdown(summaries: dict[str, list[dict]], reports: dict[str, dict], folders: dict, arm: str,
-             goal: float) -> str:  # fmt: skip
+def markdown(
+    summaries: dict[str, list[dict]], reports: dict[str, dict], folders: dict, arm: str, goal: float
+) -> str:
     key = pairing_key(next(iter(reports.values())))
     lines = [
         f"# Patching runs compared: {key['task']}/{key['split']}, arm {arm!r}",

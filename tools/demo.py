@@ -1,6 +1,6 @@
 """`jaxvla demo [--full] [--section.field value ...]`: the main job, every method compared end to end.
 
-From nothing but this repository, on `patch.task` / `patch.split` (`deploy`: the prior mostly works, a
+From nothing but this repository, on `target.task` / `target.split` (`deploy`: the prior mostly works, a
 tail fails), every arm scored as `jaxvla patch` scores them: the fixed test contexts
 (`learner.evaluate.TEST`) for the headline, the disjoint validation contexts (`VALIDATION`) for effort to
 `patch.goal`, and each arm's final policy on the test contexts of the `novel` stress split.
@@ -62,6 +62,8 @@ from tools import ript as ript_tool
 from tools import serve as serve_tool
 
 PROG = "jaxvla demo"
+# Every section but `env`, which only `jaxvla sim` reads (the demo pretrains its own prior: it reads `model`).
+SECTIONS = tuple(section for section in configs.SECTIONS if section != "env")
 ARMS = {  # stage -> row label, in the table's order
     "prior": "prior",
     "sft": "full SFT retraining",
@@ -104,16 +106,20 @@ class Stages:
 
 
 def demonstrations(config: configs.Config) -> dict:
-    pc, pre = config.patch, config.pretrain
+    tc, pc, pre = config.target, config.patch, config.pretrain
     noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
     train_count = max(pre.demos_per_task, pc.offline_episodes)
     split_count = max(*pc.sft_demos, config.ript.sft_demos)
-    generate = functools.partial(operator_demos.load_or_generate, pre.data_dir, pc.task, **noise)
+    generate = functools.partial(operator_demos.load_or_generate, pre.data_dir, tc.task, **noise)
     train = generate("train", train_count, seed=pre.seed)
-    split = generate(pc.split, split_count, seed=pre.seed + 1)
+    split = generate(tc.split, split_count, seed=pre.seed + 1)
     tail = generate("tail", max(pc.sft_demos), seed=pre.seed + 1)
-    return {"train": len(train), pc.split: len(split), "tail": len(tail),
-            "train_success": float(np.mean([ep["episode_metadata"]["success"] for ep in train]))}  # fmt: skip
+    return {
+        "train": len(train),
+        tc.split: len(split),
+        "tail": len(tail),
+        "train_success": float(np.mean([ep["episode_metadata"]["success"] for ep in train])),
+    }
 
 
 class NovelScore:
@@ -121,9 +127,9 @@ class NovelScore:
     compiled evaluator per kind of actor ("chunk": the chunk policy, "patch": the patching learner's)."""
 
     def __init__(self, config: configs.Config, prior: pretrain.Prior):
-        pc = config.patch
-        self.task, self.episodes = pc.task, pc.eval_episodes
-        self.contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
+        tc = config.target
+        self.task, self.episodes = tc.task, tc.eval_episodes
+        self.contexts = evaluate.TEST.with_episodes(tc.eval_episodes)
         self.actors = {
             "chunk": lambda: evaluate.chunk_actor(prior.graphdef, prior.stats),
             "patch": lambda: patch.policy_actor(config, prior),
@@ -140,8 +146,8 @@ class NovelScore:
 
 def train_prior(config: configs.Config, out: pathlib.Path) -> dict:
     """The prior trained, then scored like every arm: test and validation contexts, and `novel`."""
-    pc, pre = config.patch, config.pretrain
-    demos = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
+    tc, pre = config.target, config.pretrain
+    demos = operator_demos.load_or_generate(pre.data_dir, tc.task, "train", pre.demos_per_task, seed=pre.seed)
     step = pretrain.train(config, demos, out / "prior").step
     prior = pretrain.load(out / "prior")
     record = {"kind": "prior", **patch.paired_evaluation(config, prior)(prior.params)}
@@ -176,15 +182,22 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 120.0) 
 def deploy(config: configs.Config, prior: pretrain.Prior, out: pathlib.Path) -> dict:
     """The prior published to a fresh fleet; `demo.robots` numpy actors run it on the split and push their
     episodes to the service over loopback HTTP. Returns what reached the store, per robot."""
-    dc, pc = config.demo, config.patch
+    tc, dc = config.target, config.demo
     root = out / "fleet"
     fleet = dataclasses.replace(
         config.fleet, root=str(root), robots=dc.robots, port=free_port(), learner=False
     )
     registry = ParamsRegistry(root / "params")
     if registry.latest() is None:
-        path = export.write(root / "prior.msgpack", prior.config.model, prior.params, prior.stats,
-                            version=prior.step, parent_version=None, config_hash="demo")  # fmt: skip
+        path = export.write(
+            root / "prior.msgpack",
+            prior.model,
+            prior.params,
+            prior.stats,
+            version=prior.step,
+            parent_version=None,
+            config_hash=prior.config_hash,
+        )
         registry.publish(path.read_bytes(), {"initial": True})
     tokens = serve_tool.tokens_file(fleet)
     url = f"http://{fleet.host}:{fleet.port}"
@@ -200,17 +213,23 @@ def deploy(config: configs.Config, prior: pretrain.Prior, out: pathlib.Path) -> 
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with (logs / "serve.out").open("w") as serve_out:
-        service = subprocess.Popen([sys.executable, "-m", "tools.serve", *serve_args], stdout=serve_out,
-                                   stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        service = subprocess.Popen(
+            [sys.executable, "-m", "tools.serve", *serve_args],
+            stdout=serve_out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         wait_healthy(url, service)
         actors = []
-        for i, (split, operator) in enumerate(robot_roles(dc.robots, pc.split)):
-            command = [sys.executable, "-m", "tools.actor", "--url", url, "--robot-id", f"robot-{i}",
-                       "--token-file", str(tokens), "--task", pc.task, "--split", split,
-                       "--episodes", str(dc.episodes_per_robot), "--hz", "0", "--seed", str(100_000 * i),
-                       "--folder", str(root / f"robot-{i}"), "--log", str(logs / f"robot-{i}.jsonl"),
-                       *(["--operator"] if operator else [])]  # fmt: skip
+        for i, (split, operator) in enumerate(robot_roles(dc.robots, tc.split)):
+            command = [
+                *(sys.executable, "-m", "tools.actor", "--url", url, "--robot-id", f"robot-{i}"),
+                *("--token-file", str(tokens), "--task", tc.task, "--split", split),
+                *("--episodes", str(dc.episodes_per_robot), "--hz", "0", "--seed", str(100_000 * i)),
+                *("--folder", str(root / f"robot-{i}"), "--log", str(logs / f"robot-{i}.jsonl")),
+                *(["--operator"] if operator else []),
+            ]
             with (logs / f"robot-{i}.out").open("w") as actor_out:
                 actors.append(subprocess.Popen(command, stdout=actor_out, stderr=subprocess.STDOUT, env=env))
         watch_actors(actors, logs, dc.robots * dc.episodes_per_robot)
@@ -218,12 +237,12 @@ def deploy(config: configs.Config, prior: pretrain.Prior, out: pathlib.Path) -> 
         service.terminate()
         service.wait(timeout=60)
     episodes = [episode for _, episode in EpisodeStore(root / "store").read_since(-1)]
-    logged = pathlib.Path(config.pretrain.data_dir) / "pro" / f"{pc.task}_fleet"
+    logged = pathlib.Path(config.pretrain.data_dir) / "pro" / f"{tc.task}_fleet"
     rlds.write_episodes(logged, episodes, overwrite=True)
     expected = dc.robots * dc.episodes_per_robot
     return {
         "url": url,
-        "robots": fleet_summary(episodes, robot_roles(dc.robots, pc.split)),
+        "robots": fleet_summary(episodes, robot_roles(dc.robots, tc.split)),
         "expected": expected,
         "stored": len(episodes),
     }
@@ -267,15 +286,28 @@ def fleet_summary(episodes: list[dict], roles: list[tuple[str, bool]]) -> dict:
 
 # ------------------------------------------------------------------------------------------ methods
 # Every method stage returns {"seeds": {seed: records}, "novel": {seed: final policy's novel success}}.
-def sft_arm(config: configs.Config, prior: pretrain.Prior, offline: list[dict], novel: NovelScore, *,
-            split: str, kind: str) -> dict:  # fmt: skip
+def sft_arm(
+    config: configs.Config,
+    prior: pretrain.Prior,
+    offline: list[dict],
+    novel: NovelScore,
+    *,
+    split: str,
+    kind: str,
+) -> dict:
     """Full SFT (demonstrations of `split`) or targeted SFT (of `tail`), one retraining per demo count."""
-    pc, pre = config.patch, config.pretrain
-    demos = operator_demos.load_or_generate(pre.data_dir, pc.task, split, max(pc.sft_demos),
-                                            seed=pre.seed + 1, noise=pre.demo_noise,
-                                            bursts=pre.demo_bursts)  # fmt: skip
+    tc, pc, pre = config.target, config.patch, config.pretrain
+    demos = operator_demos.load_or_generate(
+        pre.data_dir,
+        tc.task,
+        split,
+        max(pc.sft_demos),
+        seed=pre.seed + 1,
+        noise=pre.demo_noise,
+        bursts=pre.demo_bursts,
+    )
     seeds, finals = {}, {}
-    for seed in pc.seeds:
+    for seed in tc.seeds:
         seeds[seed], params = patch.run_sft(config, prior, demos, offline, seed=seed, kind=kind)
         finals[seed] = novel(params)
     return {"seeds": seeds, "novel": finals}
@@ -283,16 +315,17 @@ def sft_arm(config: configs.Config, prior: pretrain.Prior, offline: list[dict], 
 
 def hg_dagger(config: configs.Config, prior: pretrain.Prior, offline: list[dict], novel: NovelScore) -> dict:
     seeds, finals = {}, {}
-    for seed in config.patch.seeds:
+    for seed in config.target.seeds:
         seeds[seed], params = patch.run_hg_dagger(config, prior, offline, seed=seed)
         finals[seed] = novel(params)
     return {"seeds": seeds, "novel": finals}
 
 
-def patching(config: configs.Config, prior: pretrain.Prior, offline: list[dict], out: pathlib.Path,
-             novel: NovelScore) -> dict:  # fmt: skip
+def patching(
+    config: configs.Config, prior: pretrain.Prior, offline: list[dict], out: pathlib.Path, novel: NovelScore
+) -> dict:
     seeds, finals = {}, {}
-    for seed in config.patch.seeds:
+    for seed in config.target.seeds:
         seeds[seed], params = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
         finals[seed] = novel(params, "patch")
     return {"seeds": seeds, "novel": finals}
@@ -314,7 +347,9 @@ def train_pros(config: configs.Config, out: pathlib.Path) -> dict:
         pro_tool.train(settings)
     pro_dir = pro_tool.run_dir(shaping)
     _, held = pro.split_heldout(pro_tool.load_store(shaping), config.pro.heldout)
-    heldout = pro_tool.heldout_evaluation(pro.load(pro_dir), held, shaping.pro, out / "pro_episode.png")
+    heldout = pro_tool.heldout_evaluation(
+        pro.load(pro_dir), held, shaping.pro, shaping.target.task, out / "pro_episode.png"
+    )
     (pro_dir / "eval.md").write_text(pro_tool.eval_markdown(heldout))
     return {"pro": heldout, "shaping": str(pro_dir), "ranking": str(pro_tool.run_dir(ranking))}
 
@@ -326,22 +361,24 @@ def with_pro_reward(config: configs.Config, pro_dir: str) -> configs.Config:
 def with_risk_trigger(config: configs.Config, pro_dir: str) -> configs.Config:
     """Sparse-reward patching for `demo.trigger_rounds` rounds, its operator also taking over when PRO's ρ
     passes `pro.risk_threshold`."""
-    pc = dataclasses.replace(config.patch, risk_trigger=config.pro.risk_threshold, pro=pro_dir,
-                             rounds=config.demo.trigger_rounds)  # fmt: skip
+    pc = dataclasses.replace(
+        config.patch, risk_trigger=config.pro.risk_threshold, pro=pro_dir, rounds=config.demo.trigger_rounds
+    )
     return dataclasses.replace(config, patch=pc)
 
 
 def ranking(config: configs.Config, prior: pretrain.Prior, pro_dir: str) -> dict:
     """The prior with PRO choosing among its deterministic chunk and K - 1 samples: one evaluation on the
     split's test contexts and one on `novel`'s."""
-    pc = config.patch
+    tc = config.target
     arm = pro_tool.ranked_arm(config.pro, prior, pro.load(pro_dir))
-    test = evaluate.TEST.with_episodes(pc.eval_episodes)
+    test = evaluate.TEST.with_episodes(tc.eval_episodes)
 
     def on(split: str) -> dict:
-        return evaluate.Evaluator(pc.task, split, pc.eval_episodes, **arm).on(prior.params, test)
+        tc = config.target
+        return evaluate.Evaluator(tc.task, split, tc.eval_episodes, **arm).on(prior.params, test)
 
-    record = {"kind": "rank", **on(pc.split)}
+    record = {"kind": "rank", **on(tc.split)}
     return {"seeds": {ONE_EVALUATION: [record]}, "novel": {ONE_EVALUATION: on("novel")["success_rate"]}}
 
 
@@ -349,9 +386,17 @@ def with_few_shot_effort(records: list[dict], demos: int, demo_steps: int, sft_w
     """RIPT's records with its few-shot SFT stage counted in: the operator's demonstrations (each one
     corrective episode of one segment), their steps and that retraining's wall-clock, spent before
     iteration 0."""
-    return [{**r, "corrective_episodes": demos, "takeover_segments": demos, "takeover_steps": demo_steps,
-             "env_steps": r["env_steps"] + demo_steps, "wall_s": r["wall_s"] + sft_wall_s}
-            for r in records]  # fmt: skip
+    return [
+        {
+            **r,
+            "corrective_episodes": demos,
+            "takeover_segments": demos,
+            "takeover_steps": demo_steps,
+            "env_steps": r["env_steps"] + demo_steps,
+            "wall_s": r["wall_s"] + sft_wall_s,
+        }
+        for r in records
+    ]
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -388,10 +433,14 @@ def method_records(stages: dict) -> dict[str, dict[str, list[dict]]]:
         runs[arm] = {seed: [start, *recs] for seed, recs in stages[arm]["seeds"].items()}
     ript = stages["ript"]
     runs["ript"] = {
-        seed: with_few_shot_effort(recs, ript["demos"], ript["summaries"][seed]["sft_demo_steps"],
-                                   ript["summaries"][seed]["sft_wall_s"])
+        seed: with_few_shot_effort(
+            recs,
+            ript["demos"],
+            ript["summaries"][seed]["sft_demo_steps"],
+            ript["summaries"][seed]["sft_wall_s"],
+        )
         for seed, recs in ript["seeds"].items()
-    }  # fmt: skip
+    }
     return {arm: runs[arm] for arm in ARMS}  # the table's order
 
 
@@ -422,10 +471,12 @@ def comparison(stages: dict, goal: float) -> dict[str, list[dict]]:
     """arm -> one row per seed."""
     runs = method_records(stages)
     return {
-        arm: [seed_row(recs, goal, stages[arm]["novel"][seed], trained=arm not in UNTRAINED)
-              for seed, recs in runs[arm].items()]
+        arm: [
+            seed_row(recs, goal, stages[arm]["novel"][seed], trained=arm not in UNTRAINED)
+            for seed, recs in runs[arm].items()
+        ]
         for arm in ARMS
-    }  # fmt: skip
+    }
 
 
 def number(value: float, kind: str) -> str:
@@ -463,8 +514,7 @@ def cell(seeds: list[dict], key: str, kind: str) -> str:
 
 def table(rows: dict[str, list[dict]], goal: float) -> str:
     headers = [h.format(goal=f"{goal:.0%}") for h, _, _ in COLUMNS]
-    lines = ["| method | " + " | ".join(headers) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]  # fmt: skip
+    lines = ["| method | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for arm, seeds in rows.items():
         lines.append(
             f"| {ARMS[arm]} | " + " | ".join(cell(seeds, key, kind) for _, key, kind in COLUMNS) + " |"
@@ -495,32 +545,97 @@ class Claim:
 
 CORTEX_16 = "seeds/cortex-1.6-process-reward-operator.txt, Results"
 SEED_CLAIMS = (
-    Claim("Cortex 1.5/1.6", "the baseline VLA succeeds ~80-82%", CORTEX_16, 0.80,
-          ("value", "prior", "success"), "percent", about=True),
-    Claim("Cortex 1.5", "policy patching lifts success to ~95%", CORTEX_16, 0.95,
-          ("value", "patch", "success"), "percent"),
-    Claim("Cortex 1.5", "comparable success with 4-5x fewer corrective episodes than full SFT retraining",
-          f"{CORTEX_16} (Learning Efficiency; Cortex 1.5's Figure 3)", 4.0,
-          ("ratio", "sft", "patch", "corrective_episodes_to_goal"), "ratio"),
-    Claim("Cortex 1.6", "PRO lifts success to ~98%", CORTEX_16, 0.98,
-          ("value", "patch_pro", "success"), "percent"),
-    Claim("Cortex 1.6", "converges ~2x faster than Cortex 1.5 (env steps to the goal)", CORTEX_16, 2.0,
-          ("ratio", "patch", "patch_pro", "env_steps_to_goal"), "ratio"),
-    Claim("Cortex 1.6", "recovery after a first failure ~45% (baseline)", CORTEX_16, 0.45,
-          ("value", "prior", "recovery"), "percent", about=True),
-    Claim("Cortex 1.6", "recovery -> ~65% (Cortex 1.5)", CORTEX_16, 0.65,
-          ("value", "patch", "recovery"), "percent"),
-    Claim("Cortex 1.6", "recovery -> ~80% (Cortex 1.6)", CORTEX_16, 0.80,
-          ("value", "patch_pro", "recovery"), "percent"),
-    Claim("Cortex 1.6", "retries per episode fall 30-50% with PRO", CORTEX_16, 0.30,
-          ("drop", "patch_pro", "prior", "retries"), "percent"),
-    Claim("pi*0.6", "Recap more than doubles throughput on the hardest tasks",
-          "seeds/pi-star-0.6-recap.txt, first paragraph (arXiv 2511.14759)", 2.0,
-          ("ratio", "recap", "prior", "throughput"), "ratio"),
-    Claim("RIPT-VLA", "an SFT model at 4% reaches 97% within 15 iterations",
-          "research/seed_methods.md 2.5 (arXiv 2505.17016, abstract)", 0.97,
-          ("value", "ript", "success"), "percent"),
-)  # fmt: skip
+    Claim(
+        "Cortex 1.5/1.6",
+        "the baseline VLA succeeds ~80-82%",
+        CORTEX_16,
+        0.80,
+        ("value", "prior", "success"),
+        "percent",
+        about=True,
+    ),
+    Claim(
+        "Cortex 1.5",
+        "policy patching lifts success to ~95%",
+        CORTEX_16,
+        0.95,
+        ("value", "patch", "success"),
+        "percent",
+    ),
+    Claim(
+        "Cortex 1.5",
+        "comparable success with 4-5x fewer corrective episodes than full SFT retraining",
+        f"{CORTEX_16} (Learning Efficiency; Cortex 1.5's Figure 3)",
+        4.0,
+        ("ratio", "sft", "patch", "corrective_episodes_to_goal"),
+        "ratio",
+    ),
+    Claim(
+        "Cortex 1.6",
+        "PRO lifts success to ~98%",
+        CORTEX_16,
+        0.98,
+        ("value", "patch_pro", "success"),
+        "percent",
+    ),
+    Claim(
+        "Cortex 1.6",
+        "converges ~2x faster than Cortex 1.5 (env steps to the goal)",
+        CORTEX_16,
+        2.0,
+        ("ratio", "patch", "patch_pro", "env_steps_to_goal"),
+        "ratio",
+    ),
+    Claim(
+        "Cortex 1.6",
+        "recovery after a first failure ~45% (baseline)",
+        CORTEX_16,
+        0.45,
+        ("value", "prior", "recovery"),
+        "percent",
+        about=True,
+    ),
+    Claim(
+        "Cortex 1.6",
+        "recovery -> ~65% (Cortex 1.5)",
+        CORTEX_16,
+        0.65,
+        ("value", "patch", "recovery"),
+        "percent",
+    ),
+    Claim(
+        "Cortex 1.6",
+        "recovery -> ~80% (Cortex 1.6)",
+        CORTEX_16,
+        0.80,
+        ("value", "patch_pro", "recovery"),
+        "percent",
+    ),
+    Claim(
+        "Cortex 1.6",
+        "retries per episode fall 30-50% with PRO",
+        CORTEX_16,
+        0.30,
+        ("drop", "patch_pro", "prior", "retries"),
+        "percent",
+    ),
+    Claim(
+        "pi*0.6",
+        "Recap more than doubles throughput on the hardest tasks",
+        "seeds/pi-star-0.6-recap.txt, first paragraph (arXiv 2511.14759)",
+        2.0,
+        ("ratio", "recap", "prior", "throughput"),
+        "ratio",
+    ),
+    Claim(
+        "RIPT-VLA",
+        "an SFT model at 4% reaches 97% within 15 iterations",
+        "research/seed_methods.md 2.5 (arXiv 2505.17016, abstract)",
+        0.97,
+        ("value", "ript", "success"),
+        "percent",
+    ),
+)
 
 
 def ours(claim: Claim, rows: dict[str, list[dict]]) -> float | None:
@@ -552,9 +667,14 @@ def claims(rows: dict[str, list[dict]]) -> list[dict]:
     out = []
     for claim in SEED_CLAIMS:
         figure = ours(claim, rows)
-        out.append({**dataclasses.asdict(claim), "ours": figure,
-                    "ratio": figure / claim.theirs if figure is not None else None,
-                    "verdict": verdict(claim, figure)})  # fmt: skip
+        out.append(
+            {
+                **dataclasses.asdict(claim),
+                "ours": figure,
+                "ratio": figure / claim.theirs if figure is not None else None,
+                "verdict": verdict(claim, figure),
+            }
+        )
     return out
 
 
@@ -640,8 +760,14 @@ def plot_components(shares: dict[str, dict[str, float]], path: pathlib.Path, tit
     fig, ax = plt.subplots(figsize=(12, 5.5))
     for k, (arm, share) in enumerate(shares.items()):
         x = np.arange(len(components)) + (k - (len(shares) - 1) / 2) * width
-        ax.bar(x, [share.get(c) or 0.0 for c in components], width, color=f"C{k % 10}", label=ARMS[arm],
-               hatch="//" if arm == "prior" else None)  # fmt: skip
+        ax.bar(
+            x,
+            [share.get(c) or 0.0 for c in components],
+            width,
+            color=f"C{k % 10}",
+            label=ARMS[arm],
+            hatch="//" if arm == "prior" else None,
+        )
     ax.set_xticks(np.arange(len(components)), components)
     ax.set_ylabel("failed test episodes of the component")
     ax.set_ylim(0, 1.02)
@@ -676,9 +802,11 @@ def component_table(shares: dict[str, dict[str, float]], rows: dict[str, list[di
 # --------------------------------------------------------------------------------------------- report
 def machine() -> str:
     devices = jax.devices()
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"{len(devices)} {devices[0].platform.upper()} device(s), jax {jax.__version__}, "
-            f"Python {platform.python_version()}")  # fmt: skip
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{len(devices)} {devices[0].platform.upper()} device(s), jax {jax.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def budgets(config: configs.Config) -> str:
@@ -701,14 +829,18 @@ def budgets(config: configs.Config) -> str:
 
 
 def fleet_lines(fleet: dict) -> list[str]:
-    lines = ["| robot | split | operator | episodes | success (%) | with a takeover | retries / episode |",
-             "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| robot | split | operator | episodes | success (%) | with a takeover | retries / episode |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for robot, r in fleet["robots"].items():
         success = "-" if r["success_rate"] is None else number(r["success_rate"], "percent")
         retries = "-" if r["retries_per_episode"] is None else number(r["retries_per_episode"], "value")
         operator = "yes" if r["operator"] else "no"
-        lines.append(f"| {robot} | {r['split']} | {operator} | {r['episodes']} | {success} | "
-                     f"{r['with_takeover']} | {retries} |")  # fmt: skip
+        lines.append(
+            f"| {robot} | {r['split']} | {operator} | {r['episodes']} | {success} | "
+            f"{r['with_takeover']} | {retries} |"
+        )
     return lines
 
 
@@ -717,77 +849,86 @@ PLOTS = ("learning.png", "components.png", "pro_episode.png")
 
 def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: float) -> str:
     """Writes report.md, report.json and the plots; returns both tables."""
-    pc, dc = config.patch, config.demo
+    tc, pc, dc = config.target, config.patch, config.demo
     rows = comparison(stages, pc.goal)
     checked = claims(rows)
     shares = component_failures(rows)
-    where = f"{pc.task}/{pc.split}"
-    plot_learning(method_records(stages), out / "learning.png",
-                  f"{where}: success against operator effort and data, seeds {list(pc.seeds)}")  # fmt: skip
+    where = f"{tc.task}/{tc.split}"
+    plot_learning(
+        method_records(stages),
+        out / "learning.png",
+        f"{where}: success against operator effort and data, seeds {list(tc.seeds)}",
+    )
     after = "each arm's final policy (after)"
-    plot_components(shares, out / "components.png",
-                    f"{where}: failures by component, the prior (before), {after}")  # fmt: skip
+    plot_components(
+        shares, out / "components.png", f"{where}: failures by component, the prior (before), {after}"
+    )
     fleet = stages["fleet"]
     command = "jaxvla demo --full" if config.name == "demo_full" else "jaxvla demo"
     seeds_text = (
         "one seed, a Wilson 95% interval per run"
-        if len(pc.seeds) == 1
-        else f"seeds {list(pc.seeds)}: mean [bootstrap 95% interval] for success, mean ± std otherwise"
+        if len(tc.seeds) == 1
+        else f"seeds {list(tc.seeds)}: mean [bootstrap 95% interval] for success, mean ± std otherwise"
     )
     tables = f"{table(rows, pc.goal)}\n\n{claims_table(checked)}"
-    text = "\n".join([
-        f"# jaxvla demo: the seeds' methods on {where}",
-        "",
-        f"`{command}` on {machine()}; {wall_s / 60:.1f} min in this invocation (stages finished by an "
-        f"earlier one are read back). Every figure is the final policy on the {pc.eval_episodes} fixed test "
-        f"contexts (seed {evaluate.TEST.seed}) without the operator, {seeds_text}; effort to the goal "
-        f"({pc.goal:.0%}) is read on {pc.validation_episodes} validation contexts (seed "
-        f"{evaluate.VALIDATION.seed}); `novel` is the stress split, the same test contexts there.",
-        "",
-        table(rows, pc.goal),
-        "",
-        "\"-\": the column does not apply (the prior and ranking are not trained, so they spend no effort). "
-        "Corrective episodes, segments and operator steps are the run's totals; environment steps and "
-        "wall-clock count up to the first evaluation whose validation success reached the goal (SFT: the "
-        "smallest demo count that did; RIPT and SFT count the demonstrations' steps). " + budgets(config),
-        "",
-        "![learning curves](learning.png)",
-        "",
-        "## The seeds' claims beside this run",
-        "",
-        "Ours is read from the table above (mean over seeds). A level is reproduced when ours is at least "
-        "90% of theirs, a calibration point (the baseline's) when it is within ±10%; \"not measured\": a "
-        "figure it needs is missing (the goal never reached, a zero denominator).",
-        "",
-        claims_table(checked),
-        "",
-        claims_summary(checked),
-        "",
-        "## Failures by component, before and after",
-        "",
-        *component_table(shares, rows),
-        "",
-        "![failures by component](components.png)",
-        "",
-        f"## The prior deployed through the fleet ({fleet['stored']} of {fleet['expected']} episodes stored)",
-        "",
-        f"`jaxvla serve` on {fleet['url']} and {dc.robots} numpy `jaxvla actor` processes (C-MuJoCo twin, "
-        "no jax) pushing their episodes over HTTP.",
-        "",
-        *fleet_lines(fleet),
-        "",
-        "## PRO on held-out episodes (demonstrations and fleet logs; the state-only PRO)",
-        "",
-        pro_tool.eval_markdown(stages["pro"]["pro"]).split("\n", 2)[2],  # without its own title
-        "![PRO over an episode, the operator's takeover shaded](pro_episode.png)",
-        "",
-        "## Stages",
-        "",
-        "| stage | wall-clock (s) |",
-        "|---|---:|",
-        *[f"| {name} | {result['stage_wall_s']:,.0f} |" for name, result in stages.items()],
-        "",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            f"# jaxvla demo: the seeds' methods on {where}",
+            "",
+            f"`{command}` on {machine()}; {wall_s / 60:.1f} min in this invocation (stages finished by an "
+            "earlier one are read back). Every figure is the final policy on the "
+            f"{tc.eval_episodes} fixed test contexts (seed {evaluate.TEST.seed}) without the operator, "
+            f"{seeds_text}; effort to the goal "
+            f"({pc.goal:.0%}) is read on {pc.validation_episodes} validation contexts (seed "
+            f"{evaluate.VALIDATION.seed}); `novel` is the stress split, the same test contexts there.",
+            "",
+            table(rows, pc.goal),
+            "",
+            '"-": the column does not apply (the prior and ranking are not trained, so they spend no '
+            "effort). Corrective episodes, segments and operator steps are the run's totals; environment "
+            "steps and wall-clock count up to the first evaluation whose validation success reached the goal "
+            "(SFT: the smallest demo count that did; RIPT and SFT count the demonstrations' steps). "
+            + budgets(config),
+            "",
+            "![learning curves](learning.png)",
+            "",
+            "## The seeds' claims beside this run",
+            "",
+            "Ours is read from the table above (mean over seeds). A level is reproduced when ours is at "
+            "least 90% of theirs, a calibration point (the baseline's) when it is within ±10%; "
+            '"not measured": a figure it needs is missing (the goal never reached, a zero denominator).',
+            "",
+            claims_table(checked),
+            "",
+            claims_summary(checked),
+            "",
+            "## Failures by component, before and after",
+            "",
+            *component_table(shares, rows),
+            "",
+            "![failures by component](components.png)",
+            "",
+            "## The prior deployed through the fleet "
+            f"({fleet['stored']} of {fleet['expected']} episodes stored)",
+            "",
+            f"`jaxvla serve` on {fleet['url']} and {dc.robots} numpy `jaxvla actor` processes (C-MuJoCo "
+            "twin, no jax) pushing their episodes over HTTP.",
+            "",
+            *fleet_lines(fleet),
+            "",
+            "## PRO on held-out episodes (demonstrations and fleet logs; the state-only PRO)",
+            "",
+            pro_tool.eval_markdown(stages["pro"]["pro"]).split("\n", 2)[2],  # without its own title
+            "![PRO over an episode, the operator's takeover shaded](pro_episode.png)",
+            "",
+            "## Stages",
+            "",
+            "| stage | wall-clock (s) |",
+            "|---|---:|",
+            *[f"| {name} | {result['stage_wall_s']:,.0f} |" for name, result in stages.items()],
+            "",
+        ]
+    )
     (out / "report.md").write_text(text)
     payload = {"rows": rows, "claims": checked, "stages": stages, "wall_s": wall_s}
     (out / "report.json").write_text(json.dumps(payload, default=float))
@@ -796,18 +937,15 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
 
 # ------------------------------------------------------------------------------------------ command
 def with_outputs(config: configs.Config, out: pathlib.Path) -> configs.Config:
-    """Points every method at the demo's prior, data and folders, on `patch.task` / `patch.split`."""
-    pc = config.patch
-    prior = str(out / "prior")
+    """Points every method at the demo's prior, data and folders, on `target.task` / `target.split`."""
+    tc = config.target
     data_dir = str(out / "data") if config.pretrain.data_dir == "data" else config.pretrain.data_dir
     return dataclasses.replace(
         config,
         out_dir=str(out),
-        pretrain=dataclasses.replace(config.pretrain, tasks=(pc.task,), data_dir=data_dir),
-        patch=dataclasses.replace(pc, prior=prior),
-        pro=dataclasses.replace(config.pro, prior=prior, task=pc.task, collect_split=pc.split),
-        recap=dataclasses.replace(config.recap, prior=prior, task=pc.task, split=pc.split),
-        ript=dataclasses.replace(config.ript, prior=prior, task=pc.task, split=pc.split),
+        target=dataclasses.replace(tc, prior=str(out / "prior")),
+        pretrain=dataclasses.replace(config.pretrain, tasks=(tc.task,), data_dir=data_dir),
+        pro=dataclasses.replace(config.pro, collect_split=tc.split),
     )
 
 
@@ -815,49 +953,73 @@ def run(config: configs.Config) -> str:
     """Every stage; returns the two tables (the report is written to `out_dir`)."""
     out = pathlib.Path(config.out_dir)
     config = with_outputs(config, out)
-    pc, pre = config.patch, config.pretrain
+    tc, pc, pre = config.target, config.patch, config.pretrain
     tic = time.perf_counter()
     stage = Stages(out, total=14)
     results = {"data": stage("data", "scripted demonstrations", lambda: demonstrations(config))}
-    results["prior"] = stage("prior", f"pretraining, {pre.steps} BC steps, then scored",
-                             lambda: train_prior(config, out))  # fmt: skip
+    results["prior"] = stage(
+        "prior", f"pretraining, {pre.steps} BC steps, then scored", lambda: train_prior(config, out)
+    )
     prior = pretrain.load(out / "prior")
     novel = NovelScore(config, prior)
-    offline = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes,
-                                              seed=pre.seed)  # fmt: skip
-    results["fleet"] = stage("fleet", f"the prior on {pc.split} through the fleet service",
-                             lambda: deploy(config, prior, out))  # fmt: skip
-    results["sft"] = stage("sft", "full SFT retraining",
-                           lambda: sft_arm(config, prior, offline, novel, split=pc.split,
-                                           kind="sft"))  # fmt: skip
-    results["targeted_sft"] = stage("targeted_sft", "targeted SFT on the tails' demonstrations",
-                                    lambda: sft_arm(config, prior, offline, novel, split="tail",
-                                                    kind="targeted_sft"))  # fmt: skip
+    offline = operator_demos.load_or_generate(
+        pre.data_dir, tc.task, "train", pc.offline_episodes, seed=pre.seed
+    )
+    results["fleet"] = stage(
+        "fleet", f"the prior on {tc.split} through the fleet service", lambda: deploy(config, prior, out)
+    )
+    results["sft"] = stage(
+        "sft",
+        "full SFT retraining",
+        lambda: sft_arm(config, prior, offline, novel, split=tc.split, kind="sft"),
+    )
+    results["targeted_sft"] = stage(
+        "targeted_sft",
+        "targeted SFT on the tails' demonstrations",
+        lambda: sft_arm(config, prior, offline, novel, split="tail", kind="targeted_sft"),
+    )
     results["hg_dagger"] = stage("hg_dagger", "HG-DAgger", lambda: hg_dagger(config, prior, offline, novel))
-    results["patch"] = stage("patch", "policy patching, sparse reward",
-                             lambda: patching(config, prior, offline, out / "patch", novel))  # fmt: skip
-    results["pro"] = stage("pro", "PRO: a state-only and an action-conditioned one, held-out evaluation",
-                           lambda: train_pros(config, out))  # fmt: skip
+    results["patch"] = stage(
+        "patch",
+        "policy patching, sparse reward",
+        lambda: patching(config, prior, offline, out / "patch", novel),
+    )
+    results["pro"] = stage(
+        "pro",
+        "PRO: a state-only and an action-conditioned one, held-out evaluation",
+        lambda: train_pros(config, out),
+    )
     shaping, ranker = results["pro"]["shaping"], results["pro"]["ranking"]
-    results["patch_pro"] = stage("patch_pro", "patching with the PRO reward",
-                                 lambda: patching(with_pro_reward(config, shaping), prior, offline,
-                                                  out / "patch_pro", novel))  # fmt: skip
-    results["patch_risk"] = stage("patch_risk", "patching with PRO-triggered takeovers",
-                                  lambda: patching(with_risk_trigger(config, shaping), prior, offline,
-                                                   out / "patch_risk", novel))  # fmt: skip
+    results["patch_pro"] = stage(
+        "patch_pro",
+        "patching with the PRO reward",
+        lambda: patching(with_pro_reward(config, shaping), prior, offline, out / "patch_pro", novel),
+    )
+    results["patch_risk"] = stage(
+        "patch_risk",
+        "patching with PRO-triggered takeovers",
+        lambda: patching(with_risk_trigger(config, shaping), prior, offline, out / "patch_risk", novel),
+    )
     results["rank"] = stage(
         "rank", "the prior's chunks ranked by PRO", lambda: ranking(config, prior, ranker)
     )
 
     def run_recap() -> dict:
         seeds, summaries = recap_tool.run_seeds(config, prior, offline, out / "recap", train_eval=False)
-        return {"seeds": seeds, "summaries": summaries,
-                "novel": {seed: s["novel_success"] for seed, s in summaries.items()}}  # fmt: skip
+        return {
+            "seeds": seeds,
+            "summaries": summaries,
+            "novel": {seed: s["novel_success"] for seed, s in summaries.items()},
+        }
 
     def run_ript() -> dict:
         seeds, summaries = ript_tool.run_seeds(config, prior, out / "ript", train_eval=False)
-        return {"seeds": seeds, "summaries": summaries, "demos": config.ript.sft_demos,
-                "novel": {seed: s["novel_success"] for seed, s in summaries.items()}}  # fmt: skip
+        return {
+            "seeds": seeds,
+            "summaries": summaries,
+            "demos": config.ript.sft_demos,
+            "novel": {seed: s["novel_success"] for seed, s in summaries.items()},
+        }
 
     results["recap"] = stage("recap", "Recap", run_recap)
     results["ript"] = stage("ript", "RIPT", run_ript)
@@ -868,7 +1030,8 @@ def run(config: configs.Config) -> str:
 
 def main(argv: list[str]) -> int:
     full = "--full" in argv
-    config = configs.cli(["demo_full" if full else "demo", *(a for a in argv if a != "--full")], prog=PROG)
+    argv = ["demo_full" if full else "demo", *(a for a in argv if a != "--full")]
+    config = configs.cli(argv, PROG, sections=SECTIONS)
     compile_cache.enable(config.compile_cache)
     tic = time.perf_counter()
     tables = run(config)

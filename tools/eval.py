@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     compile_cache.enable(args.compile_cache)
     prior = pretrain.load(args.policy)
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
-    camera_res = prior.config.model.image_res if prior.config.model.image else None
+    camera_res = prior.model.image_res if prior.model.image else None
     tasks = envs.TASKS if args.task == "all" else (args.task,)
     splits = schema.SPLITS if args.split == "all" else (args.split,)
     named = {"test": evaluate.TEST, "validation": evaluate.VALIDATION}

@@ -6,18 +6,10 @@ checkpoint's training step.
 """
 
 import argparse
-import dataclasses
-import hashlib
-import json
 import pathlib
 
 from jaxvla import export
 from learner import pretrain
-
-
-def config_hash(config) -> str:
-    """sha256 of the run's full config, so a deployed file names exactly what produced it."""
-    return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -39,12 +31,12 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = export.write(
         out,
-        prior.config.model,
+        prior.model,
         prior.params,
         prior.stats,
         version=prior.step if args.version is None else args.version,
         parent_version=args.parent,
-        config_hash=config_hash(prior.config),
+        config_hash=prior.config_hash,
         extra={"run": str(args.policy), "step": prior.step},
     )
     manifest = export.read_manifest(path)

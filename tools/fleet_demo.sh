@@ -4,8 +4,8 @@
 set -e
 PRIOR=${1:-runs/default}; DATA=${2:-data}; EPISODES=${3:-120}; ROOT=runs/fleet
 mkdir -p $ROOT
-jaxvla serve default --fleet.prior "$PRIOR" --fleet.root $ROOT --fleet.offline-data "$DATA/pick_place_train" \
-  > $ROOT/serve.out 2>&1 &
+jaxvla serve default --target.prior "$PRIOR" --target.split novel --fleet.root $ROOT \
+  --fleet.offline-data "$DATA/pick_place_train" > $ROOT/serve.out 2>&1 &
 SERVE=$!
 sleep 60  # the learner publishes the prior's params first
 for i in 0 1 2; do

@@ -6,10 +6,11 @@ import sys
 import configs
 from learner import compile_cache
 from learner.fleet.loop import FleetLearner
+from tools.serve import SECTIONS
 
 
 def main(argv: list[str]) -> int:
-    config = configs.cli(argv, prog="jaxvla serve (learner)")
+    config = configs.cli(argv, "jaxvla serve (learner)", sections=SECTIONS)
     compile_cache.enable(config.compile_cache)
     learner = FleetLearner(config)
     print(f"learner: round {learner.learner.round}, cursor {learner.cursor}", flush=True)

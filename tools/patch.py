@@ -1,7 +1,7 @@
 """`jaxvla patch [config] [--patch.field value ...]`: policy patching against its baselines, paired.
 
-Loads the prior from `patch.prior`, then for every seed in `patch.seeds` runs every arm on `patch.task` /
-`patch.split` (the `deploy` mixture by default): policy patching (operator takeovers, SAC updates) and
+Loads the prior from `target.prior`, then for every seed in `target.seeds` runs every arm on `target.task` /
+`target.split` (the `deploy` mixture by default): policy patching (operator takeovers, SAC updates) and
 the baselines in `patch.baselines`: full SFT retraining on operator demonstrations of the split, targeted
 SFT on demonstrations of its tail components, and HG-DAgger on the operator's takeover segments.
 
@@ -22,6 +22,7 @@ import sys
 
 import configs
 from envs import demos as operator_demos
+from envs.operator import Trigger
 from learner import compile_cache
 from learner import evaluate
 from learner import patch
@@ -30,6 +31,8 @@ from tools import pro as pro_tool
 from tools import reporting
 
 PROG = "jaxvla patch"
+# What it reads: `pretrain` for the SFT arms' data and optimiser, `pro` for its reward and ranking.
+SECTIONS = ("target", "patch", "sac", "operator", "pretrain", "pro")
 ARMS = {
     "patch": "policy patching",
     "sft": "full SFT retraining",
@@ -126,14 +129,14 @@ def false_alarms_cell(pc: configs.PatchConfig, summaries: dict) -> str:
 
 
 def markdown(config: configs.Config, summaries: dict, prior: dict) -> str:
-    pc = config.patch
+    tc, pc, oc = config.target, config.patch, config.operator
     lines = [
-        f"# Policy patching and its baselines: {pc.task}/{pc.split}, seeds {list(pc.seeds)}",
+        f"# Policy patching and its baselines: {tc.task}/{tc.split}, seeds {list(tc.seeds)}",
         "",
         f"Patching: {pc.rounds} rounds of {pc.envs_per_round} episodes, {pc.updates_per_round} fused SAC "
         f"steps per round. SFT arms: {pc.sft_steps} BC steps from the prior per demonstration count "
         f"{list(pc.sft_demos)}. HG-DAgger: {pc.hg_dagger_rounds} rounds of {pc.envs_per_round} episodes. "
-        f"Test contexts: {pc.eval_episodes} (seed {evaluate.TEST.seed}); validation contexts: "
+        f"Test contexts: {tc.eval_episodes} (seed {evaluate.TEST.seed}); validation contexts: "
         f"{pc.validation_episodes} (seed {evaluate.VALIDATION.seed}); the same for every arm and round.",
         "",
         "## The prior on the test contexts",
@@ -146,10 +149,10 @@ def markdown(config: configs.Config, summaries: dict, prior: dict) -> str:
         "",
         "## Operator protocol (patching)",
         "",
-        f"Takeovers on slip > {pc.slip}, wrist force > {pc.force} N, a failure event or {pc.stall_steps} "
-        f"steps without progress{f', a {pc.lookahead}-step look-ahead' if pc.lookahead else ''}"
-        f"{f', action gap > {pc.disagreement}' if pc.disagreement else ''}; control goes back after "
-        f"{pc.calm_steps} calm steps, a stage advance or {pc.max_segment} steps.",
+        f"Takeovers on slip > {oc.slip}, wrist force > {oc.force} N, a failure event or {oc.stall_steps} "
+        f"steps without progress{f', a {oc.lookahead}-step look-ahead' if oc.lookahead else ''}"
+        f"{f', action gap > {oc.disagreement}' if oc.disagreement else ''}; control goes back after "
+        f"{oc.calm_steps} calm steps, a stage advance or {oc.max_segment} steps.",
         "",
         "| measure | mean over seeds |",
         "|---|---:|",
@@ -195,19 +198,43 @@ def plot(results: dict, path: pathlib.Path, goal: float) -> None:
 SEED_RESULT = "arms.json"  # a seed's finished arms, read back by a rerun
 
 
+# The settings that lived in `patch` before the `target` and `operator` sections (see `upgraded`).
+MOVED = {
+    "target": ("prior", "task", "split", "eval_episodes"),
+    "operator": tuple(field.name for field in dataclasses.fields(Trigger)),
+}
+
+
 def run_settings(config: configs.Config) -> dict:
-    """What a seed's results depend on: the patch and learner settings (all but the seed list) and the
-    fixed contexts."""
+    """What a seed's results depend on: the target (all but the seed list), patch, operator and learner
+    settings, the fixed contexts, and PRO's when it shapes the reward."""
     settings = {
-        "patch": {k: v for k, v in dataclasses.asdict(config.patch).items() if k != "seeds"},
+        "target": {k: v for k, v in dataclasses.asdict(config.target).items() if k != "seeds"},
+        "patch": dataclasses.asdict(config.patch),
+        "operator": dataclasses.asdict(config.operator),
         "sac": dataclasses.asdict(config.sac),
         "test_seed": evaluate.TEST.seed,
         "validation_seed": evaluate.VALIDATION.seed,
     }
     if config.patch.reward == "pro":  # how PRO's reward is shaped and refreshed
-        keys = ("shaping", "shaping_risk", "refresh_steps", "learning_rate")
+        keys = ("shaping", "shaping_risk", "refresh_steps")
         settings["pro"] = {k: getattr(config.pro, k) for k in keys}
+        settings["pro"]["learning_rate"] = config.pro.optimizer.learning_rate
     return settings
+
+
+def upgraded(settings: dict) -> dict:
+    """Settings saved before the `target` and `operator` sections, in today's layout: their fields move
+    out of `patch`, and operator fields that were not settings then hold their defaults."""
+    if "target" in settings:
+        return settings
+    patch_fields = {k: v for k, v in settings["patch"].items() if k != "seeds"}
+    moved = {
+        section: {k: patch_fields.pop(k) for k in names if k in patch_fields}
+        for section, names in MOVED.items()
+    }
+    moved["operator"] = {**dataclasses.asdict(Trigger()), **moved["operator"]}
+    return {**settings, **moved, "patch": patch_fields}
 
 
 def finished_seed(folder: pathlib.Path, settings: dict) -> dict | None:
@@ -218,17 +245,24 @@ def finished_seed(folder: pathlib.Path, settings: dict) -> dict | None:
         return None
     saved = json.loads(path.read_text())
     # Through JSON, so tuples and lists compare equal.
-    if saved["settings"] != json.loads(json.dumps(settings)):
+    if upgraded(saved["settings"]) != json.loads(json.dumps(settings)):
         raise SystemExit(
             f"{path} holds a seed finished under other settings; use another --out-dir or delete it"
         )
     return saved
 
 
-def run_seed(config: configs.Config, prior, offline: list[dict], demos: dict, stress: dict,
-             out: pathlib.Path, seed: int) -> dict:  # fmt: skip
+def run_seed(
+    config: configs.Config,
+    prior,
+    offline: list[dict],
+    demos: dict,
+    stress: dict,
+    out: pathlib.Path,
+    seed: int,
+) -> dict:
     """Every arm of one seed: {"arms": arm -> records, "novel": arm -> the final policy's novel success}."""
-    pc = config.patch
+    tc, pc = config.target, config.patch
     records, actor = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
     arms, finals = {"patch": records}, {"patch": actor}
     for arm in ("sft", "targeted_sft"):
@@ -236,7 +270,7 @@ def run_seed(config: configs.Config, prior, offline: list[dict], demos: dict, st
             arms[arm], finals[arm] = patch.run_sft(config, prior, demos[arm], offline, seed=seed, kind=arm)
     if "hg_dagger" in pc.baselines:
         arms["hg_dagger"], finals["hg_dagger"] = patch.run_hg_dagger(config, prior, offline, seed=seed)
-    contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
+    contexts = evaluate.TEST.with_episodes(tc.eval_episodes)
     novel = {
         arm: stress["patch" if arm == "patch" else "retrained"].on(params, contexts)["success_rate"]
         for arm, params in finals.items()
@@ -244,38 +278,39 @@ def run_seed(config: configs.Config, prior, offline: list[dict], demos: dict, st
     # PRO's other use: rank K sampled chunks of the patched policy (a whole chunk policy: "full" only).
     if pc.reward == "pro" and config.sac.actor == "full":
         patched = dataclasses.replace(prior, params=actor)
-        arms["ranking"] = pro_tool.ranking_evaluations(config, patched, pc.split, seed, pro_dir=pc.pro)
+        arms["ranking"] = pro_tool.ranking_evaluations(config, patched, tc.split, seed, pro_dir=pc.pro)
     return {"arms": arms, "novel": novel}
 
 
 def main(argv: list[str]) -> int:
-    config = configs.cli(argv, prog=PROG)
+    config = configs.cli(argv, PROG, sections=SECTIONS)
     compile_cache.enable(config.compile_cache)
-    pc, pre = config.patch, config.pretrain
+    config, prior = pretrain.load_target(config, PROG)
+    tc, pc, pre = config.target, config.patch, config.pretrain
     suffix = "-pro" if pc.reward == "pro" else ""
-    out = pathlib.Path(config.out_dir) / f"patch-{pc.task}-{pc.split}{suffix}"
-    prior = pretrain.load_prior(pc.prior, PROG)
-    offline = operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pc.offline_episodes,
-                                              seed=pre.seed)  # fmt: skip
+    out = pathlib.Path(config.out_dir) / f"patch-{tc.task}-{tc.split}{suffix}"
+    offline = operator_demos.load_or_generate(
+        pre.data_dir, tc.task, "train", pc.offline_episodes, seed=pre.seed
+    )
     noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
     demos = {
         arm: operator_demos.load_or_generate(
-            pre.data_dir, pc.task, split, max(pc.sft_demos), seed=pre.seed + 1, **noise
+            pre.data_dir, tc.task, split, max(pc.sft_demos), seed=pre.seed + 1, **noise
         )
-        for arm, split in (("sft", pc.split), ("targeted_sft", "tail"))
+        for arm, split in (("sft", tc.split), ("targeted_sft", "tail"))
         if arm in pc.baselines
     }
     # The patched params run on the patching learner's actor (a residual on the prior by default), every
     # other arm's on the prior's chunk policy.
     stress = {
-        "patch": evaluate.Evaluator(pc.task, "novel", pc.eval_episodes, patch.policy_actor(config, prior)),
+        "patch": evaluate.Evaluator(tc.task, "novel", tc.eval_episodes, patch.policy_actor(config, prior)),
         "retrained": evaluate.Evaluator(
-            pc.task, "novel", pc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
+            tc.task, "novel", tc.eval_episodes, evaluate.chunk_actor(prior.graphdef, prior.stats)
         ),
     }
     settings = run_settings(config)
     results, summaries, novel = {}, {}, {}
-    for seed in pc.seeds:
+    for seed in tc.seeds:
         done = finished_seed(out / f"seed{seed}", settings)
         if done is None:
             done = run_seed(config, prior, offline, demos, stress, out, seed)
@@ -287,7 +322,7 @@ def main(argv: list[str]) -> int:
         for arm, success in novel[seed].items():
             summaries[seed][arm]["novel"] = success
         print(json.dumps({"seed": seed, **summaries[seed]}, default=str))
-    prior_report = results[pc.seeds[0]]["patch"][0]
+    prior_report = results[tc.seeds[0]]["patch"][0]
     payload = {
         "config": settings,
         "prior": prior_report,

@@ -41,7 +41,7 @@ def demonstrations(config: configs.Config) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    config = configs.cli(argv, prog=PROG)
+    config = configs.cli(argv, PROG, sections=("model", "pretrain"))
     compile_cache.enable(config.compile_cache)
     run_dir = pathlib.Path(config.out_dir) / config.name
     prior = pretrain.train(config, demonstrations(config), run_dir)

@@ -1,6 +1,6 @@
 """`jaxvla pro <collect|train|eval|report> [config] [--pro.field value ...]`: the Process-Reward Operator.
 
-- `collect`: log deployments of `pro.prior` on `pro.task` as RLDS episodes under `<data_dir>/pro/`: the
+- `collect`: log deployments of `target.prior` on `target.task` as RLDS episodes under `<data_dir>/pro/`: the
   prior on train and on novel (chunks sampled from it, so they vary), and on novel with the scripted
   operator taking over (patched and recovered episodes); the operator's demonstrations on both splits are
   made too if missing. These plus the demonstrations are the episode store PRO trains from.
@@ -13,12 +13,12 @@
 - `report`: the patching comparison, sparse operator reward against PRO reward, from the two
   `jaxvla patch` reports (`--patch.reward pro` writes the second): `compare.md` and `compare.png`.
 - `trigger`: a state-only PRO (`--pro.net.no-action-input`) as the operator's trigger on the fixed test
-  contexts of `patch.split`: the scripted signs, the scripted signs plus ρ > `pro.risk_threshold`, and ρ
+  contexts of `target.split`: the scripted signs, the scripted signs plus ρ > `pro.risk_threshold`, and ρ
   alone; assisted success, operator steps, segments, false alarms, and ρ's lead time before the policy's
   first failure sign when it runs alone. Also retry gating and the episode score on the same episodes.
   Writes `trigger.json`.
 - `rank`: the deterministic policy against ranking (its chunk and K - 1 samples, scored by an
-  action-conditioned PRO, `--pro.conservative 5` for Cal-QL) on `train` and `patch.split`, by component;
+  action-conditioned PRO, `--pro.conservative 5` for Cal-QL) on `train` and `target.split`, by component;
   writes `rank.json`.
 """
 
@@ -62,6 +62,10 @@ from tools import reporting
 
 PROG = "jaxvla pro"
 ACTIONS = ("collect", "train", "eval", "report", "trigger", "rank")
+# What its actions read: `patch.sft_demos` (collect) and `patch.reward` (report) besides their own.
+SECTIONS = ("target", "pro", "operator", "pretrain", "patch")
+# The ranking and trigger evaluations' test contexts, fewer than the patching arms'.
+DEFAULTS = {"target": {"eval_episodes": 128}}
 NEVER = Trigger(slip=math.inf, force=math.inf, on_failure_event=False, stall_steps=2**30, disagreement=0.0)
 PLOTTED_EVENTS = ("grasp", "slip", "drop", "retry", "missed_grasp", "collision")
 
@@ -85,13 +89,13 @@ def deployment_batch(task: str, split: str, num_envs: int, trigger: Trigger, act
 
 
 def collect(config: configs.Config) -> int:
-    pc, pre = config.pro, config.pretrain
-    prior = pretrain.load_prior(pc.prior, PROG)
-    operator_demos.load_or_generate(pre.data_dir, pc.task, "train", pre.demos_per_task, seed=pre.seed)
-    if f"{pc.task}_novel" in pc.dataset_names():
+    tc, pc, pre = config.target, config.pro, config.pretrain
+    prior = pretrain.load_prior(tc.prior, PROG)
+    operator_demos.load_or_generate(pre.data_dir, tc.task, "train", pre.demos_per_task, seed=pre.seed)
+    if f"{tc.task}_novel" in pc.dataset_names(tc.task):
         operator_demos.load_or_generate(
             pre.data_dir,
-            pc.task,
+            tc.task,
             "novel",
             max(config.patch.sft_demos),
             seed=pre.seed + 1,
@@ -103,17 +107,17 @@ def collect(config: configs.Config) -> int:
     kinds = {
         "prior_train": ("train", NEVER),
         f"prior_{split}": (split, NEVER),
-        f"takeover_{split}": (split, patch.trigger_of(config)),
+        f"takeover_{split}": (split, config.operator),
     }
     batch = min(64, pc.collect_episodes)
     for i, (kind, (split, trigger)) in enumerate(kinds.items()):
-        run = deployment_batch(pc.task, split, batch, trigger, sampled)
+        run = deployment_batch(tc.task, split, batch, trigger, sampled)
         episodes = []
         for j in tqdm(range(math.ceil(pc.collect_episodes / batch)), desc=f"collect {kind}", unit="batch"):
             key = jax.random.fold_in(jax.random.key(pc.seed), 1000 * i + j)
-            episodes += pro.rollout_episodes(jax.device_get(run(prior.params, key)), pc.task, str(prior.step))
+            episodes += pro.rollout_episodes(jax.device_get(run(prior.params, key)), tc.task, str(prior.step))
         episodes = episodes[: pc.collect_episodes]
-        path = pathlib.Path(pre.data_dir) / "pro" / f"{pc.task}_{kind}"
+        path = pathlib.Path(pre.data_dir) / "pro" / f"{tc.task}_{kind}"
         rlds.write_episodes(path, episodes, overwrite=True)
         success = np.mean([ep["episode_metadata"]["success"] for ep in episodes])
         helped = np.mean([ep["steps"]["is_intervention"].any() for ep in episodes])
@@ -124,7 +128,7 @@ def collect(config: configs.Config) -> int:
 # --------------------------------------------------------------------------------------------- train
 def load_store(config: configs.Config) -> list[dict]:
     episodes = []
-    for name in config.pro.dataset_names():
+    for name in config.pro.dataset_names(config.target.task):
         path = pathlib.Path(config.pretrain.data_dir) / name
         if not path.exists():
             raise SystemExit(f"{PROG}: no dataset {path}; run `{PROG} collect {config.name}` first")
@@ -146,7 +150,8 @@ def train(config: configs.Config) -> int:
     mesh = sharding.make_mesh()
     buffer = pro.fill_replay(train_eps, pc, mesh)
     graphdef, params = nnx.split(pc.net.create(pc.seed), nnx.Param)
-    optimizer = bc.make_optimizer(pc.learning_rate, pc.steps, pc.warmup_steps, pc.weight_decay)
+    opt = pc.optimizer
+    optimizer = bc.make_optimizer(opt.learning_rate, pc.steps, opt.warmup_steps, opt.weight_decay)
     state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
     checkpoints = Checkpoints(out / "checkpoints", keep=2)
     if checkpoints.latest_step() is not None:
@@ -196,7 +201,7 @@ def ranking_evaluations(
     """Success of `policy` (a Prior-like: graphdef, params, stats) on `split`: its deterministic chunk,
     one sampled chunk, and the best of its deterministic and K - 1 sampled chunks by the PRO in `pro_dir`
     (default: this run's) when that PRO is action-conditioned (a state-only one cannot rank)."""
-    pc = config.pro
+    tc, pc = config.target, config.pro
     model = pro.load(pro_dir or run_dir(config))
     key = jax.random.key(seed)
     actors = {
@@ -207,7 +212,7 @@ def ranking_evaluations(
         actors[f"ranked_k{pc.rank_samples}"] = ranked_arm(pc, policy, model)
     out = {}
     for name, kwargs in actors.items():
-        evaluator = evaluate.Evaluator(pc.task, split, pc.eval_episodes, **kwargs)
+        evaluator = evaluate.Evaluator(tc.task, split, tc.eval_episodes, **kwargs)
         out[name] = evaluate.summarize(evaluator(policy.params, key))
     return out
 
@@ -275,8 +280,8 @@ def example_episode(episodes: list[dict]) -> int:
     return next((i for i, ep in enumerate(episodes) if not ep["episode_metadata"]["success"]), 0)
 
 
-def gating_summary(episodes: list[dict], readouts: list[dict], pc: configs.ProConfig) -> dict:
-    hz = get_task(pc.task).default_config.control_hz
+def gating_summary(episodes: list[dict], readouts: list[dict], pc: configs.ProConfig, task: str) -> dict:
+    hz = get_task(task).default_config.control_hz
     gated = pro.gated_outcomes(episodes, readouts, pc.gate_success, hz)
     success = np.array([ep["episode_metadata"]["success"] for ep in episodes], bool)
     cycle = np.array([ep["episode_metadata"]["cycle_time"] for ep in episodes])
@@ -338,11 +343,14 @@ def eval_markdown(result: dict) -> str:
 
 
 def heldout_evaluation(
-    model: pro.Pro, held: list[dict], pc: configs.ProConfig, plot_path: pathlib.Path
+    model: pro.Pro, held: list[dict], pc: configs.ProConfig, task: str, plot_path: pathlib.Path
 ) -> dict:
     """PRO's figures on held-out episodes and the retry gate's effect on them; plots an example episode."""
     readouts = pro.score_episodes(model, held)
-    result = {"heldout": pro.evaluation(held, readouts, pc), "gating": gating_summary(held, readouts, pc)}
+    result = {
+        "heldout": pro.evaluation(held, readouts, pc),
+        "gating": gating_summary(held, readouts, pc, task),
+    }
     i = example_episode(held)
     meta = held[i]["episode_metadata"]
     plot_episode(
@@ -356,11 +364,11 @@ def heldout_evaluation(
 
 
 def evaluate_pro(config: configs.Config) -> int:
-    pc = config.pro
+    tc, pc = config.target, config.pro
     out = run_dir(config)
     _, held = pro.split_heldout(load_store(config), pc.heldout)
-    result = heldout_evaluation(pro.load(out), held, pc, out / "episode.png")
-    prior = pretrain.load_prior(pc.prior, PROG)
+    result = heldout_evaluation(pro.load(out), held, pc, tc.task, out / "episode.png")
+    prior = pretrain.load_prior(tc.prior, PROG)
     # On novel the prior fails every episode; the patched policies are ranked there by `jaxvla patch`.
     result["ranking"] = {"train": ranking_evaluations(config, prior, "train")}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
@@ -444,14 +452,15 @@ def alarm_leads(solo: dict, success: np.ndarray, threshold: float, trigger: Trig
 
 def trigger(config: configs.Config) -> int:
     """Risk-triggered takeovers against the scripted triggers, retry gating and the episode score."""
-    pc, split = config.pro, config.patch.split
+    tc, pc = config.target, config.pro
+    split = tc.split
     out = run_dir(config)
     model = pro.load(out)
-    prior = pretrain.load_prior(pc.prior, PROG)
+    prior = pretrain.load_prior(tc.prior, PROG)
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
-    contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
-    components = get_task(pc.task).split(split).component_names
-    scripted = dataclasses.replace(patch.trigger_of(config), lookahead=0)
+    contexts = evaluate.TEST.with_episodes(tc.eval_episodes)
+    components = get_task(tc.task).split(split).component_names
+    scripted = dataclasses.replace(config.operator, lookahead=0)
     arms = {
         "scripted": (scripted, 2.0),
         "scripted+risk": (scripted, pc.risk_threshold),
@@ -460,7 +469,7 @@ def trigger(config: configs.Config) -> int:
     runs, rows, result = {}, {}, {"threshold": pc.risk_threshold, "split": split, "arms": {}}
     for name, (trig, threshold) in arms.items():
         if trig not in runs:  # one compiled program per trigger; the threshold is an argument
-            runs[trig] = risk_protocol(pc.task, split, pc.eval_episodes, trig, actor, model)
+            runs[trig] = risk_protocol(tc.task, split, tc.eval_episodes, trig, actor, model)
         run = runs[trig]
         rolled = jax.device_get(run(prior.params, contexts.key, jnp.float32(threshold)))
         rows[name, split] = patch.protocol_report(rolled, components)
@@ -479,16 +488,16 @@ def trigger(config: configs.Config) -> int:
 def deployment_scores(config: configs.Config, prior, model: pro.Pro, split: str) -> dict:
     """On the prior's own deployments of `split` (sampled chunks, no operator): retry gating, and the
     episode score (mean V - λρ) as a fleet-gate signal: its AUROC for the episode's success."""
-    pc = config.pro
+    tc, pc = config.target, config.pro
     sampled = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=True)
-    run = deployment_batch(pc.task, split, pc.eval_episodes, NEVER, sampled)
+    run = deployment_batch(tc.task, split, tc.eval_episodes, NEVER, sampled)
     record = jax.device_get(run(prior.params, jax.random.fold_in(evaluate.VALIDATION.key, 7)))
-    episodes = pro.rollout_episodes(record, pc.task, str(prior.step))
-    readouts = pro.score_episodes(model, episodes, length=get_task(pc.task).default_config.max_steps)
+    episodes = pro.rollout_episodes(record, tc.task, str(prior.step))
+    readouts = pro.score_episodes(model, episodes, length=get_task(tc.task).default_config.max_steps)
     success = np.array([ep["episode_metadata"]["success"] for ep in episodes], bool)
     scores = np.array([pro.quality(r, pc.risk_weight) for r in readouts])
     return {
-        "gating": gating_summary(episodes, readouts, pc),
+        "gating": gating_summary(episodes, readouts, pc, tc.task),
         "episode_score_success_auroc": pro.auroc(scores, success),
         "episode_score_mean_success": float(scores[success].mean()) if success.any() else None,
         "episode_score_mean_failure": float(scores[~success].mean()) if (~success).any() else None,
@@ -497,20 +506,20 @@ def deployment_scores(config: configs.Config, prior, model: pro.Pro, split: str)
 
 # ---------------------------------------------------------------------------------------------- rank
 def rank(config: configs.Config) -> int:
-    """The deterministic policy against ranking, on the fixed test contexts of train and `patch.split`."""
-    pc = config.pro
+    """The deterministic policy against ranking, on the fixed test contexts of train and `target.split`."""
+    tc, pc = config.target, config.pro
     out = run_dir(config)
     model = pro.load(out)
-    prior = pretrain.load_prior(pc.prior, PROG)
-    contexts = evaluate.TEST.with_episodes(pc.eval_episodes)
+    prior = pretrain.load_prior(tc.prior, PROG)
+    contexts = evaluate.TEST.with_episodes(tc.eval_episodes)
     arms = {
         "deterministic": {"actor": evaluate.chunk_actor(prior.graphdef, prior.stats)},
         f"ranked_k{pc.rank_samples}": ranked_arm(pc, prior, model),
     }
     report = {}
-    for split in dict.fromkeys(("train", config.patch.split)):
+    for split in dict.fromkeys(("train", config.target.split)):
         for name, kwargs in arms.items():
-            evaluator = evaluate.Evaluator(pc.task, split, pc.eval_episodes, **kwargs)
+            evaluator = evaluate.Evaluator(tc.task, split, tc.eval_episodes, **kwargs)
             report[f"{name}", split] = evaluator.on(prior.params, contexts)
             print(f"{name}/{split}: {report[name, split]['success_rate']:.1%}", flush=True)
     print(evaluate.format_table(report))
@@ -549,10 +558,10 @@ def compare(sparse: dict, dense: dict, levels: tuple[float, ...]) -> dict:
 
 
 def report(config: configs.Config) -> int:
-    base = pathlib.Path(config.out_dir)
+    tc, base = config.target, pathlib.Path(config.out_dir)
     paths = {
-        "sparse": base / f"patch-{config.patch.task}" / "report.json",
-        "pro": base / f"patch-{config.patch.task}-pro" / "report.json",
+        "sparse": base / f"patch-{tc.task}-{tc.split}" / "report.json",
+        "pro": base / f"patch-{tc.task}-{tc.split}-pro" / "report.json",
     }
     for name, path in paths.items():
         if not path.exists():
@@ -663,7 +672,7 @@ def main(argv: list[str]) -> int:
         print(f"usage: {PROG} <{'|'.join(ACTIONS)}> [config] [--pro.field value ...]", file=sys.stderr)
         return 2
     action, rest = argv[0], argv[1:]
-    config = configs.cli(rest, prog=f"{PROG} {action}")
+    config = configs.cli(rest, f"{PROG} {action}", sections=SECTIONS, defaults=DEFAULTS)
     compile_cache.enable(config.compile_cache)
     actions = {
         "collect": collect,

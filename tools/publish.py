@@ -60,15 +60,13 @@ def make_gate(args: argparse.Namespace):
     import configs
     from learner.fleet import gate as gates
 
-    given = {
-        "gate": args.gate,
-        "task": args.task,
-        "split": args.split,
-        "gate_episodes": args.gate_episodes,
-        "gate_margin": args.gate_margin,
-    }
-    fleet = dataclasses.replace(configs.FleetConfig(), **{k: v for k, v in given.items() if v is not None})
-    return gates.make_gate(fleet)
+    def given(section, **fields):
+        return dataclasses.replace(section, **{k: v for k, v in fields.items() if v is not None})
+
+    fleet = given(
+        configs.FleetConfig(), gate=args.gate, gate_episodes=args.gate_episodes, gate_margin=args.gate_margin
+    )
+    return gates.make_gate(fleet, given(configs.TargetConfig(), task=args.task, split=args.split))
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -81,8 +79,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="the fleet's folder (serve's --fleet.root); the registry is ROOT/params",
     )
     p.add_argument("--gate", default="", help="score against the published version first (e.g. sim)")
-    p.add_argument("--task", help="the gate's task (default: the fleet config's)")
-    p.add_argument("--split", help="the gate's item distribution (default: the fleet config's)")
+    p.add_argument("--task", help="the gate's task (default: the target config's)")
+    p.add_argument("--split", help="the gate's item distribution (default: the target config's)")
     p.add_argument("--gate-episodes", type=int, help="the gate's held-out episodes")
     p.add_argument("--gate-margin", type=float, help="how much lower a candidate may score and pass")
     args = p.parse_args(argv)

@@ -1,9 +1,9 @@
 """`jaxvla recap [config] [--recap.field value ...]`: Recap on `deploy`, where most autonomous episodes
 succeed and the value can tell good from bad.
 
-Loads the prior from `recap.prior` and the task's `train` demonstrations, then for every seed in
-`recap.seeds` runs `learner.recap.run_recap`: iterations of autonomous episodes and operator-corrected
-episodes (the `patch.*` takeover trigger), each into its own source of the sharded replay, value
+Loads the prior from `target.prior` and the task's `train` demonstrations, then for every seed in
+`target.seeds` runs `learner.recap.run_recap`: iterations of autonomous episodes and operator-corrected
+episodes (the `operator.*` takeover trigger), each into its own source of the sharded replay, value
 training, advantages, indicator-conditioned policy training on batches drawn from the replay 50:50 from
 demonstrations and collected steps (`recap.demo_share`), evaluation with the indicator positive on the
 fixed test contexts. The final policy is then evaluated at every guidance weight beta in
@@ -31,8 +31,9 @@ from learner import recap
 from tools import reporting
 
 PROG = "jaxvla recap"
-# This command's defaults where they differ from `RecapConfig`'s (which `jaxvla demo` also reads).
-DEFAULTS = {"split": "deploy"}
+# This command's defaults where they differ from the named config's (which `jaxvla demo` also reads).
+DEFAULTS = {"target": {"eval_episodes": 64}}
+SECTIONS = ("target", "recap", "operator", "pretrain")
 # The autonomous arm: an operator who never takes over.
 NEVER = Trigger(slip=float("inf"), force=float("inf"), on_failure_event=False, stall_steps=1 << 30)
 TAILS = ("physics", "layout")  # `deploy`'s tail components (envs/tasks.py)
@@ -63,10 +64,10 @@ COLUMNS = [
 
 def describe(config: configs.Config) -> str:
     """The run's settings in one paragraph, for the report."""
-    rc = config.recap
+    tc, rc = config.target, config.recap
     retrained = "from their initial weights" if rc.from_prior else "from the last iteration"
     return (
-        f"Recap on {rc.task}/{rc.split} from the prior, seeds {list(rc.seeds)}: {rc.iterations} "
+        f"Recap on {tc.task}/{tc.split} from the prior, seeds {list(tc.seeds)}: {rc.iterations} "
         f"iterations of {rc.autonomous_per_iteration} autonomous + {rc.corrected_per_iteration} "
         f"operator-corrected episodes; value ({config.model.value_bins} bins, {rc.value_steps} steps) and "
         f"policy ({rc.policy_steps} steps) retrained {retrained} each iteration on D = "
@@ -75,7 +76,7 @@ def describe(config: configs.Config) -> str:
         f"{rc.positive_fraction:.0%} of rollout steps and {rc.demo_positive_fraction:.0%} of demonstration "
         f"steps positive, corrections forced positive, indicator dropout {rc.indicator_dropout:.0%}, "
         f"beta {rc.guidance} during the run, swept over {list(rc.guidance_sweep)} at the end; "
-        f"{rc.eval_episodes} test contexts per evaluation."
+        f"{tc.eval_episodes} test contexts per evaluation."
     )
 
 
@@ -85,30 +86,30 @@ def tail_failures(failures: dict[str, int]) -> int:
 
 def run_seeds(config: configs.Config, prior, offline: list[dict], out: pathlib.Path, *,
               train_eval: bool = True, novel_eval: bool = True) -> tuple[dict, dict]:  # fmt: skip
-    """Recap from `prior` once per seed in `recap.seeds`: every seed's records and its summary (the beta
+    """Recap from `prior` once per seed in `target.seeds`: every seed's records and its summary (the beta
     sweep; the final policy's success on `train` when `train_eval`, on `novel` when `novel_eval`)."""
-    rc = config.recap
+    tc, rc = config.target, config.recap
     graphdef, _ = recap.conditioned_policy(prior)
     positive = models.INDICATOR_POSITIVE
     collect = evaluate.chunk_actor(graphdef, prior.stats, indicator=positive, explore=rc.explore,
                                    guidance=rc.guidance)  # fmt: skip
     actor = recap.guided_actor(graphdef, prior.stats)
-    autonomous = patch.Collector(rc.task, rc.split, rc.autonomous_per_iteration, NEVER, collect)
+    autonomous = patch.Collector(tc.task, tc.split, rc.autonomous_per_iteration, NEVER, collect)
     corrected = patch.Collector(
-        rc.task, rc.split, rc.corrected_per_iteration, patch.trigger_of(config), collect
+        tc.task, tc.split, rc.corrected_per_iteration, config.operator, collect
     )
-    evaluator = evaluate.Evaluator(rc.task, rc.split, rc.eval_episodes, actor)
-    test = evaluate.TEST.with_episodes(rc.eval_episodes)
-    on_train = evaluate.Evaluator(rc.task, "train", rc.eval_episodes, actor) if train_eval else None
+    evaluator = evaluate.Evaluator(tc.task, tc.split, tc.eval_episodes, actor)
+    test = evaluate.TEST.with_episodes(tc.eval_episodes)
+    on_train = evaluate.Evaluator(tc.task, "train", tc.eval_episodes, actor) if train_eval else None
     on_novel = None
     if novel_eval:
         on_novel = (
             evaluator
-            if rc.split == "novel"
-            else evaluate.Evaluator(rc.task, "novel", rc.eval_episodes, actor)
+            if tc.split == "novel"
+            else evaluate.Evaluator(tc.task, "novel", tc.eval_episodes, actor)
         )
     results, summaries = {}, {}
-    for seed in rc.seeds:
+    for seed in tc.seeds:
         records, params = recap.run_recap(config, prior, offline, seed=seed, autonomous=autonomous,
                                           corrected=corrected, evaluator=evaluator,
                                           run_dir=out / f"seed{seed}")  # fmt: skip
@@ -163,16 +164,17 @@ def sweep_table(summaries: dict, betas: tuple[float, ...]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    config = configs.cli_with_defaults(argv, PROG, "recap", DEFAULTS)
+    config = configs.cli(argv, PROG, sections=SECTIONS, defaults=DEFAULTS)
     compile_cache.enable(config.compile_cache)
-    rc, pre = config.recap, config.pretrain
-    out = pathlib.Path(config.out_dir) / f"recap-{rc.task}"
-    prior = pretrain.load_prior(rc.prior, PROG)
-    offline = operator_demos.load_or_generate(pre.data_dir, rc.task, "train", rc.offline_episodes,
+    config, prior = pretrain.load_target(config, PROG)
+    tc, rc, pre = config.target, config.recap, config.pretrain
+    out = pathlib.Path(config.out_dir) / f"recap-{tc.task}"
+    offline = operator_demos.load_or_generate(pre.data_dir, tc.task, "train", rc.offline_episodes,
                                               seed=pre.seed)  # fmt: skip
     results, summaries = run_seeds(config, prior, offline, out)
-    report = reporting.write(out, "recap", "Recap", {"recap": dataclasses.asdict(rc)}, describe(config),
-                             ROWS, COLUMNS, results, summaries, f"Recap on {rc.task}/{rc.split}")  # fmt: skip
+    settings = {"target": dataclasses.asdict(tc), "recap": dataclasses.asdict(rc)}
+    report = reporting.write(out, "recap", "Recap", settings, describe(config),
+                             ROWS, COLUMNS, results, summaries, f"Recap on {tc.task}/{tc.split}")  # fmt: skip
     sweep = "\n## Classifier-free guidance at evaluation (final policies)\n\n" + sweep_table(
         summaries, rc.guidance_sweep
     )

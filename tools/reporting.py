@@ -95,14 +95,23 @@ def wilson(ci) -> str:
     return f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
 
 
-def markdown(title: str, settings: str, summaries: dict, rows: list[tuple[str, str, str]],
-             columns: list[tuple[str, str, str]], results: dict) -> str:  # fmt: skip
+def markdown(
+    title: str,
+    settings: str,
+    summaries: dict,
+    rows: list[tuple[str, str, str]],
+    columns: list[tuple[str, str, str]],
+    results: dict,
+) -> str:
     """The headline table (mean [bootstrap 95%] over seeds), each seed's own line with Wilson intervals, and
     the iterations (mean over seeds). `rows` (label, summary key, kind) add lines to the headline table,
     `columns` (label, record key, kind) columns to the per-iteration one."""
     over = lambda key, kind: figure([s.get(key) for s in summaries.values()], kind)  # noqa: E731
-    ratio = [s["final_throughput_per_hour"] / s["start_throughput_per_hour"] for s in summaries.values()
-             if s["start_throughput_per_hour"]]  # fmt: skip
+    ratio = [
+        s["final_throughput_per_hour"] / s["start_throughput_per_hour"]
+        for s in summaries.values()
+        if s["start_throughput_per_hour"]
+    ]
     lines = [
         f"# {title}",
         "",
@@ -137,8 +146,11 @@ def markdown(title: str, settings: str, summaries: dict, rows: list[tuple[str, s
             f"{100 * s['final_success_rate']:.1f} {wilson(s['final_ci'])} | {100 * s['last3_success']:.1f} | "
             f"{novel} | {failures or '-'} |"
         )
-    lines += ["", "| iteration | success (%) | " + " | ".join(c[0] for c in columns) + " |",
-              "|---:|---:|" + "---:|" * len(columns)]  # fmt: skip
+    lines += [
+        "",
+        "| iteration | success (%) | " + " | ".join(c[0] for c in columns) + " |",
+        "|---:|---:|" + "---:|" * len(columns),
+    ]
     for i in range(max(len(r) for r in results.values())):
         at = [r[i] for r in results.values() if len(r) > i]
         cells = [figure([r["success_rate"] for r in at], "percent")]
@@ -157,8 +169,14 @@ def plot(results: dict[int, list[dict]], path: pathlib.Path, title: str) -> None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, (seed, records) in enumerate(results.items()):
         for ax, key in zip(axes, ("env_steps", "wall_s"), strict=True):
-            ax.plot([r[key] for r in records], [r["success_rate"] for r in records], "-o", ms=3,
-                    color=f"C{i}", label=f"seed {seed}")  # fmt: skip
+            ax.plot(
+                [r[key] for r in records],
+                [r["success_rate"] for r in records],
+                "-o",
+                ms=3,
+                color=f"C{i}",
+                label=f"seed {seed}",
+            )
     for ax, label in zip(axes, ("environment steps", "wall-clock [s] (evaluations excluded)"), strict=True):
         ax.set_xlabel(label)
         ax.set_ylim(-0.02, 1.02)
@@ -171,14 +189,31 @@ def plot(results: dict[int, list[dict]], path: pathlib.Path, title: str) -> None
     plt.close(fig)
 
 
-def write(out: pathlib.Path, name: str, title: str, settings_section: dict, settings: str, rows: list,
-          columns: list, results: dict, summaries: dict, plot_title: str,
-          extra: dict | None = None) -> str:  # fmt: skip
+def write(
+    out: pathlib.Path,
+    name: str,
+    title: str,
+    settings_section: dict,
+    settings: str,
+    rows: list,
+    columns: list,
+    results: dict,
+    summaries: dict,
+    plot_title: str,
+    extra: dict | None = None,
+) -> str:
     """report.json (every record, the summaries, the config section, `extra`), report.md and `<name>.png`;
     returns the markdown."""
-    payload = {"config": settings_section, "title": title, "settings": settings, "rows": rows,
-               "contexts": {"name": evaluate.TEST.name, "seed": evaluate.TEST.seed}, "seeds": results,
-               "summary": summaries, **(extra or {})}  # fmt: skip
+    payload = {
+        "config": settings_section,
+        "title": title,
+        "settings": settings,
+        "rows": rows,
+        "contexts": {"name": evaluate.TEST.name, "seed": evaluate.TEST.seed},
+        "seeds": results,
+        "summary": summaries,
+        **(extra or {}),
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(payload, indent=1, default=float))
     report = markdown(title, settings, summaries, rows, columns, results)

@@ -1,10 +1,10 @@
 """`jaxvla ript [config] [--ript.field value ...]`: RIPT-VLA from the prior on `deploy`, and from few-shot
 SFT starts on `novel`.
 
-Loads the prior from `ript.prior`. For each start in `ript.starts` (demonstration counts; 0 is the prior
-itself on `ript.split`, N > 0 the prior after BC on N operator demonstrations of `ript.few_shot_split`, the
-paper's few-shot SFT stage, then RIPT on that split), and for every seed in `ript.seeds`, runs
-`learner.ript.run_ript`. With `ript.starts` empty, one start: `ript.sft_demos` on `ript.split`.
+Loads the prior from `target.prior`. For each start in `ript.starts` (demonstration counts; 0 is the prior
+itself on `target.split`, N > 0 the prior after BC on N operator demonstrations of `ript.few_shot_split`, the
+paper's few-shot SFT stage, then RIPT on that split), and for every seed in `target.seeds`, runs
+`learner.ript.run_ript`. With `ript.starts` empty, one start: `ript.sft_demos` on `target.split`.
 Writes to `out_dir/ript-<task>/<start>/`: `report.json` (every iteration of every seed), `report.md`
 (the headline with intervals, each seed, the iterations with their clip fraction and groups kept),
 `ript.png` and one `seed<N>/metrics.jsonl` per seed; with several starts also `out_dir/ript-<task>/report.md`
@@ -32,11 +32,16 @@ from learner import ript
 from tools import reporting
 
 PROG = "jaxvla ript"
-# This command's defaults where they differ from `RiptConfig`'s (which `jaxvla demo` also reads): the
-# three starts of issue 21, the prior's start on `deploy`, 8 PPO epochs at a rate the RL std can carry, and
-# few-shot SFT that sees its demonstrations in half of its examples (1 `novel` demonstration: sampled
-# rollouts succeed 13% at std 0.02, against 4% with the demonstration as 0.5% of the examples).
-DEFAULTS = {"split": "deploy", "starts": (0, 1, 4), "epochs": 8, "learning_rate": 1e-5, "sft_share": 0.5}
+# This command's defaults where they differ from the named config's (which `jaxvla demo` also reads): the
+# three starts of issue 21, 8 PPO epochs at a rate the RL std can carry, 64 test contexts, and few-shot SFT
+# that sees its demonstrations in half of its examples (1 `novel` demonstration: sampled rollouts succeed
+# 13% at std 0.02, against 4% with the demonstration as 0.5% of the examples).
+DEFAULTS = {
+    "target": {"eval_episodes": 64},
+    "ript": {"starts": (0, 1, 4), "epochs": 8, "learning_rate": 1e-5, "sft_share": 0.5},
+}
+# What it reads: `patch.offline_episodes` and `pretrain` for the few-shot SFT starts.
+SECTIONS = ("target", "ript", "patch", "pretrain")
 
 ROWS = [
     ("rollouts", "rollouts", "count"),
@@ -58,30 +63,30 @@ COLUMNS = [
 
 def describe(config: configs.Config) -> str:
     """The run's settings in one paragraph, for the report."""
-    rc = config.ript
+    tc, rc = config.target, config.ript
     start = "the prior"
     if rc.sft_demos:
         start = f"the prior after BC on {rc.sft_demos} demonstrations ({rc.sft_share:.0%} of SFT examples)"
     return (
-        f"RIPT on {rc.task}/{rc.split} from {start}, seeds {list(rc.seeds)}: {rc.iterations} iterations of "
+        f"RIPT on {tc.task}/{tc.split} from {start}, seeds {list(tc.seeds)}: {rc.iterations} iterations of "
         f"{rc.rollouts_per_iteration} rollouts ({rc.contexts} contexts, K = {rc.group_size} per context, "
         f"{rc.groups_per_call} contexts per call), {rc.epochs} PPO epochs of {rc.minibatches} steps (clip "
         f"{rc.clip_low}/{rc.clip_high}, lr {rc.learning_rate}, KL {rc.kl_coef} to the start, loss averaged "
         f"per rollout); RL std {rc.rl_std} per action dimension (floor {rc.rl_std_floor}, lr "
         f"{rc.std_learning_rate}), x{rc.temperature} while sampling, {rc.execute} action(s) of each chunk "
-        f"executed; {rc.eval_episodes} test contexts per evaluation (mean chunk, receding horizon)."
+        f"executed; {tc.eval_episodes} test contexts per evaluation (mean chunk, receding horizon)."
     )
 
 
 def few_shot_demos(config: configs.Config) -> tuple[list[dict], list[dict]]:
-    """The few-shot stage's data: (`ript.sft_demos` operator demonstrations of `ript.split`, the task's
+    """The few-shot stage's data: (`ript.sft_demos` operator demonstrations of `target.split`, the task's
     `train` demonstrations), both empty for a start from the prior."""
-    rc, pre = config.ript, config.pretrain
+    tc, rc, pre = config.target, config.ript, config.pretrain
     if not rc.sft_demos:
         return [], []
-    offline = operator_demos.load_or_generate(pre.data_dir, rc.task, "train", config.patch.offline_episodes,
+    offline = operator_demos.load_or_generate(pre.data_dir, tc.task, "train", config.patch.offline_episodes,
                                               seed=pre.seed)  # fmt: skip
-    demos = operator_demos.load_or_generate(pre.data_dir, rc.task, rc.split, rc.sft_demos, seed=pre.seed + 1,
+    demos = operator_demos.load_or_generate(pre.data_dir, tc.task, tc.split, rc.sft_demos, seed=pre.seed + 1,
                                             noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
     return demos, offline
 
@@ -97,7 +102,7 @@ def few_shot_start(config: configs.Config, prior, retrain, demos: tuple[list, li
     `ript.sft_share` of the examples) plus the offline ones (`retrain`: a `patch.Retrainer`)."""
     if not config.ript.sft_demos:
         return prior.params
-    chunk = prior.config.model.chunk
+    chunk = prior.model.chunk
     few, offline = (dataset.flatten(episodes, chunk) for episodes in demos)
     copies = few_shot_copies(len(few["chunk"]), len(offline["chunk"]), config.ript.sft_share)
     sft_data = dataset.concatenate(*[few] * copies, offline)
@@ -106,31 +111,31 @@ def few_shot_start(config: configs.Config, prior, retrain, demos: tuple[list, li
 
 def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: bool = True,
               novel_eval: bool = True) -> tuple[dict, dict]:  # fmt: skip
-    """RIPT from `prior` (after its few-shot SFT stage, if any) once per seed in `ript.seeds`: every
+    """RIPT from `prior` (after its few-shot SFT stage, if any) once per seed in `target.seeds`: every
     seed's records and its summary (with the final policy's success on `train` when `train_eval`, on the
     `novel` test contexts when `novel_eval`)."""
-    rc = config.ript
-    if not 1 <= rc.execute <= prior.config.model.chunk:
-        raise SystemExit(f"{PROG}: ript.execute={rc.execute} must lie in 1..{prior.config.model.chunk}, "
+    tc, rc = config.target, config.ript
+    if not 1 <= rc.execute <= prior.model.chunk:
+        raise SystemExit(f"{PROG}: ript.execute={rc.execute} must lie in 1..{prior.model.chunk}, "
                          "the prior's chunk length")  # fmt: skip
     demos = few_shot_demos(config)
-    collector = ript.GroupCollector(rc.task, rc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
+    collector = ript.GroupCollector(tc.task, tc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
                                     prior.stats, execute=rc.execute,
                                     likelihood=ript.likelihood_of(config))  # fmt: skip
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
-    evaluator = evaluate.Evaluator(rc.task, rc.split, rc.eval_episodes, actor)
-    test = evaluate.TEST.with_episodes(rc.eval_episodes)
-    on_train = evaluate.Evaluator(rc.task, "train", rc.eval_episodes, actor) if train_eval else None
+    evaluator = evaluate.Evaluator(tc.task, tc.split, tc.eval_episodes, actor)
+    test = evaluate.TEST.with_episodes(tc.eval_episodes)
+    on_train = evaluate.Evaluator(tc.task, "train", tc.eval_episodes, actor) if train_eval else None
     on_novel = None
     if novel_eval:
         on_novel = (
             evaluator
-            if rc.split == "novel"
-            else evaluate.Evaluator(rc.task, "novel", rc.eval_episodes, actor)
+            if tc.split == "novel"
+            else evaluate.Evaluator(tc.task, "novel", tc.eval_episodes, actor)
         )
     retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
     results, summaries = {}, {}
-    for seed in rc.seeds:
+    for seed in tc.seeds:
         tic = time.perf_counter()
         start = few_shot_start(config, prior, retrain, demos, seed)
         sft_s = time.perf_counter() - tic
@@ -158,19 +163,19 @@ def probe_stds(config: configs.Config, prior, stds: tuple[float, ...]) -> list[d
     """The start (the prior, or its few-shot SFT, seed 0), sampled at each RL std (one compiled collector:
     the std is a param): per std, the share of sampled rollouts that succeed and of groups whose outcomes
     differ (those dynamic sampling keeps), overall and per component of the split's mixture."""
-    rc = config.ript
+    tc, rc = config.target, config.ript
     retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
     start = few_shot_start(config, prior, retrain, few_shot_demos(config), seed=0)
-    collector = ript.GroupCollector(rc.task, rc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
+    collector = ript.GroupCollector(tc.task, tc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
                                     prior.stats, execute=rc.execute,
                                     likelihood=ript.likelihood_of(config))  # fmt: skip
     contexts = jax.vmap(collector.env.sample_params)(jax.random.split(jax.random.key(0), rc.contexts))
     used = rc.contexts // rc.groups_per_call * rc.groups_per_call
     component = np.asarray(contexts.component)[:used]
-    names = envs.get_task(rc.task).split(rc.split).component_names
+    names = envs.get_task(tc.task).split(tc.split).component_names
     rows = []
     for std in stds:
-        params = ript.rl_params(start, prior.config.model.action_size, std)
+        params = ript.rl_params(start, prior.model.action_size, std)
         rewards = []
         for call in range(rc.contexts // rc.groups_per_call):
             index = np.arange(call * rc.groups_per_call, (call + 1) * rc.groups_per_call)
@@ -198,15 +203,15 @@ def group_figures(rewards: np.ndarray) -> dict:
 
 
 def start_config(config: configs.Config, demos: int) -> configs.Config:
-    """The config of one start: the prior on `ript.split`, or N demonstrations of `ript.few_shot_split`."""
-    rc = config.ript
-    split = rc.split if demos == 0 else rc.few_shot_split
-    return dataclasses.replace(config, ript=dataclasses.replace(rc, sft_demos=demos, split=split))
+    """The config of one start: the prior on `target.split`, or N demonstrations of `ript.few_shot_split`."""
+    tc, rc = config.target, config.ript
+    target = dataclasses.replace(tc, split=tc.split if demos == 0 else rc.few_shot_split)
+    return dataclasses.replace(config, target=target, ript=dataclasses.replace(rc, sft_demos=demos))
 
 
 def start_name(config: configs.Config) -> str:
-    rc = config.ript
-    return f"prior-{rc.split}" if not rc.sft_demos else f"sft{rc.sft_demos}-{rc.split}"
+    tc, rc = config.target, config.ript
+    return f"prior-{tc.split}" if not rc.sft_demos else f"sft{rc.sft_demos}-{tc.split}"
 
 
 def overview(lines: dict[str, dict]) -> str:
@@ -223,10 +228,10 @@ def overview(lines: dict[str, dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    config = configs.cli_with_defaults(argv, PROG, "ript", DEFAULTS)
+    config = configs.cli(argv, PROG, sections=SECTIONS, defaults=DEFAULTS)
     compile_cache.enable(config.compile_cache)
-    root = pathlib.Path(config.out_dir) / f"ript-{config.ript.task}"
-    prior = pretrain.load_prior(config.ript.prior, PROG)
+    config, prior = pretrain.load_target(config, PROG)
+    root = pathlib.Path(config.out_dir) / f"ript-{config.target.task}"
     if config.ript.probe_stds:  # at the first start
         run_config = start_config(config, config.ript.starts[0]) if config.ript.starts else config
         rows = probe_stds(run_config, prior, config.ript.probe_stds)
@@ -237,13 +242,14 @@ def main(argv: list[str]) -> int:
     lines = {}
     for demos in starts:
         run_config = start_config(config, demos) if config.ript.starts else config
-        rc = run_config.ript
+        tc, rc = run_config.target, run_config.ript
         out = root / start_name(run_config) if config.ript.starts else root
         results, summaries = run_seeds(run_config, prior, out)
-        reporting.write(out, "ript", "RIPT-VLA", {"ript": dataclasses.asdict(rc)}, describe(run_config),
+        settings = {"target": dataclasses.asdict(tc), "ript": dataclasses.asdict(rc)}
+        reporting.write(out, "ript", "RIPT-VLA", settings, describe(run_config),
                         ROWS if rc.sft_demos else ROWS[:-1], COLUMNS, results, summaries,
-                        f"RIPT on {rc.task}/{rc.split} from {start_name(run_config)}")  # fmt: skip
-        lines[start_name(run_config)] = (rc.split, summaries)
+                        f"RIPT on {tc.task}/{tc.split} from {start_name(run_config)}")  # fmt: skip
+        lines[start_name(run_config)] = (tc.split, summaries)
     if len(lines) > 1:
         text = "# RIPT-VLA from every start\n\n" + overview(lines)
         (root / "report.md").write_text(text)

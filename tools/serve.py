@@ -26,6 +26,10 @@ from learner.fleet.store import ParamsRegistry
 from learner.fleet.store import is_local
 
 PROG = "jaxvla serve"
+# What the service and its learner read (the learner gets the same arguments): the learner patches
+# `target.prior` on `target.task` with `sac.*` and `patch.capacity`, `patch.updates_per_round` and
+# `patch.offline_episodes`, and gates on `target.split`.
+SECTIONS = ("target", "fleet", "sac", "patch")
 
 
 def tokens_file(fleet: configs.FleetConfig) -> pathlib.Path:
@@ -80,14 +84,20 @@ class Supervisor(threading.Thread):
 
 
 def main(argv: list[str]) -> int:
-    config = configs.cli(argv, prog=PROG)
+    config = configs.cli(argv, PROG, sections=SECTIONS)
     fc = config.fleet
     root = epath.Path(fc.root)
     service = Service(
-        EpisodeStore(root / "store"), ParamsRegistry(root / "params"), load_tokens(tokens_file(fc)),
-        max_body_bytes=fc.max_body_mb << 20, max_episodes=fc.max_episodes_per_push, max_steps=fc.max_steps,
-        compact_every=fc.compact_every, part_episodes=fc.part_episodes, max_infer_batch=fc.max_infer_batch,
-    )  # fmt: skip
+        EpisodeStore(root / "store"),
+        ParamsRegistry(root / "params"),
+        load_tokens(tokens_file(fc)),
+        max_body_bytes=fc.max_body_mb << 20,
+        max_episodes=fc.max_episodes_per_push,
+        max_steps=fc.max_steps,
+        compact_every=fc.compact_every,
+        part_episodes=fc.part_episodes,
+        max_infer_batch=fc.max_infer_batch,
+    )
     supervisor = None
     if fc.learner:
         command = [sys.executable, "-m", "tools.fleet_learner", *argv]

@@ -1,9 +1,11 @@
-"""`jaxvla sim [config] [--env.field value ...]`: the workcell simulator's showcase.
+"""`jaxvla sim [config] [--target.task T --target.split S --env.field value ...]`: the workcell simulator's
+showcase.
 
-Runs the scripted operator for one camera-on episode (plotted: telemetry and camera frames) and for a
-vmapped batch of `env.num_envs` episodes without camera (summarised: success rate, failure modes,
-retries, cycle time). Writes telemetry.png, frames.png and summary.json under
-`{out_dir}/sim/{task}_{split}/`. Each episode is one jitted `lax.scan`; Python never sees single steps.
+Runs the scripted operator on `target.task` / `target.split` (`train` by default) for one camera-on
+episode (plotted: telemetry and camera frames) and for a vmapped batch of `env.num_envs` episodes without
+camera (summarised: success rate, failure modes, retries, cycle time). Writes telemetry.png, frames.png
+and summary.json under `{out_dir}/sim/{task}_{split}/`. Each episode is one jitted `lax.scan`; Python
+never sees single steps.
 """
 
 import dataclasses
@@ -29,6 +31,7 @@ from jaxvla import schema  # noqa: E402
 from learner import compile_cache  # noqa: E402
 
 PROG = "jaxvla sim"
+DEFAULTS = {"target": {"split": "train"}}  # the pretraining distribution, which the operator solves
 SHOWCASE_RES = 64  # camera pixels per side for the showcase episode
 N_FRAMES = 8
 
@@ -38,14 +41,14 @@ def parse_config(argv: Sequence[str]) -> configs.Config:
     argv = list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["default", *argv]
-    return configs.cli(argv, prog=PROG)
+    return configs.cli(argv, PROG, sections=("target", "env"), defaults=DEFAULTS)
 
 
 def make_env(cfg: configs.Config, camera: bool) -> Workcell:
     """The task's default cell, with the showcase camera on or off."""
-    config = get_task(cfg.env.task).default_config
+    config = get_task(cfg.target.task).default_config
     config = dataclasses.replace(config, camera=camera, camera_res=SHOWCASE_RES)
-    return Workcell(cfg.env.task, cfg.env.split, config)
+    return Workcell(cfg.target.task, cfg.target.split, config)
 
 
 def operator_episode(env: Workcell) -> Callable[[jax.Array], tuple]:
@@ -194,7 +197,7 @@ def showcase(env: Workcell, key: jax.Array, out: Path, title: str) -> dict:
 def main(argv: list[str]) -> int:
     cfg = parse_config(argv)
     compile_cache.enable(cfg.compile_cache)
-    task, split = cfg.env.task, cfg.env.split
+    task, split = cfg.target.task, cfg.target.split
     out = Path(cfg.out_dir) / "sim" / f"{task}_{split}"
     out.mkdir(parents=True, exist_ok=True)
     key_show, key_batch = jax.random.split(jax.random.key(cfg.env.seed))

@@ -207,7 +207,7 @@ class TransformerEncoder:
 
     def __init__(self, w: "Weights", model: dict, state_size: int):
         width = model["width"]
-        self.patch = model["patch"]
+        self.patch = model["patch_size"] if "patch_size" in model else model["patch"]  # older manifests
         patches = (model["image_res"] // self.patch) ** 2 if model["image"] else 0
         tokens = 2 + tokenizer.PROMPT_LENGTH + patches
         self.readout = w.array("encoder/readout", (width,))

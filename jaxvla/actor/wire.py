@@ -30,8 +30,12 @@ def _encode(obj):
             raise TypeError(f"arrays of dtype {obj.dtype} cannot be sent; use bool, int or float arrays")
         # tobytes() is C order whatever the layout; np.ascontiguousarray would turn a 0-d array into
         # shape [1], and a stored scalar must come back a scalar.
-        return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str,
-                b"shape": list(obj.shape)}  # fmt: skip
+        return {
+            b"__ndarray__": True,
+            b"data": obj.tobytes(),
+            b"dtype": obj.dtype.str,
+            b"shape": list(obj.shape),
+        }
     if isinstance(obj, np.generic):
         if obj.dtype.kind not in ALLOWED_KINDS:
             raise TypeError(f"numpy scalars of dtype {obj.dtype} cannot be sent")

@@ -41,8 +41,8 @@ class ModelConfig:
     """Camera image height and width in pixels."""
     cnn_channels: tuple[int, ...] = (16, 32)
     """Channels of the depth CNN's stride-2 convolutions."""
-    patch: int = 8
-    """Patch size of the transformer's image tokens."""
+    patch_size: int = 8
+    """Patch size [pixels] of the transformer's image tokens."""
     layers: int = 2
     """Transformer blocks."""
     attention_heads: int = 4
@@ -83,9 +83,16 @@ class ModelConfig:
             )
         if self.encoder == "transformer":
             return encoders.TransformerEncoder(
-                STATE_SIZE, self.width, self.layers, self.attention_heads, self.mlp_ratio,
-                self.image_res if self.image else None, self.patch, dtype=self.compute_dtype, rngs=rngs,
-            )  # fmt: skip
+                STATE_SIZE,
+                self.width,
+                self.layers,
+                self.attention_heads,
+                self.mlp_ratio,
+                self.image_res if self.image else None,
+                self.patch_size,
+                dtype=self.compute_dtype,
+                rngs=rngs,
+            )
         raise ValueError(f"unknown encoder {self.encoder!r}; choose 'state' or 'transformer'")
 
     def create_policy(self, seed: int = 0) -> heads.Policy:
@@ -139,6 +146,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, fields: dict) -> "ModelConfig":
+        """Also reads manifests and checkpoints written before `patch` was renamed `patch_size`."""
+        fields = dict(fields)
+        if "patch" in fields:
+            fields["patch_size"] = fields.pop("patch")
         return fields_from_dict(cls, fields)
 
 

@@ -71,8 +71,9 @@ class ResidualPolicy(nnx.Module):
         widths = (config.width,) * config.depth
         self.trunk = MLP(config.feature_size + config.action_size, widths, dtype=dtype, rngs=rngs)
         zeros = nnx.initializers.zeros_init()
-        self.head = nnx.Linear(config.width, 2 * config.action_size, kernel_init=zeros, bias_init=zeros,
-                               dtype=dtype, rngs=rngs)  # fmt: skip
+        self.head = nnx.Linear(
+            config.width, 2 * config.action_size, kernel_init=zeros, bias_init=zeros, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, obs: dict, base: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = self.encoder(obs)

@@ -5,7 +5,8 @@ current params the same way and passes the candidate unless its score is below t
 than `margin`. Scores of files already seen are cached by sha256, so the current params are evaluated once.
 Monitors are further evaluations, each with its own margin, that the candidate must pass as well.
 
-`GATES` maps `fleet.gate` names to gate builders:
+`GATES` maps `fleet.gate` names to builders of a gate from the fleet's and the target's configs (its task
+and split):
 - "sim": the success rate in the C-MuJoCo twin on held-out episodes (seeds the actors never draw), through
   the same numpy client the robots run;
 - "sim+pro": the same, and beside it PRO's episode score (Cortex 1.6's deployment-quality monitor: the
@@ -60,26 +61,26 @@ def pro_quality(episodes: Callable[[bytes], list[dict]], pro_dir: str, risk_weig
     return evaluate
 
 
-def held_out_episodes(fleet) -> Callable[[bytes], list[dict]]:
+def held_out_episodes(fleet, target) -> Callable[[bytes], list[dict]]:
     seeds = range(fleet.gate_seed, fleet.gate_seed + fleet.gate_episodes)
-    return twin_episodes(fleet.task, fleet.split, seeds)
+    return twin_episodes(target.task, target.split, seeds)
 
 
-def simulated(fleet) -> "Gate":
-    """The "sim" gate of a `configs.FleetConfig`."""
-    return Gate(twin_success(held_out_episodes(fleet)), fleet.gate_margin)
+def simulated(fleet, target) -> "Gate":
+    """The "sim" gate of a `configs.FleetConfig` on `target.task` / `target.split`."""
+    return Gate(twin_success(held_out_episodes(fleet, target)), fleet.gate_margin)
 
 
-def simulated_and_pro(fleet) -> "Gate":
+def simulated_and_pro(fleet, target) -> "Gate":
     """The "sim+pro" gate: twin success, and PRO's episode score of the same episodes (`fleet.pro`)."""
     if not fleet.pro:
         raise ValueError('the "sim+pro" gate needs a trained PRO: --fleet.pro <folder of `jaxvla pro train`>')
-    episodes = held_out_episodes(fleet)
+    episodes = held_out_episodes(fleet, target)
     monitor = pro_quality(episodes, fleet.pro, fleet.pro_risk_weight)
     return Gate(twin_success(episodes), fleet.gate_margin, monitors={"pro": (monitor, fleet.pro_margin)})
 
 
-GATES: dict[str, Callable[[object], "Gate"]] = {"sim": simulated, "sim+pro": simulated_and_pro}
+GATES: dict[str, Callable[[object, object], "Gate"]] = {"sim": simulated, "sim+pro": simulated_and_pro}
 
 
 class Gate:
@@ -115,8 +116,8 @@ def compare(candidate: float, current: float, margin: float) -> dict:
     return {"candidate": candidate, "current": current, "margin": margin, "passed": passed}
 
 
-def make_gate(fleet) -> Gate:
-    """The gate `fleet.gate` names, with `fleet.gate_margin`."""
+def make_gate(fleet, target) -> Gate:
+    """The gate `fleet.gate` names, with `fleet.gate_margin`, on the task and split of `target`."""
     if fleet.gate not in GATES:
         raise KeyError(f"unknown gate {fleet.gate!r}; registered: {sorted(GATES)}")
-    return GATES[fleet.gate](fleet)
+    return GATES[fleet.gate](fleet, target)

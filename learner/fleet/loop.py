@@ -75,9 +75,10 @@ def padded_block(episodes: list[dict], rows: int) -> dict:
 class FleetLearner:
     """One learner over `<fleet.root>`: call `run()` (or `ingest` / `train_round` step by step)."""
 
-    def __init__(self, config: Config, *, evaluation: gates.Evaluation | None = None, mesh=None,
-                 progress: bool = False):  # fmt: skip
-        fc, pc = config.fleet, config.patch
+    def __init__(
+        self, config: Config, *, evaluation: gates.Evaluation | None = None, mesh=None, progress: bool = False
+    ):
+        fc, pc, tc = config.fleet, config.patch, config.target
         self.config, self.root = config, pathlib.Path(fc.root)
         self.mesh = mesh or sharding.make_mesh()
         # The store and registry are shared with the service and may be object storage (gs://...);
@@ -87,17 +88,23 @@ class FleetLearner:
         self.candidates = self.root / "candidates"
         self.log_path = self.root / "learner" / "log.jsonl"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.gate = gates.Gate(evaluation, fc.gate_margin) if evaluation else gates.make_gate(fc)
-        self.prior = pretrain.load(pathlib.Path(fc.prior))
-        mc = self.prior.config.model
+        self.gate = gates.Gate(evaluation, fc.gate_margin) if evaluation else gates.make_gate(fc, tc)
+        self.prior = pretrain.load(pathlib.Path(tc.prior))
+        mc = self.prior.model
         config = dataclasses.replace(config, model=mc)  # the learner's networks are the prior's
-        offline = self._offline(fc.offline_data, pc.offline_episodes)
+        offline = self._offline(fc.offline_data.format(task=tc.task), pc.offline_episodes)
         self.learner = patch.new_learner(config, self.prior, offline, self.mesh, fc.seed)
         nets = sac.Networks(
             actor=self.prior.graphdef, critic=patch.critic_graphdef(mc), stats=self.prior.stats
         )
-        self.train = sac.make_train_steps(config.sac, mc, nets, sac.make_optimizers(config.sac),
-                                          num_steps=pc.updates_per_round, mesh=self.mesh)  # fmt: skip
+        self.train = sac.make_train_steps(
+            config.sac,
+            mc,
+            nets,
+            sac.make_optimizers(config.sac),
+            num_steps=pc.updates_per_round,
+            mesh=self.mesh,
+        )
         self.insert = patch.make_insert()
         self.checkpoints = Checkpoints(self.root / "learner" / "checkpoints", keep=2)
         self.cursor, self.pending = -1, 0  # last ingested seq; episodes ingested since the last round
@@ -118,8 +125,15 @@ class FleetLearner:
         self.learner = patch.Learner(saved["sac"], saved["replay"], meta["round"], meta["totals"])
         self.cursor, self.pending = meta["cursor"], meta["pending"]
         digest = tree_digest(self.learner.buffers)
-        self.log({"event": "resumed", "round": meta["round"], "cursor": self.cursor, "replay_digest": digest,
-                  "saved_digest": meta["replay_digest"]})  # fmt: skip
+        self.log(
+            {
+                "event": "resumed",
+                "round": meta["round"],
+                "cursor": self.cursor,
+                "replay_digest": digest,
+                "saved_digest": meta["replay_digest"],
+            }
+        )
 
     def _publish_prior(self) -> None:
         """The prior's policy is the first published version (its training step), if none is yet."""
@@ -130,15 +144,17 @@ class FleetLearner:
         self.log({"event": "published", "version": entry["version"], "initial": True})
 
     def _export(self, params, version: int, parent: int | None, extra: dict) -> bytes:
-        path = export.write(self.candidates, self.prior.config.model, params, self.prior.stats,
-                            version=version, parent_version=parent, config_hash=self.config_hash,
-                            extra=extra)  # fmt: skip
+        path = export.write(
+            self.candidates,
+            self.prior.model,
+            params,
+            self.prior.stats,
+            version=version,
+            parent_version=parent,
+            config_hash=self.prior.config_hash,
+            extra=extra,
+        )
         return path.read_bytes()
-
-    @property
-    def config_hash(self) -> str:
-        text = json.dumps(dataclasses.asdict(self.prior.config), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
 
     def log(self, record: dict) -> None:
         with self.log_path.open("a") as f:
@@ -158,7 +174,7 @@ class FleetLearner:
             episodes = [labelled(ep, labels.get(ep["episode_metadata"]["episode_id"])) for _, ep in chunk]
             block = padded_block(episodes, rows=self.mesh.size)
             buffers = patch.insert_experience(
-                self.insert, self.learner.buffers, block, self.prior.config.model.chunk
+                self.insert, self.learner.buffers, block, self.prior.model.chunk
             )
             self.learner = dataclasses.replace(self.learner, buffers=buffers)
             self.cursor = chunk[-1][0]
@@ -177,12 +193,23 @@ class FleetLearner:
         train_s = time.perf_counter() - tic
         proposal = self.propose(state.actor, round_)
         self.pending = 0
-        record = {"event": "round", "round": round_, "cursor": self.cursor, "train_s": train_s,
-                  "gate_s": time.perf_counter() - tic - train_s, **proposal,
-                  **{k: float(v) for k, v in jax.device_get(metrics).items()}}  # fmt: skip
+        record = {
+            "event": "round",
+            "round": round_,
+            "cursor": self.cursor,
+            "train_s": train_s,
+            "gate_s": time.perf_counter() - tic - train_s,
+            **proposal,
+            **{k: float(v) for k, v in jax.device_get(metrics).items()},
+        }
         digest = tree_digest(self.learner.buffers)
-        meta = {"round": round_, "totals": self.learner.totals, "cursor": self.cursor, "pending": 0,
-                "replay_digest": digest}  # fmt: skip
+        meta = {
+            "round": round_,
+            "totals": self.learner.totals,
+            "cursor": self.cursor,
+            "pending": 0,
+            "replay_digest": digest,
+        }
         self.checkpoints.save(round_, self.learner.checkpointed(), meta)
         self.checkpoints.manager.wait_until_finished()  # the log below claims the round is saved
         self.log({**record, "replay_digest": digest, "params_digest": tree_digest(state.actor)})

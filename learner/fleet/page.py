@@ -42,8 +42,15 @@ def robot_rows(robots: dict[str, dict], now: float) -> list[list]:
     rows = []
     for robot, status in sorted(robots.items()):
         seen = status.get("last_seen", now)
-        rows.append([robot, _time(seen), f"{now - seen:.0f}", status.get("policy_version", "-"),
-                     status.get("spool_episodes", "-")])  # fmt: skip
+        rows.append(
+            [
+                robot,
+                _time(seen),
+                f"{now - seen:.0f}",
+                status.get("policy_version", "-"),
+                status.get("spool_episodes", "-"),
+            ]
+        )
     return rows
 
 
@@ -55,8 +62,10 @@ def version_rows(entries: list[dict]) -> list[list]:
         if gate.get("initial"):
             verdict = "initial (the prior)"
         elif "passed" in gate:
-            verdict = (f"{'passed' if gate['passed'] else 'failed'}: candidate {gate['candidate']:.3f} vs "
-                       f"current {gate['current']:.3f}, margin {gate['margin']:.3f}")  # fmt: skip
+            verdict = (
+                f"{'passed' if gate['passed'] else 'failed'}: candidate {gate['candidate']:.3f} vs "
+                f"current {gate['current']:.3f}, margin {gate['margin']:.3f}"
+            )
             for name, m in gate.get("monitors", {}).items():
                 verdict += f"; {name} {m['candidate']:.3f} vs {m['current']:.3f} (margin {m['margin']:.3f})"
         else:
@@ -72,8 +81,15 @@ def outcome_rows(summaries: list[dict], key: str) -> list[list]:
     for s in summaries:
         groups[str(s[key])].append(s)
     order = sorted(groups, key=_version_key if key == "policy_version" else str)
-    return [[name, len(groups[name]), _rate([s["success"] for s in groups[name]]),
-             _rate([s["takeover"] for s in groups[name]])] for name in order]  # fmt: skip
+    return [
+        [
+            name,
+            len(groups[name]),
+            _rate([s["success"] for s in groups[name]]),
+            _rate([s["takeover"] for s in groups[name]]),
+        ]
+        for name in order
+    ]
 
 
 def rolling(summaries: list[dict], field: str, window: int = ROLLING) -> tuple[list[float], list[float]]:
@@ -107,8 +123,12 @@ def charts(summaries: list[dict]) -> str:
         axes = figure.subplots()
         positions = range(len(by_version))
         for offset, column, label in ((-0.2, 2, "success"), (0.2, 3, "takeover")):
-            axes.bar([p + offset for p in positions], [float(r[column].rstrip("%")) for r in by_version],
-                     width=0.4, label=label)  # fmt: skip
+            axes.bar(
+                [p + offset for p in positions],
+                [float(r[column].rstrip("%")) for r in by_version],
+                width=0.4,
+                label=label,
+            )
         axes.set_xticks(list(positions), [r[0] for r in by_version])
         title = "Per version" + (f" (newest {CHART_VERSIONS})" if len(by_version) == CHART_VERSIONS else "")
         axes.set(xlabel="policy version", ylabel="% of episodes", ylim=(0, 100), title=title)
@@ -142,38 +162,55 @@ th { background: #f3f3f3; }
 """
 
 
-def render(robots: dict[str, dict], entries: list[dict], summaries: list[dict], store: dict,
-           now: float | None = None) -> str:  # fmt: skip
+def render(
+    robots: dict[str, dict], entries: list[dict], summaries: list[dict], store: dict, now: float | None = None
+) -> str:
     """The page. `robots`: last heartbeats (Service.robots); `entries`: ParamsRegistry.entries();
     `summaries`: EpisodeStore.summaries(); `store`: Service.store_status()."""
     import time
 
     now = time.time() if now is None else now
     compacting = " (compacting now)" if store["compacting"] else ""
-    backlog = (f'<p class="backlog" id="store">Episodes stored: {store["episodes"]}. Compaction backlog: '
-               f'<b id="backlog">{store["compaction_backlog"]}</b> waiting{compacting}; quarantined: '
-               f'{store["quarantined"]}.</p>')  # fmt: skip
+    backlog = (
+        f'<p class="backlog" id="store">Episodes stored: {store["episodes"]}. Compaction backlog: '
+        f'<b id="backlog">{store["compaction_backlog"]}</b> waiting{compacting}; quarantined: '
+        f"{store['quarantined']}.</p>"
+    )
     sections = [
-        "<h2>Episode store</h2>", backlog,
+        "<h2>Episode store</h2>",
+        backlog,
         "<h2>Robots</h2>",
-        _table(["robot", "last heartbeat", "seconds ago", "policy version", "spool depth"],
-               robot_rows(robots, now), "robots") if robots else "<p>No heartbeat yet.</p>",
+        _table(
+            ["robot", "last heartbeat", "seconds ago", "policy version", "spool depth"],
+            robot_rows(robots, now),
+            "robots",
+        )
+        if robots
+        else "<p>No heartbeat yet.</p>",
         "<h2>Published versions</h2>",
         _table(["version", "parent", "published", "gate verdict"], version_rows(entries), "versions")
-        if entries else "<p>Nothing published yet.</p>",
+        if entries
+        else "<p>Nothing published yet.</p>",
         "<h2>Outcomes</h2>",
-    ]  # fmt: skip
+    ]
     if summaries:
         sections += [
-            _table(["policy version", "episodes", "success", "takeover"],
-                   outcome_rows(summaries, "policy_version"), "by-version"),
-            _table(["robot", "episodes", "success", "takeover"], outcome_rows(summaries, "robot_id"),
-                   "by-robot"),
+            _table(
+                ["policy version", "episodes", "success", "takeover"],
+                outcome_rows(summaries, "policy_version"),
+                "by-version",
+            ),
+            _table(
+                ["robot", "episodes", "success", "takeover"], outcome_rows(summaries, "robot_id"), "by-robot"
+            ),
             f'<div id="charts">{charts(summaries)}</div>',
-        ]  # fmt: skip
+        ]
     else:
         sections.append("<p>No episodes yet.</p>")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>jaxvla fleet</title>'
-            f'<meta http-equiv="refresh" content="{REFRESH_S}"><style>{STYLE}</style></head><body>'
-            f"<h1>jaxvla fleet</h1><p>As of {_time(now)}; refreshes every {REFRESH_S} s.</p>"
-            + "".join(sections) + "</body></html>")  # fmt: skip
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>jaxvla fleet</title>'
+        f'<meta http-equiv="refresh" content="{REFRESH_S}"><style>{STYLE}</style></head><body>'
+        f"<h1>jaxvla fleet</h1><p>As of {_time(now)}; refreshes every {REFRESH_S} s.</p>"
+        + "".join(sections)
+        + "</body></html>"
+    )

@@ -95,8 +95,9 @@ def robot_of(header: str, tokens: dict[str, str]) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------- validation
-def validate_push(body: bytes, robot_id: str, *, max_body_bytes: int, max_episodes: int,
-                  max_steps: int) -> list[dict]:  # fmt: skip
+def validate_push(
+    body: bytes, robot_id: str, *, max_body_bytes: int, max_episodes: int, max_steps: int
+) -> list[dict]:
     """The episodes of a push body in canonical form (`rlds.canonical_episode`: what the store writes back
     and reads again), each checked against the RLDS schema; Rejected naming the problem."""
     try:
@@ -106,8 +107,11 @@ def validate_push(body: bytes, robot_id: str, *, max_body_bytes: int, max_episod
     if not isinstance(message, dict) or "episodes" not in message:
         raise Rejected(422, 'body must be a map {"protocol": 1, "episodes": [...]}')
     if message.get("protocol") != wire.PROTOCOL_VERSION:
-        raise Rejected(422, f"protocol {message.get('protocol')!r} is not supported; this service speaks "
-                            f"{wire.PROTOCOL_VERSION}")  # fmt: skip
+        raise Rejected(
+            422,
+            f"protocol {message.get('protocol')!r} is not supported; this service speaks "
+            f"{wire.PROTOCOL_VERSION}",
+        )
     episodes = message["episodes"]
     if not isinstance(episodes, list) or not 1 <= len(episodes) <= max_episodes:
         count = len(episodes) if isinstance(episodes, list) else type(episodes).__name__
@@ -123,8 +127,9 @@ def validate_push(body: bytes, robot_id: str, *, max_body_bytes: int, max_episod
             raise Rejected(422, f"episode {i}: {length} steps, over the limit of {max_steps}")
         metadata = episode["episode_metadata"]
         if metadata["robot_id"] != robot_id:
-            raise Rejected(403, f"episode {i}: robot_id {metadata['robot_id']!r} is not this token's robot "
-                                f"{robot_id!r}")  # fmt: skip
+            raise Rejected(
+                403, f"episode {i}: robot_id {metadata['robot_id']!r} is not this token's robot {robot_id!r}"
+            )
         if metadata["episode_id"] in seen:
             raise Rejected(422, f"episode {i}: episode_id {metadata['episode_id']} appears twice in the push")
         seen.add(metadata["episode_id"])
@@ -146,8 +151,11 @@ def validate_heartbeat(message) -> dict:
         if not isinstance(key, str) or not 0 < len(key) <= 64:
             raise Rejected(422, f"heartbeat field name {key!r} must be text of 1 to 64 characters")
         if not _plain_status_value(value):
-            raise Rejected(422, f"heartbeat field {key!r} = {value!r} must be null, a bool, an int64, a "
-                                f"finite float or text of at most {HEARTBEAT_TEXT} characters")  # fmt: skip
+            raise Rejected(
+                422,
+                f"heartbeat field {key!r} = {value!r} must be null, a bool, an int64, a "
+                f"finite float or text of at most {HEARTBEAT_TEXT} characters",
+            )
     version, spool = message.get("policy_version"), message.get("spool_episodes", 0)
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
         raise Rejected(422, f"heartbeat field 'policy_version' = {version!r} must be an int or null")
@@ -215,10 +223,20 @@ class Service:
     """The aiohttp application over an episode store and a params registry (`app`), and the read-only
     fleet page (`page_app`), served on its own listener."""
 
-    def __init__(self, store: EpisodeStore, registry: ParamsRegistry, tokens: dict[str, str], *,
-                 max_body_bytes: int = 64 << 20, max_episodes: int = 64, max_steps: int = 2_000,
-                 compact_every: int = 256, part_episodes: int = 256, max_infer_batch: int = 256,
-                 workers: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        store: EpisodeStore,
+        registry: ParamsRegistry,
+        tokens: dict[str, str],
+        *,
+        max_body_bytes: int = 64 << 20,
+        max_episodes: int = 64,
+        max_steps: int = 2_000,
+        compact_every: int = 256,
+        part_episodes: int = 256,
+        max_infer_batch: int = 256,
+        workers: int = 4,
+    ):
         self.store, self.registry, self.tokens = store, registry, tokens
         self.limits = {"max_body_bytes": max_body_bytes, "max_episodes": max_episodes, "max_steps": max_steps}
         self.compact_every, self.part_episodes, self.max_infer_batch = (
@@ -232,17 +250,19 @@ class Service:
         self._stopping = threading.Event()  # set on shutdown: compaction stops between two episodes
         self._policy: tuple[int, actor_policy.Policy] | None = None
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors, self._auth])
-        self.app.add_routes([
-            web.get("/healthz", self.health),
-            web.post("/v1/episodes", self.push),
-            web.get("/v1/params/manifest", self.manifest),
-            web.get("/v1/params/{version}", self.params),
-            web.post("/v1/heartbeat", self.heartbeat),
-            web.post("/v1/episodes/{episode_id}/label", self.label),
-            web.get("/v1/robots", self.robot_table),
-            web.get("/", self.policy_socket),
-            web.get("/v1/policy", self.policy_socket),
-        ])  # fmt: skip
+        self.app.add_routes(
+            [
+                web.get("/healthz", self.health),
+                web.post("/v1/episodes", self.push),
+                web.get("/v1/params/manifest", self.manifest),
+                web.get("/v1/params/{version}", self.params),
+                web.post("/v1/heartbeat", self.heartbeat),
+                web.post("/v1/episodes/{episode_id}/label", self.label),
+                web.get("/v1/robots", self.robot_table),
+                web.get("/", self.policy_socket),
+                web.get("/v1/policy", self.policy_socket),
+            ]
+        )
         self.app.on_shutdown.append(self._stop_compaction)
         self.app.on_cleanup.append(self._close)
         self.page_app = web.Application(middlewares=[self._errors])
@@ -296,8 +316,10 @@ class Service:
         if sent.partition(";")[0].strip().lower() not in MSGPACK_TYPES:
             raise Rejected(415, f"body must be msgpack (Content-Type application/msgpack), got {sent!r}")
         if (request.content_length or 0) > self.limits["max_body_bytes"]:
-            raise Rejected(413, f"body is {request.content_length} bytes, over the limit of "
-                                f"{self.limits['max_body_bytes']}")  # fmt: skip
+            raise Rejected(
+                413,
+                f"body is {request.content_length} bytes, over the limit of {self.limits['max_body_bytes']}",
+            )
         return await request.read()
 
     # ------------------------------------------------------------------------------------- handlers
@@ -307,8 +329,12 @@ class Service:
     def store_status(self) -> dict:
         """The episode store at a glance: the compaction backlog is what a monitor should watch."""
         compacting = self._compaction is not None and not self._compaction.done()
-        return {"episodes": len(self.store), "compaction_backlog": self.store.backlog,
-                "quarantined": self.store.quarantined, "compacting": compacting}  # fmt: skip
+        return {
+            "episodes": len(self.store),
+            "compaction_backlog": self.store.backlog,
+            "quarantined": self.store.quarantined,
+            "compacting": compacting,
+        }
 
     async def push(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -362,8 +388,13 @@ class Service:
         message = wire_message(await self._body(request))
         self.robots[request[ROBOT_ID]] = {**validate_heartbeat(message), "last_seen": time.time()}
         latest = self.registry.latest()
-        return web.json_response({"latest_version": latest and latest["version"], "server_time": time.time(),
-                                  "robot_id": request[ROBOT_ID]})  # fmt: skip
+        return web.json_response(
+            {
+                "latest_version": latest and latest["version"],
+                "server_time": time.time(),
+                "robot_id": request[ROBOT_ID],
+            }
+        )
 
     async def label(self, request: web.Request) -> web.Response:
         message = _fields(await self._body(request), {"operator_reward": (float, int)})
@@ -383,8 +414,9 @@ class Service:
         if owner is None:
             raise Rejected(404, f"no stored episode {episode_id}")
         if owner != request[ROBOT_ID]:
-            raise Rejected(403, f"episode {episode_id} was not pushed by this token's robot "
-                                f"{request[ROBOT_ID]!r}")  # fmt: skip
+            raise Rejected(
+                403, f"episode {episode_id} was not pushed by this token's robot {request[ROBOT_ID]!r}"
+            )
         await self._run(self.store.label, episode_id, reward, success)
         return web.json_response({"labelled": episode_id})
 
@@ -436,8 +468,11 @@ class Service:
                 check_observation(obs, self.max_infer_batch)
                 tic = time.perf_counter()
                 out = await self._run(policy.infer, obs)
-                reply = {**out, "policy_version": policy.version,
-                         "server_timing": {"infer_ms": 1e3 * (time.perf_counter() - tic)}}  # fmt: skip
+                reply = {
+                    **out,
+                    "policy_version": policy.version,
+                    "server_timing": {"infer_ms": 1e3 * (time.perf_counter() - tic)},
+                }
                 await socket.send_bytes(wire.packb(reply))
             except (wire.WireError, KeyError, ValueError, TypeError, Rejected) as err:
                 # openpi clients raise on a text reply; the connection stays open for the next request.

@@ -98,17 +98,24 @@ def _json_atomic(path: epath.Path, payload) -> None:
 def summary(seq: int, episode: dict, committed: float) -> dict:
     """What the fleet page shows of one episode: who ran which version, and how it went."""
     metadata = episode["episode_metadata"]
-    return {"seq": seq, "episode_id": metadata["episode_id"], "robot_id": metadata["robot_id"],
-            "policy_version": metadata["policy_version"], "success": bool(metadata["success"]),
-            "takeover": bool(np.any(episode["steps"]["is_intervention"])), "time": committed}  # fmt: skip
+    return {
+        "seq": seq,
+        "episode_id": metadata["episode_id"],
+        "robot_id": metadata["robot_id"],
+        "policy_version": metadata["policy_version"],
+        "success": bool(metadata["success"]),
+        "takeover": bool(np.any(episode["steps"]["is_intervention"])),
+        "time": committed,
+    }
 
 
 class EpisodeStore:
     """Durable, idempotent episode storage. `commit` and `compact` block on disk: call them off the
     event loop. One writer process; any number of reader processes (`read_since`)."""
 
-    def __init__(self, root: str | os.PathLike, observation_spec: dict = rlds.OBSERVATION_SPEC, *,
-                 writer: bool = True):  # fmt: skip
+    def __init__(
+        self, root: str | os.PathLike, observation_spec: dict = rlds.OBSERVATION_SPEC, *, writer: bool = True
+    ):
         """`writer`: the one process that commits (it recovers the store first); readers pass False."""
         self.root = epath.Path(root)
         self.incoming, self.parts, self.labels_dir, self.quarantine = (
@@ -252,8 +259,9 @@ class EpisodeStore:
         _json_atomic(self.labels_dir / f"{episode_id}.json", payload)
         return True
 
-    def compact(self, min_episodes: int = 1, max_episodes: int = 256,
-                stop: threading.Event | None = None) -> int:  # fmt: skip
+    def compact(
+        self, min_episodes: int = 1, max_episodes: int = 256, stop: threading.Event | None = None
+    ) -> int:
         """Moves the oldest committed msgpack episodes, at most `max_episodes`, into one new RLDS part if at
         least `min_episodes` wait; returns how many moved (quarantined ones included). An episode that
         cannot be written goes to quarantine/ with its reason. Setting `stop` abandons the part between
@@ -280,8 +288,10 @@ class EpisodeStore:
         paths, episodes = zip(*good, strict=True)
         matches = [INCOMING.fullmatch(p.name) for p in paths]
         name = f"part_{int(matches[0][1]):010d}_{int(matches[-1][1]):010d}"
-        rows = [[int(m[1]), m[2], ep["episode_metadata"]["robot_id"]]
-                for m, ep in zip(matches, episodes, strict=True)]  # fmt: skip
+        rows = [
+            [int(m[1]), m[2], ep["episode_metadata"]["robot_id"]]
+            for m, ep in zip(matches, episodes, strict=True)
+        ]
         sidecar = self.parts / f"{name}.ids.json"
         _json_atomic(sidecar, rows)
 
