@@ -98,8 +98,9 @@ def value_loss(params, batch: dict, *, graphdef, stats: dict, support: jax.Array
 
 
 # ------------------------------------------------------------------------------------- indicators
-def thresholds(advantage: np.ndarray, group: np.ndarray, eligible: np.ndarray,
-               positive_fraction: dict[int, float]) -> dict[int, float]:  # fmt: skip
+def thresholds(
+    advantage: np.ndarray, group: np.ndarray, eligible: np.ndarray, positive_fraction: dict[int, float]
+) -> dict[int, float]:
     """Per group g, the (1 - fraction_g) quantile of its eligible advantages: that share lies above it."""
     found = {}
     for g, fraction in positive_fraction.items():
@@ -109,8 +110,9 @@ def thresholds(advantage: np.ndarray, group: np.ndarray, eligible: np.ndarray,
     return found
 
 
-def indicators(advantage: np.ndarray, group: np.ndarray, forced: np.ndarray,
-               threshold: dict[int, float]) -> np.ndarray:  # fmt: skip
+def indicators(
+    advantage: np.ndarray, group: np.ndarray, forced: np.ndarray, threshold: dict[int, float]
+) -> np.ndarray:
     """[N] int32: POSITIVE where the advantage beats its group's threshold or the step is forced
     (an operator correction), NEGATIVE elsewhere."""
     epsilon = np.vectorize(lambda g: threshold.get(int(g), np.inf), otypes=[np.float64])(group)
@@ -230,14 +232,20 @@ def batch_ratios(shares: dict[str, float], batch_size: int, shards: int) -> dict
     return {k: c / per_shard for k, c in counts.items()}
 
 
-def draw_batch(buffers: dict, key: jax.Array, batch_size: int, *, ratios: dict[str, float],
-               chunk: int) -> dict:  # fmt: skip
+def draw_batch(
+    buffers: dict, key: jax.Array, batch_size: int, *, ratios: dict[str, float], chunk: int
+) -> dict:
     """A value or policy batch drawn shard-locally from the replay's sources by `ratios`: obs, chunk
     [B, H, A], mask [B, H], the stored value_target and indicator [B], and source [B]. P("data")."""
     batch = replay.sample_mixed(buffers, ratios, key, batch_size, n_step=chunk, chunk=chunk, gamma=1.0)
-    return {"obs": batch["obs"], "chunk": batch["chunk"], "mask": batch["chunk_mask"],
-            "value_target": batch["value_target"], "indicator": batch["indicator"],
-            "source": batch["source"]}  # fmt: skip
+    return {
+        "obs": batch["obs"],
+        "chunk": batch["chunk"],
+        "mask": batch["chunk_mask"],
+        "value_target": batch["value_target"],
+        "indicator": batch["indicator"],
+        "source": batch["source"],
+    }
 
 
 def slot_advantages(buffer: replay.Buffer, value_params, *, predict, targets: Targets) -> dict:
@@ -292,8 +300,11 @@ def create_buffers(config: Config, offline: list[dict], collectors: dict, mesh, 
     overwritten and every fit compiles once; the demonstrations are inserted, one episode a row."""
     mc, shards = config.model, mesh.shape[sharding.DATA]
     obs_spec = {k: jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for k, s in mc.observation_spec(1).items()}
-    capacities = {source: config.recap.iterations * c.num_envs * c.length for source, c in collectors.items()
-                  if c.num_envs}  # fmt: skip
+    capacities = {
+        source: config.recap.iterations * c.num_envs * c.length
+        for source, c in collectors.items()
+        if c.num_envs
+    }
     block = None
     if offline:
         rows = -(-len(offline) // shards) * shards
@@ -301,12 +312,16 @@ def create_buffers(config: Config, offline: list[dict], collectors: dict, mesh, 
         success = [ep["episode_metadata"]["success"] for ep in offline] + [False] * (rows - len(offline))
         block = recap_block(block, np.asarray(success, bool), targets)
         capacities[DEMONSTRATIONS] = block["valid"].size
-    buffers = {k: replay.create(obs_spec, mc.action_size, capacities[k], mesh, extras_spec())
-               for k in replay.SOURCES if k in capacities}  # fmt: skip
+    buffers = {
+        k: replay.create(obs_spec, mc.action_size, capacities[k], mesh, extras_spec())
+        for k in replay.SOURCES
+        if k in capacities
+    }
     if block is not None:
         demos = buffers[DEMONSTRATIONS]
-        buffers[DEMONSTRATIONS] = replay.insert(demos, block, source=replay.SOURCES.index(DEMONSTRATIONS),
-                                                n_step=mc.chunk)  # fmt: skip
+        buffers[DEMONSTRATIONS] = replay.insert(
+            demos, block, source=replay.SOURCES.index(DEMONSTRATIONS), n_step=mc.chunk
+        )
     return buffers
 
 
@@ -320,12 +335,20 @@ def make_fit(loss_fn, steps: int, rc, *, mesh, ratios: dict[str, float], chunk: 
     optimizer = bc.make_optimizer(rc.learning_rate, steps, steps // 10, 1e-4)
     sharding.check_batch_size(rc.batch_size, mesh)
     replicated = sharding.replicated(mesh)
-    train = jax.jit(functools.partial(
-        bc.train_steps, num_steps=block, batch_size=rc.batch_size,
-        batch_sharding=sharding.batch_sharded(mesh),
-        update_fn=functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer),
-        sample_fn=functools.partial(draw_batch, ratios=ratios, chunk=chunk), prepare=prepare,
-    ), donate_argnums=0, in_shardings=(replicated, None, replicated), out_shardings=replicated)  # fmt: skip
+    train = jax.jit(
+        functools.partial(
+            bc.train_steps,
+            num_steps=block,
+            batch_size=rc.batch_size,
+            batch_sharding=sharding.batch_sharded(mesh),
+            update_fn=functools.partial(bc.update, loss_fn=loss_fn, optimizer=optimizer),
+            sample_fn=functools.partial(draw_batch, ratios=ratios, chunk=chunk),
+            prepare=prepare,
+        ),
+        donate_argnums=0,
+        in_shardings=(replicated, None, replicated),
+        out_shardings=replicated,
+    )
 
     def fit(init_params, buffers: dict, seed: int):
         params = jax.tree.map(jnp.copy, init_params)  # the train step donates its state
@@ -353,26 +376,41 @@ def make_update(loss_fn, optimizer, mesh, prepare=None):
 
 
 def value_loss_fn(prior: Prior, value_graphdef):
-    return functools.partial(value_loss, graphdef=value_graphdef, stats=prior.stats,
-                             support=prior.model.value_support())  # fmt: skip
+    return functools.partial(
+        value_loss, graphdef=value_graphdef, stats=prior.stats, support=prior.model.value_support()
+    )
 
 
 def policy_loss_fn(config: Config, prior: Prior, graphdef):
-    return functools.partial(bc.bc_loss, graphdef=graphdef, stats=prior.stats,
-                             nll_weight=config.pretrain.nll_weight)  # fmt: skip
+    return functools.partial(
+        bc.bc_loss, graphdef=graphdef, stats=prior.stats, nll_weight=config.pretrain.nll_weight
+    )
 
 
 def make_value_fit(config: Config, prior: Prior, value_graphdef, mesh, ratios: dict[str, float]):
     """Cross-entropy fitting of the value on the stored value targets."""
-    return make_fit(value_loss_fn(prior, value_graphdef), config.recap.value_steps, config.recap, mesh=mesh,
-                    ratios=ratios, chunk=config.model.chunk)  # fmt: skip
+    return make_fit(
+        value_loss_fn(prior, value_graphdef),
+        config.recap.value_steps,
+        config.recap,
+        mesh=mesh,
+        ratios=ratios,
+        chunk=config.model.chunk,
+    )
 
 
 def make_policy_fit(config: Config, prior: Prior, graphdef, mesh, ratios: dict[str, float]):
     """BC conditioned on the stored indicators, dropped out at the configured rate."""
     prepare = functools.partial(indicator_dropout, rate=config.recap.indicator_dropout)
-    return make_fit(policy_loss_fn(config, prior, graphdef), config.recap.policy_steps, config.recap,
-                    mesh=mesh, ratios=ratios, chunk=config.model.chunk, prepare=prepare)  # fmt: skip
+    return make_fit(
+        policy_loss_fn(config, prior, graphdef),
+        config.recap.policy_steps,
+        config.recap,
+        mesh=mesh,
+        ratios=ratios,
+        chunk=config.model.chunk,
+        prepare=prepare,
+    )
 
 
 def predict_values(value_graphdef, params, obs: dict, stats: dict, support: jax.Array) -> jax.Array:
@@ -411,9 +449,19 @@ def heldout_auroc(buffers: dict, advantages: dict, iteration: int) -> float | No
     return auroc(table["advantage"][new], table["success"][new])
 
 
-def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, autonomous: patch.Collector,
-              corrected: patch.Collector, evaluator: evaluate.Evaluator, run_dir: pathlib.Path, mesh=None,
-              progress: bool = True) -> tuple[list[dict], nnx.State]:  # fmt: skip
+def run_recap(
+    config: Config,
+    prior: Prior,
+    offline: list[dict],
+    *,
+    seed: int,
+    autonomous: patch.Collector,
+    corrected: patch.Collector,
+    evaluator: evaluate.Evaluator,
+    run_dir: pathlib.Path,
+    mesh=None,
+    progress: bool = True,
+) -> tuple[list[dict], nnx.State]:
     """Recap iterations from the prior: one record per iteration (0: the prior) and the final policy.
 
     The collectors run the conditioned policy with the indicator positive; the evaluator runs
@@ -426,15 +474,19 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
     collectors = {AUTONOMOUS: autonomous, CORRECTED: corrected}
     uneven = {k: c.num_envs for k, c in collectors.items() if c.num_envs % mesh.size}
     if uneven:
-        raise ValueError(f"episodes per iteration {uneven} must be multiples of the {mesh.size} devices: "
-                         "each device's replay shard takes whole episodes")  # fmt: skip
+        raise ValueError(
+            f"episodes per iteration {uneven} must be multiples of the {mesh.size} devices: "
+            "each device's replay shard takes whole episodes"
+        )
     targets = Targets(autonomous.length, rc.c_fail, rc.advantage_steps, mc.value_range)
     graphdef, policy_init = conditioned_policy(prior, seed)
     value_graphdef, value_init = nnx.split(mc.create_value(seed + 1), nnx.Param)
     predict = functools.partial(predict_values, value_graphdef, stats=prior.stats, support=mc.value_support())
-    advantages_of = jax.jit(lambda buffers, params: {
-        k: slot_advantages(b, params, predict=predict, targets=targets) for k, b in buffers.items()
-    })  # fmt: skip
+    advantages_of = jax.jit(
+        lambda buffers, params: {
+            k: slot_advantages(b, params, predict=predict, targets=targets) for k, b in buffers.items()
+        }
+    )
     buffers = create_buffers(config, offline, collectors, mesh, targets)
     ratios = batch_ratios(source_shares(rc, bool(offline)), rc.batch_size, mesh.size)
     fit_value = make_value_fit(config, prior, value_graphdef, mesh, ratios)
@@ -455,8 +507,9 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
     progress_log = IterationLog("recap", evaluator, run_dir / "metrics.jsonl")
     progress_log(with_beta(params, rc.guidance), 0, totals)
     where = f"{config.target.task}/{config.target.split}"
-    bar = tqdm(range(1, rc.iterations + 1), desc=f"Recap {where} seed {seed}", unit="iter",
-               disable=not progress)  # fmt: skip
+    bar = tqdm(
+        range(1, rc.iterations + 1), desc=f"Recap {where} seed {seed}", unit="iter", disable=not progress
+    )
     for iteration in bar:
         tic = time.perf_counter()
         collected = {}
@@ -470,8 +523,9 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
             totals["collected_episodes"] += collector.num_envs
             collected[name] = float(np.mean(np.asarray(out["success"])))
             block = recap_block(out["block"], out["success"], targets)
-            buffers[source] = replay.insert(buffers[source], block, source=replay.SOURCES.index(source),
-                                            n_step=mc.chunk)  # fmt: skip
+            buffers[source] = replay.insert(
+                buffers[source], block, source=replay.SOURCES.index(source), n_step=mc.chunk
+            )
         heldout = None
         if iteration > 1:  # the value fitted last iteration has not seen these episodes
             heldout = heldout_auroc(buffers, advantages_of(buffers, value_params), iteration)
@@ -488,8 +542,11 @@ def run_recap(config: Config, prior: Prior, offline: list[dict], *, seed: int, a
             **policy_metrics,
         }
         record = progress_log(with_beta(params, rc.guidance), iteration, totals, extra)
-        bar.set_postfix(success=f"{record['success_rate']:.0%}", positive=f"{extra['positive_share']:.0%}",
-                        auroc=f"{extra['advantage_auroc'] or 0:.2f}")  # fmt: skip
+        bar.set_postfix(
+            success=f"{record['success_rate']:.0%}",
+            positive=f"{extra['positive_share']:.0%}",
+            auroc=f"{extra['advantage_auroc'] or 0:.2f}",
+        )
     return progress_log.records, params
 
 

@@ -47,8 +47,21 @@ AHEAD_CAP = 127
 OPERATOR_REWARD, LEARNED_REWARD = 0, 1  # values of `reward_source`: sparse env / operator label, PRO model
 
 # What `gather` and `gather_windows` return besides extras: an extra may not take one of these names.
-SAMPLE_FIELDS = frozenset(("obs", "chunk", "chunk_mask", "reward", "discount", "next_obs", "version",
-                           "intervention", "reward_source", "source", "weight"))  # fmt: skip
+SAMPLE_FIELDS = frozenset(
+    (
+        "obs",
+        "chunk",
+        "chunk_mask",
+        "reward",
+        "discount",
+        "next_obs",
+        "version",
+        "intervention",
+        "reward_source",
+        "source",
+        "weight",
+    )
+)
 WINDOW_FIELDS = frozenset(("obs", "action", "reward", "terminal", "intervention", "mask", "weight"))
 
 BLOCK_FIELDS = (
@@ -101,8 +114,13 @@ class Buffer:
 
 
 # ---------------------------------------------------------------------------------------------- create
-def create(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacity: int, mesh: Mesh,
-           extras_spec: dict[str, jax.ShapeDtypeStruct] | None = None) -> Buffer:  # fmt: skip
+def create(
+    obs_spec: dict[str, jax.ShapeDtypeStruct],
+    action_size: int,
+    capacity: int,
+    mesh: Mesh,
+    extras_spec: dict[str, jax.ShapeDtypeStruct] | None = None,
+) -> Buffer:
     """An empty buffer of `capacity` slots over the mesh. obs_spec and extras_spec: name -> shape and dtype
     of ONE step."""
     extras_spec = extras_spec or {}
@@ -147,8 +165,9 @@ def create(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacity
     return jax.jit(empty, out_shardings=NamedSharding(mesh, P(DATA)))()
 
 
-def create_all(obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacities: dict[str, int],
-               mesh: Mesh) -> dict[str, Buffer]:  # fmt: skip
+def create_all(
+    obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacities: dict[str, int], mesh: Mesh
+) -> dict[str, Buffer]:
     """One buffer per source named in `capacities` (each one of SOURCES)."""
     unknown = set(capacities) - set(SOURCES)
     if unknown:
@@ -547,8 +566,16 @@ def mix_counts(ratios: dict[str, float], batch_size: int, shards: int) -> dict[s
     return counts
 
 
-def sample_mixed(buffers: dict[str, Buffer], ratios: dict[str, float], key: jax.Array, batch_size: int, *,
-                 n_step: int, chunk: int, gamma: float) -> dict:  # fmt: skip
+def sample_mixed(
+    buffers: dict[str, Buffer],
+    ratios: dict[str, float],
+    key: jax.Array,
+    batch_size: int,
+    *,
+    n_step: int,
+    chunk: int,
+    gamma: float,
+) -> dict:
     """A batch mixing sources by `ratios` (see `mix_counts`); fields as `sample`, P("data").
 
     Every shard draws its share of every source and concatenates them, so the batch is interleaved by shard
@@ -568,10 +595,16 @@ def sample_mixed(buffers: dict[str, Buffer], ratios: dict[str, float], key: jax.
     def draw(locals_: dict[str, Buffer], key: jax.Array) -> dict:
         keys = jax.random.split(_shard_key(key), len(used))
         parts = [
-            _draw(_local(locals_[name]), key_source, counts[name] // mesh.shape[DATA], n_step=n_step,
-                  chunk=chunk, gamma=gamma)
+            _draw(
+                _local(locals_[name]),
+                key_source,
+                counts[name] // mesh.shape[DATA],
+                n_step=n_step,
+                chunk=chunk,
+                gamma=gamma,
+            )
             for name, key_source in zip(used, keys, strict=True)
-        ]  # fmt: skip
+        ]
         return jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
 
     return jax.shard_map(draw, mesh=mesh, in_specs=(P(DATA), P()), out_specs=P(DATA))(used, key)
@@ -585,8 +618,12 @@ def _version(text: str) -> int:
         return 0
 
 
-def from_episodes(episodes: Sequence[dict], rows: int = 16, obs_keys: Iterable[str] | None = None,
-                  extras: Sequence[dict] | None = None) -> dict:  # fmt: skip
+def from_episodes(
+    episodes: Sequence[dict],
+    rows: int = 16,
+    obs_keys: Iterable[str] | None = None,
+    extras: Sequence[dict] | None = None,
+) -> dict:
     """RLDS episodes (jaxvla.episodes' in-memory format) -> one numpy `insert` block [rows, T, ...].
 
     Each episode goes to the row that is shortest so far, so rows stay in episode order and T (the longest

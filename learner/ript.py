@@ -64,8 +64,14 @@ def informative_groups(rewards: jax.Array) -> jax.Array:
     return jnp.any(rewards != rewards[..., :1], axis=-1)
 
 
-def clipped_surrogate(log_prob: jax.Array, old_log_prob: jax.Array, advantage: jax.Array, weight: jax.Array,
-                      clip_low: float, clip_high: float) -> tuple[jax.Array, dict]:  # fmt: skip
+def clipped_surrogate(
+    log_prob: jax.Array,
+    old_log_prob: jax.Array,
+    advantage: jax.Array,
+    weight: jax.Array,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[jax.Array, dict]:
     """PPO's clipped objective as a loss, the weighted mean over decisions (weight 0: left out). All [N].
 
     ratio = pi(c|s) / pi_old(c|s) for whole chunks c; loss = -min(ratio A, clip(ratio, 1 - low, 1 + high) A).
@@ -157,8 +163,18 @@ class GroupCollector:
     decided [G*K, D] (the decision happened before the episode ended), success and env_steps.
     """
 
-    def __init__(self, task: str, split: str, groups: int, group_size: int, graphdef, stats: dict, *,
-                 execute: int, likelihood: Likelihood):  # fmt: skip
+    def __init__(
+        self,
+        task: str,
+        split: str,
+        groups: int,
+        group_size: int,
+        graphdef,
+        stats: dict,
+        *,
+        execute: int,
+        likelihood: Likelihood,
+    ):
         self.env = envs.make(task, split)
         self.groups, self.group_size = groups, group_size
         decisions = -(-self.env.config.max_steps // execute)  # ceil: the time limit ends the last chunk
@@ -255,8 +271,18 @@ def make_optimizer(learning_rate: float, std_learning_rate: float) -> optax.Grad
     )
 
 
-def ppo_loss(params, batch: dict, ref_params, *, graphdef, stats: dict, likelihood: Likelihood, execute: int,
-             clip: tuple[float, float], kl_coef: float) -> tuple[jax.Array, dict]:  # fmt: skip
+def ppo_loss(
+    params,
+    batch: dict,
+    ref_params,
+    *,
+    graphdef,
+    stats: dict,
+    likelihood: Likelihood,
+    execute: int,
+    clip: tuple[float, float],
+    kl_coef: float,
+) -> tuple[jax.Array, dict]:
     """The clipped surrogate plus kl_coef * KL(pi || pi_ref) to the run's starting policy, both the
     weighted mean over the batch's decisions. batch: obs {k: [B, ...]}, chunk [B, H, A], advantage,
     weight, old_log_prob [B], and optionally first [] (the update's first step)."""
@@ -273,9 +299,23 @@ def ppo_loss(params, batch: dict, ref_params, *, graphdef, stats: dict, likeliho
     return loss, {**metrics, "kl": kl, "loss": loss, "std": jnp.mean(jnp.exp(log_std))}
 
 
-def ppo_epochs(params, opt_state, data: dict, key: jax.Array, ref_params, *, graphdef, stats: dict, optimizer,
-               likelihood: Likelihood, execute: int, epochs: int, minibatches: int, clip: tuple[float, float],
-               kl_coef: float):  # fmt: skip
+def ppo_epochs(
+    params,
+    opt_state,
+    data: dict,
+    key: jax.Array,
+    ref_params,
+    *,
+    graphdef,
+    stats: dict,
+    optimizer,
+    likelihood: Likelihood,
+    execute: int,
+    epochs: int,
+    minibatches: int,
+    clip: tuple[float, float],
+    kl_coef: float,
+):
     """`epochs` passes over the iteration's decisions in shuffled minibatches. data: obs {k: [N, ...]},
     chunk [N, H, A], advantage [N], weight [N] (`rollout_weights`: 0 for rejected groups and steps after
     the end). Returns the params, the optimiser state and every step's metrics [epochs, minibatches].
@@ -296,8 +336,15 @@ def ppo_epochs(params, opt_state, data: dict, key: jax.Array, ref_params, *, gra
         return executed_log_prob(mean, log_std, chunk, execute)
 
     old_log_prob = jax.lax.stop_gradient(log_prob(params, data["obs"], data["chunk"]))
-    loss_fn = functools.partial(ppo_loss, graphdef=graphdef, stats=stats, likelihood=likelihood,
-                                execute=execute, clip=clip, kl_coef=kl_coef)  # fmt: skip
+    loss_fn = functools.partial(
+        ppo_loss,
+        graphdef=graphdef,
+        stats=stats,
+        likelihood=likelihood,
+        execute=execute,
+        clip=clip,
+        kl_coef=kl_coef,
+    )
 
     def minibatch_step(carry, step):
         (params, opt_state), (index, first) = carry, step
@@ -347,9 +394,18 @@ def likelihood_of(config: Config) -> Likelihood:
     return Likelihood(floor=rc.rl_std_floor, temperature=rc.temperature)
 
 
-def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector: GroupCollector,
-             evaluator: evaluate.Evaluator, contexts, run_dir: pathlib.Path,
-             progress: bool = True) -> tuple[list[dict], nnx.State]:  # fmt: skip
+def run_ript(
+    config: Config,
+    prior: Prior,
+    start_params,
+    *,
+    seed: int,
+    collector: GroupCollector,
+    evaluator: evaluate.Evaluator,
+    contexts,
+    run_dir: pathlib.Path,
+    progress: bool = True,
+) -> tuple[list[dict], nnx.State]:
     """RIPT from the network params `start_params` on `config.target.task`/`split`: one record per
     iteration (0: the start) and the final network params.
 
@@ -361,11 +417,21 @@ def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector
     per_call = collector.groups * collector.group_size
     calls = rc.rollouts_per_iteration // per_call
     optimizer = make_optimizer(rc.learning_rate, rc.std_learning_rate)
-    update = jax.jit(functools.partial(
-        ppo_epochs, graphdef=prior.graphdef, stats=prior.stats, optimizer=optimizer,
-        likelihood=likelihood_of(config), execute=rc.execute, epochs=rc.epochs, minibatches=rc.minibatches,
-        clip=(rc.clip_low, rc.clip_high), kl_coef=rc.kl_coef,
-    ), donate_argnums=(0, 1))  # fmt: skip
+    update = jax.jit(
+        functools.partial(
+            ppo_epochs,
+            graphdef=prior.graphdef,
+            stats=prior.stats,
+            optimizer=optimizer,
+            likelihood=likelihood_of(config),
+            execute=rc.execute,
+            epochs=rc.epochs,
+            minibatches=rc.minibatches,
+            clip=(rc.clip_low, rc.clip_high),
+            kl_coef=rc.kl_coef,
+        ),
+        donate_argnums=(0, 1),
+    )
     reference = rl_params(start_params, prior.model.action_size, rc.rl_std)
     params = jax.tree.map(jnp.copy, reference)  # the update donates params; the reference stays
     opt_state = optimizer.init(params)
@@ -375,8 +441,9 @@ def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector
     progress_log = IterationLog("ript", evaluator, run_dir / "metrics.jsonl")
     progress_log(params["policy"], 0, totals)
     where = f"{config.target.task}/{config.target.split}"
-    bar = tqdm(range(1, rc.iterations + 1), desc=f"RIPT {where} seed {seed}", unit="iter",
-               disable=not progress)  # fmt: skip
+    bar = tqdm(
+        range(1, rc.iterations + 1), desc=f"RIPT {where} seed {seed}", unit="iter", disable=not progress
+    )
     for iteration in bar:
         tic = time.perf_counter()
         outputs, rewards, counts = [], [], {"all_fail": 0, "all_success": 0}
@@ -410,12 +477,21 @@ def run_ript(config: Config, prior: Prior, start_params, *, seed: int, collector
         totals["kept_groups"] += int(np.sum(kept_groups))
         totals["groups"] += int(len(rewards))
         totals["wall_s"] += time.perf_counter() - tic
-        extra = {"rollout_success": float(np.mean(rewards)), "groups_this_iteration": int(len(rewards)),
-                 "kept": int(np.sum(kept_groups)), "kept_fraction": float(np.mean(kept_groups)), **counts,
-                 "skipped_contexts": pool.skipped(iteration + 1),
-                 "rl_std": np.exp(np.asarray(params["log_std"])).round(4).tolist(), **metrics}  # fmt: skip
+        extra = {
+            "rollout_success": float(np.mean(rewards)),
+            "groups_this_iteration": int(len(rewards)),
+            "kept": int(np.sum(kept_groups)),
+            "kept_fraction": float(np.mean(kept_groups)),
+            **counts,
+            "skipped_contexts": pool.skipped(iteration + 1),
+            "rl_std": np.exp(np.asarray(params["log_std"])).round(4).tolist(),
+            **metrics,
+        }
         record = progress_log(params["policy"], iteration, totals, extra, changed=bool(kept.any()))
-        bar.set_postfix(success=f"{record['success_rate']:.0%}", kept=f"{extra['kept_fraction']:.0%}",
-                        clip=f"{metrics.get('clip_fraction', 0.0):.2f}",
-                        rollout=f"{extra['rollout_success']:.0%}")  # fmt: skip
+        bar.set_postfix(
+            success=f"{record['success_rate']:.0%}",
+            kept=f"{extra['kept_fraction']:.0%}",
+            clip=f"{metrics.get('clip_fraction', 0.0):.2f}",
+            rollout=f"{extra['rollout_success']:.0%}",
+        )
     return progress_log.records, params["policy"]

@@ -52,14 +52,20 @@ def make_optimizer(learning_rate: float, clip_norm: float = 10.0) -> optax.Gradi
     return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(learning_rate))
 
 
-def init_state(actor: nnx.State, critic: nnx.State, init_alpha: float, *, actor_opt, critic_opt,
-               alpha_opt) -> SACState:  # fmt: skip
+def init_state(
+    actor: nnx.State, critic: nnx.State, init_alpha: float, *, actor_opt, critic_opt, alpha_opt
+) -> SACState:
     log_alpha = jnp.log(jnp.float32(init_alpha))
     return SACState(
-        actor=actor, critic=critic, target_critic=jax.tree.map(jnp.copy, critic), log_alpha=log_alpha,
-        actor_opt=actor_opt.init(actor), critic_opt=critic_opt.init(critic),
-        alpha_opt=alpha_opt.init(log_alpha), step=jnp.zeros((), jnp.int32),
-    )  # fmt: skip
+        actor=actor,
+        critic=critic,
+        target_critic=jax.tree.map(jnp.copy, critic),
+        log_alpha=log_alpha,
+        actor_opt=actor_opt.init(actor),
+        critic_opt=critic_opt.init(critic),
+        alpha_opt=alpha_opt.init(log_alpha),
+        step=jnp.zeros((), jnp.int32),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -93,8 +99,9 @@ def actor_loss_value(q: jax.Array, log_prob: jax.Array, alpha: jax.Array, weight
     return weighted_mean(alpha * log_prob - jnp.mean(q, axis=0), weight)
 
 
-def temperature_loss_value(log_alpha: jax.Array, log_prob: jax.Array, target_entropy: float,
-                           weight: jax.Array) -> jax.Array:  # fmt: skip
+def temperature_loss_value(
+    log_alpha: jax.Array, log_prob: jax.Array, target_entropy: float, weight: jax.Array
+) -> jax.Array:
     """alpha grows while the policy's entropy (-log pi) is below the target, shrinks above it."""
     return -jnp.exp(log_alpha) * weighted_mean(jax.lax.stop_gradient(log_prob) + target_entropy, weight)
 
@@ -116,8 +123,9 @@ def q_values(nets: Networks, critic, obs: dict, chunk: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------- updates
-def critic_update(state: SACState, batch: dict, key: jax.Array, *, nets: Networks, optimizer,
-                  target_subset: int, tau: float) -> tuple[SACState, dict]:  # fmt: skip
+def critic_update(
+    state: SACState, batch: dict, key: jax.Array, *, nets: Networks, optimizer, target_subset: int, tau: float
+) -> tuple[SACState, dict]:
     """One critic step on a normalised batch, then the target EMA."""
     key_next, key_subset = jax.random.split(key)
     next_chunk, _, _ = policy_sample(nets, state.actor, batch["next_obs"], key_next)
@@ -133,17 +141,33 @@ def critic_update(state: SACState, batch: dict, key: jax.Array, *, nets: Network
     updates, critic_opt = optimizer.update(grads, state.critic_opt, state.critic)
     critic = optax.apply_updates(state.critic, updates)
     state = state.replace(
-        critic=critic, critic_opt=critic_opt, target_critic=soft_update(state.target_critic, critic, tau),
+        critic=critic,
+        critic_opt=critic_opt,
+        target_critic=soft_update(state.target_critic, critic, tau),
         step=state.step + 1,
-    )  # fmt: skip
-    metrics = {"critic_loss": loss, "q": weighted_mean(jnp.mean(q, axis=0), batch["weight"]),
-               "target": weighted_mean(target, batch["weight"])}  # fmt: skip
+    )
+    metrics = {
+        "critic_loss": loss,
+        "q": weighted_mean(jnp.mean(q, axis=0), batch["weight"]),
+        "target": weighted_mean(target, batch["weight"]),
+    }
     return state, metrics
 
 
-def actor_update(state: SACState, batch: dict, key: jax.Array, *, nets: Networks, actor_optimizer,
-                 alpha_optimizer, target_entropy: float, bc_weight: float, bc_sources: tuple[int, ...],
-                 nll_weight: float, enabled: jax.Array) -> tuple[SACState, dict]:  # fmt: skip
+def actor_update(
+    state: SACState,
+    batch: dict,
+    key: jax.Array,
+    *,
+    nets: Networks,
+    actor_optimizer,
+    alpha_optimizer,
+    target_entropy: float,
+    bc_weight: float,
+    bc_sources: tuple[int, ...],
+    nll_weight: float,
+    enabled: jax.Array,
+) -> tuple[SACState, dict]:
     """One actor and temperature step; `enabled` False (during critic warm-up) leaves both unchanged."""
     alpha = jnp.exp(state.log_alpha)
     is_bc = jnp.isin(batch["source"], jnp.asarray(bc_sources)) & (batch["weight"] > 0)
@@ -168,42 +192,74 @@ def actor_update(state: SACState, batch: dict, key: jax.Array, *, nets: Networks
 
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(enabled, n, o), new, old)  # noqa: E731
     state = state.replace(
-        actor=keep(actor, state.actor), actor_opt=keep(actor_opt, state.actor_opt),
-        log_alpha=keep(log_alpha, state.log_alpha), alpha_opt=keep(alpha_opt, state.alpha_opt),
-    )  # fmt: skip
-    metrics = {"actor_loss": loss, "actor_rl": rl, "bc": imitation, "alpha": alpha, "alpha_loss": alpha_loss,
-               "entropy": -weighted_mean(log_prob, batch["weight"])}  # fmt: skip
+        actor=keep(actor, state.actor),
+        actor_opt=keep(actor_opt, state.actor_opt),
+        log_alpha=keep(log_alpha, state.log_alpha),
+        alpha_opt=keep(alpha_opt, state.alpha_opt),
+    )
+    metrics = {
+        "actor_loss": loss,
+        "actor_rl": rl,
+        "bc": imitation,
+        "alpha": alpha,
+        "alpha_loss": alpha_loss,
+        "entropy": -weighted_mean(log_prob, batch["weight"]),
+    }
     return state, metrics
 
 
 def normalize_batch(batch: dict, stats: dict) -> dict:
-    return {**batch, "obs": normalization.normalize(batch["obs"], stats),
-            "next_obs": normalization.normalize(batch["next_obs"], stats)}  # fmt: skip
+    return {
+        **batch,
+        "obs": normalization.normalize(batch["obs"], stats),
+        "next_obs": normalization.normalize(batch["next_obs"], stats),
+    }
 
 
-def update(state: SACState, batches: dict, key: jax.Array, *, config, chunk: int, action_size: int,
-           nets: Networks, optimizers: dict) -> tuple[SACState, dict]:  # fmt: skip
+def update(
+    state: SACState,
+    batches: dict,
+    key: jax.Array,
+    *,
+    config,
+    chunk: int,
+    action_size: int,
+    nets: Networks,
+    optimizers: dict,
+) -> tuple[SACState, dict]:
     """One train step on given normalised batches with a leading [utd + 1] axis: `config.utd` critic
     updates in a scan, then one actor and temperature update on the last batch.
 
     `config` is a `configs.SACConfig`. This is the pure update the data-parallel tests compare across
     device meshes and processes; `train_step` feeds it from the replay.
     """
-    critic_fn = functools.partial(critic_update, nets=nets, optimizer=optimizers["critic"],
-                                  target_subset=config.target_subset, tau=config.tau)  # fmt: skip
+    critic_fn = functools.partial(
+        critic_update,
+        nets=nets,
+        optimizer=optimizers["critic"],
+        target_subset=config.target_subset,
+        tau=config.tau,
+    )
     key_critic, key_actor = jax.random.split(jax.random.fold_in(key, state.step))
     critic_batches = jax.tree.map(lambda x: x[: config.utd], batches)
     state, critic_metrics = jax.lax.scan(
-        lambda state, xs: critic_fn(state, *xs), state,
+        lambda state, xs: critic_fn(state, *xs),
+        state,
         (critic_batches, jax.random.split(key_critic, config.utd)),
-    )  # fmt: skip
+    )
     state, actor_metrics = actor_update(
-        state, jax.tree.map(lambda x: x[config.utd], batches), key_actor, nets=nets,
-        actor_optimizer=optimizers["actor"], alpha_optimizer=optimizers["alpha"],
-        target_entropy=config.target_entropy_per_dim * chunk * action_size, bc_weight=config.bc_weight,
-        bc_sources=tuple(replay.SOURCES.index(s) for s in config.bc_sources), nll_weight=config.nll_weight,
+        state,
+        jax.tree.map(lambda x: x[config.utd], batches),
+        key_actor,
+        nets=nets,
+        actor_optimizer=optimizers["actor"],
+        alpha_optimizer=optimizers["alpha"],
+        target_entropy=config.target_entropy_per_dim * chunk * action_size,
+        bc_weight=config.bc_weight,
+        bc_sources=tuple(replay.SOURCES.index(s) for s in config.bc_sources),
+        nll_weight=config.nll_weight,
         enabled=state.step > config.critic_warmup,
-    )  # fmt: skip
+    )
     return state, {**jax.tree.map(jnp.mean, critic_metrics), **actor_metrics}
 
 
@@ -221,29 +277,56 @@ def draw_batches(buffers: dict, key: jax.Array, *, config, chunk: int, stats: di
 
     def draw(key):
         batch = replay.sample_mixed(
-            buffers, mix_ratios(config), key, config.batch_size,
-            n_step=chunk, chunk=chunk, gamma=config.gamma,
-        )  # fmt: skip
+            buffers,
+            mix_ratios(config),
+            key,
+            config.batch_size,
+            n_step=chunk,
+            chunk=chunk,
+            gamma=config.gamma,
+        )
         batch = normalize_batch(batch, stats)
         return jax.lax.with_sharding_constraint(batch, batch_sharding) if batch_sharding else batch
 
     return jax.vmap(draw)(jax.random.split(key, config.utd + 1))
 
 
-def train_step(state: SACState, buffers: dict, key: jax.Array, *, config, chunk: int, action_size: int,
-               nets: Networks, optimizers: dict, batch_sharding) -> tuple[SACState, dict]:  # fmt: skip
+def train_step(
+    state: SACState,
+    buffers: dict,
+    key: jax.Array,
+    *,
+    config,
+    chunk: int,
+    action_size: int,
+    nets: Networks,
+    optimizers: dict,
+    batch_sharding,
+) -> tuple[SACState, dict]:
     """Sampling fused with the update: draw the step's batches from the replay, then `update`."""
     key = jax.random.fold_in(key, state.step)
     key_batches, key_update = jax.random.split(key)
-    batches = draw_batches(buffers, key_batches, config=config, chunk=chunk, stats=nets.stats,
-                           batch_sharding=batch_sharding)  # fmt: skip
-    return update(state, batches, key_update, config=config, chunk=chunk, action_size=action_size, nets=nets,
-                  optimizers=optimizers)  # fmt: skip
+    batches = draw_batches(
+        buffers, key_batches, config=config, chunk=chunk, stats=nets.stats, batch_sharding=batch_sharding
+    )
+    return update(
+        state,
+        batches,
+        key_update,
+        config=config,
+        chunk=chunk,
+        action_size=action_size,
+        nets=nets,
+        optimizers=optimizers,
+    )
 
 
 def make_optimizers(config) -> dict[str, optax.GradientTransformation]:
-    return {"actor": make_optimizer(config.actor_lr), "critic": make_optimizer(config.critic_lr),
-            "alpha": optax.adam(config.alpha_lr)}  # fmt: skip
+    return {
+        "actor": make_optimizer(config.actor_lr),
+        "critic": make_optimizer(config.critic_lr),
+        "alpha": optax.adam(config.alpha_lr),
+    }
 
 
 def train_steps(state: SACState, buffers: dict, key: jax.Array, *, num_steps: int, **kwargs):
@@ -263,18 +346,34 @@ def make_train_steps(config, model, nets: Networks, optimizers: dict, *, num_ste
     sharding.check_batch_size(config.batch_size, mesh)
     replay.mix_counts(mix_ratios(config), config.batch_size, mesh.size)  # fail here, not after compiling
     fn = functools.partial(
-        train_steps, num_steps=num_steps, config=config, chunk=model.chunk, action_size=model.action_size,
-        nets=nets, optimizers=optimizers, batch_sharding=sharding.batch_sharded(mesh),
-    )  # fmt: skip
+        train_steps,
+        num_steps=num_steps,
+        config=config,
+        chunk=model.chunk,
+        action_size=model.action_size,
+        nets=nets,
+        optimizers=optimizers,
+        batch_sharding=sharding.batch_sharded(mesh),
+    )
     replicated = sharding.replicated(mesh)
     return jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated))
 
 
 def make_update(config, model, nets: Networks, optimizers: dict, mesh):
     """`update` jitted for a mesh: state replicated and donated, batches [utd + 1, B, ...] split along B."""
-    fn = functools.partial(update, config=config, chunk=model.chunk, action_size=model.action_size, nets=nets,
-                           optimizers=optimizers)  # fmt: skip
+    fn = functools.partial(
+        update,
+        config=config,
+        chunk=model.chunk,
+        action_size=model.action_size,
+        nets=nets,
+        optimizers=optimizers,
+    )
     replicated = sharding.replicated(mesh)
     batches = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA))
-    return jax.jit(fn, donate_argnums=0, in_shardings=(replicated, batches, replicated),
-                   out_shardings=(replicated, replicated))  # fmt: skip
+    return jax.jit(
+        fn,
+        donate_argnums=0,
+        in_shardings=(replicated, batches, replicated),
+        out_shardings=(replicated, replicated),
+    )

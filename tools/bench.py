@@ -238,8 +238,12 @@ def stream_bound(weight_bytes: int, bandwidth: float) -> dict:
     """The client's bound: microseconds to read `weight_bytes` once at `bandwidth`, and CLIENT_BOUND times
     that."""
     stream_us = weight_bytes / bandwidth * 1e6
-    return {"weight_bytes": weight_bytes, "bandwidth_gb_s": bandwidth / 1e9, "stream_us": stream_us,
-            "bound_us": CLIENT_BOUND * stream_us}  # fmt: skip
+    return {
+        "weight_bytes": weight_bytes,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "stream_us": stream_us,
+        "bound_us": CLIENT_BOUND * stream_us,
+    }
 
 
 def bench_latency(config: models.ModelConfig, calls: int, limit: float, bandwidth: float) -> dict:
@@ -279,8 +283,12 @@ def bench_latency(config: models.ModelConfig, calls: int, limit: float, bandwidt
                 call()
                 times[name].append(time.perf_counter_ns() - t0)
     weight_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(params))  # float32 in the file
-    row = {"calls": calls, "jax_compile_s": compile_s, "onnxruntime": onnxruntime_status(),
-           **stream_bound(weight_bytes, bandwidth)}  # fmt: skip
+    row = {
+        "calls": calls,
+        "jax_compile_s": compile_s,
+        "onnxruntime": onnxruntime_status(),
+        **stream_bound(weight_bytes, bandwidth),
+    }
     for name, ns in times.items():
         us = np.asarray(ns) / 1e3
         row[f"{name}_p50_us"], row[f"{name}_p99_us"] = (
@@ -312,8 +320,9 @@ def bench_pretrain(name: str, steps: int, reps: int, limit: float, cache: CacheE
     stats = normalization.compute(jax.device_get(data["obs"]))
     graphdef, params = nnx.split(mc.create_policy(0), nnx.Param)
     optimizer = bc.make_optimizer(pc.optimizer.learning_rate, 1000, 10, pc.optimizer.weight_decay)
-    train = bc.make_train_steps(graphdef, stats, optimizer, num_steps=steps, batch_size=batch,
-                                nll_weight=pc.nll_weight, mesh=mesh)  # fmt: skip
+    train = bc.make_train_steps(
+        graphdef, stats, optimizer, num_steps=steps, batch_size=batch, nll_weight=pc.nll_weight, mesh=mesh
+    )
     state = jax.device_put(bc.init_state(params, optimizer), sharding.replicated(mesh))
     data = jax.device_put(data, sharding.replicated(mesh))
     key = jax.random.key(1)
@@ -334,12 +343,19 @@ def bench_pretrain(name: str, steps: int, reps: int, limit: float, cache: CacheE
             times.append(time.perf_counter() - t0)
     seconds = float(np.median(times))
     return {
-        "config": name, "params": models.count_params(nnx.merge(graphdef, params)), "batch": batch,
-        "devices": mesh.size, "steps_per_call": steps, "steps_per_s": steps / seconds,
-        "examples_per_s": steps * batch / seconds, "compile_s": compile_s, "compile_cached": cached,
-        "flops_per_step": flops_per_step, "achieved_tflops": flops_per_step * steps / seconds / 1e12,
+        "config": name,
+        "params": models.count_params(nnx.merge(graphdef, params)),
+        "batch": batch,
+        "devices": mesh.size,
+        "steps_per_call": steps,
+        "steps_per_s": steps / seconds,
+        "examples_per_s": steps * batch / seconds,
+        "compile_s": compile_s,
+        "compile_cached": cached,
+        "flops_per_step": flops_per_step,
+        "achieved_tflops": flops_per_step * steps / seconds / 1e12,
         "mfu": mfu(flops_per_step * steps / seconds, mc.dtype),
-    }  # fmt: skip
+    }
 
 
 def matmul_flops(closed_jaxpr) -> float:
@@ -387,8 +403,14 @@ def pretrain_table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         compile_s = f"{r['compile_s']:.1f}" + (" (cache)" if r["compile_cached"] else "")
-        cells = (f"{r['params']:,}", r["batch"], r["devices"], f"{r['steps_per_s']:.1f}",
-                 f"{r['examples_per_s']:.0f}", compile_s)  # fmt: skip
+        cells = (
+            f"{r['params']:,}",
+            r["batch"],
+            r["devices"],
+            f"{r['steps_per_s']:.1f}",
+            f"{r['examples_per_s']:.0f}",
+            compile_s,
+        )
         values = " ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
         mfu_cell = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(f"{r['config']:<10} {values} {r['achieved_tflops']:>8.3f} {mfu_cell:>6}")
@@ -447,9 +469,13 @@ def fbx_buffer(capacity: int, sample_batch: int, sequence_length: int):
     import flashbax
 
     return flashbax.make_trajectory_buffer(
-        add_batch_size=BLOCK_ROWS, sample_batch_size=sample_batch, sample_sequence_length=sequence_length,
-        period=1, min_length_time_axis=sequence_length, max_length_time_axis=capacity // BLOCK_ROWS,
-    )  # fmt: skip
+        add_batch_size=BLOCK_ROWS,
+        sample_batch_size=sample_batch,
+        sample_sequence_length=sequence_length,
+        period=1,
+        min_length_time_axis=sequence_length,
+        max_length_time_axis=capacity // BLOCK_ROWS,
+    )
 
 
 def fbx_transitions(sequences: dict, source: jax.Array, *, n_step: int, chunk: int, gamma: float) -> dict:
@@ -478,12 +504,14 @@ def fbx_transitions(sequences: dict, source: jax.Array, *, n_step: int, chunk: i
     }
 
 
-def fbx_draw_batches(fbx_states: list, key: jax.Array, *, mixer, counts: dict[str, int], config, chunk: int,
-                     stats: dict) -> dict:  # fmt: skip
+def fbx_draw_batches(
+    fbx_states: list, key: jax.Array, *, mixer, counts: dict[str, int], config, chunk: int, stats: dict
+) -> dict:
     """`sac.draw_batches` from flashbax buffers: utd + 1 normalised mixed batches [utd + 1, B, ...], drawn
     vectorised over the batches as ours are."""
-    source = jnp.concatenate([jnp.full((count,), replay.SOURCES.index(name), jnp.int8)
-                              for name, count in counts.items()])  # fmt: skip
+    source = jnp.concatenate(
+        [jnp.full((count,), replay.SOURCES.index(name), jnp.int8) for name, count in counts.items()]
+    )
 
     def draw(key):
         sequences = mixer.sample(fbx_states, key).experience
@@ -493,18 +521,38 @@ def fbx_draw_batches(fbx_states: list, key: jax.Array, *, mixer, counts: dict[st
     return jax.vmap(draw)(jax.random.split(key, config.utd + 1))
 
 
-def fbx_train_steps(state: sac.SACState, fbx_states: list, key: jax.Array, *, num_steps: int, mixer,
-                    counts: dict[str, int], config, chunk: int, action_size: int, nets: sac.Networks,
-                    optimizers: dict) -> tuple[sac.SACState, dict]:  # fmt: skip
+def fbx_train_steps(
+    state: sac.SACState,
+    fbx_states: list,
+    key: jax.Array,
+    *,
+    num_steps: int,
+    mixer,
+    counts: dict[str, int],
+    config,
+    chunk: int,
+    action_size: int,
+    nets: sac.Networks,
+    optimizers: dict,
+) -> tuple[sac.SACState, dict]:
     """`sac.train_steps` with the batches drawn from flashbax buffers (one per source, mixed by flashbax's
     mixer) instead of ours: the same keys, normalisation and `sac.update`, so only the sampling differs."""
 
     def body(state, _):
         key_batches, key_update = jax.random.split(jax.random.fold_in(key, state.step))
-        batches = fbx_draw_batches(fbx_states, key_batches, mixer=mixer, counts=counts, config=config,
-                                   chunk=chunk, stats=nets.stats)  # fmt: skip
-        return sac.update(state, batches, key_update, config=config, chunk=chunk, action_size=action_size,
-                          nets=nets, optimizers=optimizers)  # fmt: skip
+        batches = fbx_draw_batches(
+            fbx_states, key_batches, mixer=mixer, counts=counts, config=config, chunk=chunk, stats=nets.stats
+        )
+        return sac.update(
+            state,
+            batches,
+            key_update,
+            config=config,
+            chunk=chunk,
+            action_size=action_size,
+            nets=nets,
+            optimizers=optimizers,
+        )
 
     state, metrics = jax.lax.scan(body, state, length=num_steps)
     return state, jax.tree.map(jnp.mean, metrics)
@@ -516,27 +564,40 @@ def unfused_programs(config, model: models.ModelConfig, nets: sac.Networks, opti
     ratios = dict(zip(replay.SOURCES, config.mix, strict=True))
 
     def draw(buffers, key):
-        batch = replay.sample_mixed(buffers, ratios, key, config.batch_size, n_step=model.chunk,
-                                    chunk=model.chunk, gamma=config.gamma)  # fmt: skip
+        batch = replay.sample_mixed(
+            buffers, ratios, key, config.batch_size, n_step=model.chunk, chunk=model.chunk, gamma=config.gamma
+        )
         return sac.normalize_batch(batch, nets.stats)
 
-    critic = functools.partial(sac.critic_update, nets=nets, optimizer=optimizers["critic"],
-                               target_subset=config.target_subset, tau=config.tau)  # fmt: skip
+    critic = functools.partial(
+        sac.critic_update,
+        nets=nets,
+        optimizer=optimizers["critic"],
+        target_subset=config.target_subset,
+        tau=config.tau,
+    )
 
     def actor(state, batch, key):
         return sac.actor_update(
-            state, batch, key, nets=nets, actor_optimizer=optimizers["actor"],
+            state,
+            batch,
+            key,
+            nets=nets,
+            actor_optimizer=optimizers["actor"],
             alpha_optimizer=optimizers["alpha"],
             target_entropy=config.target_entropy_per_dim * model.chunk * model.action_size,
-            bc_weight=config.bc_weight, bc_sources=tuple(replay.SOURCES.index(s) for s in config.bc_sources),
-            nll_weight=config.nll_weight, enabled=state.step > config.critic_warmup,
-        )  # fmt: skip
+            bc_weight=config.bc_weight,
+            bc_sources=tuple(replay.SOURCES.index(s) for s in config.bc_sources),
+            nll_weight=config.nll_weight,
+            enabled=state.step > config.critic_warmup,
+        )
 
     return draw, critic, actor
 
 
-def unfused_block(state: sac.SACState, buffers: dict, keys: list, *, steps: int, utd: int, draw, critic,
-                  actor) -> tuple[sac.SACState, dict]:  # fmt: skip
+def unfused_block(
+    state: sac.SACState, buffers: dict, keys: list, *, steps: int, utd: int, draw, critic, actor
+) -> tuple[sac.SACState, dict]:
     """`steps` train steps from Python: per step utd + 1 batches, utd critic calls, one actor call."""
     keys = iter(keys)
     for _ in range(steps):
@@ -546,24 +607,46 @@ def unfused_block(state: sac.SACState, buffers: dict, keys: list, *, steps: int,
     return state, metrics
 
 
-def torch_spec(model: models.ModelConfig, config, counts: dict[str, int], capacities: dict[str, int],
-               steps: int, reps: int) -> dict:  # fmt: skip
+def torch_spec(
+    model: models.ModelConfig,
+    config,
+    counts: dict[str, int],
+    capacities: dict[str, int],
+    steps: int,
+    reps: int,
+) -> dict:
     """Sizes and hyperparameters for tools/bench_torch.py, from the configs the JAX side runs."""
     if model.encoder != "state" or model.image or model.advantage_conditioned:
         raise ValueError("the PyTorch reference mirrors the state encoder without image or indicator only")
     return {
         "state_sizes": {k: model_config.STATE_SHAPES[k][0] for k in encoders.STATE_KEYS},
-        "prompt_length": tokenizer.PROMPT_LENGTH, "vocabulary": len(tokenizer.VOCABULARY),
-        "pad": tokenizer.PAD, "width": model.width, "depth": model.depth, "prompt_dim": model.prompt_dim,
-        "chunk": model.chunk, "action_size": model.action_size, "ensemble": model.ensemble,
-        "log_std_range": list(model.log_std_range), "counts": list(counts.values()),
-        "capacities": list(capacities.values()), "utd": config.utd, "gamma": config.gamma,
-        "tau": config.tau, "init_alpha": config.init_alpha, "actor_lr": config.actor_lr,
-        "critic_lr": config.critic_lr, "alpha_lr": config.alpha_lr,
+        "prompt_length": tokenizer.PROMPT_LENGTH,
+        "vocabulary": len(tokenizer.VOCABULARY),
+        "pad": tokenizer.PAD,
+        "width": model.width,
+        "depth": model.depth,
+        "prompt_dim": model.prompt_dim,
+        "chunk": model.chunk,
+        "action_size": model.action_size,
+        "ensemble": model.ensemble,
+        "log_std_range": list(model.log_std_range),
+        "counts": list(counts.values()),
+        "capacities": list(capacities.values()),
+        "utd": config.utd,
+        "gamma": config.gamma,
+        "tau": config.tau,
+        "init_alpha": config.init_alpha,
+        "actor_lr": config.actor_lr,
+        "critic_lr": config.critic_lr,
+        "alpha_lr": config.alpha_lr,
         "target_entropy": config.target_entropy_per_dim * model.chunk * model.action_size,
-        "bc_weight": config.bc_weight, "bc_sources": [replay.SOURCES.index(s) for s in config.bc_sources],
-        "nll_weight": config.nll_weight, "steps": steps, "reps": reps, "seed": 0,
-    }  # fmt: skip
+        "bc_weight": config.bc_weight,
+        "bc_sources": [replay.SOURCES.index(s) for s in config.bc_sources],
+        "nll_weight": config.nll_weight,
+        "steps": steps,
+        "reps": reps,
+        "seed": 0,
+    }
 
 
 def torch_threads() -> list[int]:
@@ -582,14 +665,26 @@ class TorchWorker:
 
     def __init__(self, spec: dict, threads: int, limit: float):
         self.threads, self.limit, self.utd, self.times = threads, limit, spec["utd"], []
-        command = [sys.executable, "-m", "tools.bench_torch", "--serve", "--spec",
-                   json.dumps({**spec, "threads": threads})]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "tools.bench_torch",
+            "--serve",
+            "--spec",
+            json.dumps({**spec, "threads": threads}),
+        ]
         # OpenMP threads that sleep at a barrier instead of spinning: spinning, 2 threads on this shared
         # 2-core machine ran 8x slower than sleeping (0.5 against 4.1 train steps/s, load 8), which made the
         # peer look slower than it is. stderr is inherited: a pipe nobody reads could fill and block.
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        self.process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            cwd=Path(__file__).resolve().parent.parent,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
         with watchdog(f"learner: pytorch {threads} threads warm-up", limit):
             self.info = json.loads(self._line())
 
@@ -612,8 +707,12 @@ class TorchWorker:
         self.process.wait(timeout=self.limit)
         seconds = statistics.median(self.times)
         steps = self.info["steps_per_call"]
-        return {**self.info, "train_steps_per_s": steps / seconds, "call_s": self.times,
-                "critic_updates_per_s": steps * self.utd / seconds}  # fmt: skip
+        return {
+            **self.info,
+            "train_steps_per_s": steps / seconds,
+            "call_s": self.times,
+            "critic_updates_per_s": steps * self.utd / seconds,
+        }
 
 
 def start_torch(spec: dict, limit: float) -> list[TorchWorker]:
@@ -672,9 +771,14 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
     optimizers = sac.make_optimizers(sc)
 
     def fresh_state() -> sac.SACState:  # each variant donates its own copy
-        return sac.init_state(jax.tree.map(jnp.copy, actor), jax.tree.map(jnp.copy, critic), sc.init_alpha,
-                              actor_opt=optimizers["actor"], critic_opt=optimizers["critic"],
-                              alpha_opt=optimizers["alpha"])  # fmt: skip
+        return sac.init_state(
+            jax.tree.map(jnp.copy, actor),
+            jax.tree.map(jnp.copy, critic),
+            sc.init_alpha,
+            actor_opt=optimizers["actor"],
+            critic_opt=optimizers["critic"],
+            alpha_opt=optimizers["alpha"],
+        )
 
     with_fbx = importlib.util.find_spec("flashbax") is not None
     length = fbx_sequence_length(mc.chunk, mc.chunk)
@@ -719,8 +823,9 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
         critic_c = jax.jit(critic_fn, donate_argnums=0).lower(states["unfused"], batch, key).compile()
         actor_c = jax.jit(actor_fn, donate_argnums=0).lower(states["unfused"], batch, key).compile()
         compile_s["unfused"], cached["unfused"] = time.perf_counter() - t0, cache.hits > hits
-    unfused = functools.partial(unfused_block, steps=steps, utd=sc.utd, draw=draw_c, critic=critic_c,
-                                actor=actor_c)  # fmt: skip
+    unfused = functools.partial(
+        unfused_block, steps=steps, utd=sc.utd, draw=draw_c, critic=critic_c, actor=actor_c
+    )
     calls = {
         "fused": lambda state, rep: compiled["fused"](state, buffers, key),
         "unfused": lambda state, rep: unfused(state, buffers, unfused_keys[rep]),
@@ -729,10 +834,20 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
         import flashbax
 
         mixer = flashbax.make_mixer(fbx_buffers, sc.batch_size, list(counts.values()))
-        fbx_fn = jax.jit(functools.partial(
-            fbx_train_steps, num_steps=steps, mixer=mixer, counts=counts, config=sc, chunk=mc.chunk,
-            action_size=mc.action_size, nets=nets, optimizers=optimizers,
-        ), donate_argnums=0)  # fmt: skip
+        fbx_fn = jax.jit(
+            functools.partial(
+                fbx_train_steps,
+                num_steps=steps,
+                mixer=mixer,
+                counts=counts,
+                config=sc,
+                chunk=mc.chunk,
+                action_size=mc.action_size,
+                nets=nets,
+                optimizers=optimizers,
+            ),
+            donate_argnums=0,
+        )
         states["flashbax"] = fresh_state()
         with watchdog("learner: compile flashbax fused", limit):
             hits, t0 = cache.hits, time.perf_counter()
@@ -757,16 +872,23 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
             if rep:
                 worker.times.append(seconds)
     result = {
-        "config": "default", "device": jax.devices()[0].device_kind, "batch": sc.batch_size, "utd": sc.utd,
-        "steps_per_call": steps, "capacities": capacities,
-        "params": models.count_params(nnx.merge(actor_graph, actor)) + models.count_params(
-            nnx.merge(critic_graph, critic)),
+        "config": "default",
+        "device": jax.devices()[0].device_kind,
+        "batch": sc.batch_size,
+        "utd": sc.utd,
+        "steps_per_call": steps,
+        "capacities": capacities,
+        "params": models.count_params(nnx.merge(actor_graph, actor))
+        + models.count_params(nnx.merge(critic_graph, critic)),
         "flops_per_train_step": flops,
-    }  # fmt: skip
+    }
     for name in ("fused", "flashbax", "unfused"):
         if name in times:
-            result[f"jax_{name}"] = {**rates(times[name], steps, sc.utd), "compile_s": compile_s[name],
-                                     "compile_cached": cached[name]}  # fmt: skip
+            result[f"jax_{name}"] = {
+                **rates(times[name], steps, sc.utd),
+                "compile_s": compile_s[name],
+                "compile_cached": cached[name],
+            }
         else:
             result[f"jax_{name}"] = {"status": PEER_MISSING}
     result["jax_fused"]["gflops"] = flops * result["jax_fused"]["train_steps_per_s"] / 1e9
@@ -777,15 +899,26 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
 DRAW_STEPS = 20  # train steps' batches drawn per call of the fused-draw programs
 
 
-def bench_draws(buffers: dict, fbx_states: list, mixer, counts: dict[str, int], config, model, stats: dict,
-                reps: int, limit: float) -> dict:  # fmt: skip
+def bench_draws(
+    buffers: dict,
+    fbx_states: list,
+    mixer,
+    counts: dict[str, int],
+    config,
+    model,
+    stats: dict,
+    reps: int,
+    limit: float,
+) -> dict:
     """The sampling of the fused train step alone: DRAW_STEPS train steps' batches (utd + 1 mixed batches
     each, normalised) per jitted call, ours (`sac.draw_batches`) against flashbax's (`fbx_draw_batches`),
     repetitions alternating, medians reported."""
-    ours = functools.partial(sac.draw_batches, config=config, chunk=model.chunk, stats=stats,
-                             batch_sharding=None)  # fmt: skip
-    theirs = functools.partial(fbx_draw_batches, mixer=mixer, counts=counts, config=config, chunk=model.chunk,
-                               stats=stats)  # fmt: skip
+    ours = functools.partial(
+        sac.draw_batches, config=config, chunk=model.chunk, stats=stats, batch_sharding=None
+    )
+    theirs = functools.partial(
+        fbx_draw_batches, mixer=mixer, counts=counts, config=config, chunk=model.chunk, stats=stats
+    )
 
     def steps_of(draw):  # one program drawing DRAW_STEPS steps' batches, as the fused scan does
         def program(data, key):
@@ -805,8 +938,10 @@ def bench_draws(buffers: dict, fbx_states: list, mixer, counts: dict[str, int], 
                 jax.block_until_ready(compiled[name](data, jax.random.fold_in(key, rep)))
                 if rep:
                     times[name].append(time.perf_counter() - t0)
-    return {name: {"draw_steps_per_s": DRAW_STEPS / statistics.median(t), "call_s": t}
-            for name, t in times.items()}  # fmt: skip
+    return {
+        name: {"draw_steps_per_s": DRAW_STEPS / statistics.median(t), "call_s": t}
+        for name, t in times.items()
+    }
 
 
 def bench_replay(capacity: int, reps: int, limit: float, cache: CacheEvents) -> dict:
@@ -827,8 +962,9 @@ def bench_replay(capacity: int, reps: int, limit: float, cache: CacheEvents) -> 
     fbx_blocks = [{k: b[k] for k in FBX_FIELDS} for b in blocks]
     source = replay.SOURCES.index("online")
     insert = functools.partial(replay.insert, source=source, n_step=mc.chunk)
-    sample = functools.partial(replay.sample, batch_size=sc.batch_size, n_step=mc.chunk, chunk=mc.chunk,
-                               gamma=sc.gamma)  # fmt: skip
+    sample = functools.partial(
+        replay.sample, batch_size=sc.batch_size, n_step=mc.chunk, chunk=mc.chunk, gamma=sc.gamma
+    )
     key = jax.random.key(2)
     programs, compile_s, cached, buffers = {}, {}, {}, {}
 
@@ -876,17 +1012,26 @@ def bench_replay(capacity: int, reps: int, limit: float, cache: CacheEvents) -> 
                 if rep:
                     samples[name].append(time.perf_counter() - t0)
 
-    result = {"capacity": capacity, "block": [BLOCK_ROWS, BLOCK_STEPS], "batch": sc.batch_size,
-              "n_step": mc.chunk, "chunk": mc.chunk, "sample_calls": SAMPLE_CALLS,
-              "bytes": replay.memory_bytes(buffers["ours"])}  # fmt: skip
+    result = {
+        "capacity": capacity,
+        "block": [BLOCK_ROWS, BLOCK_STEPS],
+        "batch": sc.batch_size,
+        "n_step": mc.chunk,
+        "chunk": mc.chunk,
+        "sample_calls": SAMPLE_CALLS,
+        "bytes": replay.memory_bytes(buffers["ours"]),
+    }
     for name in ("ours", "flashbax", "flashbax_nstep"):
         if name not in samplers:
             result[name] = {"status": PEER_MISSING}
             continue
         program = samplers[name][0]
-        row = {"sample_items_per_s": SAMPLE_CALLS * sc.batch_size / statistics.median(samples[name]),
-               "sample_compile_s": compile_s[program], "sample_compile_cached": cached[program],
-               "sample_s": samples[name]}  # fmt: skip
+        row = {
+            "sample_items_per_s": SAMPLE_CALLS * sc.batch_size / statistics.median(samples[name]),
+            "sample_compile_s": compile_s[program],
+            "sample_compile_cached": cached[program],
+            "sample_s": samples[name],
+        }
         if name in adds:
             row["add_items_per_s"] = block_items / statistics.median(adds[name])
             row["add_s"] = adds[name]
@@ -974,8 +1119,11 @@ def replay_table(r: dict) -> str:
         "| replay | add items/s | sample items/s | add compile s | sample compile s |",
         "|---|---:|---:|---:|---:|",
     ]
-    names = {"ours": "ours (n-step transitions)", "flashbax": "flashbax trajectory (raw sequences)",
-             "flashbax_nstep": "flashbax trajectory + n-step batch"}  # fmt: skip
+    names = {
+        "ours": "ours (n-step transitions)",
+        "flashbax": "flashbax trajectory (raw sequences)",
+        "flashbax_nstep": "flashbax trajectory + n-step batch",
+    }
     for key, name in names.items():
         row = r[key]
         if "sample_items_per_s" not in row:
@@ -1081,8 +1229,10 @@ def twin_table(rows: list[dict]) -> str:
 
 
 def latency_table(rows: dict[str, dict]) -> str:
-    head = ("| model | numpy p50 us | numpy p99 us | jax p50 us | jax p99 us | p99 numpy/jax | weights MiB "
-            f"| stream once us | bound ({CLIENT_BOUND}x) us | p50 / stream | onnxruntime |")  # fmt: skip
+    head = (
+        "| model | numpy p50 us | numpy p99 us | jax p50 us | jax p99 us | p99 numpy/jax | weights MiB "
+        f"| stream once us | bound ({CLIENT_BOUND}x) us | p50 / stream | onnxruntime |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
         lines.append(
@@ -1108,19 +1258,28 @@ def fleet_policy_file() -> bytes:
 
 
 def machine_line(info: dict, wall: float) -> str:
-    return (f"jax {info['jax']} ({info['jax_backend']}), mujoco {info['mujoco']}, mjx {info['mujoco_mjx']}; "
-            f"load {info['load_avg_1m']:.2f} at the start; {wall / 60:.1f} min in all.")  # fmt: skip
+    return (
+        f"jax {info['jax']} ({info['jax_backend']}), mujoco {info['mujoco']}, mjx {info['mujoco_mjx']}; "
+        f"load {info['load_avg_1m']:.2f} at the start; {wall / 60:.1f} min in all."
+    )
 
 
 def ratios_table(mjx_rows: list[dict], latency: dict, learner: dict) -> str:
     """Every measured ratio against its peer, with its target where an issue set one."""
-    rows = [(f"MJX workcell {r['task']} B={r['batch']}: ours / raw mjx.step, steps/s", f"{r['ratio']:.2f}x",
-             None) for r in mjx_rows]  # fmt: skip
+    rows = [
+        (f"MJX workcell {r['task']} B={r['batch']}: ours / raw mjx.step, steps/s", f"{r['ratio']:.2f}x", None)
+        for r in mjx_rows
+    ]
     if "state (default)" in latency:
         r = latency["state (default)"]
-        rows.append(("numpy client p50 / its weights streamed once from memory (lower is better)",
-                     f"{r['numpy_p50_over_stream']:.2f}x ({r['numpy_p50_us']:.0f} us; stream "
-                     f"{r['stream_us']:.0f} us)", f"<= {CLIENT_BOUND}"))  # fmt: skip
+        rows.append(
+            (
+                "numpy client p50 / its weights streamed once from memory (lower is better)",
+                f"{r['numpy_p50_over_stream']:.2f}x ({r['numpy_p50_us']:.0f} us; stream "
+                f"{r['stream_us']:.0f} us)",
+                f"<= {CLIENT_BOUND}",
+            )
+        )
     for key, (label, target) in RATIO_LABELS.items():
         if learner.get("ratios", {}).get(key) is not None:
             rows.append((label, ratio_text(learner["ratios"][key]), f">= {target}" if target else None))
@@ -1230,58 +1389,81 @@ def main(argv: list[str]) -> int:
         )
         emit(bench_fleet.table(fleet))
     if trains:
-        emit(f"\nBehaviour-cloning updates, {args.pretrain_steps} per jitted block, median of {args.reps}; "
-              "compile = lower+compile of the block\n")  # fmt: skip
+        emit(
+            f"\nBehaviour-cloning updates, {args.pretrain_steps} per jitted block, median of {args.reps}; "
+            "compile = lower+compile of the block\n"
+        )
         emit(pretrain_table(trains))
     if not args.no_sim:
-        emit(f"\nMJX, {args.steps} control steps per call, median of {args.reps} interleaved reps; "
-              "ratio = ours/raw physics steps/s; compile = lower+compile; "
-            "one untimed warm-up call each\n")  # fmt: skip
+        emit(
+            f"\nMJX, {args.steps} control steps per call, median of {args.reps} interleaved reps; "
+            "ratio = ours/raw physics steps/s; compile = lower+compile; "
+            "one untimed warm-up call each\n"
+        )
         emit(mjx_table(rows))
         emit(f"\nC twin, operator driving, {args.twin_steps} control steps, median of {args.reps}\n")
         emit(twin_table(twins))
         emit(f"\nverified batch sizes (all calls returned): {sorted(set(args.batches))}; wall {wall:.0f} s")
     if args.latency:
-        emit(f"\nPolicy latency, one observation (batch 1), {args.latency_calls} interleaved calls each "
-              f"after {LATENCY_WARMUP} untimed; JAX: jitted, compile excluded, block_until_ready; numpy: "
-              f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n")  # fmt: skip
+        emit(
+            f"\nPolicy latency, one observation (batch 1), {args.latency_calls} interleaved calls each "
+            f"after {LATENCY_WARMUP} untimed; JAX: jitted, compile excluded, block_until_ready; numpy: "
+            f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}\n"
+        )
         emit(latency_table(latency))
         default = latency["state (default)"]
         ratio, p99_ms = default["numpy_p50_over_stream"], default["numpy_p99_us"] / 1e3
-        emit(f"\nmemory bandwidth, one thread: {default['bandwidth_gb_s']:.1f} GB/s (float32 dot of two "
-              f"{STREAM_BYTES >> 20} MiB arrays, best of 5)")  # fmt: skip
-        emit(f"default model targets: numpy p50 <= {CLIENT_BOUND}x its weights streamed once from memory: "
-              f"{default['numpy_p50_us']:.0f} us against a bound of {default['bound_us']:.0f} us = "
-              f"{ratio:.2f}x the stream ({'met' if ratio <= CLIENT_BOUND else 'missed'}); p99 <= 2 ms: "
-              f"{p99_ms:.3f} ms ({'met' if p99_ms <= 2 else 'missed'})")  # fmt: skip
+        emit(
+            f"\nmemory bandwidth, one thread: {default['bandwidth_gb_s']:.1f} GB/s (float32 dot of two "
+            f"{STREAM_BYTES >> 20} MiB arrays, best of 5)"
+        )
+        emit(
+            f"default model targets: numpy p50 <= {CLIENT_BOUND}x its weights streamed once from memory: "
+            f"{default['numpy_p50_us']:.0f} us against a bound of {default['bound_us']:.0f} us = "
+            f"{ratio:.2f}x the stream ({'met' if ratio <= CLIENT_BOUND else 'missed'}); p99 <= 2 ms: "
+            f"{p99_ms:.3f} ms ({'met' if p99_ms <= 2 else 'missed'})"
+        )
     if updates:
-        emit(f"\nPRO and Recap updates on the data path their commands run, {args.updates_steps} per timed "
-             f"call, median of {args.reps} after one untimed; default model, fake episodes\n")  # fmt: skip
+        emit(
+            f"\nPRO and Recap updates on the data path their commands run, {args.updates_steps} per timed "
+            f"call, median of {args.reps} after one untimed; default model, fake episodes\n"
+        )
         emit(bench_updates.table(updates))
     if learner:
-        emit(f"\nSAC learner, default model ({learner['params']:,} params), batch {learner['batch']}, utd "
-              f"{learner['utd']}; one train step = {learner['utd']} critic updates + 1 actor update; "
-              f"{args.learner_steps} train steps per timed call, median of {args.reps} interleaved reps "
-              f"after one untimed; replay capacities {learner['capacities']}; device {learner['device']}; "
-              f"fused matmul {learner['jax_fused']['gflops']:.1f} GFLOP/s\n")  # fmt: skip
+        emit(
+            f"\nSAC learner, default model ({learner['params']:,} params), batch {learner['batch']}, utd "
+            f"{learner['utd']}; one train step = {learner['utd']} critic updates + 1 actor update; "
+            f"{args.learner_steps} train steps per timed call, median of {args.reps} interleaved reps "
+            f"after one untimed; replay capacities {learner['capacities']}; device {learner['device']}; "
+            f"fused matmul {learner['jax_fused']['gflops']:.1f} GFLOP/s\n"
+        )
         emit(learner_table(learner))
         if "draw_steps_per_s" in learner.get("draw_flashbax", {}):
             ours, theirs = learner["draw_ours"], learner["draw_flashbax"]
-            emit(f"\nFused sample alone ({DRAW_STEPS} train steps' batches per jitted call, median of "
-                 f"{args.reps} alternating reps): ours {ours['draw_steps_per_s']:,.0f}, flashbax "
-                 f"{theirs['draw_steps_per_s']:,.0f} train steps' batches/s")  # fmt: skip
+            emit(
+                f"\nFused sample alone ({DRAW_STEPS} train steps' batches per jitted call, median of "
+                f"{args.reps} alternating reps): ours {ours['draw_steps_per_s']:,.0f}, flashbax "
+                f"{theirs['draw_steps_per_s']:,.0f} train steps' batches/s"
+            )
         r = learner["replay"]
-        emit(f"\nReplay, capacity {r['capacity']:,} ({r['bytes'] / 2**20:.0f} MiB ours); add: "
-              f"[{BLOCK_ROWS}, {BLOCK_STEPS}] blocks, median call; sample: batch {r['batch']}, n-step "
-              f"{r['n_step']}, chunk {r['chunk']}, {r['sample_calls']} calls per rep, median of "
-              f"{args.reps}\n")  # fmt: skip
+        emit(
+            f"\nReplay, capacity {r['capacity']:,} ({r['bytes'] / 2**20:.0f} MiB ours); add: "
+            f"[{BLOCK_ROWS}, {BLOCK_STEPS}] blocks, median call; sample: batch {r['batch']}, n-step "
+            f"{r['n_step']}, chunk {r['chunk']}, {r['sample_calls']} calls per rep, median of "
+            f"{args.reps}\n"
+        )
         emit(replay_table(r))
         emit()
         emit(ratio_lines(learner["ratios"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        result = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall,
-                  "mjx": rows, "twin": twins}  # fmt: skip
+        result = {
+            "machine": info,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "wall_s": wall,
+            "mjx": rows,
+            "twin": twins,
+        }
         if args.latency:
             result["latency"] = latency
         if trains:

@@ -42,11 +42,24 @@ def _start_service(root: pathlib.Path, robots: int) -> tuple[subprocess.Popen, s
         port = s.getsockname()[1]
     tokens = {f"robot-{i}": f"bench-token-{i:04d}-0123456789" for i in range(robots)}
     (root / "tokens.json").write_text(json.dumps(tokens))
-    args = ["debug", "--fleet.no-learner", "--fleet.root", str(root), "--fleet.port", str(port),
-            "--fleet.tokens", str(root / "tokens.json")]  # fmt: skip
+    args = [
+        "debug",
+        "--fleet.no-learner",
+        "--fleet.root",
+        str(root),
+        "--fleet.port",
+        str(port),
+        "--fleet.tokens",
+        str(root / "tokens.json"),
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    process = subprocess.Popen([sys.executable, "-m", "jaxvla.cli", "serve", *args], cwd=REPO_ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxvla.cli", "serve", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -76,10 +89,12 @@ def _ingest_row(url: str, tokens: dict[str, str], episodes_per_actor: int) -> di
     """One measurement: every robot in `tokens` pushes its episodes from its own thread."""
     rng = np.random.default_rng(len(tokens))
     bodies = {
-        robot: [wire.episodes_body([rlds.random_episode(rng, EPISODE_STEPS, robot_id=robot)])
-                for _ in range(episodes_per_actor)]
+        robot: [
+            wire.episodes_body([rlds.random_episode(rng, EPISODE_STEPS, robot_id=robot)])
+            for _ in range(episodes_per_actor)
+        ]
         for robot in tokens
-    }  # fmt: skip
+    }
     latencies: list[float] = []
 
     def push(robot: str) -> None:
@@ -97,10 +112,15 @@ def _ingest_row(url: str, tokens: dict[str, str], episodes_per_actor: int) -> di
         t.join()
     wall = time.perf_counter() - tic
     total = len(tokens) * episodes_per_actor
-    return {"actors": len(tokens), "episodes": total, "wall_s": wall, "episodes_per_s": total / wall,
-            "episode_bytes": len(bodies[next(iter(tokens))][0]),
-            "push_p50_ms": 1e3 * float(np.percentile(latencies, 50)),
-            "push_p99_ms": 1e3 * float(np.percentile(latencies, 99))}  # fmt: skip
+    return {
+        "actors": len(tokens),
+        "episodes": total,
+        "wall_s": wall,
+        "episodes_per_s": total / wall,
+        "episode_bytes": len(bodies[next(iter(tokens))][0]),
+        "push_p50_ms": 1e3 * float(np.percentile(latencies, 50)),
+        "push_p99_ms": 1e3 * float(np.percentile(latencies, 99)),
+    }
 
 
 def bench_params(data: bytes, reps: int = 5) -> dict:
@@ -125,8 +145,12 @@ def bench_params(data: bytes, reps: int = 5) -> dict:
         finally:
             process.terminate()
             process.wait()
-    return {"bytes": len(data), "publish_ms": 1e3 * statistics.median(publish),
-            "pull_verify_ms": 1e3 * statistics.median(pull), "reps": reps}  # fmt: skip
+    return {
+        "bytes": len(data),
+        "publish_ms": 1e3 * statistics.median(publish),
+        "pull_verify_ms": 1e3 * statistics.median(pull),
+        "reps": reps,
+    }
 
 
 def _with_version(data: bytes, manifest: dict, version: int) -> bytes:
@@ -155,20 +179,32 @@ def bench_jitter(data: bytes, rates=(10.0, 50.0), steps: int = 300) -> list[dict
 def table(result: dict) -> str:
     lines = ["| concurrent actors | episodes/s | push p50 | push p99 |", "|---:|---:|---:|---:|"]
     for r in result["ingest"]:
-        lines.append(f"| {r['actors']} | {r['episodes_per_s']:.1f} | {r['push_p50_ms']:.1f} ms | "
-                     f"{r['push_p99_ms']:.1f} ms |")  # fmt: skip
+        lines.append(
+            f"| {r['actors']} | {r['episodes_per_s']:.1f} | {r['push_p50_ms']:.1f} ms | "
+            f"{r['push_p99_ms']:.1f} ms |"
+        )
     p = result["params"]
-    lines += ["", "| params file | publish | pull + verify |", "|---:|---:|---:|",
-              f"| {p['bytes'] / 1e6:.2f} MB | {p['publish_ms']:.1f} ms | {p['pull_verify_ms']:.1f} ms |",
-              "",
-              "| control rate | steps | lateness p50 | lateness p99 | overruns |",
-              "|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "| params file | publish | pull + verify |",
+        "|---:|---:|---:|",
+        f"| {p['bytes'] / 1e6:.2f} MB | {p['publish_ms']:.1f} ms | {p['pull_verify_ms']:.1f} ms |",
+        "",
+        "| control rate | steps | lateness p50 | lateness p99 | overruns |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for r in result["jitter"]:
-        lines.append(f"| {r['hz']:.0f} Hz | {r['steps']} | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms | "
-                     f"{r['overruns']} |")  # fmt: skip
+        lines.append(
+            f"| {r['hz']:.0f} Hz | {r['steps']} | {r['p50_ms']:.3f} ms | {r['p99_ms']:.3f} ms | "
+            f"{r['overruns']} |"
+        )
     return "\n".join(lines)
 
 
 def run(data: bytes, episodes_per_actor: int = 16, jitter_steps: int = 300) -> dict:
-    return {"ingest": bench_ingest(episodes_per_actor=episodes_per_actor), "params": bench_params(data),
-            "jitter": bench_jitter(data, steps=jitter_steps), "episode_steps": EPISODE_STEPS}  # fmt: skip
+    return {
+        "ingest": bench_ingest(episodes_per_actor=episodes_per_actor),
+        "params": bench_params(data),
+        "jitter": bench_jitter(data, steps=jitter_steps),
+        "episode_steps": EPISODE_STEPS,
+    }

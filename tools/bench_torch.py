@@ -186,13 +186,17 @@ class TensorReplay:
 
     def sample(self, count: int) -> dict:
         index = torch.randint(self.capacity, (count,))
-        return {k: {n: x[index] for n, x in v.items()} if isinstance(v, dict) else v[index]
-                for k, v in self.data.items()}  # fmt: skip
+        return {
+            k: {n: x[index] for n, x in v.items()} if isinstance(v, dict) else v[index]
+            for k, v in self.data.items()
+        }
 
 
 def normalize(obs: dict, stats: dict) -> dict:
-    return {k: ((v - stats[k][0]) / stats[k][1]).clamp(-NORM_CLIP, NORM_CLIP) if k in stats else v
-            for k, v in obs.items()}  # fmt: skip
+    return {
+        k: ((v - stats[k][0]) / stats[k][1]).clamp(-NORM_CLIP, NORM_CLIP) if k in stats else v
+        for k, v in obs.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------- update
@@ -273,8 +277,9 @@ def warmed_up(spec: dict) -> tuple[Learner, dict]:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     generator = torch.Generator().manual_seed(spec["seed"])
-    replays = [TensorReplay(spec, capacity, source, generator)
-               for source, capacity in enumerate(spec["capacities"])]  # fmt: skip
+    replays = [
+        TensorReplay(spec, capacity, source, generator) for source, capacity in enumerate(spec["capacities"])
+    ]
     learner = Learner(spec, replays, spec["counts"])
     t0 = time.perf_counter()  # eager torch's analogue of a compile: first-call allocations and dispatch
     for _ in range(WARMUP_STEPS):
@@ -282,10 +287,14 @@ def warmed_up(spec: dict) -> tuple[Learner, dict]:
     warmup_s = time.perf_counter() - t0
     params = sum(p.numel() for p in (*learner.actor.parameters(), *learner.critic.parameters()))
     return learner, {
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "interop_threads":
-        torch.get_num_interop_threads(), "params": params, "steps_per_call": spec["steps"],
-        "warmup_steps": WARMUP_STEPS, "warmup_s": warmup_s,
-    }  # fmt: skip
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "params": params,
+        "steps_per_call": spec["steps"],
+        "warmup_steps": WARMUP_STEPS,
+        "warmup_s": warmup_s,
+    }
 
 
 def timed_repetition(learner: Learner, steps: int) -> float:
@@ -305,8 +314,11 @@ def run(spec: dict) -> dict:
 
 def rates(times: list[float], spec: dict) -> dict:
     seconds = statistics.median(times)
-    return {"train_steps_per_s": spec["steps"] / seconds,
-            "critic_updates_per_s": spec["steps"] * spec["utd"] / seconds, "call_s": times}  # fmt: skip
+    return {
+        "train_steps_per_s": spec["steps"] / seconds,
+        "critic_updates_per_s": spec["steps"] * spec["utd"] / seconds,
+        "call_s": times,
+    }
 
 
 def serve(spec: dict) -> None:

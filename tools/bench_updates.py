@@ -34,21 +34,27 @@ def fake_episodes(model, count: int, length: int, seed: int = 0) -> list[dict]:
     for i in range(count):
         obs = jax.device_get(model.fake_observation(jax.random.key(seed * 10_000 + i), length))
         success = bool(rng.random() < 0.7)
-        out.append({
-            "steps": {
-                "observation": obs,
-                "action": rng.uniform(-1, 1, (length, model.action_size)).astype(np.float32),
-                "reward": (np.arange(length) == length - 1).astype(np.float32) * success,
-                "events": rng.random((length, len(EVENTS))) < 0.02,
-                "failure_mode": np.zeros(length, np.int32),
-                "is_first": np.arange(length) == 0,
-                "is_last": np.arange(length) == length - 1,
-                "is_intervention": np.zeros(length, bool),
-            },
-            "episode_metadata": {"success": success, "retries": int(rng.integers(0, 3)),
-                                 "cycle_time": length / 10.0, "episode_id": f"bench-{seed}-{i}",
-                                 "policy_version": "0"},
-        })  # fmt: skip
+        out.append(
+            {
+                "steps": {
+                    "observation": obs,
+                    "action": rng.uniform(-1, 1, (length, model.action_size)).astype(np.float32),
+                    "reward": (np.arange(length) == length - 1).astype(np.float32) * success,
+                    "events": rng.random((length, len(EVENTS))) < 0.02,
+                    "failure_mode": np.zeros(length, np.int32),
+                    "is_first": np.arange(length) == 0,
+                    "is_last": np.arange(length) == length - 1,
+                    "is_intervention": np.zeros(length, bool),
+                },
+                "episode_metadata": {
+                    "success": success,
+                    "retries": int(rng.integers(0, 3)),
+                    "cycle_time": length / 10.0,
+                    "episode_id": f"bench-{seed}-{i}",
+                    "policy_version": "0",
+                },
+            }
+        )
     return out
 
 
@@ -68,8 +74,12 @@ def bench_pro(config: configs.Config, steps: int, reps: int) -> dict:
     pc = dataclasses.replace(config.pro, log_every=steps, steps=steps)
     mesh = sharding.make_mesh()
     episodes = fake_episodes(config.model, EPISODES, LENGTH)
-    stats = normalization.compute({k: np.concatenate([ep["steps"]["observation"][k] for ep in episodes])
-                                   for k in episodes[0]["steps"]["observation"]})  # fmt: skip
+    stats = normalization.compute(
+        {
+            k: np.concatenate([ep["steps"]["observation"][k] for ep in episodes])
+            for k in episodes[0]["steps"]["observation"]
+        }
+    )
     buffer = pro.fill_replay(episodes, pc, mesh)
     graphdef, params = nnx.split(pc.net.create(0), nnx.Param)
     optimizer = bc.make_optimizer(pc.optimizer.learning_rate, 1000, 10, pc.optimizer.weight_decay)
@@ -82,9 +92,14 @@ def bench_pro(config: configs.Config, steps: int, reps: int) -> dict:
         return metrics
 
     seconds = timed(call, reps)
-    return {"batch": pc.batch_size, "window": pc.net.window, "steps_per_call": steps,
-            "devices": mesh.size, "steps_per_s": steps / seconds,
-            "windows_per_s": steps * pc.batch_size / seconds}  # fmt: skip
+    return {
+        "batch": pc.batch_size,
+        "window": pc.net.window,
+        "steps_per_call": steps,
+        "devices": mesh.size,
+        "steps_per_s": steps / seconds,
+        "windows_per_s": steps * pc.batch_size / seconds,
+    }
 
 
 def bench_recap(config: configs.Config, steps: int, reps: int) -> dict:
@@ -94,16 +109,25 @@ def bench_recap(config: configs.Config, steps: int, reps: int) -> dict:
     mesh = sharding.make_mesh()
     graphdef, params = nnx.split(mc.create_policy(0), nnx.Param)
     demos = fake_episodes(mc, EPISODES, LENGTH, seed=1)
-    stats = normalization.compute({k: np.concatenate([ep["steps"]["observation"][k] for ep in demos])
-                                   for k in demos[0]["steps"]["observation"]})  # fmt: skip
+    stats = normalization.compute(
+        {
+            k: np.concatenate([ep["steps"]["observation"][k] for ep in demos])
+            for k in demos[0]["steps"]["observation"]
+        }
+    )
     prior = Prior(mc, "bench", graphdef, params, stats, 0, None)
     policy_graphdef, policy_init = recap.conditioned_policy(prior)
     ratios = recap.batch_ratios(recap.source_shares(rc, demonstrations=True), rc.batch_size, mesh.size)
     fit = recap.make_policy_fit(config, prior, policy_graphdef, mesh, ratios)
     buffers = recap_buffers(config, demos, fake_episodes(mc, EPISODES, LENGTH, seed=2), mesh)
     seconds = timed(lambda: fit(policy_init, buffers, 0)[0], reps)
-    return {"batch": rc.batch_size, "steps_per_call": steps, "devices": mesh.size,
-            "steps_per_s": steps / seconds, "examples_per_s": steps * rc.batch_size / seconds}  # fmt: skip
+    return {
+        "batch": rc.batch_size,
+        "steps_per_call": steps,
+        "devices": mesh.size,
+        "steps_per_s": steps / seconds,
+        "examples_per_s": steps * rc.batch_size / seconds,
+    }
 
 
 def recap_buffers(config: configs.Config, demos: list[dict], collected: list[dict], mesh) -> dict:
@@ -114,8 +138,11 @@ def recap_buffers(config: configs.Config, demos: list[dict], collected: list[dic
     keys = tuple(mc.observation_spec(1))
     half = len(collected) // 2
     buffers = {}
-    for name, episodes in ((recap.DEMONSTRATIONS, demos), (recap.AUTONOMOUS, collected[:half]),
-                           (recap.CORRECTED, collected[half:])):  # fmt: skip
+    for name, episodes in (
+        (recap.DEMONSTRATIONS, demos),
+        (recap.AUTONOMOUS, collected[:half]),
+        (recap.CORRECTED, collected[half:]),
+    ):
         block = replay.from_episodes(episodes, rows=len(episodes), obs_keys=keys)
         block = recap.recap_block(block, [ep["episode_metadata"]["success"] for ep in episodes], targets)
         spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in block["obs"].items()}
@@ -131,11 +158,13 @@ def run(steps: int, reps: int) -> dict:
 
 def table(result: dict) -> str:
     p, r = result["pro"], result["recap_policy"]
-    return "\n".join([
-        "| update | batch | devices | updates/s | examples/s |",
-        "|---|---:|---:|---:|---:|",
-        f"| PRO (window {p['window']}) | {p['batch']} | {p['devices']} | {p['steps_per_s']:.2f} | "
-        f"{p['windows_per_s']:,.0f} |",
-        f"| Recap policy fit | {r['batch']} | {r['devices']} | {r['steps_per_s']:.2f} | "
-        f"{r['examples_per_s']:,.0f} |",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "| update | batch | devices | updates/s | examples/s |",
+            "|---|---:|---:|---:|---:|",
+            f"| PRO (window {p['window']}) | {p['batch']} | {p['devices']} | {p['steps_per_s']:.2f} | "
+            f"{p['windows_per_s']:,.0f} |",
+            f"| Recap policy fit | {r['batch']} | {r['devices']} | {r['steps_per_s']:.2f} | "
+            f"{r['examples_per_s']:,.0f} |",
+        ]
+    )

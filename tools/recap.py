@@ -84,20 +84,26 @@ def tail_failures(failures: dict[str, int]) -> int:
     return sum(failures.get(name, 0) for name in TAILS)
 
 
-def run_seeds(config: configs.Config, prior, offline: list[dict], out: pathlib.Path, *,
-              train_eval: bool = True, novel_eval: bool = True) -> tuple[dict, dict]:  # fmt: skip
+def run_seeds(
+    config: configs.Config,
+    prior,
+    offline: list[dict],
+    out: pathlib.Path,
+    *,
+    train_eval: bool = True,
+    novel_eval: bool = True,
+) -> tuple[dict, dict]:
     """Recap from `prior` once per seed in `target.seeds`: every seed's records and its summary (the beta
     sweep; the final policy's success on `train` when `train_eval`, on `novel` when `novel_eval`)."""
     tc, rc = config.target, config.recap
     graphdef, _ = recap.conditioned_policy(prior)
     positive = models.INDICATOR_POSITIVE
-    collect = evaluate.chunk_actor(graphdef, prior.stats, indicator=positive, explore=rc.explore,
-                                   guidance=rc.guidance)  # fmt: skip
+    collect = evaluate.chunk_actor(
+        graphdef, prior.stats, indicator=positive, explore=rc.explore, guidance=rc.guidance
+    )
     actor = recap.guided_actor(graphdef, prior.stats)
     autonomous = patch.Collector(tc.task, tc.split, rc.autonomous_per_iteration, NEVER, collect)
-    corrected = patch.Collector(
-        tc.task, tc.split, rc.corrected_per_iteration, config.operator, collect
-    )
+    corrected = patch.Collector(tc.task, tc.split, rc.corrected_per_iteration, config.operator, collect)
     evaluator = evaluate.Evaluator(tc.task, tc.split, tc.eval_episodes, actor)
     test = evaluate.TEST.with_episodes(tc.eval_episodes)
     on_train = evaluate.Evaluator(tc.task, "train", tc.eval_episodes, actor) if train_eval else None
@@ -110,9 +116,16 @@ def run_seeds(config: configs.Config, prior, offline: list[dict], out: pathlib.P
         )
     results, summaries = {}, {}
     for seed in tc.seeds:
-        records, params = recap.run_recap(config, prior, offline, seed=seed, autonomous=autonomous,
-                                          corrected=corrected, evaluator=evaluator,
-                                          run_dir=out / f"seed{seed}")  # fmt: skip
+        records, params = recap.run_recap(
+            config,
+            prior,
+            offline,
+            seed=seed,
+            autonomous=autonomous,
+            corrected=corrected,
+            evaluator=evaluator,
+            run_dir=out / f"seed{seed}",
+        )
         results[seed] = records
         summary = reporting.seed_summary(
             records, ("collected_episodes", "corrective_episodes", "takeover_steps")
@@ -153,8 +166,11 @@ def sweep_table(summaries: dict, betas: tuple[float, ...]) -> str:
     lines = ["| beta | success (%) | throughput / start | tail failures / start |", "|---:|---:|---:|---:|"]
     for beta in map(str, betas):
         at = [(s["guidance_sweep"][beta], s) for s in summaries.values()]
-        ratio = [r["throughput_per_hour"] / s["start_throughput_per_hour"] for r, s in at
-                 if s["start_throughput_per_hour"]]  # fmt: skip
+        ratio = [
+            r["throughput_per_hour"] / s["start_throughput_per_hour"]
+            for r, s in at
+            if s["start_throughput_per_hour"]
+        ]
         tails = [r["tail_failures"] / s["start_tail_failures"] for r, s in at if s["start_tail_failures"]]
         lines.append(
             f"| {beta} | {reporting.figure([r['success_rate'] for r, _ in at], 'percent')} | "
@@ -169,12 +185,23 @@ def main(argv: list[str]) -> int:
     config, prior = pretrain.load_target(config, PROG)
     tc, rc, pre = config.target, config.recap, config.pretrain
     out = pathlib.Path(config.out_dir) / f"recap-{tc.task}"
-    offline = operator_demos.load_or_generate(pre.data_dir, tc.task, "train", rc.offline_episodes,
-                                              seed=pre.seed)  # fmt: skip
+    offline = operator_demos.load_or_generate(
+        pre.data_dir, tc.task, "train", rc.offline_episodes, seed=pre.seed
+    )
     results, summaries = run_seeds(config, prior, offline, out)
     settings = {"target": dataclasses.asdict(tc), "recap": dataclasses.asdict(rc)}
-    report = reporting.write(out, "recap", "Recap", settings, describe(config),
-                             ROWS, COLUMNS, results, summaries, f"Recap on {tc.task}/{tc.split}")  # fmt: skip
+    report = reporting.write(
+        out,
+        "recap",
+        "Recap",
+        settings,
+        describe(config),
+        ROWS,
+        COLUMNS,
+        results,
+        summaries,
+        f"Recap on {tc.task}/{tc.split}",
+    )
     sweep = "\n## Classifier-free guidance at evaluation (final policies)\n\n" + sweep_table(
         summaries, rc.guidance_sweep
     )

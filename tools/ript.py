@@ -84,10 +84,18 @@ def few_shot_demos(config: configs.Config) -> tuple[list[dict], list[dict]]:
     tc, rc, pre = config.target, config.ript, config.pretrain
     if not rc.sft_demos:
         return [], []
-    offline = operator_demos.load_or_generate(pre.data_dir, tc.task, "train", config.patch.offline_episodes,
-                                              seed=pre.seed)  # fmt: skip
-    demos = operator_demos.load_or_generate(pre.data_dir, tc.task, tc.split, rc.sft_demos, seed=pre.seed + 1,
-                                            noise=pre.demo_noise, bursts=pre.demo_bursts)  # fmt: skip
+    offline = operator_demos.load_or_generate(
+        pre.data_dir, tc.task, "train", config.patch.offline_episodes, seed=pre.seed
+    )
+    demos = operator_demos.load_or_generate(
+        pre.data_dir,
+        tc.task,
+        tc.split,
+        rc.sft_demos,
+        seed=pre.seed + 1,
+        noise=pre.demo_noise,
+        bursts=pre.demo_bursts,
+    )
     return demos, offline
 
 
@@ -109,19 +117,28 @@ def few_shot_start(config: configs.Config, prior, retrain, demos: tuple[list, li
     return jax.block_until_ready(retrain(sft_data, seed=seed))
 
 
-def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: bool = True,
-              novel_eval: bool = True) -> tuple[dict, dict]:  # fmt: skip
+def run_seeds(
+    config: configs.Config, prior, out: pathlib.Path, *, train_eval: bool = True, novel_eval: bool = True
+) -> tuple[dict, dict]:
     """RIPT from `prior` (after its few-shot SFT stage, if any) once per seed in `target.seeds`: every
     seed's records and its summary (with the final policy's success on `train` when `train_eval`, on the
     `novel` test contexts when `novel_eval`)."""
     tc, rc = config.target, config.ript
     if not 1 <= rc.execute <= prior.model.chunk:
-        raise SystemExit(f"{PROG}: ript.execute={rc.execute} must lie in 1..{prior.model.chunk}, "
-                         "the prior's chunk length")  # fmt: skip
+        raise SystemExit(
+            f"{PROG}: ript.execute={rc.execute} must lie in 1..{prior.model.chunk}, the prior's chunk length"
+        )
     demos = few_shot_demos(config)
-    collector = ript.GroupCollector(tc.task, tc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
-                                    prior.stats, execute=rc.execute,
-                                    likelihood=ript.likelihood_of(config))  # fmt: skip
+    collector = ript.GroupCollector(
+        tc.task,
+        tc.split,
+        rc.groups_per_call,
+        rc.group_size,
+        prior.graphdef,
+        prior.stats,
+        execute=rc.execute,
+        likelihood=ript.likelihood_of(config),
+    )
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
     evaluator = evaluate.Evaluator(tc.task, tc.split, tc.eval_episodes, actor)
     test = evaluate.TEST.with_episodes(tc.eval_episodes)
@@ -141,9 +158,16 @@ def run_seeds(config: configs.Config, prior, out: pathlib.Path, *, train_eval: b
         sft_s = time.perf_counter() - tic
         key_contexts = jax.random.fold_in(jax.random.key(seed), 1_000_003)
         contexts = jax.vmap(collector.env.sample_params)(jax.random.split(key_contexts, rc.contexts))
-        records, params = ript.run_ript(config, prior, start, seed=seed, collector=collector,
-                                        evaluator=evaluator, contexts=contexts,
-                                        run_dir=out / f"seed{seed}")  # fmt: skip
+        records, params = ript.run_ript(
+            config,
+            prior,
+            start,
+            seed=seed,
+            collector=collector,
+            evaluator=evaluator,
+            contexts=contexts,
+            run_dir=out / f"seed{seed}",
+        )
         results[seed] = records
         updated = [r for r in records[1:] if "clip_fraction" in r]
         summaries[seed] = {
@@ -166,9 +190,16 @@ def probe_stds(config: configs.Config, prior, stds: tuple[float, ...]) -> list[d
     tc, rc = config.target, config.ript
     retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
     start = few_shot_start(config, prior, retrain, few_shot_demos(config), seed=0)
-    collector = ript.GroupCollector(tc.task, tc.split, rc.groups_per_call, rc.group_size, prior.graphdef,
-                                    prior.stats, execute=rc.execute,
-                                    likelihood=ript.likelihood_of(config))  # fmt: skip
+    collector = ript.GroupCollector(
+        tc.task,
+        tc.split,
+        rc.groups_per_call,
+        rc.group_size,
+        prior.graphdef,
+        prior.stats,
+        execute=rc.execute,
+        likelihood=ript.likelihood_of(config),
+    )
     contexts = jax.vmap(collector.env.sample_params)(jax.random.split(jax.random.key(0), rc.contexts))
     used = rc.contexts // rc.groups_per_call * rc.groups_per_call
     component = np.asarray(contexts.component)[:used]
@@ -216,11 +247,20 @@ def start_name(config: configs.Config) -> str:
 
 def overview(lines: dict[str, dict]) -> str:
     """One line per start: its success at the start and at the end, the gain, groups kept, novel."""
-    rows = ["| start | split | start (%) | final (%) | last 3 (%) | gain (points) | groups kept (%) | "
-            "clip fraction | novel (%) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    keys = [("start_success", "percent"), ("final_success_rate", "percent"), ("last3_success", "percent"),
-            ("gain", "percent"), ("kept_share", "percent"), ("clip_fraction", "value"),
-            ("novel_success", "percent")]  # fmt: skip
+    rows = [
+        "| start | split | start (%) | final (%) | last 3 (%) | gain (points) | groups kept (%) | "
+        "clip fraction | novel (%) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    keys = [
+        ("start_success", "percent"),
+        ("final_success_rate", "percent"),
+        ("last3_success", "percent"),
+        ("gain", "percent"),
+        ("kept_share", "percent"),
+        ("clip_fraction", "value"),
+        ("novel_success", "percent"),
+    ]
     for name, (split, summaries) in lines.items():
         cells = [reporting.figure([s.get(key) for s in summaries.values()], kind) for key, kind in keys]
         rows.append(f"| {name} | {split} | " + " | ".join(cells) + " |")
@@ -246,9 +286,18 @@ def main(argv: list[str]) -> int:
         out = root / start_name(run_config) if config.ript.starts else root
         results, summaries = run_seeds(run_config, prior, out)
         settings = {"target": dataclasses.asdict(tc), "ript": dataclasses.asdict(rc)}
-        reporting.write(out, "ript", "RIPT-VLA", settings, describe(run_config),
-                        ROWS if rc.sft_demos else ROWS[:-1], COLUMNS, results, summaries,
-                        f"RIPT on {tc.task}/{tc.split} from {start_name(run_config)}")  # fmt: skip
+        reporting.write(
+            out,
+            "ript",
+            "RIPT-VLA",
+            settings,
+            describe(run_config),
+            ROWS if rc.sft_demos else ROWS[:-1],
+            COLUMNS,
+            results,
+            summaries,
+            f"RIPT on {tc.task}/{tc.split} from {start_name(run_config)}",
+        )
         lines[start_name(run_config)] = (tc.split, summaries)
     if len(lines) > 1:
         text = "# RIPT-VLA from every start\n\n" + overview(lines)
