@@ -213,9 +213,15 @@ def probe_stds(config: configs.Config, prior, stds: tuple[float, ...]) -> list[d
             out = collector(params, ript.select(contexts, index), jax.random.key(call))
             rewards.append(np.asarray(out["success"]).reshape(rc.groups_per_call, rc.group_size))
         rewards = np.concatenate(rewards).astype(np.float32)  # [C, K]
-        rows.append({"std": std, **group_figures(rewards), "by_component": {
-            name: group_figures(rewards[component == i]) for i, name in enumerate(names)
-        }})  # fmt: skip
+        rows.append(
+            {
+                "std": std,
+                **group_figures(rewards),
+                "by_component": {
+                    name: group_figures(rewards[component == i]) for i, name in enumerate(names)
+                },
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
