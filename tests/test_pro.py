@@ -531,7 +531,8 @@ def test_conservative_training_runs_and_refresh_moves_only_the_params(state_mode
 
 
 def test_a_refresh_replay_too_small_for_the_episodes_is_refused(state_model):
-    episodes = [fake_episode(9, success=True, seed=i) for i in range(2)]
+    # Four episodes, one per shard of the four fake devices: 36 steps, more than the 8 slots asked for.
+    episodes = [fake_episode(9, success=True, seed=i) for i in range(4)]
     with pytest.raises(ValueError, match="do not fit"):
         pro.fill_replay(episodes, PC, sharding.make_mesh(), capacity=8)
 
