@@ -99,6 +99,21 @@ def few_shot_demos(config: configs.Config) -> tuple[list[dict], list[dict]]:
     return demos, offline
 
 
+def group_collector(config: configs.Config, prior) -> ript.GroupCollector:
+    """The K-rollouts-per-context collector of `target`'s task and split, on the prior's network."""
+    tc, rc = config.target, config.ript
+    return ript.GroupCollector(
+        tc.task,
+        tc.split,
+        rc.groups_per_call,
+        rc.group_size,
+        prior.graphdef,
+        prior.stats,
+        execute=rc.execute,
+        likelihood=ript.likelihood_of(config),
+    )
+
+
 def few_shot_copies(few: int, offline: int, share: float) -> int:
     """How many copies of the `few` few-shot examples make them `share` of the SFT data beside `offline`
     examples: share / (1 - share) * offline / few, rounded, at least 1 (share 0: one copy)."""
@@ -129,16 +144,7 @@ def run_seeds(
             f"{PROG}: ript.execute={rc.execute} must lie in 1..{prior.model.chunk}, the prior's chunk length"
         )
     demos = few_shot_demos(config)
-    collector = ript.GroupCollector(
-        tc.task,
-        tc.split,
-        rc.groups_per_call,
-        rc.group_size,
-        prior.graphdef,
-        prior.stats,
-        execute=rc.execute,
-        likelihood=ript.likelihood_of(config),
-    )
+    collector = group_collector(config, prior)
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
     evaluator = evaluate.Evaluator(tc.task, tc.split, tc.eval_episodes, actor)
     test = evaluate.TEST.with_episodes(tc.eval_episodes)
@@ -190,16 +196,7 @@ def probe_stds(config: configs.Config, prior, stds: tuple[float, ...]) -> list[d
     tc, rc = config.target, config.ript
     retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
     start = few_shot_start(config, prior, retrain, few_shot_demos(config), seed=0)
-    collector = ript.GroupCollector(
-        tc.task,
-        tc.split,
-        rc.groups_per_call,
-        rc.group_size,
-        prior.graphdef,
-        prior.stats,
-        execute=rc.execute,
-        likelihood=ript.likelihood_of(config),
-    )
+    collector = group_collector(config, prior)
     contexts = jax.vmap(collector.env.sample_params)(jax.random.split(jax.random.key(0), rc.contexts))
     used = rc.contexts // rc.groups_per_call * rc.groups_per_call
     component = np.asarray(contexts.component)[:used]
