@@ -74,6 +74,13 @@ TEST = Contexts("test", seed=20_261_129, episodes=256)
 VALIDATION = Contexts("validation", seed=31_415_926, episodes=128)
 
 
+def on_host(params):
+    """The host's copy of `params`, for the rollouts: params replicated over the mesh (a learner's) and
+    params on one device (a loaded prior's) would each compile the same rollout, and a replicated
+    rollout is run once per device."""
+    return jax.device_get(params)
+
+
 def reset_keys(key: jax.Array, episodes: int) -> jax.Array:
     """[episodes] reset keys: the contexts an evaluation of `episodes` episodes under `key` runs."""
     return jax.random.split(key, episodes)
@@ -132,7 +139,7 @@ class Evaluator:
 
     def __call__(self, params, key: jax.Array) -> dict[str, np.ndarray]:
         """Per-episode outcomes {name: [episodes]} as numpy."""
-        return jax.tree.map(np.asarray, self._run(params, key))
+        return jax.tree.map(np.asarray, self._run(on_host(params), key))
 
     def on(self, params, contexts: Contexts) -> dict:
         """The summary on a fixed context set; the evaluator must have been built for its size."""

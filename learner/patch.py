@@ -181,7 +181,7 @@ class Collector:
     def __call__(self, params, key: jax.Array, version: int) -> dict:
         """{"block": the replay's insert block, "success": [B], "component": [B], "solo_success": [B],
         "record": [T, B] leaves}."""
-        return self._run(params, key, jnp.int32(version))
+        return self._run(evaluate.on_host(params), key, jnp.int32(version))
 
 
 def protocol_report(rolled: dict, components: tuple[str, ...]) -> dict:
