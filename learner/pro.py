@@ -177,6 +177,11 @@ def extras_spec() -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
+# Jitted: called eagerly, the shard_map inside dispatches, and compiles, each of its ops one by one. The
+# fresh buffer is donated.
+_insert = jax.jit(replay.insert, static_argnames=("source", "n_step"), donate_argnums=0)
+
+
 def fill_replay(
     episodes: list[dict], pc: ProConfig, mesh, episodes_per_row: int = 8, capacity: int | None = None
 ) -> replay.Buffer:
@@ -199,7 +204,7 @@ def fill_replay(
         obs_spec, block["action"].shape[-1], capacity or block["valid"].size, mesh, extras_spec()
     )
     # n_step 1: windows are drawn among all written slots; the n-step flags are for the critic's samples.
-    return replay.insert(buffer, block, source=replay.SOURCES.index("offline"), n_step=1)
+    return _insert(buffer, block, source=replay.SOURCES.index("offline"), n_step=1)
 
 
 def replay_windows(local: replay.Buffer, index: jax.Array, window: int, chunk: int) -> dict:
