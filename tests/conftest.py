@@ -7,6 +7,7 @@ import dataclasses
 import os
 import pathlib
 
+import pytest
 import scipy.stats
 
 FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count=4"
@@ -26,6 +27,29 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMPILE_CACHE = REPO_ROOT / configs.COMPILE_CACHE
 
 compile_cache.enable(COMPILE_CACHE)
+
+# The files that take longest (their MJX compiles), longest first. pytest-xdist hands whole files to its two
+# workers in collection order (pyproject.toml turns off its reordering by test count, which started these
+# last): the suite ends when the busier worker does, so a long file started late runs alone at the end.
+# test_patch.py follows test_pro.py rather than running beside test_patch_cli.py: it then reads the
+# programs the two share (the residual's evaluator and train step) from the compile cache.
+LONGEST_FIRST = (
+    "test_patch_cli.py",
+    "test_pro.py",
+    "test_patch.py",
+    "test_operator.py",
+    "test_sac.py",
+    "test_evaluate.py",
+    "test_recap.py",
+    "test_fleet_learner.py",
+    "test_wrappers.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of LONGEST_FIRST first, in its order; the others after them, as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def fewest_successes(trials: int, rate: float, failure_probability: float = 1e-3) -> int:

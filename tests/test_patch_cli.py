@@ -1,7 +1,7 @@
 """`jaxvla patch` from the command line: every arm on the paired contexts, with tiny budgets.
 
-Its own file so that pytest-xdist runs it beside tests/test_patch.py rather than after it: both compile
-the patching programs, and together they are the suite's longest stretch.
+Its own file, the suite's longest, so that pytest-xdist starts it first (tests/conftest.py's LONGEST_FIRST);
+tests/test_patch.py then reads the patching programs the two share from the compile cache.
 """
 
 import dataclasses

@@ -87,6 +87,14 @@ def test_conftest_gives_four_cpu_devices():
     assert {device.platform for device in jax.devices()} == {"cpu"}
 
 
+def test_the_files_started_first_are_test_files():
+    from conftest import LONGEST_FIRST
+
+    # A renamed file would silently fall back to the end of the queue.
+    assert all((REPO_ROOT / "tests" / name).is_file() for name in LONGEST_FIRST)
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+
+
 def test_cli_imports_only_the_standard_library():
     # A fresh interpreter: this one already has jax loaded by conftest.
     code = (
