@@ -43,6 +43,13 @@ PC = ProConfig(
     log_every=10,
 )
 
+# Jitted here because the tests call them directly: run eagerly, every op of theirs (and of the shard_map
+# inside) would be dispatched, and compiled, one at a time.
+replay_windows = jax.jit(pro.replay_windows, static_argnums=(2, 3))
+sample_pairs = jax.jit(
+    pro.sample_pairs, static_argnums=2, static_argnames=("window", "chunk", "faster_margin")
+)
+
 
 def fake_episode(
     n: int, *, success: bool, events: dict[int, str] = (), failure_mode: int = 0, retries=0, seed: int = 0
@@ -143,7 +150,7 @@ def test_windows_pad_before_the_episode_start_and_partners_match_the_fraction():
     buffer = pro.fill_replay(episodes, PC, sharding.make_mesh(jax.devices()[:1]))
     local = replay.shard_view(buffer, 0)  # one row: the episodes at slots 0-2 and 3-8
     # Slot 4 is the second episode's step 1: a window of 4 holds two padding steps, then steps 0 and 1.
-    batch = pro.replay_windows(local, jnp.array([4, 8]), 4, NET.chunk)
+    batch = replay_windows(local, jnp.array([4, 8]), 4, NET.chunk)
     np.testing.assert_array_equal(batch["valid"], [[0, 0, 1, 1], [1, 1, 1, 1]])
     np.testing.assert_array_equal(batch["step"], [[0, 0, 0, 1], [2, 3, 4, 5]])
     np.testing.assert_allclose(
@@ -154,7 +161,7 @@ def test_windows_pad_before_the_episode_start_and_partners_match_the_fraction():
     np.testing.assert_allclose(batch["chunk"][1, -1, 0], actions[5])
     np.testing.assert_allclose(batch["chunk"][1, -1, 1:], 0.0)
     np.testing.assert_allclose(batch["chunk"][1, -2, :2], actions[4:6])
-    pairs = pro.sample_pairs(buffer, jax.random.key(0), 64, window=4, chunk=NET.chunk, faster_margin=0.5)
+    pairs = sample_pairs(buffer, jax.random.key(0), 64, window=4, chunk=NET.chunk, faster_margin=0.5)
     # Which episode each window ends in, from its last step's observation.
     owner = {r.tobytes(): e for e, ep in enumerate(episodes) for r in ep["steps"]["observation"]["proprio"]}
     episode = np.array([owner[row.tobytes()] for row in np.asarray(pairs["obs"]["proprio"])[:, -1]])
@@ -331,9 +338,11 @@ def reference_windows(episodes: list[dict], t: np.ndarray, window: int, chunk: i
 
 def written_windows(buffer: replay.Buffer, window: int, chunk: int) -> dict:
     """`pro.replay_windows` ending at every written slot of every shard: fields [N, ...] (numpy)."""
-    every = replay.map_slots(
-        lambda local: pro.replay_windows(local, jnp.arange(local.segment.shape[0]), window, chunk), buffer
-    )
+    every = jax.jit(
+        lambda b: replay.map_slots(
+            lambda local: pro.replay_windows(local, jnp.arange(local.segment.shape[0]), window, chunk), b
+        )
+    )(buffer)
     written = np.asarray(replay.written(buffer))
     return jax.tree.map(lambda x: np.asarray(x)[written], every)
 
@@ -371,9 +380,8 @@ def test_replay_windows_equal_the_padded_dataset_windows(devices, model):
 def test_a_pro_update_on_four_devices_equals_the_single_device_update(model):
     episodes = [fake_episode(n, success=i % 2 == 0, retries=i, seed=i) for i, n in enumerate([5, 7, 6, 9])]
     buffer = pro.fill_replay(episodes, PC, sharding.make_mesh(jax.devices()[:1]))
-    sample = jax.jit(pro.sample_pairs, static_argnums=2, static_argnames=("window", "chunk", "faster_margin"))
     batch = jax.device_get(
-        sample(buffer, jax.random.key(0), 16, window=NET.window, chunk=NET.chunk, faster_margin=0.5)
+        sample_pairs(buffer, jax.random.key(0), 16, window=NET.window, chunk=NET.chunk, faster_margin=0.5)
     )
     assert np.any(batch["preference"] != 0)  # the comparison loss takes part
     results = []
@@ -407,7 +415,7 @@ def test_one_pass_over_an_episode_equals_each_window_alone(model):
     episodes = [fake_episode(7, success=True, seed=3)]
     whole = pro.score_episodes(model, episodes, length=8, batch=1)[0]
     local = replay.shard_view(pro.fill_replay(episodes, PC, sharding.make_mesh(jax.devices()[:1])), 0)
-    windows = jax.jit(model.outputs)(pro.replay_windows(local, jnp.arange(7), NET.window, NET.chunk))
+    windows = jax.jit(model.outputs)(replay_windows(local, jnp.arange(7), NET.window, NET.chunk))
     np.testing.assert_allclose(whole["value"], windows["value"][:, -1], atol=1e-5)
     np.testing.assert_allclose(whole["rho"], windows["rho"][:, -1], atol=1e-5)
 
@@ -541,18 +549,19 @@ def test_risk_takeover_calls_the_operator_when_rho_passes_the_threshold(state_mo
     base = compiled_env("pick_place").env
     silent = Trigger(slip=1e9, force=1e9, on_failure_event=False, stall_steps=10**6)
 
-    def taken_over(threshold: float) -> np.ndarray:
+    # The threshold is an argument, so both thresholds run one compiled program.
+    @jax.jit
+    def run(key, threshold):
         env = pro.risk_takeover(state_model, threshold)(base, silent)  # what patch.Collector builds
 
-        @jax.jit
-        def run(key):
-            def body(state, _):
-                new = rollout.freeze_when_done(state, env.step(state, jnp.zeros(4)))
-                return new, (new.info["is_intervention"], new.info["rho"])
+        def body(state, _):
+            new = rollout.freeze_when_done(state, env.step(state, jnp.zeros(4)))
+            return new, (new.info["is_intervention"], new.info["rho"])
 
-            return jax.lax.scan(body, env.reset(key), None, 3)[1]
+        return jax.lax.scan(body, env.reset(key), None, 3)[1]
 
-        intervention, rho = run(jax.random.key(0))
+    def taken_over(threshold: float) -> np.ndarray:
+        intervention, rho = run(jax.random.key(0), jnp.float32(threshold))
         assert np.all((np.asarray(rho) >= 0) & (np.asarray(rho) <= 1))
         return np.asarray(intervention)
 
