@@ -183,6 +183,8 @@ def id_block(lengths: list[int], success: list[bool], intervention: dict | None 
     return recap.recap_block(block, np.asarray(success), TARGETS)
 
 
+# Jitted: called eagerly, the shard_map inside replay.insert compiles and dispatches each of its ops alone.
+@functools.partial(jax.jit, static_argnames=("source", "mesh", "capacity"))
 def filled(block: dict, source: str, mesh, capacity: int = 64) -> replay.Buffer:
     buffer = replay.create(SPEC, 4, capacity, mesh, recap.extras_spec())
     return replay.insert(buffer, block, source=replay.SOURCES.index(source), n_step=2)
