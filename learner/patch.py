@@ -338,7 +338,8 @@ def new_learner(
     if offline:
         rows = mesh.size * max(1, len(offline) // (4 * mesh.size))
         block = replay.from_episodes(offline, rows=rows)
-        buffers["offline"] = replay.insert(
+        # Jitted: called eagerly, the shard_map inside replay.insert compiles and dispatches each op alone.
+        buffers["offline"] = make_insert()(
             buffers["offline"], block, source=replay.SOURCES.index("offline"), n_step=mc.chunk
         )
     totals = dict(ZERO_EFFORT)
