@@ -38,11 +38,11 @@ LONGEST_FIRST = (
     "test_pro.py",
     "test_patch.py",
     "test_operator.py",
-    "test_sac.py",
     "test_evaluate.py",
+    "test_sac.py",
+    "test_wrappers.py",
     "test_recap.py",
     "test_fleet_learner.py",
-    "test_wrappers.py",
 )
 
 
