@@ -50,6 +50,7 @@ from jaxvla import tokenizer  # noqa: E402
 from jaxvla.models import config as model_config  # noqa: E402
 from jaxvla.models import encoders  # noqa: E402
 from learner import bc  # noqa: E402
+from learner import patch  # noqa: E402
 from learner import replay  # noqa: E402
 from learner import sac  # noqa: E402
 from learner import sharding  # noqa: E402
@@ -447,11 +448,6 @@ def random_block(key: jax.Array, model: models.ModelConfig) -> dict:
     }
 
 
-def observation_spec(model: models.ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """One step's observation shapes, as the replay stores them."""
-    return {k: jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for k, s in model.observation_spec(1).items()}
-
-
 def fbx_sequence_length(n_step: int, chunk: int) -> int:
     """Steps a flashbax sample needs: the chunk's actions and the observation n_step steps later."""
     return max(n_step + 1, chunk)
@@ -505,94 +501,39 @@ def fbx_transitions(sequences: dict, source: jax.Array, *, n_step: int, chunk: i
 
 
 def fbx_draw_batches(
-    fbx_states: list, key: jax.Array, *, mixer, counts: dict[str, int], config, chunk: int, stats: dict
+    fbx_states: list, key: jax.Array, *, spec: sac.Spec, mixer, counts: dict[str, int]
 ) -> dict:
     """`sac.draw_batches` from flashbax buffers: utd + 1 normalised mixed batches [utd + 1, B, ...], drawn
-    vectorised over the batches as ours are."""
+    vectorised over the batches as ours are. As `sac.train_steps`' `draw_fn`, it feeds the same keys,
+    normalisation and `sac.update` from flashbax's replay, so only the sampling differs."""
+    config = spec.config
     source = jnp.concatenate(
         [jnp.full((count,), replay.SOURCES.index(name), jnp.int8) for name, count in counts.items()]
     )
 
     def draw(key):
         sequences = mixer.sample(fbx_states, key).experience
-        batch = fbx_transitions(sequences, source, n_step=chunk, chunk=chunk, gamma=config.gamma)
-        return sac.normalize_batch(batch, stats)
+        batch = fbx_transitions(sequences, source, n_step=spec.chunk, chunk=spec.chunk, gamma=config.gamma)
+        return sac.normalize_batch(batch, spec.nets.stats)
 
     return jax.vmap(draw)(jax.random.split(key, config.utd + 1))
 
 
-def fbx_train_steps(
-    state: sac.SACState,
-    fbx_states: list,
-    key: jax.Array,
-    *,
-    num_steps: int,
-    mixer,
-    counts: dict[str, int],
-    config,
-    chunk: int,
-    action_size: int,
-    nets: sac.Networks,
-    optimizers: dict,
-) -> tuple[sac.SACState, dict]:
-    """`sac.train_steps` with the batches drawn from flashbax buffers (one per source, mixed by flashbax's
-    mixer) instead of ours: the same keys, normalisation and `sac.update`, so only the sampling differs."""
-
-    def body(state, _):
-        key_batches, key_update = jax.random.split(jax.random.fold_in(key, state.step))
-        batches = fbx_draw_batches(
-            fbx_states, key_batches, mixer=mixer, counts=counts, config=config, chunk=chunk, stats=nets.stats
-        )
-        return sac.update(
-            state,
-            batches,
-            key_update,
-            config=config,
-            chunk=chunk,
-            action_size=action_size,
-            nets=nets,
-            optimizers=optimizers,
-        )
-
-    state, metrics = jax.lax.scan(body, state, length=num_steps)
-    return state, jax.tree.map(jnp.mean, metrics)
-
-
-def unfused_programs(config, model: models.ModelConfig, nets: sac.Networks, optimizers: dict) -> tuple:
+def unfused_programs(spec: sac.Spec) -> tuple:
     """The same train step without fusion, as three jitted functions a Python loop calls: draw one
     normalised mixed batch, one critic update, one actor and temperature update."""
-    ratios = dict(zip(replay.SOURCES, config.mix, strict=True))
+    config = spec.config
 
     def draw(buffers, key):
         batch = replay.sample_mixed(
-            buffers, ratios, key, config.batch_size, n_step=model.chunk, chunk=model.chunk, gamma=config.gamma
+            buffers, sac.mix_ratios(config), key, config.batch_size, chunk=spec.chunk, gamma=config.gamma
         )
-        return sac.normalize_batch(batch, nets.stats)
-
-    critic = functools.partial(
-        sac.critic_update,
-        nets=nets,
-        optimizer=optimizers["critic"],
-        target_subset=config.target_subset,
-        tau=config.tau,
-    )
+        return sac.normalize_batch(batch, spec.nets.stats)
 
     def actor(state, batch, key):
-        return sac.actor_update(
-            state,
-            batch,
-            key,
-            nets=nets,
-            actor_optimizer=optimizers["actor"],
-            alpha_optimizer=optimizers["alpha"],
-            target_entropy=config.target_entropy_per_dim * model.chunk * model.action_size,
-            bc_weight=config.bc_weight,
-            bc_sources=tuple(replay.SOURCES.index(s) for s in config.bc_sources),
-            nll_weight=config.nll_weight,
-            enabled=state.step > config.critic_warmup,
-        )
+        return sac.actor_update(state, batch, key, spec=spec, enabled=state.step > config.critic_warmup)
 
-    return draw, critic, actor
+    return draw, functools.partial(sac.critic_update, spec=spec), actor
 
 
 def unfused_block(
@@ -767,29 +708,22 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
     stats = normalization.compute(jax.device_get(mc.fake_observation(jax.random.key(0), 4096)))
     actor_graph, actor = nnx.split(mc.create_policy(0), nnx.Param)
     critic_graph, critic = nnx.split(mc.create_critic(1), nnx.Param)
-    nets = sac.Networks(actor=actor_graph, critic=critic_graph, stats=stats)
-    optimizers = sac.make_optimizers(sc)
+    spec = sac.make_spec(sc, mc, sac.Networks(actor=actor_graph, critic=critic_graph, stats=stats))
 
     def fresh_state() -> sac.SACState:  # each variant donates its own copy
-        return sac.init_state(
-            jax.tree.map(jnp.copy, actor),
-            jax.tree.map(jnp.copy, critic),
-            sc.init_alpha,
-            actor_opt=optimizers["actor"],
-            critic_opt=optimizers["critic"],
-            alpha_opt=optimizers["alpha"],
-        )
+        copies = jax.tree.map(jnp.copy, (actor, critic))
+        return sac.init_state(*copies, sc.init_alpha, spec.optimizers)
 
     with_fbx = importlib.util.find_spec("flashbax") is not None
     length = fbx_sequence_length(mc.chunk, mc.chunk)
     make_block = jax.jit(functools.partial(random_block, model=mc))
-    insert = jax.jit(
-        replay.insert, static_argnames=("source", "n_step", "interventions_only"), donate_argnums=0
-    )
+    insert = patch.make_insert()
     buffers, fbx_buffers, fbx_states = {}, [], []
     with watchdog("learner: fill replay", limit):
         for source, (name, capacity) in enumerate(capacities.items()):
-            buffers[name] = replay.create(observation_spec(mc), mc.action_size, capacity, mesh)
+            buffers[name] = replay.create(
+                patch.observation_spec(mc), mc.action_size, capacity, mesh, n_step=mc.chunk
+            )
             if with_fbx:
                 fbx_buffers.append(fbx_buffer(capacity, counts[name], length))
                 first = jax.tree.map(lambda x: x[0, 0], random_block(jax.random.key(0), mc))
@@ -797,7 +731,7 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
                 fbx_add = jax.jit(fbx_buffers[-1].add, donate_argnums=0)
             for i in range(-(-capacity // (BLOCK_ROWS * BLOCK_STEPS))):
                 block = make_block(jax.random.fold_in(jax.random.key(source), i))
-                buffers[name] = insert(buffers[name], block, source=source, n_step=mc.chunk)
+                buffers[name] = insert(buffers[name], block, source=source)
                 if with_fbx:
                     fbx_states[-1] = fbx_add(fbx_states[-1], {k: block[k] for k in FBX_FIELDS})
         jax.block_until_ready((buffers, fbx_states))
@@ -806,8 +740,8 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
     # Keys of the unfused loop are split before the clock starts: the fused call derives its own inside.
     per_call = steps * (sc.utd + 1) * 2
     unfused_keys = [list(jax.random.split(jax.random.fold_in(key, rep), per_call)) for rep in range(reps + 1)]
-    fused_fn = sac.make_train_steps(sc, mc, nets, optimizers, num_steps=steps, mesh=mesh)
-    draw, critic_fn, actor_fn = unfused_programs(sc, mc, nets, optimizers)
+    fused_fn = sac.make_train_steps(spec, num_steps=steps, mesh=mesh)
+    draw, critic_fn, actor_fn = unfused_programs(spec)
     states = {"fused": fresh_state(), "unfused": fresh_state()}
     compiled, compile_s, cached = {}, {}, {}
     with watchdog("learner: compile fused", limit):
@@ -834,19 +768,9 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
         import flashbax
 
         mixer = flashbax.make_mixer(fbx_buffers, sc.batch_size, list(counts.values()))
+        fbx_draw = functools.partial(fbx_draw_batches, mixer=mixer, counts=counts)
         fbx_fn = jax.jit(
-            functools.partial(
-                fbx_train_steps,
-                num_steps=steps,
-                mixer=mixer,
-                counts=counts,
-                config=sc,
-                chunk=mc.chunk,
-                action_size=mc.action_size,
-                nets=nets,
-                optimizers=optimizers,
-            ),
-            donate_argnums=0,
+            functools.partial(sac.train_steps, spec=spec, num_steps=steps, draw_fn=fbx_draw), donate_argnums=0
         )
         states["flashbax"] = fresh_state()
         with watchdog("learner: compile flashbax fused", limit):
@@ -854,7 +778,7 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
             compiled["flashbax"] = fbx_fn.lower(states["flashbax"], fbx_states, key).compile()
             compile_s["flashbax"], cached["flashbax"] = time.perf_counter() - t0, cache.hits > hits
         calls["flashbax"] = lambda state, rep: compiled["flashbax"](state, fbx_states, key)
-        draws = bench_draws(buffers, fbx_states, mixer, counts, sc, mc, stats, reps, limit)
+        draws = bench_draws(buffers, fbx_states, fbx_draw, spec, reps, limit)
     else:
         draws = {"draw_flashbax": {"status": PEER_MISSING}}
 
@@ -899,26 +823,12 @@ def bench_learner(steps: int, reps: int, limit: float, cache: CacheEvents) -> di
 DRAW_STEPS = 20  # train steps' batches drawn per call of the fused-draw programs
 
 
-def bench_draws(
-    buffers: dict,
-    fbx_states: list,
-    mixer,
-    counts: dict[str, int],
-    config,
-    model,
-    stats: dict,
-    reps: int,
-    limit: float,
-) -> dict:
+def bench_draws(buffers: dict, fbx_states: list, fbx_draw, spec: sac.Spec, reps: int, limit: float) -> dict:
     """The sampling of the fused train step alone: DRAW_STEPS train steps' batches (utd + 1 mixed batches
-    each, normalised) per jitted call, ours (`sac.draw_batches`) against flashbax's (`fbx_draw_batches`),
-    repetitions alternating, medians reported."""
-    ours = functools.partial(
-        sac.draw_batches, config=config, chunk=model.chunk, stats=stats, batch_sharding=None
-    )
-    theirs = functools.partial(
-        fbx_draw_batches, mixer=mixer, counts=counts, config=config, chunk=model.chunk, stats=stats
-    )
+    each, normalised) per jitted call, ours (`sac.draw_batches`) against flashbax's (`fbx_draw`, a bound
+    `fbx_draw_batches`), repetitions alternating, medians reported."""
+    ours = functools.partial(sac.draw_batches, spec=spec)
+    theirs = functools.partial(fbx_draw, spec=spec)
 
     def steps_of(draw):  # one program drawing DRAW_STEPS steps' batches, as the fused scan does
         def program(data, key):
@@ -961,10 +871,8 @@ def bench_replay(capacity: int, reps: int, limit: float, cache: CacheEvents) -> 
     blocks = [jax.jit(random_block, static_argnums=1)(jax.random.key(i), mc) for i in range(4)]
     fbx_blocks = [{k: b[k] for k in FBX_FIELDS} for b in blocks]
     source = replay.SOURCES.index("online")
-    insert = functools.partial(replay.insert, source=source, n_step=mc.chunk)
-    sample = functools.partial(
-        replay.sample, batch_size=sc.batch_size, n_step=mc.chunk, chunk=mc.chunk, gamma=sc.gamma
-    )
+    insert = functools.partial(replay.insert, source=source)
+    sample = functools.partial(replay.sample, batch_size=sc.batch_size, chunk=mc.chunk, gamma=sc.gamma)
     key = jax.random.key(2)
     programs, compile_s, cached, buffers = {}, {}, {}, {}
 
@@ -974,7 +882,9 @@ def bench_replay(capacity: int, reps: int, limit: float, cache: CacheEvents) -> 
             programs[name] = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*args).compile()
             compile_s[name], cached[name] = time.perf_counter() - t0, cache.hits > hits
 
-    buffers["ours"] = replay.create(observation_spec(mc), mc.action_size, capacity, mesh)
+    buffers["ours"] = replay.create(
+        patch.observation_spec(mc), mc.action_size, capacity, mesh, n_step=mc.chunk
+    )
     compile_into("ours add", insert, buffers["ours"], blocks[0], donate=True)
     if with_fbx:
         fbx = fbx_buffer(capacity, sc.batch_size, length)
