@@ -43,27 +43,19 @@ from learner import sac
 
 
 @struct.dataclass
-class ResidualState:
+class ResidualState(sac.SACState):
+    """SAC's state with `actor` the residual policy (`step` counts TD critic updates), plus the two below.
+    A checkpoint stores fields by name, so the order of the fields does not matter to old checkpoints."""
+
     prior: nnx.State  # the frozen prior's params (never updated; carried so updates stay pure)
-    actor: nnx.State  # the residual policy
-    actor_average: nnx.State  # its Polyak average: what is evaluated and deployed
-    critic: nnx.State
-    target_critic: nnx.State
-    log_alpha: jax.Array  # [] log of the entropy temperature
-    actor_opt: optax.OptState
-    critic_opt: optax.OptState
-    alpha_opt: optax.OptState
-    step: jax.Array  # [] int32 TD critic updates so far
+    actor_average: nnx.State  # the residual's Polyak average: what is evaluated and deployed
 
 
 @struct.dataclass
-class Networks:
-    """The static half: graph definitions, normalisation and the residual's scale."""
+class Networks(sac.Networks):
+    """SAC's static half with `actor` the residual policy, plus the frozen prior and the residual's scale."""
 
     prior: nnx.GraphDef = struct.field(pytree_node=False)
-    actor: nnx.GraphDef = struct.field(pytree_node=False)
-    critic: nnx.GraphDef = struct.field(pytree_node=False)
-    stats: dict = struct.field(pytree_node=False)
     scale: tuple[float, ...] = struct.field(pytree_node=False)  # per action dimension
 
 
@@ -311,29 +303,10 @@ def actor_update(
         imitation = residual_bc_loss(mean, bc_target, is_bc)
         return rl + config.residual_bc_weight * imitation, (rl, imitation, log_prob, mean)
 
-    actor, actor_opt, loss, (rl, imitation, log_prob, mean) = sac.descend(
-        state.actor, state.actor_opt, loss_fn, spec.optimizers["actor"]
-    )
     target_entropy = config.residual_target_entropy_per_dim * spec.action_size
-    log_alpha, alpha_opt, alpha_loss = sac.temperature_step(
-        state, log_prob, batch["weight"], target_entropy, spec.optimizers["alpha"]
-    )
-    new = {
-        "actor": actor,
-        "actor_opt": actor_opt,
-        "log_alpha": log_alpha,
-        "alpha_opt": alpha_opt,
-        "actor_average": sac.soft_update(state.actor_average, actor, config.actor_polyak),
-    }
-    metrics = {
-        "actor_loss": loss,
-        "actor_rl": rl,
-        "bc": imitation,
-        "alpha": alpha,
-        "alpha_loss": alpha_loss,
-        "entropy": -sac.weighted_mean(log_prob, batch["weight"]),
-        "residual_abs": jnp.mean(jnp.abs(distributions.mode(mean))),
-    }
+    new, metrics, mean = sac.policy_step(state, loss_fn, batch["weight"], target_entropy, spec)
+    new["actor_average"] = sac.soft_update(state.actor_average, new["actor"], config.actor_polyak)
+    metrics["residual_abs"] = jnp.mean(jnp.abs(distributions.mode(mean)))
     return sac.replaced_where(enabled, state, new), metrics
 
 

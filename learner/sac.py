@@ -175,6 +175,30 @@ def temperature_step(
     return optax.apply_updates(state.log_alpha, update), alpha_opt, loss
 
 
+def policy_step(
+    state, loss_fn, weight: jax.Array, target_entropy: float, spec: Spec
+) -> tuple[dict, dict, object]:
+    """One actor step on `loss_fn(actor) -> (loss, (rl, imitation, log_prob [B], aux))`, then one temperature
+    step on the log-probabilities. Returns the new fields (actor, actor_opt, log_alpha, alpha_opt), the
+    metrics and `aux`."""
+    actor, actor_opt, loss, (rl, imitation, log_prob, aux) = descend(
+        state.actor, state.actor_opt, loss_fn, spec.optimizers["actor"]
+    )
+    log_alpha, alpha_opt, alpha_loss = temperature_step(
+        state, log_prob, weight, target_entropy, spec.optimizers["alpha"]
+    )
+    new = {"actor": actor, "actor_opt": actor_opt, "log_alpha": log_alpha, "alpha_opt": alpha_opt}
+    metrics = {
+        "actor_loss": loss,
+        "actor_rl": rl,
+        "bc": imitation,
+        "alpha": jnp.exp(state.log_alpha),
+        "alpha_loss": alpha_loss,
+        "entropy": -weighted_mean(log_prob, weight),
+    }
+    return new, metrics, aux
+
+
 def replaced_where(enabled: jax.Array, state, new: dict):
     """`state` with the fields in `new` where `enabled`, its own values otherwise (the critic warm-up)."""
     old = {name: getattr(state, name) for name in new}
@@ -225,24 +249,10 @@ def actor_update(
         q = q_values(nets, state.critic, batch["obs"], chunk)
         rl = actor_loss_value(q, log_prob, alpha, batch["weight"])
         imitation, _ = bc.chunk_loss(mean, log_std, batch["chunk"], bc_mask, config.nll_weight)
-        return rl + config.bc_weight * imitation, (rl, imitation, log_prob)
+        return rl + config.bc_weight * imitation, (rl, imitation, log_prob, None)
 
-    actor, actor_opt, loss, (rl, imitation, log_prob) = descend(
-        state.actor, state.actor_opt, loss_fn, spec.optimizers["actor"]
-    )
     target_entropy = config.target_entropy_per_dim * spec.chunk * spec.action_size
-    log_alpha, alpha_opt, alpha_loss = temperature_step(
-        state, log_prob, batch["weight"], target_entropy, spec.optimizers["alpha"]
-    )
-    new = {"actor": actor, "actor_opt": actor_opt, "log_alpha": log_alpha, "alpha_opt": alpha_opt}
-    metrics = {
-        "actor_loss": loss,
-        "actor_rl": rl,
-        "bc": imitation,
-        "alpha": alpha,
-        "alpha_loss": alpha_loss,
-        "entropy": -weighted_mean(log_prob, batch["weight"]),
-    }
+    new, metrics, _ = policy_step(state, loss_fn, batch["weight"], target_entropy, spec)
     return replaced_where(enabled, state, new), metrics
 
 
