@@ -195,11 +195,11 @@ def fill_replay(
     obs_spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in block["obs"].items()}
     if capacity is not None and capacity < block["valid"].size:
         raise ValueError(f"{block['valid'].size} steps do not fit a replay of {capacity}")
-    buffer = replay.create(
-        obs_spec, block["action"].shape[-1], capacity or block["valid"].size, mesh, extras_spec()
-    )
     # n_step 1: windows are drawn among all written slots; the n-step flags are for the critic's samples.
-    return replay.insert(buffer, block, source=replay.SOURCES.index("offline"), n_step=1)
+    buffer = replay.create(
+        obs_spec, block["action"].shape[-1], capacity or block["valid"].size, mesh, extras_spec(), n_step=1
+    )
+    return replay.insert(buffer, block, source=replay.SOURCES.index("offline"))
 
 
 def replay_windows(local: replay.Buffer, index: jax.Array, window: int, chunk: int) -> dict:
