@@ -12,7 +12,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("tools.demo", "The main job: demonstrations, prior, fleet, then every method compared."),
     "sim": ("tools.sim", "Run the MJX workcell simulator and print what happened."),
-    "bench": ("tools.bench", "Time the simulator and learner; prints throughput ratios."),
+    "bench": ("tools.bench.cli", "Time the simulator and learner; prints throughput ratios."),
     "twin": ("tools.twin", "Run an exported policy with the numpy client in the C-MuJoCo twin."),
     "data": ("tools.data", "Write demonstration datasets (RLDS) from the scripted operator."),
     "pretrain": ("tools.pretrain", "Train the foundation prior by behaviour cloning on demonstrations."),

@@ -15,3 +15,26 @@ from configs import COMPILE_CACHE
 def enable(directory: str | os.PathLike = COMPILE_CACHE) -> None:
     """Read compiled programs from `directory` and write new ones there (relative to the working folder)."""
     jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
+
+
+# The phases jax times while turning a traced function into an executable. The backend phase includes a
+# load from the persistent cache, so a warm rerun shows what loading costs instead of compiling.
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+class CompileClock:
+    """Seconds this process has spent tracing, lowering and compiling (or loading compiled) programs, summed
+    from jax's monitoring events since the clock was made; `seconds` is read at any time."""
+
+    def __init__(self):
+        self.seconds, self.programs = 0.0, 0
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration_s: float, **_) -> None:
+        if event in COMPILE_EVENTS:
+            self.seconds += duration_s
+            self.programs += event == COMPILE_EVENTS[-1]

@@ -153,6 +153,19 @@ class Evaluator:
         return {"contexts": contexts.name, "contexts_seed": contexts.seed, **report}
 
 
+def run_evaluators(
+    task: str, split: str, episodes: int, actor: Actor, *, train_eval: bool, novel_eval: bool
+) -> tuple[Evaluator, Evaluator | None, Evaluator | None]:
+    """A method's evaluators: on its own split, then for its final policy on `train` and on `novel` where
+    asked (None otherwise). A run on `novel` scores its final policy with its own evaluator."""
+    evaluator = Evaluator(task, split, episodes, actor)
+    on_train = Evaluator(task, "train", episodes, actor) if train_eval else None
+    on_novel = None
+    if novel_eval:
+        on_novel = evaluator if split == "novel" else Evaluator(task, "novel", episodes, actor)
+    return evaluator, on_train, on_novel
+
+
 def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval of a binomial rate; it stays inside [0, 1] at 0 or n successes."""
     if trials == 0:

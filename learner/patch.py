@@ -264,17 +264,15 @@ class Learner:
 
 def make_insert():
     """`replay.insert` jitted with the buffer donated (online and patch blocks go through it)."""
-    return jax.jit(
-        replay.insert, static_argnames=("source", "n_step", "interventions_only"), donate_argnums=0
-    )
+    return jax.jit(replay.insert, static_argnames=("source", "interventions_only"), donate_argnums=0)
 
 
-def insert_experience(insert, buffers: dict, block: dict, chunk: int) -> dict:
+def insert_experience(insert, buffers: dict, block: dict) -> dict:
     """Every step of `block` into the online source, takeover steps (and the n after) into patch."""
     buffers = dict(buffers)
     for name, only in (("online", False), ("patch", True)):
         buffers[name] = insert(
-            buffers[name], block, source=replay.SOURCES.index(name), n_step=chunk, interventions_only=only
+            buffers[name], block, source=replay.SOURCES.index(name), interventions_only=only
         )
     return buffers
 
@@ -312,15 +310,7 @@ def new_state(config: Config, prior: Prior, seed: int, actor: str = "full"):
             prior_params, residual_params, critic, sc.init_alpha, residual.make_optimizers(sc)
         )
     _, critic = nnx.split(mc.create_critic(seed + 1), nnx.Param)
-    optimizers = sac.make_optimizers(sc)
-    return sac.init_state(
-        prior_params,
-        critic,
-        sc.init_alpha,
-        actor_opt=optimizers["actor"],
-        critic_opt=optimizers["critic"],
-        alpha_opt=optimizers["alpha"],
-    )
+    return sac.init_state(prior_params, critic, sc.init_alpha, sac.make_optimizers(sc))
 
 
 def new_learner(
@@ -332,16 +322,14 @@ def new_learner(
     state = new_state(config, prior, seed, actor)
     spec = observation_spec(mc)
     buffers = {
-        name: replay.create(spec, mc.action_size, capacity, mesh)
+        name: replay.create(spec, mc.action_size, capacity, mesh, n_step=mc.chunk)
         for name, capacity in zip(replay.SOURCES, pc.capacity, strict=True)
     }
     if offline:
         rows = mesh.size * max(1, len(offline) // (4 * mesh.size))
         block = replay.from_episodes(offline, rows=rows)
         # Jitted: called eagerly, the shard_map inside replay.insert compiles and dispatches each op alone.
-        buffers["offline"] = make_insert()(
-            buffers["offline"], block, source=replay.SOURCES.index("offline"), n_step=mc.chunk
-        )
+        buffers["offline"] = make_insert()(buffers["offline"], block, source=replay.SOURCES.index("offline"))
     totals = dict(ZERO_EFFORT)
     return Learner(jax.device_put(state, replicated), buffers, 0, totals)
 
@@ -364,27 +352,21 @@ class PatchLearner:
     run its params (exploring and deterministic), what it deploys, and its critic pretraining."""
 
     def __init__(self, config: Config, prior: Prior, mesh):
-        sc, mc = config.sac, prior.model
+        sc, mc, steps = config.sac, prior.model, config.patch.updates_per_round
         self.kind, self.prior = sc.actor, prior
         if self.kind == "residual":
             nets, _, _ = residual.create_networks(prior, sc, 0)
-            optimizers = residual.make_optimizers(sc)
-            self.train = residual.make_train_steps(
-                sc, mc, nets, optimizers, num_steps=config.patch.updates_per_round, mesh=mesh
-            )
+            spec = residual.make_spec(sc, mc, nets)
+            self.train = residual.make_train_steps(spec, num_steps=steps, mesh=mesh)
             self.explore = residual.actor_fn(nets, explore=config.patch.explore)
             self.deterministic = residual.actor_fn(nets)
-            self.pretrain = (
-                residual.make_critic_pretrain(sc, nets, optimizers) if sc.critic_pretrain_steps else None
-            )
+            self.pretrain = residual.make_critic_pretrain(spec) if sc.critic_pretrain_steps else None
             reach = jax.jit(functools.partial(operator_reach, nets))
             # On the host's numbers, so neither the replicated params nor the block's devices constrain it.
             self.reach = lambda block: reach(*jax.device_get((prior.params, block)))
         else:
             nets = sac.Networks(actor=prior.graphdef, critic=critic_graphdef(mc), stats=prior.stats)
-            self.train = sac.make_train_steps(
-                sc, mc, nets, sac.make_optimizers(sc), num_steps=config.patch.updates_per_round, mesh=mesh
-            )
+            self.train = sac.make_train_steps(sac.make_spec(sc, mc, nets), num_steps=steps, mesh=mesh)
             self.explore = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=config.patch.explore)
             self.deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
             self.pretrain = None
@@ -440,7 +422,7 @@ def run_patching(
     the published params on the test contexts. Resumes from `run_dir/checkpoints` if a previous run left
     one.
     """
-    pc, tc, sc, mc = config.patch, config.target, config.sac, prior.model
+    pc, tc, sc = config.patch, config.target, config.sac
     mesh = mesh or sharding.make_mesh()
     # Fail now, not after minutes of compiling (make_train_steps below checks the batch and its mix).
     if pc.envs_per_round % mesh.size:
@@ -529,7 +511,7 @@ def run_patching(
             )
         if shaping is not None:
             block = shaping(block)
-        buffers = insert_experience(insert_online, learner.buffers, block, mc.chunk)
+        buffers = insert_experience(insert_online, learner.buffers, block)
         state = learner.state
         if round_ == 1 and kind.pretrain is not None:
             state, pretrained = pretrain_critic(

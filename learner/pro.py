@@ -179,7 +179,7 @@ def extras_spec() -> dict[str, jax.ShapeDtypeStruct]:
 
 # Jitted: called eagerly, the shard_map inside dispatches, and compiles, each of its ops one by one. The
 # fresh buffer is donated.
-_insert = jax.jit(replay.insert, static_argnames=("source", "n_step"), donate_argnums=0)
+_insert = jax.jit(replay.insert, static_argnames=("source",), donate_argnums=0)
 
 
 def fill_replay(
@@ -200,11 +200,11 @@ def fill_replay(
     obs_spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in block["obs"].items()}
     if capacity is not None and capacity < block["valid"].size:
         raise ValueError(f"{block['valid'].size} steps do not fit a replay of {capacity}")
-    buffer = replay.create(
-        obs_spec, block["action"].shape[-1], capacity or block["valid"].size, mesh, extras_spec()
-    )
     # n_step 1: windows are drawn among all written slots; the n-step flags are for the critic's samples.
-    return _insert(buffer, block, source=replay.SOURCES.index("offline"), n_step=1)
+    buffer = replay.create(
+        obs_spec, block["action"].shape[-1], capacity or block["valid"].size, mesh, extras_spec(), n_step=1
+    )
+    return _insert(buffer, block, source=replay.SOURCES.index("offline"))
 
 
 def replay_windows(local: replay.Buffer, index: jax.Array, window: int, chunk: int) -> dict:

@@ -237,7 +237,7 @@ def draw_batch(
 ) -> dict:
     """A value or policy batch drawn shard-locally from the replay's sources by `ratios`: obs, chunk
     [B, H, A], mask [B, H], the stored value_target and indicator [B], and source [B]. P("data")."""
-    batch = replay.sample_mixed(buffers, ratios, key, batch_size, n_step=chunk, chunk=chunk, gamma=1.0)
+    batch = replay.sample_mixed(buffers, ratios, key, batch_size, chunk=chunk, gamma=1.0)
     return {
         "obs": batch["obs"],
         "chunk": batch["chunk"],
@@ -313,15 +313,13 @@ def create_buffers(config: Config, offline: list[dict], collectors: dict, mesh, 
         block = recap_block(block, np.asarray(success, bool), targets)
         capacities[DEMONSTRATIONS] = block["valid"].size
     buffers = {
-        k: replay.create(obs_spec, mc.action_size, capacities[k], mesh, extras_spec())
+        k: replay.create(obs_spec, mc.action_size, capacities[k], mesh, extras_spec(), n_step=mc.chunk)
         for k in replay.SOURCES
         if k in capacities
     }
     if block is not None:
         demos = buffers[DEMONSTRATIONS]
-        buffers[DEMONSTRATIONS] = replay.insert(
-            demos, block, source=replay.SOURCES.index(DEMONSTRATIONS), n_step=mc.chunk
-        )
+        buffers[DEMONSTRATIONS] = replay.insert(demos, block, source=replay.SOURCES.index(DEMONSTRATIONS))
     return buffers
 
 
@@ -523,9 +521,7 @@ def run_recap(
             totals["collected_episodes"] += collector.num_envs
             collected[name] = float(np.mean(np.asarray(out["success"])))
             block = recap_block(out["block"], out["success"], targets)
-            buffers[source] = replay.insert(
-                buffers[source], block, source=replay.SOURCES.index(source), n_step=mc.chunk
-            )
+            buffers[source] = replay.insert(buffers[source], block, source=replay.SOURCES.index(source))
         heldout = None
         if iteration > 1:  # the value fitted last iteration has not seen these episodes
             heldout = heldout_auroc(buffers, advantages_of(buffers, value_params), iteration)

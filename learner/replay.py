@@ -19,7 +19,9 @@ fixed fields.
 
 `sampleable[t]` is decided at insert: the n-step window from t is complete, either because a terminal step
 ends it or because the observation n steps later is stored in the same segment. Sampling draws only such
-slots, so a target never bootstraps from a step that was not recorded.
+slots, so a target never bootstraps from a step that was not recorded. The buffer fixes n when it is
+created (`Buffer.n_step`), and `insert` and `sample` both read it there, so the flags an insert sets are
+always the ones a draw needs.
 
 Sampling is O(1) per draw: `table` lists each shard's sampleable slots in the order they were written, as a
 ring of its own (`table_head`, `table_count`). Slots are overwritten oldest-first and their flags never
@@ -102,6 +104,7 @@ class Buffer:
     table_head: jax.Array  # [D] int32, table index of the oldest sampleable slot
     table_count: jax.Array  # [D] int32, sampleable slots (table entries in use)
     mesh: Mesh = struct.field(pytree_node=False)
+    n_step: int = struct.field(pytree_node=False)  # the n of every sample, fixed at `create`
 
     @property
     def shards(self) -> int:
@@ -120,10 +123,14 @@ def create(
     capacity: int,
     mesh: Mesh,
     extras_spec: dict[str, jax.ShapeDtypeStruct] | None = None,
+    *,
+    n_step: int,
 ) -> Buffer:
-    """An empty buffer of `capacity` slots over the mesh. obs_spec and extras_spec: name -> shape and dtype
-    of ONE step."""
+    """An empty buffer of `capacity` slots over the mesh, whose samples are `n_step`-step transitions.
+    obs_spec and extras_spec: name -> shape and dtype of ONE step."""
     extras_spec = extras_spec or {}
+    if not 1 <= n_step <= AHEAD_CAP + 1:
+        raise ValueError(f"n_step must lie in 1..{AHEAD_CAP + 1} (what `ahead` can hold), got {n_step}")
     taken = set(extras_spec) & (SAMPLE_FIELDS | WINDOW_FIELDS)
     if taken:
         raise ValueError(f"extras {sorted(taken)} would shadow fields that samples and windows already have")
@@ -159,6 +166,7 @@ def create(
             table_head=counter,
             table_count=counter,
             mesh=mesh,
+            n_step=n_step,
         )
 
     # Built by a jit with sharded outputs, so a large buffer never sits whole on one device.
@@ -166,13 +174,21 @@ def create(
 
 
 def create_all(
-    obs_spec: dict[str, jax.ShapeDtypeStruct], action_size: int, capacities: dict[str, int], mesh: Mesh
+    obs_spec: dict[str, jax.ShapeDtypeStruct],
+    action_size: int,
+    capacities: dict[str, int],
+    mesh: Mesh,
+    *,
+    n_step: int,
 ) -> dict[str, Buffer]:
-    """One buffer per source named in `capacities` (each one of SOURCES)."""
+    """One buffer per source named in `capacities` (each one of SOURCES), all of `n_step`-step samples."""
     unknown = set(capacities) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown sources {sorted(unknown)}; expected names from {SOURCES}")
-    return {name: create(obs_spec, action_size, capacity, mesh) for name, capacity in capacities.items()}
+    return {
+        name: create(obs_spec, action_size, capacity, mesh, n_step=n_step)
+        for name, capacity in capacities.items()
+    }
 
 
 def memory_bytes(buffer: Buffer) -> int:
@@ -270,15 +286,13 @@ def _updated_table(local: Buffer, slot: jax.Array, added: jax.Array, rank: jax.A
     }
 
 
-def _insert_local(
-    local: Buffer, block: dict, *, source: int, n_step: int, interventions_only: bool
-) -> Buffer:
+def _insert_local(local: Buffer, block: dict, *, source: int, interventions_only: bool) -> Buffer:
     rows, row_length = block["valid"].shape
     valid, is_first, terminal, intervention = (
         block[k].astype(bool) for k in ("valid", "is_first", "terminal", "intervention")
     )
     if interventions_only:
-        keep = intervention_keep(valid, is_first, terminal, intervention, n_step)
+        keep = intervention_keep(valid, is_first, terminal, intervention, local.n_step)
     else:
         keep = valid
 
@@ -287,7 +301,7 @@ def _insert_local(
 
     keep, is_first, terminal, intervention = map(flat, (keep, is_first, terminal, intervention))
     start, last = segment_bounds(keep, is_first, terminal, row_length)
-    sampleable = _sampleable(keep, terminal, last, n_step)
+    sampleable = _sampleable(keep, terminal, last, local.n_step)
     if interventions_only:
         sampleable = sampleable & intervention
     # Later steps of the segment, all written by this insert and newer than t, so stored as long as t is.
@@ -334,22 +348,18 @@ def _insert_local(
     )
 
 
-def insert(
-    buffer: Buffer, block: dict, *, source: int, n_step: int, interventions_only: bool = False
-) -> Buffer:
+def insert(buffer: Buffer, block: dict, *, source: int, interventions_only: bool = False) -> Buffer:
     """Appends a rollout block. Every field [B, T, ...], B a multiple of D, sharded P("data") or replicated.
 
     block: obs {key: [B, T, ...]} (keys beyond the buffer's are not stored), action [B, T, A], reward,
     terminal, valid (the step happened), is_first, intervention, version, reward_source, all [B, T], and
     extras {name: [B, T, ...]} for every extra the buffer was created with.
     Each shard takes its B / D rows, row after row. Kept steps: valid ones; with `interventions_only` (the
-    patch source) only intervention steps and the n_step steps after each, and only intervention steps are
-    sampleable. n_step must be the one `sample` uses.
+    patch source) only intervention steps and the `buffer.n_step` steps after each, and only intervention
+    steps are sampleable.
     """
     if not 0 <= source < len(SOURCES):
         raise ValueError(f"source {source} is not an index into {SOURCES}")
-    if n_step < 1:
-        raise ValueError(f"n_step must be at least 1, got {n_step}")
     missing = [k for k in ("obs", *BLOCK_FIELDS) if k not in block]
     missing += [f"obs/{k}" for k in buffer.obs if k not in block.get("obs", {})]
     missing += [f"extras/{k}" for k in buffer.extras if k not in block.get("extras", {})]
@@ -363,7 +373,7 @@ def insert(
         "extras": {k: block["extras"][k] for k in buffer.extras},
         **{k: block[k] for k in BLOCK_FIELDS},
     }
-    fn = functools.partial(_insert_local, source=source, n_step=n_step, interventions_only=interventions_only)
+    fn = functools.partial(_insert_local, source=source, interventions_only=interventions_only)
     return jax.shard_map(
         lambda buf, blk: _global(fn(_local(buf), blk)),
         mesh=buffer.mesh,
@@ -429,13 +439,14 @@ def _span(n_step: int, chunk: int) -> int:
     return span
 
 
-def _draw(local: Buffer, key: jax.Array, batch_size: int, *, n_step: int, chunk: int, gamma: float) -> dict:
-    """One shard's uniform draw (with replacement) among its sampleable slots (never-written ones are not)."""
+def _draw(local: Buffer, key: jax.Array, batch_size: int, *, chunk: int, gamma: float) -> dict:
+    """One shard's uniform draw (with replacement) among its sampleable slots (never-written ones are not),
+    as `local.n_step`-step transitions: the n the slots were marked sampleable for."""
     total = local.table_count
     draws = jax.random.randint(key, (batch_size,), 0, jnp.maximum(total, 1))
     # An empty shard's table still holds valid slots (zeros), so its draws read real, weight-0 data.
     index = local.table[(local.table_head + draws) % local.table.shape[0]]
-    sample = gather(local, index, n_step=n_step, chunk=chunk, gamma=gamma)
+    sample = gather(local, index, n_step=local.n_step, chunk=chunk, gamma=gamma)
     sample["weight"] = jnp.where(total > 0, jnp.ones((batch_size,), jnp.float32), 0.0)
     return sample
 
@@ -450,14 +461,15 @@ def _shard_key(key: jax.Array) -> jax.Array:
     return jax.random.fold_in(key, jax.lax.axis_index(DATA))
 
 
-def sample(buffer: Buffer, key: jax.Array, batch_size: int, *, n_step: int, chunk: int, gamma: float) -> dict:
-    """batch_size n-step samples, batch_size / D from each shard. Every field [batch_size, ...] P("data").
+def sample(buffer: Buffer, key: jax.Array, batch_size: int, *, chunk: int, gamma: float) -> dict:
+    """batch_size `buffer.n_step`-step samples, batch_size / D from each shard. Every field [batch_size, ...]
+    P("data").
 
     obs, chunk [b, H, A], chunk_mask [b, H], reward, discount, next_obs, weight (0 for every sample of a
     shard with nothing to draw), version, intervention, reward_source, source.
     """
     per_shard = _per_shard(batch_size, buffer.shards)
-    draw = functools.partial(_draw, batch_size=per_shard, n_step=n_step, chunk=chunk, gamma=gamma)
+    draw = functools.partial(_draw, batch_size=per_shard, chunk=chunk, gamma=gamma)
     return on_every_shard(draw, buffer, key)
 
 
@@ -572,11 +584,11 @@ def sample_mixed(
     key: jax.Array,
     batch_size: int,
     *,
-    n_step: int,
     chunk: int,
     gamma: float,
 ) -> dict:
-    """A batch mixing sources by `ratios` (see `mix_counts`); fields as `sample`, P("data").
+    """A batch mixing sources by `ratios` (see `mix_counts`); fields as `sample`, P("data"). Each source's
+    samples are of its own buffer's n_step.
 
     Every shard draws its share of every source and concatenates them, so the batch is interleaved by shard
     (the `source` field tells them apart) and the mixing needs no communication. An empty source's samples
@@ -599,7 +611,6 @@ def sample_mixed(
                 _local(locals_[name]),
                 key_source,
                 counts[name] // mesh.shape[DATA],
-                n_step=n_step,
                 chunk=chunk,
                 gamma=gamma,
             )

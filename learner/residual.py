@@ -21,8 +21,9 @@ before any TD step, so the actor never follows a random critic. The actor maximi
 mean - k * std over the ensemble, plus a BC term that fits the residual to (operator - prior) / scale on
 operator data. A Polyak average of the actor is what is evaluated and deployed.
 
-Every update is `update(state, batches, key) -> (state, metrics)` like `learner.sac`, with the same
-batches (`sac.draw_batches`), so the replay, sharding and fused-step plumbing are shared.
+Every update is `update(state, batches, key, *, spec) -> (state, metrics)` like `learner.sac`, with the
+same batches (`sac.draw_batches`) and a `sac.Spec` holding this module's `Networks`, so the replay,
+sharding and fused-step plumbing are shared.
 """
 
 import dataclasses
@@ -38,33 +39,23 @@ from flax import struct
 from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
-from learner import replay
 from learner import sac
-from learner import sharding
 
 
 @struct.dataclass
-class ResidualState:
+class ResidualState(sac.SACState):
+    """SAC's state with `actor` the residual policy (`step` counts TD critic updates), plus the two below.
+    A checkpoint stores fields by name, so the order of the fields does not matter to old checkpoints."""
+
     prior: nnx.State  # the frozen prior's params (never updated; carried so updates stay pure)
-    actor: nnx.State  # the residual policy
-    actor_average: nnx.State  # its Polyak average: what is evaluated and deployed
-    critic: nnx.State
-    target_critic: nnx.State
-    log_alpha: jax.Array  # [] log of the entropy temperature
-    actor_opt: optax.OptState
-    critic_opt: optax.OptState
-    alpha_opt: optax.OptState
-    step: jax.Array  # [] int32 TD critic updates so far
+    actor_average: nnx.State  # the residual's Polyak average: what is evaluated and deployed
 
 
 @struct.dataclass
-class Networks:
-    """The static half: graph definitions, normalisation and the residual's scale."""
+class Networks(sac.Networks):
+    """SAC's static half with `actor` the residual policy, plus the frozen prior and the residual's scale."""
 
     prior: nnx.GraphDef = struct.field(pytree_node=False)
-    actor: nnx.GraphDef = struct.field(pytree_node=False)
-    critic: nnx.GraphDef = struct.field(pytree_node=False)
-    stats: dict = struct.field(pytree_node=False)
     scale: tuple[float, ...] = struct.field(pytree_node=False)  # per action dimension
 
 
@@ -98,27 +89,21 @@ def action_scale(config, action_size: int) -> tuple[float, ...]:
 
 
 def make_optimizers(config) -> dict[str, optax.GradientTransformation]:
-    return {
-        "actor": sac.make_optimizer(config.residual_actor_lr),
-        "critic": sac.make_optimizer(config.critic_lr),
-        "alpha": optax.adam(config.alpha_lr),
-    }
+    return {**sac.make_optimizers(config), "actor": sac.make_optimizer(config.residual_actor_lr)}
 
 
-def init_state(prior: nnx.State, actor: nnx.State, critic: nnx.State, init_alpha: float, optimizers: dict):
-    log_alpha = jnp.log(jnp.float32(init_alpha))
-    return ResidualState(
-        prior=prior,
-        actor=actor,
-        actor_average=jax.tree.map(jnp.copy, actor),
-        critic=critic,
-        target_critic=jax.tree.map(jnp.copy, critic),
-        log_alpha=log_alpha,
-        actor_opt=optimizers["actor"].init(actor),
-        critic_opt=optimizers["critic"].init(critic),
-        alpha_opt=optimizers["alpha"].init(log_alpha),
-        step=jnp.zeros((), jnp.int32),
-    )
+def make_spec(config, model, nets: Networks) -> sac.Spec:
+    """The spec of a residual learner on `model` (a `ModelConfig`: chunk length and action size)."""
+    return sac.Spec(config, model.chunk, model.action_size, nets, make_optimizers(config))
+
+
+def init_state(
+    prior: nnx.State, actor: nnx.State, critic: nnx.State, init_alpha: float, optimizers: dict
+) -> ResidualState:
+    """SAC's fresh state for the residual, with the frozen prior and the residual's Polyak average."""
+    fresh = sac.init_state(actor, critic, init_alpha, optimizers)
+    fields = {field.name: getattr(fresh, field.name) for field in dataclasses.fields(fresh)}
+    return ResidualState(prior=prior, actor_average=jax.tree.map(jnp.copy, actor), **fields)
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -232,17 +217,16 @@ def monte_carlo_returns(reward: np.ndarray, valid: np.ndarray, gamma: float) -> 
 
 
 # ------------------------------------------------------------------------------------------ updates
-def critic_target(
-    state: ResidualState, batch: dict, key: jax.Array, *, nets: Networks, target_subset: int
-) -> jax.Array:
+def critic_target(state: ResidualState, batch: dict, key: jax.Array, *, spec: sac.Spec) -> jax.Array:
     """The n-step TD target [B] (see the module docstring), under stop_gradient."""
+    nets = spec.nets
     key_next, key_subset = jax.random.split(key)
     next_base = base_action(nets, state.prior, batch["next_obs"])
     next_residual, _, _ = residual_sample(nets, state.actor, batch["next_obs"], next_base, key_next)
     next_action = compose(next_base, next_residual, nets.scale)
     next_q = q_values(nets, state.target_critic, batch["next_obs"], next_action, next_base)
     target = sac.td_target(
-        batch["reward"], batch["discount"], sac.ensemble_min(next_q, key_subset, target_subset)
+        batch["reward"], batch["discount"], sac.ensemble_min(next_q, key_subset, spec.config.target_subset)
     )
     return jax.lax.stop_gradient(target)
 
@@ -254,38 +238,31 @@ def critic_regression(
     target: jax.Array,
     weight: jax.Array,
     *,
-    nets: Networks,
-    optimizer,
+    spec: sac.Spec,
 ) -> tuple[ResidualState, jax.Array, jax.Array]:
     """One gradient step of every member towards `target` [B]; returns the state, loss and mean Q [B]."""
-    base = base_action(nets, state.prior, obs)
+    base = base_action(spec.nets, state.prior, obs)
 
     def loss_fn(critic):
-        q = q_values(nets, critic, obs, action, base)
+        q = q_values(spec.nets, critic, obs, action, base)
         return sac.critic_loss_value(q, target, weight), q
 
-    (loss, q), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic)
-    updates, critic_opt = optimizer.update(grads, state.critic_opt, state.critic)
-    return state.replace(critic=optax.apply_updates(state.critic, updates), critic_opt=critic_opt), loss, q
+    critic, critic_opt, loss, q = sac.descend(
+        state.critic, state.critic_opt, loss_fn, spec.optimizers["critic"]
+    )
+    return state.replace(critic=critic, critic_opt=critic_opt), loss, q
 
 
 def critic_update(
-    state: ResidualState,
-    batch: dict,
-    key: jax.Array,
-    *,
-    nets: Networks,
-    optimizer,
-    target_subset: int,
-    tau: float,
+    state: ResidualState, batch: dict, key: jax.Array, *, spec: sac.Spec
 ) -> tuple[ResidualState, dict]:
     """One TD step on a normalised replay batch (its executed action is chunk[:, 0]), then the target EMA."""
-    target = critic_target(state, batch, key, nets=nets, target_subset=target_subset)
+    target = critic_target(state, batch, key, spec=spec)
     state, loss, q = critic_regression(
-        state, batch["obs"], batch["chunk"][:, 0], target, batch["weight"], nets=nets, optimizer=optimizer
+        state, batch["obs"], batch["chunk"][:, 0], target, batch["weight"], spec=spec
     )
     state = state.replace(
-        target_critic=sac.soft_update(state.target_critic, state.critic, tau), step=state.step + 1
+        target_critic=sac.soft_update(state.target_critic, state.critic, spec.config.tau), step=state.step + 1
     )
     metrics = {
         "critic_loss": loss,
@@ -296,169 +273,55 @@ def critic_update(
     return state, metrics
 
 
-def critic_pretrain_update(state: ResidualState, batch: dict, *, nets: Networks, optimizer) -> tuple:
+def critic_pretrain_update(state: ResidualState, batch: dict, *, spec: sac.Spec) -> tuple:
     """One Monte-Carlo regression step: batch {obs (normalised), action [B, A], return [B], weight [B]}.
     The target critic follows the critic exactly, so TD starts from the pretrained values."""
     state, loss, _ = critic_regression(
-        state, batch["obs"], batch["action"], batch["return"], batch["weight"], nets=nets, optimizer=optimizer
+        state, batch["obs"], batch["action"], batch["return"], batch["weight"], spec=spec
     )
     return state.replace(target_critic=state.critic), {"critic_pretrain_loss": loss}
 
 
 def actor_update(
-    state: ResidualState,
-    batch: dict,
-    key: jax.Array,
-    *,
-    nets: Networks,
-    actor_optimizer,
-    alpha_optimizer,
-    target_entropy: float,
-    pessimism: float,
-    bc_weight: float,
-    bc_sources: tuple[int, ...],
-    polyak: float,
-    enabled: jax.Array,
+    state: ResidualState, batch: dict, key: jax.Array, *, spec: sac.Spec, enabled: jax.Array
 ) -> tuple[ResidualState, dict]:
     """One actor, temperature and actor-average step; `enabled` False (critic warm-up) changes nothing."""
+    nets, config = spec.nets, spec.config
     alpha = jnp.exp(state.log_alpha)
     base = base_action(nets, state.prior, batch["obs"])
     is_bc = (
-        jnp.isin(batch["source"], jnp.asarray(bc_sources)) & (batch["weight"] > 0) & batch["chunk_mask"][:, 0]
+        jnp.isin(batch["source"], jnp.asarray(spec.bc_sources))
+        & (batch["weight"] > 0)
+        & batch["chunk_mask"][:, 0]
     )
     bc_target = residual_target(batch["chunk"][:, 0], base, nets.scale)
 
     def loss_fn(actor):
         residual, log_prob, (mean, _) = residual_sample(nets, actor, batch["obs"], base, key)
         q = q_values(nets, state.critic, batch["obs"], compose(base, residual, nets.scale), base)
-        rl = sac.weighted_mean(alpha * log_prob - pessimistic_value(q, pessimism), batch["weight"])
+        rl = sac.weighted_mean(alpha * log_prob - pessimistic_value(q, config.pessimism), batch["weight"])
         imitation = residual_bc_loss(mean, bc_target, is_bc)
-        return rl + bc_weight * imitation, (rl, imitation, log_prob, mean)
+        return rl + config.residual_bc_weight * imitation, (rl, imitation, log_prob, mean)
 
-    (loss, (rl, imitation, log_prob, mean)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.actor)
-    updates, actor_opt = actor_optimizer.update(grads, state.actor_opt, state.actor)
-    actor = optax.apply_updates(state.actor, updates)
-    alpha_loss, alpha_grad = jax.value_and_grad(sac.temperature_loss_value)(
-        state.log_alpha, log_prob, target_entropy, batch["weight"]
-    )
-    alpha_update, alpha_opt = alpha_optimizer.update(alpha_grad, state.alpha_opt, state.log_alpha)
-    log_alpha = optax.apply_updates(state.log_alpha, alpha_update)
-    new = {
-        "actor": actor,
-        "actor_opt": actor_opt,
-        "log_alpha": log_alpha,
-        "alpha_opt": alpha_opt,
-        "actor_average": sac.soft_update(state.actor_average, actor, polyak),
-    }
-    old = {k: getattr(state, k) for k in new}
-    kept = jax.tree.map(lambda n, o: jnp.where(enabled, n, o), new, old)
-    state = state.replace(**kept)
-    metrics = {
-        "actor_loss": loss,
-        "actor_rl": rl,
-        "bc": imitation,
-        "alpha": alpha,
-        "alpha_loss": alpha_loss,
-        "entropy": -sac.weighted_mean(log_prob, batch["weight"]),
-        "residual_abs": jnp.mean(jnp.abs(distributions.mode(mean))),
-    }
-    return state, metrics
+    target_entropy = config.residual_target_entropy_per_dim * spec.action_size
+    new, metrics, mean = sac.policy_step(state, loss_fn, batch["weight"], target_entropy, spec)
+    new["actor_average"] = sac.soft_update(state.actor_average, new["actor"], config.actor_polyak)
+    metrics["residual_abs"] = jnp.mean(jnp.abs(distributions.mode(mean)))
+    return sac.replaced_where(enabled, state, new), metrics
 
 
 def update(
-    state: ResidualState,
-    batches: dict,
-    key: jax.Array,
-    *,
-    config,
-    action_size: int,
-    nets: Networks,
-    optimizers: dict,
+    state: ResidualState, batches: dict, key: jax.Array, *, spec: sac.Spec
 ) -> tuple[ResidualState, dict]:
     """`config.utd` TD critic updates in a scan, then one actor update, on normalised batches
-    [utd + 1, B, ...] (`sac.draw_batches`). `config` is a `configs.SACConfig`."""
-    critic_fn = functools.partial(
-        critic_update,
-        nets=nets,
-        optimizer=optimizers["critic"],
-        target_subset=config.target_subset,
-        tau=config.tau,
-    )
-    key_critic, key_actor = jax.random.split(jax.random.fold_in(key, state.step))
-    critic_batches = jax.tree.map(lambda x: x[: config.utd], batches)
-    state, critic_metrics = jax.lax.scan(
-        lambda state, xs: critic_fn(state, *xs),
-        state,
-        (critic_batches, jax.random.split(key_critic, config.utd)),
-    )
-    state, actor_metrics = actor_update(
-        state,
-        jax.tree.map(lambda x: x[config.utd], batches),
-        key_actor,
-        nets=nets,
-        actor_optimizer=optimizers["actor"],
-        alpha_optimizer=optimizers["alpha"],
-        target_entropy=config.residual_target_entropy_per_dim * action_size,
-        pessimism=config.pessimism,
-        bc_weight=config.residual_bc_weight,
-        bc_sources=tuple(replay.SOURCES.index(s) for s in config.bc_sources),
-        polyak=config.actor_polyak,
-        enabled=state.step > config.residual_critic_warmup,
-    )
-    return state, {**jax.tree.map(jnp.mean, critic_metrics), **actor_metrics}
+    [utd + 1, B, ...] (`sac.draw_batches`)."""
+    warmup = spec.config.residual_critic_warmup
+    return sac.utd_update(critic_update, actor_update, state, batches, key, spec=spec, warmup=warmup)
 
 
-def train_steps(
-    state: ResidualState,
-    buffers: dict,
-    key: jax.Array,
-    *,
-    num_steps: int,
-    config,
-    chunk: int,
-    action_size: int,
-    nets: Networks,
-    optimizers: dict,
-    batch_sharding,
-):
-    """`num_steps` fused train steps (replay draws, then `update`) in one scan; metrics averaged."""
-
-    def body(state, _):
-        key_step = jax.random.fold_in(key, state.step)
-        key_batches, key_update = jax.random.split(key_step)
-        batches = sac.draw_batches(
-            buffers, key_batches, config=config, chunk=chunk, stats=nets.stats, batch_sharding=batch_sharding
-        )
-        return update(
-            state,
-            batches,
-            key_update,
-            config=config,
-            action_size=action_size,
-            nets=nets,
-            optimizers=optimizers,
-        )
-
-    state, metrics = jax.lax.scan(body, state, length=num_steps)
-    return state, jax.tree.map(jnp.mean, metrics)
-
-
-def make_train_steps(config, model, nets: Networks, optimizers: dict, *, num_steps: int, mesh):
-    """The jitted block, state donated and replicated, replay sharded (as `sac.make_train_steps`)."""
-    sharding.check_batch_size(config.batch_size, mesh)
-    replay.mix_counts(sac.mix_ratios(config), config.batch_size, mesh.size)  # fail here, not after compiling
-    fn = functools.partial(
-        train_steps,
-        num_steps=num_steps,
-        config=config,
-        chunk=model.chunk,
-        action_size=model.action_size,
-        nets=nets,
-        optimizers=optimizers,
-        batch_sharding=sharding.batch_sharded(mesh),
-    )
-    replicated = sharding.replicated(mesh)
-    return jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated))
+def make_train_steps(spec: sac.Spec, *, num_steps: int, mesh):
+    """`sac.make_train_steps` running this module's `update`."""
+    return sac.make_train_steps(spec, num_steps=num_steps, mesh=mesh, update_fn=update)
 
 
 # ------------------------------------------------------------------------------ critic pretraining
@@ -506,14 +369,7 @@ def pad_dataset(data: dict, capacity: int) -> dict:
 
 
 def critic_pretrain_steps(
-    state: ResidualState,
-    data: dict,
-    key: jax.Array,
-    *,
-    num_steps: int,
-    batch_size: int,
-    nets: Networks,
-    optimizer,
+    state: ResidualState, data: dict, key: jax.Array, *, spec: sac.Spec, num_steps: int, batch_size: int
 ) -> tuple[ResidualState, dict]:
     """`num_steps` Monte-Carlo regression steps in one scan on a padded `returns_dataset` (raw obs)."""
 
@@ -521,12 +377,12 @@ def critic_pretrain_steps(
         index = jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, data["size"])
         rows = jax.tree.map(lambda x: x[index], {k: v for k, v in data.items() if k != "size"})
         batch = {
-            "obs": normalization.normalize(rows["obs"], nets.stats),
+            "obs": normalization.normalize(rows["obs"], spec.nets.stats),
             "action": rows["action"],
             "return": rows["return"],
             "weight": jnp.ones((batch_size,), jnp.float32),
         }
-        return critic_pretrain_update(state, batch, nets=nets, optimizer=optimizer)
+        return critic_pretrain_update(state, batch, spec=spec)
 
     state, metrics = jax.lax.scan(body, state, jnp.arange(num_steps))
     return state, {
@@ -535,13 +391,10 @@ def critic_pretrain_steps(
     }
 
 
-def make_critic_pretrain(config, nets: Networks, optimizers: dict):
+def make_critic_pretrain(spec: sac.Spec):
     """`critic_pretrain_steps` jitted with the state donated, `config.critic_pretrain_steps` long."""
+    config = spec.config
     fn = functools.partial(
-        critic_pretrain_steps,
-        num_steps=config.critic_pretrain_steps,
-        batch_size=config.batch_size,
-        nets=nets,
-        optimizer=optimizers["critic"],
+        critic_pretrain_steps, spec=spec, num_steps=config.critic_pretrain_steps, batch_size=config.batch_size
     )
     return jax.jit(fn, donate_argnums=0)

@@ -30,14 +30,14 @@ def main(rank: int, port: int, out_dir: pathlib.Path) -> None:
     jax.distributed.initialize(
         f"127.0.0.1:{port}", num_processes=2, process_id=rank, initialization_timeout=120
     )
-    sc, mc, nets, optimizers, state, batches = small_setup(batch=16)
+    spec, state, batches = small_setup(batch=16)
     mesh = sharding.make_mesh(jax.devices())
     replicated = sharding.replicated(mesh)
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA))
     state = jax.tree.map(lambda x: global_array(x, replicated), jax.device_get(state))
     batches = jax.tree.map(lambda x: global_array(x, split), jax.device_get(batches))
     key = jax.random.key(3)
-    update = sac.make_update(sc, mc, nets, optimizers, mesh)
+    update = sac.make_update(spec, mesh)
     new, metrics = update(state, batches, key)
     local = lambda x: np.asarray(x.addressable_data(0))  # noqa: E731  (replicated: every process has all of it)
     leaves = [local(x) for x in jax.tree.leaves((new.actor, new.critic, new.log_alpha))]

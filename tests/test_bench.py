@@ -8,7 +8,11 @@ import pytest
 import configs
 from jaxvla import models
 from learner import replay
-from tools import bench
+from tools.bench import client
+from tools.bench import flashbax_peer
+from tools.bench import measure
+from tools.bench import ratios as bench_ratios
+from tools.bench import torch_workers
 
 
 def test_fbx_transitions_by_hand():
@@ -24,7 +28,7 @@ def test_fbx_transitions_by_hand():
         "reward": reward,
         "terminal": terminal,
     }
-    batch = bench.fbx_transitions(sequences, jnp.zeros(2, jnp.int8), n_step=4, chunk=4, gamma=0.5)
+    batch = flashbax_peer.fbx_transitions(sequences, jnp.zeros(2, jnp.int8), n_step=4, chunk=4, gamma=0.5)
     np.testing.assert_allclose(batch["reward"], [3.25, 2.0])
     np.testing.assert_allclose(batch["discount"], [0.0625, 0.0])
     np.testing.assert_array_equal(batch["chunk_mask"], [[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -34,17 +38,17 @@ def test_fbx_transitions_by_hand():
 
 
 def test_fbx_sequence_length_covers_the_chunk_and_the_next_observation():
-    assert bench.fbx_sequence_length(4, 4) == 5
-    assert bench.fbx_sequence_length(1, 4) == 4
+    assert flashbax_peer.fbx_sequence_length(4, 4) == 5
+    assert flashbax_peer.fbx_sequence_length(1, 4) == 4
 
 
 @pytest.mark.parametrize("name", ["debug", "default"])
 def test_torch_reference_has_the_jax_networks_parameter_count(name):
-    torch_bench = pytest.importorskip("tools.bench_torch")
+    torch_bench = pytest.importorskip("tools.bench.torch_peer")
     config = configs.get_config(name)
     counts = replay.mix_counts(dict(zip(replay.SOURCES, config.sac.mix, strict=True)), 16, 1)
     capacities = dict.fromkeys(replay.SOURCES, 64)
-    spec = bench.torch_spec(config.model, config.sac, counts, capacities, steps=1, reps=1)
+    spec = torch_workers.torch_spec(config.model, config.sac, counts, capacities, steps=1, reps=1)
     torch_params = sum(
         p.numel() for net in (torch_bench.Policy(spec), torch_bench.Critic(spec)) for p in net.parameters()
     )
@@ -55,12 +59,12 @@ def test_torch_reference_has_the_jax_networks_parameter_count(name):
 
 
 def test_torch_reference_train_step_moves_every_network():
-    torch_bench = pytest.importorskip("tools.bench_torch")
+    torch_bench = pytest.importorskip("tools.bench.torch_peer")
     torch = pytest.importorskip("torch")
     config = configs.get_config("debug")
     counts = replay.mix_counts(dict(zip(replay.SOURCES, config.sac.mix, strict=True)), 16, 1)
     spec = {
-        **bench.torch_spec(config.model, config.sac, counts, dict.fromkeys(replay.SOURCES, 64), 1, 1),
+        **torch_workers.torch_spec(config.model, config.sac, counts, dict.fromkeys(replay.SOURCES, 64), 1, 1),
         "seed": 0,
     }
     generator = torch.Generator().manual_seed(0)
@@ -83,15 +87,15 @@ def flat_parameters(module):
 
 def test_paired_spread_pairs_repetitions_and_groups_calls():
     # Speed ratio ours / peer = peer seconds / our seconds, repetition by repetition.
-    assert bench.paired_spread([1.0, 2.0, 1.0], [2.0, 2.0, 3.0], 3) == [1.0, 3.0]
+    assert bench_ratios.paired_spread([1.0, 2.0, 1.0], [2.0, 2.0, 3.0], 3) == [1.0, 3.0]
     # Six calls summed into three repetitions of two: ours 2, 2, 4; peer 2, 4, 4.
-    assert bench.paired_spread([1, 1, 1, 1, 2, 2], [1, 1, 2, 2, 2, 2], 3) == [1.0, 2.0]
+    assert bench_ratios.paired_spread([1, 1, 1, 1, 2, 2], [1, 1, 2, 2, 2, 2], 3) == [1.0, 2.0]
 
 
 def test_stream_bound_is_the_weights_read_once():
-    bound = bench.stream_bound(weight_bytes=2_000_000, bandwidth=10e9)
+    bound = client.stream_bound(weight_bytes=2_000_000, bandwidth=10e9)
     assert bound["stream_us"] == pytest.approx(200.0)
-    assert bound["bound_us"] == pytest.approx(bench.CLIENT_BOUND * 200.0)
+    assert bound["bound_us"] == pytest.approx(client.CLIENT_BOUND * 200.0)
 
 
 def test_learner_ratios_carry_their_spread():
@@ -120,21 +124,21 @@ def test_learner_ratios_carry_their_spread():
         },
         "flashbax_nstep": {"status": "missing"},
     }
-    ratios = bench.learner_ratios(learner, replay_row, reps=2)
+    ratios = bench_ratios.learner_ratios(learner, replay_row, reps=2)
     assert ratios["fused_over_torch"] == {"value": 2.5, "spread": [2.0, 3.0]}
     assert ratios["fused_over_torch_same_threads"]["value"] == 5.0
     assert ratios["add_over_flashbax"] == {"value": 2.0, "spread": [2.0, 2.0]}
     assert ratios["sample_over_flashbax"]["spread"] == [1.0, 2.0]
     assert ratios["fused_over_flashbax_fused"] is None and ratios["sample_over_flashbax_nstep"] is None
-    assert "2.50x (per repetition 2.00-3.00)" in bench.ratio_lines(ratios)
+    assert "2.50x (per repetition 2.00-3.00)" in bench_ratios.ratio_lines(ratios)
 
 
 def test_torch_worker_serves_repetitions_on_request():
     pytest.importorskip("torch")
     config = configs.get_config("debug")
     counts = replay.mix_counts(dict(zip(replay.SOURCES, config.sac.mix, strict=True)), 16, 1)
-    spec = bench.torch_spec(config.model, config.sac, counts, dict.fromkeys(replay.SOURCES, 64), 1, 2)
-    worker = bench.TorchWorker(spec, threads=1, limit=300)
+    spec = torch_workers.torch_spec(config.model, config.sac, counts, dict.fromkeys(replay.SOURCES, 64), 1, 2)
+    worker = torch_workers.TorchWorker(spec, threads=1, limit=300)
     worker.times = [worker.repetition() for _ in range(2)]
     run = worker.close()
     assert run["threads"] == 1 and len(run["call_s"]) == 2 and run["train_steps_per_s"] > 0
@@ -142,5 +146,5 @@ def test_torch_worker_serves_repetitions_on_request():
 
 def test_alternating_reverses_the_order_every_other_repetition():
     variants = {"ours": 1, "flashbax": 2}
-    assert [name for name, _ in bench.alternating(variants, 0)] == ["ours", "flashbax"]
-    assert [name for name, _ in bench.alternating(variants, 1)] == ["flashbax", "ours"]
+    assert [name for name, _ in measure.alternating(variants, 0)] == ["ours", "flashbax"]
+    assert [name for name, _ in measure.alternating(variants, 1)] == ["flashbax", "ours"]

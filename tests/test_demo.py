@@ -7,6 +7,8 @@ import copy
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 from conftest import REPO_ROOT
 from conftest import write_tiny_prior
@@ -134,6 +136,23 @@ def test_a_finished_stage_is_read_back_not_run_again(tmp_path):
     first = demo.Stages(tmp_path, total=1)("work", "a stage", work)
     again = demo.Stages(tmp_path, total=1)("work", "a stage", work)
     assert calls == [1] and again == first and first["value"] == 3 and "stage_wall_s" in first
+
+
+def test_a_stage_counts_the_time_it_spends_compiling_and_not_a_cached_call(tmp_path):
+    step = jax.jit(lambda x: jnp.tanh(x) @ x.T + 1.5)  # a program no other test compiles
+    x = jnp.ones((7, 5))
+    first = demo.Stages(tmp_path, total=2)("first", "compiles", lambda: {"y": float(step(x).sum())})
+    again = demo.Stages(tmp_path, total=2)("again", "reuses it", lambda: {"y": float(step(x).sum())})
+    assert first["stage_compile_s"] > 0.0 and again["stage_compile_s"] == 0.0
+    assert first["stage_compile_s"] <= first["stage_wall_s"]
+
+
+def test_the_two_lanes_run_every_method_stage_once_and_the_second_needs_no_pro():
+    first, second = set(demo.FIRST_LANE), set(demo.SECOND_LANE)
+    assert not first & second
+    assert first | second == set(demo.ARMS) - {"prior"} | {"fleet", "pro"}
+    # Those stages read the first lane's PRO; the second lane starts before it exists.
+    assert {"pro", "patch_pro", "patch_risk", "rank"} <= first
 
 
 @pytest.mark.slow

@@ -186,8 +186,8 @@ def id_block(lengths: list[int], success: list[bool], intervention: dict | None 
 # Jitted: called eagerly, the shard_map inside replay.insert compiles and dispatches each of its ops alone.
 @functools.partial(jax.jit, static_argnames=("source", "mesh", "capacity"))
 def filled(block: dict, source: str, mesh, capacity: int = 64) -> replay.Buffer:
-    buffer = replay.create(SPEC, 4, capacity, mesh, recap.extras_spec())
-    return replay.insert(buffer, block, source=replay.SOURCES.index(source), n_step=2)
+    buffer = replay.create(SPEC, 4, capacity, mesh, recap.extras_spec(), n_step=2)
+    return replay.insert(buffer, block, source=replay.SOURCES.index(source))
 
 
 def step_ids(buffer: replay.Buffer) -> np.ndarray:

@@ -2,6 +2,7 @@
 from episodes, per-step extras, checkpoints, and a 1M-transition buffer."""
 
 import functools
+import inspect
 import math
 
 import jax
@@ -57,8 +58,8 @@ def make_block(valid, is_first, terminal, intervention=None, reward=None) -> dic
     }
 
 
-def insert_fn(n_step: int, interventions_only: bool = False, source: int = ONLINE):
-    fn = functools.partial(replay.insert, source=source, n_step=n_step, interventions_only=interventions_only)
+def insert_fn(interventions_only: bool = False, source: int = ONLINE):
+    fn = functools.partial(replay.insert, source=source, interventions_only=interventions_only)
     return jax.jit(fn, donate_argnums=0)
 
 
@@ -101,8 +102,8 @@ STREAM_AHEAD = [5, 4, 3, 2, 1, 0] + [2, 1, 0] + [1, 0] + [3, 2, 1, 0] + [3, 2, 1
 
 # ------------------------------------------------------------------------------------------ insert
 def test_insert_one_device_layout_and_wrap(mesh1):
-    insert = insert_fn(n_step=2)
-    buffer = insert(replay.create(OBS_SPEC, 2, 24, mesh1), BLOCK)
+    insert = insert_fn()
+    buffer = insert(replay.create(OBS_SPEC, 2, 24, mesh1, n_step=2), BLOCK)
     np.testing.assert_array_equal(ids(buffer)[0, :19], STREAM_IDS)
     np.testing.assert_array_equal(buffer.segment[0], STREAM_SEGMENTS + [-1] * 5)
     np.testing.assert_array_equal(buffer.sampleable[0], STREAM_SAMPLEABLE + [F] * 5)
@@ -126,7 +127,7 @@ def test_insert_one_device_layout_and_wrap(mesh1):
 
 def test_insert_more_than_capacity_keeps_the_newest(mesh1):
     # 19 kept steps into 8 slots: ranks 11-18 land on slots 3, 4, 5, 6, 7, 0, 1, 2; pos = 19 % 8 = 3.
-    buffer = insert_fn(n_step=2)(replay.create(OBS_SPEC, 2, 8, mesh1), BLOCK)
+    buffer = insert_fn()(replay.create(OBS_SPEC, 2, 8, mesh1, n_step=2), BLOCK)
     np.testing.assert_array_equal(ids(buffer)[0], [301, 302, 303, 202, 203, 204, 205, 300])
     np.testing.assert_array_equal(buffer.segment[0], [4, 4, 4, 3, 3, 3, 3, 4])
     np.testing.assert_array_equal(buffer.sampleable[0], [T, F, F, T, T, F, F, T])
@@ -134,8 +135,8 @@ def test_insert_more_than_capacity_keeps_the_newest(mesh1):
 
 
 def test_insert_four_devices_one_row_per_shard(mesh4):
-    insert = insert_fn(n_step=2)
-    buffer = insert(replay.create(OBS_SPEC, 2, 32, mesh4), BLOCK)
+    insert = insert_fn()
+    buffer = insert(replay.create(OBS_SPEC, 2, 32, mesh4, n_step=2), BLOCK)
     assert buffer.segment.sharding.spec == jax.sharding.PartitionSpec(sharding.DATA)
     none = [-1] * 8
     np.testing.assert_array_equal(
@@ -170,8 +171,8 @@ def test_sample_table_follows_random_inserts_through_wraps(mesh1):
     # interventions: after each insert the table must list exactly the sampleable slots in write order
     # (checked by `ids`).
     rng = np.random.default_rng(1)
-    plain, patch = insert_fn(n_step=2), insert_fn(n_step=2, interventions_only=True)
-    buffer = replay.create(OBS_SPEC, 2, 24, mesh1)
+    plain, patch = insert_fn(), insert_fn(interventions_only=True)
+    buffer = replay.create(OBS_SPEC, 2, 24, mesh1, n_step=2)
     for i in range(12):
         valid, is_first, terminal, intervention = (rng.random((3, 10)) < p for p in (0.8, 0.1, 0.1, 0.3))
         valid[:, :] &= rng.random() < 0.9  # now and then a block with nothing to keep
@@ -221,7 +222,9 @@ def test_interventions_only_keeps_takeovers_and_their_tails(mesh1):
     terminal[0, 5] = True
     block = make_block(np.ones((1, 14), bool), is_first, terminal, intervention)
     patch = replay.SOURCES.index("patch")
-    buffer = insert_fn(2, interventions_only=True, source=patch)(replay.create(OBS_SPEC, 2, 16, mesh1), block)
+    buffer = insert_fn(interventions_only=True, source=patch)(
+        replay.create(OBS_SPEC, 2, 16, mesh1, n_step=2), block
+    )
     np.testing.assert_array_equal(ids(buffer)[0, :9], [2, 3, 4, 5, 8, 9, 10, 12, 13])
     np.testing.assert_array_equal(buffer.segment[0, :10], [0, 0, 0, 0, 1, 1, 1, 2, 2, -1])
     np.testing.assert_array_equal(buffer.sampleable[0, :10], [T, T, F, T, T, F, F, F, F, F])
@@ -231,13 +234,15 @@ def test_interventions_only_keeps_takeovers_and_their_tails(mesh1):
 
 
 def test_insert_rejects_bad_blocks(mesh4):
-    buffer = replay.create(OBS_SPEC, 2, 32, mesh4)
+    buffer = replay.create(OBS_SPEC, 2, 32, mesh4, n_step=2)
     with pytest.raises(ValueError, match="multiple of the 4 devices"):
-        replay.insert(buffer, jax.tree.map(lambda x: x[:2], BLOCK), source=ONLINE, n_step=2)
+        replay.insert(buffer, jax.tree.map(lambda x: x[:2], BLOCK), source=ONLINE)
     with pytest.raises(ValueError, match="missing fields"):
-        replay.insert(buffer, {k: v for k, v in BLOCK.items() if k != "valid"}, source=ONLINE, n_step=2)
+        replay.insert(buffer, {k: v for k, v in BLOCK.items() if k != "valid"}, source=ONLINE)
     with pytest.raises(ValueError, match="multiple of the 4"):
-        replay.create(OBS_SPEC, 2, 30, mesh4)
+        replay.create(OBS_SPEC, 2, 30, mesh4, n_step=2)
+    with pytest.raises(ValueError, match="n_step must lie in"):
+        replay.create(OBS_SPEC, 2, 32, mesh4, n_step=0)
 
 
 # ---------------------------------------------------------------------------------------- n-step
@@ -248,7 +253,7 @@ def two_episodes(mesh1):
     is_first = [[T, F, F, T, F, F, F, F]]
     terminal = [[F, F, T, F, F, F, F, F]]
     block = make_block([[T] * 8], is_first, terminal, reward=[[0, 0, 1, 0.5, 0, 0, 1, 0]])
-    return insert_fn(n_step=3)(replay.create(OBS_SPEC, 2, 8, mesh1), block)
+    return insert_fn()(replay.create(OBS_SPEC, 2, 8, mesh1, n_step=3), block)
 
 
 def test_n_step_targets_by_hand(two_episodes):
@@ -277,6 +282,24 @@ def test_n_step_targets_by_hand(two_episodes):
     np.testing.assert_array_equal(out["reward_source"], 1)
 
 
+def test_insert_and_sample_read_the_n_step_the_buffer_was_created_with(two_episodes):
+    # Neither call takes an n of its own, so the flags an insert sets and the n a draw uses cannot disagree.
+    for fn in (replay.insert, replay.sample, replay.sample_mixed):
+        assert "n_step" not in inspect.signature(fn).parameters
+    assert two_episodes.n_step == 3  # kept through the jitted, donating insert that filled it
+    out = jax.jit(functools.partial(replay.sample, batch_size=64, chunk=4, gamma=0.9))(
+        two_episodes, jax.random.key(0)
+    )
+    # Drawn among the slots sampleable for n = 3 (t=0..4), with 3-step targets: t=0..2 end at episode 1's
+    # terminal step (discount 0), t=3 and t=4 bootstrap 3 steps on (0.9^3 = 0.729), as `gather` with n = 3.
+    x = np.asarray(out["obs"]["x"][:, 0]).astype(int)
+    assert set(x.tolist()) == {0, 1, 2, 3, 4}
+    np.testing.assert_allclose(out["discount"], np.where(x >= 3, 0.729, 0.0), rtol=1e-6)
+    want = replay.gather(replay.shard_view(two_episodes, 0), jnp.asarray(x), n_step=3, chunk=4, gamma=0.9)
+    np.testing.assert_allclose(out["reward"], want["reward"], rtol=1e-6)
+    np.testing.assert_array_equal(out["next_obs"]["x"], want["next_obs"]["x"])
+
+
 def test_windows_stop_at_segment_boundaries(two_episodes):
     local = replay.shard_view(two_episodes, 0)
     out = jax.jit(replay.gather_windows, static_argnums=2)(local, jnp.asarray([4, 2]), 4)
@@ -293,7 +316,7 @@ def test_a_segment_longer_than_the_ring(mesh1):
     # One 10-step episode into 8 slots: slots hold t = 8, 9, 2, 3, 4, 5, 6, 7; pos = 2. All share segment 0,
     # so only the ring's age tells t=9 (slot 1) from t=2 (slot 2).
     block = make_block([[T] * 10], [[T] + [F] * 9], [[F] * 10])
-    buffer = insert_fn(n_step=2)(replay.create(OBS_SPEC, 2, 8, mesh1), block)
+    buffer = insert_fn()(replay.create(OBS_SPEC, 2, 8, mesh1, n_step=2), block)
     np.testing.assert_array_equal(ids(buffer)[0], [8, 9, 2, 3, 4, 5, 6, 7])
     np.testing.assert_array_equal(buffer.sampleable[0], [F, F, T, T, T, T, T, T])
     local = replay.shard_view(buffer, 0)
@@ -310,14 +333,14 @@ def test_a_segment_longer_than_the_ring(mesh1):
 # ---------------------------------------------------------------------------------------- sampling
 @pytest.fixture(scope="module")
 def filled4(mesh4):
-    return insert_fn(n_step=2)(replay.create(OBS_SPEC, 2, 32, mesh4), BLOCK)
+    return insert_fn()(replay.create(OBS_SPEC, 2, 32, mesh4, n_step=2), BLOCK)
 
 
 SAMPLEABLE_IDS = {0, 1, 2, 3, 100, 101, 102, 200, 201, 202, 203, 300, 301}
 
 
 def test_sample_draws_every_sampleable_slot_and_nothing_else(filled4):
-    sample = jax.jit(functools.partial(replay.sample, batch_size=256, n_step=2, chunk=3, gamma=0.9))
+    sample = jax.jit(functools.partial(replay.sample, batch_size=256, chunk=3, gamma=0.9))
     key = jax.random.key(0)
     drawn = set()
     for i in range(4):
@@ -332,7 +355,7 @@ def test_sample_draws_every_sampleable_slot_and_nothing_else(filled4):
 
 
 def test_sample_stays_on_its_shard(filled4):
-    sample = jax.jit(functools.partial(replay.sample, batch_size=8, n_step=2, chunk=3, gamma=0.9))
+    sample = jax.jit(functools.partial(replay.sample, batch_size=8, chunk=3, gamma=0.9))
     out = sample(filled4, jax.random.key(1))
     for leaf in jax.tree.leaves(out):
         assert leaf.sharding.spec[0] == sharding.DATA and leaf.shape[0] == 8
@@ -341,12 +364,10 @@ def test_sample_stays_on_its_shard(filled4):
         (sample, (filled4, jax.random.key(1))),
         (functools.partial(replay.sample_windows, batch_size=8, window=3), (filled4, jax.random.key(1))),
         (
-            lambda b, k: replay.sample_mixed(
-                b, {"online": 0.5, "offline": 0.5}, k, 16, n_step=2, chunk=3, gamma=0.9
-            ),
+            lambda b, k: replay.sample_mixed(b, {"online": 0.5, "offline": 0.5}, k, 16, chunk=3, gamma=0.9),
             (buffers, jax.random.key(1)),
         ),
-        (functools.partial(replay.insert, source=ONLINE, n_step=2), (filled4, BLOCK)),
+        (functools.partial(replay.insert, source=ONLINE), (filled4, BLOCK)),
     ]:
         hlo = jax.jit(fn).lower(*args).compile().as_text()
         assert not [c for c in COLLECTIVES if c in hlo]
@@ -366,11 +387,15 @@ def test_sample_windows_end_at_written_slots(filled4):
 
 
 def test_sample_mixed_proportions_and_empty_sources(mesh4, filled4):
-    offline = insert_fn(n_step=2, source=0)(replay.create(OBS_SPEC, 2, 32, mesh4), BLOCK)
-    buffers = {"offline": offline, "online": filled4, "patch": replay.create(OBS_SPEC, 2, 32, mesh4)}
+    offline = insert_fn(source=0)(replay.create(OBS_SPEC, 2, 32, mesh4, n_step=2), BLOCK)
+    buffers = {
+        "offline": offline,
+        "online": filled4,
+        "patch": replay.create(OBS_SPEC, 2, 32, mesh4, n_step=2),
+    }
 
     def mixed(ratios, batch_size):
-        fn = functools.partial(replay.sample_mixed, n_step=2, chunk=3, gamma=0.9)
+        fn = functools.partial(replay.sample_mixed, chunk=3, gamma=0.9)
         return jax.jit(lambda b, k: fn(b, ratios, k, batch_size))(buffers, jax.random.key(3))
 
     out = mixed({"offline": 0.5, "online": 0.25, "patch": 0.25}, 64)
@@ -422,7 +447,7 @@ def test_from_episodes_packs_rows(mesh1):
     np.testing.assert_array_equal(block["version"], [[7, 7, 7, 0, 0, 0], [0, 0, 12, 12, 12, 12]])
     np.testing.assert_array_equal(block["intervention"][1], [F, F, F, T, F, F])
     np.testing.assert_array_equal(block["obs"]["x"][1, :, 0], [10, 11, 20, 21, 22, 23])
-    buffer = insert_fn(n_step=2, source=0)(replay.create(OBS_SPEC, 2, 16, mesh1), block)
+    buffer = insert_fn(source=0)(replay.create(OBS_SPEC, 2, 16, mesh1, n_step=2), block)
     np.testing.assert_array_equal(buffer.segment[0, :10], [0, 0, 0, 1, 1, 2, 2, 2, 2, -1])
     np.testing.assert_array_equal(buffer.sampleable[0, :9], T)  # every episode ends in a (terminal) is_last
 
@@ -434,7 +459,7 @@ def test_extras_are_placed_like_their_steps_and_come_with_samples_and_windows(me
     block = replay.from_episodes(episodes, rows=2, obs_keys=["x"], extras=extras)
     np.testing.assert_array_equal(block["extras"]["label"], 2 * block["obs"]["x"][..., 0] * block["valid"])
     spec = {"label": jax.ShapeDtypeStruct((), jnp.float32)}
-    buffer = insert_fn(n_step=1, source=0)(replay.create(OBS_SPEC, 2, 16, mesh1, spec), block)
+    buffer = insert_fn(source=0)(replay.create(OBS_SPEC, 2, 16, mesh1, spec, n_step=1), block)
     local = replay.shard_view(buffer, 0)
     sample = replay.gather(local, jnp.arange(9), n_step=1, chunk=1, gamma=1.0)
     np.testing.assert_array_equal(sample["label"], 2 * sample["obs"]["x"][:, 0])
@@ -446,20 +471,20 @@ def test_extras_are_placed_like_their_steps_and_come_with_samples_and_windows(me
     np.testing.assert_array_equal(local.obs["x"][slot[0], 0], 21)
     np.testing.assert_array_equal(linked, [True, False])
     with pytest.raises(ValueError, match="extras/label"):
-        replay.insert(buffer, {k: v for k, v in block.items() if k != "extras"}, source=0, n_step=1)
+        replay.insert(buffer, {k: v for k, v in block.items() if k != "extras"}, source=0)
     with pytest.raises(ValueError, match="shadow"):
-        replay.create(OBS_SPEC, 2, 16, mesh1, {"reward": spec["label"]})
+        replay.create(OBS_SPEC, 2, 16, mesh1, {"reward": spec["label"]}, n_step=1)
     filled = replay.map_slots(lambda local: {"twice": 2 * local.obs["x"][:, 0]}, buffer)
     np.testing.assert_array_equal(filled["twice"][replay.written(buffer)], sample["label"])
 
 
 def test_checkpoint_round_trip(tmp_path, mesh4):
-    buffers = replay.create_all(OBS_SPEC, 2, {"offline": 32, "online": 64, "patch": 32}, mesh4)
-    buffers["online"] = insert_fn(n_step=2)(buffers["online"], BLOCK)
+    buffers = replay.create_all(OBS_SPEC, 2, {"offline": 32, "online": 64, "patch": 32}, mesh4, n_step=2)
+    buffers["online"] = insert_fn()(buffers["online"], BLOCK)
     checkpoints = Checkpoints(tmp_path)
     checkpoints.save(1, buffers, {"sources": list(buffers)})
     checkpoints.close()
-    target = replay.create_all(OBS_SPEC, 2, {"offline": 32, "online": 64, "patch": 32}, mesh4)
+    target = replay.create_all(OBS_SPEC, 2, {"offline": 32, "online": 64, "patch": 32}, mesh4, n_step=2)
     restored, meta = Checkpoints(tmp_path).restore(target)
     assert meta == {"sources": ["offline", "online", "patch"]}
     assert jax.tree.structure(restored) == jax.tree.structure(buffers)
@@ -474,7 +499,7 @@ def test_a_million_transitions(mesh4):
         k: jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for k, s in ModelConfig().observation_spec(1).items()
     }
     capacity, action_size = 1 << 20, 4
-    buffer = replay.create(spec, action_size, capacity, mesh4)
+    buffer = replay.create(spec, action_size, capacity, mesh4, n_step=3)
     rng = np.random.default_rng(0)
     rows, steps = 64, 120
     block = {
@@ -488,8 +513,8 @@ def test_a_million_transitions(mesh4):
         "version": np.zeros((rows, steps), np.int32),
         "reward_source": np.zeros((rows, steps), np.int8),
     }
-    buffer = insert_fn(n_step=3)(buffer, block)
-    out = jax.jit(functools.partial(replay.sample, batch_size=256, n_step=3, chunk=4, gamma=0.99))(
+    buffer = insert_fn()(buffer, block)
+    out = jax.jit(functools.partial(replay.sample, batch_size=256, chunk=4, gamma=0.99))(
         buffer, jax.random.key(0)
     )
     assert float(jnp.min(out["weight"])) == 1.0

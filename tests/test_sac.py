@@ -82,26 +82,20 @@ def test_soft_update_moves_the_target_by_tau():
 
 # ----------------------------------------------------------------------------------------- updates
 def small_setup(utd: int = 2, batch: int = 8, **sac_overrides):
-    """The debug model, a fresh SAC state and `utd + 1` random normalised batches."""
+    """The debug model's spec, a fresh SAC state and `utd + 1` random normalised batches."""
     config = configs.get_config("debug")
     mc = config.model
     sc = configs.SACConfig(batch_size=batch, utd=utd, critic_warmup=0, **sac_overrides)
     graphdef, actor = nnx.split(mc.create_policy(0), nnx.Param)
     critic_graphdef, critic = nnx.split(mc.create_critic(1), nnx.Param)
     optimizers = sac.make_optimizers(sc)
-    state = sac.init_state(
-        actor,
-        critic,
-        sc.init_alpha,
-        actor_opt=optimizers["actor"],
-        critic_opt=optimizers["critic"],
-        alpha_opt=optimizers["alpha"],
-    )
+    state = sac.init_state(actor, critic, sc.init_alpha, optimizers)
     keys = jax.random.split(jax.random.key(2), 6)
     n = (utd + 1) * batch
     obs = mc.fake_observation(keys[0], n)
     stats = normalization.compute(jax.device_get(obs))
     nets = sac.Networks(actor=graphdef, critic=critic_graphdef, stats=stats)
+    spec = sac.Spec(sc, mc.chunk, mc.action_size, nets, optimizers)
     flat = {
         "obs": normalization.normalize(obs, stats),
         "next_obs": normalization.normalize(mc.fake_observation(keys[1], n), stats),
@@ -113,22 +107,18 @@ def small_setup(utd: int = 2, batch: int = 8, **sac_overrides):
         "source": jax.random.randint(keys[5], (n,), 0, len(replay.SOURCES)).astype(jnp.int8),
     }
     batches = jax.tree.map(lambda x: x.reshape(utd + 1, batch, *x.shape[1:]), flat)
-    return sc, mc, nets, optimizers, state, batches
+    return spec, state, batches
 
 
 def test_critic_regresses_onto_a_fixed_target():
-    sc, mc, nets, optimizers, state, batches = small_setup()
+    spec, state, batches = small_setup(target_subset=0)
     batch = jax.tree.map(lambda x: x[0], batches)
     batch = {
         **batch,
         "reward": jnp.full_like(batch["reward"], 0.7),
         "discount": jnp.zeros_like(batch["discount"]),
     }
-    step = jax.jit(
-        lambda s, k: sac.critic_update(
-            s, batch, k, nets=nets, optimizer=optimizers["critic"], target_subset=0, tau=sc.tau
-        )
-    )
+    step = jax.jit(lambda s, k: sac.critic_update(s, batch, k, spec=spec))
     first = None
     for i in range(300):
         state, metrics = step(state, jax.random.key(i))
@@ -138,18 +128,9 @@ def test_critic_regresses_onto_a_fixed_target():
 
 
 def test_actor_update_is_held_during_warmup_and_bc_only_sees_the_bc_sources():
-    sc, mc, nets, optimizers, state, batches = small_setup()
+    spec, state, batches = small_setup(bc_weight=1.0, bc_sources=("patch",))
     batch = jax.tree.map(lambda x: x[0], batches)
-    kwargs = dict(
-        nets=nets,
-        actor_optimizer=optimizers["actor"],
-        alpha_optimizer=optimizers["alpha"],
-        target_entropy=-8.0,
-        bc_weight=1.0,
-        bc_sources=(replay.SOURCES.index("patch"),),
-        nll_weight=0.01,
-    )
-    actor_update = jax.jit(functools.partial(sac.actor_update, **kwargs))  # compiled once, called thrice
+    actor_update = jax.jit(functools.partial(sac.actor_update, spec=spec))  # compiled once, called thrice
     held, _ = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(False))
     chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), held.actor, state.actor)
     assert all(jax.tree.leaves(chex_equal))
@@ -168,13 +149,21 @@ def assert_trees_close(a, b, rtol=2e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+def test_the_spec_is_one_static_argument_and_a_second_call_does_not_recompile():
+    spec, state, batches = small_setup()
+    assert hash(spec) == hash(spec)
+    update = jax.jit(sac.update, static_argnames="spec")
+    state, _ = update(state, batches, jax.random.key(0), spec=spec)
+    update(state, batches, jax.random.key(1), spec=spec)
+    assert update._cache_size() == 1
+
+
 def test_update_on_four_devices_equals_the_single_device_update():
     assert jax.device_count() >= 4
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:4]):
-        sc, mc, nets, optimizers, state, batches = small_setup(batch=16)
-        mesh = sharding.make_mesh(devices)
-        update = sac.make_update(sc, mc, nets, optimizers, mesh)
+        spec, state, batches = small_setup(batch=16)
+        update = sac.make_update(spec, sharding.make_mesh(devices))
         new, metrics = update(state, batches, jax.random.key(3))
         assert new.actor["head"]["kernel"][...].sharding.is_fully_replicated
         results.append(jax.device_get((new, metrics)))
@@ -202,16 +191,13 @@ def test_draw_batches_are_the_batches_of_each_key_drawn_alone():
     }
     spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in obs.items()}
     buffers = {
-        name: replay.insert(replay.create(spec, mc.action_size, 64, mesh), block, source=i, n_step=mc.chunk)
+        name: replay.insert(replay.create(spec, mc.action_size, 64, mesh, n_step=mc.chunk), block, source=i)
         for i, name in enumerate(replay.SOURCES)
     }
+    nets = sac.Networks(nnx.graphdef(mc.create_policy(0)), nnx.graphdef(mc.create_critic(1)), stats)
     draw = jax.jit(
         functools.partial(
-            sac.draw_batches,
-            config=sc,
-            chunk=mc.chunk,
-            stats=stats,
-            batch_sharding=sharding.batch_sharded(mesh),
+            sac.draw_batches, spec=sac.make_spec(sc, mc, nets), batch_sharding=sharding.batch_sharded(mesh)
         )
     )
     key = jax.random.key(3)
@@ -220,13 +206,7 @@ def test_draw_batches_are_the_batches_of_each_key_drawn_alone():
     alone = jax.jit(
         lambda buffers, key: sac.normalize_batch(
             replay.sample_mixed(
-                buffers,
-                sac.mix_ratios(sc),
-                key,
-                sc.batch_size,
-                n_step=mc.chunk,
-                chunk=mc.chunk,
-                gamma=sc.gamma,
+                buffers, sac.mix_ratios(sc), key, sc.batch_size, chunk=mc.chunk, gamma=sc.gamma
             ),
             stats,
         )
@@ -277,8 +257,8 @@ def test_one_update_across_two_processes_equals_the_single_process_update(tmp_pa
     got = np.load(tmp_path / "update.npz")
     assert int(got["global_devices"]) == 4 and int(got["processes"]) == 2
 
-    sc, mc, nets, optimizers, state, batches = small_setup(batch=16)
-    update = sac.make_update(sc, mc, nets, optimizers, sharding.make_mesh(jax.devices()[:1]))
+    spec, state, batches = small_setup(batch=16)
+    update = sac.make_update(spec, sharding.make_mesh(jax.devices()[:1]))
     new, _ = update(state, batches, jax.random.key(3))
     want = jax.tree.leaves(jax.device_get((new.actor, new.critic, new.log_alpha)))
     assert len(want) == int(got["leaves"])
@@ -300,13 +280,14 @@ def residual_setup(**sac_overrides):
     prior = tiny_prior()
     sc = configs.SACConfig(batch_size=8, utd=2, critic_warmup=0, ensemble=4, **sac_overrides)
     nets, actor, critic = residual.create_networks(prior, sc, seed=0)
-    optimizers = residual.make_optimizers(sc)
-    state = residual.init_state(prior.params, actor, critic, sc.init_alpha, optimizers)
-    return prior, sc, nets, optimizers, state
+    spec = residual.make_spec(sc, prior.model, nets)
+    state = residual.init_state(prior.params, actor, critic, sc.init_alpha, spec.optimizers)
+    return prior, spec, state
 
 
 def test_the_residual_actor_at_initialisation_executes_exactly_the_priors_actions():
-    prior, sc, nets, _, state = residual_setup()
+    prior, spec, state = residual_setup()
+    sc, nets = spec.config, spec.nets
     obs = prior.model.fake_observation(jax.random.key(5), 32)
     want = evaluate.chunk_actor(prior.graphdef, prior.stats)(prior.params, obs, jax.random.key(0))
     got = residual.actor_fn(nets)(residual.deployable(state), obs, jax.random.key(0))
@@ -367,7 +348,8 @@ def hand_episode(key: jax.Array, length: int, success: bool, model) -> dict:
 
 
 def test_critic_pretraining_regresses_every_member_onto_the_monte_carlo_returns():
-    prior, sc, nets, optimizers, state = residual_setup(critic_lr=1e-3)
+    prior, spec, state = residual_setup(critic_lr=1e-3)
+    nets = spec.nets
     model = prior.model
     episodes = [hand_episode(jax.random.key(i), 5, success=i == 0, model=model) for i in range(2)]
     keys = list(model.observation_spec(1))
@@ -376,13 +358,7 @@ def test_critic_pretraining_regresses_every_member_onto_the_monte_carlo_returns(
     np.testing.assert_allclose(data["return"], [0.9**4, 0.9**3, 0.81, 0.9, 1.0, 0, 0, 0, 0, 0], rtol=1e-6)
     padded = residual.pad_dataset(data, 16)
     pretrain = jax.jit(
-        functools.partial(
-            residual.critic_pretrain_steps,
-            num_steps=600,
-            batch_size=16,
-            nets=nets,
-            optimizer=optimizers["critic"],
-        )
+        functools.partial(residual.critic_pretrain_steps, spec=spec, num_steps=600, batch_size=16)
     )
     state, metrics = pretrain(state, padded, jax.random.key(0))
     assert float(metrics["critic_pretrain_loss_last"]) < 0.01 * float(metrics["critic_pretrain_loss_first"])
@@ -403,7 +379,7 @@ def constant_critic(critic, value: float):
 
 
 def test_the_td_target_is_the_n_step_return_of_the_executed_steps_bootstrapped_at_t_plus_n():
-    prior, sc, nets, _, state = residual_setup(gamma=0.9)
+    prior, spec, state = residual_setup(gamma=0.9, target_subset=2)
     model = prior.model
     state = state.replace(target_critic=constant_critic(state.target_critic, 2.0))
     # One episode of 6 steps that succeeds at its last step (reward 1, terminal).
@@ -421,14 +397,12 @@ def test_the_td_target_is_the_n_step_return_of_the_executed_steps_bootstrapped_a
         "reward_source": jnp.zeros((1, steps), jnp.int8),
     }
     mesh = sharding.make_mesh(jax.devices()[:1])
-    spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in obs.items()}
-    buffer = replay.insert(
-        replay.create(spec, model.action_size, 16, mesh), block, source=1, n_step=model.chunk
-    )
-    local = replay.shard_view(buffer, 0)
+    obs_spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in obs.items()}
+    buffer = replay.create(obs_spec, model.action_size, 16, mesh, n_step=model.chunk)
+    local = replay.shard_view(replay.insert(buffer, block, source=1), 0)
     batch = replay.gather(local, jnp.arange(steps), n_step=model.chunk, chunk=model.chunk, gamma=0.9)
     target = residual.critic_target(
-        state, sac.normalize_batch(batch, nets.stats), jax.random.key(0), nets=nets, target_subset=2
+        state, sac.normalize_batch(batch, spec.nets.stats), jax.random.key(0), spec=spec
     )
     # n = H = 4, gamma = 0.9, Q' = 2 everywhere:
     # t=0, 1: no reward within 4 steps, bootstrap 0.9^4 * 2 = 1.3122;
@@ -438,20 +412,12 @@ def test_the_td_target_is_the_n_step_return_of_the_executed_steps_bootstrapped_a
 
 
 def test_the_residual_actor_is_held_during_warmup_and_its_average_moves_by_polyak():
-    prior, sc, nets, optimizers, state = residual_setup()
-    _, _, _, _, _, batches = small_setup()
-    batch = jax.tree.map(lambda x: x[0], batches)
-    kwargs = dict(
-        nets=nets,
-        actor_optimizer=optimizers["actor"],
-        alpha_optimizer=optimizers["alpha"],
-        target_entropy=-8.0,
-        pessimism=1.0,
-        bc_weight=1.0,
-        bc_sources=(replay.SOURCES.index("patch"),),
-        polyak=0.5,
+    prior, spec, state = residual_setup(
+        pessimism=1.0, residual_bc_weight=1.0, bc_sources=("patch",), actor_polyak=0.5
     )
-    actor_update = jax.jit(functools.partial(residual.actor_update, **kwargs))
+    _, _, batches = small_setup()
+    batch = jax.tree.map(lambda x: x[0], batches)
+    actor_update = jax.jit(functools.partial(residual.actor_update, spec=spec))
     held, _ = actor_update(state, batch, jax.random.key(0), enabled=jnp.bool_(False))
     for name in ("actor", "actor_average", "log_alpha"):
         jax.tree.map(np.testing.assert_array_equal, getattr(held, name), getattr(state, name))
@@ -471,14 +437,10 @@ def test_the_residual_actor_is_held_during_warmup_and_its_average_moves_by_polya
 
 
 def test_the_fused_residual_update_runs_the_critic_and_actor_steps():
-    prior, sc, nets, optimizers, state = residual_setup()
-    _, _, _, _, _, batches = small_setup()
-    update = jax.jit(
-        functools.partial(
-            residual.update, config=sc, action_size=prior.model.action_size, nets=nets, optimizers=optimizers
-        )
-    )
-    new, metrics = update(state, batches, jax.random.key(0))
-    assert int(new.step) == sc.utd
+    prior, spec, state = residual_setup()
+    _, _, batches = small_setup()
+    update = jax.jit(residual.update, static_argnames="spec")  # the spec is hashable: a static argument
+    new, metrics = update(state, batches, jax.random.key(0), spec=spec)
+    assert int(new.step) == spec.config.utd
     assert all(np.isfinite(float(v)) for v in metrics.values())
     jax.tree.map(np.testing.assert_array_equal, new.prior, state.prior)  # the prior stays frozen

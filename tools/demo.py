@@ -82,12 +82,15 @@ ONE_EVALUATION = "-"  # the seed key of an arm that is evaluated once (no traini
 
 # ------------------------------------------------------------------------------------------- stages
 class Stages:
-    """Runs named stages once: a finished stage's JSON result is kept in `stages/` and read back."""
+    """Runs named stages once: a finished stage's JSON result is kept in `stages/` and read back. Each
+    records its wall-clock and the part of it spent compiling (tracing, lowering, compiling or loading
+    from the persistent cache)."""
 
     def __init__(self, out: pathlib.Path, total: int):
         self.folder, self.total, self.done = out / "stages", total, 0
         self.folder.mkdir(parents=True, exist_ok=True)
         self.tic = time.perf_counter()
+        self.compiling = compile_cache.CompileClock()
 
     def __call__(self, name: str, what: str, fn) -> dict:
         """The stage's result: read back if an earlier run finished it, else run now."""
@@ -95,12 +98,17 @@ class Stages:
         path = self.folder / f"{name}.json"
         elapsed = time.perf_counter() - self.tic
         if path.exists():
-            print(f"[{self.done}/{self.total}] {name}: done in an earlier run ({path})", flush=True)
+            print(f"[{self.done}/{self.total}] {name}: done, read back from {path}", flush=True)
             return json.loads(path.read_text())
         print(f"\n[{self.done}/{self.total}] {name}: {what}  (elapsed {elapsed / 60:.1f} min)", flush=True)
-        tic = time.perf_counter()
+        tic, compiled = time.perf_counter(), self.compiling.seconds
         result = fn()
         result["stage_wall_s"] = time.perf_counter() - tic
+        result["stage_compile_s"] = self.compiling.seconds - compiled
+        print(
+            f"{name}: {result['stage_wall_s']:.0f} s, {result['stage_compile_s']:.0f} s of it compiling",
+            flush=True,
+        )
         path.write_text(json.dumps(result, indent=1, default=float))
         return result
 
@@ -844,6 +852,22 @@ def fleet_lines(fleet: dict) -> list[str]:
     return lines
 
 
+def stage_lines(stages: dict) -> list[str]:
+    """Wall-clock per stage, and how much of it went to compiling (absent in a stage an older version
+    ran)."""
+    lines = ["| stage | wall-clock (s) | compiling (s) | compiling (%) |", "|---|---:|---:|---:|"]
+    for name, result in stages.items():
+        wall, compiling = result["stage_wall_s"], result.get("stage_compile_s")
+        share = "-" if compiling is None else f"{100 * compiling / wall:.0f}"
+        lines.append(
+            f"| {name} | {wall:,.0f} | {'-' if compiling is None else f'{compiling:,.0f}'} | {share} |"
+        )
+    wall = sum(r["stage_wall_s"] for r in stages.values())
+    compiling = sum(r.get("stage_compile_s", 0.0) for r in stages.values())
+    lines.append(f"| all | {wall:,.0f} | {compiling:,.0f} | {100 * compiling / wall:.0f} |")
+    return lines
+
+
 PLOTS = ("learning.png", "components.png", "pro_episode.png")
 
 
@@ -923,9 +947,7 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
             "",
             "## Stages",
             "",
-            "| stage | wall-clock (s) |",
-            "|---|---:|",
-            *[f"| {name} | {result['stage_wall_s']:,.0f} |" for name, result in stages.items()],
+            *stage_lines(stages),
             "",
         ]
     )
@@ -949,59 +971,22 @@ def with_outputs(config: configs.Config, out: pathlib.Path) -> configs.Config:
     )
 
 
-def run(config: configs.Config) -> str:
-    """Every stage; returns the two tables (the report is written to `out_dir`)."""
-    out = pathlib.Path(config.out_dir)
-    config = with_outputs(config, out)
+# Most of a stage's time is XLA compiling its MJX programs, on one core. With `demo.lanes` 2 a second
+# process runs the second lane beside the first and keeps the other core busy; the lanes take about equal
+# time. Sparse patching goes first there, so its residual programs are in the compilation cache by the time
+# the first lane's PRO arms need them. `demo.lanes` 1: one process, every stage in the table's order.
+FIRST_LANE = ("fleet", "pro", "rank", "patch_pro", "patch_risk")
+SECOND_LANE = ("patch", "sft", "targeted_sft", "hg_dagger", "recap", "ript")
+LANE_FLAG = "--second-lane"  # internal: the process that runs SECOND_LANE and exits
+
+
+def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Path, done: dict) -> dict:
+    """name -> (what, thunk) for every method stage, in the table's order. A thunk that needs an earlier
+    stage's result reads it from `done`."""
     tc, pc, pre = config.target, config.patch, config.pretrain
-    tic = time.perf_counter()
-    stage = Stages(out, total=14)
-    results = {"data": stage("data", "scripted demonstrations", lambda: demonstrations(config))}
-    results["prior"] = stage(
-        "prior", f"pretraining, {pre.steps} BC steps, then scored", lambda: train_prior(config, out)
-    )
-    prior = pretrain.load(out / "prior")
     novel = NovelScore(config, prior)
     offline = operator_demos.load_or_generate(
         pre.data_dir, tc.task, "train", pc.offline_episodes, seed=pre.seed
-    )
-    results["fleet"] = stage(
-        "fleet", f"the prior on {tc.split} through the fleet service", lambda: deploy(config, prior, out)
-    )
-    results["sft"] = stage(
-        "sft",
-        "full SFT retraining",
-        lambda: sft_arm(config, prior, offline, novel, split=tc.split, kind="sft"),
-    )
-    results["targeted_sft"] = stage(
-        "targeted_sft",
-        "targeted SFT on the tails' demonstrations",
-        lambda: sft_arm(config, prior, offline, novel, split="tail", kind="targeted_sft"),
-    )
-    results["hg_dagger"] = stage("hg_dagger", "HG-DAgger", lambda: hg_dagger(config, prior, offline, novel))
-    results["patch"] = stage(
-        "patch",
-        "policy patching, sparse reward",
-        lambda: patching(config, prior, offline, out / "patch", novel),
-    )
-    results["pro"] = stage(
-        "pro",
-        "PRO: a state-only and an action-conditioned one, held-out evaluation",
-        lambda: train_pros(config, out),
-    )
-    shaping, ranker = results["pro"]["shaping"], results["pro"]["ranking"]
-    results["patch_pro"] = stage(
-        "patch_pro",
-        "patching with the PRO reward",
-        lambda: patching(with_pro_reward(config, shaping), prior, offline, out / "patch_pro", novel),
-    )
-    results["patch_risk"] = stage(
-        "patch_risk",
-        "patching with PRO-triggered takeovers",
-        lambda: patching(with_risk_trigger(config, shaping), prior, offline, out / "patch_risk", novel),
-    )
-    results["rank"] = stage(
-        "rank", "the prior's chunks ranked by PRO", lambda: ranking(config, prior, ranker)
     )
 
     def run_recap() -> dict:
@@ -1021,20 +1006,107 @@ def run(config: configs.Config) -> str:
             "novel": {seed: s["novel_success"] for seed, s in summaries.items()},
         }
 
-    results["recap"] = stage("recap", "Recap", run_recap)
-    results["ript"] = stage("ript", "RIPT", run_ript)
+    shaping = lambda: done["pro"]["shaping"]  # noqa: E731
+    return {
+        "fleet": (f"the prior on {tc.split} through the fleet service", lambda: deploy(config, prior, out)),
+        "sft": (
+            "full SFT retraining",
+            lambda: sft_arm(config, prior, offline, novel, split=tc.split, kind="sft"),
+        ),
+        "targeted_sft": (
+            "targeted SFT on the tails' demonstrations",
+            lambda: sft_arm(config, prior, offline, novel, split="tail", kind="targeted_sft"),
+        ),
+        "hg_dagger": ("HG-DAgger", lambda: hg_dagger(config, prior, offline, novel)),
+        "patch": (
+            "policy patching, sparse reward",
+            lambda: patching(config, prior, offline, out / "patch", novel),
+        ),
+        "pro": (
+            "PRO: a state-only and an action-conditioned one, held-out evaluation",
+            lambda: train_pros(config, out),
+        ),
+        "patch_pro": (
+            "patching with the PRO reward",
+            lambda: patching(with_pro_reward(config, shaping()), prior, offline, out / "patch_pro", novel),
+        ),
+        "patch_risk": (
+            "patching with PRO-triggered takeovers",
+            lambda: patching(with_risk_trigger(config, shaping()), prior, offline, out / "patch_risk", novel),
+        ),
+        "rank": (
+            "the prior's chunks ranked by PRO",
+            lambda: ranking(config, prior, done["pro"]["ranking"]),
+        ),
+        "recap": ("Recap", run_recap),
+        "ript": ("RIPT", run_ript),
+    }
+
+
+def start_second_lane(argv: list[str], out: pathlib.Path) -> subprocess.Popen:
+    """The second lane's process, its output in `out/second_lane.log`."""
+    log = (out / "second_lane.log").open("w")
+    command = [sys.executable, "-m", "tools.demo", *argv, LANE_FLAG]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    print(f"{', '.join(SECOND_LANE)}: in a second process, its progress in {log.name}", flush=True)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_for(lane: subprocess.Popen, out: pathlib.Path) -> None:
+    print(f"waiting for the second lane ({out / 'second_lane.log'})", flush=True)
+    if lane.wait():
+        raise RuntimeError(
+            f"{PROG}: the second lane failed ({lane.returncode}); see {out / 'second_lane.log'}"
+        )
+
+
+def run(config: configs.Config, argv: list[str] = (), *, second_lane: bool = False) -> str | None:
+    """Every stage; returns the two tables (the report is written to `out_dir`). `second_lane`: run only
+    SECOND_LANE's stages (the prior is trained already) and return None."""
+    out = pathlib.Path(config.out_dir)
+    config = with_outputs(config, out)
+    pre = config.pretrain
+    tic = time.perf_counter()
+    stage = Stages(out, total=14)
+    results = {"data": stage("data", "scripted demonstrations", lambda: demonstrations(config))}
+    results["prior"] = stage(
+        "prior", f"pretraining, {pre.steps} BC steps, then scored", lambda: train_prior(config, out)
+    )
+    methods = method_stages(config, pretrain.load(out / "prior"), out, results)
+    if second_lane:
+        for name in SECOND_LANE:
+            stage(name, *methods[name])
+        return None
+    lane = start_second_lane(list(argv), out) if config.demo.lanes == 2 else None
+    try:
+        for name in FIRST_LANE if lane else methods:
+            results[name] = stage(name, *methods[name])
+        if lane is not None:
+            wait_for(lane, out)
+    finally:
+        if lane is not None and lane.poll() is None:  # this lane failed or was interrupted: stop the other
+            lane.terminate()
+    results = {
+        name: stage(name, *methods[name]) if name not in results else results[name]
+        for name in ("data", "prior", *methods)
+    }
     results = json.loads(json.dumps(results, default=float))  # seeds as JSON keys, whether run or read back
     print(f"\n[{stage.total}/{stage.total}] report", flush=True)
     return report(config, results, out, time.perf_counter() - tic)
 
 
 def main(argv: list[str]) -> int:
+    second_lane = LANE_FLAG in argv
+    argv = [a for a in argv if a != LANE_FLAG]
     full = "--full" in argv
-    argv = ["demo_full" if full else "demo", *(a for a in argv if a != "--full")]
-    config = configs.cli(argv, PROG, sections=SECTIONS)
+    config = configs.cli(
+        ["demo_full" if full else "demo", *(a for a in argv if a != "--full")], PROG, sections=SECTIONS
+    )
     compile_cache.enable(config.compile_cache)
     tic = time.perf_counter()
-    tables = run(config)
+    tables = run(config, argv, second_lane=second_lane)
+    if second_lane:
+        return 0
     out = pathlib.Path(config.out_dir)
     print(tables)
     written = ", ".join(str(out / name) for name in ("report.md", "report.json", *PLOTS))

@@ -104,16 +104,10 @@ def run_seeds(
     actor = recap.guided_actor(graphdef, prior.stats)
     autonomous = patch.Collector(tc.task, tc.split, rc.autonomous_per_iteration, NEVER, collect)
     corrected = patch.Collector(tc.task, tc.split, rc.corrected_per_iteration, config.operator, collect)
-    evaluator = evaluate.Evaluator(tc.task, tc.split, tc.eval_episodes, actor)
+    evaluator, on_train, on_novel = evaluate.run_evaluators(
+        tc.task, tc.split, tc.eval_episodes, actor, train_eval=train_eval, novel_eval=novel_eval
+    )
     test = evaluate.TEST.with_episodes(tc.eval_episodes)
-    on_train = evaluate.Evaluator(tc.task, "train", tc.eval_episodes, actor) if train_eval else None
-    on_novel = None
-    if novel_eval:
-        on_novel = (
-            evaluator
-            if tc.split == "novel"
-            else evaluate.Evaluator(tc.task, "novel", tc.eval_episodes, actor)
-        )
     results, summaries = {}, {}
     for seed in tc.seeds:
         records, params = recap.run_recap(

@@ -146,16 +146,10 @@ def run_seeds(
     demos = few_shot_demos(config)
     collector = group_collector(config, prior)
     actor = evaluate.chunk_actor(prior.graphdef, prior.stats)
-    evaluator = evaluate.Evaluator(tc.task, tc.split, tc.eval_episodes, actor)
+    evaluator, on_train, on_novel = evaluate.run_evaluators(
+        tc.task, tc.split, tc.eval_episodes, actor, train_eval=train_eval, novel_eval=novel_eval
+    )
     test = evaluate.TEST.with_episodes(tc.eval_episodes)
-    on_train = evaluate.Evaluator(tc.task, "train", tc.eval_episodes, actor) if train_eval else None
-    on_novel = None
-    if novel_eval:
-        on_novel = (
-            evaluator
-            if tc.split == "novel"
-            else evaluate.Evaluator(tc.task, "novel", tc.eval_episodes, actor)
-        )
     retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
     results, summaries = {}, {}
     for seed in tc.seeds:

@@ -98,12 +98,7 @@ class FleetLearner:
             actor=self.prior.graphdef, critic=patch.critic_graphdef(mc), stats=self.prior.stats
         )
         self.train = sac.make_train_steps(
-            config.sac,
-            mc,
-            nets,
-            sac.make_optimizers(config.sac),
-            num_steps=pc.updates_per_round,
-            mesh=self.mesh,
+            sac.make_spec(config.sac, mc, nets), num_steps=pc.updates_per_round, mesh=self.mesh
         )
         self.insert = patch.make_insert()
         self.checkpoints = Checkpoints(self.root / "learner" / "checkpoints", keep=2)
@@ -173,9 +168,7 @@ class FleetLearner:
             chunk = new[start : start + group]
             episodes = [labelled(ep, labels.get(ep["episode_metadata"]["episode_id"])) for _, ep in chunk]
             block = padded_block(episodes, rows=self.mesh.size)
-            buffers = patch.insert_experience(
-                self.insert, self.learner.buffers, block, self.prior.model.chunk
-            )
+            buffers = patch.insert_experience(self.insert, self.learner.buffers, block)
             self.learner = dataclasses.replace(self.learner, buffers=buffers)
             self.cursor = chunk[-1][0]
             self.pending += len(chunk)

@@ -8,7 +8,7 @@ behaviour cloning on the BC source) and one temperature update, all with Adam an
 clipping. Batches come the natural PyTorch way: `torch.randint` indices into tensors holding pre-made
 n-step transitions, one store per source, mixed by the same counts.
 
-`tools.bench` runs this module in its own process, `python -m tools.bench_torch --spec JSON`, so torch's
+`tools.bench` runs this module in its own process, `python -m tools.bench.torch_peer --spec JSON`, so torch's
 thread pool never competes with XLA's; the sizes and hyperparameters come in the spec (built from
 `configs` by the bench), and the result is one JSON line on stdout. With `--serve` the process builds the
 learner, warms up, prints one JSON line and then times one repetition per line read from stdin, answering
@@ -330,7 +330,7 @@ def serve(spec: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_torch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench.torch_peer", description=__doc__.splitlines()[0])
     p.add_argument("--spec", required=True, help="JSON sizes and hyperparameters (tools.bench builds it)")
     p.add_argument("--serve", action="store_true", help="time one repetition per line read from stdin")
     args = p.parse_args(argv)

@@ -146,8 +146,10 @@ def recap_buffers(config: configs.Config, demos: list[dict], collected: list[dic
         block = replay.from_episodes(episodes, rows=len(episodes), obs_keys=keys)
         block = recap.recap_block(block, [ep["episode_metadata"]["success"] for ep in episodes], targets)
         spec = {k: jax.ShapeDtypeStruct(v.shape[2:], v.dtype) for k, v in block["obs"].items()}
-        buffer = replay.create(spec, mc.action_size, block["valid"].size, mesh, recap.extras_spec())
-        buffers[name] = replay.insert(buffer, block, source=replay.SOURCES.index(name), n_step=mc.chunk)
+        buffer = replay.create(
+            spec, mc.action_size, block["valid"].size, mesh, recap.extras_spec(), n_step=mc.chunk
+        )
+        buffers[name] = replay.insert(buffer, block, source=replay.SOURCES.index(name))
     return buffers
 
 

@@ -22,9 +22,14 @@ import threading
 import time
 import urllib.request
 
+import jax
 import numpy as np
+from flax import nnx
 
+import configs
 from jaxvla import episodes as rlds
+from jaxvla import export
+from jaxvla import normalization
 from jaxvla.actor import client as fleet
 from jaxvla.actor import policy as actor_policy
 from jaxvla.actor import wire
@@ -32,7 +37,7 @@ from jaxvla.actor.runner import RateClock
 from jaxvla.actor.runner import run_episode
 from learner.fleet.store import ParamsRegistry
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 EPISODE_STEPS = 120  # the workcell's time limit
 
 
@@ -208,3 +213,15 @@ def run(data: bytes, episodes_per_actor: int = 16, jitter_steps: int = 300) -> d
         "jitter": bench_jitter(data, steps=jitter_steps),
         "episode_steps": EPISODE_STEPS,
     }
+
+
+def fleet_policy_file() -> bytes:
+    """The default model (untrained) exported as the robots receive it."""
+    model = configs.get_config("default").model
+    _, params = nnx.split(model.create_policy(0), nnx.Param)
+    stats = normalization.compute(jax.device_get(model.fake_observation(jax.random.key(0), 256)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export.write(
+            pathlib.Path(tmp), model, params, stats, version=1, parent_version=None, config_hash="bench"
+        )
+        return path.read_bytes()
