@@ -679,6 +679,7 @@ _CONFIGS = (
         name="demo_full",
         description="`jaxvla demo --full`: every method on larger budgets, three seeds, mean ± std.",
         env=EnvConfig(num_envs=64),
+        target=TargetConfig(seeds=(0, 1, 2), eval_episodes=128),
         pretrain=PretrainConfig(
             tasks=("pick_place",),
             demos_per_task=600,
