@@ -669,6 +669,7 @@ def run_sft(
         tic = time.perf_counter()
         used = demos[:count]
         params = retrain(dataset.concatenate(dataset.flatten(used, chunk), offline_data), seed=seed)
+        jax.block_until_ready(params)  # dispatch is asynchronous: the clock must stop after the training
         records.append(
             {
                 "kind": kind,
