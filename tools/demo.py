@@ -24,6 +24,9 @@ tail fails), every arm scored as `jaxvla patch` scores them: the fixed test cont
 13. ript          RIPT from a few-shot SFT start (`ript.sft_demos`)
 14. report        the comparison table, the seeds' claims beside our figures, plots and `report.md`
 
+Once the prior exists, the stages run in two processes (`FIRST_LANE`, `SECOND_LANE`; `demo.lanes`), so
+compiling keeps both cores busy; docs/demo.md has the measured run.
+
 Everything lands in `out_dir` (`runs/demo`, or `runs/demo_full` with `--full`: larger budgets, three
 seeds). Each finished stage leaves `stages/<name>.json`, so a rerun skips it and an interrupted run
 resumes where it stopped.
@@ -1006,7 +1009,9 @@ def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Pa
             "novel": {seed: s["novel_success"] for seed, s in summaries.items()},
         }
 
-    shaping = lambda: done["pro"]["shaping"]  # noqa: E731
+    def shaping() -> str:
+        return done["pro"]["shaping"]
+
     return {
         "fleet": (f"the prior on {tc.split} through the fleet service", lambda: deploy(config, prior, out)),
         "sft": (
@@ -1045,11 +1050,12 @@ def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Pa
 
 def start_second_lane(argv: list[str], out: pathlib.Path) -> subprocess.Popen:
     """The second lane's process, its output in `out/second_lane.log`."""
-    log = (out / "second_lane.log").open("w")
+    path = out / "second_lane.log"
     command = [sys.executable, "-m", "tools.demo", *argv, LANE_FLAG]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    print(f"{', '.join(SECOND_LANE)}: in a second process, its progress in {log.name}", flush=True)
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    print(f"{', '.join(SECOND_LANE)}: in a second process, its progress in {path}", flush=True)
+    with path.open("w") as log:  # the child holds its own copy of the file
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_for(lane: subprocess.Popen, out: pathlib.Path) -> None:
