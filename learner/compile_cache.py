@@ -31,10 +31,9 @@ class CompileClock:
     from jax's monitoring events since the clock was made; `seconds` is read at any time."""
 
     def __init__(self):
-        self.seconds, self.programs = 0.0, 0
+        self.seconds = 0.0
         jax.monitoring.register_event_duration_secs_listener(self._record)
 
     def _record(self, event: str, duration_s: float, **_) -> None:
         if event in COMPILE_EVENTS:
             self.seconds += duration_s
-            self.programs += event == COMPILE_EVENTS[-1]

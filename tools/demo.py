@@ -1085,7 +1085,7 @@ def run(config: configs.Config, argv: list[str] = (), *, second_lane: bool = Fal
         return None
     lane = start_second_lane(list(argv), out) if config.demo.lanes == 2 else None
     try:
-        for name in FIRST_LANE if lane else methods:
+        for name in FIRST_LANE if lane is not None else methods:
             results[name] = stage(name, *methods[name])
         if lane is not None:
             wait_for(lane, out)
