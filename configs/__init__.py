@@ -558,6 +558,8 @@ class DemoConfig:
     """Episodes each robot runs with the prior; their logs are PRO's deployment data."""
     trigger_rounds: int = 2
     """Rounds of patching with PRO-triggered takeovers (the other patching arms run `patch.rounds`)."""
+    budget_min: float = 15.0
+    """Minutes the job should take from a fresh clone, install included; the report says how it did."""
     lanes: int = 2
     """2: sparse patching, SFT, HG-DAgger, Recap and RIPT (they need only the prior) run in a second
     process beside the others, so compiling keeps both cores of a small machine busy; 1: one process, one
@@ -693,7 +695,7 @@ _CONFIGS = (
         ),
         recap=RecapConfig(iterations=2, value_steps=500, policy_steps=1000),
         ript=RiptConfig(sft_demos=4, iterations=3, rollouts_per_iteration=128),
-        demo=DemoConfig(robots=4, episodes_per_robot=48, trigger_rounds=6),
+        demo=DemoConfig(robots=4, episodes_per_robot=48, trigger_rounds=6, budget_min=60.0),
         out_dir="runs/demo_full",
     ),
     Config(

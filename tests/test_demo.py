@@ -126,6 +126,33 @@ def test_ript_counts_its_few_shot_demonstrations_as_operator_effort():
     assert counted[1]["env_steps"] == 800 and counted[1]["wall_s"] == 11.0
 
 
+def test_the_gate_table_lists_each_seeds_published_and_held_back_rounds():
+    def rounds(*published):
+        return [{"round": 0, "published": True}] + [
+            {"round": i + 1, "published": p} for i, p in enumerate(published)
+        ]
+
+    stages = {
+        "patch": {"seeds": {"0": rounds(True, False, True), "1": rounds(False, False)}},
+        "patch_pro": {"seeds": {"0": rounds(True)}},
+        "patch_risk": {"seeds": {"0": rounds(False)}},
+    }
+    rows = demo.gate_lines(stages)[2:]
+    assert rows == [
+        "| policy patching | 0 | 1, 3 | 2 |",
+        "| policy patching | 1 | none | 1, 2 |",
+        "| patching with the PRO reward | 0 | 1 | none |",
+        "| patching with PRO-triggered takeovers | 0 | none | 1 |",
+    ]
+
+
+def test_the_budget_line_says_by_how_much_a_run_overran_and_the_patching_arms_share():
+    stages = {name: {"stage_wall_s": 100.0} for name in ("data", "patch", "patch_pro", "patch_risk")}
+    over = demo.budget_text(stages, wall_s=18 * 60, budget_min=15)
+    assert "took 18.0 min, over it by 3.0 min" in over and "300 s of the stages' 400 s (75%)" in over
+    assert "within it" in demo.budget_text(stages, wall_s=14 * 60, budget_min=15)
+
+
 def test_a_finished_stage_is_read_back_not_run_again(tmp_path):
     calls = []
 

@@ -871,6 +871,37 @@ def stage_lines(stages: dict) -> list[str]:
     return lines
 
 
+GATED = ("patch", "patch_pro", "patch_risk")  # the arms whose rounds pass the validation gate
+
+
+def gate_lines(stages: dict) -> list[str]:
+    """Per gated arm and seed, the rounds whose candidate the gate published and those it held back (the
+    deployment then kept the last published params, and the round scores as they did)."""
+    lines = ["| arm | seed | published rounds | held back |", "|---|---|---|---|"]
+    for arm in GATED:
+        for seed, records in stages[arm]["seeds"].items():
+            rounds = [r for r in records if r["round"] > 0]
+            published = ", ".join(str(r["round"]) for r in rounds if r["published"]) or "none"
+            held = ", ".join(str(r["round"]) for r in rounds if not r["published"]) or "none"
+            lines.append(f"| {ARMS[arm]} | {seed} | {published} | {held} |")
+    return lines
+
+
+def budget_text(stages: dict, wall_s: float, budget_min: float) -> str:
+    """This invocation's wall-clock against the budget, and the stages that took most of it."""
+    total = sum(r["stage_wall_s"] for r in stages.values())
+    patching = sum(stages[arm]["stage_wall_s"] for arm in GATED)
+    over = wall_s / 60 - budget_min
+    verdict = f"over it by {over:.1f} min" if over > 0 else "within it"
+    return (
+        f"The budget is {budget_min:.0f} min from a fresh clone, install included (`demo.budget_min`); "
+        f"this invocation took {wall_s / 60:.1f} min, {verdict}. The three patching arms took "
+        f"{patching:,.0f} s of the stages' {total:,.0f} s ({100 * patching / total:.0f}%): their learner "
+        "runs its fused updates and the critic's Monte-Carlo pretraining every round. Stages overlap when "
+        "they run in two lanes, so their sum exceeds the wall-clock."
+    )
+
+
 PLOTS = ("learning.png", "components.png", "pro_episode.png")
 
 
@@ -919,6 +950,11 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
             "",
             "![learning curves](learning.png)",
             "",
+            "The validation gate: a round's candidate is published unless its validation success falls "
+            f"more than {100 * pc.gate_margin:.0f} points below the published params'.",
+            "",
+            *gate_lines(stages),
+            "",
             "## The seeds' claims beside this run",
             "",
             "Ours is read from the table above (mean over seeds). A level is reproduced when ours is at "
@@ -951,6 +987,8 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
             "## Stages",
             "",
             *stage_lines(stages),
+            "",
+            budget_text(stages, wall_s, dc.budget_min),
             "",
         ]
     )
