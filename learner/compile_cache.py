@@ -28,7 +28,8 @@ COMPILE_EVENTS = (
 
 class CompileClock:
     """Seconds this process has spent tracing, lowering and compiling (or loading compiled) programs, summed
-    from jax's monitoring events since the clock was made; `seconds` is read at any time."""
+    from jax's monitoring events since the clock was made; `seconds` is read at any time. As a context
+    manager it stops listening on exit."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -37,3 +38,12 @@ class CompileClock:
     def _record(self, event: str, duration_s: float, **_) -> None:
         if event in COMPILE_EVENTS:
             self.seconds += duration_s
+
+    def close(self) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._record)
+
+    def __enter__(self) -> "CompileClock":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()

@@ -44,6 +44,7 @@ from envs.wrappers import Takeover
 from envs.wrappers import Trigger
 from jaxvla import normalization
 from learner import bc
+from learner import compile_cache
 from learner import dataset
 from learner import evaluate
 from learner import pro
@@ -404,6 +405,51 @@ def gate_passes(candidate_validation: float, published_validation: float, margin
     return candidate_validation >= published_validation - margin
 
 
+@dataclasses.dataclass
+class Programs:
+    """What a patching run compiles, built once per config and prior and shared by its seeds, so a second
+    seed compiles nothing: the learner kind, the operator's collector, the paired evaluation, the replay
+    insert and, with PRO's reward, the shaping (its relabelling and refresh take PRO's params as input)."""
+
+    kind: PatchLearner
+    collector: Collector
+    evaluation: PairedEvaluation
+    insert: object
+    shaping: pro.Shaping | None
+    mesh: object
+
+    @classmethod
+    def build(cls, config: Config, prior: Prior, mesh=None) -> "Programs":
+        pc, tc, sc = config.patch, config.target, config.sac
+        mesh = mesh or sharding.make_mesh()
+        # Fail now, not after minutes of compiling (make_train_steps below checks the batch and its mix).
+        if pc.envs_per_round % mesh.size:
+            raise ValueError(
+                f"patch.envs_per_round={pc.envs_per_round} must be a multiple of the {mesh.size} "
+                "devices: each device's replay shard takes whole episodes"
+            )
+        kind = PatchLearner(config, prior, mesh)
+        shaping = None
+        if pc.reward == "pro":
+            shaping = pro.Shaping(
+                pro.load(pc.pro), gamma=sc.gamma, beta=config.pro.shaping, risk_weight=config.pro.shaping_risk
+            )
+        takeover = pro.risk_takeover(pro.load(pc.pro), pc.risk_trigger) if pc.risk_trigger else Takeover
+        collector = Collector(
+            tc.task,
+            tc.split,
+            pc.envs_per_round,
+            config.operator,
+            kind.explore,
+            solo=pc.false_alarms,
+            lookahead_actor=kind.deterministic,
+            takeover=takeover,
+            keep_record=shaping is not None and config.pro.refresh_steps > 0,
+        )
+        evaluation = paired_evaluation(config, prior, kind.deterministic)
+        return cls(kind, collector, evaluation, make_insert(), shaping, mesh)
+
+
 def run_patching(
     config: Config,
     prior: Prior,
@@ -411,7 +457,7 @@ def run_patching(
     run_dir: pathlib.Path,
     *,
     seed: int,
-    mesh=None,
+    programs: Programs | None = None,
     progress: bool = True,
 ) -> tuple[list[dict], object]:
     """Patches `prior` on `config.target.task`/`split`: one record per round (round 0 is the prior) and the
@@ -420,38 +466,16 @@ def run_patching(
     Each round: roll out the published params under the operator, update the learner, score the
     candidate on the validation contexts and, if the gate lets it through, publish it; the record scores
     the published params on the test contexts. Resumes from `run_dir/checkpoints` if a previous run left
-    one.
+    one. Pass the same `programs` (`Programs.build`) to every seed of one config and prior.
     """
     pc, tc, sc = config.patch, config.target, config.sac
-    mesh = mesh or sharding.make_mesh()
-    # Fail now, not after minutes of compiling (make_train_steps below checks the batch and its mix).
-    if pc.envs_per_round % mesh.size:
-        raise ValueError(
-            f"patch.envs_per_round={pc.envs_per_round} must be a multiple of the {mesh.size} "
-            "devices: each device's replay shard takes whole episodes"
-        )
-    kind = PatchLearner(config, prior, mesh)
-    shaping = None
-    if pc.reward == "pro":
-        shaping = pro.Shaping(
-            pro.load(pc.pro), gamma=sc.gamma, beta=config.pro.shaping, risk_weight=config.pro.shaping_risk
-        )
+    programs = programs or Programs.build(config, prior)
+    kind, collector, evaluation_on = programs.kind, programs.collector, programs.evaluation
+    insert_online, shaping, mesh = programs.insert, programs.shaping, programs.mesh
+    if shaping is not None:  # every seed starts from the PRO on disk (a refresh changes the model)
+        shaping.model = pro.load(pc.pro)
         offline = shaping.episodes(offline)
     refreshing = shaping is not None and config.pro.refresh_steps > 0
-    takeover = pro.risk_takeover(pro.load(pc.pro), pc.risk_trigger) if pc.risk_trigger else Takeover
-    collector = Collector(
-        tc.task,
-        tc.split,
-        pc.envs_per_round,
-        config.operator,
-        kind.explore,
-        solo=pc.false_alarms,
-        lookahead_actor=kind.deterministic,
-        takeover=takeover,
-        keep_record=refreshing,
-    )
-    evaluation_on = paired_evaluation(config, prior, kind.deterministic)
-    insert_online = make_insert()
 
     learner = new_learner(config, prior, offline, mesh, seed, sc.actor)
     learner.published = kind.deployable(learner.state)
@@ -495,8 +519,9 @@ def run_patching(
         unit="round",
         disable=not progress,
     )
+    compiling = compile_cache.CompileClock()  # every round after the first should compile nothing
     while learner.round < pc.rounds:
-        tic = time.perf_counter()
+        tic, compiled = time.perf_counter(), compiling.seconds
         round_ = learner.round + 1
         rolled = collector(learner.published, jax.random.fold_in(key_roll, round_), round_)
         block, extra = rolled["block"], {}
@@ -546,6 +571,7 @@ def run_patching(
             "published": passed,
             "candidate_validation": checked["validation_success"],
             "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
+            "compile_s": compiling.seconds - compiled,
             **{k: float(v) for k, v in jax.device_get({**extra, **metrics}).items()},
         }
         records.append(record)
@@ -556,6 +582,7 @@ def run_patching(
         bar.update(1)
         bar.set_postfix(success=f"{record['success_rate']:.0%}", corrective=totals["corrective_episodes"])
     bar.close()
+    compiling.close()
     checkpoints.close()
     return records, learner.published
 

@@ -742,6 +742,7 @@ class Shaping:
             return relabel(dataclasses.replace(model, params=params), block, None, **self.weights)
 
         self._relabel = jax.jit(with_params)
+        self._refresher = None  # built by the first refresh, reused by every later one
 
     def __call__(self, block: dict) -> dict:
         return self._relabel(self.model.params, block)
@@ -757,9 +758,9 @@ class Shaping:
         replay sized for a whole round, so every round trains with the same program. Returns its loss."""
         episodes = rollout_episodes(record, task, str(version))
         length, envs_ = np.asarray(record["done"]).shape
-        self.model, metrics = refresh(
-            self.model, episodes, pc, key, steps=pc.refresh_steps, mesh=mesh, capacity=2 * envs_ * length
-        )
+        if self._refresher is None:
+            self._refresher = Refresher(self.model, pc, pc.refresh_steps, mesh)
+        self.model, metrics = self._refresher(self.model, episodes, key, capacity=2 * envs_ * length)
         return {"pro_refresh_loss": metrics["loss"]}
 
 
@@ -783,29 +784,35 @@ def rollout_episodes(record: dict, task: str, version: str) -> list[dict]:
     return out
 
 
-def refresh(
-    pro_: Pro,
-    episodes: list[dict],
-    pc: ProConfig,
-    key: jax.Array,
-    *,
-    steps: int,
-    mesh=None,
-    capacity: int | None = None,
-) -> tuple[Pro, dict]:
-    """PRO fine-tuned on-policy: `steps` gradient steps (a bounded budget) on `episodes`, RLDS episodes of
-    the current policy in a replay of their own (`fill_replay`, of `capacity` slots if given), from its
-    current params, at `pc.optimizer.learning_rate` without warm-up. The normalisation statistics stay
-    those PRO was trained with, so its inputs keep their meaning. Returns the refreshed PRO and its
-    training metrics."""
-    pc = dataclasses.replace(pc, net=pro_.net, steps=steps, log_every=steps)
-    mesh = mesh or sharding.make_mesh()
-    optimizer = bc.make_optimizer(pc.optimizer.learning_rate, steps, 0, pc.optimizer.weight_decay)
-    replicated = sharding.replicated(mesh)
-    buffer = fill_replay(episodes, pc, mesh, capacity=capacity)
-    state = jax.device_put(bc.init_state(jax.tree.map(jnp.copy, pro_.params), optimizer), replicated)
-    state, metrics = make_train_steps(pro_.graphdef, pro_.stats, optimizer, pc, mesh)(state, buffer, key)
-    return dataclasses.replace(pro_, params=state.params), metrics
+class Refresher:
+    """PRO fine-tuned on-policy: `steps` gradient steps (a bounded budget) on RLDS episodes of the current
+    policy, in a replay of their own (`fill_replay`), from its current params, at
+    `pc.optimizer.learning_rate` without warm-up. The normalisation statistics stay those PRO was trained
+    with, so its inputs keep their meaning. Compiled once: every round's refresh reuses the program."""
+
+    def __init__(self, pro_: Pro, pc: ProConfig, steps: int, mesh=None):
+        self.pc = dataclasses.replace(pc, net=pro_.net, steps=steps, log_every=steps)
+        self.mesh = mesh or sharding.make_mesh()
+        self.optimizer = bc.make_optimizer(pc.optimizer.learning_rate, steps, 0, pc.optimizer.weight_decay)
+        self._train = make_train_steps(pro_.graphdef, pro_.stats, self.optimizer, self.pc, self.mesh)
+        replicated = sharding.replicated(self.mesh)
+
+        # The donated train state gets buffers of its own (the copy); the params are placed before the
+        # call, so PRO's from disk (round 1) and from the last refresh (later rounds) share one program.
+        def start(params):
+            return bc.init_state(jax.tree.map(jnp.copy, params), self.optimizer)
+
+        self._start = jax.jit(start, out_shardings=replicated)
+        self._replicated = replicated
+
+    def __call__(
+        self, pro_: Pro, episodes: list[dict], key: jax.Array, *, capacity: int | None = None
+    ) -> tuple[Pro, dict]:
+        """The refreshed PRO and its training metrics; a replay of `capacity` slots if given."""
+        buffer = fill_replay(episodes, self.pc, self.mesh, capacity=capacity)
+        state = self._start(jax.device_put(pro_.params, self._replicated))
+        state, metrics = self._train(state, buffer, key)
+        return dataclasses.replace(pro_, params=state.params), metrics
 
 
 # ------------------------------------------------------------------------------------ risk trigger

@@ -139,7 +139,17 @@ def create(
         raise ValueError(
             f"capacity {capacity} must be a positive multiple of the {shards} devices of the mesh"
         )
-    slots = capacity // shards
+    empty = _empty_buffer(
+        tuple(obs_spec.items()), action_size, capacity // shards, mesh, tuple(extras_spec.items()), n_step
+    )
+    return empty()
+
+
+@functools.cache
+def _empty_buffer(obs_spec: tuple, action_size: int, slots: int, mesh: Mesh, extras_spec: tuple, n_step: int):
+    """The jitted constructor of one kind of empty buffer, built once: every buffer of the same spec (each
+    seed's, each round's) reuses its program. Specs are (name, ShapeDtypeStruct) pairs."""
+    shards = mesh.shape[DATA]
 
     def empty() -> Buffer:
         def zeros(shape, dtype):
@@ -147,7 +157,7 @@ def create(
 
         counter = jnp.zeros((shards,), jnp.int32)
         return Buffer(
-            obs={k: zeros(s.shape, s.dtype) for k, s in obs_spec.items()},
+            obs={k: zeros(s.shape, s.dtype) for k, s in obs_spec},
             action=zeros((action_size,), jnp.float32),
             reward=zeros((), jnp.float32),
             terminal=zeros((), jnp.bool_),
@@ -159,7 +169,7 @@ def create(
             intervention=zeros((), jnp.bool_),
             reward_source=zeros((), jnp.int8),
             source=zeros((), jnp.int8),
-            extras={k: zeros(s.shape, s.dtype) for k, s in extras_spec.items()},
+            extras={k: zeros(s.shape, s.dtype) for k, s in extras_spec},
             pos=counter,
             count=counter,
             next_segment=counter,
@@ -170,7 +180,7 @@ def create(
         )
 
     # Built by a jit with sharded outputs, so a large buffer never sits whole on one device.
-    return jax.jit(empty, out_shardings=NamedSharding(mesh, P(DATA)))()
+    return jax.jit(empty, out_shardings=NamedSharding(mesh, P(DATA)))
 
 
 def create_all(

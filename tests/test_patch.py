@@ -1,6 +1,7 @@
 """The patching loop: effort accounting, and a run that stops and resumes continues exactly."""
 
 import dataclasses
+import functools
 import pathlib
 import shutil
 
@@ -195,14 +196,20 @@ def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
     config = dataclasses.replace(base, target=target, patch=patching, sac=sac, pro=pro_config)
     prior = tiny_prior(config, tmp_path / "prior")
     write_tiny_state_pro(tmp_path / "pro", prior.stats)  # the run reads its net from the checkpoint
-    straight, params = patch.run_patching(config, prior, [], tmp_path, seed=0, progress=False)
+    programs = patch.Programs.build(config, prior)
+    run = functools.partial(patch.run_patching, config, prior, [], tmp_path, seed=0, programs=programs)
+    straight, params = run(progress=False)
     # PRO was refreshed on each round's episodes; the resumed run must restore the refreshed PRO, or
     # round 2's shaped rewards, and so its critic loss, would differ.
     assert all(np.isfinite(r["pro_refresh_loss"]) for r in straight[1:])
+    # Every program compiled in round 1 is reused: round 2 compiles nothing, nor does a later run (another
+    # seed, or this one resumed) that shares the programs.
+    assert straight[1]["compile_s"] > 0 and straight[2]["compile_s"] == 0
 
     # As if the learner had died before saving round 2: it resumes from round 1 and redoes round 2.
     shutil.rmtree(tmp_path / "checkpoints" / "2")
-    resumed, resumed_params = patch.run_patching(config, prior, [], tmp_path, seed=0, progress=False)
+    resumed, resumed_params = run(progress=False)
+    assert resumed[2]["compile_s"] == 0
 
     logged = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(logged) == 4, "the resumed run should redo round 2 only"

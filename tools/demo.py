@@ -336,8 +336,11 @@ def patching(
     config: configs.Config, prior: pretrain.Prior, offline: list[dict], out: pathlib.Path, novel: NovelScore
 ) -> dict:
     seeds, finals = {}, {}
+    programs = patch.Programs.build(config, prior)
     for seed in config.target.seeds:
-        seeds[seed], params = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
+        seeds[seed], params = patch.run_patching(
+            config, prior, offline, out / f"seed{seed}", seed=seed, programs=programs
+        )
         finals[seed] = novel(params, "patch")
     return {"seeds": seeds, "novel": finals}
 

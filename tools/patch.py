@@ -260,10 +260,13 @@ def run_seed(
     stress: dict,
     out: pathlib.Path,
     seed: int,
+    programs: patch.Programs,
 ) -> dict:
     """Every arm of one seed: {"arms": arm -> records, "novel": arm -> the final policy's novel success}."""
     tc, pc = config.target, config.patch
-    records, actor = patch.run_patching(config, prior, offline, out / f"seed{seed}", seed=seed)
+    records, actor = patch.run_patching(
+        config, prior, offline, out / f"seed{seed}", seed=seed, programs=programs
+    )
     arms, finals = {"patch": records}, {"patch": actor}
     for arm in ("sft", "targeted_sft"):
         if arm in demos:
@@ -309,11 +312,12 @@ def main(argv: list[str]) -> int:
         ),
     }
     settings = run_settings(config)
+    programs = patch.Programs.build(config, prior)  # compiled on first use, then shared by the seeds
     results, summaries, novel = {}, {}, {}
     for seed in tc.seeds:
         done = finished_seed(out / f"seed{seed}", settings)
         if done is None:
-            done = run_seed(config, prior, offline, demos, stress, out, seed)
+            done = run_seed(config, prior, offline, demos, stress, out, seed, programs)
             patch.save_json(out / f"seed{seed}" / SEED_RESULT, {"settings": settings, **done})
         else:
             print(f"seed {seed}: every arm finished in an earlier run ({out / f'seed{seed}' / SEED_RESULT})")
