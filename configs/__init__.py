@@ -312,9 +312,10 @@ class ProConfig:
     """λ in the dense reward Δp - λρ, the ranking score V - λρ and the episode score."""
     rank_samples: int = 8
     """K: candidate chunks ranked per step (the deterministic chunk and K - 1 samples)."""
-    rank_margin: float = 0.0
-    """Score credited to the deterministic chunk when ranking: a sampled chunk replaces it only when PRO
-    rates it higher by more than this (choose it on the validation set)."""
+    rank_margins: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2)
+    """Scores that may be credited to the deterministic chunk when ranking (a sampled chunk replaces it
+    only when PRO rates it higher by more than this). The validation contexts choose among them and
+    infinity, the policy alone (`learner.pro.choose_margin`)."""
     shaping: float = 1.0
     """β: weight of the potential-based shaping β(γΦ(s') - Φ(s)) added to the sparse reward (state-only
     PRO, `--pro.net.no-action-input`)."""
@@ -660,6 +661,7 @@ _CONFIGS = (
             batch_size=128,
             optimizer=AdamW(warmup_steps=50),
             log_every=200,
+            conservative=5.0,  # the ranking PRO's Cal-QL α (V-GPS); the state-only PRO has none
         ),
         recap=RecapConfig(
             iterations=2,
@@ -691,7 +693,10 @@ _CONFIGS = (
         ),
         patch=PatchConfig(rounds=6, sft_demos=(16, 32, 64), sft_steps=1500, hg_dagger_rounds=6),
         pro=ProConfig(
-            datasets=("{task}_train", "{task}_{split}", "pro/{task}_fleet"), steps=750, batch_size=128
+            datasets=("{task}_train", "{task}_{split}", "pro/{task}_fleet"),
+            steps=750,
+            batch_size=128,
+            conservative=5.0,
         ),
         recap=RecapConfig(iterations=2, value_steps=500, policy_steps=1000),
         ript=RiptConfig(sft_demos=4, iterations=3, rollouts_per_iteration=128),

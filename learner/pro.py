@@ -555,28 +555,39 @@ def ranking_scores(value: jax.Array, rho: jax.Array, *, risk_weight: float, marg
     return (value - risk_weight * rho).at[0].add(margin)
 
 
-def ranking_actor(
-    policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float, margin: float = 0.0
-):
-    """(policy params, env state, key) -> action [B, A]: the deterministic chunk and K - 1 sampled ones,
-    scored by an action-conditioned PRO's V - λ rho at the current step (train it with `conservative` > 0:
-    Cal-QL keeps chunks off the data from scoring high); executes the first action of the best (the env
-    needs a History wrapper)."""
+def ranking_actor(policy_graphdef, policy_stats: dict, pro: Pro, *, samples: int, risk_weight: float):
+    """(params, env state, key) -> action [B, A]: the deterministic chunk and K - 1 sampled ones, scored by
+    an action-conditioned PRO's V - λ rho at the current step (train it with `conservative` > 0: Cal-QL keeps
+    chunks off the data from scoring high); executes the first action of the best (the env needs a History
+    wrapper). params: `ranking_params`, so every margin runs one compiled program."""
     if not pro.net.action_input:
         raise ValueError("ranking needs an action-conditioned PRO (net.action_input)")
 
     def act(params, state, key):
         obs = normalization.normalize(state.obs, policy_stats)
-        mean, log_std = models.apply(policy_graphdef, params, obs)
+        mean, log_std = models.apply(policy_graphdef, params["policy"], obs)
         candidates = candidate_chunks(key, mean, log_std, samples)
         batch = window_from_history(state.info["history"], state.obs, state.cell.step, candidates)
         out = pro.outputs(batch)
         value, rho = (out[k][:, -1].reshape(samples, -1) for k in ("value", "rho"))  # [K, B]
-        score = ranking_scores(value, rho, risk_weight=risk_weight, margin=margin)
+        score = ranking_scores(value, rho, risk_weight=risk_weight, margin=params["margin"])
         best = jnp.argmax(score, axis=0)
         return jnp.take_along_axis(candidates, best[None, :, None, None], axis=0)[0, :, 0]
 
     return act
+
+
+def ranking_params(policy_params, margin: float) -> dict:
+    """A `ranking_actor`'s params: the policy's and the margin credited to its deterministic chunk. An
+    infinite margin always keeps the deterministic chunk: the policy alone."""
+    return {"policy": policy_params, "margin": jnp.float32(margin)}
+
+
+def choose_margin(successes: dict[float, float]) -> float:
+    """The margin with the highest validation success; a tie goes to the larger margin, the one that
+    leaves the policy's own chunk in place more often. With an infinite margin among them (the policy
+    alone), ranking is never chosen where it does worse than the policy on validation."""
+    return max(successes, key=lambda margin: (successes[margin], margin))
 
 
 def gate(readouts: dict, events: np.ndarray, min_success: float) -> int | None:

@@ -146,6 +146,12 @@ def test_the_gate_table_lists_each_seeds_published_and_held_back_rounds():
     ]
 
 
+def test_the_ranking_line_names_the_margin_validation_chose():
+    record = {"margin": "inf", "validation_by_margin": {"0": 0.5, "0.05": 0.6, "inf": 0.7}}
+    text = demo.ranking_text({"seeds": {demo.ONE_EVALUATION: [record]}})
+    assert "validation contexts: inf (the prior alone" in text and "0.05: 60.0%" in text
+
+
 def test_the_budget_line_says_by_how_much_a_run_overran_and_the_patching_arms_share():
     stages = {name: {"stage_wall_s": 100.0} for name in ("data", "patch", "patch_pro", "patch_risk")}
     over = demo.budget_text(stages, wall_s=18 * 60, budget_min=15)

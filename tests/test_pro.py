@@ -11,6 +11,7 @@ import pytest
 from conftest import compiled_env
 from flax import nnx
 
+import envs
 from configs import ProConfig
 from envs import rollout
 from envs.cell import COLLISION
@@ -19,12 +20,14 @@ from envs.cell import SLIP
 from envs.cell import TIMEOUT
 from envs.cell import WRONG_BIN
 from envs.operator import Trigger
+from envs.wrappers import History
 from jaxvla import export
 from jaxvla.actor import pro as actor_pro
 from jaxvla.models import ModelConfig
 from jaxvla.models.pro import ProNetConfig
 from jaxvla.models.pro import band_mask
 from jaxvla.schema import EVENTS
+from learner import evaluate
 from learner import pro
 from learner import replay
 from learner import sharding
@@ -262,6 +265,14 @@ def test_the_deterministic_chunk_keeps_its_place_unless_beaten_by_the_margin():
     np.testing.assert_allclose(kept[:, 0], [0.55, 0.53, 0.40], atol=1e-6)
 
 
+def test_the_validation_margin_is_the_best_and_on_a_tie_the_larger_one():
+    inf = float("inf")
+    assert pro.choose_margin({0.0: 0.70, 0.05: 0.75, inf: 0.72}) == 0.05
+    # Ranking ties the policy alone: keep the policy's own chunk.
+    assert pro.choose_margin({0.0: 0.70, 0.05: 0.72, inf: 0.72}) == inf
+    assert pro.choose_margin({0.0: 0.60, 0.1: 0.65, inf: 0.70}) == inf
+
+
 def test_calql_penalty_by_hand():
     # Example 0: values off the data 0.9 and 0.1, return 0.5 -> max: 0.9, 0.5 -> mean 0.7; minus Q_data 0.6.
     # Example 1: 0.0 and 0.2, return -0.5 -> mean 0.1; minus Q_data 0.3 -> -0.2.  Mean: (0.1 - 0.2) / 2.
@@ -462,6 +473,20 @@ def test_numpy_pro_and_ranking_window_match_jax(model, tmp_path):
     np.testing.assert_allclose(out["actions"], candidates[int(np.argmax(expected)), 0], atol=1e-6)
 
 
+def test_an_infinite_margin_leaves_the_policy_acting_alone(model):
+    policy_config = ModelConfig(width=16, prompt_dim=4, depth=1)
+    graphdef, params = nnx.split(policy_config.create_policy(0), nnx.Param)
+    env = History(envs.make("pick_place"), NET.window)
+    state = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.key(0), 3))
+    ranked = pro.ranking_actor(graphdef, model.stats, model, samples=4, risk_weight=0.5)
+    alone = evaluate.chunk_actor(graphdef, model.stats)
+    key = jax.random.key(1)
+    chosen = jax.jit(ranked)(pro.ranking_params(params, float("inf")), state, key)
+    np.testing.assert_array_equal(chosen, jax.jit(alone)(params, state.obs, key))
+    # With no margin, a sampled chunk can win: the same actor, another params value, one program.
+    assert jax.jit(ranked)(pro.ranking_params(params, 0.0), state, key).shape == chosen.shape
+
+
 def test_band_mask():
     mask = band_mask(jnp.array([[False, True, True, True]]), 2)
     np.testing.assert_array_equal(mask[0], [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
@@ -531,7 +556,9 @@ def test_conservative_training_runs_and_refresh_moves_only_the_params(state_mode
         state_pc = dataclasses.replace(pc, net=STATE_NET)
         pro.make_train_steps(state_model.graphdef, model.stats, optimizer, state_pc)
     # In a replay sized for any round (the patching loop's), so every round trains with one program.
-    refreshed, metrics = pro.refresh(state_model, episodes, PC, jax.random.key(1), steps=4, capacity=72)
+    refreshed, metrics = pro.Refresher(state_model, PC, steps=4)(
+        state_model, episodes, jax.random.key(1), capacity=72
+    )
     assert np.isfinite(float(metrics["loss"]))
     assert refreshed.stats is state_model.stats
     before, after = jax.tree.leaves(state_model.params), jax.tree.leaves(refreshed.params)

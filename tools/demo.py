@@ -350,7 +350,10 @@ def pro_config(config: configs.Config, out: pathlib.Path, *, action_input: bool)
     action-conditioned (it scores chunks, so it can rank them) in `out/ranking/pro`."""
     net = dataclasses.replace(config.pro.net, action_input=action_input)
     folder = out if not action_input else out / "ranking"
-    return dataclasses.replace(config, out_dir=str(folder), pro=dataclasses.replace(config.pro, net=net))
+    # Cal-QL's term needs the action input: it is the ranking PRO's alone.
+    conservative = config.pro.conservative if action_input else 0.0
+    pc = dataclasses.replace(config.pro, net=net, conservative=conservative)
+    return dataclasses.replace(config, out_dir=str(folder), pro=pc)
 
 
 def train_pros(config: configs.Config, out: pathlib.Path) -> dict:
@@ -382,18 +385,20 @@ def with_risk_trigger(config: configs.Config, pro_dir: str) -> configs.Config:
 
 
 def ranking(config: configs.Config, prior: pretrain.Prior, pro_dir: str) -> dict:
-    """The prior with PRO choosing among its deterministic chunk and K - 1 samples: one evaluation on the
-    split's test contexts and one on `novel`'s."""
+    """The prior with PRO choosing among its deterministic chunk and K - 1 samples, the margin credited to
+    its own chunk chosen on the split's validation contexts: one evaluation on the split's test contexts
+    and one on `novel`'s (with the same margin)."""
     tc = config.target
-    arm = pro_tool.ranked_arm(config.pro, prior, pro.load(pro_dir))
+    model = pro.load(pro_dir)
+    calibrated = pro_tool.calibrated_ranking(config, prior, model, tc.split)
     test = evaluate.TEST.with_episodes(tc.eval_episodes)
-
-    def on(split: str) -> dict:
-        tc = config.target
-        return evaluate.Evaluator(tc.task, split, tc.eval_episodes, **arm).on(prior.params, test)
-
-    record = {"kind": "rank", **on(tc.split)}
-    return {"seeds": {ONE_EVALUATION: [record]}, "novel": {ONE_EVALUATION: on("novel")["success_rate"]}}
+    arm = pro_tool.ranked_arm(config.pro, prior, model)
+    novel = evaluate.Evaluator(tc.task, "novel", tc.eval_episodes, **arm)
+    record = {"kind": "rank", **calibrated.evaluator.on(calibrated.params, test), **calibrated.summary()}
+    return {
+        "seeds": {ONE_EVALUATION: [record]},
+        "novel": {ONE_EVALUATION: novel.on(calibrated.params, test)["success_rate"]},
+    }
 
 
 def with_few_shot_effort(records: list[dict], demos: int, demo_steps: int, sft_wall_s: float) -> list[dict]:
@@ -835,7 +840,9 @@ def budgets(config: configs.Config) -> str:
         f"learner), gated on the validation contexts; PRO-triggered: {config.demo.trigger_rounds} such "
         f"rounds, the operator also taking over when ρ > {prc.risk_threshold}. Ranking: the prior's "
         f"deterministic chunk and {prc.rank_samples - 1} samples, the best by PRO "
-        f"(V - {prc.risk_weight}ρ). Recap: {rc.iterations} iterations of {rc.autonomous_per_iteration} "
+        f"(V - {prc.risk_weight}ρ, Cal-QL α {prc.conservative:g}), the deterministic chunk credited a margin "
+        f"chosen on the validation contexts among {list(prc.rank_margins)} and ∞ (the prior alone). "
+        f"Recap: {rc.iterations} iterations of {rc.autonomous_per_iteration} "
         f"autonomous + {rc.corrected_per_iteration} corrected episodes. RIPT: {ri.iterations} iterations "
         f"of {ri.rollouts_per_iteration} rollouts after BC on {ri.sft_demos} demonstrations (its operator "
         f"effort)."
@@ -888,6 +895,17 @@ def gate_lines(stages: dict) -> list[str]:
             held = ", ".join(str(r["round"]) for r in rounds if not r["published"]) or "none"
             lines.append(f"| {ARMS[arm]} | {seed} | {published} | {held} |")
     return lines
+
+
+def ranking_text(rank: dict) -> str:
+    """The margin PRO's ranking ran with, and the validation successes that chose it."""
+    record = rank["seeds"][ONE_EVALUATION][0]
+    if "margin" not in record:  # a stage an older version ran
+        return "PRO ranking ran with a fixed margin."
+    tried = ", ".join(f"{m}: {100 * s:.1f}%" for m, s in record["validation_by_margin"].items())
+    alone = " (the prior alone: ranking did not beat it on validation)" if record["margin"] == "inf" else ""
+    chosen = record["margin"]
+    return f"PRO ranking's margin, chosen on the validation contexts: {chosen}{alone}. Tried: {tried}."
 
 
 def budget_text(stages: dict, wall_s: float, budget_min: float) -> str:
@@ -957,6 +975,8 @@ def report(config: configs.Config, stages: dict, out: pathlib.Path, wall_s: floa
             f"more than {100 * pc.gate_margin:.0f} points below the published params'.",
             "",
             *gate_lines(stages),
+            "",
+            ranking_text(stages["rank"]),
             "",
             "## The seeds' claims beside this run",
             "",

@@ -183,16 +183,45 @@ def train(config: configs.Config) -> int:
 
 # ---------------------------------------------------------------------------------------------- eval
 def ranked_arm(pc, policy, model) -> dict:
-    """The `Evaluator` arguments of `policy` ranking K chunks by `model`: a state actor over a window."""
+    """The `Evaluator` arguments of `policy` ranking K chunks by `model`: a state actor over a window. Its
+    params are `pro.ranking_params(policy params, margin)`."""
     actor = pro.ranking_actor(
-        policy.graphdef,
-        policy.stats,
-        model,
-        samples=pc.rank_samples,
-        risk_weight=pc.risk_weight,
-        margin=pc.rank_margin,
+        policy.graphdef, policy.stats, model, samples=pc.rank_samples, risk_weight=pc.risk_weight
     )
     return {"state_actor": actor, "wrap": lambda env: History(env, model.net.window)}
+
+
+def margin_label(margin: float) -> str:
+    return "inf" if math.isinf(margin) else f"{margin:g}"
+
+
+@dataclasses.dataclass
+class CalibratedRanking:
+    """Ranking by PRO on one split, the margin credited to the policy's own chunk chosen on the validation
+    contexts among `pro.rank_margins` and infinity (the policy alone): run `evaluator` on `params`."""
+
+    evaluator: evaluate.Evaluator
+    params: dict
+    margin: float
+    validation: dict[str, float]  # margin_label -> validation success
+
+    def summary(self) -> dict:
+        return {"margin": margin_label(self.margin), "validation_by_margin": self.validation}
+
+
+def calibrated_ranking(config: configs.Config, policy, model, split: str) -> CalibratedRanking:
+    """`policy` ranked by `model` on `split`, its margin chosen on that split's validation contexts (as many
+    as the test contexts, so both run one compiled program)."""
+    tc, pc = config.target, config.pro
+    evaluator = evaluate.Evaluator(tc.task, split, tc.eval_episodes, **ranked_arm(pc, policy, model))
+    contexts = evaluate.VALIDATION.with_episodes(tc.eval_episodes)
+    margins = (*pc.rank_margins, math.inf)
+    successes = {
+        m: evaluator.on(pro.ranking_params(policy.params, m), contexts)["success_rate"] for m in margins
+    }
+    margin = pro.choose_margin(successes)
+    validation = {margin_label(m): s for m, s in successes.items()}
+    return CalibratedRanking(evaluator, pro.ranking_params(policy.params, margin), margin, validation)
 
 
 def ranking_evaluations(
@@ -208,12 +237,14 @@ def ranking_evaluations(
         "mode": {"actor": evaluate.chunk_actor(policy.graphdef, policy.stats)},
         "sampled": {"actor": evaluate.chunk_actor(policy.graphdef, policy.stats, explore=True)},
     }
-    if model.net.action_input:
-        actors[f"ranked_k{pc.rank_samples}"] = ranked_arm(pc, policy, model)
     out = {}
     for name, kwargs in actors.items():
         evaluator = evaluate.Evaluator(tc.task, split, tc.eval_episodes, **kwargs)
         out[name] = evaluate.summarize(evaluator(policy.params, key))
+    if model.net.action_input:
+        ranked = calibrated_ranking(config, policy, model, split)
+        summary = evaluate.summarize(ranked.evaluator(ranked.params, key))
+        out[f"ranked_k{pc.rank_samples}"] = {**summary, **ranked.summary()}
     return out
 
 
@@ -506,25 +537,29 @@ def deployment_scores(config: configs.Config, prior, model: pro.Pro, split: str)
 
 # ---------------------------------------------------------------------------------------------- rank
 def rank(config: configs.Config) -> int:
-    """The deterministic policy against ranking, on the fixed test contexts of train and `target.split`."""
+    """The deterministic policy against ranking, on the fixed test contexts of train and `target.split`;
+    ranking's margin is chosen on each split's validation contexts."""
     tc, pc = config.target, config.pro
     out = run_dir(config)
     model = pro.load(out)
     prior = pretrain.load_prior(tc.prior, PROG)
     contexts = evaluate.TEST.with_episodes(tc.eval_episodes)
-    arms = {
-        "deterministic": {"actor": evaluate.chunk_actor(prior.graphdef, prior.stats)},
-        f"ranked_k{pc.rank_samples}": ranked_arm(pc, prior, model),
-    }
-    report = {}
+    deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
+    ranked = f"ranked_k{pc.rank_samples}"
+    report, margins = {}, {}
     for split in dict.fromkeys(("train", config.target.split)):
-        for name, kwargs in arms.items():
-            evaluator = evaluate.Evaluator(tc.task, split, tc.eval_episodes, **kwargs)
-            report[f"{name}", split] = evaluator.on(prior.params, contexts)
+        evaluator = evaluate.Evaluator(tc.task, split, tc.eval_episodes, deterministic)
+        report["deterministic", split] = evaluator.on(prior.params, contexts)
+        calibrated = calibrated_ranking(config, prior, model, split)
+        report[ranked, split] = calibrated.evaluator.on(calibrated.params, contexts)
+        margins[split] = calibrated.summary()
+        for name in ("deterministic", ranked):
             print(f"{name}/{split}: {report[name, split]['success_rate']:.1%}", flush=True)
+        print(f"margin on {split}, chosen on validation: {margins[split]}", flush=True)
     print(evaluate.format_table(report))
     rows = [{"arm": a, "split": s, **r} for (a, s), r in report.items()]
-    (out / "rank.json").write_text(json.dumps({"conservative": pc.conservative, "rows": rows}, indent=1))
+    payload = {"conservative": pc.conservative, "margins": margins, "rows": rows}
+    (out / "rank.json").write_text(json.dumps(payload, indent=1))
     print(f"wrote {out / 'rank.json'}")
     return 0
 
