@@ -672,6 +672,31 @@ def demonstration_effort(episodes: list[dict]) -> dict:
     }
 
 
+@dataclasses.dataclass
+class RetrainPrograms:
+    """What SFT and HG-DAgger compile, built once per config and prior and shared by their seeds: the BC
+    retraining, the chunk policy's paired evaluation and HG-DAgger's operator-watched collector."""
+
+    retrain: Retrainer
+    evaluation: PairedEvaluation
+    collector: Collector
+
+    @classmethod
+    def build(cls, config: Config, prior: Prior, mesh=None) -> "RetrainPrograms":
+        pc, tc = config.patch, config.target
+        deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
+        collector = Collector(
+            tc.task,
+            tc.split,
+            pc.envs_per_round,
+            config.operator,
+            deterministic,
+            solo=pc.false_alarms,
+            lookahead_actor=deterministic,
+        )
+        return cls(Retrainer(config, prior, mesh), paired_evaluation(config, prior), collector)
+
+
 def run_sft(
     config: Config,
     prior: Prior,
@@ -680,14 +705,15 @@ def run_sft(
     *,
     seed: int,
     kind: str = "sft",
-    mesh=None,
+    programs: RetrainPrograms | None = None,
     progress: bool = True,
 ) -> tuple[list[dict], nnx.State]:
     """SFT retraining from the prior on the first N of `demos` plus the offline data, once per count in
     `config.patch.sft_demos`: full SFT (demonstrations of the split) or targeted SFT (of its tails). Returns
     one record per count and the params retrained on the most demonstrations."""
     pc, tc, chunk = config.patch, config.target, prior.model.chunk
-    retrain, evaluation_on = Retrainer(config, prior, mesh), paired_evaluation(config, prior)
+    programs = programs or RetrainPrograms.build(config, prior)
+    retrain, evaluation_on = programs.retrain, programs.evaluation
     offline_data = dataset.flatten(offline, chunk)
     records = []
     for count in tqdm(
@@ -710,23 +736,20 @@ def run_sft(
 
 
 def run_hg_dagger(
-    config: Config, prior: Prior, offline: list[dict], *, seed: int, mesh=None, progress: bool = True
+    config: Config,
+    prior: Prior,
+    offline: list[dict],
+    *,
+    seed: int,
+    programs: RetrainPrograms | None = None,
+    progress: bool = True,
 ) -> tuple[list[dict], nnx.State]:
     """HG-DAgger: each round the current BC policy runs `envs_per_round` episodes under the same operator
     triggers as patching; every operator step joins the aggregate, and the prior is retrained by BC on it
     plus the offline data. One record per round (round 0 is the prior) and the last round's params."""
     pc, tc, chunk = config.patch, config.target, prior.model.chunk
-    deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
-    collector = Collector(
-        tc.task,
-        tc.split,
-        pc.envs_per_round,
-        config.operator,
-        deterministic,
-        solo=pc.false_alarms,
-        lookahead_actor=deterministic,
-    )
-    retrain, evaluation_on = Retrainer(config, prior, mesh), paired_evaluation(config, prior)
+    programs = programs or RetrainPrograms.build(config, prior)
+    collector, retrain, evaluation_on = programs.collector, programs.retrain, programs.evaluation
     aggregate, params, totals = dataset.flatten(offline, chunk), prior.params, dict(ZERO_EFFORT)
     key = jax.random.fold_in(jax.random.key(seed), 7)  # not patching's rollout keys
     records = [{"kind": "hg_dagger", "round": 0, **effort_record(totals), **evaluation_on(params)}]

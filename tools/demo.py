@@ -302,6 +302,7 @@ def sft_arm(
     prior: pretrain.Prior,
     offline: list[dict],
     novel: NovelScore,
+    programs: patch.RetrainPrograms,
     *,
     split: str,
     kind: str,
@@ -319,15 +320,23 @@ def sft_arm(
     )
     seeds, finals = {}, {}
     for seed in tc.seeds:
-        seeds[seed], params = patch.run_sft(config, prior, demos, offline, seed=seed, kind=kind)
+        seeds[seed], params = patch.run_sft(
+            config, prior, demos, offline, seed=seed, kind=kind, programs=programs
+        )
         finals[seed] = novel(params)
     return {"seeds": seeds, "novel": finals}
 
 
-def hg_dagger(config: configs.Config, prior: pretrain.Prior, offline: list[dict], novel: NovelScore) -> dict:
+def hg_dagger(
+    config: configs.Config,
+    prior: pretrain.Prior,
+    offline: list[dict],
+    novel: NovelScore,
+    programs: patch.RetrainPrograms,
+) -> dict:
     seeds, finals = {}, {}
     for seed in config.target.seeds:
-        seeds[seed], params = patch.run_hg_dagger(config, prior, offline, seed=seed)
+        seeds[seed], params = patch.run_hg_dagger(config, prior, offline, seed=seed, programs=programs)
         finals[seed] = novel(params)
     return {"seeds": seeds, "novel": finals}
 
@@ -1049,6 +1058,8 @@ def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Pa
     stage's result reads it from `done`."""
     tc, pc, pre = config.target, config.patch, config.pretrain
     novel = NovelScore(config, prior)
+    # Built once (compiled on first use): both SFT arms, HG-DAgger and every seed share these programs.
+    retraining = patch.RetrainPrograms.build(config, prior)
     offline = operator_demos.load_or_generate(
         pre.data_dir, tc.task, "train", pc.offline_episodes, seed=pre.seed
     )
@@ -1077,13 +1088,13 @@ def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Pa
         "fleet": (f"the prior on {tc.split} through the fleet service", lambda: deploy(config, prior, out)),
         "sft": (
             "full SFT retraining",
-            lambda: sft_arm(config, prior, offline, novel, split=tc.split, kind="sft"),
+            lambda: sft_arm(config, prior, offline, novel, retraining, split=tc.split, kind="sft"),
         ),
         "targeted_sft": (
             "targeted SFT on the tails' demonstrations",
-            lambda: sft_arm(config, prior, offline, novel, split="tail", kind="targeted_sft"),
+            lambda: sft_arm(config, prior, offline, novel, retraining, split="tail", kind="targeted_sft"),
         ),
-        "hg_dagger": ("HG-DAgger", lambda: hg_dagger(config, prior, offline, novel)),
+        "hg_dagger": ("HG-DAgger", lambda: hg_dagger(config, prior, offline, novel, retraining)),
         "patch": (
             "policy patching, sparse reward",
             lambda: patching(config, prior, offline, out / "patch", novel),

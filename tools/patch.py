@@ -261,6 +261,7 @@ def run_seed(
     out: pathlib.Path,
     seed: int,
     programs: patch.Programs,
+    retraining: patch.RetrainPrograms,
 ) -> dict:
     """Every arm of one seed: {"arms": arm -> records, "novel": arm -> the final policy's novel success}."""
     tc, pc = config.target, config.patch
@@ -270,9 +271,13 @@ def run_seed(
     arms, finals = {"patch": records}, {"patch": actor}
     for arm in ("sft", "targeted_sft"):
         if arm in demos:
-            arms[arm], finals[arm] = patch.run_sft(config, prior, demos[arm], offline, seed=seed, kind=arm)
+            arms[arm], finals[arm] = patch.run_sft(
+                config, prior, demos[arm], offline, seed=seed, kind=arm, programs=retraining
+            )
     if "hg_dagger" in pc.baselines:
-        arms["hg_dagger"], finals["hg_dagger"] = patch.run_hg_dagger(config, prior, offline, seed=seed)
+        arms["hg_dagger"], finals["hg_dagger"] = patch.run_hg_dagger(
+            config, prior, offline, seed=seed, programs=retraining
+        )
     contexts = evaluate.TEST.with_episodes(tc.eval_episodes)
     novel = {
         arm: stress["patch" if arm == "patch" else "retrained"].on(params, contexts)["success_rate"]
@@ -312,12 +317,13 @@ def main(argv: list[str]) -> int:
         ),
     }
     settings = run_settings(config)
-    programs = patch.Programs.build(config, prior)  # compiled on first use, then shared by the seeds
+    # Compiled on first use, then shared by the seeds.
+    programs, retraining = patch.Programs.build(config, prior), patch.RetrainPrograms.build(config, prior)
     results, summaries, novel = {}, {}, {}
     for seed in tc.seeds:
         done = finished_seed(out / f"seed{seed}", settings)
         if done is None:
-            done = run_seed(config, prior, offline, demos, stress, out, seed, programs)
+            done = run_seed(config, prior, offline, demos, stress, out, seed, programs, retraining)
             patch.save_json(out / f"seed{seed}" / SEED_RESULT, {"settings": settings, **done})
         else:
             print(f"seed {seed}: every arm finished in an earlier run ({out / f'seed{seed}' / SEED_RESULT})")
