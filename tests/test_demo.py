@@ -157,6 +157,8 @@ def test_the_budget_line_says_by_how_much_a_run_overran_and_the_patching_arms_sh
     over = demo.budget_text(stages, wall_s=18 * 60, budget_min=15)
     assert "took 18.0 min, over it by 3.0 min" in over and "300 s of the stages' 400 s (75%)" in over
     assert "within it" in demo.budget_text(stages, wall_s=14 * 60, budget_min=15)
+    resumed = demo.budget_text(stages, wall_s=2 * 60, budget_min=15, read_back=["data", "patch"])
+    assert "read 2 stages back" in resumed and "within" not in resumed
 
 
 def test_a_finished_stage_is_read_back_not_run_again(tmp_path):
