@@ -742,6 +742,8 @@ def plot_learning(runs: dict, path: pathlib.Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     x_axes = {"takeover_steps": "operator steps", "env_steps": "environment steps"}
+    # The arms differ by a few points: the y axis starts just under the lowest success plotted.
+    lowest = min(r["success_rate"] for by_seed in runs.values() for recs in by_seed.values() for r in recs)
     for ax, (key, label) in zip(axes, x_axes.items(), strict=True):
         for colour, (arm, by_seed) in enumerate(runs.items()):
             for i, recs in enumerate(by_seed.values()):
@@ -754,7 +756,7 @@ def plot_learning(runs: dict, path: pathlib.Path, title: str) -> None:
         ax.set_xlabel(label)
         ax.set_xscale("symlog", linthresh=100)
         ax.set_xlim(left=0)
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(max(0.0, lowest - 0.05), 1.0)
     axes[0].set_ylabel("success on the test contexts (no operator)")
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
