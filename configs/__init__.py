@@ -661,7 +661,6 @@ _CONFIGS = (
             batch_size=128,
             optimizer=AdamW(warmup_steps=50),
             log_every=200,
-            conservative=5.0,  # the ranking PRO's Cal-QL α (V-GPS); the state-only PRO has none
         ),
         recap=RecapConfig(
             iterations=2,
@@ -693,10 +692,7 @@ _CONFIGS = (
         ),
         patch=PatchConfig(rounds=6, sft_demos=(16, 32, 64), sft_steps=1500, hg_dagger_rounds=6),
         pro=ProConfig(
-            datasets=("{task}_train", "{task}_{split}", "pro/{task}_fleet"),
-            steps=750,
-            batch_size=128,
-            conservative=5.0,
+            datasets=("{task}_train", "{task}_{split}", "pro/{task}_fleet"), steps=750, batch_size=128
         ),
         recap=RecapConfig(iterations=2, value_steps=500, policy_steps=1000),
         ript=RiptConfig(sft_demos=4, iterations=3, rollouts_per_iteration=128),

@@ -802,7 +802,11 @@ class Refresher:
     with, so its inputs keep their meaning. Compiled once: every round's refresh reuses the program."""
 
     def __init__(self, pro_: Pro, pc: ProConfig, steps: int, mesh=None):
-        self.pc = dataclasses.replace(pc, net=pro_.net, steps=steps, log_every=steps)
+        # Cal-QL's term ranks chunks: a state-only PRO (shaping, risk) has none to push down.
+        conservative = pc.conservative if pro_.net.action_input else 0.0
+        self.pc = dataclasses.replace(
+            pc, net=pro_.net, steps=steps, log_every=steps, conservative=conservative
+        )
         self.mesh = mesh or sharding.make_mesh()
         self.optimizer = bc.make_optimizer(pc.optimizer.learning_rate, steps, 0, pc.optimizer.weight_decay)
         self._train = make_train_steps(pro_.graphdef, pro_.stats, self.optimizer, self.pc, self.mesh)

@@ -356,13 +356,16 @@ def patching(
     return {"seeds": seeds, "novel": finals}
 
 
+RANKING_CONSERVATIVE = 5.0  # the ranking PRO's Cal-QL α (V-GPS's); the state-only PRO has no such term
+
+
 def pro_config(config: configs.Config, out: pathlib.Path, *, action_input: bool) -> configs.Config:
     """PRO's settings for one of its uses: state-only (a potential and a state risk) in `out/pro`, or
     action-conditioned (it scores chunks, so it can rank them) in `out/ranking/pro`."""
     net = dataclasses.replace(config.pro.net, action_input=action_input)
     folder = out if not action_input else out / "ranking"
     # Cal-QL's term needs the action input: it is the ranking PRO's alone.
-    conservative = config.pro.conservative if action_input else 0.0
+    conservative = RANKING_CONSERVATIVE if action_input else 0.0
     pc = dataclasses.replace(config.pro, net=net, conservative=conservative)
     return dataclasses.replace(config, out_dir=str(folder), pro=pc)
 
@@ -853,8 +856,8 @@ def budgets(config: configs.Config) -> str:
         f"learner), gated on the validation contexts; PRO-triggered: {config.demo.trigger_rounds} such "
         f"rounds, the operator also taking over when ρ > {prc.risk_threshold}. Ranking: the prior's "
         f"deterministic chunk and {prc.rank_samples - 1} samples, the best by PRO "
-        f"(V - {prc.risk_weight}ρ, Cal-QL α {prc.conservative:g}), the deterministic chunk credited a margin "
-        f"chosen on the validation contexts among {list(prc.rank_margins)} and ∞ (the prior alone). "
+        f"(V - {prc.risk_weight}ρ, Cal-QL α {RANKING_CONSERVATIVE:g}), the deterministic chunk credited a "
+        f"margin chosen on the validation contexts among {list(prc.rank_margins)} and ∞ (the prior alone). "
         f"Recap: {rc.iterations} iterations of {rc.autonomous_per_iteration} "
         f"autonomous + {rc.corrected_per_iteration} corrected episodes. RIPT: {ri.iterations} iterations "
         f"of {ri.rollouts_per_iteration} rollouts after BC on {ri.sft_demos} demonstrations (its operator "
