@@ -555,8 +555,9 @@ def test_conservative_training_runs_and_refresh_moves_only_the_params(state_mode
     with pytest.raises(ValueError, match="action-conditioned"):
         state_pc = dataclasses.replace(pc, net=STATE_NET)
         pro.make_train_steps(state_model.graphdef, model.stats, optimizer, state_pc)
-    # In a replay sized for any round (the patching loop's), so every round trains with one program.
-    refreshed, metrics = pro.Refresher(state_model, PC, steps=4)(
+    # In a replay sized for any round (the patching loop's), so every round trains with one program. The
+    # config's Cal-QL α is for ranking: refreshing the state-only PRO leaves the term out.
+    refreshed, metrics = pro.Refresher(state_model, pc, steps=4)(
         state_model, episodes, jax.random.key(1), capacity=72
     )
     assert np.isfinite(float(metrics["loss"]))
