@@ -161,6 +161,16 @@ def test_the_budget_line_says_by_how_much_a_run_overran_and_the_patching_arms_sh
     assert "read 2 stages back" in resumed and "within" not in resumed
 
 
+def test_only_stages_finished_before_the_invocation_count_as_read_back(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "old.json").write_text("{}")
+    stage = demo.Stages(tmp_path, total=2)
+    (tmp_path / "stages" / "other_lane.json").write_text("{}")  # written during this invocation
+    stage("old", "earlier", dict)
+    stage("other_lane", "the other lane's", dict)
+    assert stage.read_back == ["old"]
+
+
 def test_a_finished_stage_is_read_back_not_run_again(tmp_path):
     calls = []
 

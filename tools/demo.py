@@ -91,8 +91,10 @@ class Stages:
 
     def __init__(self, out: pathlib.Path, total: int):
         self.folder, self.total, self.done = out / "stages", total, 0
-        self.read_back: list[str] = []  # the stages an earlier invocation finished
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Finished before this invocation began (the other lane's, read back later, are not among them).
+        self.earlier = {path.stem for path in self.folder.glob("*.json")}
+        self.read_back: list[str] = []  # the stages an earlier invocation finished
         self.tic = time.perf_counter()
         self.compiling = compile_cache.CompileClock()
 
@@ -103,7 +105,8 @@ class Stages:
         elapsed = time.perf_counter() - self.tic
         if path.exists():
             print(f"[{self.done}/{self.total}] {name}: done, read back from {path}", flush=True)
-            self.read_back.append(name)
+            if name in self.earlier:
+                self.read_back.append(name)
             return json.loads(path.read_text())
         print(f"\n[{self.done}/{self.total}] {name}: {what}  (elapsed {elapsed / 60:.1f} min)", flush=True)
         tic, compiled = time.perf_counter(), self.compiling.seconds
