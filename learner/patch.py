@@ -519,70 +519,74 @@ def run_patching(
         unit="round",
         disable=not progress,
     )
-    compiling = compile_cache.CompileClock()  # every round after the first should compile nothing
-    while learner.round < pc.rounds:
-        tic, compiled = time.perf_counter(), compiling.seconds
-        round_ = learner.round + 1
-        rolled = collector(learner.published, jax.random.fold_in(key_roll, round_), round_)
-        block, extra = rolled["block"], {}
-        if refreshing:  # on-policy: PRO first learns what this round's episodes did, then labels them
-            extra = shaping.refresh(
-                jax.device_get(rolled.pop("record")),
-                tc.task,
+    # Every round after the first should compile nothing; the clock stops listening when patching ends.
+    with compile_cache.CompileClock() as compiling:
+        while learner.round < pc.rounds:
+            tic, compiled = time.perf_counter(), compiling.seconds
+            round_ = learner.round + 1
+            rolled = collector(learner.published, jax.random.fold_in(key_roll, round_), round_)
+            block, extra = rolled["block"], {}
+            if refreshing:  # on-policy: PRO first learns what this round's episodes did, then labels them
+                extra = shaping.refresh(
+                    jax.device_get(rolled.pop("record")),
+                    tc.task,
+                    round_,
+                    config.pro,
+                    jax.random.fold_in(key_reward, round_),
+                    mesh=mesh,
+                )
+            if shaping is not None:
+                block = shaping(block)
+            buffers = insert_experience(insert_online, learner.buffers, block)
+            state = learner.state
+            if round_ == 1 and kind.pretrain is not None:
+                state, pretrained = pretrain_critic(
+                    kind, state, offline, block, config, mesh, jax.random.fold_in(key_train, 0)
+                )
+                extra = {**extra, **pretrained}
+            state, metrics = kind.train(state, buffers, jax.random.fold_in(key_train, round_))
+            if kind.reach is not None:
+                extra = {**extra, **{f"operator_{k}": v for k, v in kind.reach(block).items()}}
+            jax.block_until_ready(state)
+            totals = add_effort(
+                learner.totals,
+                effort(block, rolled.get("solo_success")),
+                takeover_segments(np.asarray(block["intervention"])),
+            )
+            totals["wall_s"] = learner.totals["wall_s"] + time.perf_counter() - tic
+            candidate = kind.deployable(state)
+            checked = evaluation_on.on_validation(candidate)
+            passed = not pc.gate or gate_passes(
+                checked["validation_success"], records[-1]["validation_success"], pc.gate_margin
+            )
+            published = candidate if passed else learner.published
+            # Unpublished: the published params, scored on the same contexts, score as they did last round.
+            scored = (
+                evaluation_on(published) if passed else {k: v for k, v in records[-1].items() if k in SCORES}
+            )
+            reward_model = shaping.model.params if refreshing else None
+            learner = Learner(state, buffers, round_, totals, published, reward_model)
+            record = {
+                "kind": "patch",
+                "round": round_,
+                **effort_record(totals),
+                **scored,
+                "published": passed,
+                "candidate_validation": checked["validation_success"],
+                "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
+                "compile_s": compiling.seconds - compiled,
+                **{k: float(v) for k, v in jax.device_get({**extra, **metrics}).items()},
+            }
+            records.append(record)
+            log.write(record)
+            checkpoints.save(
                 round_,
-                config.pro,
-                jax.random.fold_in(key_reward, round_),
-                mesh=mesh,
+                learner.checkpointed(),
+                {"round": round_, "totals": learner.totals, "records": records},
             )
-        if shaping is not None:
-            block = shaping(block)
-        buffers = insert_experience(insert_online, learner.buffers, block)
-        state = learner.state
-        if round_ == 1 and kind.pretrain is not None:
-            state, pretrained = pretrain_critic(
-                kind, state, offline, block, config, mesh, jax.random.fold_in(key_train, 0)
-            )
-            extra = {**extra, **pretrained}
-        state, metrics = kind.train(state, buffers, jax.random.fold_in(key_train, round_))
-        if kind.reach is not None:
-            extra = {**extra, **{f"operator_{k}": v for k, v in kind.reach(block).items()}}
-        jax.block_until_ready(state)
-        totals = add_effort(
-            learner.totals,
-            effort(block, rolled.get("solo_success")),
-            takeover_segments(np.asarray(block["intervention"])),
-        )
-        totals["wall_s"] = learner.totals["wall_s"] + time.perf_counter() - tic
-        candidate = kind.deployable(state)
-        checked = evaluation_on.on_validation(candidate)
-        passed = not pc.gate or gate_passes(
-            checked["validation_success"], records[-1]["validation_success"], pc.gate_margin
-        )
-        published = candidate if passed else learner.published
-        # Unpublished: the published params, scored on the same contexts, score as they did last round.
-        scored = evaluation_on(published) if passed else {k: v for k, v in records[-1].items() if k in SCORES}
-        reward_model = shaping.model.params if refreshing else None
-        learner = Learner(state, buffers, round_, totals, published, reward_model)
-        record = {
-            "kind": "patch",
-            "round": round_,
-            **effort_record(totals),
-            **scored,
-            "published": passed,
-            "candidate_validation": checked["validation_success"],
-            "assisted_success": float(np.mean(np.asarray(rolled["success"]))),
-            "compile_s": compiling.seconds - compiled,
-            **{k: float(v) for k, v in jax.device_get({**extra, **metrics}).items()},
-        }
-        records.append(record)
-        log.write(record)
-        checkpoints.save(
-            round_, learner.checkpointed(), {"round": round_, "totals": learner.totals, "records": records}
-        )
-        bar.update(1)
-        bar.set_postfix(success=f"{record['success_rate']:.0%}", corrective=totals["corrective_episodes"])
-    bar.close()
-    compiling.close()
+            bar.update(1)
+            bar.set_postfix(success=f"{record['success_rate']:.0%}", corrective=totals["corrective_episodes"])
+        bar.close()
     checkpoints.close()
     return records, learner.published
 
