@@ -316,6 +316,9 @@ class ProConfig:
     """Scores that may be credited to the deterministic chunk when ranking (a sampled chunk replaces it
     only when PRO rates it higher by more than this). The validation contexts choose among them and
     infinity, the policy alone (`learner.pro.choose_margin`)."""
+    rank_significance: float = 0.05
+    """A margin replaces the policy alone only when it beats it on the validation contexts by a paired sign
+    test at this level, Bonferroni-corrected over `rank_margins`."""
     shaping: float = 1.0
     """β: weight of the potential-based shaping β(γΦ(s') - Φ(s)) added to the sparse reward (state-only
     PRO, `--pro.net.no-action-input`)."""
@@ -337,6 +340,8 @@ class ProConfig:
     def __post_init__(self) -> None:
         if self.batch_size % 2 or self.steps % self.log_every:
             raise ValueError("ProConfig: batch_size must be even and steps a multiple of log_every")
+        if not 0 < self.rank_significance <= 1:
+            raise ValueError(f"ProConfig.rank_significance must be in (0, 1], got {self.rank_significance}")
 
     def dataset_names(self, task: str) -> tuple[str, ...]:
         """`datasets` for `task` (`target.task`)."""

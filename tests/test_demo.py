@@ -147,9 +147,13 @@ def test_the_gate_table_lists_each_seeds_published_and_held_back_rounds():
 
 
 def test_the_ranking_line_names_the_margin_validation_chose():
-    record = {"margin": "inf", "validation_by_margin": {"0": 0.5, "0.05": 0.6, "inf": 0.7}}
+    record = {
+        "margin": "inf",
+        "validation_by_margin": {"0": 0.5, "0.05": 0.75, "inf": 0.7},
+        "sign_test_p": {"0": 0.99, "0.05": 0.31},
+    }
     text = demo.ranking_text({"seeds": {demo.ONE_EVALUATION: [record]}})
-    assert "validation contexts: inf (the prior alone" in text and "0.05: 60.0%" in text
+    assert "validation contexts: inf (the prior alone" in text and "0.05: 75.0% (p 0.31)" in text
 
 
 def test_the_budget_line_says_by_how_much_a_run_overran_and_the_patching_arms_share():

@@ -265,12 +265,35 @@ def test_the_deterministic_chunk_keeps_its_place_unless_beaten_by_the_margin():
     np.testing.assert_allclose(kept[:, 0], [0.55, 0.53, 0.40], atol=1e-6)
 
 
-def test_the_validation_margin_is_the_best_and_on_a_tie_the_larger_one():
-    inf = float("inf")
-    assert pro.choose_margin({0.0: 0.70, 0.05: 0.75, inf: 0.72}) == 0.05
-    # Ranking ties the policy alone: keep the policy's own chunk.
-    assert pro.choose_margin({0.0: 0.70, 0.05: 0.72, inf: 0.72}) == inf
-    assert pro.choose_margin({0.0: 0.60, 0.1: 0.65, inf: 0.70}) == inf
+POLICY_ALONE = np.array([True] * 20 + [False] * 12)  # validation successes of the policy alone
+
+
+def ranked(wins: int, losses: int) -> np.ndarray:
+    """Ranked successes on the same contexts: it wins `wins` the policy lost and loses `losses` it won."""
+    out = POLICY_ALONE.copy()
+    out[20 : 20 + wins] = True
+    out[:losses] = False
+    return out
+
+
+def test_the_sign_test_by_hand():
+    # 5 wins, 0 losses: P(X >= 5 | n = 5, 1/2) = 1/32; 3 wins, 1 loss: P(X >= 3 | 4) = 5/16.
+    assert pro.sign_test(ranked(5, 0), POLICY_ALONE) == pytest.approx(1 / 32)
+    assert pro.sign_test(ranked(3, 1), POLICY_ALONE) == pytest.approx(5 / 16)
+    assert pro.sign_test(POLICY_ALONE, POLICY_ALONE) == 1.0
+
+
+def test_a_margin_replaces_the_policy_only_with_a_significant_validation_gain():
+    inf, alone = float("inf"), POLICY_ALONE
+    # 8 wins, none lost: p = 1/256, under 0.05 / 2. 3 wins, 1 lost (the one-context gain of 7e48f1a): no.
+    assert pro.choose_margin({0.0: ranked(3, 1), 0.05: ranked(8, 0), inf: alone}, 0.05) == 0.05
+    assert pro.choose_margin({0.0: ranked(3, 1), inf: alone}, 0.05) == inf
+    # Both significant and equally good: the larger margin keeps the policy's own chunk more often.
+    assert pro.choose_margin({0.0: ranked(8, 0), 0.1: ranked(8, 0), inf: alone}, 0.05) == 0.1
+    # Bonferroni: 6 wins (p = 1/64) pass for one margin tried at 0.05, not for five.
+    assert pro.choose_margin({0.1: ranked(6, 0), inf: alone}, 0.05) == 0.1
+    five = {m: ranked(6, 0) for m in (0.0, 0.02, 0.05, 0.1, 0.2)}
+    assert pro.choose_margin({**five, inf: alone}, 0.05) == inf
 
 
 def test_calql_penalty_by_hand():

@@ -921,8 +921,16 @@ def ranking_text(rank: dict) -> str:
     record = rank["seeds"][ONE_EVALUATION][0]
     if "margin" not in record:  # a stage an older version ran
         return "PRO ranking ran with a fixed margin."
-    tried = ", ".join(f"{m}: {100 * s:.1f}%" for m, s in record["validation_by_margin"].items())
-    alone = " (the prior alone: ranking did not beat it on validation)" if record["margin"] == "inf" else ""
+    p = record.get("sign_test_p", {})
+    tried = ", ".join(
+        f"{m}: {100 * s:.1f}%" + (f" (p {p[m]:.2g})" if m in p else "")
+        for m, s in record["validation_by_margin"].items()
+    )
+    alone = (
+        " (the prior alone: no margin beat it significantly on validation)"
+        if record["margin"] == "inf"
+        else ""
+    )
     chosen = record["margin"]
     return f"PRO ranking's margin, chosen on the validation contexts: {chosen}{alone}. Tried: {tried}."
 

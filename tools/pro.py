@@ -198,15 +198,21 @@ def margin_label(margin: float) -> str:
 @dataclasses.dataclass
 class CalibratedRanking:
     """Ranking by PRO on one split, the margin credited to the policy's own chunk chosen on the validation
-    contexts among `pro.rank_margins` and infinity (the policy alone): run `evaluator` on `params`."""
+    contexts among `pro.rank_margins` and infinity (the policy alone), a finite one only with a significant
+    paired gain (`pro.choose_margin`): run `evaluator` on `params`."""
 
     evaluator: evaluate.Evaluator
     params: dict
     margin: float
     validation: dict[str, float]  # margin_label -> validation success
+    sign_test: dict[str, float]  # margin_label -> p of its gain over the policy alone (finite margins)
 
     def summary(self) -> dict:
-        return {"margin": margin_label(self.margin), "validation_by_margin": self.validation}
+        return {
+            "margin": margin_label(self.margin),
+            "validation_by_margin": self.validation,
+            "sign_test_p": self.sign_test,
+        }
 
 
 def calibrated_ranking(config: configs.Config, policy, model, split: str) -> CalibratedRanking:
@@ -216,12 +222,14 @@ def calibrated_ranking(config: configs.Config, policy, model, split: str) -> Cal
     evaluator = evaluate.Evaluator(tc.task, split, tc.eval_episodes, **ranked_arm(pc, policy, model))
     contexts = evaluate.VALIDATION.with_episodes(tc.eval_episodes)
     margins = (*pc.rank_margins, math.inf)
-    successes = {
-        m: evaluator.on(pro.ranking_params(policy.params, m), contexts)["success_rate"] for m in margins
+    outcomes = {
+        m: evaluator(pro.ranking_params(policy.params, m), contexts.key)["success"].astype(bool)
+        for m in margins
     }
-    margin = pro.choose_margin(successes)
-    validation = {margin_label(m): s for m, s in successes.items()}
-    return CalibratedRanking(evaluator, pro.ranking_params(policy.params, margin), margin, validation)
+    margin = pro.choose_margin(outcomes, pc.rank_significance)
+    validation = {margin_label(m): float(np.mean(won)) for m, won in outcomes.items()}
+    p = {margin_label(m): pro.sign_test(outcomes[m], outcomes[math.inf]) for m in pc.rank_margins}
+    return CalibratedRanking(evaluator, pro.ranking_params(policy.params, margin), margin, validation, p)
 
 
 def ranking_evaluations(
