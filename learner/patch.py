@@ -357,6 +357,7 @@ class PatchLearner:
         self.kind, self.prior = sc.actor, prior
         if self.kind == "residual":
             nets, _, _ = residual.create_networks(prior, sc, 0)
+            self.nets = nets
             spec = residual.make_spec(sc, mc, nets)
             self.train = residual.make_train_steps(spec, num_steps=steps, mesh=mesh)
             self.explore = residual.actor_fn(nets, explore=config.patch.explore)
@@ -376,7 +377,7 @@ class PatchLearner:
     def deployable(self, state):
         """The params the actors run: the Polyak-averaged residual on the prior, or the fine-tuned policy.
         A copy: the state is donated to the next train block, published params outlive it."""
-        params = residual.deployable(state) if self.kind == "residual" else state.actor
+        params = residual.deployable(self.nets, state) if self.kind == "residual" else state.actor
         return jax.tree.map(jnp.copy, params)
 
 

@@ -57,6 +57,8 @@ class Networks(sac.Networks):
 
     prior: nnx.GraphDef = struct.field(pytree_node=False)
     scale: tuple[float, ...] = struct.field(pytree_node=False)  # per action dimension
+    select: bool = struct.field(pytree_node=False, default=False)  # `select_action` at execution
+    pessimism: float = struct.field(pytree_node=False, default=1.0)  # of the value `select_action` reads
 
 
 def critic_model(model, config):
@@ -75,6 +77,8 @@ def create_networks(prior, config, seed: int) -> tuple[Networks, nnx.State, nnx.
         critic=critic_graphdef,
         stats=prior.stats,
         scale=action_scale(config, model.action_size),
+        select=config.residual_select,
+        pessimism=config.pessimism,
     )
     return nets, actor, critic
 
@@ -146,8 +150,16 @@ def q_values(nets: Networks, critic, obs: dict, action: jax.Array, base: jax.Arr
     return models.apply(nets.critic, critic, obs, action, base)  # [E, B]
 
 
+def select_action(nets: Networks, critic, obs: dict, base: jax.Array, patched: jax.Array) -> jax.Array:
+    """The patched action where the critic's pessimistic value rates it above the prior's own, the prior's
+    elsewhere (IBRL's choice between a frozen prior and an RL actor). Off the data the ensemble disagrees,
+    the lower bound falls, and the prior keeps the states it already handles. All [B, A]."""
+    value = lambda action: pessimistic_value(q_values(nets, critic, obs, action, base), nets.pessimism)  # noqa: E731
+    return jnp.where((value(patched) > value(base))[:, None], patched, base)
+
+
 def act(nets: Networks, params: dict, obs: dict, key: jax.Array, *, explore: bool) -> jax.Array:
-    """The patched policy on raw observations [B, ...] -> actions [B, A]. params: {"prior", "residual"}.
+    """The patched policy on raw observations [B, ...] -> actions [B, A]. params: `deployable`.
 
     `explore` samples the residual (SAC's exploration), otherwise its mode."""
     obs = normalization.normalize(obs, nets.stats)
@@ -156,7 +168,8 @@ def act(nets: Networks, params: dict, obs: dict, key: jax.Array, *, explore: boo
         residual, _, _ = residual_sample(nets, params["residual"], obs, base, key)
     else:
         residual = residual_mode(nets, params["residual"], obs, base)
-    return compose(base, residual, nets.scale)
+    patched = compose(base, residual, nets.scale)
+    return select_action(nets, params["critic"], obs, base, patched) if nets.select else patched
 
 
 def actor_fn(nets: Networks, *, explore: bool = False):
@@ -164,9 +177,11 @@ def actor_fn(nets: Networks, *, explore: bool = False):
     return functools.partial(act, nets, explore=explore)
 
 
-def deployable(state: ResidualState) -> dict:
-    """The params an actor runs: the prior and the Polyak-averaged residual."""
-    return {"prior": state.prior, "residual": state.actor_average}
+def deployable(nets: Networks, state: ResidualState) -> dict:
+    """The params an actor runs: the prior and the Polyak-averaged residual, and the critic where the
+    actor selects between the prior's action and the patched one."""
+    params = {"prior": state.prior, "residual": state.actor_average}
+    return {**params, "critic": state.critic} if nets.select else params
 
 
 def correction_reach(executed: jax.Array, base: jax.Array, scale, mask: jax.Array) -> dict:

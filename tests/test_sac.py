@@ -1,5 +1,6 @@
 """SAC over action chunks: losses against hand-computed values, and the update across meshes and processes."""
 
+import dataclasses
 import functools
 import math
 import operator
@@ -290,13 +291,34 @@ def test_the_residual_actor_at_initialisation_executes_exactly_the_priors_action
     sc, nets = spec.config, spec.nets
     obs = prior.model.fake_observation(jax.random.key(5), 32)
     want = evaluate.chunk_actor(prior.graphdef, prior.stats)(prior.params, obs, jax.random.key(0))
-    got = residual.actor_fn(nets)(residual.deployable(state), obs, jax.random.key(0))
+    got = residual.actor_fn(nets)(residual.deployable(nets, state), obs, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # Exploring, the residual's noise moves each dimension by at most its scale: the motion's, the valve's.
-    explored = residual.actor_fn(nets, explore=True)(residual.deployable(state), obs, jax.random.key(1))
+    explored = residual.actor_fn(nets, explore=True)(residual.deployable(nets, state), obs, jax.random.key(1))
     gap = np.abs(np.asarray(explored) - np.asarray(want)).max(axis=0)
     assert nets.scale == (sc.residual_scale,) * 3 + (sc.residual_valve_scale,)
     assert np.all(gap <= np.asarray(nets.scale) + 1e-6) and gap.max() > 0
+
+
+def test_selecting_executes_the_prior_or_the_patched_action_whichever_the_critic_rates_higher():
+    prior, spec, state = residual_setup(residual_select=True)
+    nets = spec.nets
+    obs = prior.model.fake_observation(jax.random.key(5), 64)
+    # A residual that moves every action: shift the head's bias, so patched and prior actions differ.
+    moved = jax.tree.map(lambda x: x + 0.3, state.actor_average)
+    params = {**residual.deployable(nets, state), "residual": moved}
+    assert set(params) == {"prior", "residual", "critic"}
+    got = np.asarray(residual.actor_fn(nets)(params, obs, jax.random.key(0)))
+    patched = np.asarray(residual.actor_fn(dataclasses.replace(nets, select=False))(params, obs, None))
+    normalised = normalization.normalize(obs, nets.stats)
+    base = residual.base_action(nets, state.prior, normalised)
+    value = lambda a: np.asarray(  # noqa: E731
+        residual.pessimistic_value(residual.q_values(nets, state.critic, normalised, a, base), 1.0)
+    )
+    prefer = value(jnp.asarray(patched)) > value(base)
+    assert 0 < prefer.sum() < len(prefer)  # the random critic splits the batch: both branches are taken
+    np.testing.assert_array_equal(got[prefer], patched[prefer])
+    np.testing.assert_array_equal(got[~prefer], np.asarray(base)[~prefer])
 
 
 def test_compose_and_the_bc_target_invert_each_other_within_the_scale():

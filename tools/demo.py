@@ -850,13 +850,17 @@ def machine() -> str:
 def budgets(config: configs.Config) -> str:
     """What each arm was given, in one paragraph."""
     pc, rc, ri, prc = config.patch, config.recap, config.ript, config.pro
+    selects = config.sac.actor == "residual" and config.sac.residual_select
+    learner = f"{config.sac.actor} learner" + (
+        ", the critic picking prior or patched action" if selects else ""
+    )
     return (
         f"Full SFT: the prior retrained by BC ({pc.sft_steps} steps) on {list(pc.sft_demos)} operator "
         f"demonstrations of the split; targeted SFT: the same on demonstrations of its tails. HG-DAgger: "
         f"{pc.hg_dagger_rounds} rounds of {pc.envs_per_round} operator-watched episodes, BC on every "
         f"takeover step. Patching (sparse and PRO reward): {pc.rounds} rounds of {pc.envs_per_round} "
-        f"episodes with operator takeovers, {pc.updates_per_round} fused updates each ({config.sac.actor} "
-        f"learner), gated on the validation contexts; PRO-triggered: {config.demo.trigger_rounds} such "
+        f"episodes with operator takeovers, {pc.updates_per_round} fused updates each ({learner}), "
+        f"gated on the validation contexts; PRO-triggered: {config.demo.trigger_rounds} such "
         f"rounds, the operator also taking over when ρ > {prc.risk_threshold}. Ranking: the prior's "
         f"deterministic chunk and {prc.rank_samples - 1} samples, the best by PRO "
         f"(V - {prc.risk_weight}ρ, Cal-QL α {RANKING_CONSERVATIVE:g}), the deterministic chunk credited a "
