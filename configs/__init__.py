@@ -256,7 +256,8 @@ class PatchConfig:
     """Publish (deploy and report) a round's params only if their validation success is not below the
     published params' by more than `gate_margin`; otherwise the published params stay."""
     gate_margin: float = 0.02
-    """Tolerated validation drop of the gate (about one binomial standard error at 128 contexts)."""
+    """Tolerated validation drop of the gate at 128 validation contexts; at n it is scaled like the binomial
+    standard error, by sqrt(128 / n) (`learner.patch.gate_tolerance`: 4 points at 32 contexts)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.goal <= 1:

@@ -28,6 +28,7 @@ round: rollout and update keys are `fold_in(key, round)`, so a resumed run conti
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import time
 
@@ -400,6 +401,16 @@ def pretrain_critic(
     return learner_kind.pretrain(state, data, key)
 
 
+GATE_REFERENCE_CONTEXTS = 128  # the validation size `patch.gate_margin` is stated for
+
+
+def gate_tolerance(margin: float, contexts: int) -> float:
+    """The gate's tolerated drop on `contexts` validation contexts: `margin` at 128, scaled like the
+    binomial standard error, by sqrt(128 / contexts). Unscaled, 2 points at 32 contexts rejected any
+    candidate one context (3.1 points) below the published params."""
+    return margin * math.sqrt(GATE_REFERENCE_CONTEXTS / contexts)
+
+
 def gate_passes(candidate_validation: float, published_validation: float, margin: float) -> bool:
     """The safety net: a candidate is published unless its validation success falls below the published
     params' by more than `margin`."""
@@ -558,7 +569,9 @@ def run_patching(
             candidate = kind.deployable(state)
             checked = evaluation_on.on_validation(candidate)
             passed = not pc.gate or gate_passes(
-                checked["validation_success"], records[-1]["validation_success"], pc.gate_margin
+                checked["validation_success"],
+                records[-1]["validation_success"],
+                gate_tolerance(pc.gate_margin, pc.validation_episodes),
             )
             published = candidate if passed else learner.published
             # Unpublished: the published params, scored on the same contexts, score as they did last round.

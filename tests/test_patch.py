@@ -169,6 +169,14 @@ def test_the_gate_publishes_unless_validation_drops_by_more_than_the_margin():
     assert not patch.gate_passes(0.87, 0.90, margin=0.02)
 
 
+def test_the_gates_tolerance_scales_like_the_standard_error_so_one_context_of_32_passes():
+    assert patch.gate_tolerance(0.02, 128) == pytest.approx(0.02)
+    assert patch.gate_tolerance(0.02, 32) == pytest.approx(0.04)
+    # The demo's case: candidates at 26 of 32 against the prior's 27 of 32.
+    assert patch.gate_passes(26 / 32, 27 / 32, patch.gate_tolerance(0.02, 32))
+    assert not patch.gate_passes(25 / 32, 27 / 32, patch.gate_tolerance(0.02, 32))
+
+
 def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
     """An untrained debug policy with statistics from fake observations: enough to drive the loop."""
     model = config.model

@@ -968,6 +968,7 @@ def report(
 ) -> str:
     """Writes report.md, report.json and the plots; returns both tables."""
     tc, pc, dc = config.target, config.patch, config.demo
+    tolerance = patch.gate_tolerance(pc.gate_margin, pc.validation_episodes)
     rows = comparison(stages, pc.goal)
     checked = claims(rows)
     shares = component_failures(rows)
@@ -1011,7 +1012,8 @@ def report(
             "![learning curves](learning.png)",
             "",
             "The validation gate: a round's candidate is published unless its validation success falls "
-            f"more than {100 * pc.gate_margin:.0f} points below the published params'.",
+            f"more than {100 * tolerance:.1f} points below the published params' ({100 * pc.gate_margin:.0f} "
+            "at 128 validation contexts, scaled like the binomial standard error).",
             "",
             *gate_lines(stages),
             "",
