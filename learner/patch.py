@@ -358,7 +358,6 @@ class PatchLearner:
         self.kind, self.prior = sc.actor, prior
         if self.kind == "residual":
             nets, _, _ = residual.create_networks(prior, sc, 0)
-            self.nets = nets
             spec = residual.make_spec(sc, mc, nets)
             self.train = residual.make_train_steps(spec, num_steps=steps, mesh=mesh)
             self.explore = residual.actor_fn(nets, explore=config.patch.explore)
@@ -374,6 +373,7 @@ class PatchLearner:
             self.deterministic = evaluate.chunk_actor(prior.graphdef, prior.stats)
             self.pretrain = None
             self.reach = None
+        self.nets = nets
 
     def deployable(self, state):
         """The params the actors run: the Polyak-averaged residual on the prior, or the fine-tuned policy.

@@ -593,15 +593,18 @@ def sign_test(ranked: np.ndarray, policy: np.ndarray) -> float:
     return float(scipy.stats.binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
 
 
-def choose_margin(outcomes: dict[float, np.ndarray], level: float) -> float:
+def sign_tests(outcomes: dict[float, np.ndarray]) -> dict[float, float]:
+    """`sign_test` of every finite margin's per-context successes against the policy alone's (infinity)."""
+    return {m: sign_test(won, outcomes[np.inf]) for m, won in outcomes.items() if np.isfinite(m)}
+
+
+def choose_margin(outcomes: dict[float, np.ndarray], p: dict[float, float], level: float) -> float:
     """The margin to rank with, from per-context validation successes {margin: [contexts]} that include
-    infinity (the policy alone). A finite margin is chosen only when it beats the policy alone by a paired
-    sign test at `level`, Bonferroni-corrected over the margins tried; among those, the highest success,
+    infinity (the policy alone) and their `sign_tests` p. A finite margin is chosen only when it beats the
+    policy alone at `level`, Bonferroni-corrected over the margins tried; among those, the highest success,
     a tie going to the larger margin. Otherwise infinity: a gain the validation contexts cannot tell from
     noise does not displace the policy (one context of 32 once chose a margin that lost 6 points on test)."""
-    policy = outcomes[np.inf]
-    finite = [m for m in outcomes if np.isfinite(m)]
-    better = [m for m in finite if sign_test(outcomes[m], policy) < level / max(len(finite), 1)]
+    better = [m for m, p_m in p.items() if p_m < level / max(len(p), 1)]
     return max(better, key=lambda m: (np.mean(outcomes[m]), m), default=np.inf)
 
 

@@ -283,17 +283,21 @@ def test_the_sign_test_by_hand():
     assert pro.sign_test(POLICY_ALONE, POLICY_ALONE) == 1.0
 
 
+def choose(outcomes: dict[float, np.ndarray], level: float) -> float:
+    return pro.choose_margin(outcomes, pro.sign_tests(outcomes), level)
+
+
 def test_a_margin_replaces_the_policy_only_with_a_significant_validation_gain():
     inf, alone = float("inf"), POLICY_ALONE
     # 8 wins, none lost: p = 1/256, under 0.05 / 2. 3 wins, 1 lost (the one-context gain of 7e48f1a): no.
-    assert pro.choose_margin({0.0: ranked(3, 1), 0.05: ranked(8, 0), inf: alone}, 0.05) == 0.05
-    assert pro.choose_margin({0.0: ranked(3, 1), inf: alone}, 0.05) == inf
+    assert choose({0.0: ranked(3, 1), 0.05: ranked(8, 0), inf: alone}, 0.05) == 0.05
+    assert choose({0.0: ranked(3, 1), inf: alone}, 0.05) == inf
     # Both significant and equally good: the larger margin keeps the policy's own chunk more often.
-    assert pro.choose_margin({0.0: ranked(8, 0), 0.1: ranked(8, 0), inf: alone}, 0.05) == 0.1
+    assert choose({0.0: ranked(8, 0), 0.1: ranked(8, 0), inf: alone}, 0.05) == 0.1
     # Bonferroni: 6 wins (p = 1/64) pass for one margin tried at 0.05, not for five.
-    assert pro.choose_margin({0.1: ranked(6, 0), inf: alone}, 0.05) == 0.1
+    assert choose({0.1: ranked(6, 0), inf: alone}, 0.05) == 0.1
     five = {m: ranked(6, 0) for m in (0.0, 0.02, 0.05, 0.1, 0.2)}
-    assert pro.choose_margin({**five, inf: alone}, 0.05) == inf
+    assert choose({**five, inf: alone}, 0.05) == inf
 
 
 def test_calql_penalty_by_hand():

@@ -226,9 +226,10 @@ def calibrated_ranking(config: configs.Config, policy, model, split: str) -> Cal
         m: evaluator(pro.ranking_params(policy.params, m), contexts.key)["success"].astype(bool)
         for m in margins
     }
-    margin = pro.choose_margin(outcomes, pc.rank_significance)
+    p = pro.sign_tests(outcomes)
+    margin = pro.choose_margin(outcomes, p, pc.rank_significance)
     validation = {margin_label(m): float(np.mean(won)) for m, won in outcomes.items()}
-    p = {margin_label(m): pro.sign_test(outcomes[m], outcomes[math.inf]) for m in pc.rank_margins}
+    p = {margin_label(m): p_m for m, p_m in p.items()}
     return CalibratedRanking(evaluator, pro.ranking_params(policy.params, margin), margin, validation, p)
 
 
