@@ -189,6 +189,10 @@ class SACConfig:
     prior's own action, the prior's elsewhere (IBRL); the deployed params then carry the critic. On
     `deploy` it kept the train component at 94% (90% without) and took patching from 79.2% to 81.8%
     (docs/learner.md)."""
+    residual_select_target: bool = False
+    """Residual with `residual_select`: bootstrap the TD target from the action the selecting policy would
+    run at s_{t+n}, the prior's or the patched one, whichever the target critic's pessimistic value rates
+    higher (IBRL's target), so the critic values the policy that executes; off: from the patched action."""
     residual_actor_lr: float = 3e-4
     """Residual: the actor's learning rate (1e-4 moved the residual by 0.04 of the action range in 1,000
     steps, too little to change an outcome)."""

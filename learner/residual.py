@@ -10,8 +10,10 @@ and executes only its first action. The critic therefore scores what is executed
 Q(s_t, a_t, b_t), with an n-step return over the replay's window (n = H, the window the replay already
 stores):
     y = sum_{k<n} gamma^k r_{t+k} + gamma^n min_{2 of E} Q'(s_{t+n}, a'_{t+n}, b_{t+n}),
-a'_{t+n} the residual actor's action at s_{t+n}. Nothing is scored that is not executed, and the bootstrap
-action is the one the policy would execute at s_{t+n}, not an open-loop continuation of a sampled chunk.
+a'_{t+n} the residual actor's action at s_{t+n} (with `residual_select_target`, the action the selecting
+policy would run there: the prior's or the patched one, as IBRL bootstraps). Nothing is scored that is
+not executed, and the bootstrap action is one the policy would execute at s_{t+n}, not an open-loop
+continuation of a sampled chunk.
 The steps t+1 .. t+n-1 inside the return are the behaviour's (an uncorrected n-step bias, as in ResFiT's
 n = 3): short enough that it matters less than propagating a sparse success 4 times faster.
 
@@ -58,6 +60,7 @@ class Networks(sac.Networks):
     prior: nnx.GraphDef = struct.field(pytree_node=False)
     scale: tuple[float, ...] = struct.field(pytree_node=False)  # per action dimension
     select: bool = struct.field(pytree_node=False, default=False)  # `select_action` at execution
+    select_target: bool = struct.field(pytree_node=False, default=False)  # and in the TD target
     pessimism: float = struct.field(pytree_node=False, default=1.0)  # of the value `select_action` reads
 
 
@@ -68,6 +71,10 @@ def critic_model(model, config):
 
 def create_networks(prior, config, seed: int) -> tuple[Networks, nnx.State, nnx.State]:
     """Networks, fresh residual params and fresh critic params for a prior (`learner.pretrain.Prior`)."""
+    if config.residual_select_target and not config.residual_select:
+        raise ValueError(
+            "sac.residual_select_target bootstraps from the selected action: it needs sac.residual_select"
+        )
     model = prior.model
     actor_graphdef, actor = nnx.split(model.create_residual_policy(seed + 2), nnx.Param)
     critic_graphdef, critic = nnx.split(critic_model(model, config).create_action_critic(seed + 1), nnx.Param)
@@ -78,6 +85,7 @@ def create_networks(prior, config, seed: int) -> tuple[Networks, nnx.State, nnx.
         stats=prior.stats,
         scale=action_scale(config, model.action_size),
         select=config.residual_select,
+        select_target=config.residual_select_target,
         pessimism=config.pessimism,
     )
     return nets, actor, critic
@@ -240,10 +248,21 @@ def critic_target(state: ResidualState, batch: dict, key: jax.Array, *, spec: sa
     next_residual, _, _ = residual_sample(nets, state.actor, batch["next_obs"], next_base, key_next)
     next_action = compose(next_base, next_residual, nets.scale)
     next_q = q_values(nets, state.target_critic, batch["next_obs"], next_action, next_base)
+    if nets.select_target:
+        next_q = selected_q(
+            nets, next_q, q_values(nets, state.target_critic, batch["next_obs"], next_base, next_base)
+        )
     target = sac.td_target(
         batch["reward"], batch["discount"], sac.ensemble_min(next_q, key_subset, spec.config.target_subset)
     )
     return jax.lax.stop_gradient(target)
+
+
+def selected_q(nets: Networks, patched_q: jax.Array, base_q: jax.Array) -> jax.Array:
+    """Each member's value [E, B] of the action `select_action` would pick: the patched one where the
+    pessimistic value rates it above the prior's, the prior's elsewhere (IBRL's bootstrap)."""
+    prefer = pessimistic_value(patched_q, nets.pessimism) > pessimistic_value(base_q, nets.pessimism)
+    return jnp.where(prefer[None], patched_q, base_q)
 
 
 def critic_regression(

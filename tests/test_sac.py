@@ -433,6 +433,41 @@ def test_the_td_target_is_the_n_step_return_of_the_executed_steps_bootstrapped_a
     np.testing.assert_allclose(np.asarray(target), [1.3122, 1.3122, 0.729, 0.81, 0.9, 1.0], rtol=1e-5)
 
 
+def test_the_selecting_td_target_bootstraps_from_the_action_the_policy_would_run():
+    prior, spec, state = residual_setup(residual_select=True, residual_select_target=True, target_subset=0)
+    _, _, batches = small_setup(batch=64)
+    batch = jax.tree.map(lambda x: x[0], batches)
+    moved = jax.tree.map(lambda x: x + 0.3, state.actor)  # patched and prior actions differ everywhere
+    state = state.replace(actor=moved)
+    key = jax.random.key(3)
+    got = np.asarray(residual.critic_target(state, batch, key, spec=spec))
+    # By hand: the patched action the target samples (the same key split), both actions' values under
+    # the target critic, each sample's choice by the pessimistic value, then the n-step target (min over
+    # all members: target_subset 0).
+    nets, obs = spec.nets, batch["next_obs"]
+    base = residual.base_action(nets, state.prior, obs)
+    residual_action, _, _ = residual.residual_sample(nets, moved, obs, base, jax.random.split(key)[0])
+    patched = residual.compose(base, residual_action, nets.scale)
+    q_patched = np.asarray(residual.q_values(nets, state.target_critic, obs, patched, base))
+    q_base = np.asarray(residual.q_values(nets, state.target_critic, obs, base, base))
+    lower = lambda q: q.mean(axis=0) - q.std(axis=0)  # noqa: E731
+    prefer = lower(q_patched) > lower(q_base)
+    assert 0 < prefer.sum() < len(prefer)  # the random critic takes both branches
+    bootstrap = np.where(prefer, q_patched.min(axis=0), q_base.min(axis=0))
+    want = np.asarray(batch["reward"]) + np.asarray(batch["discount"]) * bootstrap
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Without selection in the target it bootstraps from the patched action alone.
+    plain = dataclasses.replace(spec, nets=dataclasses.replace(nets, select_target=False))
+    np.testing.assert_allclose(
+        np.asarray(residual.critic_target(state, batch, key, spec=plain)),
+        np.asarray(batch["reward"]) + np.asarray(batch["discount"]) * q_patched.min(axis=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="needs sac.residual_select"):
+        residual_setup(residual_select=False, residual_select_target=True)
+
+
 def test_the_residual_actor_is_held_during_warmup_and_its_average_moves_by_polyak():
     prior, spec, state = residual_setup(
         pessimism=1.0, residual_bc_weight=1.0, bc_sources=("patch",), actor_polyak=0.5
