@@ -71,12 +71,13 @@ class OneState(threading.local):
         self.std = np.concatenate([stats[k]["std"] for k in STATE_KEYS])
         ends = np.cumsum(sizes)
         self.slices = [
-            (stats[k]["mean"], self.buffer[end - size : end]) for k, size, end in zip(STATE_KEYS, sizes, ends)
+            (stats[k]["mean"], self.buffer[end - size : end])
+            for k, size, end in zip(STATE_KEYS, sizes, ends, strict=True)
         ]
 
     def __call__(self, vectors: list[np.ndarray]) -> np.ndarray:
         """The STATE_KEYS vectors [n_k] in order, their shapes checked by the caller -> [S + 1]."""
-        for x, (mean, out) in zip(vectors, self.slices):
+        for x, (mean, out) in zip(vectors, self.slices, strict=True):
             np.subtract(x, mean, out=out)
         z = self.state
         z /= self.std

@@ -6,14 +6,16 @@ SiLU, `nnx.Embed`, `nnx.Conv` (VALID, stride 2, NHWC, kernel HWIO) and `jax.nn.d
 (scale 1/sqrt(head_dim), masked keys at -0.7 * float32 max, softmax in float32). Where the arithmetic is
 rearranged for speed (SiLU through tanh, halved LayerNorm parameters and the centring folded into the
 weights in MLPs, the padding row zeroed instead of masked, only the readout token in the last transformer
-block) it is the same maths, exact or to float32 rounding; `tests/test_actor.py` checks the result
-against the jitted JAX forward pass for both encoders (within 1e-5 of the unit scale; measured <= 4e-6).
+block, the fuse kernel split by the inputs it meets; in `StatePass` biases as kernel rows and LayerNorm's
+scaling as a 2-row product) it is the same maths, exact or to float32 rounding; `tests/test_actor.py`
+checks the result against the jitted JAX forward pass for both encoders (within 1e-5 of the unit scale;
+measured <= 4e-6).
 
 Weights are looked up by their flat NNX path once, when the pass is built, and their shapes checked
 against the spec, so a file that does not match its spec fails at load rather than mid-episode.
 A spec with `dtype` "bfloat16" still runs here in float32 (it then agrees with JAX to bfloat16 rounding).
 
-numpy, `jaxvla.schema` and `jaxvla.tokenizer` only.
+numpy, `jaxvla.schema`, `jaxvla.tokenizer` and the standard library only.
 """
 
 import math
@@ -44,6 +46,12 @@ def silu(x: np.ndarray) -> np.ndarray:
     return t
 
 
+def matmul(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """x [..., in] @ kernel [in, out]. np.dot gives matmul's result with less dispatch for x of one or two
+    axes; with more it does not call BLAS (20x slower for the transformer's [B, N, D] tokens)."""
+    return np.dot(x, kernel) if x.ndim <= 2 else np.matmul(x, kernel)
+
+
 class Linear:
     """nnx.Linear: [..., in] -> [..., out]."""
 
@@ -51,7 +59,7 @@ class Linear:
         self.kernel, self.bias = kernel, bias
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = np.dot(x, self.kernel)  # for a 2-D kernel, matmul's result with less dispatch
+        y = matmul(x, self.kernel)
         return np.add(y, self.bias, out=y)
 
 
@@ -99,7 +107,7 @@ class MLP:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         for kernel, bias, activation in self.layers:
-            z = np.dot(x, kernel)
+            z = matmul(x, kernel)
             z += bias
             x = activation(z)
         return x
@@ -126,31 +134,6 @@ class NormSiLU:
         x *= z
         x += z
         return x
-
-    def one(self, b: "LayerBuffers", z: np.ndarray) -> np.ndarray:
-        """`__call__` for one example, z [D] being b.z; returns b.out: the activation and a trailing 1.
-
-        LayerNorm's scaling is one 2-row matrix-vector product, [1/sqrt(var + eps), 1] @ [z half_scale;
-        half_bias], where three elementwise calls would do.
-        """
-        b.coef[0] = 1.0 / math.sqrt(float(np.dot(z, z)) * self.inv_n + LAYER_NORM_EPS)
-        np.multiply(z, self.half_scale, out=z)
-        h = np.dot(b.coef, b.rows, out=b.h)
-        t = np.tanh(h, out=b.t)
-        t *= h
-        h += t
-        return b.out
-
-
-class LayerBuffers:
-    """A batch-1 layer's scratch: rows [z; half_bias] [2, D], coef [r, 1], tanh t [D], out [h; 1] [D + 1]."""
-
-    def __init__(self, half_bias: np.ndarray):
-        self.rows = np.stack([np.zeros_like(half_bias), half_bias])
-        self.coef = np.ones(2, F32)
-        self.t = np.empty_like(half_bias)
-        self.out = np.ones(len(half_bias) + 1, F32)
-        self.z, self.h = self.rows[0], self.out[:-1]
 
 
 class Conv:
@@ -231,19 +214,19 @@ class StateEncoder:
     def prompt(self, prompt: np.ndarray) -> np.ndarray:
         """Token ids [..., L] -> their share of the fuse layer's (centred) pre-activation [..., width]."""
         words = np.add.reduce(self.embed.take(prompt, axis=0), axis=-2)
-        z = np.dot(words[..., :-1] / np.maximum(words[..., -1:], F32(1.0)), self.fuse_words)
+        z = matmul(words[..., :-1] / np.maximum(words[..., -1:], F32(1.0)), self.fuse_words)
         z += self.fuse_bias
         return z
 
     def encode(self, state: np.ndarray, prompt: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
         """state [..., S], `prompt(ids)` [..., width], image [..., H, W, 4] if read -> [..., width]."""
-        z = np.dot(self.state(state), self.fuse_state)
+        z = matmul(self.state(state), self.fuse_state)
         z += prompt
         if self.convs:
             x = image[..., 3:4]
             for conv in self.convs:
                 x = silu(conv(x))
-            z += np.dot(np.add.reduce(x, axis=(-3, -2)) / F32(x.shape[-3] * x.shape[-2]), self.fuse_image)
+            z += matmul(np.add.reduce(x, axis=(-3, -2)) / F32(x.shape[-3] * x.shape[-2]), self.fuse_image)
         return self.fuse_activation(z)
 
 
@@ -331,53 +314,74 @@ class StatePass:
 
     (state [S + 1], `StateEncoder.prompt(ids)` [width]) -> (mean, log_std, tanh(mean)) [H, A]; `state` is
     the normalised state with a constant 1 appended (`normalization.OneState` writes it so).
-    At batch 1 a numpy call costs about a microsecond, a fifth of a 256-wide layer's matmul, so this pass
-    saves calls: each layer's input ends in a constant 1 and its kernel in a bias row, so the matmul adds
-    the bias; LayerNorm is `NormSiLU.one`; the prompt's words and the fuse bias come as one vector. It
-    agrees with `PolicyForward`'s general path to float32 rounding. Its buffers are per thread.
+    Right after other work (a robot's control loop, the bench's JAX calls) a small numpy call costs 0.5-1
+    us here and a 256-wide layer's matmul about 5, so this pass saves calls: seven a layer and an item
+    assignment, where `MLP` makes nine.
+    - Each layer's input ends in a constant 1 and its kernel in a bias row, so the matmul adds the bias.
+      The fuse layer's bias row holds the prompt's vector (its words' share and the bias), written into
+      this thread's copy of the kernel when the prompt changes.
+    - LayerNorm's scaling is one 2-row matrix-vector product, [1/sqrt(var + eps), 1] @ [z half_scale;
+      half_bias], where three elementwise calls would do; the variance is a Python float, as in `MLP`.
+    It agrees with `PolicyForward`'s general path to float32 rounding. Its buffers are per thread.
     """
 
-    def __init__(self, encoder: StateEncoder, trunk: MLP, head: Linear, log_std: tuple, shape: tuple[int, int]):
+    def __init__(
+        self, encoder: StateEncoder, trunk: MLP, head: Linear, log_std: tuple, shape: tuple[int, int]
+    ):
         """`log_std`: (middle, half span) of its range; `shape`: (chunk, action_size)."""
         # (kernel [in + 1, out] with the bias as its last row, NormSiLU) per layer; the fuse layer's bias
-        # row is zero: its bias comes with the prompt's vector.
-        self.state = [(_with_bias_row(k, b), norm) for k, b, norm in encoder.state.layers]
-        self.fuse = (_with_bias_row(encoder.fuse_state, np.zeros_like(encoder.fuse_bias)), encoder.fuse_activation)
-        self.trunk = [(_with_bias_row(k, b), norm) for k, b, norm in trunk.layers]
+        # row is a placeholder for the prompt's vector.
+        fuse = (encoder.fuse_state, encoder.fuse_bias, encoder.fuse_activation)
+        layers = [*encoder.state.layers, fuse, *trunk.layers]
+        self.layers = [(_with_bias_row(kernel, bias), norm) for kernel, bias, norm in layers]
+        self.fuse = len(encoder.state.layers)
         self.head = _with_bias_row(head.kernel, head.bias)
         self.middle, self.half_span = (np.array(v, F32) for v in log_std)
         self.shape = (2, *shape)
         self._local = threading.local()
 
-    def _buffers(self) -> list[LayerBuffers]:
-        """This thread's buffers, one per layer."""
-        try:
-            return self._local.buffers
-        except AttributeError:
-            layers = [*self.state, self.fuse, *self.trunk]
-            self._local.buffers = [LayerBuffers(norm.half_bias) for _, norm in layers]
-            return self._local.buffers
-
     def __call__(self, state: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> (mean, log_std, tanh(mean)) [H, A], new arrays (the buffers are reused)."""
-        buffers = iter(self._buffers())
+        """-> (mean, log_std, tanh(mean)) [H, A], new arrays (the buffers are reused).
+
+        `prompt` is told apart by identity, not contents: pass the same read-only array while the prompt
+        is the same (`Policy` keeps one per prompt).
+        """
         x = state
-        for kernel, norm in self.state:
-            b = next(buffers)
-            x = norm.one(b, np.dot(x, kernel, out=b.z))
-        kernel, norm = self.fuse
-        b = next(buffers)
-        z = np.dot(x, kernel, out=b.z)
-        z += prompt
-        x = norm.one(b, z)
-        for kernel, norm in self.trunk:
-            b = next(buffers)
-            x = norm.one(b, np.dot(x, kernel, out=b.z))
+        for kernel, half_scale, inv_n, z, coef, rows, h, t, out in self._layers(prompt):
+            np.dot(x, kernel, out=z)
+            coef[0] = 1.0 / math.sqrt(float(np.dot(z, z)) * inv_n + LAYER_NORM_EPS)
+            np.multiply(z, half_scale, out=z)
+            np.dot(coef, rows, out=h)  # z is rows[0]
+            np.tanh(h, out=t)
+            t *= h
+            h += t  # h is out[:-1]: SiLU, and the next layer's input
+            x = out
         out = np.dot(x, self.head).reshape(self.shape)
         squashed = np.tanh(out)  # one call for tanh(mean) and log_std's
         log_std = np.multiply(squashed[1], self.half_span)
         log_std += self.middle
         return out[0], log_std, squashed[0]
+
+    def _layers(self, prompt: np.ndarray) -> list[tuple]:
+        """This thread's layers, `prompt` in the fuse kernel's bias row: (kernel, half_scale, 1 / width,
+        then buffers z, coef [r, 1], rows [z; half_bias], h, t, out [h; 1])."""
+        local = self._local
+        if not hasattr(local, "layers"):
+            local.layers = [self._buffers(*layer, own=i == self.fuse) for i, layer in enumerate(self.layers)]
+            local.prompt = None
+        if local.prompt is not prompt:
+            local.layers[self.fuse][0][-1] = prompt
+            local.prompt = prompt
+        return local.layers
+
+    @staticmethod
+    def _buffers(kernel: np.ndarray, norm: NormSiLU, own: bool) -> tuple:
+        """One layer's entry of `_layers`; `own`: the thread gets its own copy of the kernel."""
+        rows = np.stack([np.zeros_like(norm.half_bias), norm.half_bias])
+        out = np.ones(len(norm.half_bias) + 1, F32)
+        kernel = kernel.copy() if own else kernel
+        coef, t = np.ones(2, F32), np.empty_like(norm.half_bias)
+        return kernel, norm.half_scale, norm.inv_n, rows[0], coef, rows, out[:-1], t, out
 
 
 def _with_bias_row(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -386,10 +390,12 @@ def _with_bias_row(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- policy
 class PolicyForward:
-    """(normalised state, prompt(ids), normalised image or None, indicator or None) -> (mean, log_std).
+    """(normalised state, `prompt(ids)`, normalised image or None, indicator or None) -> (mean, log_std,
+    tanh(mean)).
 
-    state [S] (the schema's STATE_KEYS vectors concatenated), prompt ids [L] int, image [H, W, 4] if the
-    model reads it, indicator []; outputs [H, A], float32. Or a batch: a leading [B] on all of them.
+    state [S] (the schema's STATE_KEYS vectors concatenated), prompt from ids [L] int, image [H, W, 4] if
+    the model reads it, indicator []; outputs [H, A], float32. Or a batch: a leading [B] on all of them.
+    `one`, where the model has it, is the faster pass for one observation (`StatePass`).
     """
 
     def __init__(self, model: dict, state_size: int, arrays: dict[str, np.ndarray]):

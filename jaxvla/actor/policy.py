@@ -1,8 +1,10 @@
 """`load(path) -> Policy`: run an exported policy with numpy, and hand its chunks out one action a step.
 
-`Policy.infer(obs)` normalises with the manifest's statistics (the same `jaxvla.normalization.normalize`
-the learner trains with), runs `forward.PolicyForward`, and returns the action chunk. It takes one
-observation as the simulator and robot produce it (`prompt` [L]) or a batch (`prompt` [B, L]).
+`Policy.infer(obs)` normalises with the manifest's statistics (`jaxvla.normalization`, whose numbers the
+learner trains with), runs `forward.PolicyForward`, and returns the action chunk. It takes one
+observation as the simulator and robot produce it (`prompt` [L]) or a batch (`prompt` [B, L]). One
+observation of the default model takes the fast pass (`forward.StatePass`), with the prompt's share of the
+network kept per prompt.
 """
 
 import os
@@ -71,11 +73,11 @@ class Policy:
         if "prompt" not in obs:
             raise KeyError("observation lacks 'prompt'")
         batch = _batch_size(obs["prompt"])
-        indicator = self._indicator(indicator, batch)
-        if batch is None and self._forward.one is not None:
+        if batch is None and indicator is None and self._forward.one is not None:
             state = self._one_state([self._input(k, obs.get(k), None) for k in STATE_KEYS])
             mean, log_std, squashed = self._forward.one(state, self._prompt(obs["prompt"]))
         else:
+            indicator = self._indicator(indicator, batch)
             mean, log_std, squashed = self._forward(*self._network_inputs(obs, batch), indicator)
         out = {"mean": mean, "log_std": log_std}
         if rng is None:
@@ -96,11 +98,13 @@ class Policy:
         state = np.concatenate([self._input(k, obs.get(k), batch) for k in STATE_KEYS], axis=-1)
         image = None
         if "image" in self._stats:
-            image = normalization.standardize(self._input("image", obs.get("image"), batch), self._stats["image"])
+            image = normalization.standardize(
+                self._input("image", obs.get("image"), batch), self._stats["image"]
+            )
         return normalization.standardize(state, self._stats["state"]), prompt, image
 
     def _input(self, key: str, value, batch: int | None) -> np.ndarray:
-        """An observation's `value` for `key` as the network reads it: [*shape], or [B, *shape] for a batch."""
+        """`value` of observation key `key` as the network reads it: [*shape], or [B, *shape] for a batch."""
         if value is None:
             raise KeyError(f"observation lacks {key!r}; the policy reads {sorted(self._inputs)}")
         shape, dtype = self._inputs[key]
@@ -111,8 +115,9 @@ class Policy:
         return x
 
     def _prompt(self, prompt) -> np.ndarray:
-        """What the network reads of one observation's prompt (text or ids [L]), kept per prompt: it is the
-        same for a whole episode, and its words' share of the network is most of a batch-1 pass's calls."""
+        """What the network reads of one observation's prompt (text or ids [L]), kept per prompt: a robot
+        sends one prompt a whole episode, and checking and encoding it costs a batch-1 pass a dozen numpy
+        calls. Keyed on the text or the ids' bytes, dtype and shape; the entry is read-only."""
         if isinstance(prompt, str):
             key, kind = prompt, None
         else:
@@ -153,7 +158,8 @@ def state_stats(stats: dict, inputs) -> dict:
 
 def _batch_size(prompt) -> int | None:
     """B for a batch of prompts (ids [B, L]); None for one observation's (text or ids [L])."""
-    return None if isinstance(prompt, str) or np.ndim(prompt) != 2 else len(prompt)
+    ndim = prompt.ndim if isinstance(prompt, np.ndarray) else np.ndim(prompt)  # np.ndim costs a call
+    return len(prompt) if ndim == 2 else None
 
 
 def _tokens(prompt) -> np.ndarray:
