@@ -43,7 +43,7 @@ class Policy:
             raise fileformat.PolicyFileError(f"the manifest lacks or misstates {err}") from err
         self._stats = state_stats(stats, self._inputs)
         self._one_state = normalization.OneState(stats)  # for `self._forward.one`
-        self._prompts: dict = {}  # (text or the ids' dtype, shape and bytes) -> self._forward.prompt(ids)
+        self._prompts: dict = {}  # text or ids bytes -> (None or (dtype, shape), self._forward.prompt(ids))
         self._manifest = manifest
 
     @property
@@ -130,7 +130,7 @@ class Policy:
             entry = (kind, self._forward.prompt(ids))
             entry[1].setflags(write=False)
             if len(self._prompts) >= PROMPT_CACHE:
-                del self._prompts[next(iter(self._prompts))]  # the oldest
+                self._prompts.clear()  # start afresh: one call, safe while other threads read
             self._prompts[key] = entry
         return entry[1]
 
