@@ -8,6 +8,7 @@ agree to 1e-5 relative in any float32 implementation.
 """
 
 import base64
+import concurrent.futures
 import hashlib
 import importlib.metadata
 import json
@@ -29,6 +30,7 @@ import jaxvla
 from jaxvla import actor
 from jaxvla import export
 from jaxvla import models
+from jaxvla import normalization
 from jaxvla.actor import fileformat
 from jaxvla.actor import forward
 from jaxvla.actor import policy as actor_policy
@@ -36,6 +38,8 @@ from jaxvla.models import ModelConfig
 from jaxvla.models import distributions
 from jaxvla.models import layers
 from jaxvla.normalization import normalize
+from jaxvla.schema import OBSERVATION_SPEC
+from jaxvla.schema import STATE_KEYS
 from tools import twin as twin_tool
 
 CONFIGS = {
@@ -199,6 +203,75 @@ def test_text_prompt_is_tokenized(exported):
         policy.infer({**obs, "prompt": text})["actions"],
         policy.infer({**obs, "prompt": jaxvla.tokenizer.encode(text)})["actions"],
     )
+
+
+def test_kept_prompts_give_a_fresh_policys_actions_and_follow_each_change(exported, monkeypatch):
+    """One observation's prompt is encoded once and kept (keyed on its bytes): a kept prompt gives the
+    same actions as a policy that never saw it, a changed prompt changes them, also when the caller
+    rewrites its prompt array in place, and the store holds at most PROMPT_CACHE prompts."""
+    monkeypatch.setattr(actor_policy, "PROMPT_CACHE", 2)
+    e = exported("state")
+    policy = actor.load(e.path)
+    observations = [{k: v[i] for k, v in e.obs.items()} for i in range(4)]
+    assert len({o["prompt"].tobytes() for o in observations}) == 4
+    fresh = [actor.load(e.path).infer(o)["actions"] for o in observations]
+    prompt = observations[0]["prompt"].copy()
+    for _ in range(2):  # the second round runs on prompts evicted and encoded again
+        for o, expected in zip(observations, fresh, strict=True):
+            prompt[:] = o["prompt"]
+            np.testing.assert_array_equal(policy.infer({**o, "prompt": prompt})["actions"], expected)
+            np.testing.assert_array_equal(policy.infer(o)["actions"], expected)
+            assert len(policy._prompts) <= 2
+    assert not np.allclose(fresh[0], fresh[1])
+    text = "put the blue part in compartment 3"
+    ids = jaxvla.tokenizer.encode(text)
+    by_ids = actor.load(e.path).infer({**observations[0], "prompt": ids})["actions"]
+    np.testing.assert_array_equal(policy.infer({**observations[0], "prompt": text})["actions"], by_ids)
+    # The same bytes as another dtype are another prompt: int64 ids of the same words.
+    np.testing.assert_array_equal(
+        policy.infer({**observations[0], "prompt": ids.astype(np.int64)})["actions"], by_ids
+    )
+
+
+def test_threads_sharing_a_policy_get_their_own_actions(exported):
+    """The one-observation pass keeps per-thread buffers and a per-thread fuse kernel holding its prompt."""
+    e = exported("state")
+    policy = actor.load(e.path)
+    observations = [{k: v[i] for k, v in e.obs.items()} for i in range(4)]
+    expected = [policy.infer(o)["actions"] for o in observations]
+
+    def run(i: int) -> list[np.ndarray]:
+        return [policy.infer(observations[(i + step) % 4])["actions"] for step in range(200)]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))
+    for i, actions in enumerate(results):
+        for step, a in enumerate(actions):
+            np.testing.assert_array_equal(a, expected[(i + step) % 4])
+
+
+def test_the_clients_normalisation_is_normalize_bit_for_bit():
+    """`standardize` and `OneState` (in place, numpy) against `normalize` (the learner's), with values
+    that clip on both sides and a NaN."""
+    rng = np.random.default_rng(0)
+    sizes = {k: OBSERVATION_SPEC[k].shape[0] for k in STATE_KEYS}
+    stats = {
+        k: {
+            "mean": rng.normal(size=n).astype(np.float32),
+            "std": rng.uniform(0.01, 2.0, size=n).astype(np.float32),
+        }
+        for k, n in sizes.items()
+    }
+    vectors = [(rng.normal(size=n) * 30).astype(np.float32) for n in sizes.values()]
+    vectors[0][0] = np.nan
+    state = np.concatenate(vectors)
+    concatenated = {n: np.concatenate([stats[k][n] for k in sizes]) for n in ("mean", "std")}
+    expected = normalize({"state": state}, {"state": concatenated})["state"]
+    assert np.any(expected == 10.0) and np.any(expected == -10.0)
+    np.testing.assert_array_equal(normalization.standardize(state, concatenated), expected)
+    one = normalization.OneState(stats)
+    for _ in range(2):  # the buffer is reused
+        np.testing.assert_array_equal(one(vectors), np.append(expected, np.float32(1.0)))
 
 
 def test_bad_inputs_are_named(exported):

@@ -6,17 +6,20 @@ SiLU, `nnx.Embed`, `nnx.Conv` (VALID, stride 2, NHWC, kernel HWIO) and `jax.nn.d
 (scale 1/sqrt(head_dim), masked keys at -0.7 * float32 max, softmax in float32). Where the arithmetic is
 rearranged for speed (SiLU through tanh, halved LayerNorm parameters and the centring folded into the
 weights in MLPs, the padding row zeroed instead of masked, only the readout token in the last transformer
-block) it is the same maths, exact or to float32 rounding; `tests/test_actor.py` checks the result
-against the jitted JAX forward pass for both encoders (within 1e-5 of the unit scale; measured <= 4e-6).
+block, the fuse kernel split by the inputs it meets; in `StatePass` biases as kernel rows and LayerNorm's
+scaling as a 2-row product) it is the same maths, exact or to float32 rounding; `tests/test_actor.py`
+checks the result against the jitted JAX forward pass for both encoders (within 1e-5 of the unit scale;
+measured <= 4e-6).
 
 Weights are looked up by their flat NNX path once, when the pass is built, and their shapes checked
 against the spec, so a file that does not match its spec fails at load rather than mid-episode.
 A spec with `dtype` "bfloat16" still runs here in float32 (it then agrees with JAX to bfloat16 rounding).
 
-numpy, `jaxvla.schema` and `jaxvla.tokenizer` only.
+numpy, `jaxvla.schema`, `jaxvla.tokenizer` and the standard library only.
 """
 
 import math
+import threading
 
 import numpy as np
 
@@ -43,6 +46,12 @@ def silu(x: np.ndarray) -> np.ndarray:
     return t
 
 
+def matmul(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """x [..., in] @ kernel [in, out]. np.dot gives matmul's result with less dispatch for x of one or two
+    axes; with more it does not call BLAS (20x slower for the transformer's [B, N, D] tokens)."""
+    return np.dot(x, kernel) if x.ndim <= 2 else np.matmul(x, kernel)
+
+
 class Linear:
     """nnx.Linear: [..., in] -> [..., out]."""
 
@@ -50,7 +59,7 @@ class Linear:
         self.kernel, self.bias = kernel, bias
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = np.dot(x, self.kernel)  # for a 2-D kernel, matmul's result with less dispatch
+        y = matmul(x, self.kernel)
         return np.add(y, self.bias, out=y)
 
 
@@ -92,28 +101,38 @@ class MLP:
                 (
                     np.ascontiguousarray(kernel - kernel.mean(axis=1, keepdims=True), F32),
                     (bias - bias.mean()).astype(F32),
-                    norm.scale * F32(0.5),
-                    norm.bias * F32(0.5),
-                    1.0 / norm.scale.shape[0],
+                    NormSiLU(norm),
                 )
             )
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        for kernel, bias, half_scale, half_bias, inv_n in self.layers:
-            z = np.dot(x, kernel)
+        for kernel, bias, activation in self.layers:
+            z = matmul(x, kernel)
             z += bias
-            if z.ndim == 1:
-                z *= 1.0 / math.sqrt(float(np.dot(z, z)) * inv_n + LAYER_NORM_EPS)
-            else:
-                var = np.add.reduce(z * z, axis=-1, keepdims=True)
-                var *= F32(inv_n)
-                var += F32(LAYER_NORM_EPS)
-                z /= np.sqrt(var, out=var)
-            z *= half_scale
-            z += half_bias
-            x = np.tanh(z)
-            x *= z
-            x += z
+            x = activation(z)
+        return x
+
+
+class NormSiLU:
+    """LayerNorm then SiLU of an `MLP` layer's centred pre-activation z [..., D], in place on z."""
+
+    def __init__(self, norm: LayerNorm):
+        self.half_scale, self.half_bias = norm.scale * F32(0.5), norm.bias * F32(0.5)
+        self.inv_n = 1.0 / norm.scale.shape[0]
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        if z.ndim == 1:
+            z *= F32(1.0 / math.sqrt(float(np.dot(z, z)) * self.inv_n + LAYER_NORM_EPS))
+        else:
+            var = np.add.reduce(z * z, axis=-1, keepdims=True)
+            var *= F32(self.inv_n)
+            var += F32(LAYER_NORM_EPS)
+            z /= np.sqrt(var, out=var)
+        z *= self.half_scale
+        z += self.half_bias
+        x = np.tanh(z)
+        x *= z
+        x += z
         return x
 
 
@@ -159,7 +178,12 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------- encoders
 class StateEncoder:
-    """encoders.StateEncoder: state MLP, bag-of-words prompt, optional depth CNN, fused by an MLP."""
+    """encoders.StateEncoder: state MLP, bag-of-words prompt, optional depth CNN, fused by an MLP.
+
+    The fuse layer's kernel is split by the rows each part meets (state, words, image): the prompt's
+    share of its pre-activation (`prompt`) is then one vector, constant while the prompt is, and a
+    caller that keeps it runs one matmul on the state part per observation.
+    """
 
     def __init__(self, w: "Weights", model: dict, state_size: int):
         width, prompt_dim = model["width"], model["prompt_dim"]
@@ -178,17 +202,32 @@ class StateEncoder:
                 kernel, bias = w.array(f"{prefix}/kernel", (3, 3, a, b)), w.array(f"{prefix}/bias", (b,))
                 self.convs.append(Conv(kernel, bias))
             fused += sizes[-1]
-        self.fuse = w.mlp("encoder/fuse", fused, (width,))
+        [(kernel, self.fuse_bias, self.fuse_activation)] = w.mlp("encoder/fuse", fused, (width,)).layers
+        self.fuse_state, self.fuse_words, self.fuse_image = (
+            np.ascontiguousarray(k) for k in np.split(kernel, [width, width + prompt_dim])
+        )
 
     def __call__(self, obs: dict) -> np.ndarray:
-        words = np.add.reduce(self.embed.take(obs["prompt"], axis=0), axis=-2)
-        parts = [self.state(obs["state"]), words[..., :-1] / np.maximum(words[..., -1:], F32(1.0))]
+        """obs "state" [..., S], "prompt" [..., L] int, "image" [..., H, W, 4] if read -> [..., width]."""
+        return self.encode(obs["state"], self.prompt(obs["prompt"]), obs.get("image"))
+
+    def prompt(self, prompt: np.ndarray) -> np.ndarray:
+        """Token ids [..., L] -> their share of the fuse layer's (centred) pre-activation [..., width]."""
+        words = np.add.reduce(self.embed.take(prompt, axis=0), axis=-2)
+        z = matmul(words[..., :-1] / np.maximum(words[..., -1:], F32(1.0)), self.fuse_words)
+        z += self.fuse_bias
+        return z
+
+    def encode(self, state: np.ndarray, prompt: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """state [..., S], `prompt(ids)` [..., width], image [..., H, W, 4] if read -> [..., width]."""
+        z = matmul(self.state(state), self.fuse_state)
+        z += prompt
         if self.convs:
-            x = obs["image"][..., 3:4]
+            x = image[..., 3:4]
             for conv in self.convs:
                 x = silu(conv(x))
-            parts.append(np.add.reduce(x, axis=(-3, -2)) / F32(x.shape[-3] * x.shape[-2]))
-        return self.fuse(np.concatenate(parts, axis=-1))
+            z += matmul(np.add.reduce(x, axis=(-3, -2)) / F32(x.shape[-3] * x.shape[-2]), self.fuse_image)
+        return self.fuse_activation(z)
 
 
 class TransformerBlock:
@@ -244,15 +283,23 @@ class TransformerEncoder:
         self.norm = w.norm("encoder/norm", width)
 
     def __call__(self, obs: dict) -> np.ndarray:
-        if obs["prompt"].ndim == 1:  # one example: the attention below is written for a batch
-            return self({k: v[None] for k, v in obs.items()})[0]
-        prompt = obs["prompt"]
+        """obs "state" [..., S], "prompt" [..., L] int, "image" [..., H, W, 4] if read -> [..., width]."""
+        return self.encode(obs["state"], self.prompt(obs["prompt"]), obs.get("image"))
+
+    def prompt(self, prompt: np.ndarray) -> np.ndarray:
+        """Token ids [..., L], as they are: the words are tokens that attend to the state and image."""
+        return prompt
+
+    def encode(self, state: np.ndarray, prompt: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """state [B, S], prompt ids [B, L], image [B, H, W, 4] if read -> readout [B, width]; or no [B]."""
+        if prompt.ndim == 1:  # one example: the attention below is written for a batch
+            return self.encode(state[None], prompt[None], None if image is None else image[None])[0]
         batch, width = prompt.shape[0], self.readout.shape[0]
         readout = np.broadcast_to(self.readout, (batch, 1, width))
-        tokens = [readout, self.state(obs["state"])[:, None], self.words[prompt]]
+        tokens = [readout, self.state(state)[:, None], self.words[prompt]]
         mask = [np.ones((batch, 2), bool), prompt_mask(prompt)]
         if self.patches is not None:
-            patches = self.patches(patchify(obs["image"], self.patch))
+            patches = self.patches(patchify(image, self.patch))
             tokens.append(patches)
             mask.append(np.ones(patches.shape[:2], bool))
         x = np.concatenate(tokens, axis=1) + self.position
@@ -262,12 +309,93 @@ class TransformerEncoder:
         return self.norm(x[:, 0])
 
 
+class StatePass:
+    """A state-encoder policy's pass (no image, no indicator) for one observation, in few numpy calls.
+
+    (state [S + 1], `StateEncoder.prompt(ids)` [width]) -> (mean, log_std, tanh(mean)) [H, A]; `state` is
+    the normalised state with a constant 1 appended (`normalization.OneState` writes it so).
+    Right after other work (a robot's control loop, the bench's JAX calls) a small numpy call costs 0.5-1
+    us here and a 256-wide layer's matmul about 5, so this pass saves calls: seven a layer and an item
+    assignment, where `MLP` makes nine.
+    - Each layer's input ends in a constant 1 and its kernel in a bias row, so the matmul adds the bias.
+      The fuse layer's bias row holds the prompt's vector (its words' share and the bias), written into
+      this thread's copy of the kernel when the prompt changes.
+    - LayerNorm's scaling is one 2-row matrix-vector product, [1/sqrt(var + eps), 1] @ [z half_scale;
+      half_bias], where three elementwise calls would do; the variance is a Python float, as in `MLP`.
+    It agrees with `PolicyForward`'s general path to float32 rounding. Its buffers are per thread.
+    """
+
+    def __init__(
+        self, encoder: StateEncoder, trunk: MLP, head: Linear, log_std: tuple, shape: tuple[int, int]
+    ):
+        """`log_std`: (middle, half span) of its range; `shape`: (chunk, action_size)."""
+        # (kernel [in + 1, out] with the bias as its last row, NormSiLU) per layer; the fuse layer's bias
+        # row is a placeholder for the prompt's vector.
+        fuse = (encoder.fuse_state, encoder.fuse_bias, encoder.fuse_activation)
+        layers = [*encoder.state.layers, fuse, *trunk.layers]
+        self.layers = [(_with_bias_row(kernel, bias), norm) for kernel, bias, norm in layers]
+        self.fuse = len(encoder.state.layers)
+        self.head = _with_bias_row(head.kernel, head.bias)
+        self.middle, self.half_span = (np.array(v, F32) for v in log_std)
+        self.shape = (2, *shape)
+        self._local = threading.local()
+
+    def __call__(self, state: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (mean, log_std, tanh(mean)) [H, A], new arrays (the buffers are reused).
+
+        `prompt` is told apart by identity, not contents: pass the same read-only array while the prompt
+        is the same (`Policy` keeps one per prompt).
+        """
+        x = state
+        for kernel, half_scale, inv_n, z, coef, rows, h, t, out in self._layers(prompt):
+            np.dot(x, kernel, out=z)
+            coef[0] = 1.0 / math.sqrt(float(np.dot(z, z)) * inv_n + LAYER_NORM_EPS)
+            np.multiply(z, half_scale, out=z)
+            np.dot(coef, rows, out=h)  # z is rows[0]
+            np.tanh(h, out=t)
+            t *= h
+            h += t  # h is out[:-1]: SiLU, and the next layer's input
+            x = out
+        out = np.dot(x, self.head).reshape(self.shape)
+        squashed = np.tanh(out)  # one call for tanh(mean) and log_std's
+        log_std = np.multiply(squashed[1], self.half_span)
+        log_std += self.middle
+        return out[0], log_std, squashed[0]
+
+    def _layers(self, prompt: np.ndarray) -> list[tuple]:
+        """This thread's layers, `prompt` in the fuse kernel's bias row: (kernel, half_scale, 1 / width,
+        then buffers z, coef [r, 1], rows [z; half_bias], h, t, out [h; 1])."""
+        local = self._local
+        if not hasattr(local, "layers"):
+            local.layers = [self._buffers(*layer, own=i == self.fuse) for i, layer in enumerate(self.layers)]
+            local.prompt = None
+        if local.prompt is not prompt:
+            local.layers[self.fuse][0][-1] = prompt
+            local.prompt = prompt
+        return local.layers
+
+    @staticmethod
+    def _buffers(kernel: np.ndarray, norm: NormSiLU, own: bool) -> tuple:
+        """One layer's entry of `_layers`; `own`: the thread gets its own copy of the kernel."""
+        rows = np.stack([np.zeros_like(norm.half_bias), norm.half_bias])
+        out = np.ones(len(norm.half_bias) + 1, F32)
+        kernel = kernel.copy() if own else kernel
+        coef, t = np.ones(2, F32), np.empty_like(norm.half_bias)
+        return kernel, norm.half_scale, norm.inv_n, rows[0], coef, rows, out[:-1], t, out
+
+
+def _with_bias_row(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate([kernel, bias[None]]), F32)
+
+
 # ---------------------------------------------------------------------------------------- policy
 class PolicyForward:
-    """(normalised obs, indicator or None) -> (mean, log_std), float32.
+    """(normalised state, `prompt(ids)`, normalised image or None, indicator or None) -> (mean, log_std,
+    tanh(mean)).
 
-    obs: "state" [S] (the schema's STATE_KEYS vectors concatenated), "prompt" [L] int, "image" [H, W, 4]
-    if the model reads it; indicator []; outputs [H, A]. Or a batch: a leading [B] on all of them.
+    state [S] (the schema's STATE_KEYS vectors concatenated), prompt from ids [L] int, image [H, W, 4] if
+    the model reads it, indicator []; outputs [H, A], float32. Or a batch: a leading [B] on all of them.
+    `one`, where the model has it, is the faster pass for one observation (`StatePass`).
     """
 
     def __init__(self, model: dict, state_size: int, arrays: dict[str, np.ndarray]):
@@ -289,16 +417,33 @@ class PolicyForward:
         # low + (tanh + 1) (high - low) / 2, as (low + high) / 2 + tanh (high - low) / 2: one op fewer.
         self.log_std_middle, self.log_std_half_span = F32(0.5 * (low + high)), F32(0.5 * (high - low))
         w.check_all_used()
+        # The fast pass for one observation, where the model has one (the default model does).
+        self.one = None
+        if isinstance(self.encoder, StateEncoder) and not self.encoder.convs and self.indicator is None:
+            log_std = (self.log_std_middle, self.log_std_half_span)
+            self.one = StatePass(self.encoder, self.trunk, self.head, log_std, (self.chunk, self.action_size))
 
-    def __call__(self, obs: dict, indicator: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        x = self.encoder(obs)
+    def prompt(self, prompt: np.ndarray) -> np.ndarray:
+        """Token ids [..., L] -> what the encoder reads of them; constant while the prompt is, so a caller
+        may keep it per prompt (`Policy` does, for one observation)."""
+        return self.encoder.prompt(prompt)
+
+    def __call__(
+        self,
+        state: np.ndarray,
+        prompt: np.ndarray,
+        image: np.ndarray | None = None,
+        indicator: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (mean, log_std, tanh(mean)) [..., H, A]."""
+        x = self.encoder.encode(state, prompt, image)
         if self.indicator is not None:
             x = x + self.indicator[np.zeros(x.shape[:-1], np.intp) if indicator is None else indicator]
         out = self.head(self.trunk(x)).reshape(*x.shape[:-1], 2, self.chunk, self.action_size)
-        log_std = np.tanh(out[..., 1, :, :])
-        log_std *= self.log_std_half_span
+        squashed = np.tanh(out)  # one call for tanh(mean) and log_std's
+        log_std = squashed[..., 1, :, :] * self.log_std_half_span
         log_std += self.log_std_middle
-        return out[..., 0, :, :], log_std
+        return out[..., 0, :, :], log_std, squashed[..., 0, :, :]
 
 
 class Weights:

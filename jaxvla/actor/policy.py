@@ -1,8 +1,10 @@
 """`load(path) -> Policy`: run an exported policy with numpy, and hand its chunks out one action a step.
 
-`Policy.infer(obs)` normalises with the manifest's statistics (the same `jaxvla.normalization.normalize`
-the learner trains with), runs `forward.PolicyForward`, and returns the action chunk. It takes one
-observation as the simulator and robot produce it (`prompt` [L]) or a batch (`prompt` [B, L]).
+`Policy.infer(obs)` normalises with the manifest's statistics (`jaxvla.normalization`, whose numbers the
+learner trains with), runs `forward.PolicyForward`, and returns the action chunk. It takes one
+observation as the simulator and robot produce it (`prompt` [L]) or a batch (`prompt` [B, L]). One
+observation of the default model takes the fast pass (`forward.StatePass`), with the prompt's share of the
+network kept per prompt.
 """
 
 import os
@@ -19,6 +21,8 @@ from jaxvla.schema import INDICATOR_POSITIVE as INDICATOR_POSITIVE
 from jaxvla.schema import STATE_KEYS
 
 _DTYPES = {"float32": np.float32, "int32": np.int32}
+# Prompts whose encoding `Policy` keeps (per policy): a robot runs one prompt an episode, a fleet a few.
+PROMPT_CACHE = 64
 
 
 class Policy:
@@ -38,6 +42,8 @@ class Policy:
         except (KeyError, TypeError) as err:
             raise fileformat.PolicyFileError(f"the manifest lacks or misstates {err}") from err
         self._stats = state_stats(stats, self._inputs)
+        self._one_state = normalization.OneState(stats)  # for `self._forward.one`
+        self._prompts: dict = {}  # text or ids bytes -> (None or (dtype, shape), self._forward.prompt(ids))
         self._manifest = manifest
 
     @property
@@ -64,28 +70,69 @@ class Policy:
         as `jaxvla.models.distributions.sample` computes it). `indicator` (advantage-conditioned
         policies only): an INDICATOR_* value or one per example; absent means INDICATOR_NONE.
         """
-        obs = dict(obs, prompt=_tokens(obs))
-        batch = obs["prompt"].shape[0] if obs["prompt"].ndim == 2 else None
-        inputs = {}
-        for key, (shape, dtype) in self._inputs.items():
-            if key not in obs:
-                raise KeyError(f"observation lacks {key!r}; the policy reads {sorted(self._inputs)}")
-            x = np.asarray(obs[key], dtype)
-            expected = shape if batch is None else (batch, *shape)
-            if x.shape != expected:
-                raise ValueError(f"observation {key!r} has shape {x.shape}, expected {expected}")
-            inputs[key] = x
-        inputs["state"] = np.concatenate([inputs.pop(k) for k in STATE_KEYS], axis=-1)
-        indicator = self._indicator(indicator, batch)
-        mean, log_std = self._forward(normalization.normalize(inputs, self._stats), indicator)
+        if "prompt" not in obs:
+            raise KeyError("observation lacks 'prompt'")
+        batch = _batch_size(obs["prompt"])
+        if batch is None and indicator is None and self._forward.one is not None:
+            state = self._one_state([self._input(k, obs.get(k), None) for k in STATE_KEYS])
+            mean, log_std, squashed = self._forward.one(state, self._prompt(obs["prompt"]))
+        else:
+            indicator = self._indicator(indicator, batch)
+            mean, log_std, squashed = self._forward(*self._network_inputs(obs, batch), indicator)
         out = {"mean": mean, "log_std": log_std}
         if rng is None:
-            out["actions"] = np.tanh(mean)
+            out["actions"] = squashed
         else:
             u = mean + np.exp(log_std) * rng.standard_normal(mean.shape, np.float32)
             out["actions"] = np.tanh(u)
             out["log_prob"] = _log_prob(u, mean, log_std)
         return out
+
+    def _network_inputs(self, obs: dict, batch: int | None) -> tuple:
+        """(normalised state, the network's prompt input, normalised image or None), with a leading [B]
+        for a batch."""
+        if batch is None:
+            prompt = self._prompt(obs["prompt"])
+        else:
+            prompt = self._forward.prompt(self._input("prompt", _tokens(obs["prompt"]), batch))
+        state = np.concatenate([self._input(k, obs.get(k), batch) for k in STATE_KEYS], axis=-1)
+        image = None
+        if "image" in self._stats:
+            image = normalization.standardize(
+                self._input("image", obs.get("image"), batch), self._stats["image"]
+            )
+        return normalization.standardize(state, self._stats["state"]), prompt, image
+
+    def _input(self, key: str, value, batch: int | None) -> np.ndarray:
+        """`value` of observation key `key` as the network reads it: [*shape], or [B, *shape] for a batch."""
+        if value is None:
+            raise KeyError(f"observation lacks {key!r}; the policy reads {sorted(self._inputs)}")
+        shape, dtype = self._inputs[key]
+        x = np.asarray(value, dtype)
+        expected = shape if batch is None else (batch, *shape)
+        if x.shape != expected:
+            raise ValueError(f"observation {key!r} has shape {x.shape}, expected {expected}")
+        return x
+
+    def _prompt(self, prompt) -> np.ndarray:
+        """What the network reads of one observation's prompt (text or ids [L]), kept per prompt: a robot
+        sends one prompt a whole episode, and checking and encoding it costs a batch-1 pass a dozen numpy
+        calls. Keyed on the text or the ids' bytes, dtype and shape; the entry is read-only."""
+        if isinstance(prompt, str):
+            key, kind = prompt, None
+        else:
+            prompt = np.asarray(prompt)
+            key, kind = prompt.tobytes(), (prompt.dtype, prompt.shape)
+        entry = self._prompts.get(key)
+        if entry is None or entry[0] != kind:
+            # A copy: the caller may reuse its array for the next observation, and the key is its bytes.
+            ids = self._input("prompt", _tokens(prompt), None).copy()
+            entry = (kind, self._forward.prompt(ids))
+            entry[1].setflags(write=False)
+            if len(self._prompts) >= PROMPT_CACHE:
+                self._prompts.clear()  # start afresh: one call, safe while other threads read
+            self._prompts[key] = entry
+        return entry[1]
 
     def _indicator(self, indicator, batch: int | None) -> np.ndarray | None:
         if indicator is None:
@@ -109,11 +156,14 @@ def state_stats(stats: dict, inputs) -> dict:
     return {"state": state, **({"image": stats["image"]} if "image" in inputs else {})}
 
 
-def _tokens(obs: dict) -> np.ndarray:
-    """The prompt's token ids [L] or [B, L]; a text prompt is encoded with the shared tokenizer."""
-    if "prompt" not in obs:
-        raise KeyError("observation lacks 'prompt'")
-    prompt = obs["prompt"]
+def _batch_size(prompt) -> int | None:
+    """B for a batch of prompts (ids [B, L]); None for one observation's (text or ids [L])."""
+    ndim = prompt.ndim if isinstance(prompt, np.ndarray) else np.ndim(prompt)  # np.ndim costs a call
+    return len(prompt) if ndim == 2 else None
+
+
+def _tokens(prompt) -> np.ndarray:
+    """A prompt's token ids [L] or [B, L], checked; a text prompt is encoded with the shared tokenizer."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt)
     if ids.size and not (0 <= ids.min() and ids.max() < len(tokenizer.VOCABULARY)):
         raise ValueError(f"prompt token ids must be in [0, {len(tokenizer.VOCABULARY)}), got {ids}")
