@@ -162,8 +162,13 @@ def select_action(nets: Networks, critic, obs: dict, base: jax.Array, patched: j
     """The patched action where the critic's pessimistic value rates it above the prior's own, the prior's
     elsewhere (IBRL's choice between a frozen prior and an RL actor). Off the data the ensemble disagrees,
     the lower bound falls, and the prior keeps the states it already handles. All [B, A]."""
-    value = lambda action: pessimistic_value(q_values(nets, critic, obs, action, base), nets.pessimism)  # noqa: E731
-    return jnp.where((value(patched) > value(base))[:, None], patched, base)
+    q = functools.partial(q_values, nets, critic, obs, base=base)
+    return jnp.where(prefers_patched(nets, q(patched), q(base))[:, None], patched, base)
+
+
+def prefers_patched(nets: Networks, patched_q: jax.Array, base_q: jax.Array) -> jax.Array:
+    """[B] bool: where the ensemble's pessimistic value [E, B] rates the patched action above the prior's."""
+    return pessimistic_value(patched_q, nets.pessimism) > pessimistic_value(base_q, nets.pessimism)
 
 
 def act(nets: Networks, params: dict, obs: dict, key: jax.Array, *, explore: bool) -> jax.Array:
@@ -261,8 +266,7 @@ def critic_target(state: ResidualState, batch: dict, key: jax.Array, *, spec: sa
 def selected_q(nets: Networks, patched_q: jax.Array, base_q: jax.Array) -> jax.Array:
     """Each member's value [E, B] of the action `select_action` would pick: the patched one where the
     pessimistic value rates it above the prior's, the prior's elsewhere (IBRL's bootstrap)."""
-    prefer = pessimistic_value(patched_q, nets.pessimism) > pessimistic_value(base_q, nets.pessimism)
-    return jnp.where(prefer[None], patched_q, base_q)
+    return jnp.where(prefers_patched(nets, patched_q, base_q)[None], patched_q, base_q)
 
 
 def critic_regression(
