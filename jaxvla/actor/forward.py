@@ -282,10 +282,6 @@ class TransformerEncoder:
         ]
         self.norm = w.norm("encoder/norm", width)
 
-    def __call__(self, obs: dict) -> np.ndarray:
-        """obs "state" [..., S], "prompt" [..., L] int, "image" [..., H, W, 4] if read -> [..., width]."""
-        return self.encode(obs["state"], self.prompt(obs["prompt"]), obs.get("image"))
-
     def prompt(self, prompt: np.ndarray) -> np.ndarray:
         """Token ids [..., L], as they are: the words are tokens that attend to the state and image."""
         return prompt
@@ -356,11 +352,7 @@ class StatePass:
             t *= h
             h += t  # h is out[:-1]: SiLU, and the next layer's input
             x = out
-        out = np.dot(x, self.head).reshape(self.shape)
-        squashed = np.tanh(out)  # one call for tanh(mean) and log_std's
-        log_std = np.multiply(squashed[1], self.half_span)
-        log_std += self.middle
-        return out[0], log_std, squashed[0]
+        return mean_and_log_std(np.dot(x, self.head).reshape(self.shape), self.middle, self.half_span)
 
     def _layers(self, prompt: np.ndarray) -> list[tuple]:
         """This thread's layers, `prompt` in the fuse kernel's bias row: (kernel, half_scale, 1 / width,
@@ -382,6 +374,15 @@ class StatePass:
         kernel = kernel.copy() if own else kernel
         coef, t = np.ones(2, F32), np.empty_like(norm.half_bias)
         return kernel, norm.half_scale, norm.inv_n, rows[0], coef, rows, out[:-1], t, out
+
+
+def mean_and_log_std(out: np.ndarray, middle, half_span) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The head's output [..., 2, H, A] -> (mean, log_std, tanh(mean)), log_std = middle + tanh * half span
+    (`PolicyForward` says why); one tanh call serves both."""
+    squashed = np.tanh(out)
+    log_std = squashed[..., 1, :, :] * half_span
+    log_std += middle
+    return out[..., 0, :, :], log_std, squashed[..., 0, :, :]
 
 
 def _with_bias_row(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -440,10 +441,7 @@ class PolicyForward:
         if self.indicator is not None:
             x = x + self.indicator[np.zeros(x.shape[:-1], np.intp) if indicator is None else indicator]
         out = self.head(self.trunk(x)).reshape(*x.shape[:-1], 2, self.chunk, self.action_size)
-        squashed = np.tanh(out)  # one call for tanh(mean) and log_std's
-        log_std = squashed[..., 1, :, :] * self.log_std_half_span
-        log_std += self.log_std_middle
-        return out[..., 0, :, :], log_std, squashed[..., 0, :, :]
+        return mean_and_log_std(out, self.log_std_middle, self.log_std_half_span)
 
 
 class Weights:
