@@ -349,6 +349,25 @@ def operator_reach(nets: residual.Networks, prior_params, block: dict) -> dict:
     return residual.correction_reach(flat(block["action"]), base, nets.scale, flat(block["intervention"]))
 
 
+def takeover_examples(folder: pathlib.Path, round_: int, block: dict, chunk: int) -> list[dict]:
+    """Every round's takeover steps up to `round_` as BC examples (`intervention_examples`): this round's
+    are written to `folder` first, so a resumed run reads the earlier rounds back from there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    examples = intervention_examples(block, chunk)
+    np.savez(
+        folder / f"round{round_:03d}.npz",
+        chunk=examples["chunk"],
+        mask=examples["mask"],
+        **{f"obs.{k}": v for k, v in examples["obs"].items()},
+    )
+    rounds = []
+    for r in range(1, round_ + 1):
+        with np.load(folder / f"round{r:03d}.npz") as saved:
+            obs = {k.removeprefix("obs."): saved[k] for k in saved.files if k.startswith("obs.")}
+            rounds.append({"obs": obs, "chunk": saved["chunk"], "mask": saved["mask"]})
+    return rounds
+
+
 class PatchLearner:
     """The learner kind `config.sac.actor` names, bound once: its jitted train block, the actors that
     run its params (exploring and deterministic), what it deploys, and its critic pretraining."""
@@ -365,7 +384,7 @@ class PatchLearner:
             self.pretrain = residual.make_critic_pretrain(spec) if sc.critic_pretrain_steps else None
             reach = jax.jit(functools.partial(operator_reach, nets))
             # On the host's numbers, so neither the replicated params nor the block's devices constrain it.
-            self.reach = lambda block: reach(*jax.device_get((prior.params, block)))
+            self.reach = lambda base, block: reach(*jax.device_get((base, block)))
         else:
             nets = sac.Networks(actor=prior.graphdef, critic=critic_graphdef(mc), stats=prior.stats)
             self.train = sac.make_train_steps(sac.make_spec(sc, mc, nets), num_steps=steps, mesh=mesh)
@@ -421,7 +440,8 @@ def gate_passes(candidate_validation: float, published_validation: float, margin
 class Programs:
     """What a patching run compiles, built once per config and prior and shared by its seeds, so a second
     seed compiles nothing: the learner kind, the operator's collector, the paired evaluation, the replay
-    insert and, with PRO's reward, the shaping (its relabelling and refresh take PRO's params as input)."""
+    insert, with PRO's reward the shaping (its relabelling and refresh take PRO's params as input) and,
+    with `patch.base` "hg_dagger", the BC retraining of the residual's base."""
 
     kind: PatchLearner
     collector: Collector
@@ -429,6 +449,7 @@ class Programs:
     insert: object
     shaping: pro.Shaping | None
     mesh: object
+    retrain_base: "Retrainer | None" = None
 
     @classmethod
     def build(cls, config: Config, prior: Prior, mesh=None) -> "Programs":
@@ -439,6 +460,10 @@ class Programs:
             raise ValueError(
                 f"patch.envs_per_round={pc.envs_per_round} must be a multiple of the {mesh.size} "
                 "devices: each device's replay shard takes whole episodes"
+            )
+        if pc.base != "prior" and sc.actor != "residual":
+            raise ValueError(
+                f'patch.base="{pc.base}" retrains the residual\'s base: it needs sac.actor="residual"'
             )
         kind = PatchLearner(config, prior, mesh)
         shaping = None
@@ -459,7 +484,8 @@ class Programs:
             keep_record=shaping is not None and config.pro.refresh_steps > 0,
         )
         evaluation = paired_evaluation(config, prior, kind.deterministic)
-        return cls(kind, collector, evaluation, make_insert(), shaping, mesh)
+        retrain_base = Retrainer(config, prior, mesh) if pc.base == "hg_dagger" else None
+        return cls(kind, collector, evaluation, make_insert(), shaping, mesh, retrain_base)
 
 
 def run_patching(
@@ -488,6 +514,8 @@ def run_patching(
         shaping.model = pro.load(pc.pro)
         offline = shaping.episodes(offline)
     refreshing = shaping is not None and config.pro.refresh_steps > 0
+    retraining_base = programs.retrain_base is not None and offline  # the offline part of its BC data
+    offline_examples = [dataset.flatten(offline, prior.model.chunk)] if retraining_base else []
 
     learner = new_learner(config, prior, offline, mesh, seed, sc.actor)
     learner.published = kind.deployable(learner.state)
@@ -551,6 +579,10 @@ def run_patching(
                 block = shaping(block)
             buffers = insert_experience(insert_online, learner.buffers, block)
             state = learner.state
+            if programs.retrain_base is not None:  # IBRL's BC half: HG-DAgger's policy becomes the base
+                takeovers = takeover_examples(run_dir / "takeovers", round_, block, prior.model.chunk)
+                aggregate = dataset.concatenate(*offline_examples, *takeovers)
+                state = state.replace(prior=programs.retrain_base(aggregate, seed=seed))
             if round_ == 1 and kind.pretrain is not None:
                 state, pretrained = pretrain_critic(
                     kind, state, offline, block, config, mesh, jax.random.fold_in(key_train, 0)
@@ -558,7 +590,8 @@ def run_patching(
                 extra = {**extra, **pretrained}
             state, metrics = kind.train(state, buffers, jax.random.fold_in(key_train, round_))
             if kind.reach is not None:
-                extra = {**extra, **{f"operator_{k}": v for k, v in kind.reach(block).items()}}
+                reach = kind.reach(state.prior, block)
+                extra = {**extra, **{f"operator_{k}": v for k, v in reach.items()}}
             jax.block_until_ready(state)
             totals = add_effort(
                 learner.totals,

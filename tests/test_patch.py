@@ -230,3 +230,55 @@ def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
     assert straight[1]["critic_pretrain_loss_last"] == resumed[1]["critic_pretrain_loss_last"]
     assert [r["published"] for r in straight] == [r["published"] for r in resumed]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(resumed_params))
+
+
+@pytest.mark.slow
+def test_a_base_retrained_on_every_takeover_so_far_resumes_exactly(tmp_path):
+    base = configs.get_config("debug")
+    patching = dataclasses.replace(
+        base.patch,
+        rounds=2,
+        envs_per_round=4,
+        updates_per_round=2,
+        validation_episodes=2,
+        capacity=(64, 256, 64),
+        base="hg_dagger",
+        sft_steps=4,
+    )
+    sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
+    target = dataclasses.replace(base.target, eval_episodes=2)
+    pretrain = dataclasses.replace(base.pretrain, batch_size=8, log_every=2)
+    config = dataclasses.replace(base, target=target, patch=patching, sac=sac, pretrain=pretrain)
+    prior = tiny_prior(config, tmp_path / "prior")
+    programs = patch.Programs.build(config, prior)
+    run = functools.partial(patch.run_patching, config, prior, [], tmp_path, seed=0, programs=programs)
+    straight, params = run(progress=False)
+    assert straight[-1]["takeover_steps"] > 0, "an untrained policy should call the operator"
+
+    # The base is BC on every round's takeover steps, not the prior and not the last round's alone.
+    saved = sorted((tmp_path / "takeovers").glob("round*.npz"))
+    rounds = [dict(np.load(path)) for path in saved]
+    assert len(rounds) == 2
+    assert sum(len(r["chunk"]) for r in rounds) == straight[-1]["takeover_steps"]
+    examples = {
+        "obs": {
+            k.removeprefix("obs."): np.concatenate([r[k] for r in rounds]) for k in rounds[0] if "." in k
+        },
+        "chunk": np.concatenate([r["chunk"] for r in rounds]),
+        "mask": np.concatenate([r["mask"] for r in rounds]),
+    }
+    expected = patch.Retrainer(config, prior)(examples, seed=0)
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+        jax.device_get(params["prior"]),
+        jax.device_get(expected),
+    )
+    assert not np.allclose(
+        jax.tree.leaves(jax.device_get(params["prior"]))[0], jax.tree.leaves(jax.device_get(prior.params))[0]
+    )
+
+    # Killed before saving round 2: the resumed run reads round 1's takeovers back and ends the same.
+    shutil.rmtree(tmp_path / "checkpoints" / "2")
+    resumed, resumed_params = run(progress=False)
+    assert resumed[2]["compile_s"] == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(resumed_params))
