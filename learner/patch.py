@@ -6,8 +6,8 @@ look-ahead) the operator takes over for a segment and hands back once the situat
 moved on, or the segment hits its cap (`envs.operator.Trigger`). Every step goes to the online source, the
 takeover steps (and the n steps after them, for n-step targets) also to the patch source; the sparse
 success the operator verifies is the reward, or with `patch.reward = "pro"` the process-reward model's
-dense one (learner/pro.py; the offline demonstrations are relabelled with it too; each round PRO is first
-fine-tuned on the round's own episodes, `pro.refresh_steps`). The SAC learner then
+dense one (learner/pro.py; the offline demonstrations are relabelled with it too; with `pro.refresh_steps`
+PRO is first fine-tuned on each round's own episodes). The SAC learner then
 runs its fused updates over the offline (the task's pretraining demonstrations), online and patch sources.
 
 Operator effort is counted as corrective episodes, takeover segments and operator steps. The same

@@ -758,8 +758,9 @@ class Shaping:
     argument of the compiled relabelling, so a refreshed PRO reuses it.
 
     Transitions already in the replay keep the potential they were labelled with. Each episode is shaped by
-    one potential throughout, so its shaped return is still its sparse return minus βΦ(s₀); a mix of
-    potentials is again a potential of the state alone, so the mix keeps the optimal policy too.
+    one potential throughout, so its shaped return is still its sparse return minus βΦ(s₀), but a refreshed
+    run's replay mixes one potential per round, and with the critic's selection that cost 11 points on
+    `deploy` against a frozen PRO (docs/pro.md): `pro.refresh_steps` is 0 by default.
     """
 
     def __init__(self, model: Pro, *, gamma: float, beta: float, risk_weight: float):
