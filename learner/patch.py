@@ -9,6 +9,9 @@ success the operator verifies is the reward, or with `patch.reward = "pro"` the 
 dense one (learner/pro.py; the offline demonstrations are relabelled with it too; with `pro.refresh_steps`
 PRO is first fine-tuned on each round's own episodes). The SAC learner then
 runs its fused updates over the offline (the task's pretraining demonstrations), online and patch sources.
+By default (`patch.base`) the residual acts on a base that is itself retrained each round, HG-DAgger's
+way: BC from the prior on the offline demonstrations and every takeover step so far; the critic then
+chooses between that base's action and the patched one (IBRL).
 
 Operator effort is counted as corrective episodes, takeover segments and operator steps. The same
 contexts are replayed without the operator, so a takeover in an episode the policy would have won alone
@@ -463,7 +466,8 @@ class Programs:
             )
         if pc.base != "prior" and sc.actor != "residual":
             raise ValueError(
-                f'patch.base="{pc.base}" retrains the residual\'s base: it needs sac.actor="residual"'
+                f'patch.base="{pc.base}" retrains the residual\'s base: it needs sac.actor="residual" '
+                '(with sac.actor="full", pass --patch.base prior)'
             )
         kind = PatchLearner(config, prior, mesh)
         shaping = None

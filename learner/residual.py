@@ -49,7 +49,8 @@ class ResidualState(sac.SACState):
     """SAC's state with `actor` the residual policy (`step` counts TD critic updates), plus the two below.
     A checkpoint stores fields by name, so the order of the fields does not matter to old checkpoints."""
 
-    prior: nnx.State  # the frozen prior's params (never updated; carried so updates stay pure)
+    prior: nnx.State  # the base policy's params: no update changes them (carried so updates stay pure);
+    # `patch.base` "hg_dagger" replaces them between rounds with the prior retrained by BC
     actor_average: nnx.State  # the residual's Polyak average: what is evaluated and deployed
 
 

@@ -197,6 +197,7 @@ def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
         capacity=(64, 256, 64),
         reward="pro",
         pro=str(tmp_path / "pro"),
+        base="prior",  # the base's retraining has its own test below
     )
     pro_config = dataclasses.replace(base.pro, batch_size=8, refresh_steps=2)
     sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
