@@ -43,7 +43,6 @@ from envs.cell import EVENTS
 from envs.cell import MISSED_GRASP
 from envs.cell import SLIP
 from envs.cell import TIMEOUT
-from envs.operator import takeover_alarm
 from envs.operator import takeover_flags
 from envs.wrappers import History
 from envs.wrappers import Takeover
@@ -883,11 +882,17 @@ class RiskTakeover(Takeover):
         if self.trigger.lookahead:
             predicted = predicted | self.predicted_failure(state)
         operator = self.env.operator_action(state)
-        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator, predicted)
+        alarm = self.alarm(state, policy_action, operator, predicted)
         action = jnp.where(state.info["intervening"] | alarm, operator, policy_action)
         new = self.env.step(state, action)
         flags = takeover_flags(jnp, self.trigger, state.info, alarm, new.info["stage"], new.done)
-        extra = {**flags, "policy_action": policy_action, "action": action, "rho": rho}
+        extra = {
+            **flags,
+            "operator_on": state.info["operator_on"],
+            "policy_action": policy_action,
+            "action": action,
+            "rho": rho,
+        }
         return dataclasses.replace(new, info={**new.info, **extra})
 
 
