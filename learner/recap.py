@@ -205,8 +205,8 @@ class Rollouts:
     need are dropped) of `rollout_actor` on the env under the operator's `trigger`, the operator switched
     off per episode (`Takeover.with_operator`): off for the autonomous episodes and for evaluations. A
     collection samples chunks (with `explore`) at guidance `guidance`; an evaluation takes the mode.
-    Compiling an MJX rollout takes tens of seconds, so one program instead of three (two collectors and an
-    evaluator) is most of what Recap's stage saves.
+    Compiling an MJX rollout takes tens of seconds on a CPU: this is one program where there were three
+    (two collectors and an evaluator).
 
     It evaluates as an `evaluate.Evaluator` of `episodes` episodes does (`on`, same contexts and report),
     on params {"policy", "beta"} (`with_beta`).
@@ -262,9 +262,8 @@ class Rollouts:
             "explore": jnp.bool_(self.explore),
         }
         keys = evaluate.reset_keys(key_reset, self.batch)
-        out = jax.device_get(
-            self._rows(actor_params, keys, operator, key_act, version)
-        )  # rows cut on the host
+        # On the host, where cutting rows compiles nothing.
+        out = jax.device_get(self._rows(actor_params, keys, operator, key_act, version))
         by_source, start = {}, 0
         for name, count in self.sizes.items():
             if count:
