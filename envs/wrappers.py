@@ -142,6 +142,9 @@ class Takeover(Wrapper):
     records `policy_action`, the executed `action` and `is_intervention` for every step, which is what
     the replay's patch source and the RLDS episode need. With `trigger.lookahead`, `policy(state) ->
     action` is rolled ahead from each state to predict a failure before it shows.
+
+    The operator can be switched off per episode (`with_operator`): it then never takes over, as under a
+    trigger that never fires, yet the episode runs in the same compiled program as those it watches.
     """
 
     def __init__(self, env, trigger: Trigger = DEFAULT_TRIGGER, policy=None):
@@ -152,17 +155,39 @@ class Takeover(Wrapper):
 
     def _start(self, state: State) -> State:
         action = jnp.zeros(self.env.action_size, jnp.float32)
-        extra = {**takeover_start(jnp), "policy_action": action, "action": action}
+        extra = {
+            **takeover_start(jnp),
+            "operator_on": jnp.bool_(True),
+            "policy_action": action,
+            "action": action,
+        }
         return dataclasses.replace(state, info={**state.info, **extra})
+
+    @staticmethod
+    def with_operator(state: State, on) -> State:
+        """`state` with the operator switched on or off for the rest of its episode; `on` is [] or, for a
+        batch of states, [B]. An episode starts with it on."""
+        on = jnp.broadcast_to(jnp.asarray(on, bool), state.info["operator_on"].shape)
+        return dataclasses.replace(state, info={**state.info, "operator_on": on})
+
+    def alarm(self, state: State, policy_action: jax.Array, operator: jax.Array, predicted) -> jax.Array:
+        """Whether the operator takes over this step (`takeover_alarm`), never while it is switched off."""
+        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator, predicted)
+        return alarm & state.info["operator_on"]
 
     def step(self, state: State, policy_action: jax.Array) -> State:
         operator = self.env.operator_action(state)
         predicted = self.predicted_failure(state) if self.trigger.lookahead else False
-        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator, predicted)
+        alarm = self.alarm(state, policy_action, operator, predicted)
         action = jnp.where(state.info["intervening"] | alarm, operator, policy_action)
         new = self.env.step(state, action)
         flags = takeover_flags(jnp, self.trigger, state.info, alarm, new.info["stage"], new.done)
-        extra = {**flags, "policy_action": policy_action, "action": action}
+        extra = {
+            **flags,
+            "operator_on": state.info["operator_on"],
+            "policy_action": policy_action,
+            "action": action,
+        }
         return dataclasses.replace(new, info={**new.info, **extra})
 
     def predicted_failure(self, state: State) -> jax.Array:

@@ -5,6 +5,7 @@ writes a program to the cache when its compile took at least `jax_persistent_cac
 (1 s by default), so the many tiny jits do not fill the folder.
 """
 
+import collections
 import os
 
 import jax
@@ -28,16 +29,20 @@ COMPILE_EVENTS = (
 
 class CompileClock:
     """Seconds this process has spent tracing, lowering and compiling (or loading compiled) programs, summed
-    from jax's monitoring events since the clock was made; `seconds` is read at any time. As a context
-    manager it stops listening on exit."""
+    from jax's monitoring events since the clock was made; `seconds` is read at any time, and `programs`
+    counts the programs compiled or loaded by name ("jit(run)"). As a context manager it stops listening on
+    exit."""
 
     def __init__(self):
         self.seconds = 0.0
+        self.programs: collections.Counter[str] = collections.Counter()
         jax.monitoring.register_event_duration_secs_listener(self._record)
 
-    def _record(self, event: str, duration_s: float, **_) -> None:
+    def _record(self, event: str, duration_s: float, fun_name: str = "", **_) -> None:
         if event in COMPILE_EVENTS:
             self.seconds += duration_s
+        if event == COMPILE_EVENTS[-1]:
+            self.programs[fun_name] += 1
 
     def close(self) -> None:
         jax.monitoring.unregister_event_duration_listener(self._record)

@@ -91,6 +91,25 @@ def context_keys(contexts: Contexts) -> jax.Array:
     return reset_keys(jax.random.split(contexts.key)[0], contexts.episodes)
 
 
+def outcomes(last) -> dict:
+    """Per-episode outcomes {name: [B]} from a batch's last states: what `summarize` reads."""
+    info = last.info
+    return {
+        "success": info["success"],
+        "failure_mode": info["failure_mode"],
+        "retries": info["retries"],
+        "had_failure": info["had_failure"],
+        "cycle_time": info["cycle_time"],
+        "component": last.params.component,
+    }
+
+
+def report_on(contexts: Contexts, outcomes: dict[str, np.ndarray], task: str, split: str) -> dict:
+    """The report of one run on a fixed context set (outcomes [episodes] as numpy), labelled with it."""
+    report = summarize(outcomes, envs.get_task(task).split(split).component_names)
+    return {"contexts": contexts.name, "contexts_seed": contexts.seed, **report}
+
+
 class Evaluator:
     """`episodes` episodes of one task and split, compiled once, run for any params of the same shape."""
 
@@ -125,15 +144,7 @@ class Evaluator:
             key_reset, key_act = jax.random.split(key)
             state = reset(reset_keys(key_reset, self.episodes))
             last, _ = rollout(step, lambda s, k: actor(params, s, k), state, key_act, self.length)
-            info = last.info
-            return {
-                "success": info["success"],
-                "failure_mode": info["failure_mode"],
-                "retries": info["retries"],
-                "had_failure": info["had_failure"],
-                "cycle_time": info["cycle_time"],
-                "component": last.params.component,
-            }
+            return outcomes(last)
 
         return run
 
@@ -147,10 +158,7 @@ class Evaluator:
             raise ValueError(
                 f"{contexts.name} holds {contexts.episodes} contexts; this evaluator runs {self.episodes}"
             )
-        report = summarize(
-            self(params, contexts.key), envs.get_task(self.task).split(self.split).component_names
-        )
-        return {"contexts": contexts.name, "contexts_seed": contexts.seed, **report}
+        return report_on(contexts, self(params, contexts.key), self.task, self.split)
 
 
 def run_evaluators(

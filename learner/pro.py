@@ -43,7 +43,6 @@ from envs.cell import EVENTS
 from envs.cell import MISSED_GRASP
 from envs.cell import SLIP
 from envs.cell import TIMEOUT
-from envs.operator import takeover_alarm
 from envs.operator import takeover_flags
 from envs.wrappers import History
 from envs.wrappers import Takeover
@@ -739,17 +738,28 @@ def relabel(
 def relabel_episodes(
     pro_: Pro, episodes: list[dict], *, gamma: float, beta: float, risk_weight: float
 ) -> list[dict]:
-    """RLDS episodes with their sparse `steps.reward` shaped the same way (the offline source, once)."""
+    """RLDS episodes with their sparse `steps.reward` shaped the same way (the offline source, once).
+
+    Shaped all at once, padded to the longest: one episode at a time, every new length compiled each
+    eager op anew (some 600 one-op programs for the demo's 200 demonstrations)."""
     check_state_only(pro_, "shaping")
-    out = []
-    for ep, r in zip(episodes, score_episodes(pro_, episodes), strict=True):
-        sparse = np.asarray(ep["steps"]["reward"], np.float32)[None]
-        valid = np.ones_like(sparse, bool)
-        terminal = np.arange(sparse.shape[1])[None] == sparse.shape[1] - 1
-        phi = potential({k: v[None] for k, v in r.items()}, risk_weight)
-        reward = shaped_reward(sparse, phi, valid, terminal, gamma=gamma, beta=beta)[0]
-        out.append({**ep, "steps": {**ep["steps"], "reward": np.asarray(reward, np.float32)}})
-    return out
+    if not episodes:
+        return []
+    readouts = score_episodes(pro_, episodes)
+    lengths = np.array([len(ep["steps"]["reward"]) for ep in episodes])
+    steps = np.arange(lengths.max())
+
+    def padded(x) -> np.ndarray:
+        return np.pad(np.asarray(x, np.float32), (0, steps.size - len(x)))
+
+    sparse = np.stack([padded(ep["steps"]["reward"]) for ep in episodes])  # [E, T]
+    phi = potential({k: np.stack([padded(r[k]) for r in readouts]) for k in ("value", "rho")}, risk_weight)
+    valid, terminal = steps < lengths[:, None], steps == lengths[:, None] - 1
+    reward = np.asarray(shaped_reward(sparse, phi, valid, terminal, gamma=gamma, beta=beta), np.float32)
+    return [
+        {**ep, "steps": {**ep["steps"], "reward": reward[i, :n]}}
+        for i, (ep, n) in enumerate(zip(episodes, lengths, strict=True))
+    ]
 
 
 class Shaping:
@@ -884,11 +894,17 @@ class RiskTakeover(Takeover):
         if self.trigger.lookahead:
             predicted = predicted | self.predicted_failure(state)
         operator = self.env.operator_action(state)
-        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator, predicted)
+        alarm = self.alarm(state, policy_action, operator, predicted)
         action = jnp.where(state.info["intervening"] | alarm, operator, policy_action)
         new = self.env.step(state, action)
         flags = takeover_flags(jnp, self.trigger, state.info, alarm, new.info["stage"], new.done)
-        extra = {**flags, "policy_action": policy_action, "action": action, "rho": rho}
+        extra = {
+            **flags,
+            "operator_on": state.info["operator_on"],
+            "policy_action": policy_action,
+            "action": action,
+            "rho": rho,
+        }
         return dataclasses.replace(new, info={**new.info, **extra})
 
 

@@ -38,7 +38,11 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+import envs
 from configs import Config
+from envs.rollout import rollout
+from envs.wrappers import Takeover
+from envs.wrappers import Trigger
 from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
@@ -52,6 +56,10 @@ from learner.pretrain import Prior
 
 # Threshold groups: one quantile per task and data stage. Demonstrations are the pretraining stage.
 DEMOS, ROLLOUTS = 0, 1
+# Where each kind of data lives in the replay: demonstrations, autonomous rollouts, corrected rollouts.
+DEMONSTRATIONS, AUTONOMOUS, CORRECTED = "offline", "online", "patch"
+# How the records name the collected sources ("autonomous_success", ...).
+SOURCE_NAMES = {AUTONOMOUS: "autonomous", CORRECTED: "corrected"}
 
 
 # ------------------------------------------------------------------------------- values, advantages
@@ -140,18 +148,36 @@ def auroc(score: np.ndarray, label: np.ndarray) -> float | None:
     return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
 
 
+def guided_chunk(graphdef, stats: dict, params: dict, obs: dict) -> tuple[jax.Array, jax.Array]:
+    """The pre-tanh chunk mean with the indicator positive, classifier-free guided by params["beta"]
+    against the indicator-free policy (`distributions.guided_mean`), and the conditioned log-std:
+    [B, H, A] each."""
+    obs = normalization.normalize(obs, stats)
+    flag = jnp.full(obs["prompt"].shape[:1], models.INDICATOR_POSITIVE, jnp.int32)
+    conditioned, log_std = models.apply(graphdef, params["policy"], obs, flag)
+    unconditioned, _ = models.apply(graphdef, params["policy"], obs, None)
+    return distributions.guided_mean(conditioned, unconditioned, params["beta"]), log_std
+
+
 def guided_actor(graphdef, stats: dict) -> evaluate.Actor:
-    """The evaluation actor on {"policy": params, "beta": []}: the mean chunk with the indicator positive,
-    classifier-free guided by beta against the indicator-free policy (`distributions.guided_mean`). beta is
-    an input, not a constant, so one compiled evaluation serves the whole sweep."""
+    """The evaluation actor on {"policy": params, "beta": []}: the mode of `guided_chunk`. beta is an
+    input, not a constant, so one compiled evaluation serves the whole sweep."""
 
     def act(params, obs, key):
-        obs = normalization.normalize(obs, stats)
-        flag = jnp.full(obs["prompt"].shape[:1], models.INDICATOR_POSITIVE, jnp.int32)
-        conditioned, _ = models.apply(graphdef, params["policy"], obs, flag)
-        unconditioned, _ = models.apply(graphdef, params["policy"], obs, None)
-        mean = distributions.guided_mean(conditioned, unconditioned, params["beta"])
+        mean, _ = guided_chunk(graphdef, stats, params, obs)
         return distributions.mode(mean)[:, 0]
+
+    return act
+
+
+def rollout_actor(graphdef, stats: dict) -> evaluate.Actor:
+    """`guided_actor` on {"policy", "beta", "explore": []}, whose chunk is sampled from the policy where
+    explore is set: collecting and evaluating differ only in inputs, so they share one compiled rollout."""
+
+    def act(params, obs, key):
+        mean, log_std = guided_chunk(graphdef, stats, params, obs)
+        sampled, _ = distributions.sample(key, mean, log_std)
+        return jnp.where(params["explore"], sampled, distributions.mode(mean))[:, 0]
 
     return act
 
@@ -170,6 +196,99 @@ def conditioned_policy(prior: Prior, seed: int = 0) -> tuple[nnx.GraphDef, nnx.S
     return nnx.split(model, nnx.Param)
 
 
+# ----------------------------------------------------------------------------------------- rollouts
+class Rollouts:
+    """Every episode Recap runs on its task and split, from one compiled rollout program: an iteration's
+    collection, autonomous and corrected episodes in one batch, and every evaluation.
+
+    The program runs `batch` episodes (the larger of a collection and an evaluation; rows a call does not
+    need are dropped) of `rollout_actor` on the env under the operator's `trigger`, the operator switched
+    off per episode (`Takeover.with_operator`): off for the autonomous episodes and for evaluations. A
+    collection samples chunks (with `explore`) at guidance `guidance`; an evaluation takes the mode.
+    Compiling an MJX rollout takes tens of seconds on a CPU: this is one program where there were three
+    (two collectors and an evaluator).
+
+    It evaluates as an `evaluate.Evaluator` of `episodes` episodes does (`on`, same contexts and report),
+    on params {"policy", "beta"} (`with_beta`).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        split: str,
+        graphdef,
+        stats: dict,
+        trigger: Trigger,
+        *,
+        autonomous: int,
+        corrected: int,
+        episodes: int,
+        explore: bool = True,
+        guidance: float = 1.0,
+    ):
+        """`autonomous` and `corrected` episodes per collection; `episodes` per evaluation."""
+        if trigger.lookahead:
+            raise ValueError("Recap's rollouts have no look-ahead policy: use a trigger without look-ahead")
+        self.env = Takeover(envs.make(task, split), trigger)
+        self.task, self.split, self.length = task, split, self.env.config.max_steps
+        self.sizes = {AUTONOMOUS: autonomous, CORRECTED: corrected}
+        self.episodes, self.explore, self.guidance = episodes, explore, guidance
+        self.batch = max(autonomous + corrected, episodes)
+        actor = rollout_actor(graphdef, stats)
+        reset, step = jax.vmap(self.env.reset), jax.vmap(self.env.step)
+
+        def rollouts(params, reset_keys, operator, key_act, version):
+            start = Takeover.with_operator(reset(reset_keys), operator)
+            last, record = rollout(step, lambda s, k: actor(params, s.obs, k), start, key_act, self.length)
+            return {"block": patch.episode_block(record, version), **evaluate.outcomes(last)}
+
+        self._run = jax.jit(rollouts)  # logged and counted as "jit(rollouts)"
+
+    def _rows(self, params, reset_keys: jax.Array, operator: np.ndarray, key_act: jax.Array, version: int):
+        """The program on `batch` episodes: {"block": [B, T] insert block, outcomes [B]}."""
+        return self._run(
+            evaluate.on_host(params), reset_keys, jnp.asarray(operator), key_act, jnp.int32(version)
+        )
+
+    def collect(self, params, key: jax.Array, version: int) -> dict[str, dict]:
+        """One iteration's episodes of `params` (the policy's, indicator positive), per source that collects,
+        as numpy: {source: {"block": the replay's insert block [E, T] (version `version`), "success": [E]}}.
+        The contexts: the first autonomous + corrected of `batch` drawn from `key`, the autonomous first."""
+        key_reset, key_act = jax.random.split(key)
+        operator = np.arange(self.batch) >= self.sizes[AUTONOMOUS]
+        actor_params = {
+            "policy": params,
+            "beta": jnp.float32(self.guidance),
+            "explore": jnp.bool_(self.explore),
+        }
+        keys = evaluate.reset_keys(key_reset, self.batch)
+        # On the host, where cutting rows compiles nothing.
+        out = jax.device_get(self._rows(actor_params, keys, operator, key_act, version))
+        by_source, start = {}, 0
+        for name, count in self.sizes.items():
+            if count:
+                rows = lambda x, lo=start, hi=start + count: x[lo:hi]  # noqa: E731
+                by_source[name] = {"block": jax.tree.map(rows, out["block"]), "success": rows(out["success"])}
+            start += count
+        return by_source
+
+    def on(self, params, contexts: evaluate.Contexts) -> dict:
+        """`evaluate.Evaluator.on` for params {"policy", "beta"}: the report on a fixed context set."""
+        if contexts.episodes != self.episodes:
+            raise ValueError(
+                f"{contexts.name} holds {contexts.episodes} contexts; this evaluation runs {self.episodes}"
+            )
+        key_reset, key_act = jax.random.split(contexts.key)
+        keys = evaluate.reset_keys(key_reset, self.episodes)
+        if self.batch > self.episodes:  # rows to fill the program's batch, dropped below
+            keys = jnp.concatenate([keys, evaluate.reset_keys(key_act, self.batch - self.episodes)])
+        out = self._rows(
+            {**params, "explore": jnp.bool_(False)}, keys, np.zeros(self.batch, bool), key_act, 0
+        )
+        outcomes = {k: np.asarray(v)[: self.episodes] for k, v in out.items() if k != "block"}
+        return evaluate.report_on(contexts, outcomes, self.task, self.split)
+
+
 # --------------------------------------------------------------------------------------- the data
 @dataclasses.dataclass(frozen=True)
 class Targets:
@@ -179,10 +298,6 @@ class Targets:
     c_fail: float
     n: int
     value_range: tuple[float, float]
-
-
-# Where each kind of data lives in the replay: demonstrations, autonomous rollouts, corrected rollouts.
-DEMONSTRATIONS, AUTONOMOUS, CORRECTED = "offline", "online", "patch"
 
 
 def extras_spec() -> dict[str, jax.ShapeDtypeStruct]:
@@ -208,6 +323,15 @@ def recap_block(block: dict, success, targets: Targets) -> dict:
         "indicator": jnp.full(valid.shape, models.INDICATOR_NEGATIVE, jnp.int32),
     }
     return {**block, "reward": rewards, "extras": extras}
+
+
+@functools.partial(jax.jit, static_argnames=("source", "targets"), donate_argnums=0)
+def store(buffer: replay.Buffer, block: dict, success, *, source: str, targets: Targets) -> replay.Buffer:
+    """`buffer` (the replay's `source`) with `block` appended, one episode a row, with Recap's reward and
+    extras (`recap_block`); the buffer is donated. One compiled call per block shape: called eagerly, the
+    shard_map inside `replay.insert` compiles each of its ops alone, on every call (a minute of the demo's
+    Recap stage went to that)."""
+    return replay.insert(buffer, recap_block(block, success, targets), source=replay.SOURCES.index(source))
 
 
 def source_shares(rc, demonstrations: bool) -> dict[str, float]:
@@ -295,22 +419,20 @@ def with_indicators(buffers: dict, indicator: np.ndarray) -> dict:
     return out
 
 
-def create_buffers(config: Config, offline: list[dict], collectors: dict, mesh, targets: Targets) -> dict:
-    """One replay buffer per source that will hold data, sized for the whole run so nothing is ever
-    overwritten and every fit compiles once; the demonstrations are inserted, one episode a row."""
+def create_buffers(
+    config: Config, offline: list[dict], sizes: dict[str, int], length: int, mesh, targets: Targets
+) -> dict:
+    """One replay buffer per source that will hold data (`sizes`: episodes per iteration of each collected
+    source, `length` steps each), sized for the whole run so nothing is ever overwritten and every fit
+    compiles once; the demonstrations are inserted, one episode a row."""
     mc, shards = config.model, mesh.shape[sharding.DATA]
     obs_spec = {k: jax.ShapeDtypeStruct(s.shape[1:], s.dtype) for k, s in mc.observation_spec(1).items()}
-    capacities = {
-        source: config.recap.iterations * c.num_envs * c.length
-        for source, c in collectors.items()
-        if c.num_envs
-    }
+    capacities = {source: config.recap.iterations * n * length for source, n in sizes.items() if n}
     block = None
     if offline:
         rows = -(-len(offline) // shards) * shards
         block = replay.from_episodes(offline, rows=rows, obs_keys=obs_spec)
         success = [ep["episode_metadata"]["success"] for ep in offline] + [False] * (rows - len(offline))
-        block = recap_block(block, np.asarray(success, bool), targets)
         capacities[DEMONSTRATIONS] = block["valid"].size
     buffers = {
         k: replay.create(obs_spec, mc.action_size, capacities[k], mesh, extras_spec(), n_step=mc.chunk)
@@ -318,8 +440,9 @@ def create_buffers(config: Config, offline: list[dict], collectors: dict, mesh, 
         if k in capacities
     }
     if block is not None:
-        demos = buffers[DEMONSTRATIONS]
-        buffers[DEMONSTRATIONS] = replay.insert(demos, block, source=replay.SOURCES.index(DEMONSTRATIONS))
+        buffers[DEMONSTRATIONS] = store(
+            buffers[DEMONSTRATIONS], block, np.asarray(success, bool), source=DEMONSTRATIONS, targets=targets
+        )
     return buffers
 
 
@@ -453,30 +576,27 @@ def run_recap(
     offline: list[dict],
     *,
     seed: int,
-    autonomous: patch.Collector,
-    corrected: patch.Collector,
-    evaluator: evaluate.Evaluator,
+    rollouts: Rollouts,
     run_dir: pathlib.Path,
     mesh=None,
     progress: bool = True,
 ) -> tuple[list[dict], nnx.State]:
     """Recap iterations from the prior: one record per iteration (0: the prior) and the final policy.
 
-    The collectors run the conditioned policy with the indicator positive; the evaluator runs
-    `guided_actor` (its params: `with_beta(params, recap.guidance)`). The caller builds them once (compiles
-    are slow) and shares them across seeds. Every episode goes into the sharded replay (demonstrations,
-    autonomous and corrected rollouts, one source each); value and policy batches are drawn from it.
+    `rollouts` collects with the conditioned policy, indicator positive, and evaluates it (params
+    `with_beta(params, recap.guidance)`). The caller builds it once (compiles are slow) and shares it
+    across seeds. Every episode goes into the sharded replay (demonstrations, autonomous and corrected
+    rollouts, one source each); value and policy batches are drawn from it.
     """
     rc, mc = config.recap, prior.model
     mesh = mesh or sharding.make_mesh()
-    collectors = {AUTONOMOUS: autonomous, CORRECTED: corrected}
-    uneven = {k: c.num_envs for k, c in collectors.items() if c.num_envs % mesh.size}
+    uneven = {k: n for k, n in rollouts.sizes.items() if n % mesh.size}
     if uneven:
         raise ValueError(
             f"episodes per iteration {uneven} must be multiples of the {mesh.size} devices: "
             "each device's replay shard takes whole episodes"
         )
-    targets = Targets(autonomous.length, rc.c_fail, rc.advantage_steps, mc.value_range)
+    targets = Targets(rollouts.length, rc.c_fail, rc.advantage_steps, mc.value_range)
     graphdef, policy_init = conditioned_policy(prior, seed)
     value_graphdef, value_init = nnx.split(mc.create_value(seed + 1), nnx.Param)
     predict = functools.partial(predict_values, value_graphdef, stats=prior.stats, support=mc.value_support())
@@ -485,7 +605,7 @@ def run_recap(
             k: slot_advantages(b, params, predict=predict, targets=targets) for k, b in buffers.items()
         }
     )
-    buffers = create_buffers(config, offline, collectors, mesh, targets)
+    buffers = create_buffers(config, offline, rollouts.sizes, rollouts.length, mesh, targets)
     ratios = batch_ratios(source_shares(rc, bool(offline)), rc.batch_size, mesh.size)
     fit_value = make_value_fit(config, prior, value_graphdef, mesh, ratios)
     fit_policy = make_policy_fit(config, prior, graphdef, mesh, ratios)
@@ -502,7 +622,7 @@ def run_recap(
         "collected_episodes": 0,
         "wall_s": 0.0,
     }
-    progress_log = IterationLog("recap", evaluator, run_dir / "metrics.jsonl")
+    progress_log = IterationLog("recap", rollouts, run_dir / "metrics.jsonl")
     progress_log(with_beta(params, rc.guidance), 0, totals)
     where = f"{config.target.task}/{config.target.split}"
     bar = tqdm(
@@ -511,17 +631,16 @@ def run_recap(
     for iteration in bar:
         tic = time.perf_counter()
         collected = {}
-        for (source, collector), name in zip(collectors.items(), ("autonomous", "corrected"), strict=True):
-            if collector.num_envs == 0:
-                continue
-            key = jax.random.fold_in(jax.random.fold_in(key_collect, iteration), len(collected))
-            out = collector(params, key, iteration)  # the block's version is the iteration
+        # The block's version is the iteration.
+        by_source = rollouts.collect(params, jax.random.fold_in(key_collect, iteration), iteration)
+        for source, out in by_source.items():
             for k, v in patch.effort(out["block"]).items():
                 totals[k] += v
-            totals["collected_episodes"] += collector.num_envs
-            collected[name] = float(np.mean(np.asarray(out["success"])))
-            block = recap_block(out["block"], out["success"], targets)
-            buffers[source] = replay.insert(buffers[source], block, source=replay.SOURCES.index(source))
+            totals["collected_episodes"] += rollouts.sizes[source]
+            collected[SOURCE_NAMES[source]] = float(np.mean(out["success"]))
+            buffers[source] = store(
+                buffers[source], out["block"], out["success"], source=source, targets=targets
+            )
         heldout = None
         if iteration > 1:  # the value fitted last iteration has not seen these episodes
             heldout = heldout_auroc(buffers, advantages_of(buffers, value_params), iteration)
@@ -546,7 +665,9 @@ def run_recap(
     return progress_log.records, params
 
 
-def guidance_sweep(evaluator: evaluate.Evaluator, params, betas: tuple[float, ...]) -> dict[str, dict]:
+def guidance_sweep(
+    evaluator: Rollouts | evaluate.Evaluator, params, betas: tuple[float, ...]
+) -> dict[str, dict]:
     """The final policy on the evaluator's test contexts at each guidance weight beta: {str(beta): report}."""
     contexts = evaluate.TEST.with_episodes(evaluator.episodes)
     return {str(beta): evaluator.on(with_beta(params, beta), contexts) for beta in betas}

@@ -13,12 +13,15 @@ from conftest import fewest_successes
 from flax import nnx
 
 import configs
+from envs.wrappers import Trigger
 from jaxvla import models
 from jaxvla import normalization
 from jaxvla.models import distributions
 from learner import bc
+from learner import compile_cache
 from learner import dataset
 from learner import evaluate
+from learner import patch
 from learner import recap
 from learner import replay
 from learner import sharding
@@ -368,3 +371,28 @@ def test_jaxvla_recap_has_its_own_defaults_and_the_command_line_overrides_them()
     assert configs.get_config("debug").target.eval_episodes == 256  # the registry itself is untouched
     config = parse("--target.split", "novel", "--recap.guidance-sweep", "1", "2")
     assert config.target.split == "novel" and config.recap.guidance_sweep == (1.0, 2.0)
+
+
+def test_recap_collects_and_evaluates_with_one_compiled_rollout():
+    prior = tiny_prior()
+    graphdef, params = recap.conditioned_policy(prior)
+    # An untrained policy stalls: within 10 steps without progress the operator takes over, where it may.
+    trigger = Trigger(stall_steps=10)
+    rollouts = recap.Rollouts(
+        "pick_place", "deploy", graphdef, prior.stats, trigger, autonomous=4, corrected=4, episodes=4
+    )
+    contexts = evaluate.TEST.with_episodes(4)
+    with compile_cache.CompileClock() as clock:
+        first = rollouts.collect(params, jax.random.key(0), 1)
+        second = rollouts.collect(params, jax.random.key(1), 2)
+        reports = [rollouts.on(recap.with_beta(params, beta), contexts) for beta in (1.0, 2.5)]
+    # Two collections (autonomous and corrected episodes each) and two evaluations: one program.
+    assert clock.programs["jit(rollouts)"] == 1 and rollouts._run._cache_size() == 1
+    for collected, version in ((first, 1), (second, 2)):
+        assert set(collected) == {recap.AUTONOMOUS, recap.CORRECTED}
+        alone, watched = collected[recap.AUTONOMOUS]["block"], collected[recap.CORRECTED]["block"]
+        assert alone["valid"].shape[0] == watched["valid"].shape[0] == 4
+        assert patch.effort(alone)["takeover_steps"] == 0  # the operator is off in autonomous episodes
+        assert patch.effort(watched)["corrective_episodes"] == 4
+        assert int(alone["version"][0, 0]) == int(watched["version"][0, 0]) == version
+    assert all(r["episodes"] == 4 and r["contexts"] == "test" for r in reports)

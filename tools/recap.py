@@ -21,11 +21,8 @@ import numpy as np
 
 import configs
 from envs import demos as operator_demos
-from envs.wrappers import Trigger
-from jaxvla import models
 from learner import compile_cache
 from learner import evaluate
-from learner import patch
 from learner import pretrain
 from learner import recap
 from tools import reporting
@@ -34,8 +31,6 @@ PROG = "jaxvla recap"
 # This command's defaults where they differ from the named config's (which `jaxvla demo` also reads).
 DEFAULTS = {"target": {"eval_episodes": 64}}
 SECTIONS = ("target", "recap", "operator", "pretrain")
-# The autonomous arm: an operator who never takes over.
-NEVER = Trigger(slip=float("inf"), force=float("inf"), on_failure_event=False, stall_steps=1 << 30)
 TAILS = ("physics", "layout")  # `deploy`'s tail components (envs/tasks.py)
 
 ROWS = [
@@ -97,16 +92,27 @@ def run_seeds(
     sweep; the final policy's success on `train` when `train_eval`, on `novel` when `novel_eval`)."""
     tc, rc = config.target, config.recap
     graphdef, _ = recap.conditioned_policy(prior)
-    positive = models.INDICATOR_POSITIVE
-    collect = evaluate.chunk_actor(
-        graphdef, prior.stats, indicator=positive, explore=rc.explore, guidance=rc.guidance
+    # Collecting and evaluating on the split: one compiled program. `train` and `novel` are other MJX
+    # models, so they have their own.
+    rollouts = recap.Rollouts(
+        tc.task,
+        tc.split,
+        graphdef,
+        prior.stats,
+        config.operator,
+        autonomous=rc.autonomous_per_iteration,
+        corrected=rc.corrected_per_iteration,
+        episodes=tc.eval_episodes,
+        explore=rc.explore,
+        guidance=rc.guidance,
     )
     actor = recap.guided_actor(graphdef, prior.stats)
-    autonomous = patch.Collector(tc.task, tc.split, rc.autonomous_per_iteration, NEVER, collect)
-    corrected = patch.Collector(tc.task, tc.split, rc.corrected_per_iteration, config.operator, collect)
-    evaluator, on_train, on_novel = evaluate.run_evaluators(
-        tc.task, tc.split, tc.eval_episodes, actor, train_eval=train_eval, novel_eval=novel_eval
-    )
+    on_train = evaluate.Evaluator(tc.task, "train", tc.eval_episodes, actor) if train_eval else None
+    on_novel = None
+    if novel_eval:
+        on_novel = (
+            rollouts if tc.split == "novel" else evaluate.Evaluator(tc.task, "novel", tc.eval_episodes, actor)
+        )
     test = evaluate.TEST.with_episodes(tc.eval_episodes)
     results, summaries = {}, {}
     for seed in tc.seeds:
@@ -115,16 +121,14 @@ def run_seeds(
             prior,
             offline,
             seed=seed,
-            autonomous=autonomous,
-            corrected=corrected,
-            evaluator=evaluator,
+            rollouts=rollouts,
             run_dir=out / f"seed{seed}",
         )
         results[seed] = records
         summary = reporting.seed_summary(
             records, ("collected_episodes", "corrective_episodes", "takeover_steps")
         )
-        sweep = recap.guidance_sweep(evaluator, params, rc.guidance_sweep)
+        sweep = recap.guidance_sweep(rollouts, params, rc.guidance_sweep)
         start_tail, final_tail = (
             tail_failures(summary["start_failures"]),
             tail_failures(summary["final_failures"]),
