@@ -185,8 +185,8 @@ def tiny_prior(config: configs.Config, run_dir: pathlib.Path) -> Prior:
     return Prior(model, "test", graphdef, params, stats, 0, run_dir)
 
 
-@pytest.mark.slow
-def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
+def tiny_patching(**patch_fields) -> configs.Config:
+    """The debug config with a patching run a test can afford: 2 rounds of 4 episodes, 2 updates each."""
     base = configs.get_config("debug")
     patching = dataclasses.replace(
         base.patch,
@@ -195,14 +195,18 @@ def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
         updates_per_round=2,
         validation_episodes=2,
         capacity=(64, 256, 64),
-        reward="pro",
-        pro=str(tmp_path / "pro"),
-        base="prior",  # the base's retraining has its own test below
+        **patch_fields,
     )
-    pro_config = dataclasses.replace(base.pro, batch_size=8, refresh_steps=2)
     sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
     target = dataclasses.replace(base.target, eval_episodes=2)
-    config = dataclasses.replace(base, target=target, patch=patching, sac=sac, pro=pro_config)
+    return dataclasses.replace(base, target=target, patch=patching, sac=sac)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
+    # The base's retraining has its own test below.
+    config = tiny_patching(reward="pro", pro=str(tmp_path / "pro"), base="prior")
+    config = dataclasses.replace(config, pro=dataclasses.replace(config.pro, batch_size=8, refresh_steps=2))
     prior = tiny_prior(config, tmp_path / "prior")
     write_tiny_state_pro(tmp_path / "pro", prior.stats)  # the run reads its net from the checkpoint
     programs = patch.Programs.build(config, prior)
@@ -235,21 +239,10 @@ def test_a_resumed_run_with_a_refreshed_pro_reward_continues_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_a_base_retrained_on_every_takeover_so_far_resumes_exactly(tmp_path):
-    base = configs.get_config("debug")
-    patching = dataclasses.replace(
-        base.patch,
-        rounds=2,
-        envs_per_round=4,
-        updates_per_round=2,
-        validation_episodes=2,
-        capacity=(64, 256, 64),
-        base="hg_dagger",
-        sft_steps=4,
+    config = tiny_patching(base="hg_dagger", sft_steps=4)
+    config = dataclasses.replace(
+        config, pretrain=dataclasses.replace(config.pretrain, batch_size=8, log_every=2)
     )
-    sac = dataclasses.replace(base.sac, batch_size=16, utd=2, critic_warmup=2, critic_pretrain_steps=3)
-    target = dataclasses.replace(base.target, eval_episodes=2)
-    pretrain = dataclasses.replace(base.pretrain, batch_size=8, log_every=2)
-    config = dataclasses.replace(base, target=target, patch=patching, sac=sac, pretrain=pretrain)
     prior = tiny_prior(config, tmp_path / "prior")
     programs = patch.Programs.build(config, prior)
     run = functools.partial(patch.run_patching, config, prior, [], tmp_path, seed=0, programs=programs)
