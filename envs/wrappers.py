@@ -170,15 +170,17 @@ class Takeover(Wrapper):
         on = jnp.broadcast_to(jnp.asarray(on, bool), state.info["operator_on"].shape)
         return dataclasses.replace(state, info={**state.info, "operator_on": on})
 
-    def alarm(self, state: State, policy_action: jax.Array, operator: jax.Array, predicted) -> jax.Array:
-        """Whether the operator takes over this step (`takeover_alarm`), never while it is switched off."""
-        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator, predicted)
-        return alarm & state.info["operator_on"]
-
     def step(self, state: State, policy_action: jax.Array) -> State:
-        operator = self.env.operator_action(state)
         predicted = self.predicted_failure(state) if self.trigger.lookahead else False
-        alarm = self.alarm(state, policy_action, operator, predicted)
+        return self.take_step(state, policy_action, predicted)
+
+    def take_step(self, state: State, policy_action: jax.Array, predicted, **recorded) -> State:
+        """One step under the protocol, given whether a failure is `predicted` ahead: the operator acts if it
+        is already in control or the alarm goes off (never while it is switched off), and `recorded`
+        ({name: value}) joins the step's info. Wrappers with triggers of their own (PRO's risk) call this."""
+        operator = self.env.operator_action(state)
+        alarm = takeover_alarm(jnp, self.trigger, state.info, policy_action, operator, predicted)
+        alarm = alarm & state.info["operator_on"]
         action = jnp.where(state.info["intervening"] | alarm, operator, policy_action)
         new = self.env.step(state, action)
         flags = takeover_flags(jnp, self.trigger, state.info, alarm, new.info["stage"], new.done)
@@ -187,6 +189,7 @@ class Takeover(Wrapper):
             "operator_on": state.info["operator_on"],
             "policy_action": policy_action,
             "action": action,
+            **recorded,
         }
         return dataclasses.replace(new, info={**new.info, **extra})
 

@@ -43,7 +43,6 @@ from envs.cell import EVENTS
 from envs.cell import MISSED_GRASP
 from envs.cell import SLIP
 from envs.cell import TIMEOUT
-from envs.operator import takeover_flags
 from envs.wrappers import History
 from envs.wrappers import Takeover
 from jaxvla import models
@@ -893,19 +892,7 @@ class RiskTakeover(Takeover):
         predicted = rho > self.threshold
         if self.trigger.lookahead:
             predicted = predicted | self.predicted_failure(state)
-        operator = self.env.operator_action(state)
-        alarm = self.alarm(state, policy_action, operator, predicted)
-        action = jnp.where(state.info["intervening"] | alarm, operator, policy_action)
-        new = self.env.step(state, action)
-        flags = takeover_flags(jnp, self.trigger, state.info, alarm, new.info["stage"], new.done)
-        extra = {
-            **flags,
-            "operator_on": state.info["operator_on"],
-            "policy_action": policy_action,
-            "action": action,
-            "rho": rho,
-        }
-        return dataclasses.replace(new, info={**new.info, **extra})
+        return self.take_step(state, policy_action, predicted, rho=rho)
 
 
 def risk_takeover(pro_: Pro, threshold: float):
