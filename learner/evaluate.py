@@ -31,20 +31,15 @@ Actor = Callable[[object, dict, jax.Array], jax.Array]
 StateActor = Callable[[object, object, jax.Array], jax.Array]
 
 
-def chunk_actor(
-    graphdef, stats: dict, *, indicator: int | None = None, explore: bool = False, guidance: float = 1.0
-) -> Actor:
+def chunk_actor(graphdef, stats: dict, *, indicator: int | None = None, explore: bool = False) -> Actor:
     """Executes the first action of a chunk each step (receding horizon): the policy's deterministic
     chunk, or with `explore` a chunk sampled from it (SAC's exploration during patching rollouts).
-    `guidance` != 1 with an indicator: classifier-free guidance against the indicator-free policy."""
+    Recap's guided policy has its own actors (`learner.recap.guided_actor`, `rollout_actor`)."""
 
     def act(params, obs, key):
         obs = normalization.normalize(obs, stats)
         flag = None if indicator is None else jnp.full(obs["prompt"].shape[:1], indicator, jnp.int32)
         mean, log_std = models.apply(graphdef, params, obs, flag)
-        if indicator is not None and guidance != 1.0:
-            unconditioned, _ = models.apply(graphdef, params, obs, None)
-            mean = distributions.guided_mean(mean, unconditioned, guidance)
         chunk = distributions.sample(key, mean, log_std)[0] if explore else distributions.mode(mean)
         return chunk[:, 0]
 
@@ -162,11 +157,12 @@ class Evaluator:
 
 
 def run_evaluators(
-    task: str, split: str, episodes: int, actor: Actor, *, train_eval: bool, novel_eval: bool
-) -> tuple[Evaluator, Evaluator | None, Evaluator | None]:
+    task: str, split: str, episodes: int, actor: Actor, *, train_eval: bool, novel_eval: bool, own=None
+) -> tuple:
     """A method's evaluators: on its own split, then for its final policy on `train` and on `novel` where
-    asked (None otherwise). A run on `novel` scores its final policy with its own evaluator."""
-    evaluator = Evaluator(task, split, episodes, actor)
+    asked (None otherwise). A run on `novel` scores its final policy with its own evaluator. `own`: the
+    evaluator on the split when the method brings one (Recap's `Rollouts`), else an `Evaluator` of `actor`."""
+    evaluator = own if own is not None else Evaluator(task, split, episodes, actor)
     on_train = Evaluator(task, "train", episodes, actor) if train_eval else None
     on_novel = None
     if novel_eval:

@@ -107,12 +107,9 @@ def run_seeds(
         guidance=rc.guidance,
     )
     actor = recap.guided_actor(graphdef, prior.stats)
-    on_train = evaluate.Evaluator(tc.task, "train", tc.eval_episodes, actor) if train_eval else None
-    on_novel = None
-    if novel_eval:
-        on_novel = (
-            rollouts if tc.split == "novel" else evaluate.Evaluator(tc.task, "novel", tc.eval_episodes, actor)
-        )
+    _, on_train, on_novel = evaluate.run_evaluators(
+        tc.task, tc.split, tc.eval_episodes, actor, train_eval=train_eval, novel_eval=novel_eval, own=rollouts
+    )
     test = evaluate.TEST.with_episodes(tc.eval_episodes)
     results, summaries = {}, {}
     for seed in tc.seeds:
