@@ -455,7 +455,9 @@ class Programs:
     retrain_base: "Retrainer | None" = None
 
     @classmethod
-    def build(cls, config: Config, prior: Prior, mesh=None) -> "Programs":
+    def build(cls, config: Config, prior: Prior, mesh=None, retrain: "Retrainer | None" = None) -> "Programs":
+        """`retrain`: a `Retrainer` of the same config and prior already built (the baselines'), so the
+        base's BC program is not compiled twice."""
         pc, tc, sc = config.patch, config.target, config.sac
         mesh = mesh or sharding.make_mesh()
         # Fail now, not after minutes of compiling (make_train_steps below checks the batch and its mix).
@@ -488,7 +490,9 @@ class Programs:
             keep_record=shaping is not None and config.pro.refresh_steps > 0,
         )
         evaluation = paired_evaluation(config, prior, kind.deterministic)
-        retrain_base = Retrainer(config, prior, mesh) if pc.base == "hg_dagger" else None
+        retrain_base = None
+        if pc.base == "hg_dagger":
+            retrain_base = retrain if retrain is not None else Retrainer(config, prior, mesh)
         return cls(kind, collector, evaluation, make_insert(), shaping, mesh, retrain_base)
 
 

@@ -318,7 +318,8 @@ def main(argv: list[str]) -> int:
     }
     settings = run_settings(config)
     # Compiled on first use, then shared by the seeds.
-    programs, retraining = patch.Programs.build(config, prior), patch.RetrainPrograms.build(config, prior)
+    retraining = patch.RetrainPrograms.build(config, prior)
+    programs = patch.Programs.build(config, prior, retrain=retraining.retrain)
     results, summaries, novel = {}, {}, {}
     for seed in tc.seeds:
         done = finished_seed(out / f"seed{seed}", settings)
