@@ -194,6 +194,11 @@ def test_a_stage_counts_the_time_it_spends_compiling_and_not_a_cached_call(tmp_p
     again = demo.Stages(tmp_path, total=2)("again", "reuses it", lambda: {"y": float(step(x).sum())})
     assert first["stage_compile_s"] > 0.0 and again["stage_compile_s"] == 0.0
     assert first["stage_compile_s"] <= first["stage_wall_s"]
+    # The program is counted by name where it was compiled, and not where it was only called again.
+    assert first["stage_programs"]["jit(<lambda>)"] == 1 and again["stage_programs"] == {}
+    counts = [line.split("|")[-2].strip() for line in demo.stage_lines({"first": first, "again": again})[2:]]
+    compiled = str(sum(first["stage_programs"].values()))
+    assert counts == [compiled, "0", compiled]  # the stages, then the sum over them
 
 
 def test_the_two_lanes_run_every_method_stage_once_and_the_second_needs_no_pro():

@@ -32,6 +32,7 @@ seeds). Each finished stage leaves `stages/<name>.json`, so a rerun skips it and
 resumes where it stopped.
 """
 
+import collections
 import dataclasses
 import functools
 import json
@@ -110,9 +111,12 @@ class Stages:
             return json.loads(path.read_text())
         print(f"\n[{self.done}/{self.total}] {name}: {what}  (elapsed {elapsed / 60:.1f} min)", flush=True)
         tic, compiled = time.perf_counter(), self.compiling.seconds
+        programs = collections.Counter(self.compiling.programs)
         result = fn()
         result["stage_wall_s"] = time.perf_counter() - tic
         result["stage_compile_s"] = self.compiling.seconds - compiled
+        # By name: a program the stage compiled again (per seed, per round) shows up as a count above 1.
+        result["stage_programs"] = dict(self.compiling.programs - programs)
         print(
             f"{name}: {result['stage_wall_s']:.0f} s, {result['stage_compile_s']:.0f} s of it compiling",
             flush=True,
@@ -889,18 +893,23 @@ def fleet_lines(fleet: dict) -> list[str]:
 
 
 def stage_lines(stages: dict) -> list[str]:
-    """Wall-clock per stage, and how much of it went to compiling (absent in a stage an older version
-    ran)."""
-    lines = ["| stage | wall-clock (s) | compiling (s) | compiling (%) |", "|---|---:|---:|---:|"]
+    """Wall-clock per stage, how much of it went to compiling and how many programs it compiled or
+    loaded from the cache (absent in a stage an older version ran)."""
+    lines = [
+        "| stage | wall-clock (s) | compiling (s) | compiling (%) | programs compiled or loaded |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, result in stages.items():
         wall, compiling = result["stage_wall_s"], result.get("stage_compile_s")
+        seconds = "-" if compiling is None else f"{compiling:,.0f}"
         share = "-" if compiling is None else f"{100 * compiling / wall:.0f}"
-        lines.append(
-            f"| {name} | {wall:,.0f} | {'-' if compiling is None else f'{compiling:,.0f}'} | {share} |"
-        )
+        programs = result.get("stage_programs")
+        count = "-" if programs is None else f"{sum(programs.values()):,}"
+        lines.append(f"| {name} | {wall:,.0f} | {seconds} | {share} | {count} |")
     wall = sum(r["stage_wall_s"] for r in stages.values())
     compiling = sum(r.get("stage_compile_s", 0.0) for r in stages.values())
-    lines.append(f"| all | {wall:,.0f} | {compiling:,.0f} | {100 * compiling / wall:.0f} |")
+    count = sum(sum(r.get("stage_programs", {}).values()) for r in stages.values())
+    lines.append(f"| all | {wall:,.0f} | {compiling:,.0f} | {100 * compiling / wall:.0f} | {count:,} |")
     return lines
 
 
