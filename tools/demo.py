@@ -115,7 +115,8 @@ class Stages:
         result = fn()
         result["stage_wall_s"] = time.perf_counter() - tic
         result["stage_compile_s"] = self.compiling.seconds - compiled
-        # By name: a program the stage compiled again (per seed, per round) shows up as a count above 1.
+        # By name. A name counts again for each new shape (the base's BC program per dataset bucket) and
+        # for each recompile (per seed or round), which the table then shows.
         result["stage_programs"] = dict(self.compiling.programs - programs)
         print(
             f"{name}: {result['stage_wall_s']:.0f} s, {result['stage_compile_s']:.0f} s of it compiling",
