@@ -87,8 +87,8 @@ ONE_EVALUATION = "-"  # the seed key of an arm that is evaluated once (no traini
 # ------------------------------------------------------------------------------------------- stages
 class Stages:
     """Runs named stages once: a finished stage's JSON result is kept in `stages/` and read back. Each
-    records its wall-clock and the part of it spent compiling (tracing, lowering, compiling or loading
-    from the persistent cache)."""
+    records its wall-clock, the part of it spent compiling (tracing, lowering, compiling or loading
+    from the persistent cache) and the programs it compiled or loaded, by name."""
 
     def __init__(self, out: pathlib.Path, total: int):
         self.folder, self.total, self.done = out / "stages", total, 0
