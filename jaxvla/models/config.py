@@ -49,6 +49,11 @@ class ModelConfig:
     """Attention heads per transformer block."""
     mlp_ratio: int = 4
     """Transformer MLP width as a multiple of `width`."""
+    attention: Literal["xla", "cudnn"] = "xla"
+    """The transformer's attention kernel (`jax.nn.dot_product_attention`'s implementation); "cudnn" is
+    the fused kernel, for NVIDIA GPUs and bf16 only."""
+    remat: bool = False
+    """Recompute each transformer block's activations in the backward pass: less memory, more FLOPs."""
     chunk: int = 4
     """Actions per predicted chunk (H)."""
     action_size: int = 4
@@ -90,6 +95,8 @@ class ModelConfig:
                 self.mlp_ratio,
                 self.image_res if self.image else None,
                 self.patch_size,
+                attention=self.attention,
+                remat=self.remat,
                 dtype=self.compute_dtype,
                 rngs=rngs,
             )

@@ -98,10 +98,13 @@ class TransformerEncoder(nnx.Module):
         image_res: int | None,
         patch: int,
         *,
+        attention: str = "xla",
+        remat: bool = False,
         dtype,
         rngs: nnx.Rngs,
     ):
         self.patch = patch
+        self.remat = remat
         self.num_patches = (image_res // patch) ** 2 if image_res else 0
         if image_res and image_res % patch:
             raise ValueError(f"image size {image_res} is not a multiple of the patch size {patch}")
@@ -112,7 +115,10 @@ class TransformerEncoder(nnx.Module):
         self.words = nnx.Embed(len(tokenizer.VOCABULARY), width, dtype=dtype, rngs=rngs)
         self.patches = nnx.Linear(patch * patch * 4, width, dtype=dtype, rngs=rngs) if image_res else None
         self.blocks = nnx.List(
-            [TransformerBlock(width, heads, mlp_ratio, dtype=dtype, rngs=rngs) for _ in range(layers)]
+            [
+                TransformerBlock(width, heads, mlp_ratio, dtype=dtype, rngs=rngs, attention=attention)
+                for _ in range(layers)
+            ]
         )
         self.norm = nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
         self.dtype = dtype
@@ -128,8 +134,12 @@ class TransformerEncoder(nnx.Module):
         x = jnp.concatenate(tokens, axis=1) + self.position[...].astype(self.dtype)
         mask = jnp.concatenate(mask, axis=1)
         for block in self.blocks:
-            x = block(x, mask)
+            x = nnx.remat(call_block)(block, x, mask) if self.remat else block(x, mask)
         return self.norm(x[:, 0])
+
+
+def call_block(block: TransformerBlock, x: jax.Array, mask: jax.Array) -> jax.Array:
+    return block(x, mask)
 
 
 def patchify(image: jax.Array, patch: int) -> jax.Array:

@@ -69,10 +69,11 @@ class TransformerBlock(nnx.Module):
     """Pre-LayerNorm self-attention and MLP, both residual. x [B, N, D]; mask (True = attend) is [B, N]
     over keys, or [B, N, N] over (query, key) pairs (causal or banded attention)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, heads: int, mlp_ratio: int, *, dtype, rngs: nnx.Rngs, attention="xla"):
         if width % heads:
             raise ValueError(f"transformer width {width} is not divisible by {heads} heads")
         self.heads = heads
+        self.attention = attention
         self.norm_attention = nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
         self.qkv = nnx.Linear(width, 3 * width, dtype=dtype, rngs=rngs)
         self.out = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
@@ -86,6 +87,6 @@ class TransformerBlock(nnx.Module):
             self.qkv(self.norm_attention(x)).reshape(b, n, 3 * self.heads, d // self.heads), 3, 2
         )
         mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
-        attended = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, N, H, D/H]
+        attended = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
         x = x + self.out(attended.reshape(b, n, d))
         return x + self.down(ACTIVATION(self.up(self.norm_mlp(x))))

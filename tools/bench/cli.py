@@ -1,6 +1,7 @@
 """`jaxvla bench`: simulator throughput, our MJX workcell vs raw `vmap(mjx.step)`, plus the C twin.
 
-The command line: which sections run (`--latency`, `--pretrain`, `--learner`, `--updates`, `--fleet`;
+The command line: which sections run (`--latency`, `--pretrain`, `--roofline`, `--learner`, `--updates`,
+`--fleet`;
 `--all` for every one and one report), in what order their tables are printed, and where the JSON and
 the `--all` report are written. Each section is its own module of `tools.bench`.
 """
@@ -21,6 +22,7 @@ from tools.bench import pretrain
 from tools.bench import ratios
 from tools.bench import replay
 from tools.bench import report
+from tools.bench import roofline
 from tools.bench import sac
 from tools.bench import sim
 from tools.bench import updates as bench_updates
@@ -50,9 +52,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--pretrain",
         nargs="*",
         metavar="CONFIG",
-        help="add the pretraining section for these configs (default: default vla_tiny)",
+        help="add the pretraining section for these configs (default: default vla_tiny); a config may "
+        "carry overrides, as in vla:batch=1024,remat=true,attention=cudnn",
     )
     p.add_argument("--pretrain-steps", type=int, default=50, help="updates per timed block")
+    p.add_argument(
+        "--roofline",
+        metavar="CONFIG",
+        help="add the roofline per op class of this transformer config's BC step (overrides as --pretrain)",
+    )
     p.add_argument(
         "--learner",
         action="store_true",
@@ -104,9 +112,24 @@ def main(argv: list[str]) -> int:
         for name, config in client.LATENCY_MODELS.items():
             latency[name] = client.bench_latency(config, args.latency_calls, args.limit, bandwidth)
             print(f"  policy latency {name}: p99 ratio {latency[name]['p99_ratio']:.2f}", flush=True)
+    failed = {}
     for name in args.pretrain or (["default", "vla_tiny"] if args.pretrain is not None else []):
-        trains.append(pretrain.bench_pretrain(name, args.pretrain_steps, args.reps, args.limit, cache))
+        try:
+            trains.append(pretrain.bench_pretrain(name, args.pretrain_steps, args.reps, args.limit, cache))
+        except Exception as error:  # a variant the device cannot run (cuDNN attention on a CPU, say)
+            failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            print(f"  pretrain {name}: failed: {failed[name]}", flush=True)
+            continue
         print(f"  pretrain {name}: {trains[-1]['steps_per_s']:.1f} steps/s", flush=True)
+    roof = {}
+    if args.roofline:
+        steps_per_s = next((t["steps_per_s"] for t in trains if t["config"] == args.roofline), None)
+        if steps_per_s is None:
+            trains.append(
+                pretrain.bench_pretrain(args.roofline, args.pretrain_steps, args.reps, args.limit, cache)
+            )
+            steps_per_s = trains[-1]["steps_per_s"]
+        roof = roofline.bench_roofline(args.roofline, 1 / steps_per_s, args.reps, args.limit)
     learner = {}
     if args.learner:
         learner = sac.bench_learner(args.learner_steps, args.reps, args.limit, cache)
@@ -127,12 +150,17 @@ def main(argv: list[str]) -> int:
             "default model's params file; actor loop = twin + numpy policy under RateClock\n"
         )
         emit(bench_fleet.table(fleet))
-    if trains:
+    if trains or failed:
         emit(
             f"\nBehaviour-cloning updates, {args.pretrain_steps} per jitted block, median of {args.reps}; "
             "compile = lower+compile of the block\n"
         )
         emit(pretrain.pretrain_table(trains))
+    for name, error in failed.items():
+        emit(f"{name}: failed: {error}")
+    if roof:
+        emit(roofline.heading(roof, args.reps))
+        emit(roofline.roofline_table(roof))
     if not args.no_sim:
         emit(
             f"\nMJX, {args.steps} control steps per call, median of {args.reps} interleaved reps; "
@@ -208,6 +236,10 @@ def main(argv: list[str]) -> int:
             result["latency"] = latency
         if trains:
             result["pretrain"] = trains
+        if failed:
+            result["pretrain_failed"] = failed
+        if roof:
+            result["roofline"] = roof
         if learner:
             result["learner"] = learner
         if fleet:

@@ -102,10 +102,21 @@ PEAK_TFLOPS = {
     "H100": {"bfloat16": 989.0},
     "H200": {"bfloat16": 989.0},
 }
+# HBM bandwidth, GB/s, by device kind (vendor datasheets, SXM).
+PEAK_GB_S = {"H100": 3350.0, "H200": 4800.0}
+
+
+def peak(dtype: str) -> tuple[float | None, float | None]:
+    """(FLOP/s, bytes/s): the device's dense matmul peak for `dtype` and its memory bandwidth, or None."""
+    kind = jax.devices()[0].device_kind
+    name = next((name for name in PEAK_TFLOPS if name in kind), None)
+    if name is None:
+        return None, None
+    flops = PEAK_TFLOPS[name].get(dtype)
+    return (flops * 1e12 if flops else None), PEAK_GB_S[name] * 1e9
 
 
 def mfu(flops_per_s: float, dtype: str) -> float | None:
     """Model FLOPs utilisation: achieved over the device's dense peak for the model's dtype."""
-    kind = jax.devices()[0].device_kind
-    peak = next((p for name, p in PEAK_TFLOPS.items() if name in kind), {}).get(dtype)
-    return flops_per_s / (peak * 1e12 * jax.device_count()) if peak else None
+    flops_peak, _ = peak(dtype)
+    return flops_per_s / (flops_peak * jax.device_count()) if flops_peak else None
