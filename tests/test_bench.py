@@ -1,6 +1,8 @@
 """The learner benchmark's pieces that could be wrong without being slow: flashbax's n-step batch and the
 PyTorch reference's network sizes. Timings themselves are not tested (they belong in `tools.bench`)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ from learner import replay
 from tools.bench import client
 from tools.bench import flashbax_peer
 from tools.bench import measure
+from tools.bench import pretrain
 from tools.bench import ratios as bench_ratios
+from tools.bench import roofline
 from tools.bench import torch_workers
 
 
@@ -148,3 +152,28 @@ def test_alternating_reverses_the_order_every_other_repetition():
     variants = {"ours": 1, "flashbax": 2}
     assert [name for name, _ in measure.alternating(variants, 0)] == ["ours", "flashbax"]
     assert [name for name, _ in measure.alternating(variants, 1)] == ["flashbax", "ours"]
+
+
+def test_a_pretraining_variant_overrides_the_batch_and_model_fields_by_type():
+    config, batch = pretrain.variant("vla_tiny:batch=16,remat=true,layers=3,attention=cudnn")
+    base = configs.get_config("vla_tiny")
+    assert batch == 16 and config.pretrain == base.pretrain
+    assert config.model == dataclasses.replace(base.model, remat=True, layers=3, attention="cudnn")
+    assert pretrain.variant("vla_tiny") == (base, base.pretrain.batch_size)
+    with pytest.raises(ValueError, match="neither batch nor a model field"):
+        pretrain.variant("vla_tiny:batchsize=16")
+
+
+def test_the_roofline_counts_each_classes_flops_at_the_steps_shapes():
+    result = roofline.bench_roofline("vla_tiny:batch=4", step_seconds=None, reps=1, limit=120)
+    s = roofline.step_shapes("vla_tiny:batch=4")
+    rows = {r["class"]: r for r in result["rows"]}
+    # qkv, out, up and down, forward plus the two backward matmuls of each, in every block.
+    dense = 2 * s.batch * s.tokens * (3 * s.width**2 + s.width**2 + 2 * s.width * s.mlp) * s.layers
+    assert rows["block matmuls"]["flops"] == 3 * dense
+    # q k^T and the weighted sum of v: 2 x 2 x B x H x N x N x (D / H) forward, twice that backward.
+    attention = 4 * s.batch * s.tokens**2 * s.width * s.layers
+    assert rows["attention core"]["flops"] == 3 * attention
+    assert rows["norms, SiLU, residuals"]["flops"] == 0 == rows["optimizer (clip + AdamW)"]["flops"]
+    assert all(r["seconds"] > 0 and r["bytes"] > 0 for r in rows.values())
+    assert "whole BC step" not in roofline.roofline_table(result)

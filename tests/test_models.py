@@ -1,5 +1,6 @@
 """The model library: shapes, inputs that must (not) matter, the tanh-Gaussian, and compile-once."""
 
+import dataclasses
 import math
 
 import chex
@@ -108,3 +109,18 @@ def test_jitted_forward_compiles_once():
 
     for seed in range(3):
         forward(params, config.fake_observation(jax.random.key(seed), 4))
+
+
+def test_remat_recomputes_the_same_gradients():
+    # Recomputing the blocks' activations in the backward pass trades memory for FLOPs, never the numbers.
+    plain = CONFIGS["transformer_image"]
+    obs = plain.fake_observation(jax.random.key(0), 4)
+
+    def grads(config):
+        graphdef, params = nnx.split(config.create_policy(0), nnx.Param)
+        loss = lambda params: jnp.sum(models.apply(graphdef, params, obs)[0] ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    chex.assert_trees_all_close(
+        grads(plain), grads(dataclasses.replace(plain, remat=True)), rtol=1e-5, atol=1e-6
+    )

@@ -87,6 +87,8 @@ class TransformerBlock(nnx.Module):
             self.qkv(self.norm_attention(x)).reshape(b, n, 3 * self.heads, d // self.heads), 3, 2
         )
         mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
+        if self.attention == "cudnn":  # cuDNN reads a mask over every (query, key) pair
+            mask = jnp.broadcast_to(mask, (b, 1, n, n))
         attended = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
         x = x + self.out(attended.reshape(b, n, d))
         return x + self.down(ACTIVATION(self.up(self.norm_mlp(x))))

@@ -78,7 +78,7 @@ def matmul_case(s: Shapes, key):
 def attention_case(s: Shapes, key, implementation: str):
     """softmax(q k^T) v over [batch, tokens, heads, width / heads], with a key mask, in every block."""
     x = normal(key, (s.batch, s.tokens, s.width), s.dtype, 1.0)
-    mask = jnp.ones((s.batch, 1, 1, s.tokens), bool).at[..., -3:].set(False)  # padded prompt words
+    mask = jnp.ones((s.batch, 1, s.tokens, s.tokens), bool).at[..., -3:].set(False)  # padded prompt words
 
     def loss(x):
         def block(x, _):
