@@ -475,7 +475,11 @@ class Programs:
         shaping = None
         if pc.reward == "pro":
             shaping = pro.Shaping(
-                pro.load(pc.pro), gamma=sc.gamma, beta=config.pro.shaping, risk_weight=config.pro.shaping_risk
+                pro.load(pc.pro),
+                gamma=sc.gamma,
+                beta=config.pro.shaping,
+                risk_weight=config.pro.shaping_risk,
+                mesh=mesh,
             )
         takeover = pro.risk_takeover(pro.load(pc.pro), pc.risk_trigger) if pc.risk_trigger else Takeover
         collector = Collector(

@@ -772,8 +772,10 @@ class Shaping:
     `deploy` against a frozen PRO (docs/pro.md): `pro.refresh_steps` is 0 by default.
     """
 
-    def __init__(self, model: Pro, *, gamma: float, beta: float, risk_weight: float):
+    def __init__(self, model: Pro, *, gamma: float, beta: float, risk_weight: float, mesh=None):
         check_state_only(model, "shaping")
+        if mesh is not None:  # a restored PRO sits on one device; the shaped block joins the mesh's replay
+            model = dataclasses.replace(model, params=jax.device_put(model.params, sharding.replicated(mesh)))
         self.model = model
         self.weights = {"gamma": gamma, "beta": beta, "risk_weight": risk_weight}
 

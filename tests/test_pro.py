@@ -545,7 +545,8 @@ def test_a_state_only_pro_ignores_the_chunk_and_matches_numpy(state_model, tmp_p
     np.testing.assert_allclose(numpy_out["rho"], one["rho"], atol=1e-4)
 
 
-def test_relabel_shapes_the_sparse_reward_with_a_state_only_pro(state_model, model):
+def relabel_block() -> tuple[list[dict], dict]:
+    """Two episodes (a success of 5 steps, a failure of 3) and their padded insert block."""
     episodes = [fake_episode(5, success=True, seed=6), fake_episode(3, success=False, seed=7)]
     obs, actions, valid = pro.pad_episodes(episodes, 5)
     sparse = np.zeros((2, 5), np.float32)
@@ -560,6 +561,12 @@ def test_relabel_shapes_the_sparse_reward_with_a_state_only_pro(state_model, mod
         "terminal": terminal,
         "reward_source": jnp.zeros((2, 5), jnp.int8),
     }
+    return episodes, block
+
+
+def test_relabel_shapes_the_sparse_reward_with_a_state_only_pro(state_model, model):
+    episodes, block = relabel_block()
+    sparse = block["reward"]
     out = pro.relabel(state_model, block, jnp.array([True, False]), gamma=0.9, beta=1.0, risk_weight=0.0)
     phi = pro.score_episodes(state_model, episodes, length=5, batch=2)
     for b, n in ((0, 5), (1, 3)):
@@ -568,6 +575,16 @@ def test_relabel_shapes_the_sparse_reward_with_a_state_only_pro(state_model, mod
     assert int(out["reward_source"][0, 0]) == pro.LEARNED_REWARD
     with pytest.raises(ValueError, match="state-only"):
         pro.relabel(model, block, jnp.array([True, False]), gamma=0.9, beta=1.0, risk_weight=0.0)
+
+
+def test_shaping_on_a_mesh_puts_the_shaped_block_beside_the_sharded_replay(state_model):
+    # A restored PRO's params sit on one device. Shaped there, the block could not join a replay sharded
+    # over the mesh's four devices (the insert refused it).
+    mesh = sharding.make_mesh()
+    restored = dataclasses.replace(state_model, params=jax.device_put(state_model.params, jax.devices()[0]))
+    shaping = pro.Shaping(restored, gamma=0.9, beta=1.0, risk_weight=0.0, mesh=mesh)
+    shaped = shaping(relabel_block()[1])
+    assert shaped["reward"].sharding.device_set == set(mesh.devices.flat)
 
 
 def test_conservative_training_runs_and_refresh_moves_only_the_params(state_model, model):
