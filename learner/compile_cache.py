@@ -6,7 +6,10 @@ writes a program to the cache when its compile took at least `jax_persistent_cac
 """
 
 import collections
+import functools
+import logging
 import os
+import re
 
 import jax
 
@@ -52,3 +55,58 @@ class CompileClock:
 
     def __exit__(self, *_) -> None:
         self.close()
+
+
+class ProgramLog:
+    """Counts the programs this process builds (compiles, or loads from the persistent cache) from now on,
+    by name and cache key, read from the record jax writes for each (what `jax_log_compiles` prints). The
+    key hashes the whole program, so a key seen twice is the same program built again rather than reused:
+    a jitted function made anew for each seed or round, say. Needs the persistent cache (`enable`), which
+    every entry point turns on."""
+
+    def __init__(self):
+        self.builds = build_records()
+        self.before = collections.Counter(self.builds.counts)
+
+    def built_again(self) -> dict[str, int]:
+        """Program name -> builds since this log began of a program this process had already built."""
+        again = collections.Counter()
+        for key, n in self.builds.counts.items():
+            new = n - self.before[key]
+            if new:
+                again[key[0]] += new if key in self.before else new - 1
+        return {name: n for name, n in again.items() if n}
+
+
+class BuildRecords(logging.Handler):
+    """The process's one listener on jax's compiler log: counts every build by (name, cache key).
+
+    jax logs each build at DEBUG level unless `jax_log_compiles` is on, so the compiler's logger is set to
+    DEBUG and stops propagating; what would have been printed before is passed on to its parent as usual.
+    """
+
+    LOGGER = "jax._src.compiler"
+    MESSAGE = re.compile(
+        r"(?:Persistent compilation cache hit|PERSISTENT COMPILATION CACHE MISS) for '(.*)' with key '(.*)'"
+    )
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        logger = logging.getLogger(self.LOGGER)
+        self.passed_on, self.parent = logger.getEffectiveLevel(), logger.parent
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.MESSAGE.match(record.getMessage())
+        if match:
+            self.counts[match.groups()] += 1
+        if record.levelno >= self.passed_on:
+            self.parent.handle(record)
+
+
+@functools.cache
+def build_records() -> BuildRecords:
+    return BuildRecords()

@@ -471,18 +471,25 @@ def pad_episodes(episodes: list[dict], length: int) -> tuple[dict, np.ndarray, n
     return obs, actions, valid
 
 
+@functools.cache
+def readouts_program(net: pro_model.ProNetConfig, graphdef: nnx.GraphDef):
+    """PRO's readouts of padded episodes, jitted once per network: params and statistics are arguments, so
+    every PRO of that network (a refreshed one, each call's) reuses the program."""
+
+    def run(params, stats, obs, actions, valid):
+        return Pro(net, graphdef, params, stats).outputs(sequence_batch(obs, actions, valid, net.chunk))
+
+    return jax.jit(run)
+
+
 def score_episodes(pro: Pro, episodes: list[dict], *, length: int = 128, batch: int = 64) -> list[dict]:
     """Every step's readouts for each episode: [{value, done, success, rho, risk}] with [T] / [T, K]."""
-
-    @jax.jit
-    def run(obs, actions, valid):
-        return pro.outputs(sequence_batch(obs, actions, valid, pro.net.chunk))
-
+    run = readouts_program(pro.net, pro.graphdef)
     out = []
     for i in range(0, len(episodes), batch):
         group = episodes[i : i + batch]
         group = group + [group[-1]] * (batch - len(group))  # one compiled shape
-        readouts = jax.device_get(run(*pad_episodes(group, length)))
+        readouts = jax.device_get(run(pro.params, pro.stats, *pad_episodes(group, length)))
         for b, ep in enumerate(episodes[i : i + batch]):
             n = len(ep["steps"]["action"])
             out.append({k: np.asarray(v[b, :n]) for k, v in readouts.items()})
@@ -774,8 +781,10 @@ class Shaping:
 
     def __init__(self, model: Pro, *, gamma: float, beta: float, risk_weight: float, mesh=None):
         check_state_only(model, "shaping")
-        if mesh is not None:  # a restored PRO sits on one device; the shaped block joins the mesh's replay
-            model = dataclasses.replace(model, params=jax.device_put(model.params, sharding.replicated(mesh)))
+        # A restored PRO, and the rollout's block, sit on one device; the shaped block joins a replay sharded
+        # over the mesh, so both are put on the mesh first (the relabelling passes the block's other arrays
+        # through where they were).
+        self.placement = sharding.replicated(mesh) if mesh is not None else None
         self.model = model
         self.weights = {"gamma": gamma, "beta": beta, "risk_weight": risk_weight}
 
@@ -785,7 +794,20 @@ class Shaping:
         self._relabel = jax.jit(with_params)
         self._refresher = None  # built by the first refresh, reused by every later one
 
+    @property
+    def model(self) -> Pro:
+        return self._model
+
+    @model.setter
+    def model(self, model: Pro) -> None:
+        """Every PRO set (the restored one each run starts from, a refreshed one) goes to the mesh."""
+        if self.placement is not None:
+            model = dataclasses.replace(model, params=jax.device_put(model.params, self.placement))
+        self._model = model
+
     def __call__(self, block: dict) -> dict:
+        if self.placement is not None:
+            block = jax.device_put(block, self.placement)
         return self._relabel(self.model.params, block)
 
     def episodes(self, episodes: list[dict]) -> list[dict]:

@@ -5,6 +5,7 @@ on tiny budgets: every stage for real, every row and column filled from that run
 
 import copy
 import dataclasses
+import functools
 import json
 
 import jax
@@ -196,9 +197,30 @@ def test_a_stage_counts_the_time_it_spends_compiling_and_not_a_cached_call(tmp_p
     assert first["stage_compile_s"] <= first["stage_wall_s"]
     # The program is counted by name where it was compiled, and not where it was only called again.
     assert first["stage_programs"]["jit(<lambda>)"] == 1 and again["stage_programs"] == {}
-    counts = [line.split("|")[-2].strip() for line in demo.stage_lines({"first": first, "again": again})[2:]]
+    counts = [line.split("|")[-3].strip() for line in demo.stage_lines({"first": first, "again": again})[2:]]
     compiled = str(sum(first["stage_programs"].values()))
     assert counts == [compiled, "0", compiled]  # the stages, then the sum over them
+
+
+def scaled(x, scale):
+    return jnp.sin(x) * scale + 0.25  # a program no other test compiles
+
+
+def test_a_stage_says_which_programs_it_built_again_instead_of_reusing_them(tmp_path):
+    stages, x = demo.Stages(tmp_path, total=3), jnp.ones((3, 11))
+    reused = jax.jit(functools.partial(scaled, scale=2.0))
+    first = stages("first", "builds it", lambda: {"y": float(reused(x).sum())})
+    called = stages("called", "calls the same jitted function", lambda: {"y": float(reused(x).sum())})
+    # A jitted function made anew (as a loop over seeds would) traces, lowers and loads the same program.
+    remade = stages(
+        "remade",
+        "makes it anew",
+        lambda: {"y": float(jax.jit(functools.partial(scaled, scale=2.0))(x).sum())},
+    )
+    assert first["stage_built_again"] == called["stage_built_again"] == {}
+    assert remade["stage_built_again"] == {"jit_scaled": 1}
+    again = [line.split("|")[-2].strip() for line in demo.stage_lines({"first": first, "remade": remade})[2:]]
+    assert again == ["0", "1 x jit_scaled", "1"]
 
 
 def test_the_two_lanes_run_every_method_stage_once_and_the_second_needs_no_pro():
@@ -258,17 +280,31 @@ TINY = [
 ]
 
 
-def table_cells(text: str, first_column: str) -> dict[str, list[str]]:
-    """The rows of the markdown table whose header starts with `first_column`: label -> cells."""
+# Programs the tiny demo still builds again (issue 23): stage -> program -> builds beyond the first.
+REBUILT_STILL = {
+    "patch_pro": {"jit_run": 1},
+    "patch_risk": {"jit_train_steps": 1, "jit_operator_reach": 1},
+    "ript": {"jit_run": 2, "jit_log": 1},
+}
+
+
+def table_rows(text: str, first_column: str) -> list[list[str]]:
+    """The rows of the markdown table whose header starts with `first_column`, each a list of its cells."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
-    rows = {}
+    rows = []
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
-        label, *cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[label] = cells
+        rows.append([c.strip() for c in line.strip("|").split("|")])
     return rows
+
+
+def table_cells(text: str, first_column: str) -> dict[str, list[str]]:
+    """The same rows by their first cell: label -> the other cells (labels must be unique)."""
+    rows = table_rows(text, first_column)
+    assert len({label for label, *_ in rows}) == len(rows), "repeated labels"
+    return {label: cells for label, *cells in rows}
 
 
 @pytest.mark.e2e
@@ -303,8 +339,15 @@ def test_the_demo_fills_every_row_and_column_from_one_tiny_run(tmp_path, capsys)
     assert rows["rank"][0]["success"] == stages["rank"]["seeds"]["-"][0]["success_rate"]
     assert rows["ript"][0]["corrective_episodes"] == 2  # its two few-shot demonstrations
     assert rows["hg_dagger"][0]["takeover_steps"] == stages["hg_dagger"]["seeds"]["0"][-1]["takeover_steps"]
+    # Counted from the records `jax_log_compiles` prints: a stage builds no program identical to one its lane
+    # built before (a jitted function made anew per round, seed or method), beyond these, still open: each
+    # patching arm builds its own SAC learner and collector, and RIPT its own evaluation programs.
+    rebuilt = {name: r["stage_built_again"] for name, r in stages.items() if r["stage_built_again"]}
+    for name, programs in rebuilt.items():
+        for program, count in programs.items():
+            assert count <= REBUILT_STILL.get(name, {}).get(program, 0), rebuilt
 
-    claims = table_cells(text, "seed")
+    claims = table_rows(text, "seed")  # a seed's label repeats, once per claim
     assert len(claims) == len(payload["claims"]) == len(demo.SEED_CLAIMS)
     for claim, result in zip(demo.SEED_CLAIMS, payload["claims"], strict=True):
         assert result["ours"] == demo.ours(claim, rows)

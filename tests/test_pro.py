@@ -583,8 +583,12 @@ def test_shaping_on_a_mesh_puts_the_shaped_block_beside_the_sharded_replay(state
     mesh = sharding.make_mesh()
     restored = dataclasses.replace(state_model, params=jax.device_put(state_model.params, jax.devices()[0]))
     shaping = pro.Shaping(restored, gamma=0.9, beta=1.0, risk_weight=0.0, mesh=mesh)
-    shaped = shaping(relabel_block()[1])
-    assert shaped["reward"].sharding.device_set == set(mesh.devices.flat)
+    block = jax.device_put(relabel_block()[1], jax.devices()[0])  # as a rollout's is
+    shaped = shaping(block)
+    assert all(x.sharding.device_set == set(mesh.devices.flat) for x in jax.tree.leaves(shaped))
+    shaping.model = restored  # each patching run starts again from the restored PRO
+    shaped = shaping(block)
+    assert all(x.sharding.device_set == set(mesh.devices.flat) for x in jax.tree.leaves(shaped))
 
 
 def test_conservative_training_runs_and_refresh_moves_only_the_params(state_model, model):

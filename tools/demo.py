@@ -88,7 +88,8 @@ ONE_EVALUATION = "-"  # the seed key of an arm that is evaluated once (no traini
 class Stages:
     """Runs named stages once: a finished stage's JSON result is kept in `stages/` and read back. Each
     records its wall-clock, the part of it spent compiling (tracing, lowering, compiling or loading
-    from the persistent cache) and the programs it compiled or loaded, by name."""
+    from the persistent cache), the programs it compiled or loaded, by name, and those it built again:
+    identical to one this process had built before, so not reused."""
 
     def __init__(self, out: pathlib.Path, total: int):
         self.folder, self.total, self.done = out / "stages", total, 0
@@ -98,6 +99,7 @@ class Stages:
         self.read_back: list[str] = []  # the stages an earlier invocation finished
         self.tic = time.perf_counter()
         self.compiling = compile_cache.CompileClock()
+        self.builds = compile_cache.ProgramLog()
 
     def __call__(self, name: str, what: str, fn) -> dict:
         """The stage's result: read back if an earlier run finished it, else run now."""
@@ -112,12 +114,14 @@ class Stages:
         print(f"\n[{self.done}/{self.total}] {name}: {what}  (elapsed {elapsed / 60:.1f} min)", flush=True)
         tic, compiled = time.perf_counter(), self.compiling.seconds
         programs = collections.Counter(self.compiling.programs)
+        built_again = collections.Counter(self.builds.built_again())
         result = fn()
         result["stage_wall_s"] = time.perf_counter() - tic
         result["stage_compile_s"] = self.compiling.seconds - compiled
         # By name. A name counts again for each new shape (the base's BC program per dataset bucket) and
         # for each recompile (per seed or round), which the table then shows.
         result["stage_programs"] = dict(self.compiling.programs - programs)
+        result["stage_built_again"] = dict(collections.Counter(self.builds.built_again()) - built_again)
         print(
             f"{name}: {result['stage_wall_s']:.0f} s, {result['stage_compile_s']:.0f} s of it compiling",
             flush=True,
@@ -352,10 +356,16 @@ def hg_dagger(
 
 
 def patching(
-    config: configs.Config, prior: pretrain.Prior, offline: list[dict], out: pathlib.Path, novel: NovelScore
+    config: configs.Config,
+    prior: pretrain.Prior,
+    offline: list[dict],
+    out: pathlib.Path,
+    novel: NovelScore,
+    retrain: patch.Retrainer,
 ) -> dict:
+    """`retrain`: the baselines' BC retraining, which the base's retraining reuses (the same program)."""
     seeds, finals = {}, {}
-    programs = patch.Programs.build(config, prior)
+    programs = patch.Programs.build(config, prior, retrain=retrain)
     for seed in config.target.seeds:
         seeds[seed], params = patch.run_patching(
             config, prior, offline, out / f"seed{seed}", seed=seed, programs=programs
@@ -894,11 +904,12 @@ def fleet_lines(fleet: dict) -> list[str]:
 
 
 def stage_lines(stages: dict) -> list[str]:
-    """Wall-clock per stage, how much of it went to compiling and how many programs it compiled or
-    loaded from the cache (absent in a stage an older version ran)."""
+    """Wall-clock per stage, how much of it went to compiling, how many programs it compiled or loaded
+    from the cache, and how many of those it built again (absent in a stage an older version ran)."""
     lines = [
-        "| stage | wall-clock (s) | compiling (s) | compiling (%) | programs compiled or loaded |",
-        "|---|---:|---:|---:|---:|",
+        "| stage | wall-clock (s) | compiling (s) | compiling (%) | programs compiled or loaded "
+        "| built again |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, result in stages.items():
         wall, compiling = result["stage_wall_s"], result.get("stage_compile_s")
@@ -906,11 +917,16 @@ def stage_lines(stages: dict) -> list[str]:
         share = "-" if compiling is None else f"{100 * compiling / wall:.0f}"
         programs = result.get("stage_programs")
         count = "-" if programs is None else f"{sum(programs.values()):,}"
-        lines.append(f"| {name} | {wall:,.0f} | {seconds} | {share} | {count} |")
+        again = result.get("stage_built_again")
+        again = "-" if again is None else ", ".join(f"{n} x {k}" for k, n in again.items()) or "0"
+        lines.append(f"| {name} | {wall:,.0f} | {seconds} | {share} | {count} | {again} |")
     wall = sum(r["stage_wall_s"] for r in stages.values())
     compiling = sum(r.get("stage_compile_s", 0.0) for r in stages.values())
     count = sum(sum(r.get("stage_programs", {}).values()) for r in stages.values())
-    lines.append(f"| all | {wall:,.0f} | {compiling:,.0f} | {100 * compiling / wall:.0f} | {count:,} |")
+    again = sum(sum(r.get("stage_built_again", {}).values()) for r in stages.values())
+    lines.append(
+        f"| all | {wall:,.0f} | {compiling:,.0f} | {100 * compiling / wall:.0f} | {count:,} | {again:,} |"
+    )
     return lines
 
 
@@ -1115,7 +1131,9 @@ def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Pa
         }
 
     def run_ript() -> dict:
-        seeds, summaries = ript_tool.run_seeds(config, prior, out / "ript", train_eval=False)
+        seeds, summaries = ript_tool.run_seeds(
+            config, prior, out / "ript", train_eval=False, retrain=retraining.retrain
+        )
         return {
             "seeds": seeds,
             "summaries": summaries,
@@ -1139,7 +1157,7 @@ def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Pa
         "hg_dagger": ("HG-DAgger", lambda: hg_dagger(config, prior, offline, novel, retraining)),
         "patch": (
             "policy patching, sparse reward",
-            lambda: patching(config, prior, offline, out / "patch", novel),
+            lambda: patching(config, prior, offline, out / "patch", novel, retraining.retrain),
         ),
         "pro": (
             "PRO: a state-only and an action-conditioned one, held-out evaluation",
@@ -1147,11 +1165,25 @@ def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Pa
         ),
         "patch_pro": (
             "patching with the PRO reward",
-            lambda: patching(with_pro_reward(config, shaping()), prior, offline, out / "patch_pro", novel),
+            lambda: patching(
+                with_pro_reward(config, shaping()),
+                prior,
+                offline,
+                out / "patch_pro",
+                novel,
+                retraining.retrain,
+            ),
         ),
         "patch_risk": (
             "patching with PRO-triggered takeovers",
-            lambda: patching(with_risk_trigger(config, shaping()), prior, offline, out / "patch_risk", novel),
+            lambda: patching(
+                with_risk_trigger(config, shaping()),
+                prior,
+                offline,
+                out / "patch_risk",
+                novel,
+                retraining.retrain,
+            ),
         ),
         "rank": (
             "the prior's chunks ranked by PRO",

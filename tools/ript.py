@@ -133,11 +133,18 @@ def few_shot_start(config: configs.Config, prior, retrain, demos: tuple[list, li
 
 
 def run_seeds(
-    config: configs.Config, prior, out: pathlib.Path, *, train_eval: bool = True, novel_eval: bool = True
+    config: configs.Config,
+    prior,
+    out: pathlib.Path,
+    *,
+    train_eval: bool = True,
+    novel_eval: bool = True,
+    retrain: patch.Retrainer | None = None,
 ) -> tuple[dict, dict]:
     """RIPT from `prior` (after its few-shot SFT stage, if any) once per seed in `target.seeds`: every
     seed's records and its summary (with the final policy's success on `train` when `train_eval`, on the
-    `novel` test contexts when `novel_eval`)."""
+    `novel` test contexts when `novel_eval`). `retrain`: the few-shot SFT's BC retraining, if one of the
+    same config and prior is built already (the demo's baselines')."""
     tc, rc = config.target, config.ript
     if not 1 <= rc.execute <= prior.model.chunk:
         raise SystemExit(
@@ -150,7 +157,8 @@ def run_seeds(
         tc.task, tc.split, tc.eval_episodes, actor, train_eval=train_eval, novel_eval=novel_eval
     )
     test = evaluate.TEST.with_episodes(tc.eval_episodes)
-    retrain = patch.Retrainer(config, prior) if rc.sft_demos else None
+    if rc.sft_demos and retrain is None:
+        retrain = patch.Retrainer(config, prior)
     results, summaries = {}, {}
     for seed in tc.seeds:
         tic = time.perf_counter()
