@@ -282,7 +282,6 @@ TINY = [
 
 # Programs the tiny demo still builds again (issue 23): stage -> program -> builds beyond the first.
 REBUILT_STILL = {
-    "patch_pro": {"jit_run": 1},
     "patch_risk": {"jit_train_steps": 1, "jit_operator_reach": 1},
     "ript": {"jit_run": 2, "jit_log": 1},
 }
