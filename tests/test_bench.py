@@ -166,7 +166,8 @@ def test_a_pretraining_variant_overrides_the_batch_and_model_fields_by_type():
 
 def test_the_roofline_counts_each_classes_flops_at_the_steps_shapes():
     result = roofline.bench_roofline("vla_tiny:batch=4", step_seconds=None, reps=1, limit=120)
-    s = roofline.step_shapes("vla_tiny:batch=4")
+    config, batch = pretrain.variant("vla_tiny:batch=4")
+    s = roofline.step_shapes(config.model, batch)
     rows = {r["class"]: r for r in result["rows"]}
     # qkv, out, up and down, forward plus the two backward matmuls of each, in every block.
     dense = 2 * s.batch * s.tokens * (3 * s.width**2 + s.width**2 + 2 * s.width * s.mlp) * s.layers

@@ -1144,6 +1144,9 @@ def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Pa
     def shaping() -> str:
         return done["pro"]["shaping"]
 
+    def patch_arm(arm_config: configs.Config, name: str) -> dict:
+        return patching(arm_config, prior, offline, out / name, novel, retraining.retrain)
+
     return {
         "fleet": (f"the prior on {tc.split} through the fleet service", lambda: deploy(config, prior, out)),
         "sft": (
@@ -1155,35 +1158,18 @@ def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Pa
             lambda: sft_arm(config, prior, offline, novel, retraining, split="tail", kind="targeted_sft"),
         ),
         "hg_dagger": ("HG-DAgger", lambda: hg_dagger(config, prior, offline, novel, retraining)),
-        "patch": (
-            "policy patching, sparse reward",
-            lambda: patching(config, prior, offline, out / "patch", novel, retraining.retrain),
-        ),
+        "patch": ("policy patching, sparse reward", lambda: patch_arm(config, "patch")),
         "pro": (
             "PRO: a state-only and an action-conditioned one, held-out evaluation",
             lambda: train_pros(config, out),
         ),
         "patch_pro": (
             "patching with the PRO reward",
-            lambda: patching(
-                with_pro_reward(config, shaping()),
-                prior,
-                offline,
-                out / "patch_pro",
-                novel,
-                retraining.retrain,
-            ),
+            lambda: patch_arm(with_pro_reward(config, shaping()), "patch_pro"),
         ),
         "patch_risk": (
             "patching with PRO-triggered takeovers",
-            lambda: patching(
-                with_risk_trigger(config, shaping()),
-                prior,
-                offline,
-                out / "patch_risk",
-                novel,
-                retraining.retrain,
-            ),
+            lambda: patch_arm(with_risk_trigger(config, shaping()), "patch_risk"),
         ),
         "rank": (
             "the prior's chunks ranked by PRO",

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from jaxvla import tokenizer
+from jaxvla.models import ModelConfig
 from jaxvla.models.layers import ACTIVATION
 from learner import bc
 from tools.bench.measure import matmul_flops
@@ -38,11 +39,9 @@ class Shapes:
     dtype: jnp.dtype
 
 
-def step_shapes(spec: str) -> Shapes:
-    config, batch = variant(spec)
-    mc = config.model
+def step_shapes(mc: ModelConfig, batch: int) -> Shapes:
     if mc.encoder != "transformer":
-        raise ValueError(f"{spec!r}: the roofline needs a transformer config, not encoder {mc.encoder!r}")
+        raise ValueError(f"the roofline needs a transformer config, not encoder {mc.encoder!r}")
     patches = (mc.image_res // mc.patch_size) ** 2 if mc.image else 0
     tokens = 2 + tokenizer.PROMPT_LENGTH + patches
     mlp = mc.mlp_ratio * mc.width
@@ -114,10 +113,9 @@ def norm_case(s: Shapes, key):
     return jax.grad(loss, argnums=(0, 1)), (x, hidden)
 
 
-def optimizer_case(spec: str):
+def optimizer_case(mc: ModelConfig):
     """The step's clip + AdamW update of the whole policy's float32 parameters."""
-    config, _ = variant(spec)
-    params = nnx.state(config.model.create_policy(0), nnx.Param)
+    params = nnx.state(mc.create_policy(0), nnx.Param)
     optimizer = bc.make_optimizer(1e-4, 1000, 10, 0.01)
 
     def update(params, opt_state, grads):
@@ -146,14 +144,14 @@ def measure_case(name: str, fn, args, reps: int, limit: float) -> dict:
 
 def bench_roofline(spec: str, step_seconds: float | None, reps: int, limit: float) -> dict:
     """Per op class: time, FLOPs, bytes, achieved rates and the roofline's bound, per BC step of `spec`."""
-    s = step_shapes(spec)
-    config, _ = variant(spec)
+    config, batch = variant(spec)
+    s = step_shapes(config.model, batch)
     key = jax.random.key(0)
     cases = {
         "block matmuls": matmul_case(s, key),
         "attention core": attention_case(s, key, config.model.attention),
         "norms, SiLU, residuals": norm_case(s, key),
-        "optimizer (clip + AdamW)": optimizer_case(spec),
+        "optimizer (clip + AdamW)": optimizer_case(config.model),
     }
     rows = [measure_case(name, fn, args, reps, limit) for name, (fn, args) in cases.items()]
     flops_peak, bandwidth = peak(config.model.dtype)
