@@ -253,6 +253,10 @@ class PatchConfig:
     """BC steps of each SFT retraining and of each HG-DAgger round (from the prior)."""
     hg_dagger_rounds: int = 8
     """HG-DAgger: rounds of `envs_per_round` operator-watched episodes of the current BC policy."""
+    operator_share: float = 0.0
+    """Share of each BC retraining batch (SFT, HG-DAgger, the residual's base) drawn from the operator's
+    data, the demonstrations or the takeover steps so far; the rest come from the offline demonstrations.
+    0: every example alike, so the operator's few hundred steps are a few percent of the draws."""
     base: Literal["prior", "hg_dagger"] = "hg_dagger"
     """The residual's base policy: the prior retrained by BC each round on the offline demonstrations and
     every takeover step so far (HG-DAgger's policy; IBRL's BC half), with the residual and the critic's
@@ -273,6 +277,8 @@ class PatchConfig:
     def __post_init__(self) -> None:
         if not 0 < self.goal <= 1:
             raise ValueError(f"PatchConfig.goal must be in (0, 1], got {self.goal}")
+        if not 0.0 <= self.operator_share < 1.0:
+            raise ValueError(f"PatchConfig.operator_share must lie in [0, 1), got {self.operator_share}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "patch": ("tools.patch", "Patch the prior on deploy: operator takeovers, residual actor-critic; vs SFT."),
     "compare": ("tools.compare", "Patching runs side by side, on the same axes, with every seed."),
     "reach": ("tools.reach", "How much of the operator's takeovers a residual of each scale can express."),
+    "retrain": ("tools.retrain", "The base a patching run's takeovers give, at several operator shares."),
     "pro": ("tools.pro", "Process-Reward Operator: collect logs, train, evaluate, compare rewards."),
     "recap": ("tools.recap", "Recap: advantage-conditioned retraining from rollouts and corrections."),
     "ript": ("tools.ript", "RIPT: group policy gradient from binary success, K rollouts per state."),

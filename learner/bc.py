@@ -74,8 +74,33 @@ def sample_batch(data: dict, key: jax.Array, batch_size: int) -> dict:
     drawn, so a growing dataset (Recap's) keeps one shape and the update compiles once.
     """
     rows = data.get("size", data["chunk"].shape[0])
-    index = jax.random.randint(key, (batch_size,), 0, rows)
-    return jax.tree.map(lambda x: x[index], {k: v for k, v in data.items() if k != "size"})
+    return take_rows(data, jax.random.randint(key, (batch_size,), 0, rows))
+
+
+def take_rows(data: dict, index: jax.Array) -> dict:
+    """The examples at `index`, without the dataset's row counts (`size`, `focus`)."""
+    return jax.tree.map(lambda x: x[index], {k: v for k, v in data.items() if k not in ("size", "focus")})
+
+
+def focused_sampler(share: float):
+    """A `sample_fn` that draws `share` of each batch from the focus rows, the rest from the others.
+
+    The dataset carries `focus` [] int32, the row where the focus rows begin (they run to `size`): the
+    operator's data appended after the offline demonstrations. Where there are rows of one kind only,
+    every draw is uniform over them. `focus` is data, not a shape, so the update compiles once."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"the focus share must be in [0, 1), got {share}")
+
+    def sample(data: dict, key: jax.Array, batch_size: int) -> dict:
+        size, start = data["size"], data["focus"]
+        focused = int(round(share * batch_size))
+        key_rest, key_focus = jax.random.split(key)
+        # With only one kind of row, both parts draw from all of them.
+        rest = jax.random.randint(key_rest, (batch_size - focused,), 0, jnp.where(start > 0, start, size))
+        focus = jax.random.randint(key_focus, (focused,), jnp.where(start < size, start, 0), size)
+        return take_rows(data, jnp.concatenate([rest, focus]))
+
+    return sample
 
 
 def update(
@@ -123,16 +148,33 @@ def train_steps(
 
 
 def make_train_steps(
-    graphdef, stats, optimizer, *, num_steps: int, batch_size: int, nll_weight: float, mesh=None, prepare=None
+    graphdef,
+    stats,
+    optimizer,
+    *,
+    num_steps: int,
+    batch_size: int,
+    nll_weight: float,
+    mesh=None,
+    prepare=None,
+    sample_fn=sample_batch,
 ):
     """The jitted block of BC updates, with the state donated and (given a mesh) the batch sharded."""
     loss_fn = functools.partial(bc_loss, graphdef=graphdef, stats=stats, nll_weight=nll_weight)
     return make_loss_steps(
-        loss_fn, optimizer, num_steps=num_steps, batch_size=batch_size, mesh=mesh, prepare=prepare
+        loss_fn,
+        optimizer,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        mesh=mesh,
+        prepare=prepare,
+        sample_fn=sample_fn,
     )
 
 
-def make_loss_steps(loss_fn, optimizer, *, num_steps: int, batch_size: int, mesh=None, prepare=None):
+def make_loss_steps(
+    loss_fn, optimizer, *, num_steps: int, batch_size: int, mesh=None, prepare=None, sample_fn=sample_batch
+):
     """`make_train_steps` for any `loss_fn(params, batch) -> (loss, metrics)` over the flat dataset (a
     value function's cross-entropy, say)."""
     update_fn = functools.partial(update, loss_fn=loss_fn, optimizer=optimizer)
@@ -149,6 +191,7 @@ def make_loss_steps(loss_fn, optimizer, *, num_steps: int, batch_size: int, mesh
         batch_size=batch_size,
         batch_sharding=batch_sharding,
         update_fn=update_fn,
+        sample_fn=sample_fn,
         prepare=prepare,
     )
     return jax.jit(fn, donate_argnums=0, **jit_kwargs)

@@ -363,12 +363,17 @@ def takeover_examples(folder: pathlib.Path, round_: int, block: dict, chunk: int
         mask=examples["mask"],
         **{f"obs.{k}": v for k, v in examples["obs"].items()},
     )
-    rounds = []
-    for r in range(1, round_ + 1):
+    return saved_takeovers(folder, round_)
+
+
+def saved_takeovers(folder: pathlib.Path, rounds: int) -> list[dict]:
+    """The takeover examples `takeover_examples` wrote to `folder` for rounds 1 to `rounds`."""
+    examples = []
+    for r in range(1, rounds + 1):
         with np.load(folder / f"round{r:03d}.npz") as saved:
             obs = {k.removeprefix("obs."): saved[k] for k in saved.files if k.startswith("obs.")}
-            rounds.append({"obs": obs, "chunk": saved["chunk"], "mask": saved["mask"]})
-    return rounds
+            examples.append({"obs": obs, "chunk": saved["chunk"], "mask": saved["mask"]})
+    return examples
 
 
 class PatchLearner:
@@ -527,7 +532,7 @@ def run_patching(
         offline = shaping.episodes(offline)
     refreshing = shaping is not None and config.pro.refresh_steps > 0
     retraining_base = programs.retrain_base is not None and offline  # the offline part of its BC data
-    offline_examples = [dataset.flatten(offline, prior.model.chunk)] if retraining_base else []
+    offline_examples = dataset.flatten(offline, prior.model.chunk) if retraining_base else None
 
     learner = new_learner(config, prior, offline, mesh, seed, sc.actor)
     learner.published = kind.deployable(learner.state)
@@ -593,8 +598,8 @@ def run_patching(
             state = learner.state
             if programs.retrain_base is not None:  # IBRL's BC half: HG-DAgger's policy becomes the base
                 takeovers = takeover_examples(run_dir / "takeovers", round_, block, prior.model.chunk)
-                aggregate = dataset.concatenate(*offline_examples, *takeovers)
-                state = state.replace(prior=programs.retrain_base(aggregate, seed=seed))
+                base = programs.retrain_base(offline_examples, dataset.concatenate(*takeovers), seed=seed)
+                state = state.replace(prior=base)
             if round_ == 1 and kind.pretrain is not None:
                 state, pretrained = pretrain_critic(
                     kind, state, offline, block, config, mesh, jax.random.fold_in(key_train, 0)
@@ -689,7 +694,9 @@ def effort_record(totals: dict) -> dict:
 class Retrainer:
     """BC retraining from the prior with pretraining's optimiser settings, for `patch.sft_steps` steps:
     the SFT arms and each HG-DAgger round. Datasets are padded to power-of-two capacities, so the update
-    compiles once per capacity, not once per dataset."""
+    compiles once per capacity, not once per dataset. With `patch.operator_share` > 0, that share of each
+    batch is drawn from the operator's data (demonstrations or takeover steps), the rest from the offline
+    demonstrations; at 0 every row is drawn alike."""
 
     def __init__(self, config: Config, prior: Prior, mesh=None):
         pc, pre = config.patch, config.pretrain
@@ -709,12 +716,17 @@ class Retrainer:
             batch_size=pre.batch_size,
             nll_weight=pre.nll_weight,
             mesh=self.mesh,
+            sample_fn=bc.focused_sampler(pc.operator_share) if pc.operator_share else bc.sample_batch,
         )
 
-    def __call__(self, data: dict, *, seed: int) -> nnx.State:
-        """Params retrained on the flat dataset `data` (`dataset.flatten`); the prior's stay intact."""
+    def __call__(self, offline: dict | None, operator: dict | None = None, *, seed: int) -> nnx.State:
+        """Params retrained on the flat datasets (`dataset.flatten`) `offline` and `operator` (either may be
+        None); the prior's stay intact."""
+        parts = [part for part in (offline, operator) if part is not None]
+        padded = dataset.pad(dataset.concatenate(*parts), dataset.bucket(sum(len(p["chunk"]) for p in parts)))
+        padded["focus"] = np.int32(len(offline["chunk"]) if offline is not None else 0)
         replicated = sharding.replicated(self.mesh)
-        padded = jax.device_put(dataset.pad(data, dataset.bucket(len(data["chunk"]))), replicated)
+        padded = jax.device_put(padded, replicated)
         params = jax.tree.map(jnp.copy, self.prior.params)  # donated by the train step
         state = jax.device_put(bc.init_state(params, self.optimizer), replicated)
         key = jax.random.key(seed)
@@ -784,7 +796,7 @@ def run_sft(
     ):
         tic = time.perf_counter()
         used = demos[:count]
-        params = retrain(dataset.concatenate(dataset.flatten(used, chunk), offline_data), seed=seed)
+        params = retrain(offline_data, dataset.flatten(used, chunk), seed=seed)
         jax.block_until_ready(params)  # dispatch is asynchronous: the clock must stop after the training
         records.append(
             {
@@ -813,7 +825,8 @@ def run_hg_dagger(
     pc, tc, chunk = config.patch, config.target, prior.model.chunk
     programs = programs or RetrainPrograms.build(config, prior)
     collector, retrain, evaluation_on = programs.collector, programs.retrain, programs.evaluation
-    aggregate, params, totals = dataset.flatten(offline, chunk), prior.params, dict(ZERO_EFFORT)
+    offline_data, params, totals = dataset.flatten(offline, chunk), prior.params, dict(ZERO_EFFORT)
+    takeovers = []
     key = jax.random.fold_in(jax.random.key(seed), 7)  # not patching's rollout keys
     records = [{"kind": "hg_dagger", "round": 0, **effort_record(totals), **evaluation_on(params)}]
     for round_ in tqdm(
@@ -825,8 +838,8 @@ def run_hg_dagger(
         tic = time.perf_counter()
         rolled = collector(params, jax.random.fold_in(key, round_), round_)
         block = jax.device_get(rolled["block"])
-        aggregate = dataset.concatenate(aggregate, intervention_examples(block, chunk))
-        params = retrain(aggregate, seed=seed)
+        takeovers.append(intervention_examples(block, chunk))
+        params = retrain(offline_data, dataset.concatenate(*takeovers), seed=seed)
         totals = add_effort(
             totals, effort(block, rolled.get("solo_success")), takeover_segments(block["intervention"])
         )

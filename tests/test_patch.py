@@ -261,7 +261,7 @@ def test_a_base_retrained_on_every_takeover_so_far_resumes_exactly(tmp_path):
         "chunk": np.concatenate([r["chunk"] for r in rounds]),
         "mask": np.concatenate([r["mask"] for r in rounds]),
     }
-    expected = patch.Retrainer(config, prior)(examples, seed=0)
+    expected = patch.Retrainer(config, prior)(None, examples, seed=0)
     jax.tree.map(
         functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
         jax.device_get(params["prior"]),

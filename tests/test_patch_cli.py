@@ -13,10 +13,11 @@ from conftest import write_tiny_prior
 
 import configs
 from tools import patch as tools_patch
+from tools import retrain as tools_retrain
 
 
 @pytest.mark.slow
-def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
+def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path, capsys):
     """`jaxvla patch debug` with tiny budgets: patching, full SFT, targeted SFT and HG-DAgger on deploy,
     each scored on the same test contexts; the report, JSON and plot are written. A rerun reads the
     finished seed back; a rerun under other settings refuses to mix them in."""
@@ -48,6 +49,18 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
         assert title in text
     assert (out / "patch.png").stat().st_size > 0 and "novel" in text
 
+    # `jaxvla retrain` reads the run's takeovers back and scores the base at each operator share.
+    retrain_args = [
+        *"debug --patch.offline-episodes 4 --patch.sft-steps 10 --target.eval-episodes 2".split(),
+        *"--patch.validation-episodes 2 --target.seeds 0 --shares 0 0.5".split(),
+        *overrides[overrides.index("--target.prior") :],
+    ]
+    assert tools_retrain.main([*retrain_args, "--run", str(out)]) == 0
+    table = capsys.readouterr().out.split("| share |")[1].splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:4]] == ["0", "0.5"]
+    with pytest.raises(SystemExit, match="no takeovers"):
+        tools_retrain.main([*retrain_args, "--run", str(tmp_path)])
+
     (out / "report.json").unlink()
     seed_result = out / "seed0" / tools_patch.SEED_RESULT
     before = seed_result.stat().st_mtime_ns
@@ -60,14 +73,14 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path):
 
 def test_a_seed_finished_before_the_target_and_operator_sections_is_still_read_back(tmp_path):
     """arms.json written when the prior, task, split, test contexts and operator triggers were `patch`
-    settings (and the operator's other fields were not settings) matches a rerun of the same settings, and
-    still refuses a rerun under other ones."""
+    settings (the operator's other fields and the operator's share of BC batches were not settings) matches
+    a rerun of the same settings, and still refuses a rerun under other ones."""
     config = configs.get_config("debug")
     settings = json.loads(json.dumps(tools_patch.run_settings(config)))
     moved = {"prior", "task", "split", "eval_episodes"}
     triggers = {"slip", "force", "stall_steps", "disagreement", "lookahead", "calm_steps", "max_segment"}
     old_patch = {
-        **settings["patch"],
+        **{k: v for k, v in settings["patch"].items() if k != "operator_share"},  # added since
         "seeds": [0, 1, 2],
         **{k: v for k, v in settings["target"].items() if k in moved},
         **{k: v for k, v in settings["operator"].items() if k in triggers},
@@ -76,6 +89,9 @@ def test_a_seed_finished_before_the_target_and_operator_sections_is_still_read_b
     assert tools_patch.upgraded(old) == settings
     (tmp_path / tools_patch.SEED_RESULT).write_text(json.dumps({"settings": old, "arms": {}}))
     assert tools_patch.finished_seed(tmp_path, tools_patch.run_settings(config))["arms"] == {}
-    other = dataclasses.replace(config, operator=dataclasses.replace(config.operator, slip=0.9))
-    with pytest.raises(SystemExit, match="other settings"):
-        tools_patch.finished_seed(tmp_path, tools_patch.run_settings(other))
+    for other in (
+        dataclasses.replace(config, operator=dataclasses.replace(config.operator, slip=0.9)),
+        dataclasses.replace(config, patch=dataclasses.replace(config.patch, operator_share=0.5)),
+    ):
+        with pytest.raises(SystemExit, match="other settings"):
+            tools_patch.finished_seed(tmp_path, tools_patch.run_settings(other))

@@ -56,6 +56,25 @@ def test_action_chunks_stop_at_the_episode_end():
     np.testing.assert_array_equal(mask, [[True, True], [True, True], [True, False]])
 
 
+@pytest.mark.parametrize("offline, operator", [(6, 3), (6, 0), (0, 3)])
+def test_the_focused_sampler_draws_its_share_from_the_operator_rows(offline, operator):
+    # Rows 0..5 offline, then the operator's, then zero padding that must never be drawn. With rows of
+    # one kind only, every draw is uniform over those rows.
+    rows = offline + operator
+    padded = dataset.pad(
+        {"obs": {}, "chunk": np.arange(1, rows + 1, dtype=np.float32), "mask": np.ones(rows, bool)}, 16
+    )
+    padded["focus"] = np.int32(offline)
+    sample = jax.jit(bc.focused_sampler(0.25), static_argnums=2)
+    drawn = np.asarray(sample(jax.tree.map(jnp.asarray, padded), jax.random.key(0), 256)["chunk"]) - 1
+    assert drawn.min() >= 0 and drawn.max() < rows  # no padding
+    if offline and operator:
+        assert np.all(drawn[:192] < offline) and np.all(drawn[192:] >= offline)  # 64 of 256: the operator's
+    assert len(np.unique(drawn)) == rows  # every row is drawn (64 draws of 3 rows miss one w.p. < 1e-10)
+    with pytest.raises(ValueError, match="share"):
+        bc.focused_sampler(1.0)
+
+
 def _block(config, data, stats, mesh):
     graphdef, params = nnx.split(config.model.create_policy(0), nnx.Param)
     optimizer = bc.make_optimizer(1e-3, 10, 1, 0.0)

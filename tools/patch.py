@@ -204,6 +204,9 @@ MOVED = {
     "operator": tuple(field.name for field in dataclasses.fields(Trigger)),
 }
 
+# Settings added since, at the values runs saved before them ran with (see `upgraded`).
+ADDED = {"patch": {"operator_share": 0.0}}
+
 
 def run_settings(config: configs.Config) -> dict:
     """What a seed's results depend on: the target (all but the seed list), patch, operator and learner
@@ -224,17 +227,18 @@ def run_settings(config: configs.Config) -> dict:
 
 
 def upgraded(settings: dict) -> dict:
-    """Settings saved before the `target` and `operator` sections, in today's layout: their fields move
-    out of `patch`, and operator fields that were not settings then hold their defaults."""
-    if "target" in settings:
-        return settings
-    patch_fields = {k: v for k, v in settings["patch"].items() if k != "seeds"}
-    moved = {
-        section: {k: patch_fields.pop(k) for k in names if k in patch_fields}
-        for section, names in MOVED.items()
-    }
-    moved["operator"] = {**dataclasses.asdict(Trigger()), **moved["operator"]}
-    return {**settings, **moved, "patch": patch_fields}
+    """Settings saved by an earlier version, in today's layout. Before the `target` and `operator`
+    sections their fields lived in `patch`, and operator fields that were not settings then hold their
+    defaults; settings added since (`ADDED`) hold the values those runs ran with."""
+    if "target" not in settings:
+        patch_fields = {k: v for k, v in settings["patch"].items() if k != "seeds"}
+        moved = {
+            section: {k: patch_fields.pop(k) for k in names if k in patch_fields}
+            for section, names in MOVED.items()
+        }
+        moved["operator"] = {**dataclasses.asdict(Trigger()), **moved["operator"]}
+        settings = {**settings, **moved, "patch": patch_fields}
+    return {**settings, **{section: {**added, **settings[section]} for section, added in ADDED.items()}}
 
 
 def finished_seed(folder: pathlib.Path, settings: dict) -> dict | None:
