@@ -722,17 +722,22 @@ class Retrainer:
     def __call__(self, offline: dict | None, operator: dict | None = None, *, seed: int) -> nnx.State:
         """Params retrained on the flat datasets (`dataset.flatten`) `offline` and `operator` (either may be
         None); the prior's stay intact."""
-        parts = [part for part in (offline, operator) if part is not None]
-        padded = dataset.pad(dataset.concatenate(*parts), dataset.bucket(sum(len(p["chunk"]) for p in parts)))
-        padded["focus"] = np.int32(len(offline["chunk"]) if offline is not None else 0)
         replicated = sharding.replicated(self.mesh)
-        padded = jax.device_put(padded, replicated)
+        padded = jax.device_put(retraining_data(offline, operator), replicated)
         params = jax.tree.map(jnp.copy, self.prior.params)  # donated by the train step
         state = jax.device_put(bc.init_state(params, self.optimizer), replicated)
         key = jax.random.key(seed)
         for _ in range(self.blocks):
             state, _ = self.train(state, padded, key)
         return state.params
+
+
+def retraining_data(offline: dict | None, operator: dict | None) -> dict:
+    """The offline examples, then the operator's, padded to a power-of-two capacity; `focus` marks the row
+    where the operator's begin (`bc.focused_sampler`)."""
+    parts = [part for part in (offline, operator) if part is not None]
+    padded = dataset.pad(dataset.concatenate(*parts), dataset.bucket(sum(len(p["chunk"]) for p in parts)))
+    return {**padded, "focus": np.int32(len(offline["chunk"]) if offline is not None else 0)}
 
 
 def demonstration_effort(episodes: list[dict]) -> dict:

@@ -18,6 +18,7 @@ from envs.operator import takeover_alarm
 from envs.operator import takeover_flags
 from envs.operator import takeover_start
 from jaxvla import normalization
+from learner import bc
 from learner import patch
 from learner.pretrain import Prior
 from tools.patch import seed_summary
@@ -80,6 +81,23 @@ def test_hg_dagger_learns_the_operator_steps_only():
     np.testing.assert_array_equal(examples["chunk"][:, :, 0], [[10, 20], [20, 30]])
     # Step 2's chunk runs into step 3, which the policy executed: masked out of the BC loss.
     np.testing.assert_array_equal(examples["mask"], [[True, True], [True, False]])
+
+
+def test_retraining_draws_the_operator_share_from_the_operators_examples_only():
+    # 5 offline examples labelled -1, 2 of the operator's labelled +1: at share 0.25, a quarter of every
+    # batch is the operator's, the rest the offline ones; without offline examples all are the operator's.
+    def examples(count, label):
+        return {
+            "obs": {"proprio": np.zeros((count, 1), np.float32)},
+            "chunk": np.full((count, 2, 1), label, np.float32),
+            "mask": np.ones((count, 2), bool),
+        }
+
+    data = patch.retraining_data(examples(5, -1.0), examples(2, 1.0))
+    assert (len(data["chunk"]), int(data["focus"]), int(data["size"])) == (8, 5, 7)
+    batch = bc.focused_sampler(0.25)(jax.tree.map(jnp.asarray, data), jax.random.key(0), 64)
+    np.testing.assert_array_equal(batch["chunk"][:, 0, 0], [-1.0] * 48 + [1.0] * 16)
+    assert int(patch.retraining_data(None, examples(2, 1.0))["focus"]) == 0
 
 
 def test_takeover_hands_back_after_calm_steps_or_the_segment_cap():
