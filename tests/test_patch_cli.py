@@ -60,6 +60,9 @@ def test_every_arm_runs_from_the_command_line_on_the_paired_contexts(tmp_path, c
     assert [line.split("|")[1].strip() for line in table[2:4]] == ["0", "0.5"]
     with pytest.raises(SystemExit, match="no takeovers"):
         tools_retrain.main([*retrain_args, "--run", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        tools_retrain.parse(["--run", str(out), "--shares", "0.5", "1"])
+    assert "[0, 1)" in capsys.readouterr().err
 
     (out / "report.json").unlink()
     seed_result = out / "seed0" / tools_patch.SEED_RESULT

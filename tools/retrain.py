@@ -29,7 +29,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--run", type=pathlib.Path, required=True, help="a `jaxvla patch` run folder")
     parser.add_argument("--shares", type=float, nargs="+", required=True, help="operator shares in [0, 1)")
-    return parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if not all(0.0 <= share < 1.0 for share in args.shares):
+        parser.error(f"every share must lie in [0, 1), got {args.shares}")
+    return args, rest
 
 
 def main(argv: list[str]) -> int:
@@ -59,9 +62,7 @@ def main(argv: list[str]) -> int:
         for share, retrain in retrainers.items():
             scored = evaluation(retrain(offline_data, takeovers, seed=seed))
             components = {k: v["success_rate"] for k, v in scored["by_component"].items()}
-            rows.append(
-                {"seed": seed, "share": share, "steps": len(takeovers["chunk"]), **scored, **components}
-            )
+            rows.append({"seed": seed, "share": share, **scored, **components})
             print(f"seed {seed}, share {share:g}: {scored['success_rate']:.1%} on test", flush=True)
     names = list(rows[0]["by_component"])
     columns = ["success_rate", "validation_success", *names]
