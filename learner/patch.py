@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import envs
 from configs import Config
+from envs import demos as operator_demos
 from envs.rollout import rollout
 from envs.wrappers import Takeover
 from envs.wrappers import Trigger
@@ -735,9 +736,18 @@ class Retrainer:
 def retraining_data(offline: dict | None, operator: dict | None) -> dict:
     """The offline examples, then the operator's, padded to a power-of-two capacity; `focus` marks the row
     where the operator's begin (`bc.focused_sampler`)."""
-    parts = [part for part in (offline, operator) if part is not None]
-    padded = dataset.pad(dataset.concatenate(*parts), dataset.bucket(sum(len(p["chunk"]) for p in parts)))
+    examples = dataset.concatenate(*[part for part in (offline, operator) if part is not None])
+    padded = dataset.pad(examples, dataset.bucket(len(examples["chunk"])))
     return {**padded, "focus": np.int32(len(offline["chunk"]) if offline is not None else 0)}
+
+
+def offline_demonstrations(config: Config) -> list[dict]:
+    """The task's `train` demonstrations that patching, its baselines and RIPT's few-shot SFT learn from
+    offline: `patch.offline_episodes` of them, generated with pretraining's seed where missing."""
+    pre = config.pretrain
+    return operator_demos.load_or_generate(
+        pre.data_dir, config.target.task, "train", config.patch.offline_episodes, seed=pre.seed
+    )
 
 
 def demonstration_effort(episodes: list[dict]) -> dict:

@@ -1114,13 +1114,11 @@ LANE_FLAG = "--second-lane"  # internal: the process that runs SECOND_LANE and e
 def method_stages(config: configs.Config, prior: pretrain.Prior, out: pathlib.Path, done: dict) -> dict:
     """name -> (what, thunk) for every method stage, in the table's order. A thunk that needs an earlier
     stage's result reads it from `done`."""
-    tc, pc, pre = config.target, config.patch, config.pretrain
+    tc = config.target
     novel = NovelScore(config, prior)
     # Built once (compiled on first use): both SFT arms, HG-DAgger and every seed share these programs.
     retraining = patch.RetrainPrograms.build(config, prior)
-    offline = operator_demos.load_or_generate(
-        pre.data_dir, tc.task, "train", pc.offline_episodes, seed=pre.seed
-    )
+    offline = patch.offline_demonstrations(config)
 
     def run_recap() -> dict:
         seeds, summaries = recap_tool.run_seeds(config, prior, offline, out / "recap", train_eval=False)

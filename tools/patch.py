@@ -301,9 +301,7 @@ def main(argv: list[str]) -> int:
     tc, pc, pre = config.target, config.patch, config.pretrain
     suffix = "-pro" if pc.reward == "pro" else ""
     out = pathlib.Path(config.out_dir) / f"patch-{tc.task}-{tc.split}{suffix}"
-    offline = operator_demos.load_or_generate(
-        pre.data_dir, tc.task, "train", pc.offline_episodes, seed=pre.seed
-    )
+    offline = patch.offline_demonstrations(config)
     noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
     demos = {
         arm: operator_demos.load_or_generate(

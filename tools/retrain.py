@@ -16,7 +16,6 @@ import sys
 import numpy as np
 
 import configs
-from envs import demos as operator_demos
 from learner import compile_cache
 from learner import dataset
 from learner import patch
@@ -40,10 +39,8 @@ def main(argv: list[str]) -> int:
     config = configs.cli(rest, PROG, sections=("target", "patch", "pretrain"))
     compile_cache.enable(config.compile_cache)
     config, prior = pretrain.load_target(config, PROG)
-    pre, chunk = config.pretrain, prior.model.chunk
-    offline = operator_demos.load_or_generate(
-        pre.data_dir, config.target.task, "train", config.patch.offline_episodes, seed=pre.seed
-    )
+    chunk = prior.model.chunk
+    offline = patch.offline_demonstrations(config)
     offline_data = dataset.flatten(offline, chunk)
     evaluation = patch.paired_evaluation(config, prior)
     retrainers = {

@@ -84,9 +84,7 @@ def few_shot_demos(config: configs.Config) -> tuple[list[dict], list[dict]]:
     tc, rc, pre = config.target, config.ript, config.pretrain
     if not rc.sft_demos:
         return [], []
-    offline = operator_demos.load_or_generate(
-        pre.data_dir, tc.task, "train", config.patch.offline_episodes, seed=pre.seed
-    )
+    offline = patch.offline_demonstrations(config)
     demos = operator_demos.load_or_generate(
         pre.data_dir,
         tc.task,
