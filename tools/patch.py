@@ -176,11 +176,15 @@ def plot(results: dict, path: pathlib.Path, goal: float) -> None:
         ("env_steps", "environment steps"),
     ]
     fig, axes = plt.subplots(1, len(axes_keys), figsize=(16, 4.2))
-    for i, result in enumerate(results.values()):
+    labelled = set()  # the legend names each arm once, and only the arms this run has
+    for result in results.values():
         for colour, (arm, title) in enumerate(ARMS.items()):
             records = result.get(arm) or []
+            name = title if records and arm not in labelled else None
+            if records:
+                labelled.add(arm)
             for ax, (key, label) in zip(axes, axes_keys, strict=True):
-                reporting.plot_success(ax, records, key, color=f"C{colour}", label=title if i == 0 else None)
+                reporting.plot_success(ax, records, key, color=f"C{colour}", label=name)
                 ax.set_xlabel(label)
     for ax in axes:
         ax.axhline(goal, color="grey", lw=0.8, ls=":")
