@@ -741,13 +741,25 @@ def retraining_data(offline: dict | None, operator: dict | None) -> dict:
     return {**padded, "focus": np.int32(len(offline["chunk"]) if offline is not None else 0)}
 
 
-def offline_demonstrations(config: Config) -> list[dict]:
-    """The task's `train` demonstrations that patching, its baselines and RIPT's few-shot SFT learn from
-    offline: `patch.offline_episodes` of them, generated with pretraining's seed where missing."""
+def demonstrations(config: Config, split: str, episodes: int) -> list[dict]:
+    """The first `episodes` operator demonstrations of the target task's `split`, generated with
+    pretraining's noise where missing: `train` from pretraining's seed (the prior's own data), every other
+    split from the next seed."""
     pre = config.pretrain
     return operator_demos.load_or_generate(
-        pre.data_dir, config.target.task, "train", config.patch.offline_episodes, seed=pre.seed
+        pre.data_dir,
+        config.target.task,
+        split,
+        episodes,
+        seed=pre.seed if split == "train" else pre.seed + 1,
+        noise=pre.demo_noise,
+        bursts=pre.demo_bursts,
     )
+
+
+def offline_demonstrations(config: Config) -> list[dict]:
+    """The `train` demonstrations that patching, its baselines and RIPT's few-shot SFT learn from offline."""
+    return demonstrations(config, "train", config.patch.offline_episodes)
 
 
 def demonstration_effort(episodes: list[dict]) -> dict:

@@ -322,16 +322,8 @@ def sft_arm(
     kind: str,
 ) -> dict:
     """Full SFT (demonstrations of `split`) or targeted SFT (of `tail`), one retraining per demo count."""
-    tc, pc, pre = config.target, config.patch, config.pretrain
-    demos = operator_demos.load_or_generate(
-        pre.data_dir,
-        tc.task,
-        split,
-        max(pc.sft_demos),
-        seed=pre.seed + 1,
-        noise=pre.demo_noise,
-        bursts=pre.demo_bursts,
-    )
+    tc, pc = config.target, config.patch
+    demos = patch.demonstrations(config, split, max(pc.sft_demos))
     seeds, finals = {}, {}
     for seed in tc.seeds:
         seeds[seed], params = patch.run_sft(

@@ -21,7 +21,6 @@ import pathlib
 import sys
 
 import configs
-from envs import demos as operator_demos
 from envs.operator import Trigger
 from learner import compile_cache
 from learner import evaluate
@@ -302,15 +301,12 @@ def main(argv: list[str]) -> int:
     config = configs.cli(argv, PROG, sections=SECTIONS)
     compile_cache.enable(config.compile_cache)
     config, prior = pretrain.load_target(config, PROG)
-    tc, pc, pre = config.target, config.patch, config.pretrain
+    tc, pc = config.target, config.patch
     suffix = "-pro" if pc.reward == "pro" else ""
     out = pathlib.Path(config.out_dir) / f"patch-{tc.task}-{tc.split}{suffix}"
     offline = patch.offline_demonstrations(config)
-    noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
     demos = {
-        arm: operator_demos.load_or_generate(
-            pre.data_dir, tc.task, split, max(pc.sft_demos), seed=pre.seed + 1, **noise
-        )
+        arm: patch.demonstrations(config, split, max(pc.sft_demos))
         for arm, split in (("sft", tc.split), ("targeted_sft", "tail"))
         if arm in pc.baselines
     }

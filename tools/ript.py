@@ -22,7 +22,6 @@ import numpy as np
 
 import configs
 import envs
-from envs import demos as operator_demos
 from learner import compile_cache
 from learner import dataset
 from learner import evaluate
@@ -81,20 +80,10 @@ def describe(config: configs.Config) -> str:
 def few_shot_demos(config: configs.Config) -> tuple[list[dict], list[dict]]:
     """The few-shot stage's data: (`ript.sft_demos` operator demonstrations of `target.split`, the task's
     `train` demonstrations), both empty for a start from the prior."""
-    tc, rc, pre = config.target, config.ript, config.pretrain
+    tc, rc = config.target, config.ript
     if not rc.sft_demos:
         return [], []
-    offline = patch.offline_demonstrations(config)
-    demos = operator_demos.load_or_generate(
-        pre.data_dir,
-        tc.task,
-        tc.split,
-        rc.sft_demos,
-        seed=pre.seed + 1,
-        noise=pre.demo_noise,
-        bursts=pre.demo_bursts,
-    )
-    return demos, offline
+    return patch.demonstrations(config, tc.split, rc.sft_demos), patch.offline_demonstrations(config)
 
 
 def group_collector(config: configs.Config, prior) -> ript.GroupCollector:
