@@ -26,12 +26,17 @@ def record(round_: int, success: float, validation: float) -> dict:
     }
 
 
-def write_run(folder: pathlib.Path, validations: dict[str, list[float]], test_seed: int = 7) -> pathlib.Path:
-    """A patch report.json: per seed, the patch arm's records with these validation successes."""
+def write_run(
+    folder: pathlib.Path, validations: dict[str, list[float]], test_seed: int = 7, finals: dict | None = None
+) -> pathlib.Path:
+    """A patch report.json: per seed, the patch arm's records with these validation successes; test
+    success rises 10 points a round, to the seed's entry in `finals` where it has one."""
     seeds = {
         seed: {"patch": [record(i, 0.5 + 0.1 * i, v) for i, v in enumerate(values)]}
         for seed, values in validations.items()
     }
+    for seed, final in (finals or {}).items():
+        seeds[seed]["patch"][-1]["success_rate"] = final
     patch = {"task": "pick_place", "split": "deploy", "eval_episodes": 64, "validation_episodes": 64}
     report = {
         "config": {"patch": patch, "test_seed": test_seed, "validation_seed": 11},
@@ -56,6 +61,25 @@ def test_runs_are_compared_seed_by_seed_with_their_effort_to_the_goal(tmp_path):
     slow_row = [line for line in text.splitlines() if line.startswith("| slow | 70.0 [")][0]
     assert "| 1,200 (1/2 seeds) |" in slow_row
     assert (out / "compare.png").stat().st_size > 0
+
+
+def test_later_runs_are_paired_seed_by_seed_with_the_first(tmp_path):
+    validations = {"0": [0.5, 0.8, 0.92], "1": [0.5, 0.8, 0.85], "2": [0.5, 0.9, 0.9]}
+    first = write_run(tmp_path / "first", validations)
+    later = write_run(
+        tmp_path / "later",
+        {"0": [0.5, 0.95, 0.96], "1": [0.5, 0.91, 0.97], "3": [0.5, 0.5, 0.5]},
+        finals={"0": 0.8, "1": 0.75},
+    )
+    out = tmp_path / "out"
+    assert compare.main([f"first={first}", f"later={later}", "--out", str(out)]) == 0
+    text = (out / "compare.md").read_text()
+    assert "Paired by seed with first" in text
+    # Seeds 0 and 1 are shared; finals 80 and 75 against 70 and 70.
+    row = [line for line in text.splitlines() if line.startswith("| later | 2 |")][0]
+    assert row.startswith("| later | 2 | +7.5 [+5.0, +10.0] |")
+    # Seed 0 reaches 90% on validation at 600 env steps against 1,200; in seed 1 only the later run does.
+    assert "| 0.50 (1/2 seeds) |" in row
 
 
 def test_runs_on_other_contexts_are_refused(tmp_path):

@@ -6,9 +6,9 @@
 Each LABEL=FOLDER is a `jaxvla patch` output folder (its report.json). The runs must share the fixed test
 and validation contexts, the task, split and evaluation sizes, or the comparison is refused: their
 numbers would not be paired. Their seeds may differ (each row says which it has). Writes compare.md (one
-row per run: mean over seeds [bootstrap 95% interval], then every seed's final success) and compare.png
-(test and validation success against environment and operator steps, one thin line per seed, the mean
-over seeds thick).
+row per run: mean over seeds [bootstrap 95% interval], every seed's final success, and every later run
+paired by seed with the first) and compare.png (test and validation success against environment and
+operator steps, one thin line per seed, the mean over seeds thick).
 """
 
 import argparse
@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from learner import evaluate
 from tools import reporting
 from tools.patch import arm_summary
 from tools.patch import upgraded
@@ -44,6 +45,21 @@ COLUMNS = (
     ("env steps, all rounds", "env_steps", "count"),
     ("env steps to goal", "env_steps_to_goal", "reached"),
     ("operator steps to goal", "takeover_steps_to_goal", "reached"),
+)
+
+
+# Paired by seed with the first run, over the seeds both have: (heading, summary key, kind). "points",
+# "difference" and "count" are the later run minus the first; "ratio" is the later run's effort to the goal
+# over the first's, over the seeds where both reached it.
+PAIRED_COLUMNS = (
+    ("final success (points)", "final", "points"),
+    ("last-3 mean (points)", "last3_mean", "points"),
+    ("train component (points)", "train_component", "points"),
+    ("recovery after a failure (points)", "final_recovery_rate", "points"),
+    ("retries per episode", "final_retries_per_episode", "difference"),
+    ("operator steps, all rounds", "takeover_steps", "count"),
+    ("env steps to goal (ratio)", "env_steps_to_goal", "ratio"),
+    ("operator steps to goal (ratio)", "takeover_steps_to_goal", "ratio"),
 )
 
 
@@ -86,9 +102,9 @@ def check_paired(reports: dict[str, dict]) -> None:
             raise SystemExit(f"jaxvla compare: {label} is not paired with {first_label} ({detail})")
 
 
-def run_summaries(report: dict, arm: str, goal: float) -> list[dict]:
-    """One summary per seed of `arm`: its headline, effort to the goal and totals over all rounds."""
-    out = []
+def run_summaries(report: dict, arm: str, goal: float) -> dict[str, dict]:
+    """Seed -> the summary of `arm`: its headline, effort to the goal and totals over all rounds."""
+    out = {}
     for seed, arms in sorted(report["seeds"].items()):
         records = arms.get(arm)
         if not records:
@@ -97,8 +113,56 @@ def run_summaries(report: dict, arm: str, goal: float) -> list[dict]:
         summary["takeover_steps"] = records[-1]["takeover_steps"]
         summary["env_steps"] = records[-1]["env_steps"]
         summary["novel"] = report.get("novel_final", {}).get(seed, {}).get(arm)
-        out.append(summary)
+        out[seed] = summary
     return out
+
+
+def paired_values(first: dict[str, dict], other: dict[str, dict], key: str, kind: str) -> tuple[list, int]:
+    """Per shared seed, `other` against `first` on one measure (None where a run has no value or, for a
+    ratio, did not reach the goal), and how many seeds they share."""
+    seeds = sorted(first.keys() & other.keys())
+    values = []
+    for seed in seeds:
+        a, b = first[seed].get(key), other[seed].get(key)
+        if a is None or b is None:
+            values.append(None)
+        else:
+            values.append(b / a if kind == "ratio" else b - a)
+    return values, len(seeds)
+
+
+def paired_cell(values: list, kind: str) -> str:
+    """Mean [bootstrap 95% interval] of paired differences or ratios, with how many seeds had both."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    scale = 100 if kind == "points" else 1
+    fmt = {"points": "{:+.1f}", "difference": "{:+.2f}", "count": "{:+,.0f}", "ratio": "{:.2f}"}[kind]
+    text = fmt.format(scale * np.mean(present))
+    if len(present) > 1:
+        lo, hi = evaluate.bootstrap_interval(present)
+        text += " [" + fmt.format(scale * lo) + ", " + fmt.format(scale * hi) + "]"
+    return text + (f" ({len(present)}/{len(values)} seeds)" if len(present) < len(values) else "")
+
+
+def paired_table(summaries: dict[str, dict[str, dict]]) -> list[str]:
+    """Every later run against the first, seed by seed: the comparison the paired protocol is for."""
+    (first_label, first), *others = summaries.items()
+    if not others:
+        return []
+    lines = [
+        f"Paired by seed with {first_label}: mean over the seeds both runs have [bootstrap 95% interval].",
+        "",
+        "| run | seeds | " + " | ".join(name for name, _, _ in PAIRED_COLUMNS) + " |",
+        "|---|---:|" + "---:|" * len(PAIRED_COLUMNS),
+    ]
+    for label, per_seed in others:
+        cells, shared = [], 0
+        for _, key, kind in PAIRED_COLUMNS:
+            values, shared = paired_values(first, per_seed, key, kind)
+            cells.append(paired_cell(values, kind))
+        lines.append(f"| {label} | {shared} | " + " | ".join(cells) + " |")
+    return ["", *lines]
 
 
 def markdown(
@@ -116,13 +180,13 @@ def markdown(
         "|---|" + "---:|" * len(COLUMNS),
     ]
     for label, per_seed in summaries.items():
-        cells = [cell([s.get(k) for s in per_seed], kind) for _, k, kind in COLUMNS]
+        cells = [cell([s.get(k) for s in per_seed.values()], kind) for _, k, kind in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| run | seeds | final success per seed (%) | folder |", "|---|---|---|---|"]
     for label, per_seed in summaries.items():
-        finals = " / ".join(f"{100 * s['final']:.1f}" for s in per_seed)
-        seeds = ", ".join(sorted(reports[label]["seeds"]))
-        lines.append(f"| {label} | {seeds} | {finals} | `{folders[label]}` |")
+        finals = " / ".join(f"{100 * s['final']:.1f}" for s in per_seed.values())
+        lines.append(f"| {label} | {', '.join(per_seed)} | {finals} | `{folders[label]}` |")
+    lines += paired_table(summaries)
     return "\n".join(lines) + "\n"
 
 

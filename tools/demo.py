@@ -34,7 +34,6 @@ resumes where it stopped.
 
 import collections
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -49,7 +48,6 @@ import jax
 import numpy as np
 
 import configs
-from envs import demos as operator_demos
 from jaxvla import episodes as rlds
 from jaxvla import export
 from learner import compile_cache
@@ -132,13 +130,9 @@ class Stages:
 
 def demonstrations(config: configs.Config) -> dict:
     tc, pc, pre = config.target, config.patch, config.pretrain
-    noise = {"noise": pre.demo_noise, "bursts": pre.demo_bursts}
-    train_count = max(pre.demos_per_task, pc.offline_episodes)
-    split_count = max(*pc.sft_demos, config.ript.sft_demos)
-    generate = functools.partial(operator_demos.load_or_generate, pre.data_dir, tc.task, **noise)
-    train = generate("train", train_count, seed=pre.seed)
-    split = generate(tc.split, split_count, seed=pre.seed + 1)
-    tail = generate("tail", max(pc.sft_demos), seed=pre.seed + 1)
+    train = patch.demonstrations(config, "train", max(pre.demos_per_task, pc.offline_episodes))
+    split = patch.demonstrations(config, tc.split, max(*pc.sft_demos, config.ript.sft_demos))
+    tail = patch.demonstrations(config, "tail", max(pc.sft_demos))
     return {
         "train": len(train),
         tc.split: len(split),
@@ -171,8 +165,8 @@ class NovelScore:
 
 def train_prior(config: configs.Config, out: pathlib.Path) -> dict:
     """The prior trained, then scored like every arm: test and validation contexts, and `novel`."""
-    tc, pre = config.target, config.pretrain
-    demos = operator_demos.load_or_generate(pre.data_dir, tc.task, "train", pre.demos_per_task, seed=pre.seed)
+    pre = config.pretrain
+    demos = patch.demonstrations(config, "train", pre.demos_per_task)
     step = pretrain.train(config, demos, out / "prior").step
     prior = pretrain.load(out / "prior")
     record = {"kind": "prior", **patch.paired_evaluation(config, prior)(prior.params)}

@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 import configs
 import envs
-from envs import demos as operator_demos
 from envs.cell import EVENTS
 from envs.cell import FAILURE_MODES
 from envs.rollout import rollout
@@ -91,17 +90,9 @@ def deployment_batch(task: str, split: str, num_envs: int, trigger: Trigger, act
 def collect(config: configs.Config) -> int:
     tc, pc, pre = config.target, config.pro, config.pretrain
     prior = pretrain.load_prior(tc.prior, PROG)
-    operator_demos.load_or_generate(pre.data_dir, tc.task, "train", pre.demos_per_task, seed=pre.seed)
+    patch.demonstrations(config, "train", pre.demos_per_task)
     if f"{tc.task}_novel" in pc.dataset_names(tc.task):
-        operator_demos.load_or_generate(
-            pre.data_dir,
-            tc.task,
-            "novel",
-            max(config.patch.sft_demos),
-            seed=pre.seed + 1,
-            noise=pre.demo_noise,
-            bursts=pre.demo_bursts,
-        )
+        patch.demonstrations(config, "novel", max(config.patch.sft_demos))
     sampled = evaluate.chunk_actor(prior.graphdef, prior.stats, explore=True)
     split = pc.collect_split
     kinds = {

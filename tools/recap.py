@@ -20,9 +20,9 @@ import sys
 import numpy as np
 
 import configs
-from envs import demos as operator_demos
 from learner import compile_cache
 from learner import evaluate
+from learner import patch
 from learner import pretrain
 from learner import recap
 from tools import reporting
@@ -178,11 +178,9 @@ def main(argv: list[str]) -> int:
     config = configs.cli(argv, PROG, sections=SECTIONS, defaults=DEFAULTS)
     compile_cache.enable(config.compile_cache)
     config, prior = pretrain.load_target(config, PROG)
-    tc, rc, pre = config.target, config.recap, config.pretrain
+    tc, rc = config.target, config.recap
     out = pathlib.Path(config.out_dir) / f"recap-{tc.task}"
-    offline = operator_demos.load_or_generate(
-        pre.data_dir, tc.task, "train", rc.offline_episodes, seed=pre.seed
-    )
+    offline = patch.demonstrations(config, "train", rc.offline_episodes)
     results, summaries = run_seeds(config, prior, offline, out)
     settings = {"target": dataclasses.asdict(tc), "recap": dataclasses.asdict(rc)}
     report = reporting.write(
