@@ -117,18 +117,17 @@ def run_summaries(report: dict, arm: str, goal: float) -> dict[str, dict]:
     return out
 
 
-def paired_values(first: dict[str, dict], other: dict[str, dict], key: str, kind: str) -> tuple[list, int]:
-    """Per shared seed, `other` against `first` on one measure (None where a run has no value or, for a
-    ratio, did not reach the goal), and how many seeds they share."""
-    seeds = sorted(first.keys() & other.keys())
+def paired_values(first: dict[str, dict], other: dict[str, dict], key: str, kind: str) -> list:
+    """Per seed both runs have, `other` against `first` on one measure (None where a run has no value or,
+    for a ratio, did not reach the goal)."""
     values = []
-    for seed in seeds:
+    for seed in sorted(first.keys() & other.keys()):
         a, b = first[seed].get(key), other[seed].get(key)
         if a is None or b is None:
             values.append(None)
         else:
             values.append(b / a if kind == "ratio" else b - a)
-    return values, len(seeds)
+    return values
 
 
 def paired_cell(values: list, kind: str) -> str:
@@ -157,16 +156,14 @@ def paired_table(summaries: dict[str, dict[str, dict]]) -> list[str]:
         "|---|---:|" + "---:|" * len(PAIRED_COLUMNS),
     ]
     for label, per_seed in others:
-        cells, shared = [], 0
-        for _, key, kind in PAIRED_COLUMNS:
-            values, shared = paired_values(first, per_seed, key, kind)
-            cells.append(paired_cell(values, kind))
+        shared = len(first.keys() & per_seed.keys())
+        cells = [paired_cell(paired_values(first, per_seed, k, kind), kind) for _, k, kind in PAIRED_COLUMNS]
         lines.append(f"| {label} | {shared} | " + " | ".join(cells) + " |")
     return ["", *lines]
 
 
 def markdown(
-    summaries: dict[str, list[dict]], reports: dict[str, dict], folders: dict, arm: str, goal: float
+    summaries: dict[str, dict[str, dict]], reports: dict[str, dict], folders: dict, arm: str, goal: float
 ) -> str:
     key = pairing_key(next(iter(reports.values())))
     lines = [
