@@ -18,7 +18,6 @@ import sys
 
 import numpy as np
 
-from learner import evaluate
 from tools import reporting
 from tools.patch import arm_summary
 from tools.patch import upgraded
@@ -135,12 +134,8 @@ def paired_cell(values: list, kind: str) -> str:
     present = [v for v in values if v is not None]
     if not present:
         return "-"
-    scale = 100 if kind == "points" else 1
     fmt = {"points": "{:+.1f}", "difference": "{:+.2f}", "count": "{:+,.0f}", "ratio": "{:.2f}"}[kind]
-    text = fmt.format(scale * np.mean(present))
-    if len(present) > 1:
-        lo, hi = evaluate.bootstrap_interval(present)
-        text += " [" + fmt.format(scale * lo) + ", " + fmt.format(scale * hi) + "]"
+    text = reporting.mean_interval(present, fmt, 100 if kind == "points" else 1)
     return text + (f" ({len(present)}/{len(values)} seeds)" if len(present) < len(values) else "")
 
 

@@ -25,19 +25,26 @@ def first_reaching(records: list[dict], target: float, key: str = "success_rate"
     return next((r for r in records if r[key] is not None and r[key] >= target), None)
 
 
+# How a measure of each kind is written: (format of one number, scale).
+FORMATS = {"percent": ("{:.1f}", 100), "count": ("{:,.0f}", 1), "value": ("{:.3g}", 1)}
+
+
+def mean_interval(values: list, fmt: str = "{:.3g}", scale: float = 1) -> str:
+    """The mean of `values` (one per seed, at least one) in `fmt`, with its bootstrap 95% interval when
+    there are two or more."""
+    text = fmt.format(scale * np.mean(values))
+    if len(values) > 1:
+        lo, hi = evaluate.bootstrap_interval(values)
+        text += f" [{fmt.format(scale * lo)}, {fmt.format(scale * hi)}]"
+    return text
+
+
 def over_seeds(values: list, percent: bool = False, count: bool = False) -> str:
     """Mean over seeds with a bootstrap 95% interval, and how many seeds got there when not all did."""
     reached = [v for v in values if v is not None]
     if not reached:
         return "not reached"
-    if percent:
-        fmt = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    else:
-        fmt = (lambda v: f"{v:,.0f}") if count else (lambda v: f"{v:.3g}")  # noqa: E731
-    text = fmt(np.mean(reached))
-    if len(reached) > 1:
-        lo, hi = evaluate.bootstrap_interval(reached)
-        text += f" [{fmt(lo)}, {fmt(hi)}]"
+    text = mean_interval(reached, *FORMATS["percent" if percent else "count" if count else "value"])
     return text + (f" ({len(reached)}/{len(values)} seeds)" if len(reached) < len(values) else "")
 
 
@@ -80,15 +87,7 @@ def figure(values: list, kind: str = "value") -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    mean = float(np.mean(values))
-    lo, hi = evaluate.bootstrap_interval(values)
-    if kind == "percent":
-        text = f"{100 * mean:.1f}" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if len(values) > 1 else "")
-    elif kind == "count":
-        text = f"{mean:,.0f}" + (f" [{lo:,.0f}, {hi:,.0f}]" if len(values) > 1 else "")
-    else:
-        text = f"{mean:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if len(values) > 1 else "")
-    return text
+    return mean_interval(values, *FORMATS.get(kind, FORMATS["value"]))
 
 
 def wilson(ci) -> str:
