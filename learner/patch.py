@@ -334,7 +334,6 @@ def new_learner(
     if offline:
         rows = mesh.size * max(1, len(offline) // (4 * mesh.size))
         block = replay.from_episodes(offline, rows=rows)
-        # Jitted: called eagerly, the shard_map inside replay.insert compiles and dispatches each op alone.
         buffers["offline"] = make_insert()(buffers["offline"], block, source=replay.SOURCES.index("offline"))
     totals = dict(ZERO_EFFORT)
     return Learner(jax.device_put(state, replicated), buffers, 0, totals)

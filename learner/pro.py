@@ -175,8 +175,7 @@ def extras_spec() -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
-# Jitted: called eagerly, the shard_map inside dispatches, and compiles, each of its ops one by one. The
-# fresh buffer is donated.
+# The fresh buffer is donated.
 _insert = jax.jit(replay.insert, static_argnames=("source",), donate_argnums=0)
 
 

@@ -328,9 +328,7 @@ def recap_block(block: dict, success, targets: Targets) -> dict:
 @functools.partial(jax.jit, static_argnames=("source", "targets"), donate_argnums=0)
 def store(buffer: replay.Buffer, block: dict, success, *, source: str, targets: Targets) -> replay.Buffer:
     """`buffer` (the replay's `source`) with `block` appended, one episode a row, with Recap's reward and
-    extras (`recap_block`); the buffer is donated. One compiled call per block shape: called eagerly, the
-    shard_map inside `replay.insert` compiles each of its ops alone, on every call (a minute of the demo's
-    Recap stage went to that)."""
+    extras (`recap_block`); the buffer is donated. One compiled call per block shape."""
     return replay.insert(buffer, recap_block(block, success, targets), source=replay.SOURCES.index(source))
 
 

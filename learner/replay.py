@@ -358,6 +358,7 @@ def _insert_local(local: Buffer, block: dict, *, source: int, interventions_only
     )
 
 
+@functools.partial(jax.jit, static_argnames=("source", "interventions_only"))
 def insert(buffer: Buffer, block: dict, *, source: int, interventions_only: bool = False) -> Buffer:
     """Appends a rollout block. Every field [B, T, ...], B a multiple of D, sharded P("data") or replicated.
 
@@ -367,6 +368,7 @@ def insert(buffer: Buffer, block: dict, *, source: int, interventions_only: bool
     Each shard takes its B / D rows, row after row. Kept steps: valid ones; with `interventions_only` (the
     patch source) only intervention steps and the `buffer.n_step` steps after each, and only intervention
     steps are sampleable.
+    Jitted: called eagerly, the shard_map would compile and dispatch each of its ops alone, on every call.
     """
     if not 0 <= source < len(SOURCES):
         raise ValueError(f"source {source} is not an index into {SOURCES}")
